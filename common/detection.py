@@ -1,0 +1,145 @@
+"""Text-conditional noise magnitude along the classifier-free-guided DDIM trajectory (Wen et al. 2024).
+
+Unlike the reference implementation, which runs each prompt alone through every step and the VAE decode, this
+scores a batch of prompts at once, stops after the last scored step, never decodes, and in ``shared`` latents
+mode evaluates ε(x_t, ∅) once per batch at the first step (it is the same for every prompt there).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from common.models import DenoiserParts
+from common.noise import (
+    classifier_free_guidance,
+    detection_score,
+    epsilon_from_output,
+    initial_latents,
+    noise_norm,
+    text_noise_norm,
+)
+
+
+@dataclass
+class EncodedPrompts:
+    """Text-encoder outputs for a batch of prompts and whether each was cut at the tokenizer's length."""
+
+    embeds: torch.Tensor  # [B, L, D]
+    truncated: list[bool]
+
+
+@torch.no_grad()
+def encode_prompts(parts: DenoiserParts, prompts: list[str]) -> EncodedPrompts:
+    """Stable Diffusion's conditioning: the text encoder's last hidden state of the padded, truncated ids."""
+    tok = parts.tokenizer
+    max_len = tok.model_max_length
+    ids = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+    full_lengths = [len(x) for x in tok(prompts, truncation=False).input_ids]
+    device = next(parts.text_encoder.parameters()).device
+    mask = None
+    if getattr(parts.text_encoder.config, "use_attention_mask", False):
+        mask = ids.attention_mask.to(device)
+    embeds = parts.text_encoder(ids.input_ids.to(device), attention_mask=mask)[0]
+    return EncodedPrompts(embeds=embeds, truncated=[n > max_len for n in full_lengths])
+
+
+@dataclass
+class NoiseTrace:
+    """Per prompt, generation and scored step: ‖ε(x_t,c) − ε(x_t,∅)‖₂ and ‖ε(x_t,∅)‖₂."""
+
+    text_noise_norm: torch.Tensor  # [B, G, S] fp32, CPU
+    uncond_noise_norm: torch.Tensor  # [B, G, S] fp32, CPU
+
+    @property
+    def score(self) -> torch.Tensor:
+        return detection_score(self.text_noise_norm)
+
+
+def _alpha_bar(scheduler, t) -> torch.Tensor:
+    return scheduler.alphas_cumprod[int(t)].float()
+
+
+@torch.no_grad()
+def trace_noise_norms(
+    parts: DenoiserParts,
+    cond_embeds: torch.Tensor,
+    uncond_embed: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    score_steps: int,
+    guidance_scale: float,
+    shared_latents: bool = False,
+) -> NoiseTrace:
+    """Run the guided trajectory of B prompts × G generations for ``score_steps`` steps and record norms.
+
+    cond_embeds: [B, L, D]; uncond_embed: [1, L, D]; latents: [B, G, C, H, W] fp32, already scaled by the
+    scheduler's init_noise_sigma. With shared_latents the caller promises latents[b] is the same for every b,
+    so the first unconditional prediction is computed for G latents and reused by all B prompts.
+    """
+    unet, dtype, device = parts.unet, parts.dtype, parts.device
+    # Schedulers keep per-trajectory state (step index, multistep history): one fresh copy per batch.
+    scheduler = copy.deepcopy(parts.scheduler)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps[:score_steps]
+    pred_type = scheduler.config.get("prediction_type", "epsilon")
+
+    B, G = latents.shape[:2]
+    x = latents.reshape(B * G, *latents.shape[2:]).to(device=device, dtype=torch.float32)
+    cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)  # prompt-major, like x
+    uncond = uncond_embed.to(device=device, dtype=dtype)
+    text_norms, uncond_norms = [], []
+    for step, t in enumerate(timesteps):
+        x_in = scheduler.scale_model_input(x, t)
+        if shared_latents and step == 0:
+            out_u = unet(x_in[:G].to(dtype), t, encoder_hidden_states=uncond.expand(G, -1, -1),
+                         return_dict=False)[0].float().repeat(B, 1, 1, 1)
+            out_c = unet(x_in.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+        else:
+            both = torch.cat([x_in, x_in]).to(dtype)
+            emb = torch.cat([uncond.expand(B * G, -1, -1), cond])
+            out_u, out_c = unet(both, t, encoder_hidden_states=emb, return_dict=False)[0].float().chunk(2)
+        a_bar = _alpha_bar(scheduler, t)
+        eps_u = epsilon_from_output(out_u, x_in, a_bar, pred_type)
+        eps_c = epsilon_from_output(out_c, x_in, a_bar, pred_type)
+        text_norms.append(text_noise_norm(eps_c, eps_u).view(B, G).cpu())
+        uncond_norms.append(noise_norm(eps_u).view(B, G).cpu())
+        if step + 1 < len(timesteps):  # the trajectory ends after the last scored step
+            guided = classifier_free_guidance(out_u, out_c, guidance_scale)
+            x = scheduler.step(guided, t, x, return_dict=False)[0].float()
+    return NoiseTrace(torch.stack(text_norms, dim=-1), torch.stack(uncond_norms, dim=-1))
+
+
+@torch.no_grad()
+def score_prompts(
+    parts: DenoiserParts,
+    prompts: list[str],
+    rows: list[int],
+    *,
+    num_images_per_prompt: int = 4,
+    gen_seed: int = 0,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    score_steps: int = 1,
+    latents_mode: str = "per_prompt",
+    uncond_embed: torch.Tensor | None = None,
+) -> tuple[NoiseTrace, list[bool]]:
+    """Noise norms of dataset rows ``rows`` (their positions seed the latents) and their truncation flags."""
+    if len(prompts) != len(rows):
+        raise ValueError(f"got {len(prompts)} prompts for {len(rows)} rows")
+    if not 1 <= score_steps <= num_inference_steps:
+        raise ValueError(f"score_steps must be in 1..{num_inference_steps}, got {score_steps}")
+    encoded = encode_prompts(parts, prompts)
+    if uncond_embed is None:
+        uncond_embed = encode_prompts(parts, [""]).embeds
+    latents = initial_latents(rows, num_images_per_prompt, parts.latent_shape, gen_seed, latents_mode,
+                              float(parts.scheduler.init_noise_sigma))
+    trace = trace_noise_norms(
+        parts, encoded.embeds, uncond_embed, latents,
+        num_inference_steps=num_inference_steps, score_steps=score_steps, guidance_scale=guidance_scale,
+        shared_latents=latents_mode == "shared",
+    )
+    return trace, encoded.truncated

@@ -1,0 +1,209 @@
+"""Loading Stable-Diffusion-shaped pipelines, and building tiny (or SD-v1-sized) ones offline.
+
+Every CLI loads models through :func:`load_pipeline`, i.e. the real ``from_pretrained`` path on a Hub id or a
+local folder. Tests, the demo and the benchmarks feed it folders written by :func:`build_pipeline`, which
+assembles the same classes Stable Diffusion v1 ships (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, the
+real CLIP tokenizer, a PNDM scheduler) with random weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Stable Diffusion v1's scheduler (scheduler/scheduler_config.json of CompVis/stable-diffusion-v1-4).
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    clip_sample=False,
+)
+
+ARCHS = {
+    # Smallest model with every SD block type: 16x16 RGB images, 4x8x8 latents, 32-wide cross-attention.
+    "tiny": dict(
+        unet=dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, norm_num_groups=32),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+    ),
+    # The shapes of CompVis/stable-diffusion-v1-4 (860M UNet, 123M text encoder, 84M VAE), random weights.
+    "sd-v1": dict(
+        unet=dict(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512, norm_num_groups=32),
+        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768),
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model id or folder that cannot be loaded; the message is one line meant for the user."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """torch dtype for a CLI name (fp32, fp16, bf16)."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_components(arch: str = "tiny", seed: int = 0, tokenizer_dir: str | Path | None = None):
+    """Randomly initialised SD-shaped components (dict of unet, vae, text_encoder, tokenizer, scheduler)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    spec = ARCHS[arch]
+    n_blocks = len(spec["vae"]["block_out_channels"])
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **spec["unet"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+        **spec["vae"],
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
+        **spec["text"],
+    )
+    text_encoder = CLIPTextModel(text_config)
+    if tokenizer_dir is None:
+        import tempfile
+
+        tokenizer_dir = tempfile.mkdtemp(prefix="diffmem-tokenizer-")
+    tokenizer = build_clip_tokenizer(tokenizer_dir)
+    scheduler = PNDMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def assemble_pipeline(components: dict):
+    """A StableDiffusionPipeline from components, without a safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
+def build_pipeline(out_dir: str | Path, arch: str = "tiny", seed: int = 0) -> Path:
+    """Write a randomly initialised SD-shaped pipeline folder that from_pretrained loads offline."""
+    out = Path(out_dir)
+    components = build_components(arch, seed, tokenizer_dir=out / "tokenizer")
+    assemble_pipeline(components).save_pretrained(out)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def load_pipeline(
+    model_id: str,
+    unet_id: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    variant: str | None = None,
+):
+    """StableDiffusionPipeline from a Hub id or local folder; optionally with the UNet of another folder.
+
+    Raises ModelLoadError with a one-line reason when the model cannot be found or read.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    # A Hub id is "owner/name"; anything else (absolute, relative with dots, deeper) is a local folder.
+    is_hub_id = model_id.count("/") == 1 and not model_id.startswith((".", "/", "~"))
+    path = Path(model_id).expanduser()
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"{model_id}: not a diffusers pipeline folder (no model_index.json)")
+    if not path.exists() and not is_hub_id:
+        raise ModelLoadError(f"{model_id}: no such model folder (expected a local folder or a Hub id owner/name)")
+    kwargs = dict(dtype=dtype, revision=revision, variant=variant, safety_checker=None,
+                  requires_safety_checker=False)
+    try:
+        if unet_id is not None:
+            # Accept a bare UNet folder or any folder holding one under unet/ (pipelines, trainer checkpoints).
+            sub = "unet" if (Path(unet_id) / "unet" / "config.json").is_file() else None
+            kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_id, subfolder=sub, dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else model_id, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        which = unet_id if unet_id is not None and "unet" not in kwargs else model_id
+        raise ModelLoadError(f"{which}: cannot load model ({_first_line(exc)})") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@dataclass
+class DenoiserParts:
+    """What scoring needs from a pipeline: the denoiser, the text side and the latent geometry."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    latent_shape: tuple[int, int, int]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+
+def denoiser_parts(pipe, scheduler: str = "ddim") -> DenoiserParts:
+    """The parts of a pipeline used for scoring, with its scheduler swapped to DDIM (as Wen et al. do)."""
+    from diffusers import DDIMScheduler
+
+    sched = pipe.scheduler
+    if scheduler == "ddim":
+        sched = DDIMScheduler.from_config(sched.config)
+    elif scheduler != "pipeline":
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected ddim or pipeline")
+    size = pipe.unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return DenoiserParts(
+        unet=pipe.unet,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        scheduler=sched,
+        latent_shape=(pipe.unet.config.in_channels, *size),
+    )

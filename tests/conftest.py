@@ -1,0 +1,48 @@
+"""Shared fixtures: everything offline, models built once per session in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """A saved tiny SD-shaped pipeline (random weights, real CLIP tokenizer) that from_pretrained loads."""
+    from common.models import build_pipeline
+
+    return build_pipeline(tmp_path_factory.mktemp("tiny-sd"), arch="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_pipeline_dir):
+    """The tiny pipeline loaded through the real loading path, fp32 on CPU."""
+    from common.models import load_pipeline
+
+    return load_pipeline(str(tiny_pipeline_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tiny_pipe):
+    """Scoring parts (UNet, text side, DDIM scheduler, latent shape) of the tiny pipeline."""
+    from common.models import denoiser_parts
+
+    return denoiser_parts(tiny_pipe)
+
+
+def run_cli(script: str, *args: str, timeout: float = 300, env: dict | None = None):
+    """Run ``python SCRIPT ARGS`` from the repo root the way a user would; returns CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
