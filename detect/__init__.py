@@ -1,0 +1,1 @@
+"""diffmem detect CLIs (thin wrappers over common/)."""

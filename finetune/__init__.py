@@ -1,0 +1,1 @@
+"""diffmem finetune CLIs (thin wrappers over common/)."""

@@ -1,0 +1,1 @@
+"""diffmem mitigate CLIs (thin wrappers over common/)."""
