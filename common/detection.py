@@ -143,3 +143,54 @@ def score_prompts(
         shared_latents=latents_mode == "shared",
     )
     return trace, encoded.truncated
+
+
+def text_noise_objective(
+    parts: DenoiserParts,
+    cond_embeds: torch.Tensor,
+    uncond_embed: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    target_steps: list[int],
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Differentiable ‖ε(x_t, c) − ε(x_t, ∅)‖₂ at each target step, shape [B, G, len(target_steps)].
+
+    The gradient flows only through the conditional prediction ε(x_t, c) at the target steps: the
+    trajectory leading there (x_t) and the unconditional prediction are computed without grad, and the
+    unconditional embedding is a constant. This is the objective of Wen et al.'s token-wise significance
+    (Sec. 4) and inference-time mitigation (Sec. 5). ``cond_embeds`` [B, L, D] may require grad; latents as
+    in :func:`trace_noise_norms`.
+    """
+    if not target_steps or min(target_steps) < 0 or max(target_steps) >= num_inference_steps:
+        raise ValueError(f"target steps must lie in 0..{num_inference_steps - 1}, got {target_steps}")
+    unet, dtype, device = parts.unet, parts.dtype, parts.device
+    scheduler = copy.deepcopy(parts.scheduler)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    pred_type = scheduler.config.get("prediction_type", "epsilon")
+    B, G = latents.shape[:2]
+    x = latents.reshape(B * G, *latents.shape[2:]).to(device=device, dtype=torch.float32)
+    cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)
+    uncond = uncond_embed.to(device=device, dtype=dtype).expand(B * G, -1, -1)
+    wanted = sorted(set(target_steps))
+    norms = {}
+    for step, t in enumerate(scheduler.timesteps[: wanted[-1] + 1]):
+        x_in = scheduler.scale_model_input(x, t)
+        a_bar = _alpha_bar(scheduler, t)
+        with torch.no_grad():
+            out_u = unet(x_in.to(dtype), t, encoder_hidden_states=uncond, return_dict=False)[0].float()
+        if step in wanted:
+            out_c = unet(x_in.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+            eps_c = epsilon_from_output(out_c, x_in, a_bar, pred_type)
+            eps_u = epsilon_from_output(out_u, x_in, a_bar, pred_type)
+            norms[step] = text_noise_norm(eps_c, eps_u).view(B, G)
+            out_c = out_c.detach()
+        else:
+            with torch.no_grad():
+                out_c = unet(x_in.to(dtype), t, encoder_hidden_states=cond.detach(), return_dict=False)[0].float()
+        if step < wanted[-1]:
+            with torch.no_grad():
+                guided = classifier_free_guidance(out_u, out_c, guidance_scale)
+                x = scheduler.step(guided, t, x, return_dict=False)[0].float()
+    return torch.stack([norms[s] for s in target_steps], dim=-1)
