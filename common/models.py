@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import DiffmemError
 from common.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -64,7 +65,7 @@ ARCHS = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DiffmemError, RuntimeError):
     """A model id or folder that cannot be loaded; the message is one line meant for the user."""
 
 

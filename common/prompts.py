@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import DiffmemError
+
 CAPTION_KEYS = ("caption", "prompt", "text", "Prompt", "TEXT", "Caption")
 LABEL_KEYS = ("label", "memorized")
 INDEX_KEYS = ("index", "Index")
@@ -19,7 +21,7 @@ MEMORIZED_TYPES = {"VM", "TM", "MV", "RV"}
 UNMEMORIZED_TYPES = {"N"}
 
 
-class PromptFileError(ValueError):
+class PromptFileError(DiffmemError, ValueError):
     """A prompt source that cannot be read; str() is the one-line message for the user."""
 
 

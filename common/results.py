@@ -1,0 +1,76 @@
+"""Crash-safe jsonl results: append whole lines per batch, cut a torn tail on resume, merge process parts.
+
+A job killed mid-write leaves at most one incomplete last line. Readers ignore it; the process that owns
+the file cuts it off before appending again, so a resumed run never produces a torn or duplicated row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from common.errors import DiffmemError
+
+
+class ResultsFileError(DiffmemError, ValueError):
+    """A results file that is corrupt beyond a torn last line; str() is a one-line message."""
+
+
+def read_results(path: str | Path, repair: bool = False) -> list[dict]:
+    """Complete rows of a jsonl results file ([] if absent); with repair, truncate a torn last line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1  # bytes after the last newline belong to an interrupted write
+    rows = []
+    for lineno, line in enumerate(data[:complete].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ResultsFileError(f"{path}:{lineno}: corrupt result line (not JSON); remove the line or "
+                                   f"rerun with --overwrite") from None
+    if repair and complete < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+    return rows
+
+
+def append_results(path: str | Path, rows: list[dict]) -> None:
+    """Append rows as jsonl lines in one write, flushed and fsynced so a kill cannot lose them."""
+    if not rows:
+        return
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | Path, obj, jsonl: bool = False) -> None:
+    """Write JSON (or a list of rows as jsonl) to a temporary file, then rename it over path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        if jsonl:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in obj)
+        else:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def merge_rows(row_lists: list[list[dict]], key: str = "row", keep: set | None = None) -> list[dict]:
+    """One row per key, sorted by key; the first occurrence wins; restricted to keys in keep if given."""
+    merged: dict = {}
+    for rows in row_lists:
+        for r in rows:
+            k = r[key]
+            if (keep is None or k in keep) and k not in merged:
+                merged[k] = r
+    return [merged[k] for k in sorted(merged)]

@@ -1,0 +1,265 @@
+"""Detect memorized prompts by their text-conditional noise magnitude (Wen et al., ICLR 2024).
+
+    python detect/detect_mem.py --model_id ID_OR_DIR --dataset FILE|HF_NAME --run_name NAME [options]
+    accelerate launch detect/detect_mem.py ...        # shards prompts across processes
+
+Writes {output_dir}/{run_name}.jsonl (one row per prompt, dataset order) and {run_name}.summary.json.
+Results are appended per batch under {run_name}.parts/; re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+# `python detect/detect_mem.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, quiet_hub_logging  # noqa: E402
+from common.errors import ConfigError, DiffmemError  # noqa: E402
+from common.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
+from common.results import append_results, merge_rows, read_results, write_json_atomic  # noqa: E402
+
+# Arguments that change the numbers: a resumed run must use the same values as the results on disk.
+SCORE_KEYS = ("model_id", "unet_id", "revision", "variant", "num_images_per_prompt", "gen_seed",
+              "num_inference_steps", "guidance_scale", "score_steps", "latents", "dtype", "scheduler")
+
+
+@dataclass
+class DetectConfig:
+    model_id: str
+    dataset: str
+    run_name: str
+    unet_id: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    split: str = "train"
+    column: str | None = None
+    output_dir: str = "det_outputs"
+    num_images_per_prompt: int = 4
+    gen_seed: int = 0
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    score_steps: str = "1"
+    batch_size: int = 32
+    latents: str = "per_prompt"
+    dtype: str = "fp32"
+    scheduler: str = "ddim"
+    start: int = 0
+    end: int | None = None
+    label: int | None = None
+    allow_empty: bool = False
+    overwrite: bool = False
+
+    @property
+    def num_score_steps(self) -> int:
+        return self.num_inference_steps if self.score_steps == "all" else int(self.score_steps)
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for inconsistent settings."""
+        if self.score_steps != "all" and not self.score_steps.isdigit():
+            raise ConfigError(f"--score_steps must be a positive integer or 'all', got {self.score_steps!r}")
+        if not 1 <= self.num_score_steps <= self.num_inference_steps:
+            raise ConfigError(f"--score_steps must be in 1..{self.num_inference_steps} (--num_inference_steps), "
+                             f"got {self.score_steps}")
+        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.start < 0 or (self.end is not None and self.end <= self.start):
+            raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
+        if not self.run_name or "/" in self.run_name:
+            raise ConfigError(f"--run_name must be a plain file name, got {self.run_name!r}")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Score prompts by text-conditional noise magnitude (Wen et al. 2024).")
+    p.add_argument("--model_id", required=True, help="Hub id or local StableDiffusionPipeline folder")
+    p.add_argument("--unet_id", help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
+    p.add_argument("--revision")
+    p.add_argument("--variant", help="weights variant, e.g. fp16")
+    p.add_argument("--dataset", required=True, help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
+    p.add_argument("--split", default="train", help="split of a Hugging Face dataset")
+    p.add_argument("--column", help="caption column of a Hugging Face dataset (default: caption/prompt/text)")
+    p.add_argument("--run_name", required=True)
+    p.add_argument("--output_dir", default="det_outputs")
+    p.add_argument("--num_images_per_prompt", type=int, default=4, help="generations G per prompt")
+    p.add_argument("--gen_seed", type=int, default=0, help="row i draws its latents from seed gen_seed + i")
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--score_steps", default="1", help="score the first N DDIM steps, or 'all' (paper setting)")
+    p.add_argument("--batch_size", type=int, default=32, help="prompts per batch")
+    p.add_argument("--latents", choices=("per_prompt", "shared"), default="per_prompt",
+                   help="shared: every prompt starts from seed gen_seed's latents")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--scheduler", choices=("ddim", "pipeline"), default="ddim")
+    p.add_argument("--start", type=int, default=0, help="first dataset row")
+    p.add_argument("--end", type=int, help="one past the last dataset row")
+    p.add_argument("--label", type=int, choices=(0, 1), help="label for rows that carry none")
+    p.add_argument("--allow_empty", action="store_true", help="score empty captions instead of rejecting them")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results of this run_name")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> DetectConfig:
+    args = build_parser().parse_args(argv)
+    return DetectConfig(**{f.name: getattr(args, f.name) for f in fields(DetectConfig)})
+
+
+def result_row(rec: PromptRecord, text_norms, uncond_norms, score: float, truncated: bool) -> dict:
+    row = {"row": rec.row, "index": rec.index if rec.index is not None else rec.row, "prompt": rec.prompt}
+    if rec.label is not None:
+        row["label"] = rec.label
+    if rec.type is not None:
+        row["type"] = rec.type
+    row.update(score=score, text_noise_norm=text_norms, uncond_noise_norm=uncond_norms, truncated=truncated)
+    return row
+
+
+class RunState:
+    """The files of one run: parts/{part-RANK.jsonl, config.json}, the merged jsonl and the summary."""
+
+    def __init__(self, cfg: DetectConfig):
+        self.out = Path(cfg.output_dir)
+        self.parts = self.out / f"{cfg.run_name}.parts"
+        self.final = self.out / f"{cfg.run_name}.jsonl"
+        self.summary = self.out / f"{cfg.run_name}.summary.json"
+        self.config_file = self.parts / "config.json"
+        self.score_config = {k: getattr(cfg, k) for k in SCORE_KEYS}
+
+    def part(self, rank: int) -> Path:
+        return self.parts / f"part-{rank}.jsonl"
+
+    def prepare(self, overwrite: bool) -> None:
+        """Create or check the run folder (main process only)."""
+        if overwrite:
+            shutil.rmtree(self.parts, ignore_errors=True)
+            for f in (self.final, self.summary):
+                f.unlink(missing_ok=True)
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if self.config_file.exists():
+            old = json.loads(self.config_file.read_text())
+            diff = {k: (old.get(k), v) for k, v in self.score_config.items() if old.get(k) != v}
+            if diff:
+                what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+                raise ConfigError(f"{self.config_file}: earlier results of this run used {what}; "
+                                 f"pass --overwrite or a new --run_name")
+        else:
+            write_json_atomic(self.config_file, self.score_config)
+
+    def done_rows(self, own_rank: int) -> list[list[dict]]:
+        """Rows of every part file; this process's own part is repaired (torn tail cut)."""
+        return [read_results(p, repair=(p == self.part(own_rank))) for p in sorted(self.parts.glob("part-*.jsonl"))]
+
+
+def run(cfg: DetectConfig) -> int:
+    """Score the selected rows, resuming earlier work; returns the number of prompts scored now."""
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from common.detection import encode_prompts, score_prompts
+    from common.models import denoiser_parts, load_pipeline, parse_dtype
+
+    # Validate the whole input before any model is loaded.
+    records = select_rows(read_prompts(cfg.dataset, split=cfg.split, column=cfg.column,
+                                       allow_empty=cfg.allow_empty), cfg.start, cfg.end, cfg.label)
+    if not records:
+        raise PromptFileError(f"{cfg.dataset}: no rows in --start {cfg.start} --end {cfg.end}")
+    quiet_hub_logging()
+    # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    run_state = RunState(cfg)
+    if state.is_main_process:
+        run_state.prepare(cfg.overwrite)
+    state.wait_for_everyone()
+
+    t0 = time.perf_counter()
+    selected = {r.row for r in records}
+    done_before = {r["row"] for rows in run_state.done_rows(state.process_index) for r in rows} & selected
+    todo = [r for r in records if r.row not in done_before][state.process_index :: state.num_processes]
+    own_part = run_state.part(state.process_index)
+    scoring_time = 0.0
+    if todo:
+        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), state.device,
+                             cfg.revision, cfg.variant)
+        parts = denoiser_parts(pipe, cfg.scheduler)
+        uncond = encode_prompts(parts, [""]).embeds
+        t_score = time.perf_counter()
+        batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+        bar = tqdm(total=len(todo), desc=f"detect[{state.process_index}]", unit="prompt",
+                   position=state.process_index)
+        for batch in batches:
+            trace, truncated = score_prompts(
+                parts, [r.prompt for r in batch], [r.row for r in batch],
+                num_images_per_prompt=cfg.num_images_per_prompt, gen_seed=cfg.gen_seed,
+                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                score_steps=cfg.num_score_steps, latents_mode=cfg.latents, uncond_embed=uncond)
+            scores = trace.score.tolist()
+            append_results(own_part, [
+                result_row(rec, trace.text_noise_norm[b].tolist(), trace.uncond_noise_norm[b].tolist(),
+                           scores[b], truncated[b])
+                for b, rec in enumerate(batch)])
+            bar.update(len(batch))
+        bar.close()
+        scoring_time = time.perf_counter() - t_score
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        rows = merge_rows(run_state.done_rows(-1), keep=selected)
+        write_json_atomic(run_state.final, rows, jsonl=True)
+        elapsed = time.perf_counter() - t0
+        scored_now = len(rows) - len(done_before)
+        write_json_atomic(run_state.summary, summarize(cfg, rows, scored_now, len(done_before), elapsed,
+                                                       scoring_time, state.num_processes))
+        missing = len(selected) - len(rows)
+        print(f"{run_state.final}: {len(rows)} prompts ({scored_now} scored now, {len(done_before)} resumed"
+              f"{f', {missing} MISSING' if missing else ''}) in {elapsed:.1f}s "
+              f"(scoring {scored_now / max(scoring_time, 1e-9):.2f} prompts/s on process 0's share)")
+    return len(todo)
+
+
+def summarize(cfg: DetectConfig, rows: list[dict], scored_now: int, resumed: int, elapsed: float,
+              scoring_time: float, num_processes: int) -> dict:
+    """Run summary: settings, counts, timing (wall time, and process 0's scoring loop) and versions."""
+    import diffusers
+    import torch
+    import transformers
+
+    labels = {str(k): sum(r.get("label") == k for r in rows) for k in (0, 1)}
+    return {
+        "run_name": cfg.run_name,
+        "args": asdict(cfg),
+        "model": {"model_id": cfg.model_id, "unet_id": cfg.unet_id, "dtype": cfg.dtype, "scheduler": cfg.scheduler},
+        "counts": {"prompts": len(rows), "scored_this_run": scored_now, "resumed": resumed,
+                   "truncated": sum(bool(r.get("truncated")) for r in rows), "labels": labels},
+        "score_steps": cfg.num_score_steps,
+        "num_processes": num_processes,
+        "time_s": elapsed,
+        "scoring_time_s": scoring_time,
+        # Throughput of the scoring loop (model loading excluded); all processes run concurrently.
+        "prompts_per_s": scored_now / scoring_time if scoring_time > 0 else None,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        cfg.validate()
+        run(cfg)
+    except DiffmemError as exc:
+        print(f"detect_mem: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
