@@ -1,0 +1,298 @@
+"""Detection metrics for memorization scores: ROC, AUC, TPR at low FPR, best balanced accuracy, and the
+reading, splitting and plotting of scored result rows that ``detect/evaluate.py`` (and later evaluators) share.
+
+Convention everywhere: label 1 = memorized (positive), label 0 = not memorized, and a HIGHER score means
+"more likely memorized" (Wen et al. 2024's text-noise norm). A threshold τ predicts memorized when score ≥ τ.
+
+Only numpy is imported at module level so that input validation (and its one-line errors) stays fast;
+scikit-learn, scipy and matplotlib are imported where they are used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+DEFAULT_FPR_TARGETS = (0.001, 0.01, 0.03, 0.05)
+LABEL_KEYS = ("label", "memorized")  # detect_mem writes "label"; hand-made files may say "memorized"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure metrics
+# ----------------------------------------------------------------------------------------------------------
+
+def _binary_inputs(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """scores as float64 and labels as int arrays, after checking they form a two-class problem."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length ({s.size} vs {y.size})")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores must be finite numbers (found NaN or inf)")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError(f"labels must be 0 or 1, got values {sorted(set(y.tolist()))}")
+    y = y.astype(np.int64)
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"ROC metrics need both classes: got {n_pos} positive (label 1) and "
+                         f"{n_neg} negative (label 0) scores")
+    return s, y
+
+
+def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) of every distinct threshold, score ≥ τ ⇒ positive (sklearn roc_curve, Fawcett 2006).
+
+    ``drop_intermediate=False`` keeps collinear points: dropping them would change TPR at a fixed FPR.
+    The first point is (0, 0) at τ = +inf; tied scores share one point (no threshold can split them).
+    """
+    from sklearn.metrics import roc_curve
+
+    s, y = _binary_inputs(scores, labels)
+    fpr, tpr, thresholds = roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr, thresholds
+
+
+def auc(fpr, tpr) -> float:
+    """Trapezoid area under the ROC = P(s₊ > s₋) + ½·P(s₊ = s₋) (Hanley & McNeil 1982; Wen et al. 2024 report it)."""
+    from sklearn.metrics import auc as sk_auc
+
+    return float(sk_auc(np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)))
+
+
+def tpr_at_fpr(fpr, tpr, target: float) -> float:
+    """Largest TPR among ROC points with FPR strictly below target, 0 if none (Carlini et al. 2022, TPR @ low FPR)."""
+    fpr = np.asarray(fpr, dtype=np.float64)
+    tpr = np.asarray(tpr, dtype=np.float64)
+    below = fpr < target
+    return float(tpr[below].max()) if below.any() else 0.0
+
+
+def max_balanced_accuracy(fpr, tpr) -> float:
+    """max over thresholds τ of (TPR + 1 − FPR)/2: the "accuracy" MIA papers report (Carlini et al. 2022, S&P).
+
+    It is the accuracy of the best single threshold on a class-balanced set, so it is ≥ 0.5 whenever the ROC
+    contains its (0, 0) end point (always true for roc_points), whatever the class ratio of the data.
+    """
+    fpr = np.asarray(fpr, dtype=np.float64)
+    tpr = np.asarray(tpr, dtype=np.float64)
+    return float(np.max((tpr + 1.0 - fpr) / 2.0))
+
+
+def fpr_key(target: float) -> str:
+    """The summary's name of an FPR target: 0.001 -> "0.1%", 0.01 -> "1%"."""
+    return f"{target * 100:g}%"
+
+
+def detection_metrics(scores, labels, fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS) -> dict:
+    """AUC, best balanced accuracy (and its threshold), TPR at each FPR target, class sizes and mean scores."""
+    s, y = _binary_inputs(scores, labels)
+    fpr, tpr, thresholds = roc_points(s, y)
+    balanced = (tpr + 1.0 - fpr) / 2.0
+    best = int(np.argmax(balanced))
+    # The +inf threshold of the (0, 0) point is not JSON; None there means "predict nothing memorized".
+    best_threshold = float(thresholds[best]) if np.isfinite(thresholds[best]) else None
+    return {
+        "auc": auc(fpr, tpr),
+        "accuracy": max_balanced_accuracy(fpr, tpr),
+        "accuracy_threshold": best_threshold,
+        "tpr_at_fpr": {fpr_key(t): tpr_at_fpr(fpr, tpr, t) for t in fpr_targets},
+        "n_pos": int(y.sum()),
+        "n_neg": int(y.size - y.sum()),
+        "mean_score_pos": float(s[y == 1].mean()),
+        "mean_score_neg": float(s[y == 0].mean()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scored result rows (detect_mem output)
+# ----------------------------------------------------------------------------------------------------------
+
+class ResultFileError(ValueError):
+    """A results file or set of results that cannot be evaluated; str() is the one-line message for the user."""
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """One scored prompt: its score, its 0/1 label, its Webster type if any, and ``FILE:LINE`` it came from."""
+
+    score: float
+    label: int
+    type: str | None
+    where: str
+
+
+def _parse_label(value, where: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return int(value.strip().lower() in ("1", "true"))
+    raise ResultFileError(f"{where}: expected 'label' 0/1 (or true/false), got {value!r}")
+
+
+def read_scored_rows(path: Path | str, forced_label: int | None = None, role: str = "") -> list[ScoredRow]:
+    """Rows of a detect_mem results jsonl. With ``forced_label`` every row gets that label (``role`` names the
+    option that gave it, for messages) and a row whose own label disagrees is an error; without it every row
+    must carry its own label."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultFileError(f"{path}: no such file (expected a detect_mem results .jsonl)")
+    rows: list[ScoredRow] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ResultFileError(f"{where}: expected a JSON object, got invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ResultFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            if "score" not in obj:
+                raise ResultFileError(f"{where}: expected a 'score' key (a detect_mem results row)")
+            score = obj["score"]
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise ResultFileError(f"{where}: expected 'score' to be a finite number, got {score!r}")
+            own_label = _parse_label(next((obj[k] for k in LABEL_KEYS if k in obj), None), where)
+            if forced_label is not None:
+                if own_label is not None and own_label != forced_label:
+                    raise ResultFileError(f"{where}: the row says label {own_label} but the file was given with "
+                                          f"{role or 'a forced label'} (label {forced_label})")
+                label = forced_label
+            elif own_label is None:
+                raise ResultFileError(f"{where}: expected a 'label' 0/1 in the row (or give the whole file with "
+                                      f"--positive / --negative)")
+            else:
+                label = own_label
+            type_ = obj.get("type")
+            if type_ is not None and not isinstance(type_, str):
+                raise ResultFileError(f"{where}: expected 'type' to be a string such as VM or TM, got {type_!r}")
+            rows.append(ScoredRow(float(score), label, (type_ or "").strip() or None, where))
+    if not rows:
+        raise ResultFileError(f"{path}:1: expected at least one JSON row with a 'score', found none")
+    return rows
+
+
+def check_both_classes(rows: Sequence[ScoredRow], paths: Iterable[Path | str]) -> None:
+    """Raise ResultFileError (naming the files) unless the rows hold both memorized and non-memorized prompts."""
+    n_pos = sum(r.label for r in rows)
+    n_neg = len(rows) - n_pos
+    if n_pos and n_neg:
+        return
+    names = ", ".join(str(p) for p in paths)
+    missing, option = ("label 0 (not memorized)", "--negative") if n_neg == 0 else ("label 1 (memorized)",
+                                                                                    "--positive")
+    raise ResultFileError(f"{names}: expected rows of both classes, found no rows with {missing} "
+                          f"({len(rows)} rows in all); give such results with {option}")
+
+
+def split_rows(rows: Sequence[ScoredRow]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"all": (scores, labels), TYPE: ...}: one split per Webster type found among positives (e.g. VM, TM),
+    each being the positives of that type against ALL negatives (the types of negatives, e.g. N, split nothing)."""
+    negatives = [r for r in rows if r.label == 0]
+    splits = {"all": _arrays(rows)}
+    for type_ in sorted({r.type for r in rows if r.label == 1 and r.type}):
+        splits[type_] = _arrays([r for r in rows if r.label == 1 and r.type == type_] + negatives)
+    return splits
+
+
+def _arrays(rows: Sequence[ScoredRow]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([r.score for r in rows], dtype=np.float64), np.array([r.label for r in rows], dtype=np.int64))
+
+
+def score_groups(rows: Sequence[ScoredRow]) -> dict[str, np.ndarray]:
+    """Scores per class for distribution plots, plus positives per Webster type when there are types."""
+    groups = {"not memorized (0)": np.array([r.score for r in rows if r.label == 0]),
+              "memorized (1)": np.array([r.score for r in rows if r.label == 1])}
+    for type_ in sorted({r.type for r in rows if r.label == 1 and r.type}):
+        groups[f"memorized, {type_}"] = np.array([r.score for r in rows if r.label == 1 and r.type == type_])
+    return groups
+
+
+def evaluate_splits(rows: Sequence[ScoredRow], fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS
+                    ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(metrics per split, (fpr, tpr) per split) for the splits of split_rows."""
+    metrics, curves = {}, {}
+    for name, (scores, labels) in split_rows(rows).items():
+        metrics[name] = detection_metrics(scores, labels, fpr_targets)
+        fpr, tpr, _ = roc_points(scores, labels)
+        curves[name] = (fpr, tpr)
+    return metrics, curves
+
+
+def format_table(metrics: dict[str, dict]) -> str:
+    """A fixed-width text table: split, class sizes, AUC, accuracy and every TPR@FPR column."""
+    keys = list(next(iter(metrics.values()))["tpr_at_fpr"])
+    header = ["split", "n_pos", "n_neg", "AUC", "acc"] + [f"TPR@{k}FPR" for k in keys]
+    lines = [header]
+    for name, m in metrics.items():
+        lines.append([name, str(m["n_pos"]), str(m["n_neg"]), f"{m['auc']:.4f}", f"{m['accuracy']:.4f}"]
+                     + [f"{m['tpr_at_fpr'][k]:.4f}" for k in keys])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg backend: works headless)
+# ----------------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, dict], path: Path | str) -> None:
+    """One ROC curve per split, AUC in the legend, chance diagonal dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (fpr, tpr) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUC {metrics[name]['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title="Memorization detection ROC")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_score_kde(groups: dict[str, np.ndarray], path: Path | str, xlabel: str = "score") -> None:
+    """Gaussian kernel density (scipy gaussian_kde, Scott's bandwidth) of each group's scores.
+
+    A group with fewer than two distinct values has no density; it is drawn as a vertical line at its value.
+    """
+    from scipy.stats import gaussian_kde
+
+    plt = _pyplot()
+    values = np.concatenate([g for g in groups.values() if g.size])
+    lo, hi = float(values.min()), float(values.max())
+    pad = 0.1 * (hi - lo) if hi > lo else max(abs(lo) * 0.1, 0.5)
+    grid = np.linspace(lo - pad, hi + pad, 512)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, scores in groups.items():
+        if scores.size == 0:
+            continue
+        label = f"{name}, n={scores.size}"
+        if np.unique(scores).size < 2:
+            ax.axvline(float(scores[0]), linestyle=":", label=f"{label} (single value)")
+        else:
+            ax.plot(grid, gaussian_kde(scores)(grid), label=label)
+    ax.set(xlabel=xlabel, ylabel="density", title="Score distributions")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
