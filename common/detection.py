@@ -163,6 +163,27 @@ def text_noise_objective(
     (Sec. 4) and inference-time mitigation (Sec. 5). ``cond_embeds`` [B, L, D] may require grad; latents as
     in :func:`trace_noise_norms`.
     """
+    norms = dict(iter_text_noise_objective(
+        parts, cond_embeds, uncond_embed, latents, num_inference_steps=num_inference_steps,
+        target_steps=target_steps, guidance_scale=guidance_scale))
+    return torch.stack([norms[s] for s in target_steps], dim=-1)
+
+
+def iter_text_noise_objective(
+    parts: DenoiserParts,
+    cond_embeds: torch.Tensor,
+    uncond_embed: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    target_steps: list[int],
+    guidance_scale: float,
+):
+    """:func:`text_noise_objective` one target step at a time: yields (step, [B, G] norms) in step order.
+
+    Same trajectory and gradient rule; a caller that backpropagates each step's norms before asking for the
+    next holds one step's graph in memory instead of all of them (``--target_steps all`` on Stable Diffusion).
+    """
     if not target_steps or min(target_steps) < 0 or max(target_steps) >= num_inference_steps:
         raise ValueError(f"target steps must lie in 0..{num_inference_steps - 1}, got {target_steps}")
     unet, dtype, device = parts.unet, parts.dtype, parts.device
@@ -174,17 +195,16 @@ def text_noise_objective(
     cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)
     uncond = uncond_embed.to(device=device, dtype=dtype).expand(B * G, -1, -1)
     wanted = sorted(set(target_steps))
-    norms = {}
     for step, t in enumerate(scheduler.timesteps[: wanted[-1] + 1]):
         x_in = scheduler.scale_model_input(x, t)
-        a_bar = _alpha_bar(scheduler, t)
         with torch.no_grad():
             out_u = unet(x_in.to(dtype), t, encoder_hidden_states=uncond, return_dict=False)[0].float()
         if step in wanted:
             out_c = unet(x_in.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+            a_bar = _alpha_bar(scheduler, t)
             eps_c = epsilon_from_output(out_c, x_in, a_bar, pred_type)
             eps_u = epsilon_from_output(out_u, x_in, a_bar, pred_type)
-            norms[step] = text_noise_norm(eps_c, eps_u).view(B, G)
+            yield step, text_noise_norm(eps_c, eps_u).view(B, G)
             out_c = out_c.detach()
         else:
             with torch.no_grad():
@@ -193,4 +213,3 @@ def text_noise_objective(
             with torch.no_grad():
                 guided = classifier_free_guidance(out_u, out_c, guidance_scale)
                 x = scheduler.step(guided, t, x, return_dict=False)[0].float()
-    return torch.stack([norms[s] for s in target_steps], dim=-1)
