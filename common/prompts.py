@@ -166,8 +166,10 @@ def read_prompts(source: str | Path, *, split: str = "train", column: str | None
         if not records:
             raise PromptFileError(f"{path}: expected at least one prompt, found none")
         return records
-    if path.exists() or "/" in str(source):
-        return read_hf_dataset(str(source), split, column, allow_empty)
+    name = str(source)
+    is_hub_name = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if path.is_dir() or (is_hub_name and path.suffix.lower() not in (".jsonl", ".json", ".csv", ".txt")):
+        return read_hf_dataset(name, split, column, allow_empty)
     raise PromptFileError(f"{source}: no such file (expected .jsonl, .csv or a Hugging Face dataset name)")
 
 

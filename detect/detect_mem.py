@@ -157,6 +157,12 @@ class RunState:
 
 def run(cfg: DetectConfig) -> int:
     """Score the selected rows, resuming earlier work; returns the number of prompts scored now."""
+    # Validate the whole input before torch is even imported, let alone a model loaded.
+    records = select_rows(read_prompts(cfg.dataset, split=cfg.split, column=cfg.column,
+                                       allow_empty=cfg.allow_empty), cfg.start, cfg.end, cfg.label)
+    if not records:
+        raise PromptFileError(f"{cfg.dataset}: no rows in --start {cfg.start} --end {cfg.end}")
+
     import torch
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -164,11 +170,6 @@ def run(cfg: DetectConfig) -> int:
     from common.detection import encode_prompts, score_prompts
     from common.models import denoiser_parts, load_pipeline, parse_dtype
 
-    # Validate the whole input before any model is loaded.
-    records = select_rows(read_prompts(cfg.dataset, split=cfg.split, column=cfg.column,
-                                       allow_empty=cfg.allow_empty), cfg.start, cfg.end, cfg.label)
-    if not records:
-        raise PromptFileError(f"{cfg.dataset}: no rows in --start {cfg.start} --end {cfg.end}")
     quiet_hub_logging()
     # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -1,0 +1,147 @@
+"""detect/detect_mem.py through its real entry point: outputs, errors, kill-and-resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_cli
+
+PROMPTS = [f"prompt number {i} about a {w}" for i, w in enumerate(
+    "cat dog tree house river boat car lamp chair cup bird fish star moon sun road".split())]
+LONG = " ".join(["very long caption"] * 40)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"caption": p, "label": i % 2, "index": 1000 + i} for i, p in enumerate(PROMPTS)]
+    rows.append({"caption": LONG})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def library_scores(parts, prompts, rows, **kw):
+    from common.detection import score_prompts
+
+    trace, _ = score_prompts(parts, prompts, rows, **kw)
+    return trace.score.tolist()
+
+
+def test_end_to_end(tiny_pipeline_dir, tiny_parts, dataset, tmp_path):
+    out = tmp_path / "out"
+    res = run_cli("detect/detect_mem.py", "--model_id", tiny_pipeline_dir, "--dataset", dataset, "--run_name", "e2e",
+                  "--output_dir", out, "--num_images_per_prompt", 2, "--batch_size", 5, "--score_steps", 2,
+                  "--num_inference_steps", 10, "--label", 1)
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(out / "e2e.jsonl")
+    assert [r["row"] for r in rows] == list(range(len(PROMPTS) + 1))
+    assert rows[0]["index"] == 1000 and rows[-1]["index"] == len(PROMPTS)  # own index, else the row
+    assert rows[-1]["label"] == 1 and rows[1]["label"] == 1 and rows[2]["label"] == 0  # --label fills gaps only
+    assert all(len(r["text_noise_norm"]) == 2 and len(r["text_noise_norm"][0]) == 2 for r in rows)
+    assert [r["truncated"] for r in rows].count(True) == 1 and rows[-1]["truncated"]
+    for r in rows:
+        flat = [v for gen in r["text_noise_norm"] for v in gen]
+        assert r["score"] == pytest.approx(sum(flat) / len(flat), rel=1e-6)
+    expected = library_scores(tiny_parts, PROMPTS + [LONG], list(range(len(rows))), num_images_per_prompt=2,
+                              score_steps=2, num_inference_steps=10)
+    assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)
+    summary = json.loads((out / "e2e.summary.json").read_text())
+    assert summary["counts"]["prompts"] == len(rows) and summary["counts"]["truncated"] == 1
+    assert summary["counts"]["scored_this_run"] == len(rows) and summary["prompts_per_s"] > 0
+    assert summary["counts"]["labels"] == {"0": len(PROMPTS) // 2, "1": len(PROMPTS) // 2 + 1}
+
+
+def test_bad_row_is_reported_before_any_model_is_loaded(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "fine"}\n{"caption": "broken"\n')
+    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "no-model", "--dataset", bad, "--run_name", "x",
+                  "--output_dir", tmp_path / "out")
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and f"{bad}:2:" in res.stderr and "expected a JSON object" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--score_steps", "0"], "--score_steps must be in 1..50"),
+    (["--score_steps", "first"], "positive integer or 'all'"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--latents", "random"], "invalid choice"),
+])
+def test_bad_settings_are_one_line(dataset, tmp_path, args, expected):
+    res = run_cli("detect/detect_mem.py", "--model_id", "m", "--dataset", dataset, "--run_name", "x",
+                  "--output_dir", tmp_path, *args)
+    assert res.returncode == 2 and expected in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_unknown_model_is_one_line(dataset, tmp_path):
+    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "missing-model", "--dataset", dataset,
+                  "--run_name", "x", "--output_dir", tmp_path / "out")
+    assert res.returncode == 2 and "missing-model: no such model folder" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_killed_run_resumes_with_every_row_once(tiny_pipeline_dir, tiny_parts, dataset, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model_id", tiny_pipeline_dir, "--dataset", dataset, "--run_name", "r", "--output_dir", out,
+            "--num_images_per_prompt", 2, "--batch_size", 1, "--num_inference_steps", 12, "--score_steps", "all"]
+    cmd = [sys.executable, str(REPO / "detect/detect_mem.py"), *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    part = out / "r.parts" / "part-0.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and part.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = part.read_text().count("\n")
+    assert 3 <= done < len(PROMPTS) + 1, "the run must be killed mid-way"
+    assert not (out / "r.jsonl").exists()
+    with open(part, "a") as f:  # a write cut short by the kill
+        f.write('{"row": 9, "index": 1009, "prompt": "prompt number 9 ab')
+
+    res = run_cli("detect/detect_mem.py", *args)
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(out / "r.jsonl")
+    assert [r["row"] for r in rows] == list(range(len(PROMPTS) + 1))
+    assert read_jsonl(part)  # torn tail cut: every line of the part parses
+    summary = json.loads((out / "r.summary.json").read_text())
+    assert summary["counts"]["resumed"] == done and summary["counts"]["scored_this_run"] == len(rows) - done
+    expected = library_scores(tiny_parts, PROMPTS + [LONG], list(range(len(rows))), num_images_per_prompt=2,
+                              num_inference_steps=12, score_steps=12)
+    assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)
+
+    # Same command again: nothing to do; different scoring settings: refused.
+    again = run_cli("detect/detect_mem.py", *args)
+    assert again.returncode == 0 and "0 scored now" in again.stdout
+    other = run_cli("detect/detect_mem.py", *args, "--gen_seed", 5)
+    assert other.returncode == 2 and "gen_seed=0 (now 5)" in other.stderr
+
+
+def test_two_processes_shard_and_merge(tiny_pipeline_dir, tiny_parts, dataset, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "detect/detect_mem.py"), "--model_id", str(tiny_pipeline_dir), "--dataset", str(dataset),
+           "--run_name", "mp", "--output_dir", str(out), "--num_images_per_prompt", "2", "--batch_size", "3"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    parts = sorted((out / "mp.parts").glob("part-*.jsonl"))
+    assert len(parts) == 2 and all(read_jsonl(p) for p in parts)
+    rows = read_jsonl(out / "mp.jsonl")
+    assert [r["row"] for r in rows] == list(range(len(PROMPTS) + 1))
+    expected = library_scores(tiny_parts, PROMPTS + [LONG], list(range(len(rows))), num_images_per_prompt=2)
+    assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)
