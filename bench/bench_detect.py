@@ -1,0 +1,162 @@
+"""Detection throughput: the reference per-prompt loop vs diffmem's batched first-step scoring.
+
+    python bench/bench_detect.py                                  # tiny pipeline, CPU
+    python bench/bench_detect.py --arch sd-v1 --device cuda --dtype fp16 --n_prompts 256 --ref_prompts 8
+
+(a) reference: one prompt at a time, G generations, the full guided trajectory, VAE decode (the way Wen et
+    al.'s detect_mem.py works); (b) diffmem with --score_steps 1; (c) (b) with --latents shared.
+Prints prompts/s of each, the ratios, and how far (a)'s first-step scores are from (b)'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from common.cli import quiet_hub_logging  # noqa: E402
+from common.detection import encode_prompts, score_prompts  # noqa: E402
+from common.models import assemble_pipeline, build_components, denoiser_parts, load_pipeline, parse_dtype  # noqa: E402
+from common.noise import classifier_free_guidance, text_noise_norm  # noqa: E402
+from common.prompts import read_prompts  # noqa: E402
+
+SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sdv1_500_memorized.jsonl"
+
+
+def load_prompts(path: str | None, n: int) -> list[str]:
+    source = Path(path) if path else SHARED_PROMPTS
+    if source.exists():
+        prompts = [r.prompt for r in read_prompts(source)]
+    else:  # no shared data on this machine: generated captions of LAION-like length
+        words = "vintage poster of a red house near the lake at dawn with mountains and a small boat".split()
+        prompts = [" ".join(words[(i + k) % len(words)] for k in range(6 + i % 10)) for i in range(n)]
+    return (prompts * (n // len(prompts) + 1))[:n]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def reference_first_step_scores(pipe, prompts: list[str], G: int, steps: int, scale: float, gen_seed: int,
+                                 device: torch.device) -> list[float]:
+    """Wen et al.'s loop: each prompt alone through every guided step, norms recorded, then a VAE decode."""
+    from diffusers import DDIMScheduler
+
+    dtype = pipe.unet.dtype
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    scores = []
+    for i, prompt in enumerate(tqdm(prompts, desc="(a) reference", unit="prompt")):
+        ids = pipe.tokenizer([prompt, ""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        emb = pipe.text_encoder(ids)[0]
+        cond_uncond = torch.cat([emb[1:2].expand(G, -1, -1), emb[0:1].expand(G, -1, -1)])
+        torch.manual_seed(i + gen_seed)
+        latents = (torch.randn((G, *shape)) * scheduler.init_noise_sigma).to(device, dtype)
+        scheduler.set_timesteps(steps, device=device)
+        first = None
+        for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            out_u, out_c = pipe.unet(x_in, t, encoder_hidden_states=cond_uncond).sample.chunk(2)
+            norms = text_noise_norm(out_c, out_u)
+            if first is None:
+                first = norms.mean().item()
+            latents = scheduler.step(classifier_free_guidance(out_u, out_c, scale), t, latents).prev_sample
+        pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.float().cpu()
+        scores.append(first)
+    return scores
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=("tiny", "sd-v1"), default="tiny", help="random-weight model to build")
+    p.add_argument("--model_id", help="benchmark a saved pipeline instead of building one")
+    p.add_argument("--prompts", help="prompt file (default: ../shared/data/sdv1_500_memorized.jsonl)")
+    p.add_argument("--n_prompts", type=int, default=500)
+    p.add_argument("--ref_prompts", type=int, default=100, help="prompts timed with the slow reference loop")
+    p.add_argument("--num_images_per_prompt", type=int, default=4)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--out", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+
+    quiet_hub_logging()
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    if args.model_id:
+        pipe = load_pipeline(args.model_id, dtype=dtype, device=device)
+    else:
+        with tempfile.TemporaryDirectory() as tok_dir:
+            pipe = assemble_pipeline(build_components(args.arch, seed=0, tokenizer_dir=tok_dir)).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    parts = denoiser_parts(pipe)
+    prompts = load_prompts(args.prompts, args.n_prompts)
+    n_ref = min(args.ref_prompts, len(prompts))
+    G, steps, scale = args.num_images_per_prompt, args.num_inference_steps, args.guidance_scale
+    print(f"model={args.model_id or args.arch} device={device} dtype={args.dtype} prompts={len(prompts)} "
+          f"(reference on {n_ref}) G={G} steps={steps} batch={args.batch_size}")
+
+    def batched(mode: str, subset: list[str]) -> list[float]:
+        uncond = encode_prompts(parts, [""]).embeds
+        scores = []
+        for i in tqdm(range(0, len(subset), args.batch_size), desc=f"diffmem {mode}", unit="batch"):
+            chunk = subset[i : i + args.batch_size]
+            trace, _ = score_prompts(parts, chunk, list(range(i, i + len(chunk))), num_images_per_prompt=G,
+                                     num_inference_steps=steps, guidance_scale=scale, score_steps=1,
+                                     latents_mode=mode, uncond_embed=uncond)
+            scores += trace.score.tolist()
+        return scores
+
+    batched("per_prompt", prompts[: args.batch_size])  # warm-up (allocator, kernels)
+    reference_first_step_scores(pipe, prompts[:1], G, steps, scale, 0, device)
+    ref_scores, t_ref = timed(lambda: reference_first_step_scores(pipe, prompts[:n_ref], G, steps, scale, 0,
+                                                                  device), device)
+    per_scores, t_per = timed(lambda: batched("per_prompt", prompts), device)
+    _, t_shared = timed(lambda: batched("shared", prompts), device)
+
+    rate = {"a_reference": n_ref / t_ref, "b_first_step": len(prompts) / t_per, "c_shared": len(prompts) / t_shared}
+    diffs = [abs(a - b) for a, b in zip(ref_scores, per_scores)]
+    rel = [d / abs(a) for d, a in zip(diffs, ref_scores)]
+    result = {
+        "config": vars(args),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "prompts_per_s": rate,
+        "ratio_b_over_a": rate["b_first_step"] / rate["a_reference"],
+        "ratio_c_over_b": rate["c_shared"] / rate["b_first_step"],
+        "max_abs_diff_a_vs_b": max(diffs),
+        "max_rel_diff_a_vs_b": max(rel),
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    for name, r in rate.items():
+        print(f"{name:>14}: {r:10.2f} prompts/s")
+    print(f"(b)/(a) = {result['ratio_b_over_a']:.1f}x   (c)/(b) = {result['ratio_c_over_b']:.2f}x")
+    print(f"first-step scores, (a) vs (b) on {n_ref} prompts: max |diff| = {result['max_abs_diff_a_vs_b']:.3g}, "
+          f"max relative = {result['max_rel_diff_a_vs_b']:.3g}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
