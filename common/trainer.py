@@ -1,0 +1,582 @@
+"""One Accelerate training loop for every diffmem training arm.
+
+The caller brings trainable models, a loss function (batch -> per-sample losses, a keep mask and per-sample
+statistics) and a dataset keyed by (epoch, position, index); the loop does the rest: data order and sharding,
+gradient accumulation, mixed precision (Accelerate autocast over fp32 trainable weights), clipping, EMA
+(diffusers ``EMAModel``), the LR schedule, checkpoints with a total limit, exact resume, tracking and the
+final export.
+
+Resume is exact: a checkpoint holds the models (``<name>/`` in ``save_pretrained`` format, plus ``<name>_ema/``),
+the EMA state, optimizer, LR scheduler, grad scaler, RNG states and ``trainer_state.json`` (step and the
+settings that fix the data order). The data order is a permutation per epoch seeded by (seed, epoch) and every
+random draw of a sample is seeded by (seed, epoch, position) (see :mod:`common.seeding`), so the resumed run
+starts at the exact micro-batch where the checkpoint was taken, mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.seeding import STREAM_PERMUTATION, derive_seed
+from common.train_loss import masked_mean
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE = "trainer_state.json"
+TRAIN_LOG = "train_log.jsonl"
+# Settings a resumed run must share with the checkpoint, or the data order / step arithmetic would differ.
+RESUME_KEYS = ("seed", "train_batch_size", "num_processes", "gradient_accumulation_steps", "num_samples",
+               "shuffle", "use_ema", "model_names")
+
+
+class TrainSetupError(ValueError):
+    """A training setup that cannot run; str() is the one-line message for the user."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the generic loop (model- and data-independent)."""
+
+    output_dir: str
+    seed: int = 0
+    train_batch_size: int = 16
+    num_train_epochs: int = 100
+    max_train_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_8bit_adam: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    mixed_precision: str | None = None
+    report_to: str = "tensorboard"
+    tracker_project_name: str = "diffmem"
+    logging_dir: str = "logs"
+    dataloader_num_workers: int = 0
+    allow_tf32: bool = False
+    validation_steps: int | None = None
+    shuffle: bool = True
+    show_progress: bool = True
+
+
+@dataclass
+class LossTerms:
+    """A loss function's per-sample output. ``per_sample`` carries the graph and any loss weights."""
+
+    per_sample: torch.Tensor  # [B] fp32
+    keep: torch.Tensor | None = None  # [B] bool; None keeps every sample
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] values, averaged per step for logging
+
+
+@dataclass
+class TrainSummary:
+    global_step: int
+    samples_seen: int
+    samples_kept: int
+    resumed_from: str | None
+    final_logs: dict
+
+
+# ------------------------------------------------------------------------------------- data order
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The sample order of an epoch: a permutation seeded by (seed, epoch), or 0..n-1 without shuffling."""
+    if not shuffle:
+        return list(range(num_samples))
+    g = torch.Generator("cpu").manual_seed(derive_seed(seed, epoch, STREAM_PERMUTATION))
+    return torch.randperm(num_samples, generator=g).tolist()
+
+
+def micro_batches_per_epoch(num_samples: int, batch_size: int, num_processes: int) -> int:
+    """Global micro-batches of batch_size × num_processes samples per epoch; the last one wraps around."""
+    return math.ceil(num_samples / (batch_size * num_processes))
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """This process's micro-batches of one epoch, from micro-batch ``start_batch`` on.
+
+    Global micro-batch b covers positions [b·B·P, (b+1)·B·P) of the epoch's permutation (wrapping past the end
+    so that every process gets a full batch); process r takes positions b·B·P + r·B … + B. Each item is the
+    key (epoch, position, dataset index).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_processes: int, process_index: int, seed: int,
+                 epoch: int, start_batch: int = 0, shuffle: bool = True):
+        self.n, self.batch_size, self.num_processes = num_samples, batch_size, num_processes
+        self.process_index, self.seed, self.epoch, self.start_batch = process_index, seed, epoch, start_batch
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        return max(0, micro_batches_per_epoch(self.n, self.batch_size, self.num_processes) - self.start_batch)
+
+    def __iter__(self):
+        perm = epoch_permutation(self.n, self.seed, self.epoch, self.shuffle)
+        global_batch = self.batch_size * self.num_processes
+        for b in range(self.start_batch, micro_batches_per_epoch(self.n, self.batch_size, self.num_processes)):
+            first = b * global_batch + self.process_index * self.batch_size
+            yield [(self.epoch, p, perm[p % self.n]) for p in range(first, first + self.batch_size)]
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def list_checkpoints(output_dir: str | Path, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """(step, path) of ``checkpoint-N`` folders in step order; complete ones have trainer_state.json."""
+    out = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
+        if m and p.is_dir() and (not complete_only or (p / TRAINER_STATE).is_file()):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint folder to resume from: ``latest`` (None when there is none yet) or an explicit path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    path = Path(resume).expanduser()
+    if not path.is_dir() and (Path(output_dir) / resume).is_dir():
+        path = Path(output_dir) / resume  # the diffusers example accepts a bare checkpoint-N name
+    if not (path / TRAINER_STATE).is_file():
+        raise TrainSetupError(f"{resume}: not a complete diffmem checkpoint (no {TRAINER_STATE})")
+    return path
+
+
+def _save_module(module: torch.nn.Module, path: Path) -> None:
+    if hasattr(module, "save_pretrained"):
+        module.save_pretrained(path)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(module.state_dict(), path / "model.pt")
+
+
+def _load_module(module: torch.nn.Module, path: Path) -> None:
+    # from_pretrained handles each library's key layout (e.g. transformers 5 drops the text_model. prefix).
+    if hasattr(module, "save_pretrained") and hasattr(type(module), "from_pretrained"):
+        loaded = type(module).from_pretrained(path)
+        state = loaded.state_dict()
+        del loaded
+    else:
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    module.load_state_dict(state)
+
+
+def _atomic_write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _sanitize_for_tracker(config: dict) -> dict:
+    # TensorBoard hparams accept only scalars and strings.
+    out = {}
+    for k, v in config.items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------- accelerator
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An Accelerator for ``cfg`` (mixed precision from cfg, else from the accelerate config / launch flags)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir))
+    try:
+        accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=None if cfg.report_to in (None, "none") else cfg.report_to,
+            project_config=project,
+        )
+    except (ValueError, RuntimeError, ImportError) as exc:
+        first = str(exc).strip().splitlines()
+        raise TrainSetupError(f"cannot set up Accelerate: {first[0] if first else type(exc).__name__}") from exc
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes == 1:
+        raise TrainSetupError(
+            f"{world} processes were launched but Accelerate runs each alone (no GPU: launch with "
+            "ACCELERATE_USE_CPU=true for multi-process CPU training)"
+        )
+    return accelerator
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    """The dtype frozen modules are kept in: fp16/bf16 under mixed precision, else fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float):
+    """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam``."""
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise TrainSetupError("--use_8bit_adam needs bitsandbytes (pip install 'diffmem[bnb]')") from exc
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+               eps=cfg.adam_epsilon)
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+class Trainer:
+    """The training loop. ``models`` maps names (checkpoint sub-folders) to trainable fp32 modules.
+
+    loss_fn(batch, models) -> LossTerms is called with the prepared (possibly wrapped) models by name.
+    validate_fn(step, models) -> [(caption, PIL image)] runs on the main process with unwrapped models (EMA
+    weights swapped in with use_ema). export_fn(models, output_dir) writes the final result on the main
+    process with the final (EMA when use_ema) weights.
+    """
+
+    def __init__(self, accelerator, cfg: TrainConfig, models: dict[str, torch.nn.Module],
+                 loss_fn: Callable, dataset, collate_fn: Callable, *,
+                 validate_fn: Callable | None = None, export_fn: Callable | None = None,
+                 tracker_config: dict | None = None, extra_state: dict | None = None):
+        if not models:
+            raise ValueError("no trainable models")
+        self.accelerator = accelerator
+        self.cfg = cfg
+        self.names = list(models)
+        self.models = dict(models)
+        self.loss_fn = loss_fn
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.validate_fn = validate_fn
+        self.export_fn = export_fn
+        self.tracker_config = tracker_config or {}
+        self.extra_state = extra_state or {}
+        self.output_dir = Path(cfg.output_dir)
+        self.ema = None
+
+    # ------------------------------------------------------------------ helpers
+    def _params(self, modules) -> list[torch.nn.Parameter]:
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def _unwrapped(self) -> dict[str, torch.nn.Module]:
+        return {n: self.accelerator.unwrap_model(m) for n, m in self.prepared.items()}
+
+    def _state_record(self, global_step: int) -> dict:
+        return {
+            "global_step": global_step,
+            "seed": self.cfg.seed,
+            "train_batch_size": self.cfg.train_batch_size,
+            "num_processes": self.accelerator.num_processes,
+            "gradient_accumulation_steps": self.grad_accum,
+            "num_samples": len(self.dataset),
+            "shuffle": self.cfg.shuffle,
+            "use_ema": self.cfg.use_ema,
+            "model_names": self.names,
+            "max_train_steps": self.max_train_steps,
+            **self.extra_state,
+        }
+
+    def _register_hooks(self) -> None:
+        acc = self.accelerator
+
+        def save_hook(models, weights, output_dir):
+            if acc.is_main_process:
+                out = Path(output_dir)
+                for name, model in zip(self.names, models):
+                    _save_module(acc.unwrap_model(model), out / name)
+                if self.ema is not None:
+                    unwrapped = [acc.unwrap_model(m) for m in models]
+                    params = self._params(unwrapped)
+                    self.ema.store(params)
+                    self.ema.copy_to(params)
+                    for name, model in zip(self.names, unwrapped):
+                        _save_module(model, out / f"{name}_ema")
+                    self.ema.restore(params)
+            # The models are saved above in their own format; Accelerate must not save them again.
+            weights.clear()
+
+        def load_hook(models, input_dir):
+            # Under DeepSpeed ``models`` is empty: the engine restores its own weights.
+            for name, model in zip(self.names, models):
+                _load_module(acc.unwrap_model(model), Path(input_dir) / name)
+            models.clear()
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def _save_checkpoint(self, global_step: int) -> Path:
+        acc, cfg = self.accelerator, self.cfg
+        path = self.output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+        if acc.is_main_process:
+            if cfg.checkpoints_total_limit is not None:
+                existing = [p for s, p in list_checkpoints(self.output_dir, complete_only=False) if s != global_step]
+                excess = len(existing) - (cfg.checkpoints_total_limit - 1)
+                for old in existing[:max(excess, 0)]:
+                    shutil.rmtree(old, ignore_errors=True)
+            if path.exists():
+                shutil.rmtree(path)
+        acc.wait_for_everyone()
+        # Every process calls save_state: DeepSpeed writes its shards from all ranks (diffusers#2606 hangs
+        # when only the main process does), and Accelerate saves each process's RNG state.
+        acc.save_state(str(path))
+        if acc.is_main_process:
+            _atomic_write_json(path / TRAINER_STATE, self._state_record(global_step))
+        acc.wait_for_everyone()
+        return path
+
+    def _check_resume(self, path: Path) -> dict:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        now = self._state_record(state.get("global_step", 0))
+        for key in RESUME_KEYS:
+            if key in state and state[key] != now[key]:
+                raise TrainSetupError(
+                    f"{path}: written with {key}={state[key]!r} but this run has {key}={now[key]!r}; "
+                    "resuming needs the same data order and step arithmetic"
+                )
+        return state
+
+    def _run_validation(self, step: int) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            models = self._unwrapped()
+            params = self._params(models.values())
+            if self.ema is not None:
+                self.ema.store(params)
+                self.ema.copy_to(params)
+            try:
+                images = self.validate_fn(step, models)
+            finally:
+                if self.ema is not None:
+                    self.ema.restore(params)
+            out = self.output_dir / "validation" / f"step-{step}"
+            out.mkdir(parents=True, exist_ok=True)
+            for i, (caption, image) in enumerate(images):
+                image.save(out / f"{i:03d}.png")
+            (out / "captions.json").write_text(json.dumps([c for c, _ in images], indent=1))
+            self._log_images(step, images)
+        acc.wait_for_everyone()
+
+    def _log_images(self, step: int, images) -> None:
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                arr = np.stack([np.asarray(im.convert("RGB")) for _, im in images])
+                tracker.writer.add_images("validation", arr, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=c) for c, im in images]}, step=step)
+
+    def _append_log(self, row: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / TRAIN_LOG, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _trim_log(self, global_step: int) -> None:
+        # Rows written after the checkpoint by an interrupted run are replayed by the resumed run.
+        log = self.output_dir / TRAIN_LOG
+        if self.accelerator.is_main_process and log.is_file():
+            rows = [ln for ln in log.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= global_step]
+            log.write_text("".join(ln + "\n" for ln in kept))
+
+    # ------------------------------------------------------------------ main entry
+    def train(self) -> TrainSummary:
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+        from tqdm.auto import tqdm
+
+        acc, cfg = self.accelerator, self.cfg
+        P = acc.num_processes
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        is_deepspeed = acc.state.deepspeed_plugin is not None
+        if is_deepspeed:
+            if len(self.models) > 1:
+                raise TrainSetupError(
+                    f"DeepSpeed trains one model per optimizer; got {', '.join(self.names)} (train one at a time)"
+                )
+            # Without a prepared DataLoader, Accelerate cannot infer DeepSpeed's micro-batch size.
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+            if ds_config.get("gradient_clipping", "auto") == "auto":
+                # DeepSpeed clips inside its step; --max_grad_norm is honoured through its config.
+                ds_config["gradient_clipping"] = float(cfg.max_grad_norm or 0.0)
+
+        params = self._params(self.models.values())
+        lr = cfg.learning_rate
+        if cfg.scale_lr:
+            lr = lr * cfg.gradient_accumulation_steps * cfg.train_batch_size * P
+        optimizer = build_optimizer(params, cfg, lr)
+
+        n = len(self.dataset)
+        if n == 0:
+            raise TrainSetupError("the training set is empty")
+        M = micro_batches_per_epoch(n, cfg.train_batch_size, P)
+        N = cfg.gradient_accumulation_steps
+        if cfg.max_train_steps is None:
+            self.max_train_steps = math.ceil(cfg.num_train_epochs * M / N)
+        else:
+            self.max_train_steps = cfg.max_train_steps
+        # A prepared scheduler steps once per process per optimizer step (Accelerate, split_batches=False).
+        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                     num_warmup_steps=cfg.lr_warmup_steps * P,
+                                     num_training_steps=self.max_train_steps * P)
+        if cfg.use_ema:
+            # fp32 shadow weights; foreach needs matching dtypes, which DeepSpeed fp16 breaks.
+            self.ema = EMAModel(params, decay=cfg.ema_decay, foreach=not is_deepspeed)
+
+        prepared = acc.prepare(*self.models.values(), optimizer, lr_scheduler)
+        self.prepared = dict(zip(self.names, prepared[: len(self.names)]))
+        optimizer, lr_scheduler = prepared[len(self.names):]
+        self.grad_accum = N = acc.gradient_accumulation_steps  # DeepSpeed's config may set it
+        if self.ema is not None:
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        self._register_hooks()
+        train_params = self._params(self._unwrapped().values())
+
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if acc.trackers == [] and cfg.report_to not in (None, "none"):
+                acc.init_trackers(cfg.tracker_project_name,
+                                  _sanitize_for_tracker({**asdict(cfg), **self.tracker_config}))
+
+        global_step = 0
+        resume_path = resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
+        if cfg.resume_from_checkpoint == "latest" and resume_path is None:
+            acc.print(f"no checkpoint in {self.output_dir} yet; starting a new run")
+        if resume_path is not None:
+            state = self._check_resume(resume_path)
+            acc.load_state(str(resume_path))
+            if self.ema is not None:
+                self.ema.to(acc.device)  # Accelerate loads custom states on the CPU
+            global_step = int(state["global_step"])
+            self._trim_log(global_step)
+            acc.print(f"resumed from {resume_path} at step {global_step}")
+        elif acc.is_main_process and (self.output_dir / TRAIN_LOG).exists():
+            (self.output_dir / TRAIN_LOG).unlink()
+
+        micro = global_step * N  # global micro-batches consumed so far
+        epoch, start_batch = divmod(micro, M)
+        progress = tqdm(total=self.max_train_steps, initial=global_step, desc="steps",
+                        disable=not (acc.is_local_main_process and cfg.show_progress))
+        models_in = list(self.prepared.values())
+        window = None  # summed [loss·kept, kept, seen, stats...] over the accumulation window (on device)
+        stat_names: list[str] = []
+        totals = {"seen": 0, "kept": 0}
+        last_logs: dict = {}
+        grad_norm = None
+        for model in models_in:
+            model.train()
+        while global_step < self.max_train_steps:
+            sampler = EpochBatchSampler(n, cfg.train_batch_size, P, acc.process_index, cfg.seed, epoch,
+                                        start_batch, cfg.shuffle)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                num_workers=cfg.dataloader_num_workers, pin_memory=acc.device.type == "cuda",
+            )
+            for batch in loader:
+                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with acc.accumulate(*models_in):
+                    terms = self.loss_fn(batch, self.prepared)
+                    per_sample = terms.per_sample.float()
+                    keep = terms.keep if terms.keep is not None else torch.ones_like(per_sample, dtype=torch.bool)
+                    stat_names = sorted(terms.stats)
+                    with torch.no_grad():
+                        local = torch.stack([
+                            torch.where(keep, per_sample.detach(), torch.zeros_like(per_sample)).sum(),
+                            keep.float().sum(),
+                            torch.tensor(float(per_sample.numel()), device=per_sample.device),
+                            *[terms.stats[k].detach().float().sum() for k in stat_names],
+                        ])
+                        # One collective per micro-batch: the loss denominator needs the kept count of every
+                        # process, and the logged values come along.
+                        global_sums = acc.reduce(local, reduction="sum")
+                    loss = masked_mean(per_sample, keep, global_sums[1], P)
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                        grad_norm = acc.clip_grad_norm_(train_params, cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                window = global_sums if window is None else window + global_sums
+                if not acc.sync_gradients:
+                    continue
+                global_step += 1
+                if self.ema is not None:
+                    self.ema.step(train_params)
+                w = window.tolist()
+                window = None
+                totals["seen"] += int(w[2])
+                totals["kept"] += int(w[1])
+                logs = {
+                    "train_loss": w[0] / max(w[1], 1.0),
+                    "dropped_fraction": 1.0 - w[1] / w[2],
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                }
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                for i, k in enumerate(stat_names):
+                    logs[k] = w[3 + i] / w[2]
+                acc.log(logs, step=global_step)
+                self._append_log({"step": global_step, **logs})
+                last_logs = logs
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['train_loss']:.4f}", dropped=f"{logs['dropped_fraction']:.2f}")
+                if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+                    self._save_checkpoint(global_step)
+                if self.validate_fn is not None and cfg.validation_steps and global_step % cfg.validation_steps == 0:
+                    self._run_validation(global_step)
+                if global_step >= self.max_train_steps:
+                    break
+            epoch, start_batch = epoch + 1, 0
+        progress.close()
+
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = self._unwrapped()
+            if self.ema is not None:
+                self.ema.copy_to(self._params(final.values()))
+            if self.export_fn is not None:
+                self.export_fn(final, self.output_dir)
+        summary = TrainSummary(global_step=global_step, samples_seen=totals["seen"], samples_kept=totals["kept"],
+                               resumed_from=str(resume_path) if resume_path else None, final_logs=last_logs)
+        if self.validate_fn is not None and (not cfg.validation_steps or global_step % cfg.validation_steps):
+            # The final weights are already in place (EMA copied), so validate without swapping.
+            ema, self.ema = self.ema, None
+            self._run_validation(global_step)
+            self.ema = ema
+        if acc.is_main_process:
+            _atomic_write_json(self.output_dir / "train_summary.json", asdict(summary))
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
