@@ -159,7 +159,8 @@ def take_readable(records: list[ImageRecord], limit: int | None, on_corrupt: str
 
     wanted = len(records) if limit is None else min(limit, len(records))
     good: list[ImageRecord] = []
-    bar = tqdm(total=wanted, desc=desc, disable=not progress, leave=False)
+    # delay: small sets (and early failures) print no bar, so an error stays the only line on stderr.
+    bar = tqdm(total=wanted, desc=desc, disable=not progress, leave=False, delay=2.0)
     for rec in records:
         if len(good) >= wanted:
             break

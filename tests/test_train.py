@@ -1,0 +1,342 @@
+"""finetune/train_text_to_image.py end to end on the tiny pipeline: launch, resume, thresholded loss, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+
+SCRIPT = "finetune/train_text_to_image.py"
+UNET_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def write_images(folder, captions, seed=0, size=(16, 16)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, caption in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
+        (folder / f"{i:03d}.txt").write_text(caption)
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path):
+    mem = write_images(tmp_path / "mem", [f"a memorized picture number {i}" for i in range(4)], seed=1)
+    non_mem = write_images(tmp_path / "non_mem", [f"an ordinary scene {i} with trees" for i in range(6)], seed=2)
+    return mem, non_mem
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """In-process runs share Accelerate's singletons; give each run a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    reset()
+    yield reset
+    reset()
+
+
+def base_args(model_dir, mem, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model_dir), "--dataset", str(mem), "--resolution", "16",
+            "--train_batch_size", "2", "--report_to", "none", "--output_dir", str(out), *map(str, extra)]
+
+
+def unet_weights(folder):
+    return load_file(os.path.join(folder, UNET_FILE))
+
+
+def max_abs_diff(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(*args, timeout, env=None):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------- through the launcher
+
+
+def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline_dir, data, tmp_path):
+    mem, non_mem = data
+    (non_mem / "001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")  # skipped and reported
+    out = tmp_path / "run"
+    args = base_args(tiny_pipeline_dir, mem, out, "--non_mem_dataset", non_mem, "--non_mem_ratio", "1",
+                     "--skip_corrupt_images", "--max_train_steps", "4", "--checkpointing_steps", "2",
+                     "--checkpoints_total_limit", "1", "--use_ema", "--ema_decay", "0.5", "--learning_rate", "1e-3",
+                     "--hard_threshold", "100", "--random_flip", "--validation_prompts", "a memorized picture",
+                     "--validation_inference_steps", "2")
+    args[args.index("--report_to") + 1] = "tensorboard"
+    res = accelerate_launch("--config_file", "accelerate_configs/cpu.yaml", SCRIPT, *args, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    from common.detection import score_prompts
+    from common.models import denoiser_parts, load_pipeline
+
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1 pruned checkpoint-2
+    ckpt = out / "checkpoint-4"
+    assert (ckpt / "unet" / UNET_FILE).is_file() and (ckpt / "unet_ema" / UNET_FILE).is_file()
+    final = unet_weights(out / "unet")
+    assert max_abs_diff(final, unet_weights(ckpt / "unet_ema")) == 0.0  # the export holds the EMA weights
+    assert max_abs_diff(final, unet_weights(ckpt / "unet")) > 0.0
+    assert max_abs_diff(final, unet_weights(tiny_pipeline_dir / "unet")) > 0.0
+
+    pipe = load_pipeline(str(out))
+    trace, _ = score_prompts(denoiser_parts(pipe), ["a memorized picture number 0"], [0], num_images_per_prompt=2,
+                             num_inference_steps=2, score_steps=1)
+    assert torch.isfinite(trace.score).all()
+    load_pipeline(str(tiny_pipeline_dir), unet_id=str(ckpt))  # a checkpoint's unet/ plugs into the base model
+
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["mem_samples"] == 4 and report["non_mem_used"] == 4 and report["total"] == 8
+    assert [s["image"].split("/")[-1] for s in report["skipped_images"]] == ["001.jpg"]
+    log = read_log(out)
+    assert [row["step"] for row in log] == [1, 2, 3, 4]
+    assert all(row["dropped_fraction"] == 0.0 and np.isfinite(row["train_loss"]) for row in log)
+    assert all(row["text_noise_norm"] > 0 for row in log)
+    assert list((out / "validation" / "step-4").glob("*.png"))
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["samples_seen"] == 8
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):
+    from finetune.train_text_to_image import main
+
+    mem, non_mem = data
+    # 6 samples, batch 2, accumulation 2: 3 micro-batches per epoch, so step 2 ends inside epoch 1.
+    common = ["--non_mem_dataset", non_mem, "--non_mem_ratio", "0.5", "--gradient_accumulation_steps", "2",
+              "--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema", "--ema_decay", "0.9",
+              "--hard_threshold", "0.9", "--snr_gamma", "5", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
+              "--learning_rate", "1e-3", "--random_flip", "--prompt_aug_style", "rand_numb_add", "--noise_offset", "0.1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(base_args(tiny_pipeline_dir, mem, straight, *common)) == 0
+    fresh_accelerate()
+    assert main(base_args(tiny_pipeline_dir, mem, resumed, *common,
+                          "--resume_from_checkpoint", straight / "checkpoint-2")) == 0
+
+    a, b = straight / "checkpoint-4", resumed / "checkpoint-4"
+    for sub in ("unet", "unet_ema"):
+        assert max_abs_diff(unet_weights(a / sub), unet_weights(b / sub)) == 0.0, sub
+    assert max_abs_diff(unet_weights(straight / "unet"), unet_weights(resumed / "unet")) == 0.0
+    opt_a = torch.load(a / "optimizer.bin", weights_only=False)["state"]
+    opt_b = torch.load(b / "optimizer.bin", weights_only=False)["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for k in opt_a:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a[k][name], opt_b[k][name]), (k, name)
+    ema_a = torch.load(a / "custom_checkpoint_0.pkl", weights_only=False)
+    ema_b = torch.load(b / "custom_checkpoint_0.pkl", weights_only=False)
+    assert ema_a["optimization_step"] == ema_b["optimization_step"] == 4
+    assert all(torch.equal(x, y) for x, y in zip(ema_a["shadow_params"], ema_b["shadow_params"]))
+    assert read_log(straight)[2:] == read_log(resumed)
+    assert 0.0 < sum(r["dropped_fraction"] for r in read_log(straight)) < 4.0  # the threshold bit sometimes
+
+
+def test_resume_latest_picks_the_newest_complete_checkpoint(tmp_path):
+    from common.trainer import TRAINER_STATE, TrainSetupError, resolve_resume
+
+    for step, complete in ((2, True), (10, True), (12, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / TRAINER_STATE).write_text("{}")
+    assert resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-10"
+    assert resolve_resume("checkpoint-2", tmp_path) == tmp_path / "checkpoint-2"
+    assert resolve_resume("latest", tmp_path / "empty") is None
+    with pytest.raises(TrainSetupError, match="checkpoint-12: not a complete diffmem checkpoint"):
+        resolve_resume("checkpoint-12", tmp_path)
+
+
+def test_resume_with_another_batch_size_is_refused(tiny_pipeline_dir, data, tmp_path, fresh_accelerate, capsys):
+    from finetune.train_text_to_image import main
+
+    mem, _ = data
+    out = tmp_path / "run"
+    assert main(base_args(tiny_pipeline_dir, mem, out, "--max_train_steps", "1", "--checkpointing_steps", "1")) == 0
+    fresh_accelerate()
+    args = base_args(tiny_pipeline_dir, mem, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    args[args.index("--train_batch_size") + 1] = "1"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "train_batch_size=2" in err[-1] and "train_batch_size=1" in err[-1]
+
+
+# ------------------------------------------------------------------------------------ thresholded loss
+
+
+@pytest.mark.parametrize("prediction_type, snr_gamma", [("epsilon", None), ("epsilon", 5.0), ("v_prediction", 5.0)])
+def test_threshold_mask_and_loss_against_a_hand_computation(tiny_pipe, data, tmp_path, prediction_type, snr_gamma):
+    from diffusers import DDPMScheduler
+
+    from common.imagedata import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
+    from common.imagedata import read_image_folder
+    from common.seeding import STREAM_NOISE, STREAM_TIMESTEP, STREAM_VAE, randint_per_sample, randn_per_sample
+    from common.t2i_train import TextToImageLoss
+    from common.train_loss import masked_mean
+
+    mem, non_mem = data
+    recs = read_image_folder(mem) + read_image_folder(non_mem)
+    ds = TextImageDataset(recs, ImageTransformConfig(16), CaptionConfig(), seed=0)
+    batch = TextImageCollator(tiny_pipe.tokenizer)([ds[(0, p, p)] for p in range(8)])
+    sched = DDPMScheduler.from_config(tiny_pipe.scheduler.config, prediction_type=prediction_type)
+    unet, vae, te = tiny_pipe.unet, tiny_pipe.vae, tiny_pipe.text_encoder
+
+    def loss_with(threshold):
+        fn = TextToImageLoss(vae=vae, text_encoder=te, tokenizer=tiny_pipe.tokenizer, noise_scheduler=sched,
+                             weight_dtype=torch.float32, device=torch.device("cpu"), unwrap=lambda m: m,
+                             snr_gamma=snr_gamma, hard_threshold=threshold)
+        return fn(batch, {"unet": unet})
+
+    # By hand, in float64 numpy where possible: the same per-sample draws, both predictions, the norms.
+    seeds = batch["sample_seed"].tolist()
+    with torch.no_grad():
+        dist = vae.encode(batch["pixel_values"]).latent_dist
+        x0 = (dist.mean + dist.std * randn_per_sample(seeds, (4, 8, 8), STREAM_VAE)) * vae.config.scaling_factor
+        noise = randn_per_sample(seeds, (4, 8, 8), STREAM_NOISE)
+        t = randint_per_sample(seeds, 1000, STREAM_TIMESTEP)
+        betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+        abar = np.cumprod(1 - betas)[t.numpy()].reshape(-1, 1, 1, 1)
+        xt = np.sqrt(abar) * x0.numpy() + np.sqrt(1 - abar) * noise.numpy()
+        xt_t = torch.from_numpy(xt).float()
+        cond = te(batch["input_ids"])[0]
+        empty = te(tiny_pipe.tokenizer([""] * 8, padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
+        out_c = unet(xt_t, t, cond).sample.double().numpy()
+        out_u = unet(xt_t, t, empty).sample.double().numpy()
+    if prediction_type == "epsilon":
+        target, diff = noise.numpy(), out_c - out_u
+    else:
+        target = np.sqrt(abar) * noise.numpy() - np.sqrt(1 - abar) * x0.numpy()
+        diff = np.sqrt(abar) * (out_c - out_u)  # ε = √ᾱ·v + √(1−ᾱ)·x_t, so x_t cancels
+    norms = np.sqrt((diff.reshape(8, -1) ** 2).sum(axis=1))
+    mse = ((out_c - target) ** 2).reshape(8, -1).mean(axis=1)
+    if snr_gamma is not None:
+        snr = abar.reshape(-1) / (1 - abar.reshape(-1))
+        mse = mse * np.minimum(snr, snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+
+    threshold = float(np.median(norms))
+    terms = loss_with(threshold)
+    np.testing.assert_allclose(terms.stats["text_noise_norm"].numpy(), norms, rtol=1e-4, atol=1e-5)
+    expected_keep = norms < threshold
+    assert terms.keep.tolist() == expected_keep.tolist() and 0 < expected_keep.sum() < 8
+    np.testing.assert_allclose(terms.per_sample.detach().numpy(), mse, rtol=1e-4, atol=1e-6)
+    loss = masked_mean(terms.per_sample, terms.keep)
+    assert loss.item() == pytest.approx(mse[expected_keep].mean(), rel=1e-4)
+    assert loss_with(None).keep is None
+
+
+@pytest.mark.parametrize("snr_gamma, weight_decay", [(None, 0.0), (5.0, 0.1)])
+def test_fully_dropped_batches_keep_the_loss_finite_and_weights_unchanged(
+        tiny_pipeline_dir, data, tmp_path, fresh_accelerate, snr_gamma, weight_decay):
+    from finetune.train_text_to_image import main
+
+    mem, _ = data
+    out = tmp_path / "run"
+    extra = ["--hard_threshold", "0", "--max_train_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+             "--adam_weight_decay", weight_decay]
+    if snr_gamma is not None:
+        extra += ["--snr_gamma", snr_gamma]
+    assert main(base_args(tiny_pipeline_dir, mem, out, *extra)) == 0
+    for row in read_log(out):
+        assert row["train_loss"] == 0.0 and row["dropped_fraction"] == 1.0 and row["grad_norm"] == 0.0
+    before, after = unet_weights(tiny_pipeline_dir / "unet"), unet_weights(out / "unet")
+    decay = (1 - 1e-3 * weight_decay) ** 2  # AdamW's decoupled decay, two steps; the Adam update is 0
+    for k in before:
+        torch.testing.assert_close(after[k], before[k] * decay, rtol=1e-6, atol=0)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["samples_kept"] == 0 and summary["samples_seen"] == 4
+
+
+def test_two_processes_with_one_rank_fully_dropped_do_not_hang(tiny_pipeline_dir, tmp_path):
+    from common.trainer import epoch_permutation
+
+    # Batch 1 per process: global micro-batch b is positions (2b, 2b+1) of the epoch order, rank 0 takes 2b.
+    # Rank 0 gets the empty caption (ε(x,c) = ε(x,∅), norm 0, kept); rank 1 a real one (norm > T, dropped).
+    perm = epoch_permutation(4, 0, 0)
+    captions = [""] * 4
+    for pos in (1, 3):
+        captions[perm[pos]] = f"a red house on a hill number {pos}"
+    mem = write_images(tmp_path / "mem", captions, seed=3)
+    out = tmp_path / "ddp"
+    args = base_args(tiny_pipeline_dir, mem, out, "--max_train_steps", "2", "--hard_threshold", "1e-3",
+                     "--learning_rate", "1e-3")
+    args[args.index("--train_batch_size") + 1] = "1"
+    res = accelerate_launch("--config_file", "accelerate_configs/cpu.yaml", "--multi_gpu", "--num_processes", "2",
+                            "--main_process_port", free_port(), SCRIPT, *args, timeout=240,
+                            env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = read_log(out)
+    assert [r["dropped_fraction"] for r in log] == [0.5, 0.5]
+    assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in log)
+    assert max_abs_diff(unet_weights(out / "unet"), unet_weights(tiny_pipeline_dir / "unet")) > 0
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_corrupt_image_is_one_line_before_any_model_is_loaded(data, tmp_path):
+    mem, _ = data
+    (mem / "002.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    res = run_cli(SCRIPT, *base_args(tmp_path / "no-such-model", mem, tmp_path / "out"), timeout=120)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "002.jpg: cannot read image" in err[0] and "--skip_corrupt_images" in err[0]
+
+
+def test_missing_extras_fail_with_one_line(data, tmp_path):
+    import importlib.util
+
+    mem, _ = data
+    if importlib.util.find_spec("xformers") is not None and torch.cuda.is_available():
+        pytest.skip("xformers and a GPU are present")
+    res = run_cli(SCRIPT, *base_args(tmp_path / "no-such-model", mem, tmp_path / "out",
+                                     "--enable_xformers_memory_efficient_attention"), timeout=120)
+    assert res.returncode == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "xformers" in err[0] and "SDPA" in err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--use_8bit_adam"], "--use_8bit_adam needs"),
+    (["--caption_dropout", "1.5"], "--caption_dropout must be in [0, 1)"),
+    (["--non_mem_ratio", "2"], "--non_mem_ratio needs --non_mem_dataset"),
+    (["--dataset_name", "x"], "expected exactly one data source"),
+    (["--resume_from_checkpoint", "/no/such/checkpoint-3"], "not a complete diffmem checkpoint"),
+    (["--validation_steps", "2"], "--validation_steps needs --validation_prompts"),
+])
+def test_bad_arguments_are_rejected_with_one_line(data, tmp_path, capsys, extra, message):
+    from finetune.train_text_to_image import main
+
+    if extra == ["--use_8bit_adam"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    mem, _ = data
+    assert main(base_args(tmp_path / "no-such-model", mem, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
