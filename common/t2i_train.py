@@ -144,7 +144,7 @@ class TextToImageLoss:
         # A frozen encoder gives the same ε(·, ∅) conditioning every step; a trained one must be re-run.
         if self.train_text_encoder or self._uncond_cache is None:
             with torch.no_grad():
-                emb = text_encoder(self.uncond_ids, return_dict=False)[0].to(self.weight_dtype)
+                emb = self.unwrap(text_encoder)(self.uncond_ids, return_dict=False)[0].to(self.weight_dtype)
             if self.train_text_encoder:
                 return emb
             self._uncond_cache = emb
@@ -294,15 +294,19 @@ def train_text_to_image(cfg: TextToImageConfig):
         noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
     del pipe
 
-    vae.requires_grad_(False)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    def to_frozen(module):
+        # dtype only when it changes: diffusers warns on every .to(dtype=...) of a VAE.
+        module.requires_grad_(False).to(accelerator.device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+
+    to_frozen(vae)
     models = {"unet": unet}
     if cfg.train_text_encoder:
-        text_encoder.requires_grad_(True)
+        text_encoder.requires_grad_(True).train()
         models["text_encoder"] = text_encoder
     else:
-        text_encoder.requires_grad_(False)
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        to_frozen(text_encoder)
     unet.train()
     if cfg.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()

@@ -256,13 +256,15 @@ class Trainer:
     loss_fn(batch, models) -> LossTerms is called with the prepared (possibly wrapped) models by name.
     validate_fn(step, models) -> [(caption, PIL image)] runs on the main process with unwrapped models (EMA
     weights swapped in with use_ema). export_fn(models, output_dir) writes the final result on the main
-    process with the final (EMA when use_ema) weights.
+    process with the final (EMA when use_ema) weights. on_step_end(step, logs) runs on every process after
+    each optimizer step (benchmarks, custom logging).
     """
 
     def __init__(self, accelerator, cfg: TrainConfig, models: dict[str, torch.nn.Module],
                  loss_fn: Callable, dataset, collate_fn: Callable, *,
                  validate_fn: Callable | None = None, export_fn: Callable | None = None,
-                 tracker_config: dict | None = None, extra_state: dict | None = None):
+                 tracker_config: dict | None = None, extra_state: dict | None = None,
+                 on_step_end: Callable[[int, dict], None] | None = None):
         if not models:
             raise ValueError("no trainable models")
         self.accelerator = accelerator
@@ -276,6 +278,7 @@ class Trainer:
         self.export_fn = export_fn
         self.tracker_config = tracker_config or {}
         self.extra_state = extra_state or {}
+        self.on_step_end = on_step_end
         self.output_dir = Path(cfg.output_dir)
         self.ema = None
 
@@ -552,6 +555,8 @@ class Trainer:
                 last_logs = logs
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['train_loss']:.4f}", dropped=f"{logs['dropped_fraction']:.2f}")
+                if self.on_step_end is not None:
+                    self.on_step_end(global_step, logs)
                 if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
                     self._save_checkpoint(global_step)
                 if self.validate_fn is not None and cfg.validation_steps and global_step % cfg.validation_steps == 0:

@@ -14,6 +14,7 @@ pipeline (EMA weights with --use_ema) that ``detect/detect_mem.py --model_id`` l
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from common.prompt_aug import STYLES
@@ -194,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageDataError, TrainSetupError, ModelLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"trained {summary.global_step} steps ({summary.samples_kept}/{summary.samples_seen} samples kept); "
-          f"pipeline saved to {cfg.train.output_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {summary.global_step} steps ({summary.samples_kept}/{summary.samples_seen} samples kept); "
+              f"pipeline saved to {cfg.train.output_dir}")
     return 0
 
 

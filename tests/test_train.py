@@ -189,6 +189,25 @@ def test_resume_with_another_batch_size_is_refused(tiny_pipeline_dir, data, tmp_
     assert err[-1].startswith("error: ") and "train_batch_size=2" in err[-1] and "train_batch_size=1" in err[-1]
 
 
+def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):
+    from finetune.train_text_to_image import main
+
+    from common.models import load_pipeline
+
+    mem, _ = data
+    out = tmp_path / "run"
+    assert main(base_args(tiny_pipeline_dir, mem, out, "--train_text_encoder", "--prediction_type", "v_prediction",
+                          "--hard_threshold", "100", "--max_train_steps", "2", "--learning_rate", "1e-3",
+                          "--gradient_checkpointing", "--checkpointing_steps", "1")) == 0
+    assert (out / "checkpoint-2" / "text_encoder").is_dir()
+    base, tuned = load_pipeline(str(tiny_pipeline_dir)), load_pipeline(str(out))
+    assert tuned.scheduler.config.prediction_type == "v_prediction"
+    te_diff = [(a - b).abs().max().item() for a, b in zip(base.text_encoder.parameters(), tuned.text_encoder.parameters())]
+    assert max(te_diff) > 0
+    vae_diff = [(a - b).abs().max().item() for a, b in zip(base.vae.parameters(), tuned.vae.parameters())]
+    assert max(vae_diff) == 0
+
+
 # ------------------------------------------------------------------------------------ thresholded loss
 
 
