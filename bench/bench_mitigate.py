@@ -1,0 +1,178 @@
+"""Mitigation throughput: prompt-embedding optimisation batched vs one prompt at a time, and SSCD images/s.
+
+    python bench/bench_mitigate.py                                  # tiny pipeline, CPU
+    python bench/bench_mitigate.py --arch sd-v1 --device cuda --dtype fp16 --n_prompts 64 --batch_size 16
+
+(a) one prompt at a time (the reference's structure: each prompt's AdamW loop alone) and (b) batches of
+--batch_size prompts, each stopping on its own, with the same target loss, iterations and latents. Prints
+prompts/s of each, the ratio, and how far (b)'s results are from (a)'s (iterations, final loss, embedding).
+Then SSCD descriptor throughput (images/s) on images of the model's output size, for --sscd_model.
+Without --optim_target_loss the target is 0.7 × the median initial loss (random models have no natural scale),
+so prompts stop after different numbers of updates, as they do on a real model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common.cli import quiet_hub_logging  # noqa: E402
+from common.detection import encode_prompts  # noqa: E402
+from common.mitigation import optimise_prompt_embeds, prompt_losses  # noqa: E402
+from common.models import assemble_pipeline, build_components, denoiser_parts, load_pipeline, parse_dtype  # noqa: E402
+from common.noise import initial_latents  # noqa: E402
+from common.prompts import read_prompts  # noqa: E402
+
+SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sdv1_500_memorized.jsonl"
+
+
+def load_prompts(path: str | None, n: int) -> list[str]:
+    source = Path(path) if path else SHARED_PROMPTS
+    if source.exists():
+        prompts = [r.prompt for r in read_prompts(source)]
+    else:  # no shared data on this machine: generated captions of LAION-like length
+        words = "vintage poster of a red house near the lake at dawn with mountains and a small boat".split()
+        prompts = [" ".join(words[(i + k) % len(words)] for k in range(6 + i % 10)) for i in range(n)]
+    return (prompts * (n // len(prompts) + 1))[:n]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=("tiny", "sd-v1"), default="tiny", help="random-weight model to build")
+    p.add_argument("--model_id", help="benchmark a saved pipeline instead of building one")
+    p.add_argument("--prompts", help="prompt file (default: ../shared/data/sdv1_500_memorized.jsonl)")
+    p.add_argument("--n_prompts", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--num_images_per_prompt", type=int, default=4)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--optim_target_steps", type=int, nargs="+", default=[0])
+    p.add_argument("--optim_iters", type=int, default=10)
+    p.add_argument("--optim_lr", type=float, default=0.05)
+    p.add_argument("--optim_target_loss", type=float, help="default: 0.7 x median initial loss")
+    p.add_argument("--sscd_model", default="default", help="'default', a TorchScript/ONNX file, or 'none'")
+    p.add_argument("--sscd_images", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--out", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+
+    quiet_hub_logging()
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    if args.model_id:
+        pipe = load_pipeline(args.model_id, dtype=dtype, device=device)
+    else:
+        with tempfile.TemporaryDirectory() as tok_dir:
+            pipe = assemble_pipeline(build_components(args.arch, seed=0, tokenizer_dir=tok_dir)).to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    parts = denoiser_parts(pipe)
+    prompts = load_prompts(args.prompts, args.n_prompts)
+    G = args.num_images_per_prompt
+    objective = dict(num_inference_steps=args.num_inference_steps, target_steps=args.optim_target_steps,
+                     guidance_scale=args.guidance_scale)
+    uncond = encode_prompts(parts, [""]).embeds
+    embeds = torch.cat([encode_prompts(parts, prompts[i:i + 64]).embeds for i in range(0, len(prompts), 64)])
+    latents = initial_latents(list(range(len(prompts))), G, parts.latent_shape, 0, "per_prompt",
+                              float(parts.scheduler.init_noise_sigma))
+    target = args.optim_target_loss
+    if target is None:
+        initial = []
+        for i in range(0, len(prompts), args.batch_size):
+            initial += prompt_losses(parts, embeds[i:i + args.batch_size], uncond,
+                                     latents[i:i + args.batch_size], **objective)
+        target = 0.7 * statistics.median(initial)
+    kw = dict(target_loss=target, iters=args.optim_iters, lr=args.optim_lr, **objective)
+    print(f"model={args.model_id or args.arch} device={device} dtype={args.dtype} prompts={len(prompts)} G={G} "
+          f"batch={args.batch_size} iters<={args.optim_iters} target={target:.4g} steps={args.optim_target_steps}")
+
+    def one_by_one():
+        return [optimise_prompt_embeds(parts, embeds[i:i + 1], uncond, latents[i:i + 1], **kw)
+                for i in range(len(prompts))]
+
+    def batched():
+        return [optimise_prompt_embeds(parts, embeds[i:i + args.batch_size], uncond,
+                                       latents[i:i + args.batch_size], **kw)
+                for i in range(0, len(prompts), args.batch_size)]
+
+    # warm-up of each batch shape (allocator, kernel choice)
+    optimise_prompt_embeds(parts, embeds[:1], uncond, latents[:1], **{**kw, "iters": 1})
+    optimise_prompt_embeds(parts, embeds[:args.batch_size], uncond, latents[:args.batch_size], **{**kw, "iters": 1})
+    single, t_single = timed(one_by_one, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch, t_batch = timed(batched, device)
+    its_a = [r.iterations[0] for r in single]
+    its_b = [n for r in batch for n in r.iterations]
+    loss_a = [r.final_loss[0] for r in single]
+    loss_b = [v for r in batch for v in r.final_loss]
+    emb_a = torch.cat([r.embeds for r in single]).float()
+    emb_b = torch.cat([r.embeds for r in batch]).float()
+    result = {
+        "config": vars(args),
+        "target_loss": target,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "prompts_per_s": {"a_one_by_one": len(prompts) / t_single, "b_batched": len(prompts) / t_batch},
+        "ratio_b_over_a": t_single / t_batch,
+        "iterations_mean": statistics.mean(its_a),
+        "reached_target": sum(r.reached_target[0] for r in single),
+        "iterations_equal": its_a == its_b,
+        "max_rel_diff_final_loss": max(abs(a - b) / abs(a) for a, b in zip(loss_a, loss_b)),
+        "max_abs_diff_embeds": float((emb_a - emb_b).abs().max()),
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib_batched"] = torch.cuda.max_memory_allocated(device) / 2**30
+    print(f"(a) one by one: {result['prompts_per_s']['a_one_by_one']:8.3f} prompts/s")
+    print(f"(b) batched   : {result['prompts_per_s']['b_batched']:8.3f} prompts/s   (b)/(a) = "
+          f"{result['ratio_b_over_a']:.2f}x")
+    print(f"same results: iterations equal = {result['iterations_equal']} (mean {result['iterations_mean']:.2f}, "
+          f"{result['reached_target']}/{len(prompts)} reached the target), max rel |Δ final loss| = "
+          f"{result['max_rel_diff_final_loss']:.2g}, max |Δ embedding| = {result['max_abs_diff_embeds']:.2g}")
+
+    if args.sscd_model != "none":
+        from common.generation import decode_latents, to_pil
+        from common.similarity import SimilarityModelError, SSCDModel
+
+        try:
+            sscd = SSCDModel(args.sscd_model, device=device)
+        except SimilarityModelError as exc:
+            print(f"SSCD: skipped ({exc})")
+        else:
+            n = args.sscd_images
+            with torch.no_grad():
+                imgs = decode_latents(pipe.vae, torch.randn(min(n, 8), *parts.latent_shape))
+            images = (to_pil(imgs) * (n // len(imgs) + 1))[:n]
+            sscd.embed(images[: min(8, n)])  # warm-up
+            _, t_sscd = timed(lambda: sscd.embed(images), device)
+            result["sscd"] = {"model": sscd.description, "image_size": list(images[0].size),
+                              "images_per_s": n / t_sscd}
+            print(f"SSCD {sscd.description}: {n / t_sscd:.1f} images/s ({images[0].size[0]}x{images[0].size[1]} "
+                  f"inputs, incl. preprocessing)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

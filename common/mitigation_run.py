@@ -1,0 +1,484 @@
+"""A mitigation run over a prompt set: modify or optimise each prompt, generate, measure replication and alignment.
+
+Used by ``mitigate/inference_mem.py`` (one method) and ``mitigate/tradeoff.py`` (a sweep over one loaded model).
+Per prompt (dataset row i) and method:
+
+1. the conditioning: the original prompt (``none``), a randomly augmented prompt (``rand_word_add``,
+   ``rand_numb_add``, ``rand_word_repeat``; seeded by gen_seed + i, so reproducible and batch-independent), or
+   the original prompt's embedding optimised by :func:`common.mitigation.optimise_prompt_embeds` (``ours``);
+2. G generations from the same starting noise for every method (:func:`common.noise.initial_latents`, seed
+   gen_seed + i), classifier-free-guided DDIM, VAE decode; a PNG grid per prompt;
+3. SSCD similarity of each generation to the prompt's ground-truth images (max over them) and the CLIP score
+   of each generation with the *original* prompt.
+
+Rows are appended to ``results.jsonl`` per batch and ``summary.json`` is rewritten after each batch, so a killed
+run keeps its work and the same call resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.errors import ConfigError
+from common.groundtruth import GroundTruth, find_ground_truth, load_images
+from common.results import append_results, read_results, write_json_atomic
+from common.similarity import (REPLICATION_THRESHOLDS, clip_score, finite_mean, similarity_stats,
+                               sscd_to_ground_truth)
+
+METHODS = ("none", "ours", "rand_word_add", "rand_numb_add", "rand_word_repeat")
+BASELINES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
+
+
+@dataclass
+class MitigationSettings:
+    """Everything that changes a run's numbers (a resumed run must match the results on disk)."""
+
+    method: str = "none"
+    repeat_num: int = 4
+    optim_target_loss: float | None = 3.0
+    optim_target_steps: list[int] = field(default_factory=lambda: [0])
+    optim_iters: int = 10
+    optim_lr: float = 0.05
+    optim_loss_reduction: str = "mean"
+    freeze_padding: bool = False
+    num_images_per_prompt: int = 4
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    gen_seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for inconsistent settings."""
+        from common.mitigation import LOSS_REDUCTIONS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("num_images_per_prompt", "num_inference_steps", "repeat_num"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.optim_iters < 0:
+            raise ConfigError(f"--optim_iters must be >= 0, got {self.optim_iters}")
+        if not self.optim_lr > 0:
+            raise ConfigError(f"--optim_lr must be > 0, got {self.optim_lr}")
+        if self.optim_target_loss is not None and not math.isfinite(self.optim_target_loss):
+            raise ConfigError(f"--optim_target_loss must be a finite number, got {self.optim_target_loss}")
+        bad = [s for s in self.optim_target_steps if not 0 <= s < self.num_inference_steps]
+        if not self.optim_target_steps or bad:
+            raise ConfigError(f"--optim_target_steps must lie in 0..{self.num_inference_steps - 1} "
+                              f"(--num_inference_steps), got {self.optim_target_steps}")
+        if self.optim_loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigError(f"--optim_loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}")
+
+    def fingerprint(self) -> dict:
+        """The settings that matter for this method (others are left out so they cannot block a resume)."""
+        d = asdict(self)
+        if self.method != "ours":
+            for k in ("optim_target_loss", "optim_iters", "optim_lr", "freeze_padding"):
+                d.pop(k)
+        if self.method not in BASELINES:
+            d.pop("repeat_num")
+        return d
+
+
+@dataclass
+class Evaluators:
+    """What measures a generation: SSCD model + ground-truth root, and a CLIP scorer (each may be None)."""
+
+    sscd: object | None = None
+    clip: object | None = None
+    gt_root: Path | None = None
+
+
+# --- the conditioning of one batch -----------------------------------------------------------------------
+
+def used_prompts(prompts: list[str], rows: list[int], settings: MitigationSettings, tokenizer) -> list[str]:
+    """The prompt each row is generated from: the original, or its seeded random augmentation (baselines)."""
+    if settings.method not in BASELINES:
+        return list(prompts)
+    from common.prompt_aug import augment_prompt
+
+    return [augment_prompt(p, settings.method, settings.repeat_num, aug_generator(settings.gen_seed + r),
+                           tokenizer=tokenizer)
+            for p, r in zip(prompts, rows)]
+
+
+def aug_generator(seed: int):
+    """The random source of one prompt's augmentation (a generator of its own, so batches cannot matter)."""
+    import numpy as np
+
+    return np.random.default_rng(seed)
+
+
+def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], settings: MitigationSettings) -> dict:
+    """Embeddings to generate from, the prompts actually used and the mitigation loss before/after, per row."""
+    from common.detection import encode_prompts
+    from common.mitigation import (learnable_positions, optimise_prompt_embeds, prompt_attention_mask,
+                                   prompt_losses)
+    from common.noise import initial_latents
+
+    used = used_prompts(prompts, rows, settings, parts.tokenizer)
+    encoded = encode_prompts(parts, used)
+    latents = initial_latents(rows, settings.num_images_per_prompt, parts.latent_shape, settings.gen_seed,
+                              "per_prompt", float(parts.scheduler.init_noise_sigma))
+    objective = dict(num_inference_steps=settings.num_inference_steps, target_steps=settings.optim_target_steps,
+                     guidance_scale=settings.guidance_scale)
+    out = dict(prompts_used=used, truncated=encoded.truncated, latents=latents)
+    if settings.method == "ours":
+        learnable = learnable_positions(prompt_attention_mask(parts.tokenizer, used), settings.freeze_padding)
+        res = optimise_prompt_embeds(parts, encoded.embeds, uncond_embed, latents,
+                                     target_loss=settings.optim_target_loss, iters=settings.optim_iters,
+                                     lr=settings.optim_lr, learnable=learnable,
+                                     reduction=settings.optim_loss_reduction, **objective)
+        out.update(embeds=res.embeds, loss_initial=res.initial_loss, loss_final=res.final_loss,
+                   iterations=res.iterations, reached_target=res.reached_target)
+    else:
+        losses = prompt_losses(parts, encoded.embeds, uncond_embed, latents,
+                               reduction=settings.optim_loss_reduction, **objective)
+        out.update(embeds=encoded.embeds, loss_initial=losses, loss_final=losses, iterations=[0] * len(rows),
+                   reached_target=[None] * len(rows))
+    return out
+
+
+# --- measuring -----------------------------------------------------------------------------------------------
+
+def _round_list(values) -> list[float]:
+    return [round(float(v), 6) for v in values]
+
+
+def measure_prompt(generated: list, prompt: str, gt: GroundTruth, evaluators: Evaluators,
+                   gen_clip: torch.Tensor | None) -> dict:
+    """SSCD to ground truth and CLIP metrics of one prompt's generated PIL images, as result-row fields."""
+    row: dict = {"gt_status": gt.status, "gt_images": len(gt.paths)}
+    gt_images = []
+    if gt.ok and (evaluators.sscd is not None or evaluators.clip is not None):
+        try:
+            gt_images = load_images(gt.paths)
+        except (OSError, ValueError) as exc:  # a corrupt file is reported like a missing folder
+            row["gt_status"] = "unreadable"
+            row["gt_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+    if gt_images and evaluators.sscd is not None:
+        per_gen = sscd_to_ground_truth(evaluators.sscd.similarity(gt_images, generated))
+        row["sscd"] = _round_list(per_gen)
+        row.update({f"sscd_{k}": v for k, v in similarity_stats(per_gen).items()})
+    if gen_clip is not None:
+        row["clip_score"] = _round_list(gen_clip)
+        row["clip_score_mean"] = float(gen_clip.mean())
+        if gt_images:
+            # Reference alignment of the training images themselves: independent of the method, unlike the
+            # reference code's CLIP score of the ground-truth image closest to the first generation.
+            row["gt_clip_score"] = float(evaluators.clip.score(gt_images, prompt).mean())
+    return row
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+
+class RunFiles:
+    """The files of one run folder: config.json, results.jsonl, summary.json, images/, tb/."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out = Path(out_dir)
+        self.config = self.out / "config.json"
+        self.results = self.out / "results.jsonl"
+        self.summary = self.out / "summary.json"
+        self.images = self.out / "images"
+        self.tensorboard = self.out / "tb"
+
+    def prepare(self, fingerprint: dict, overwrite: bool = False) -> list[dict]:
+        """Create or check the folder; returns the rows already done (torn last line cut)."""
+        if overwrite and self.out.exists():
+            for p in (self.config, self.results, self.summary):
+                p.unlink(missing_ok=True)
+            shutil.rmtree(self.images, ignore_errors=True)
+            shutil.rmtree(self.tensorboard, ignore_errors=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.config.exists():
+            old = json.loads(self.config.read_text())
+            diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
+            diff.update({k: (v, None) for k, v in old.items() if k not in fingerprint})
+            if diff:
+                what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+                raise ConfigError(f"{self.config}: earlier results in this folder used {what}; pass --overwrite "
+                                  f"or another --out/--run_name")
+        else:
+            write_json_atomic(self.config, fingerprint)
+        return read_results(self.results, repair=True)
+
+
+class TensorboardTracker:
+    """Per-prompt scalars and image grids, and the run summary, in a tensorboard log folder."""
+
+    def __init__(self, log_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+
+    def log_row(self, row: dict, grid) -> None:
+        import numpy as np
+
+        step = row["row"]
+        for key in ("loss_initial", "loss_final", "iterations", "sscd_mean", "sscd_max", "clip_score_mean"):
+            if row.get(key) is not None:
+                self.writer.add_scalar(f"prompt/{key}", row[key], step)
+        self.writer.add_image("generations", np.asarray(grid), step, dataformats="HWC")
+
+    def log_summary(self, summary: dict) -> None:
+        flat = {}
+        for group in ("loss", "sscd", "clip"):
+            for k, v in (summary.get(group) or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    flat[f"summary/{group}_{k}"] = v
+        for k, v in flat.items():
+            self.writer.add_scalar(k, v, 0)
+        self.writer.add_text("summary", "```\n" + json.dumps(summary, indent=2)[:20000] + "\n```")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_dir: str | Path, *,
+                   evaluators: Evaluators | None = None, batch_size: int = 4, overwrite: bool = False,
+                   tracker: TensorboardTracker | None = None, extra_summary: dict | None = None,
+                   progress: bool = True) -> dict:
+    """Run one method over the records (resuming earlier rows in out_dir); returns the summary dict."""
+    from tqdm.auto import tqdm
+
+    from common.detection import encode_prompts
+    from common.generation import decode_latents, sample_latents, save_grid, to_pil
+
+    settings.validate()
+    evaluators = evaluators or Evaluators()
+    files = RunFiles(out_dir)
+    done = files.prepare(settings.fingerprint(), overwrite)
+    selected = {r.row for r in records}
+    done_rows = {r["row"] for r in done} & selected
+    todo = [r for r in records if r.row not in done_rows]
+    uncond = encode_prompts(parts, [""]).embeds
+    t0 = time.perf_counter()
+    timing = dict(condition_s=0.0, generate_s=0.0, measure_s=0.0)
+    bar = tqdm(total=len(todo), desc=f"mitigate[{settings.method}]", unit="prompt", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        rows, prompts = [r.row for r in batch], [r.prompt for r in batch]
+        t = time.perf_counter()
+        cond = condition_batch(parts, uncond, prompts, rows, settings)
+        timing["condition_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        latents = sample_latents(parts, cond["embeds"], uncond, cond["latents"],
+                                 num_inference_steps=settings.num_inference_steps,
+                                 guidance_scale=settings.guidance_scale)
+        images = decode_latents(vae, latents)  # [B, G, 3, H, W] in [0, 1]
+        timing["generate_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        pil = [to_pil(images[b]) for b in range(len(batch))]
+        gen_clip = None
+        if evaluators.clip is not None:
+            feats = evaluators.clip.image_features([im for ims in pil for im in ims])
+            text = evaluators.clip.text_features(prompts)
+            G = settings.num_images_per_prompt
+            gen_clip = [clip_score(feats[b * G:(b + 1) * G], text[b:b + 1]) for b in range(len(batch))]
+        out_rows = []
+        for b, rec in enumerate(batch):
+            grid_path = save_grid(pil[b], files.images / f"{rec.row:05d}.png")
+            row = {"row": rec.row, "index": rec.index if rec.index is not None else rec.row, "prompt": rec.prompt,
+                   "prompt_used": cond["prompts_used"][b], "method": settings.method}
+            if settings.method in BASELINES:
+                row["repeat_num"] = settings.repeat_num
+            row.update(loss_initial=cond["loss_initial"][b], loss_final=cond["loss_final"][b],
+                       iterations=cond["iterations"][b], truncated=cond["truncated"][b])
+            if settings.method == "ours":
+                row.update(target_loss=settings.optim_target_loss, reached_target=cond["reached_target"][b])
+            gt = find_ground_truth(evaluators.gt_root, row["index"])
+            row.update(measure_prompt(pil[b], rec.prompt, gt, evaluators,
+                                      gen_clip[b] if gen_clip is not None else None))
+            row["image"] = str(grid_path.relative_to(files.out))
+            out_rows.append(row)
+            if tracker is not None:
+                tracker.log_row(row, pil_grid(grid_path))
+        timing["measure_s"] += time.perf_counter() - t
+        append_results(files.results, out_rows)
+        done.extend(out_rows)
+        bar.update(len(batch))
+        summary = summarize(done, selected, settings, evaluators, len(done_rows), time.perf_counter() - t0,
+                            timing, extra_summary)
+        write_json_atomic(files.summary, summary)
+    bar.close()
+    summary = summarize(done, selected, settings, evaluators, len(done_rows), time.perf_counter() - t0, timing,
+                        extra_summary)
+    write_json_atomic(files.summary, summary)
+    if tracker is not None:
+        tracker.log_summary(summary)
+    return summary
+
+
+def pil_grid(path: Path):
+    """The saved grid, read back (what tensorboard shows is what is on disk)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def summarize(rows: list[dict], selected: set, settings: MitigationSettings, evaluators: Evaluators,
+              resumed: int, elapsed: float, timing: dict, extra: dict | None = None) -> dict:
+    """Run summary: settings, counts, ground-truth coverage, loss/SSCD/CLIP aggregates, timing, versions."""
+    import diffusers
+    import transformers
+
+    rows = sorted((r for r in rows if r["row"] in selected), key=lambda r: r["row"])
+    now = len(rows) - resumed
+    without_gt = [{"row": r["row"], "index": r["index"], "status": r["gt_status"]} for r in rows
+                  if r.get("gt_status") != "ok"]
+    summary: dict = {
+        "method": settings.method,
+        "settings": asdict(settings),
+        "counts": {"selected": len(selected), "prompts": len(rows), "this_run": now, "resumed": resumed,
+                   "with_ground_truth": sum(r.get("gt_status") == "ok" for r in rows),
+                   "without_ground_truth": len(without_gt)},
+        "prompts_without_ground_truth": without_gt,
+        "loss": {"reduction": settings.optim_loss_reduction, "target_steps": settings.optim_target_steps,
+                 "initial_mean": finite_mean(r["loss_initial"] for r in rows),
+                 "final_mean": finite_mean(r["loss_final"] for r in rows),
+                 "iterations_mean": finite_mean(r["iterations"] for r in rows)},
+    }
+    if settings.method == "ours":
+        summary["loss"]["target"] = settings.optim_target_loss
+        summary["loss"]["reached_target"] = sum(bool(r.get("reached_target")) for r in rows)
+    scored = [r for r in rows if "sscd" in r]
+    if evaluators.sscd is None:
+        summary["sscd"] = None
+    else:
+        all_gen = torch.tensor([s for r in scored for s in r["sscd"]]) if scored else None
+        summary["sscd"] = {
+            "model": evaluators.sscd.description, "prompts": len(scored),
+            "mean": finite_mean(r["sscd_mean"] for r in scored),
+            "max_mean": finite_mean(r["sscd_max"] for r in scored),
+            "min_mean": finite_mean(r["sscd_min"] for r in scored),
+        }
+        for th in REPLICATION_THRESHOLDS:
+            # Over all scored generations, and the share of prompts with at least one replica.
+            summary["sscd"][f"rate_gt_{th}"] = float((all_gen > th).float().mean()) if all_gen is not None else None
+            summary["sscd"][f"prompt_rate_gt_{th}"] = (sum(r["sscd_max"] > th for r in scored) / len(scored)
+                                                       if scored else None)
+    if evaluators.clip is None:
+        summary["clip"] = None
+    else:
+        clip = evaluators.clip
+        summary["clip"] = {
+            "model": clip.model_name, "pretrained": clip.pretrained, "calibrated": clip.calibrated,
+            "mean": finite_mean(r.get("clip_score_mean") for r in rows),
+            "gt_mean": finite_mean(r.get("gt_clip_score") for r in rows),
+        }
+        if not clip.calibrated:
+            summary["clip"]["note"] = "random weights (--reference_model_pretrain none): CLIP scores are UNCALIBRATED"
+    gen_time = sum(timing.values())
+    summary["time_s"] = elapsed
+    summary["timing_s"] = timing
+    summary["prompts_per_s"] = now / gen_time if gen_time > 0 and now else None
+    summary["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                           "transformers": transformers.__version__}
+    if extra:
+        summary.update(extra)
+    return summary
+
+
+# --- evaluators from command-line style specs ----------------------------------------------------------------
+
+def check_evaluators(sscd_model: str | None, reference_model: str | None, reference_model_pretrain: str) -> None:
+    """Raise SimilarityModelError (one line) for an SSCD or CLIP choice that cannot work, before loading anything.
+
+    sscd_model None skips SSCD; reference_model None skips the CLIP score.
+    """
+    from common.similarity import check_clip_spec, resolve_sscd_spec, SimilarityModelError
+
+    if sscd_model is not None:
+        resolve_sscd_spec(sscd_model)
+    if reference_model is not None:
+        reason = check_clip_spec(reference_model, reference_model_pretrain)
+        if reason:
+            raise SimilarityModelError(reason)
+
+
+def load_evaluators(sscd_model: str | None, sscd_preprocess: str, reference_model: str | None,
+                    reference_model_pretrain: str, gt_root: Path | None, device) -> Evaluators:
+    """SSCD model (None when skipped or when there is no ground truth to compare with) and CLIP scorer."""
+    from common.similarity import SSCDModel, load_clip_scorer
+
+    sscd = SSCDModel(sscd_model, device=device, preset=sscd_preprocess) if sscd_model and gt_root else None
+    clip = load_clip_scorer(reference_model, reference_model_pretrain, device=device) if reference_model else None
+    return Evaluators(sscd=sscd, clip=clip, gt_root=gt_root)
+
+
+# --- trade-off sweeps ----------------------------------------------------------------------------------------
+
+def sweep_settings(base: MitigationSettings, target_losses: list[float], repeat_nums: list[int],
+                   baselines: list[str], include_none: bool = True) -> list[tuple[str, MitigationSettings]]:
+    """(label, settings) of each run of a sweep: none, ours per target loss, each baseline per repeat_num."""
+    from dataclasses import replace
+
+    runs = [("none", replace(base, method="none"))] if include_none else []
+    runs += [(f"ours_target{t:g}", replace(base, method="ours", optim_target_loss=t)) for t in target_losses]
+    runs += [(f"{b}_repeat{n}", replace(base, method=b, repeat_num=n)) for b in baselines for n in repeat_nums]
+    return runs
+
+
+def tradeoff_point(label: str, settings: MitigationSettings, summary: dict) -> dict:
+    """One point of the trade-off plot: the knob's value, mean SSCD, replication rate and mean CLIP score."""
+    knob = (settings.optim_target_loss if settings.method == "ours" else
+            settings.repeat_num if settings.method in BASELINES else None)
+    sscd, clip = summary.get("sscd") or {}, summary.get("clip") or {}
+    return {"label": label, "method": settings.method, "knob": knob, "sscd_mean": sscd.get("mean"),
+            "sscd_rate_gt_0.5": sscd.get("rate_gt_0.5"), "clip_score_mean": clip.get("mean"),
+            "clip_calibrated": clip.get("calibrated"), "loss_final_mean": summary["loss"]["final_mean"],
+            "prompts": summary["counts"]["prompts"]}
+
+
+def plot_tradeoff(points: list[dict], path: str | Path, title: str = "") -> Path:
+    """PNG of mean SSCD to ground truth (lower = less replication) against mean CLIP score, one curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    by_method: dict = {}
+    for p in points:
+        if p["sscd_mean"] is not None and p["clip_score_mean"] is not None:
+            by_method.setdefault(p["method"], []).append(p)
+    for method, pts in by_method.items():
+        pts = sorted(pts, key=lambda p: (p["knob"] is None, p["knob"] or 0))
+        xs, ys = [p["clip_score_mean"] for p in pts], [p["sscd_mean"] for p in pts]
+        ax.plot(xs, ys, marker="*" if method == "none" else "o", markersize=12 if method == "none" else 6,
+                linestyle="none" if method == "none" else "-", label=method)
+        for p, x, y in zip(pts, xs, ys):
+            if p["knob"] is not None:
+                ax.annotate(f"{p['knob']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    calibrated = all(p.get("clip_calibrated") is not False for p in points)
+    ax.set_xlabel("CLIP score (mean)" + ("" if calibrated else " — UNCALIBRATED, random CLIP weights"))
+    ax.set_ylabel("SSCD similarity to ground truth (mean)")
+    ax.set_title(title or "Replication vs prompt alignment (labels: target loss / repeat_num)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def resolve_device(name: str) -> str:
+    """The torch device for a --device value (auto = cuda when available); ConfigError when unusable."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if not (name == "cpu" or name.startswith(("cuda", "mps", "xpu"))):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return name
