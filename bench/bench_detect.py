@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             scores += trace.score.tolist()
         return scores
 
-    batched("per_prompt", prompts[: args.batch_size])  # warm-up (allocator, kernels)
+    for mode in ("per_prompt", "shared"):  # warm-up every batch shape each mode uses (allocator, kernel choice)
+        batched(mode, prompts[: args.batch_size] + prompts[: len(prompts) % args.batch_size])
     reference_first_step_scores(pipe, prompts[:1], G, steps, scale, 0, device)
     ref_scores, t_ref = timed(lambda: reference_first_step_scores(pipe, prompts[:n_ref], G, steps, scale, 0,
                                                                   device), device)
