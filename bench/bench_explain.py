@@ -1,0 +1,111 @@
+"""Token-wise significance throughput: prompts batched (one forward and backward per step) vs one at a time.
+
+    python bench/bench_explain.py                                   # tiny pipeline, CPU, 64 prompts
+    python bench/bench_explain.py --arch sd-v1 --device cuda --dtype fp16 --batch_size 16
+
+Both runs use the same rows (hence the same latents) and settings; prints prompts/s of each, the ratio, and
+the largest difference between their scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from common.cli import quiet_hub_logging  # noqa: E402
+from common.detection import encode_prompts  # noqa: E402
+from common.explain import WRT_CHOICES, explain_prompts  # noqa: E402
+from common.models import assemble_pipeline, build_components, denoiser_parts, load_pipeline, parse_dtype  # noqa: E402
+from common.prompts import read_prompts  # noqa: E402
+
+SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sdv1_500_memorized.jsonl"
+
+
+def load_prompts(path: str | None, n: int) -> list[str]:
+    source = Path(path) if path else SHARED_PROMPTS
+    if source.exists():
+        prompts = [r.prompt for r in read_prompts(source)]
+    else:  # no shared data on this machine: generated captions of LAION-like length
+        words = "vintage poster of a red house near the lake at dawn with mountains and a small boat".split()
+        prompts = [" ".join(words[(i + k) % len(words)] for k in range(6 + i % 10)) for i in range(n)]
+    return (prompts * (n // len(prompts) + 1))[:n]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=("tiny", "sd-v1"), default="tiny", help="random-weight model to build")
+    p.add_argument("--model_id", help="benchmark a saved pipeline instead of building one")
+    p.add_argument("--prompts", help="prompt file (default: ../shared/data/sdv1_500_memorized.jsonl)")
+    p.add_argument("--n_prompts", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64, help="prompts per batch in the batched run")
+    p.add_argument("--num_images_per_prompt", type=int, default=4)
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--target_steps", type=int, nargs="+", default=[0])
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--wrt", choices=WRT_CHOICES, default="prompt_embeds")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--out", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+
+    quiet_hub_logging()
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    if args.model_id:
+        pipe = load_pipeline(args.model_id, dtype=dtype, device=device)
+    else:
+        with tempfile.TemporaryDirectory() as tok_dir:
+            pipe = assemble_pipeline(build_components(args.arch, seed=0, tokenizer_dir=tok_dir)).to(device, dtype)
+    parts = denoiser_parts(pipe)
+    prompts = load_prompts(args.prompts, args.n_prompts)
+    rows = list(range(len(prompts)))
+    uncond = encode_prompts(parts, [""]).embeds
+    settings = dict(num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.num_inference_steps,
+                    guidance_scale=args.guidance_scale, target_steps=args.target_steps, wrt=args.wrt,
+                    uncond_embed=uncond)
+    print(f"model={args.model_id or args.arch} device={device} dtype={args.dtype} prompts={len(prompts)} "
+          f"G={args.num_images_per_prompt} target_steps={args.target_steps} wrt={args.wrt} "
+          f"batch={args.batch_size}")
+
+    def run(batch_size: int, desc: str):
+        explain_prompts(parts, prompts[:1], rows[:1], **settings)  # warm-up (allocator, kernels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        results = []
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+            results += explain_prompts(parts, prompts[i : i + batch_size], rows[i : i + batch_size], **settings)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return results, time.perf_counter() - t0
+
+    batched, t_batched = run(args.batch_size, "batched")
+    single, t_single = run(1, "one at a time")
+    a = torch.tensor([r.scores for r in batched])
+    b = torch.tensor([r.scores for r in single])
+    max_diff = float((a - b).abs().max())
+    rel_diff = max_diff / float(b.abs().max())
+    figures = {
+        "prompts": len(prompts), "batch_size": args.batch_size,
+        "batched_prompts_per_s": len(prompts) / t_batched, "single_prompts_per_s": len(prompts) / t_single,
+        "speedup": t_single / t_batched, "max_abs_score_diff": max_diff, "max_rel_score_diff": rel_diff,
+    }
+    print(f"batched ({args.batch_size}/batch): {figures['batched_prompts_per_s']:.2f} prompts/s")
+    print(f"one at a time:        {figures['single_prompts_per_s']:.2f} prompts/s")
+    print(f"ratio batched/one-at-a-time: {figures['speedup']:.1f}x")
+    print(f"max |score difference|: {max_diff:.3g} (relative to the largest score: {rel_diff:.3g})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

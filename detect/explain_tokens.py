@@ -1,0 +1,261 @@
+"""Explain memorization token by token: the significance of each prompt token (Wen et al., ICLR 2024, Sec. 4).
+
+    python detect/explain_tokens.py --model_id ID_OR_DIR (--prompt "..." | --dataset FILE) --out DIR [options]
+
+Writes DIR/tokens.jsonl (one row per prompt: every token position as a string, raw and normalised scores,
+BOS/EOS/padding flagged), DIR/heatmap.html (tokens shaded by significance, specials hidden) and one bar chart
+per prompt under DIR/bars/. Rows are appended per batch; re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+# `python detect/explain_tokens.py` puts detect/ on sys.path, not the checkout; make `common` importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, quiet_hub_logging  # noqa: E402
+from common.errors import ConfigError, DiffmemError  # noqa: E402
+from common.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
+from common.results import append_results, read_results, write_json_atomic  # noqa: E402
+
+WRT_CHOICES = ("prompt_embeds", "token_embeds")  # common.explain.WRT_CHOICES; kept here so --help needs no torch
+# Arguments that change the numbers: a resumed run must use the values of the results already on disk.
+RESULT_KEYS = ("model_id", "unet_id", "revision", "variant", "target_steps", "num_images_per_prompt",
+               "num_inference_steps", "guidance_scale", "gen_seed", "latents", "wrt", "dtype")
+
+
+@dataclass
+class ExplainConfig:
+    model_id: str
+    out: str
+    prompt: str | None = None
+    dataset: str | None = None
+    unet_id: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    split: str = "train"
+    column: str | None = None
+    start: int = 0
+    end: int | None = None
+    target_steps: str = "0"
+    num_images_per_prompt: int = 4
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    gen_seed: int = 0
+    latents: str = "per_prompt"
+    batch_size: int = 4
+    wrt: str = "prompt_embeds"
+    dtype: str = "fp32"
+    device: str | None = None
+    overwrite: bool = False
+
+    @property
+    def steps(self) -> list[int]:
+        return parse_target_steps(self.target_steps, self.num_inference_steps)
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for inconsistent settings."""
+        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        self.steps  # noqa: B018  (parses and range-checks --target_steps)
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("--prompt must not be empty")
+        if self.start < 0 or (self.end is not None and self.end <= self.start):
+            raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
+
+
+def parse_target_steps(spec: str, num_inference_steps: int) -> list[int]:
+    """'0' / '0-9' / 'all' / '0,5,10-12' -> sorted DDIM step indices, each in 0..num_inference_steps-1."""
+    text = spec.strip()
+    if text == "all":
+        return list(range(num_inference_steps))
+    steps: set[int] = set()
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ConfigError(f"--target_steps expects N, N-M, a comma list of those, or 'all'; got {spec!r}")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if a > b:
+            raise ConfigError(f"--target_steps range {part.strip()!r} runs backwards")
+        steps.update(range(a, b + 1))
+    if max(steps) >= num_inference_steps:
+        raise ConfigError(f"--target_steps must lie in 0..{num_inference_steps - 1} (--num_inference_steps "
+                          f"{num_inference_steps}), got {spec!r}")
+    return sorted(steps)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Token-wise significance of prompts for memorization (Wen et al. 2024).")
+    p.add_argument("--model_id", required=True, help="Hub id or local StableDiffusionPipeline folder")
+    p.add_argument("--unet_id", help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
+    p.add_argument("--revision")
+    p.add_argument("--variant", help="weights variant, e.g. fp16")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt to explain (row 0: it uses gen_seed's latents)")
+    src.add_argument("--dataset", help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
+    p.add_argument("--split", default="train", help="split of a Hugging Face dataset")
+    p.add_argument("--column", help="caption column of a Hugging Face dataset (default: caption/prompt/text)")
+    p.add_argument("--start", type=int, default=0, help="first dataset row")
+    p.add_argument("--end", type=int, help="one past the last dataset row")
+    p.add_argument("--target_steps", default="0", help="DDIM steps to average over: 0, 0-9, 0,5,10-12 or all")
+    p.add_argument("--num_images_per_prompt", type=int, default=4, help="generations G per prompt")
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="guidance of the trajectory to x_t")
+    p.add_argument("--gen_seed", type=int, default=0, help="row i draws its latents from seed gen_seed + i")
+    p.add_argument("--latents", choices=("per_prompt", "shared"), default="per_prompt",
+                   help="shared: every prompt starts from seed gen_seed's latents")
+    p.add_argument("--batch_size", type=int, default=4,
+                   help="prompts per forward/backward (GPU memory grows with batch_size x num_images_per_prompt)")
+    p.add_argument("--wrt", choices=WRT_CHOICES, default="prompt_embeds",
+                   help="differentiate w.r.t. the text encoder output or the token embeddings entering it")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    return p
+
+
+def parse_config(argv: list[str] | None) -> ExplainConfig:
+    args = build_parser().parse_args(argv)
+    return ExplainConfig(**{f.name: getattr(args, f.name) for f in fields(ExplainConfig)})
+
+
+def load_records(cfg: ExplainConfig) -> list[PromptRecord]:
+    """The prompts to explain (validated completely, before any model is loaded)."""
+    if cfg.prompt is not None:
+        return [PromptRecord(row=0, prompt=cfg.prompt)]
+    records = select_rows(read_prompts(cfg.dataset, split=cfg.split, column=cfg.column), cfg.start, cfg.end)
+    if not records:
+        raise PromptFileError(f"{cfg.dataset}: no rows in --start {cfg.start} --end {cfg.end}")
+    return records
+
+
+class OutDir:
+    """The files of one explanation run and the check that a resumed run computes the same numbers."""
+
+    def __init__(self, cfg: ExplainConfig):
+        self.root = Path(cfg.out)
+        self.tokens = self.root / "tokens.jsonl"
+        self.heatmap = self.root / "heatmap.html"
+        self.bars = self.root / "bars"
+        self.config_file = self.root / "config.json"
+        self.result_config = {k: getattr(cfg, k) for k in RESULT_KEYS}
+        self.result_config["target_steps"] = cfg.steps
+
+    def prepare(self, overwrite: bool) -> None:
+        """Clear the folder with overwrite; else refuse earlier results computed with other settings."""
+        if overwrite:
+            for f in (self.tokens, self.heatmap, self.config_file):
+                f.unlink(missing_ok=True)
+            shutil.rmtree(self.bars, ignore_errors=True)
+        if self.config_file.exists():
+            old = json.loads(self.config_file.read_text())
+            diff = {k: (old.get(k), v) for k, v in self.result_config.items() if old.get(k) != v}
+            if diff:
+                what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+                raise ConfigError(f"{self.config_file}: earlier results in this folder used {what}; "
+                                  f"pass --overwrite or another --out")
+
+    def claim(self) -> None:
+        """Create the folder and record the settings (once the model has loaded: a typo must not stick)."""
+        self.bars.mkdir(parents=True, exist_ok=True)
+        if not self.config_file.exists():
+            write_json_atomic(self.config_file, self.result_config)
+
+    def done(self, records: list[PromptRecord]) -> dict[int, dict]:
+        """Rows already explained (torn tail of an interrupted write cut); a changed prompt is an error."""
+        rows = {r["row"]: r for r in read_results(self.tokens, repair=True)}
+        for rec in records:
+            if rec.row in rows and rows[rec.row]["prompt"] != rec.prompt:
+                raise ConfigError(f"{self.tokens}: row {rec.row} holds another prompt "
+                                  f"({rows[rec.row]['prompt'][:40]!r}); pass --overwrite or another --out")
+        return rows
+
+    def bar_path(self, row: int) -> Path:
+        return self.bars / f"row{row:06d}.png"
+
+
+def result_row(rec: PromptRecord, result) -> dict:
+    row = {"row": rec.row, "index": rec.index if rec.index is not None else rec.row}
+    if rec.label is not None:
+        row["label"] = rec.label
+    if rec.type is not None:
+        row["type"] = rec.type
+    row.update(result.to_json())
+    return row
+
+
+def run(cfg: ExplainConfig) -> int:
+    """Explain the selected prompts, resuming earlier work; returns the number explained now."""
+    records = load_records(cfg)
+    out = OutDir(cfg)
+    out.prepare(cfg.overwrite)
+    done = out.done(records)
+    todo = [r for r in records if r.row not in done]
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from common.detection import encode_prompts
+    from common.explain import TokenSignificance, explain_prompts, heatmap_html, plot_token_bars
+    from common.models import denoiser_parts, load_pipeline, parse_dtype
+
+    explain_time = 0.0
+    if todo:
+        quiet_hub_logging()
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device, cfg.revision, cfg.variant)
+        parts = denoiser_parts(pipe)
+        out.claim()
+        uncond = encode_prompts(parts, [""]).embeds
+        t0 = time.perf_counter()
+        with tqdm(total=len(todo), desc="explain", unit="prompt") as bar:
+            for i in range(0, len(todo), cfg.batch_size):
+                batch = todo[i : i + cfg.batch_size]
+                results = explain_prompts(
+                    parts, [r.prompt for r in batch], [r.row for r in batch],
+                    num_images_per_prompt=cfg.num_images_per_prompt, gen_seed=cfg.gen_seed,
+                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                    target_steps=cfg.steps, wrt=cfg.wrt, latents_mode=cfg.latents, uncond_embed=uncond)
+                append_results(out.tokens, [result_row(rec, res) for rec, res in zip(batch, results)])
+                for res in results:
+                    plot_token_bars(res, out.bar_path(res.row))
+                bar.update(len(batch))
+        explain_time = time.perf_counter() - t0
+
+    out.claim()
+    # Every row in the folder, in row order: the file is rewritten sorted, the pictures are redrawn as needed.
+    rows = sorted(read_results(out.tokens), key=lambda r: r["row"])
+    write_json_atomic(out.tokens, rows, jsonl=True)
+    keys = {f.name for f in fields(TokenSignificance)}
+    results = [TokenSignificance(**{k: v for k, v in r.items() if k in keys}) for r in rows]
+    for res in results:
+        if not out.bar_path(res.row).exists():
+            plot_token_bars(res, out.bar_path(res.row))
+    out.heatmap.write_text(heatmap_html(results, title=f"Token-wise significance: {cfg.model_id}"), encoding="utf-8")
+    rate = f", {len(todo) / explain_time:.2f} prompts/s" if todo else ""
+    print(f"{out.tokens}: {len(rows)} prompts ({len(todo)} explained now, {len(records) - len(todo)} resumed"
+          f"{rate}); heatmap {out.heatmap}, bar charts {out.bars}/")
+    return len(todo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        cfg.validate()
+        run(cfg)
+    except DiffmemError as exc:
+        print(f"explain_tokens: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
