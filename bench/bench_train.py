@@ -100,7 +100,6 @@ class Timer:
 def run_example(args, parts, master_unet, folder, res):
     """The diffusers text-to-image example's training loop, minus its argument parsing and saving."""
     from diffusers.optimization import get_scheduler
-    from torchvision import transforms
 
     acc = fresh_accelerator(args)
     wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -109,10 +108,20 @@ def run_example(args, parts, master_unet, folder, res):
         unet.enable_gradient_checkpointing()
     unet.train()
     tok, vae, te, sched = parts["tokenizer"], parts["vae"], parts["text_encoder"], parts["scheduler"]
-    tf = transforms.Compose([
-        transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.RandomCrop(res), transforms.ToTensor(), transforms.Normalize([0.5], [0.5]),
-    ])
+    try:
+        from torchvision import transforms
+
+        tf = transforms.Compose([
+            transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.RandomCrop(res), transforms.ToTensor(), transforms.Normalize([0.5], [0.5]),
+        ])
+    except ImportError:  # a torch-only environment: the same operations through PIL
+        from common.imagedata import ImageTransformConfig, transform_image
+
+        rng = np.random.default_rng(0)
+
+        def tf(image):
+            return transform_image(image, ImageTransformConfig(res), rng)
     files = sorted(folder.glob("*.jpg"))
 
     class DS(torch.utils.data.Dataset):

@@ -273,22 +273,30 @@ class CaptionConfig:
 
 
 def transform_image(image, cfg: ImageTransformConfig, generator: np.random.Generator) -> torch.Tensor:
-    """[3, R, R] in [-1, 1]: bilinear resize of the short side to R, center or random crop, random h-flip."""
-    import torchvision.transforms.functional as TF
-    from torchvision.transforms import InterpolationMode
+    """[3, R, R] in [-1, 1]: bilinear resize of the short side to R, center or random crop, random h-flip.
+
+    The diffusers example's torchvision pipeline (Resize(R), Center/RandomCrop(R), RandomHorizontalFlip,
+    ToTensor, Normalize(0.5, 0.5)) done with PIL and numpy, with the crop and flip drawn from ``generator``.
+    """
+    from PIL import Image
 
     image = image.convert("RGB")
-    image = TF.resize(image, cfg.resolution, interpolation=InterpolationMode.BILINEAR, antialias=True)
-    w, h = image.size
     r = cfg.resolution
+    w, h = image.size
+    # torchvision's Resize(int): the short side becomes r, the long side int(r * long / short).
+    size = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+    if size != (w, h):
+        image = image.resize(size, Image.BILINEAR)
+    w, h = image.size
     # Both offsets and the flip are always drawn, so every draw keeps its place in the stream.
     top_rand, left_rand = int(generator.integers(0, h - r + 1)), int(generator.integers(0, w - r + 1))
     flip = bool(generator.random() < 0.5)
-    top, left = ((h - r) // 2, (w - r) // 2) if cfg.center_crop else (top_rand, left_rand)
-    image = TF.crop(image, top, left, r, r)
+    top, left = (int(round((h - r) / 2.0)), int(round((w - r) / 2.0))) if cfg.center_crop else (top_rand, left_rand)
+    image = image.crop((left, top, left + r, top + r))
     if cfg.random_flip and flip:
-        image = TF.hflip(image)
-    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    return (pixels - 0.5) / 0.5
 
 
 def choose_caption(caption: str | tuple[str, ...], cfg: CaptionConfig, generator: np.random.Generator,

@@ -178,6 +178,16 @@ def test_transform_is_a_function_of_the_generator_and_center_crop_ignores_it():
     assert torch.equal(c[0], c[1]) and torch.equal(c[1], c[2])
 
 
+@pytest.mark.parametrize("h, w, r", [(20, 18, 16), (37, 53, 16), (100, 31, 24), (16, 16, 16)])
+def test_center_crop_transform_equals_the_diffusers_example_torchvision_pipeline(h, w, r):
+    T = pytest.importorskip("torchvision.transforms")
+    img = Image.fromarray(np.random.default_rng(h * w).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    example = T.Compose([T.Resize(r, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(r), T.ToTensor(),
+                         T.Normalize([0.5], [0.5])])(img)
+    ours = transform_image(img, ImageTransformConfig(r, center_crop=True), np.random.default_rng(0))
+    torch.testing.assert_close(ours, example, rtol=0, atol=1e-6)
+
+
 def test_transform_crop_offsets_by_hand():
     # 8x4 image resized to short side 4 stays 8x4; a 4x4 crop at left offset L shows columns L..L+3.
     arr = np.zeros((4, 8, 3), dtype=np.uint8)
