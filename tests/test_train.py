@@ -95,8 +95,7 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
     res = accelerate_launch("--config_file", "accelerate_configs/cpu.yaml", SCRIPT, *args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    from common.detection import score_prompts
-    from common.models import denoiser_parts, load_pipeline
+    from common.models import load_pipeline
 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1 pruned checkpoint-2
     ckpt = out / "checkpoint-4"
@@ -106,10 +105,16 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
     assert max_abs_diff(final, unet_weights(ckpt / "unet")) > 0.0
     assert max_abs_diff(final, unet_weights(tiny_pipeline_dir / "unet")) > 0.0
 
-    pipe = load_pipeline(str(out))
-    trace, _ = score_prompts(denoiser_parts(pipe), ["a memorized picture number 0"], [0], num_images_per_prompt=2,
-                             num_inference_steps=2, score_steps=1)
-    assert torch.isfinite(trace.score).all()
+    # The output is what detection loads: run detect_mem on it.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"caption": c, "label": lab}) + "\n" for c, lab in
+                               [("a memorized picture number 0", 1), ("an ordinary scene 2 with trees", 0)]))
+    det = run_cli("detect/detect_mem.py", "--model_id", out, "--dataset", prompts, "--run_name", "tuned",
+                  "--output_dir", tmp_path / "det", "--num_images_per_prompt", "2", "--num_inference_steps", "2")
+    assert det.returncode == 0, det.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "det" / "tuned.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["score"]) for r in rows)
+    load_pipeline(str(out))
     load_pipeline(str(tiny_pipeline_dir), unet_id=str(ckpt))  # a checkpoint's unet/ plugs into the base model
 
     report = json.loads((out / "data_report.json").read_text())
