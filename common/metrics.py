@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from common.plotting import new_axes
+
 DEFAULT_FPR_TARGETS = (0.001, 0.01, 0.03, 0.05)
 LABEL_KEYS = ("label", "memorized")  # detect_mem writes "label"; hand-made files may say "memorized"
 
@@ -243,22 +245,12 @@ def format_table(metrics: dict[str, dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg backend: works headless)
+# Plots (off-screen figures, see common.plotting)
 # ----------------------------------------------------------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, dict], path: Path | str) -> None:
     """One ROC curve per split, AUC in the legend, chance diagonal dashed."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = new_axes((5, 5))
     for name, (fpr, tpr) in curves.items():
         ax.plot(fpr, tpr, label=f"{name} (AUC {metrics[name]['auc']:.3f})")
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
@@ -267,7 +259,6 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_score_kde(groups: dict[str, np.ndarray], path: Path | str, xlabel: str = "score") -> None:
@@ -277,12 +268,11 @@ def plot_score_kde(groups: dict[str, np.ndarray], path: Path | str, xlabel: str 
     """
     from scipy.stats import gaussian_kde
 
-    plt = _pyplot()
     values = np.concatenate([g for g in groups.values() if g.size])
     lo, hi = float(values.min()), float(values.max())
     pad = 0.1 * (hi - lo) if hi > lo else max(abs(lo) * 0.1, 0.5)
     grid = np.linspace(lo - pad, hi + pad, 512)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_axes((6, 4))
     for name, scores in groups.items():
         if scores.size == 0:
             continue
@@ -295,4 +285,3 @@ def plot_score_kde(groups: dict[str, np.ndarray], path: Path | str, xlabel: str 
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
