@@ -11,7 +11,7 @@ Three variants train the same randomly initialised model on the same images, in 
   trainer   - common.trainer.Trainer with common.t2i_train.TextToImageLoss (per-sample seeded draws, masked
               mean, one all-reduce per micro-batch);
   threshold - the same with --hard_threshold (one extra no-grad UNet forward per batch).
-Prints samples/s, peak GPU memory, trainer/example (target >= 0.95), threshold/trainer, and the threshold
+samples/s is batch size over the median optimizer-step time. Prints samples/s, peak GPU memory, trainer/example (target >= 0.95), threshold/trainer, and the threshold
 overhead in units of one no-grad UNet forward on the batch (target <= 1). No timing is asserted.
 """
 
@@ -93,8 +93,9 @@ class Timer:
         self.times.append(time.perf_counter())
 
     def samples_per_s(self):
+        # The median step: robust to the stalls other jobs on a shared machine cause in single steps.
         timed = self.times[self.warmup - 1:]
-        return (len(timed) - 1) * self.batch / (timed[-1] - timed[0])
+        return self.batch / statistics.median(b - a for a, b in zip(timed, timed[1:]))
 
 
 def run_example(args, parts, master_unet, folder, res):
