@@ -36,6 +36,18 @@ def data(tmp_path):
     return mem, non_mem
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread each is as fast and stays steady when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 @pytest.fixture
 def fresh_accelerate():
     """In-process runs share Accelerate's singletons; give each run a clean state."""
@@ -74,7 +86,7 @@ def free_port():
 
 
 def accelerate_launch(*args, timeout, env=None):
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **ONE_THREAD, **(env or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -110,7 +122,8 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
     prompts.write_text("".join(json.dumps({"caption": c, "label": lab}) + "\n" for c, lab in
                                [("a memorized picture number 0", 1), ("an ordinary scene 2 with trees", 0)]))
     det = run_cli("detect/detect_mem.py", "--model_id", out, "--dataset", prompts, "--run_name", "tuned",
-                  "--output_dir", tmp_path / "det", "--num_images_per_prompt", "2", "--num_inference_steps", "2")
+                  "--output_dir", tmp_path / "det", "--num_images_per_prompt", "2", "--num_inference_steps", "2",
+                  env=ONE_THREAD)
     assert det.returncode == 0, det.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "det" / "tuned.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["score"]) for r in rows)
@@ -314,7 +327,7 @@ def test_two_processes_with_one_rank_fully_dropped_do_not_hang(tiny_pipeline_dir
     args[args.index("--train_batch_size") + 1] = "1"
     res = accelerate_launch("--config_file", "accelerate_configs/cpu.yaml", "--multi_gpu", "--num_processes", "2",
                             "--main_process_port", free_port(), SCRIPT, *args, timeout=240,
-                            env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+                            env={"ACCELERATE_USE_CPU": "true"})
     assert res.returncode == 0, res.stderr[-3000:]
     log = read_log(out)
     assert [r["dropped_fraction"] for r in log] == [0.5, 0.5]
@@ -328,7 +341,7 @@ def test_two_processes_with_one_rank_fully_dropped_do_not_hang(tiny_pipeline_dir
 def test_corrupt_image_is_one_line_before_any_model_is_loaded(data, tmp_path):
     mem, _ = data
     (mem / "002.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    res = run_cli(SCRIPT, *base_args(tmp_path / "no-such-model", mem, tmp_path / "out"), timeout=120)
+    res = run_cli(SCRIPT, *base_args(tmp_path / "no-such-model", mem, tmp_path / "out"), timeout=120, env=ONE_THREAD)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "002.jpg: cannot read image" in err[0] and "--skip_corrupt_images" in err[0]
