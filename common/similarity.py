@@ -286,6 +286,12 @@ def load_clip_scorer(model_name: str = "ViT-g-14", pretrained: str = "laion2b_s1
     previous = logging.root.manager.disable
     logging.disable(logging.ERROR)
     try:
+        if weights is not None and weights == pretrained and not model_name.startswith(("hf-hub:", "local-dir:")):
+            # Fetch (or find in the cache) the tag's weights before building the model: a tag that cannot be
+            # downloaded fails in seconds, not after constructing a billion-parameter ViT-g-14.
+            from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+            download_pretrained(get_pretrained_cfg(model_name, pretrained))
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=weights, device=device, precision=precision)
     except Exception as exc:  # download, hub and checkpoint errors come in many types

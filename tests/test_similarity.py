@@ -79,16 +79,17 @@ def test_onnx_default_identical_is_one_different_is_lower():
 
 
 class _TinyDescriptor(torch.nn.Module):
-    """A random conv net with global pooling: a stand-in SSCD of the same interface ([N,3,H,W] -> [N,D])."""
+    """A random conv net, pooled to a 4x4 grid and centred: a stand-in SSCD ([N,3,H,W] -> [N,D]) whose
+    descriptors of different images are clearly apart."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.conv1 = torch.nn.Conv2d(3, 16, 5, stride=4)
-        self.conv2 = torch.nn.Conv2d(16, 32, 3, stride=2)
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean(dim=(2, 3))
+        y = torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 4).flatten(1)
+        return y - y.mean(dim=1, keepdim=True)
 
 
 class _Probe(torch.nn.Module):
@@ -187,14 +188,19 @@ def test_clip_spec_errors(tmp_path):
 
 def test_clip_tag_that_cannot_download_is_one_clear_error(monkeypatch):
     import open_clip
+    import open_clip.pretrained
 
     from common.similarity import load_clip_scorer
 
     def offline(*args, **kwargs):
-        raise RuntimeError("Failed to download weights for tag 'laion2b_s34b_b79k': offline\nsecond line")
+        raise RuntimeError("Failed to download file (open_clip_pytorch_model.bin): offline\nsecond line")
 
-    # the real download path is offline in tests too; stubbing it keeps the test fast and independent of caches
-    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built before its weights were known to be available")
+
+    # stubbing the download keeps the test independent of whatever a developer has in the hub cache
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", offline)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", must_not_build)
     with pytest.raises(SimilarityModelError) as info:
         load_clip_scorer("ViT-B-32", "laion2b_s34b_b79k")
     msg = str(info.value)
