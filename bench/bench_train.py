@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# `python bench/bench_train.py` puts bench/ on sys.path, not the checkout; make `common` importable either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -252,6 +256,9 @@ def main(argv=None) -> int:
         peak = {}
         for r in range(args.rounds):
             for name in results:
+                # Accelerator objects hold reference cycles to the previous run's model and optimizer:
+                # collect them, or their memory is counted in this run's peak.
+                gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
