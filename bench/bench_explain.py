@@ -12,39 +12,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from benchlib import add_model_args, bench_pipeline, load_prompts  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common.cli import quiet_hub_logging  # noqa: E402
 from common.detection import encode_prompts  # noqa: E402
 from common.explain import WRT_CHOICES, explain_prompts  # noqa: E402
-from common.models import assemble_pipeline, build_components, denoiser_parts, load_pipeline, parse_dtype  # noqa: E402
-from common.prompts import read_prompts  # noqa: E402
-
-SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sdv1_500_memorized.jsonl"
+from common.models import denoiser_parts  # noqa: E402
 
 
-def load_prompts(path: str | None, n: int) -> list[str]:
-    source = Path(path) if path else SHARED_PROMPTS
-    if source.exists():
-        prompts = [r.prompt for r in read_prompts(source)]
-    else:  # no shared data on this machine: generated captions of LAION-like length
-        words = "vintage poster of a red house near the lake at dawn with mountains and a small boat".split()
-        prompts = [" ".join(words[(i + k) % len(words)] for k in range(6 + i % 10)) for i in range(n)]
-    return (prompts * (n // len(prompts) + 1))[:n]
+
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=("tiny", "sd-v1"), default="tiny", help="random-weight model to build")
-    p.add_argument("--model_id", help="benchmark a saved pipeline instead of building one")
-    p.add_argument("--prompts", help="prompt file (default: ../shared/data/sdv1_500_memorized.jsonl)")
     p.add_argument("--n_prompts", type=int, default=64)
     p.add_argument("--batch_size", type=int, default=64, help="prompts per batch in the batched run")
     p.add_argument("--num_images_per_prompt", type=int, default=4)
@@ -52,18 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target_steps", type=int, nargs="+", default=[0])
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--wrt", choices=WRT_CHOICES, default="prompt_embeds")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--out", help="also write the figures to this JSON file")
+    add_model_args(p)
     args = p.parse_args(argv)
 
-    quiet_hub_logging()
-    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
-    if args.model_id:
-        pipe = load_pipeline(args.model_id, dtype=dtype, device=device)
-    else:
-        with tempfile.TemporaryDirectory() as tok_dir:
-            pipe = assemble_pipeline(build_components(args.arch, seed=0, tokenizer_dir=tok_dir)).to(device, dtype)
+    device = torch.device(args.device)
+    pipe = bench_pipeline(args)
     parts = denoiser_parts(pipe)
     prompts = load_prompts(args.prompts, args.n_prompts)
     rows = list(range(len(prompts)))

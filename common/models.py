@@ -8,7 +8,6 @@ real CLIP tokenizer, a PNDM scheduler) with random weights.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +45,22 @@ ARCHS = {
         ),
         vae=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, norm_num_groups=32),
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+    ),
+    # The memorization lab (common.lab): the tiny UNet and VAE with a 64-wide text encoder and cross-attention,
+    # wide enough that jointly trained caption embeddings separate (notes/findings.md).
+    "lab": dict(
+        unet=dict(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        vae=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, norm_num_groups=32),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64),
     ),
     # The shapes of CompVis/stable-diffusion-v1-4 (860M UNet, 123M text encoder, 84M VAE), random weights.
     "sd-v1": dict(
