@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+
+from common.errors import DiffmemError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -21,3 +25,13 @@ def quiet_hub_logging() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def run_main(prog: str, body: Callable[..., object], *args) -> int:
+    """Run a CLI's body: 0 when it returns; a DiffmemError becomes one line ``prog: error: …`` and exit code 2."""
+    try:
+        body(*args)
+    except DiffmemError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import DiffmemError
 from common.prompt_aug import augment_prompt
 from common.seeding import STREAM_CAPTION, STREAM_IMAGE, derive_seed, numpy_generator
 
@@ -31,7 +32,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 
 
-class ImageDataError(ValueError):
+class ImageDataError(DiffmemError, ValueError):
     """Training data that cannot be used; str() is the one-line message for the user."""
 
 

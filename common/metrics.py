@@ -10,7 +10,6 @@ scikit-learn, scipy and matplotlib are imported where they are used.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from common.jsonl import iter_json_objects, parse_label
 from common.plotting import new_axes
+from common.results import ResultsFileError
 
 DEFAULT_FPR_TARGETS = (0.001, 0.01, 0.03, 0.05)
 LABEL_KEYS = ("label", "memorized")  # detect_mem writes "label"; hand-made files may say "memorized"
@@ -114,10 +115,6 @@ def detection_metrics(scores, labels, fpr_targets: Sequence[float] = DEFAULT_FPR
 # Scored result rows (detect_mem output)
 # ----------------------------------------------------------------------------------------------------------
 
-class ResultFileError(ValueError):
-    """A results file or set of results that cannot be evaluated; str() is the one-line message for the user."""
-
-
 @dataclass(frozen=True)
 class ScoredRow:
     """One scored prompt: its score, its 0/1 label, its Webster type if any, and ``FILE:LINE`` it came from."""
@@ -128,64 +125,42 @@ class ScoredRow:
     where: str
 
 
-def _parse_label(value, where: str) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return int(value)
-    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
-        return int(value.strip().lower() in ("1", "true"))
-    raise ResultFileError(f"{where}: expected 'label' 0/1 (or true/false), got {value!r}")
-
-
 def read_scored_rows(path: Path | str, forced_label: int | None = None, role: str = "") -> list[ScoredRow]:
     """Rows of a detect_mem results jsonl. With ``forced_label`` every row gets that label (``role`` names the
     option that gave it, for messages) and a row whose own label disagrees is an error; without it every row
     must carry its own label."""
     path = Path(path)
     if not path.is_file():
-        raise ResultFileError(f"{path}: no such file (expected a detect_mem results .jsonl)")
+        raise ResultsFileError(f"{path}: no such file (expected a detect_mem results .jsonl)")
     rows: list[ScoredRow] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ResultFileError(f"{where}: expected a JSON object, got invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ResultFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if "score" not in obj:
-                raise ResultFileError(f"{where}: expected a 'score' key (a detect_mem results row)")
-            score = obj["score"]
-            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-                raise ResultFileError(f"{where}: expected 'score' to be a finite number, got {score!r}")
-            own_label = _parse_label(next((obj[k] for k in LABEL_KEYS if k in obj), None), where)
-            if forced_label is not None:
-                if own_label is not None and own_label != forced_label:
-                    raise ResultFileError(f"{where}: the row says label {own_label} but the file was given with "
-                                          f"{role or 'a forced label'} (label {forced_label})")
-                label = forced_label
-            elif own_label is None:
-                raise ResultFileError(f"{where}: expected a 'label' 0/1 in the row (or give the whole file with "
-                                      f"--positive / --negative)")
-            else:
-                label = own_label
-            type_ = obj.get("type")
-            if type_ is not None and not isinstance(type_, str):
-                raise ResultFileError(f"{where}: expected 'type' to be a string such as VM or TM, got {type_!r}")
-            rows.append(ScoredRow(float(score), label, (type_ or "").strip() or None, where))
+    for where, _, obj in iter_json_objects(path, ResultsFileError):
+        if "score" not in obj:
+            raise ResultsFileError(f"{where}: expected a 'score' key (a detect_mem results row)")
+        score = obj["score"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ResultsFileError(f"{where}: expected 'score' to be a finite number, got {score!r}")
+        own_label = parse_label(next((obj[k] for k in LABEL_KEYS if k in obj), None), where, ResultsFileError)
+        if forced_label is not None:
+            if own_label is not None and own_label != forced_label:
+                raise ResultsFileError(f"{where}: the row says label {own_label} but the file was given with "
+                                      f"{role or 'a forced label'} (label {forced_label})")
+            label = forced_label
+        elif own_label is None:
+            raise ResultsFileError(f"{where}: expected a 'label' 0/1 in the row (or give the whole file with "
+                                  f"--positive / --negative)")
+        else:
+            label = own_label
+        type_ = obj.get("type")
+        if type_ is not None and not isinstance(type_, str):
+            raise ResultsFileError(f"{where}: expected 'type' to be a string such as VM or TM, got {type_!r}")
+        rows.append(ScoredRow(float(score), label, (type_ or "").strip() or None, where))
     if not rows:
-        raise ResultFileError(f"{path}:1: expected at least one JSON row with a 'score', found none")
+        raise ResultsFileError(f"{path}:1: expected at least one JSON row with a 'score', found none")
     return rows
 
 
 def check_both_classes(rows: Sequence[ScoredRow], paths: Iterable[Path | str]) -> None:
-    """Raise ResultFileError (naming the files) unless the rows hold both memorized and non-memorized prompts."""
+    """Raise ResultsFileError (naming the files) unless the rows hold both memorized and non-memorized prompts."""
     n_pos = sum(r.label for r in rows)
     n_neg = len(rows) - n_pos
     if n_pos and n_neg:
@@ -193,7 +168,7 @@ def check_both_classes(rows: Sequence[ScoredRow], paths: Iterable[Path | str]) -
     names = ", ".join(str(p) for p in paths)
     missing, option = ("label 0 (not memorized)", "--negative") if n_neg == 0 else ("label 1 (memorized)",
                                                                                     "--positive")
-    raise ResultFileError(f"{names}: expected rows of both classes, found no rows with {missing} "
+    raise ResultsFileError(f"{names}: expected rows of both classes, found no rows with {missing} "
                           f"({len(rows)} rows in all); give such results with {option}")
 
 

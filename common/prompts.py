@@ -7,11 +7,11 @@ is one line ``FILE:LINE: what was expected``.
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import DiffmemError
+from common.jsonl import iter_json_objects, parse_label
 
 CAPTION_KEYS = ("caption", "prompt", "text", "Prompt", "TEXT", "Caption")
 LABEL_KEYS = ("label", "memorized")
@@ -37,18 +37,6 @@ class PromptRecord:
     line: int | None = None  # 1-based line in the source file, for messages
 
 
-def _parse_label(value, where: str) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return int(value)
-    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
-        return int(value.strip().lower() in ("1", "true"))
-    raise PromptFileError(f"{where}: expected label 0/1 (or true/false), got {value!r}")
-
-
 def _parse_index(value):
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value)
@@ -60,7 +48,7 @@ def _make_record(row, caption, where, *, index=None, label=None, type_=None, lin
         raise PromptFileError(f"{where}: expected the caption to be a string, got {type(caption).__name__}")
     if not caption.strip() and not allow_empty:
         raise PromptFileError(f"{where}: empty caption (pass --allow_empty to score the empty prompt)")
-    label = _parse_label(label, where)
+    label = parse_label(label, where, PromptFileError)
     if label is None and type_:
         label = 1 if type_ in MEMORIZED_TYPES else 0 if type_ in UNMEMORIZED_TYPES else None
     return PromptRecord(row, caption, _parse_index(index), label, type_ or None, line)
@@ -69,24 +57,14 @@ def _make_record(row, caption, where, *, index=None, label=None, type_=None, lin
 def read_jsonl(path: Path, allow_empty: bool = False) -> list[PromptRecord]:
     """Records of a jsonl file: one JSON object per line with a caption key (see CAPTION_KEYS)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise PromptFileError(f"{where}: expected a JSON object, got invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise PromptFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            key = next((k for k in CAPTION_KEYS if k in obj), None)
-            if key is None:
-                raise PromptFileError(f"{where}: expected a key 'caption' (or {', '.join(CAPTION_KEYS[1:])})")
-            label = next((obj[k] for k in LABEL_KEYS if k in obj), None)
-            index = next((obj[k] for k in INDEX_KEYS if k in obj), None)
-            records.append(_make_record(len(records), obj[key], where, index=index, label=label,
-                                        type_=obj.get("type"), line=lineno, allow_empty=allow_empty))
+    for where, lineno, obj in iter_json_objects(path, PromptFileError):
+        key = next((k for k in CAPTION_KEYS if k in obj), None)
+        if key is None:
+            raise PromptFileError(f"{where}: expected a key 'caption' (or {', '.join(CAPTION_KEYS[1:])})")
+        label = next((obj[k] for k in LABEL_KEYS if k in obj), None)
+        index = next((obj[k] for k in INDEX_KEYS if k in obj), None)
+        records.append(_make_record(len(records), obj[key], where, index=index, label=label,
+                                    type_=obj.get("type"), line=lineno, allow_empty=allow_empty))
     return records
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import DiffmemError
 from common.seeding import STREAM_PERMUTATION, derive_seed
 from common.train_loss import masked_mean
 
@@ -37,7 +38,7 @@ RESUME_KEYS = ("seed", "train_batch_size", "num_processes", "gradient_accumulati
                "shuffle", "use_ema", "model_names")
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(DiffmemError, ValueError):
     """A training setup that cannot run; str() is the one-line message for the user."""
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 # `python detect/detect_mem.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, quiet_hub_logging  # noqa: E402
-from common.errors import ConfigError, DiffmemError  # noqa: E402
+from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from common.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
 from common.results import append_results, merge_rows, read_results, write_json_atomic  # noqa: E402
 
@@ -157,6 +157,7 @@ class RunState:
 
 def run(cfg: DetectConfig) -> int:
     """Score the selected rows, resuming earlier work; returns the number of prompts scored now."""
+    cfg.validate()
     # Validate the whole input before torch is even imported, let alone a model loaded.
     records = select_rows(read_prompts(cfg.dataset, split=cfg.split, column=cfg.column,
                                        allow_empty=cfg.allow_empty), cfg.start, cfg.end, cfg.label)
@@ -252,14 +253,7 @@ def summarize(cfg: DetectConfig, rows: list[dict], scored_now: int, resumed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    try:
-        cfg.validate()
-        run(cfg)
-    except DiffmemError as exc:
-        print(f"detect_mem: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("detect_mem", run, parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,16 @@ Writes DIR/summary.json, DIR/roc.png, DIR/scores_kde.png and prints a table. Bad
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.cli import ArgumentParser, run_main
+from common.errors import ConfigError
 from common.metrics import (
     DEFAULT_FPR_TARGETS,
-    ResultFileError,
+    ResultsFileError,
     check_both_classes,
     evaluate_splits,
     format_table,
@@ -46,15 +47,8 @@ class EvaluateConfig:
                 + [(p, 0, "--negative") for p in self.negative])
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse prints the usage block before errors; the project's rule is one line on stderr, exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None) -> EvaluateConfig:
-    p = _OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0],
                        epilog="Put positional files before --positive/--negative: those take every file after them.")
     p.add_argument("results", nargs="*", type=Path, metavar="RESULTS.jsonl",
                    help="results files whose rows carry their own 'label' 0/1 (detect_mem writes it when known)")
@@ -71,39 +65,34 @@ def parse_args(argv=None) -> EvaluateConfig:
 
 
 def validate(cfg: EvaluateConfig) -> None:
-    """Argument-level checks; raises ResultFileError with the one-line message."""
+    """Argument-level checks; raises ConfigError or ResultsFileError with the one-line message."""
     if not cfg.sources():
-        raise ResultFileError("evaluate.py: expected at least one results file (positional, --positive or "
-                              "--negative)")
+        raise ConfigError("expected at least one results file (positional, --positive or --negative)")
     seen = {}
     for path, _, role in cfg.sources():
         key = path.resolve()
         if key in seen:
-            raise ResultFileError(f"{path}: given more than once ({seen[key] or 'positional'} and "
+            raise ResultsFileError(f"{path}: given more than once ({seen[key] or 'positional'} and "
                                   f"{role or 'positional'}); each file may appear once")
         seen[key] = role
     bad = [t for t in cfg.fpr_targets if not 0 < t <= 1]
     if bad:
-        raise ResultFileError(f"evaluate.py: expected --fpr_targets in (0, 1], got {bad[0]}")
+        raise ConfigError(f"expected --fpr_targets in (0, 1], got {bad[0]}")
     if cfg.out.exists() and not cfg.out.is_dir():
-        raise ResultFileError(f"{cfg.out}: expected --out to be a folder, it is a file")
+        raise ResultsFileError(f"{cfg.out}: expected --out to be a folder, it is a file")
 
 
-def main(argv=None) -> int:
-    cfg = parse_args(argv)
-    try:
-        validate(cfg)
-        rows, inputs = [], []
-        for path, forced, role in cfg.sources():
-            file_rows = read_scored_rows(path, forced, role)
-            rows += file_rows
-            n_pos = sum(r.label for r in file_rows)
-            inputs.append({"path": str(path), "labels": role or "from rows", "rows": len(file_rows),
-                           "n_pos": n_pos, "n_neg": len(file_rows) - n_pos})
-        check_both_classes(rows, [p for p, _, _ in cfg.sources()])
-    except ResultFileError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+def run(cfg: EvaluateConfig) -> dict:
+    """Check every input, then write summary.json and the plots; returns the metrics per split."""
+    validate(cfg)
+    rows, inputs = [], []
+    for path, forced, role in cfg.sources():
+        file_rows = read_scored_rows(path, forced, role)
+        rows += file_rows
+        n_pos = sum(r.label for r in file_rows)
+        inputs.append({"path": str(path), "labels": role or "from rows", "rows": len(file_rows),
+                       "n_pos": n_pos, "n_neg": len(file_rows) - n_pos})
+    check_both_classes(rows, [p for p, _, _ in cfg.sources()])
 
     metrics, curves = evaluate_splits(rows, cfg.fpr_targets)
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +104,11 @@ def main(argv=None) -> int:
     plot_score_kde(score_groups(rows), cfg.out / "scores_kde.png")
     print(format_table(metrics))
     print(f"wrote {cfg.out / 'summary.json'}, roc.png, scores_kde.png")
-    return 0
+    return metrics
+
+
+def main(argv=None) -> int:
+    return run_main("evaluate", run, parse_args(argv))
 
 
 if __name__ == "__main__":

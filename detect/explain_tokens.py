@@ -19,8 +19,8 @@ from pathlib import Path
 # `python detect/explain_tokens.py` puts detect/ on sys.path, not the checkout; make `common` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, quiet_hub_logging  # noqa: E402
-from common.errors import ConfigError, DiffmemError  # noqa: E402
+from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from common.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
 from common.results import append_results, read_results, write_json_atomic  # noqa: E402
 
@@ -194,6 +194,7 @@ def result_row(rec: PromptRecord, result) -> dict:
 
 def run(cfg: ExplainConfig) -> int:
     """Explain the selected prompts, resuming earlier work; returns the number explained now."""
+    cfg.validate()
     records = load_records(cfg)
     out = OutDir(cfg)
     out.prepare(cfg.overwrite)
@@ -247,14 +248,7 @@ def run(cfg: ExplainConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    try:
-        cfg.validate()
-        run(cfg)
-    except DiffmemError as exc:
-        print(f"explain_tokens: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("explain_tokens", run, parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from common.cli import ArgumentParser, run_main
+from common.errors import ConfigError
 from common.prompt_aug import STYLES
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True, help="Hub id or local pipeline folder")
     g.add_argument("--revision", default=None)
@@ -177,28 +178,24 @@ def validate_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> None:
+    """Validate the arguments, train, and save the pipeline (one line of summary from the main process)."""
     problem = validate_args(args)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    from common.imagedata import ImageDataError
-    from common.models import ModelLoadError
+        raise ConfigError(problem)
     from common.t2i_train import train_text_to_image
-    from common.trainer import TrainSetupError, resolve_resume
+    from common.trainer import resolve_resume
 
     cfg = config_from_args(args)
-    try:
-        resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
-        summary = train_text_to_image(cfg)
-    except (ImageDataError, TrainSetupError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
+    summary = train_text_to_image(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {summary.global_step} steps ({summary.samples_kept}/{summary.samples_seen} samples kept); "
               f"pipeline saved to {cfg.train.output_dir}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("train_text_to_image", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from pathlib import Path
 # `python mitigate/inference_mem.py` puts mitigate/ on sys.path, not the checkout; make `common` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, quiet_hub_logging  # noqa: E402
-from common.errors import ConfigError, DiffmemError  # noqa: E402
+from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from common.mitigation_run import METHODS, MitigationSettings  # noqa: E402
 
 
@@ -132,6 +132,7 @@ def parse_config(argv: list[str] | None) -> InferenceMemConfig:
 
 def run(cfg: InferenceMemConfig) -> dict:
     """Validate inputs, load models, run the method and return the summary."""
+    cfg.validate()
     from common.groundtruth import resolve_dataset_path, resolve_gt_root
     from common.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators, resolve_device,
                                        run_mitigation)
@@ -189,14 +190,7 @@ def run(cfg: InferenceMemConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    try:
-        cfg.validate()
-        run(cfg)
-    except DiffmemError as exc:
-        print(f"inference_mem: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("inference_mem", run, parse_config(argv))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, quiet_hub_logging  # noqa: E402
-from common.errors import ConfigError, DiffmemError  # noqa: E402
+from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from common.mitigation_run import BASELINES, MitigationSettings  # noqa: E402
 
 
@@ -119,6 +119,7 @@ def parse_config(argv: list[str] | None) -> TradeoffConfig:
 
 
 def run(cfg: TradeoffConfig) -> list[dict]:
+    cfg.validate()
     from common.groundtruth import resolve_dataset_path, resolve_gt_root
     from common.mitigation_run import (check_evaluators, load_evaluators, plot_tradeoff, resolve_device,
                                        run_mitigation, sweep_settings, tradeoff_point)
@@ -161,14 +162,7 @@ def run(cfg: TradeoffConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    try:
-        cfg.validate()
-        run(cfg)
-    except DiffmemError as exc:
-        print(f"tradeoff: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("tradeoff", run, parse_config(argv))
 
 
 if __name__ == "__main__":

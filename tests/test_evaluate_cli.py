@@ -115,16 +115,16 @@ def test_bad_input_one_line_and_exit_2(tmp_path, name):
     assert r.returncode == 2, (r.stdout, r.stderr)
     message = r.stderr.rstrip("\n")
     assert "\n" not in message and "Traceback" not in message, r.stderr
-    assert message.startswith(f"{bad}:{line}: " if line else f"{bad}: "), message
+    assert message.startswith("evaluate: error: " + (f"{bad}:{line}: " if line else f"{bad}: ")), message
     assert not out.exists()  # nothing written before the inputs are known good
 
 
 def test_missing_file_duplicate_file_and_bad_option(tmp_path, files):
     pos, neg = files
-    cases = [([tmp_path / "nope.jsonl", "--negative", neg], f"{tmp_path / 'nope.jsonl'}: no such file"),
-             (["--positive", pos, "--negative", pos], f"{pos}: given more than once"),
-             (["--positive", pos, "--negative", neg, "--fpr_targets", "5"], "evaluate.py: expected --fpr_targets"),
-             ([pos, "--bogus"], "evaluate.py: error: unrecognized arguments: --bogus")]
+    cases = [([tmp_path / "nope.jsonl", "--negative", neg], f"evaluate: error: {tmp_path / 'nope.jsonl'}: no such file"),
+             (["--positive", pos, "--negative", pos], f"evaluate: error: {pos}: given more than once"),
+             (["--positive", pos, "--negative", neg, "--fpr_targets", "5"], "evaluate: error: expected --fpr_targets"),
+             ([pos, "--bogus"], "evaluate: error: unrecognized arguments: --bogus")]
     for argv, start in cases:
         r = run_cli(SCRIPT, *argv, "--out", tmp_path / "eval")
         assert r.returncode == 2, (argv, r.stderr)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.metrics import (
-    ResultFileError,
+    ResultsFileError,
     auc,
     detection_metrics,
     fpr_key,
@@ -163,5 +163,5 @@ def test_forced_label_fills_and_conflicts(tmp_path):
     f = _write(tmp_path / "n.jsonl", [{"score": 1.0}, {"score": 2.0, "label": None}])
     assert [r.label for r in read_scored_rows(f, forced_label=0, role="--negative")] == [0, 0]
     g = _write(tmp_path / "m.jsonl", [{"score": 1.0, "label": 0}, {"score": 2.0, "label": 1}])
-    with pytest.raises(ResultFileError, match=rf"^{g}:2: .*--negative"):
+    with pytest.raises(ResultsFileError, match=rf"^{g}:2: .*--negative"):
         read_scored_rows(g, forced_label=0, role="--negative")

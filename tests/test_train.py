@@ -204,7 +204,7 @@ def test_resume_with_another_batch_size_is_refused(tiny_pipeline_dir, data, tmp_
     args[args.index("--train_batch_size") + 1] = "1"
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and "train_batch_size=2" in err[-1] and "train_batch_size=1" in err[-1]
+    assert err[-1].startswith("train_text_to_image: error: ") and "train_batch_size=2" in err[-1] and "train_batch_size=1" in err[-1]
 
 
 def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):

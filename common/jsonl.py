@@ -1,0 +1,36 @@
+"""Reading hand-made or generated jsonl files with one-line ``FILE:LINE: what was expected`` errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def iter_json_objects(path: str | Path, error: type[Exception]) -> Iterator[tuple[str, int, dict]]:
+    """(``FILE:LINE``, line number, object) for each non-blank line; a line that is no JSON object raises error."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise error(f"{where}: expected a JSON object, got invalid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, lineno, obj
+
+
+def parse_label(value, where: str, error: type[Exception]) -> int | None:
+    """A 0/1 label from 0/1, true/false (bools or strings); None when absent; anything else raises error."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return int(value.strip().lower() in ("1", "true"))
+    raise error(f"{where}: expected label 0/1 (or true/false), got {value!r}")
