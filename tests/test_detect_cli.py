@@ -94,7 +94,7 @@ def test_unknown_model_is_one_line(dataset, tmp_path):
 def test_killed_run_resumes_with_every_row_once(tiny_pipeline_dir, tiny_parts, dataset, tmp_path):
     out = tmp_path / "out"
     args = ["--model_id", tiny_pipeline_dir, "--dataset", dataset, "--run_name", "r", "--output_dir", out,
-            "--num_images_per_prompt", 2, "--batch_size", 1, "--num_inference_steps", 12, "--score_steps", "all"]
+            "--num_images_per_prompt", 2, "--batch_size", 1, "--num_inference_steps", 6, "--score_steps", "all"]
     cmd = [sys.executable, str(REPO / "detect/detect_mem.py"), *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
@@ -120,7 +120,7 @@ def test_killed_run_resumes_with_every_row_once(tiny_pipeline_dir, tiny_parts, d
     summary = json.loads((out / "r.summary.json").read_text())
     assert summary["counts"]["resumed"] == done and summary["counts"]["scored_this_run"] == len(rows) - done
     expected = library_scores(tiny_parts, PROMPTS + [LONG], list(range(len(rows))), num_images_per_prompt=2,
-                              num_inference_steps=12, score_steps=12)
+                              num_inference_steps=6, score_steps=6)
     assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)
 
     # Same command again: nothing to do; different scoring settings: refused.
