@@ -1,0 +1,311 @@
+"""Build the memorization lab: a tiny StableDiffusionPipeline that memorizes a known subset of captioned digits.
+
+Stages (each a real diffmem component): captioned images (common.lab) -> a small VAE trained with
+common.trainer.Trainer -> a random pipeline of arch "lab" with that VAE -> finetune/train_text_to_image.py with
+--train_text_encoder (memorized images repeated, seen-once images mixed in) -> detect/detect_mem.py first-step
+scores and pixel replication rates -> the same training with --hard_threshold (Wen et al.'s mitigation),
+measured the same way -> OUT/ (the pipeline in fp16, memorized.jsonl, unmemorized.jsonl, gt_images/,
+manifest.json). Deterministic for a given --seed on a given machine; `make lab` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from common.cli import ArgumentParser  # noqa: E402
+
+
+@dataclass
+class LabConfig:
+    out: str
+    work_dir: str
+    seed: int = 0
+    num_memorized: int = 12
+    repeats: int = 50
+    num_seen_once: int = 300
+    num_unmem_seen_once: int = 50
+    num_novel: int = 50
+    vae_steps: int = 1000
+    train_steps: int = 3000
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    detect_generations: int = 4
+    replication_generations: int = 2
+    replication_guidance: float = 1.0
+    replication_steps: int = 50
+    threshold_quantile: float = 0.9
+    hard_threshold: float | None = None
+    skip_mitigation: bool = False
+    threads: int = 1
+    quiet: bool = False
+
+
+# --quick: every stage, tiny sizes; its figures mean nothing.
+QUICK = dict(num_memorized=3, repeats=4, num_seen_once=12, num_unmem_seen_once=3, num_novel=3, vae_steps=10,
+             train_steps=10, batch_size=8, detect_generations=2, replication_generations=1, replication_steps=4)
+
+
+def parse_args(argv=None) -> LabConfig:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder (replaced)")
+    p.add_argument("--work_dir", default=None, help="scratch folder for the training runs (default: OUT.build)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_memorized", type=int, default=12, help="images duplicated --repeats times")
+    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--num_seen_once", type=int, default=300, help="images seen once per pass")
+    p.add_argument("--num_unmem_seen_once", type=int, default=50,
+                   help="seen-once captions listed in unmemorized.jsonl")
+    p.add_argument("--num_novel", type=int, default=50, help="never-trained captions in unmemorized.jsonl")
+    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--train_steps", type=int, default=3000)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--detect_generations", type=int, default=4)
+    p.add_argument("--replication_generations", type=int, default=2)
+    p.add_argument("--replication_guidance", type=float, default=1.0)
+    p.add_argument("--replication_steps", type=int, default=50)
+    p.add_argument("--threshold_quantile", type=float, default=0.9,
+                   help="mitigation T = this quantile of the seen-once samples' training text-noise norms")
+    p.add_argument("--hard_threshold", type=float, default=None, help="mitigation T (overrides the quantile)")
+    p.add_argument("--skip_mitigation", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every stage (results are reproducible for a given count)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps on a few images: exercises every stage in about a minute (tests)")
+    a = p.parse_args(argv)
+    if a.quick:
+        for k, v in QUICK.items():
+            setattr(a, k, v)
+    del a.quick
+    cfg = LabConfig(**{k: v for k, v in vars(a).items() if k != "work_dir"},
+                    work_dir=a.work_dir or str(Path(a.out).with_suffix(".build")))
+    for name in ("num_memorized", "repeats", "num_seen_once", "vae_steps", "train_steps", "batch_size",
+                 "detect_generations", "replication_generations", "replication_steps", "threads"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if not 0 < cfg.threshold_quantile < 1:
+        p.error("--threshold_quantile must be in (0, 1)")
+    if cfg.num_unmem_seen_once > cfg.num_seen_once:
+        p.error("--num_unmem_seen_once must be <= --num_seen_once")
+    if cfg.num_unmem_seen_once + cfg.num_novel < 1:
+        p.error("unmemorized.jsonl needs at least one caption (--num_unmem_seen_once / --num_novel)")
+    return cfg
+
+
+def _run(cmd: list[str], quiet: bool, threads: int) -> None:
+    # One thread count for every stage: more threads than free cores makes torch's CPU kernels crawl.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
+    res = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE if quiet else None,
+                         stderr=subprocess.STDOUT if quiet else None, text=True)
+    if res.returncode != 0:
+        tail = (res.stdout or "")[-3000:] if quiet else ""
+        raise SystemExit(f"build_lab: command failed ({res.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+def _write_prompts(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def _train(cfg: LabConfig, init_dir: Path, work: Path, out_dir: Path, hard_threshold: float | None) -> float:
+    cmd = [sys.executable, "finetune/train_text_to_image.py", "--pretrained_model_name_or_path", str(init_dir),
+           "--train_data_dir", str(work / "mem"), "--repeats", str(cfg.repeats),
+           "--non_mem_dataset", str(work / "non_mem"), "--non_mem_ratio", str(cfg.num_seen_once / (cfg.num_memorized * cfg.repeats)),
+           "--resolution", "16", "--train_text_encoder", "--train_batch_size", str(cfg.batch_size),
+           "--max_train_steps", str(cfg.train_steps), "--learning_rate", str(cfg.learning_rate),
+           "--lr_warmup_steps", "0", "--checkpointing_steps", str(10 ** 9), "--report_to", "none",
+           "--seed", str(cfg.seed), "--output_dir", str(out_dir)]
+    if hard_threshold is not None:
+        cmd += ["--hard_threshold", repr(hard_threshold)]
+    t0 = time.perf_counter()
+    _run(cmd, cfg.quiet, cfg.threads)
+    return time.perf_counter() - t0
+
+
+def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir: Path, train_images, train_index,
+             split) -> dict:
+    from common.lab import generate_images, replication_figures
+    from common.detection import score_prompts
+    from common.metrics import detection_metrics, fpr_key
+    from common.models import denoiser_parts, load_pipeline
+    from common.prompts import read_prompts
+
+    figures = {}
+    t0 = time.perf_counter()
+    # The scoring of detect/detect_mem.py (common.detection.score_prompts), per file with rows from 0, so the
+    # figures are exactly those `make demo` prints.
+    pipe = load_pipeline(str(model_dir))
+    parts = denoiser_parts(pipe)
+    scores, labels, kinds = [], [], []
+    for name in ("memorized", "unmemorized"):
+        recs = read_prompts(str(prompts_dir / f"{name}.jsonl"))
+        trace, _ = score_prompts(parts, [r.prompt for r in recs], list(range(len(recs))),
+                                 num_images_per_prompt=cfg.detect_generations, gen_seed=cfg.seed,
+                                 num_inference_steps=50, guidance_scale=7.5, score_steps=1)
+        scores += trace.score.tolist()
+        labels += [r.label for r in recs]
+        kinds += [r.type for r in recs]
+    metrics = detection_metrics(scores, labels)
+    by_type = {}
+    for kind, score in zip(kinds, scores):
+        by_type.setdefault(kind, []).append(score)
+    figures["detection"] = {
+        "score_steps": 1, "num_images_per_prompt": cfg.detect_generations, "num_inference_steps": 50,
+        "auc": metrics["auc"], "tpr_at_1pct_fpr": metrics["tpr_at_fpr"][fpr_key(0.01)],
+        "metrics": metrics, "mean_score": {k: sum(v) / len(v) for k, v in by_type.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    t0 = time.perf_counter()
+    groups = {
+        "memorized": (split.memorized_captions, list(split.memorized)),
+        "seen_once": (split.seen_once_captions[:cfg.num_unmem_seen_once], list(split.seen_once[:cfg.num_unmem_seen_once])),
+        "novel": (split.novel_captions, [None] * len(split.novel_captions)),
+    }
+    rep = {"guidance_scale": cfg.replication_guidance, "num_inference_steps": cfg.replication_steps,
+           "num_images_per_prompt": cfg.replication_generations, "ratio_threshold": 1 / 3}
+    for name, (captions, own) in groups.items():
+        if not captions:
+            continue
+        images = generate_images(pipe, captions, num_images=cfg.replication_generations, gen_seed=cfg.seed,
+                                 num_inference_steps=cfg.replication_steps, guidance_scale=cfg.replication_guidance)
+        rep[name] = replication_figures(images, own, train_images, train_index)
+        if name == "memorized":
+            from common.generation import save_grid, to_pil
+
+            save_grid(to_pil(images.flatten(0, 1)), work / f"samples_{tag}_memorized.png")
+    if cfg.replication_guidance != 7.5:
+        # Stable Diffusion's default guidance, for contrast: strong guidance can push a tiny model off its copies.
+        images = generate_images(pipe, split.memorized_captions, num_images=cfg.replication_generations,
+                                 gen_seed=cfg.seed, num_inference_steps=cfg.replication_steps, guidance_scale=7.5)
+        rep["memorized_at_guidance_7.5"] = replication_figures(images, list(split.memorized), train_images,
+                                                               train_index)
+    rep["seconds"] = round(time.perf_counter() - t0, 1)
+    figures["replication"] = rep
+    return figures
+
+
+def build(cfg: LabConfig) -> dict:
+    import numpy as np
+    import torch
+
+    from common.lab import digit_images, lab_split, train_vae, training_text_noise_norms, write_imagefolder
+    from common.models import assemble_pipeline, build_components, load_pipeline
+
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    out, work = Path(cfg.out), Path(cfg.work_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    timings = {}
+
+    # 1. data
+    images = digit_images()
+    split = lab_split(len(images), cfg.num_memorized, cfg.num_seen_once, cfg.num_novel, cfg.seed)
+    write_imagefolder(work / "mem", images, split.memorized, split.memorized_captions)
+    write_imagefolder(work / "non_mem", images, split.seen_once, split.seen_once_captions)
+    prompts = work / "prompts"
+    prompts.mkdir()
+    _write_prompts(prompts / "memorized.jsonl", [
+        {"index": i, "caption": c, "label": 1, "type": "memorized"}
+        for i, c in zip(split.memorized, split.memorized_captions)])
+    _write_prompts(prompts / "unmemorized.jsonl", [
+        {"index": i, "caption": c, "label": 0, "type": "seen_once"}
+        for i, c in zip(split.seen_once[:cfg.num_unmem_seen_once], split.seen_once_captions)] + [
+        {"caption": c, "label": 0, "type": "novel"} for c in split.novel_captions])
+    train_index = list(split.memorized) + list(split.seen_once)
+    train_images = torch.from_numpy(images[train_index]).permute(0, 3, 1, 2).float() / 255.0
+
+    # 2. VAE, trained on every digit (the lab's whole image domain) with the project's Trainer
+    t0 = time.perf_counter()
+    _, vae_fig = train_vae(images, work / "vae_run", steps=cfg.vae_steps, seed=cfg.seed,
+                           show_progress=not cfg.quiet)
+    timings["vae_s"] = round(time.perf_counter() - t0, 1)
+
+    # 3. the initial pipeline: random UNet and text encoder of arch "lab", the trained VAE
+    from diffusers import AutoencoderKL
+
+    comps = build_components("lab", cfg.seed, tokenizer_dir=work / "init" / "tokenizer")
+    comps["vae"] = AutoencoderKL.from_pretrained(work / "vae_run" / "vae")
+    assemble_pipeline(comps).save_pretrained(work / "init")
+
+    # 4. training; the shipped folder is the trained pipeline in fp16 (under 20 MB) with prompts and ground truth
+    timings["train_s"] = round(_train(cfg, work / "init", work, work / "train", None), 1)
+    shutil.rmtree(out, ignore_errors=True)
+    pipe = load_pipeline(str(work / "train"))
+    pipe.to(torch.float16).save_pretrained(out)
+    del pipe
+    for name in ("memorized.jsonl", "unmemorized.jsonl"):
+        shutil.copy(prompts / name, out / name)
+    from PIL import Image
+
+    for i in split.memorized + split.seen_once[:cfg.num_unmem_seen_once]:
+        (out / "gt_images" / str(i)).mkdir(parents=True)
+        Image.fromarray(images[i]).save(out / "gt_images" / str(i) / "0.png")
+
+    # 5. the shipped model's figures (what every CLI will load)
+    shipped = _measure(cfg, out, work, "lab", prompts, train_images, train_index, split)
+
+    # 6. the mitigation: T from the trained model's per-sample training norms on seen-once images
+    mitigated = None
+    norms = None
+    if not cfg.skip_mitigation:
+        pipe = load_pipeline(str(out))
+        norms = training_text_noise_norms(pipe, images, split, seed=cfg.seed)
+        del pipe
+        T = cfg.hard_threshold if cfg.hard_threshold is not None else float(
+            np.quantile(norms["seen_once"], cfg.threshold_quantile))
+        timings["mitigated_train_s"] = round(_train(cfg, work / "init", work, work / "train_mitigated", T), 1)
+        mitigated = {"hard_threshold": T, **_measure(cfg, work / "train_mitigated", work, "mitigated", prompts,
+                                                     train_images, train_index, split)}
+        log = [json.loads(x) for x in (work / "train_mitigated" / "train_log.jsonl").read_text().splitlines() if x]
+        mitigated["mean_dropped_fraction"] = sum(r["dropped_fraction"] for r in log) / len(log)
+    timings["total_s"] = round(time.perf_counter() - t_start, 1)
+    manifest = {
+        "recipe": {**{k: v for k, v in asdict(cfg).items() if k not in ("out", "work_dir", "quiet")},
+                   "arch": "lab", "images": "sklearn.datasets.load_digits, 8x8 -> 16x16 RGB (bilinear)",
+                   "caption_template": "a {adjective} {noun} near the {place}", "scheduler": "scaled_linear (SD v1)",
+                   "trainer": "finetune/train_text_to_image.py --train_text_encoder", "shipped_dtype": "fp16"},
+        "counts": {"memorized": len(split.memorized), "seen_once_trained": len(split.seen_once),
+                   "unmemorized_seen_once": cfg.num_unmem_seen_once, "unmemorized_novel": len(split.novel_captions),
+                   "training_samples": len(split.memorized) * cfg.repeats + len(split.seen_once)},
+        "vae": vae_fig,
+        "lab": shipped,  # measured on the shipped fp16 files, loaded in fp32 as the CLIs do
+        "mitigated": mitigated,
+        "training_text_noise_norms": None if norms is None else {
+            k: {"mean": float(np.mean(v)), "q50": float(np.quantile(v, 0.5)), "q90": float(np.quantile(v, 0.9))}
+            for k, v in norms.items()},
+        "timings": timings,
+        "machine": {"torch_threads": cfg.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    manifest = build(cfg)
+    lab, mit = manifest["lab"], manifest["mitigated"]
+    print(f"lab: first-step AUC {lab['detection']['auc']:.3f}; replication at guidance "
+          f"{cfg.replication_guidance}: memorized {lab['replication']['memorized']['own_image_rate']:.2f}, "
+          f"novel {lab['replication'].get('novel', {}).get('replication_rate', float('nan')):.2f}")
+    if mit is not None:
+        print(f"mitigated (T={mit['hard_threshold']:.3f}): AUC {mit['detection']['auc']:.3f}; replication "
+              f"memorized {mit['replication']['memorized']['own_image_rate']:.2f}")
+    print(f"total {manifest['timings']['total_s']} s -> {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The memorization lab: the lab's pieces on tiny inputs, the shipped model's known answer, and the builder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from common.lab import lab_captions, lab_split, nearest_ratio, replication_figures, vae_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = ROOT / "data" / "lab"
+
+
+def test_captions_are_distinct_and_seeded():
+    a = lab_captions(200, seed=3)
+    assert len(set(a)) == 200
+    assert a == lab_captions(200, seed=3)
+    assert a != lab_captions(200, seed=4)
+    assert all(c.startswith("a ") and " near the " in c for c in a)
+
+
+def test_split_roles_are_disjoint():
+    s = lab_split(100, 5, 20, 7, seed=0)
+    assert len(s.memorized) == 5 and len(s.seen_once) == 20 and len(s.novel_captions) == 7
+    assert not set(s.memorized) & set(s.seen_once)
+    assert len(set(s.memorized_captions + s.seen_once_captions + s.novel_captions)) == 32
+    with pytest.raises(ValueError):
+        lab_split(10, 5, 6, 0, seed=0)
+
+
+def test_vae_loss_by_hand():
+    recon = torch.tensor([[[[1.0, 0.0]]]])
+    target = torch.tensor([[[[0.0, 0.0]]]])
+    mean = torch.tensor([[1.0, 0.0]])
+    logvar = torch.tensor([[0.0, float(np.log(2.0))]])
+    # MSE = 0.5; KL = 0.5 * [(1 + 1 - 1 - 0) + (0 + 2 - 1 - ln 2)] = 0.5 * (2 - ln 2)
+    expected = 0.5 + 0.1 * 0.5 * (2 - np.log(2.0))
+    assert vae_loss(recon, target, mean, logvar, kl_weight=0.1).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_nearest_ratio_by_hand():
+    training = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    generated = torch.tensor([[0.5, 0.0], [3.0, 4.0]])
+    idx, ratio = nearest_ratio(generated, training)
+    # first: d = 0.5, 2.5, ~4.03 -> ratio 0.2; second: d = 5, 4, 3 -> nearest [2] (3), then [1] (4)
+    assert idx.tolist() == [0, 2]
+    assert ratio[0].item() == pytest.approx(0.2)
+    assert ratio[1].item() == pytest.approx(3.0 / 4.0)
+
+
+def test_replication_figures_counts_own_copies():
+    training = torch.tensor([[0.0, 0.0], [10.0, 0.0]]).view(2, 2, 1, 1)
+    # caption 0 owns image 7 (training row 0); caption 1 is novel; two generations each
+    gen = torch.tensor([[[0.1, 0.0], [5.0, 0.0]], [[9.9, 0.0], [5.0, 1.0]]]).view(2, 2, 2, 1, 1)
+    fig = replication_figures(gen, [7, None], training, [7, 8])
+    assert fig["generations"] == 4
+    assert fig["replication_rate"] == pytest.approx(2 / 4)  # 0.1/9.9 and 0.1/9.9 are copies
+    assert fig["own_image_rate"] == pytest.approx(1 / 4)  # only caption 0's copy is of its own image
+
+
+@pytest.mark.skipif(not (LAB / "model_index.json").is_file(), reason="data/lab not built (make lab)")
+def test_shipped_lab_scores_memorized_captions_higher():
+    from common.detection import score_prompts
+    from common.models import denoiser_parts, load_pipeline
+    from common.prompts import read_prompts
+
+    manifest = json.loads((LAB / "manifest.json").read_text())
+    assert manifest["lab"]["detection"]["auc"] >= 0.9
+    mem = read_prompts(str(LAB / "memorized.jsonl"))[:4]
+    unmem = read_prompts(str(LAB / "unmemorized.jsonl"))
+    unmem = [r for r in unmem if r.type == "seen_once"][:3] + [r for r in unmem if r.type == "novel"][:3]
+    for r in mem:
+        assert (LAB / "gt_images" / str(r.index) / "0.png").is_file()
+    parts = denoiser_parts(load_pipeline(str(LAB)))
+    prompts = [r.prompt for r in mem + unmem]
+    trace, _ = score_prompts(parts, prompts, rows=list(range(len(prompts))), num_images_per_prompt=4, gen_seed=0,
+                             num_inference_steps=50, guidance_scale=7.5, score_steps=1, latents_mode="per_prompt")
+    scores = trace.score.tolist()
+    assert min(scores[:len(mem)]) > max(scores[len(mem):])
+
+
+def test_builder_quick_end_to_end(tmp_path):
+
+
+    out = tmp_path / "lab"
+    res = run_cli("data/build_lab.py", "--out", str(out), "--quick", "--quiet", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert 0.0 <= manifest["lab"]["detection"]["auc"] <= 1.0
+    assert manifest["mitigated"]["hard_threshold"] > 0
+    assert manifest["counts"]["memorized"] == len((out / "memorized.jsonl").read_text().splitlines())
+    rows = [json.loads(x) for x in (out / "unmemorized.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in rows} == {"seen_once", "novel"} and all(r["label"] == 0 for r in rows)
+    assert (out / "model_index.json").is_file()
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    assert size < 20e6
+
+
+def test_builder_rejects_bad_input(tmp_path):
+
+
+    res = run_cli("data/build_lab.py", "--out", str(tmp_path / "x"), "--train_steps", "0")
+    assert res.returncode == 2
+    assert "--train_steps" in res.stderr.strip().splitlines()[-1]
