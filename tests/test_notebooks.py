@@ -49,33 +49,36 @@ def test_committed_without_outputs(name):
     assert any("parameters" in c["metadata"].get("tags", []) for c in code)
 
 
-def test_token_significance_builds_demo_model_and_shows_heatmap(tmp_path):
-    # A missing demo folder is built by the notebook itself, as on a fresh clone.
-    demo = tmp_path / "tiny-sd"
-    prompt = "a watercolor castle above the harbor"
-    nb = execute("token_significance.ipynb", dict(DEMO_MODEL_DIR=str(demo), PROMPT=prompt,
-                                                  NUM_INFERENCE_STEPS=10, TARGET_STEPS=[0, 1]), REPO / "notebooks")
-    assert (demo / "model_index.json").is_file()
+def lab_captions(name: str) -> list[str]:
+    return [json.loads(line)["caption"] for line in (REPO / "data" / "lab" / name).read_text().splitlines()
+            if line.strip()]
+
+
+def test_token_significance_on_the_lab_by_default(tmp_path):
+    prompt = lab_captions("memorized.jsonl")[0]
+    nb = execute("token_significance.ipynb", dict(NUM_INFERENCE_STEPS=10, TARGET_STEPS=[0, 1]), REPO / "notebooks")
+    text = "".join(outputs_of(nb, "text/plain"))
+    assert "data/lab" in text and repr(prompt) in text  # the lab and its first memorized caption
     html = "".join(outputs_of(nb, "text/html"))
-    for word in ("watercolor", "castle", "harbor", "wrt prompt_embeds", "wrt token_embeds"):
+    for word in [w for w in prompt.split() if len(w) > 3]:
         assert word in html
+    assert "wrt prompt_embeds" in html and "wrt token_embeds" in html
     assert "startoftext" not in html and "endoftext" not in html
     assert outputs_of(nb, "image/png"), "the bar chart was not displayed"
-    assert "share of the summed score on BOS/EOS/padding" in "".join(outputs_of(nb, "text/plain"))
+    assert "share of the summed score on BOS/EOS/padding" in text
 
 
-def test_detection_report_scores_demo_prompts_and_reports(tmp_path, tiny_pipeline_dir):
-    nb = execute("detection_report.ipynb", dict(MODEL_ID=str(tiny_pipeline_dir), OUTPUT_DIR=str(tmp_path),
-                                                NUM_IMAGES_PER_PROMPT=2, NUM_INFERENCE_STEPS=10, SCORE_STEPS=2,
-                                                TOP_K=3), REPO / "notebooks")
+def test_detection_report_scores_the_lab_and_reports(tmp_path):
+    nb = execute("detection_report.ipynb", dict(OUTPUT_DIR=str(tmp_path), NUM_IMAGES_PER_PROMPT=2,
+                                                NUM_INFERENCE_STEPS=10, SCORE_STEPS=2, TOP_K=3), REPO / "notebooks")
     results = [json.loads(line) for line in (tmp_path / "notebook.jsonl").read_text().splitlines()]
-    demo = [json.loads(line) for line in (REPO / "data/demo/prompts.jsonl").read_text().splitlines() if line.strip()]
-    assert [r["prompt"] for r in results] == [d["caption"] for d in demo]
+    assert [r["prompt"] for r in results] == lab_captions("memorized.jsonl") + lab_captions("unmemorized.jsonl")
     assert all(len(r["text_noise_norm"]) == 2 and len(r["text_noise_norm"][0]) == 2 for r in results)
     assert (tmp_path / "roc.png").is_file() and (tmp_path / "score_kde.png").is_file()
     text = "".join(outputs_of(nb, "text/plain"))
     assert "AUC" in text
     html = "".join(outputs_of(nb, "text/html"))
     top = max(results, key=lambda r: r["score"])
+    assert top["label"] == 1  # the lab's memorized captions score highest
     assert escape(top["prompt"]) in html  # the top-scoring prompt is listed
     assert html.count('class="prompt"') == 3  # and its top 3 prompts explained token by token
