@@ -16,7 +16,6 @@ dataset are decoded lazily by ``datasets`` and are not checked up front.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from common.errors import DiffmemError
+from common.jsonl import iter_json_objects
 from common.prompt_aug import augment_prompt
 from common.seeding import STREAM_CAPTION, STREAM_IMAGE, derive_seed, numpy_generator
 
@@ -53,33 +53,23 @@ class ImageRecord:
 def _read_metadata_jsonl(folder: Path, caption_column: str, memorized: bool) -> list[ImageRecord]:
     meta = folder / METADATA_FILE
     records = []
-    with open(meta, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{meta}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ImageDataError(f"{where}: expected one JSON object per line ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ImageDataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            name = obj.get("file_name")
-            if not isinstance(name, str) or not name:
-                raise ImageDataError(f"{where}: expected a \"file_name\" string")
-            caption = obj.get(caption_column)
-            if isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
-                caption = tuple(c.strip() for c in caption)
-            elif isinstance(caption, str):
-                caption = caption.strip()
-            else:
-                raise ImageDataError(
-                    f"{where}: expected a caption string (or list of strings) under {caption_column!r}"
-                )
-            path = folder / name
-            if not path.is_file():
-                raise ImageDataError(f"{where}: image file {name!r} not found in {folder}")
-            records.append(ImageRecord(key=str(path), caption=caption, path=str(path), memorized=memorized))
+    for where, _, obj in iter_json_objects(meta, ImageDataError):
+        name = obj.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise ImageDataError(f"{where}: expected a \"file_name\" string")
+        caption = obj.get(caption_column)
+        if isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption):
+            caption = tuple(c.strip() for c in caption)
+        elif isinstance(caption, str):
+            caption = caption.strip()
+        else:
+            raise ImageDataError(
+                f"{where}: expected a caption string (or list of strings) under {caption_column!r}"
+            )
+        path = folder / name
+        if not path.is_file():
+            raise ImageDataError(f"{where}: image file {name!r} not found in {folder}")
+        records.append(ImageRecord(key=str(path), caption=caption, path=str(path), memorized=memorized))
     if not records:
         raise ImageDataError(f"{meta}: no rows")
     return records

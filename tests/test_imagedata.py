@@ -75,7 +75,7 @@ def test_imagefolder_metadata_jsonl_in_line_order_with_caption_lists(tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("not json", r"metadata\.jsonl:2: expected one JSON object per line"),
+    ("not json", r"metadata\.jsonl:2: expected a JSON object, got invalid JSON"),
     (json.dumps({"text": "x"}), r"metadata\.jsonl:2: expected a \"file_name\" string"),
     (json.dumps({"file_name": "img000.jpg", "text": 3}), r"metadata\.jsonl:2: expected a caption string"),
     (json.dumps({"file_name": "missing.jpg", "text": "x"}), r"metadata\.jsonl:2: image file 'missing\.jpg' not found"),
