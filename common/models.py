@@ -223,3 +223,18 @@ def denoiser_parts(pipe, scheduler: str = "ddim") -> DenoiserParts:
         scheduler=sched,
         latent_shape=(pipe.unet.config.in_channels, *size),
     )
+
+
+def strip_build_paths(folder: str | Path) -> None:
+    """Drop the ``_name_or_path`` that save_pretrained copies into configs from the folder a model came from.
+
+    A shipped pipeline folder should not name the build machine's temporary paths; loaders fill the field in
+    again with wherever the folder is loaded from.
+    """
+    import json
+
+    for config in Path(folder).rglob("*.json"):
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

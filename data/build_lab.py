@@ -201,7 +201,7 @@ def build(cfg: LabConfig) -> dict:
     import torch
 
     from common.lab import digit_images, lab_split, train_vae, training_text_noise_norms, write_imagefolder
-    from common.models import assemble_pipeline, build_components, load_pipeline
+    from common.models import assemble_pipeline, build_components, load_pipeline, strip_build_paths
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
@@ -245,6 +245,7 @@ def build(cfg: LabConfig) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     pipe = load_pipeline(str(work / "train"))
     pipe.to(torch.float16).save_pretrained(out)
+    strip_build_paths(out)
     del pipe
     for name in ("memorized.jsonl", "unmemorized.jsonl"):
         shutil.copy(prompts / name, out / name)

@@ -97,6 +97,7 @@ def test_builder_quick_end_to_end(tmp_path):
     rows = [json.loads(x) for x in (out / "unmemorized.jsonl").read_text().splitlines()]
     assert {r["type"] for r in rows} == {"seen_once", "novel"} and all(r["label"] == 0 for r in rows)
     assert (out / "model_index.json").is_file()
+    assert not [p for p in out.rglob("*.json") if "_name_or_path" in p.read_text()]  # no build paths shipped
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert size < 20e6
 
