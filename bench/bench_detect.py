@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     pipe = bench_pipeline(args)
-    pipe.set_progress_bar_config(disable=True)
     parts = denoiser_parts(pipe)
     prompts = load_prompts(args.prompts, args.n_prompts)
     n_ref = min(args.ref_prompts, len(prompts))

@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     pipe = bench_pipeline(args)
-    pipe.set_progress_bar_config(disable=True)
     parts = denoiser_parts(pipe)
     prompts = load_prompts(args.prompts, args.n_prompts)
     G = args.num_images_per_prompt
