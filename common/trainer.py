@@ -235,17 +235,18 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float):
-    """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam``."""
+    """Fused AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam``."""
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as exc:
             raise TrainSetupError("--use_8bit_adam needs bitsandbytes (pip install 'diffmem[bnb]')") from exc
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-    return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-               eps=cfg.adam_epsilon)
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    # The fused kernel (CPU and CUDA) updates every tensor in one call: on small models the per-tensor Python
+    # loop of the default CPU path was a fifth of a training step (a 49408-row token embedding included).
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=True)
 
 
 # ------------------------------------------------------------------------------------------- loop
