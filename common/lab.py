@@ -261,6 +261,26 @@ def replication_figures(generated: torch.Tensor, own_index: list[int | None], tr
             "median_ratio": float(ratio.median())}
 
 
+def sscd_replication_figures(generated: torch.Tensor, training: torch.Tensor, own_index: list[int | None],
+                             training_index: list[int], group_size: int,
+                             thresholds: tuple[float, ...] = (0.5, 0.7)) -> dict:
+    """SSCD replication of generated descriptors [N, D] against training descriptors [M, D] (both
+    L2-normalised): per generation the top-1 similarity over the training set (Somepalli et al. 2023, Sec. 4),
+    the rate above each threshold, and for captions with an own image (row k // group_size) the rate whose
+    top-1 match above the threshold is that image."""
+    sim = generated.float() @ training.float().T
+    top, nearest = sim.max(dim=1)
+    nearest = [training_index[j] for j in nearest.tolist()]
+    out = {"mean_top1": float(top.mean()), "median_top1": float(top.median())}
+    for th in thresholds:
+        above = (top > th).tolist()
+        out[f"rate_gt_{th}"] = sum(above) / len(above)
+        out[f"own_image_rate_gt_{th}"] = sum(
+            a and own_index[k // group_size] is not None and nearest[k] == own_index[k // group_size]
+            for k, a in enumerate(above)) / len(above)
+    return out
+
+
 @torch.no_grad()
 def training_text_noise_norms(pipe, images: np.ndarray, split: LabSplit, *, seed: int, draws: int = 8,
                               batch_size: int = 64) -> dict[str, np.ndarray]:

@@ -225,16 +225,21 @@ def denoiser_parts(pipe, scheduler: str = "ddim") -> DenoiserParts:
     )
 
 
-def strip_build_paths(folder: str | Path) -> None:
-    """Drop the ``_name_or_path`` that save_pretrained copies into configs from the folder a model came from.
+BUILD_KEYS = {"_name_or_path", "local_files_only"}
 
-    A shipped pipeline folder should not name the build machine's temporary paths; loaders fill the field in
-    again with wherever the folder is loaded from.
+
+def strip_build_paths(folder: str | Path) -> None:
+    """Drop what save_pretrained copies into configs from how the model was loaded: ``_name_or_path`` (the
+    folder it came from) and ``local_files_only`` (whether HF_HUB_OFFLINE was set).
+
+    A shipped pipeline folder should not name the build machine's temporary paths or depend on its environment;
+    loaders fill these in again when the folder is loaded.
     """
     import json
 
     for config in Path(folder).rglob("*.json"):
         data = json.loads(config.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and "_name_or_path" in data:
-            del data["_name_or_path"]
+        if isinstance(data, dict) and BUILD_KEYS & data.keys():
+            for key in BUILD_KEYS & data.keys():
+                del data[key]
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

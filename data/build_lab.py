@@ -3,9 +3,10 @@
 Stages (each a real diffmem component): captioned images (common.lab) -> a small VAE trained with
 common.trainer.Trainer -> a random pipeline of arch "lab" with that VAE -> finetune/train_text_to_image.py with
 --train_text_encoder (memorized images repeated, seen-once images mixed in) -> detect/detect_mem.py first-step
-scores and pixel replication rates -> the same training with --hard_threshold (Wen et al.'s mitigation),
+scores, pixel and SSCD replication rates -> the same training with --hard_threshold (Wen et al.'s mitigation; T a
+quantile of the trained model's seen-once training norms), continued from the lab run's early checkpoint and
 measured the same way -> OUT/ (the pipeline in fp16, memorized.jsonl, unmemorized.jsonl, gt_images/,
-manifest.json). Deterministic for a given --seed on a given machine; `make lab` runs it.
+manifest.json). Deterministic for a given --seed and --threads on a given machine; `make lab` runs it.
 """
 
 from __future__ import annotations
@@ -38,22 +39,27 @@ class LabConfig:
     num_novel: int = 50
     vae_steps: int = 1000
     train_steps: int = 3000
+    mitigation_from_step: int = 500
     batch_size: int = 16
     learning_rate: float = 1e-3
+    caption_dropout: float = 0.0
     detect_generations: int = 4
     replication_generations: int = 2
-    replication_guidance: float = 1.0
+    replication_guidance: float = 7.5
+    contrast_guidances: tuple[float, ...] = (1.0,)
     replication_steps: int = 50
-    threshold_quantile: float = 0.9
+    threshold_quantile: float = 0.5
     hard_threshold: float | None = None
     skip_mitigation: bool = False
-    threads: int = 1
+    threads: int = 2
+    sscd: str = "default"
     quiet: bool = False
 
 
 # --quick: every stage, tiny sizes; its figures mean nothing.
 QUICK = dict(num_memorized=3, repeats=4, num_seen_once=12, num_unmem_seen_once=3, num_novel=3, vae_steps=10,
-             train_steps=10, batch_size=8, detect_generations=2, replication_generations=1, replication_steps=4)
+             train_steps=10, mitigation_from_step=5, batch_size=8, detect_generations=2, replication_generations=1,
+             replication_steps=4)
 
 
 def parse_args(argv=None) -> LabConfig:
@@ -69,17 +75,28 @@ def parse_args(argv=None) -> LabConfig:
     p.add_argument("--num_novel", type=int, default=50, help="never-trained captions in unmemorized.jsonl")
     p.add_argument("--vae_steps", type=int, default=1000)
     p.add_argument("--train_steps", type=int, default=3000)
+    p.add_argument("--mitigation_from_step", type=int, default=500,
+                   help="the mitigated run resumes the lab run's checkpoint of this step and trains on with "
+                        "--hard_threshold (0: from the random initialisation)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--caption_dropout", type=float, default=0.0,
+                   help="probability of training on the empty caption (0.1 measured worse: the memorized images "
+                        "then dominate the unconditional branch too)")
+    p.add_argument("--sscd", default="default",
+                   help="SSCD model for the replication figures (see mitigate/inference_mem.py), or 'none'")
     p.add_argument("--detect_generations", type=int, default=4)
     p.add_argument("--replication_generations", type=int, default=2)
-    p.add_argument("--replication_guidance", type=float, default=1.0)
+    p.add_argument("--replication_guidance", type=float, default=7.5, help="guidance of the replication samples")
+    p.add_argument("--contrast_guidances", type=float, nargs="*", default=[1.0],
+                   help="further guidances at which the memorized captions' replication is measured")
     p.add_argument("--replication_steps", type=int, default=50)
-    p.add_argument("--threshold_quantile", type=float, default=0.9,
+    p.add_argument("--threshold_quantile", type=float, default=0.5,
                    help="mitigation T = this quantile of the seen-once samples' training text-noise norms")
     p.add_argument("--hard_threshold", type=float, default=None, help="mitigation T (overrides the quantile)")
     p.add_argument("--skip_mitigation", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of every stage (results are reproducible for a given count)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads of every stage (results are reproducible for a given count)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--quick", action="store_true",
                    help="a few steps on a few images: exercises every stage in about a minute (tests)")
@@ -88,12 +105,17 @@ def parse_args(argv=None) -> LabConfig:
         for k, v in QUICK.items():
             setattr(a, k, v)
     del a.quick
+    a.contrast_guidances = tuple(a.contrast_guidances)
     cfg = LabConfig(**{k: v for k, v in vars(a).items() if k != "work_dir"},
                     work_dir=a.work_dir or str(Path(a.out).with_suffix(".build")))
     for name in ("num_memorized", "repeats", "num_seen_once", "vae_steps", "train_steps", "batch_size",
                  "detect_generations", "replication_generations", "replication_steps", "threads"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name} must be >= 1")
+    if not 0 <= cfg.mitigation_from_step < cfg.train_steps:
+        p.error("--mitigation_from_step must be in [0, --train_steps)")
+    if not 0 <= cfg.caption_dropout < 1:
+        p.error("--caption_dropout must be in [0, 1)")
     if not 0 < cfg.threshold_quantile < 1:
         p.error("--threshold_quantile must be in (0, 1)")
     if cfg.num_unmem_seen_once > cfg.num_seen_once:
@@ -119,24 +141,29 @@ def _write_prompts(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def _train(cfg: LabConfig, init_dir: Path, work: Path, out_dir: Path, hard_threshold: float | None) -> float:
+def _train(cfg: LabConfig, init_dir: Path, work: Path, out_dir: Path, *, hard_threshold: float | None = None,
+           checkpoint_at: int = 0, resume_from: Path | None = None) -> float:
     cmd = [sys.executable, "finetune/train_text_to_image.py", "--pretrained_model_name_or_path", str(init_dir),
            "--train_data_dir", str(work / "mem"), "--repeats", str(cfg.repeats),
            "--non_mem_dataset", str(work / "non_mem"), "--non_mem_ratio", str(cfg.num_seen_once / (cfg.num_memorized * cfg.repeats)),
            "--resolution", "16", "--train_text_encoder", "--train_batch_size", str(cfg.batch_size),
            "--max_train_steps", str(cfg.train_steps), "--learning_rate", str(cfg.learning_rate),
-           "--lr_warmup_steps", "0", "--checkpointing_steps", str(10 ** 9), "--report_to", "none",
+           "--caption_dropout", repr(cfg.caption_dropout), "--lr_warmup_steps", "0",
+           "--checkpointing_steps", str(checkpoint_at or 10 ** 9), "--report_to", "none",
            "--seed", str(cfg.seed), "--output_dir", str(out_dir)]
     if hard_threshold is not None:
         cmd += ["--hard_threshold", repr(hard_threshold)]
+    if resume_from is not None:
+        cmd += ["--resume_from_checkpoint", str(resume_from)]
     t0 = time.perf_counter()
     _run(cmd, cfg.quiet, cfg.threads)
     return time.perf_counter() - t0
 
 
 def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir: Path, train_images, train_index,
-             split) -> dict:
-    from common.lab import generate_images, replication_figures
+             split, sscd=None, train_sscd=None) -> dict:
+    from common.generation import save_grid, to_pil
+    from common.lab import generate_images, replication_figures, sscd_replication_figures
     from common.detection import score_prompts
     from common.metrics import detection_metrics, fpr_key
     from common.models import denoiser_parts, load_pipeline
@@ -175,22 +202,19 @@ def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir:
     }
     rep = {"guidance_scale": cfg.replication_guidance, "num_inference_steps": cfg.replication_steps,
            "num_images_per_prompt": cfg.replication_generations, "ratio_threshold": 1 / 3}
-    for name, (captions, own) in groups.items():
-        if not captions:
-            continue
+    # Every group at the main guidance; the memorized captions also at each contrast guidance (key
+    # "memorized_at_guidance_G"), since how strongly a small model copies depends on the guidance.
+    runs = [(name, captions, own, cfg.replication_guidance) for name, (captions, own) in groups.items() if captions]
+    runs += [(f"memorized_at_guidance_{g}", *groups["memorized"], g) for g in cfg.contrast_guidances]
+    for key, captions, own, guidance in runs:
         images = generate_images(pipe, captions, num_images=cfg.replication_generations, gen_seed=cfg.seed,
-                                 num_inference_steps=cfg.replication_steps, guidance_scale=cfg.replication_guidance)
-        rep[name] = replication_figures(images, own, train_images, train_index)
-        if name == "memorized":
-            from common.generation import save_grid, to_pil
-
+                                 num_inference_steps=cfg.replication_steps, guidance_scale=guidance)
+        rep[key] = replication_figures(images, own, train_images, train_index)
+        if sscd is not None:
+            rep[key]["sscd"] = sscd_replication_figures(sscd.embed(to_pil(images.flatten(0, 1))), train_sscd, own,
+                                                        train_index, cfg.replication_generations)
+        if key == "memorized":
             save_grid(to_pil(images.flatten(0, 1)), work / f"samples_{tag}_memorized.png")
-    if cfg.replication_guidance != 7.5:
-        # Stable Diffusion's default guidance, for contrast: strong guidance can push a tiny model off its copies.
-        images = generate_images(pipe, split.memorized_captions, num_images=cfg.replication_generations,
-                                 gen_seed=cfg.seed, num_inference_steps=cfg.replication_steps, guidance_scale=7.5)
-        rep["memorized_at_guidance_7.5"] = replication_figures(images, list(split.memorized), train_images,
-                                                               train_index)
     rep["seconds"] = round(time.perf_counter() - t0, 1)
     figures["replication"] = rep
     return figures
@@ -241,10 +265,11 @@ def build(cfg: LabConfig) -> dict:
     assemble_pipeline(comps).save_pretrained(work / "init")
 
     # 4. training; the shipped folder is the trained pipeline in fp16 (under 20 MB) with prompts and ground truth
-    timings["train_s"] = round(_train(cfg, work / "init", work, work / "train", None), 1)
+    timings["train_s"] = round(_train(cfg, work / "init", work, work / "train",
+                                      checkpoint_at=cfg.mitigation_from_step), 1)
     shutil.rmtree(out, ignore_errors=True)
-    pipe = load_pipeline(str(work / "train"))
-    pipe.to(torch.float16).save_pretrained(out)
+    pipe = load_pipeline(str(work / "train"), dtype=torch.float16)
+    pipe.save_pretrained(out)
     strip_build_paths(out)
     del pipe
     for name in ("memorized.jsonl", "unmemorized.jsonl"):
@@ -256,7 +281,14 @@ def build(cfg: LabConfig) -> dict:
         Image.fromarray(images[i]).save(out / "gt_images" / str(i) / "0.png")
 
     # 5. the shipped model's figures (what every CLI will load)
-    shipped = _measure(cfg, out, work, "lab", prompts, train_images, train_index, split)
+    sscd = train_sscd = None
+    if cfg.sscd != "none":
+        from common.generation import to_pil
+        from common.similarity import SSCDModel
+
+        sscd = SSCDModel(cfg.sscd)
+        train_sscd = sscd.embed(to_pil(train_images))
+    shipped = _measure(cfg, out, work, "lab", prompts, train_images, train_index, split, sscd, train_sscd)
 
     # 6. the mitigation: T from the trained model's per-sample training norms on seen-once images
     mitigated = None
@@ -267,9 +299,13 @@ def build(cfg: LabConfig) -> dict:
         del pipe
         T = cfg.hard_threshold if cfg.hard_threshold is not None else float(
             np.quantile(norms["seen_once"], cfg.threshold_quantile))
-        timings["mitigated_train_s"] = round(_train(cfg, work / "init", work, work / "train_mitigated", T), 1)
+        # Wen et al. threshold while fine-tuning a model that already denoises: the mitigated run shares the lab
+        # run's first mitigation_from_step steps (same data order, exact resume) and thresholds from there on.
+        start = work / "train" / f"checkpoint-{cfg.mitigation_from_step}" if cfg.mitigation_from_step else None
+        timings["mitigated_train_s"] = round(_train(cfg, work / "init", work, work / "train_mitigated",
+                                                    hard_threshold=T, resume_from=start), 1)
         mitigated = {"hard_threshold": T, **_measure(cfg, work / "train_mitigated", work, "mitigated", prompts,
-                                                     train_images, train_index, split)}
+                                                     train_images, train_index, split, sscd, train_sscd)}
         log = [json.loads(x) for x in (work / "train_mitigated" / "train_log.jsonl").read_text().splitlines() if x]
         mitigated["mean_dropped_fraction"] = sum(r["dropped_fraction"] for r in log) / len(log)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -294,16 +330,21 @@ def build(cfg: LabConfig) -> dict:
     return manifest
 
 
+def _summary(figures: dict, guidance: float) -> str:
+    rep = figures["replication"]
+    sscd = rep["memorized"].get("sscd", {}).get("own_image_rate_gt_0.5")
+    return (f"first-step AUC {figures['detection']['auc']:.3f}, TPR@1%FPR {figures['detection']['tpr_at_1pct_fpr']:.2f}; "
+            f"memorized captions replicating their image at guidance {guidance}: pixel "
+            f"{rep['memorized']['own_image_rate']:.2f}" + ("" if sscd is None else f", SSCD > 0.5 {sscd:.2f}"))
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     manifest = build(cfg)
-    lab, mit = manifest["lab"], manifest["mitigated"]
-    print(f"lab: first-step AUC {lab['detection']['auc']:.3f}; replication at guidance "
-          f"{cfg.replication_guidance}: memorized {lab['replication']['memorized']['own_image_rate']:.2f}, "
-          f"novel {lab['replication'].get('novel', {}).get('replication_rate', float('nan')):.2f}")
+    print(f"lab: {_summary(manifest['lab'], cfg.replication_guidance)}")
+    mit = manifest["mitigated"]
     if mit is not None:
-        print(f"mitigated (T={mit['hard_threshold']:.3f}): AUC {mit['detection']['auc']:.3f}; replication "
-              f"memorized {mit['replication']['memorized']['own_image_rate']:.2f}")
+        print(f"mitigated (T={mit['hard_threshold']:.3f}): {_summary(mit, cfg.replication_guidance)}")
     print(f"total {manifest['timings']['total_s']} s -> {cfg.out}")
     return 0
 

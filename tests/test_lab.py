@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from common.lab import lab_captions, lab_split, nearest_ratio, replication_figures, vae_loss
+from common.lab import (lab_captions, lab_split, nearest_ratio, replication_figures, sscd_replication_figures,
+                        vae_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "data" / "lab"
@@ -63,6 +64,20 @@ def test_replication_figures_counts_own_copies():
     assert fig["own_image_rate"] == pytest.approx(1 / 4)  # only caption 0's copy is of its own image
 
 
+def test_sscd_replication_figures_by_hand():
+    s = 0.6 ** 0.5
+    training = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # training rows: image 7, image 8
+    # caption 0 owns image 7; caption 1 is novel; two generations each
+    generated = torch.tensor([[1.0, 0.0], [s, (1 - s * s) ** 0.5], [0.0, 1.0], [0.6, 0.8]])
+    fig = sscd_replication_figures(generated, training, [7, None], [7, 8], group_size=2)
+    # top-1 similarities: 1.0 (7), 0.775 (7), 1.0 (8), 0.8 (8)
+    assert fig["mean_top1"] == pytest.approx((1.0 + s + 1.0 + 0.8) / 4, rel=1e-6)
+    assert fig["rate_gt_0.5"] == 1.0 and fig["rate_gt_0.7"] == 1.0
+    assert fig["own_image_rate_gt_0.5"] == pytest.approx(2 / 4)  # only caption 0's generations have an own image
+    fig = sscd_replication_figures(generated, training, [8, None], [7, 8], group_size=2)
+    assert fig["own_image_rate_gt_0.5"] == 0.0  # caption 0's copies are of image 7, not its own image 8
+
+
 @pytest.mark.skipif(not (LAB / "model_index.json").is_file(), reason="data/lab not built (make lab)")
 def test_shipped_lab_scores_memorized_captions_higher():
     from common.detection import score_prompts
@@ -85,26 +100,32 @@ def test_shipped_lab_scores_memorized_captions_higher():
 
 
 def test_builder_quick_end_to_end(tmp_path):
-
-
     out = tmp_path / "lab"
     res = run_cli("data/build_lab.py", "--out", str(out), "--quick", "--quiet", timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert 0.0 <= manifest["lab"]["detection"]["auc"] <= 1.0
     assert manifest["mitigated"]["hard_threshold"] > 0
+    # the mitigated run continued the lab run's early checkpoint (shared first steps), not a fresh start
+    summary = json.loads((tmp_path / "lab.build" / "train_mitigated" / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"checkpoint-{manifest['recipe']['mitigation_from_step']}")
+    sscd = manifest["lab"]["replication"]["memorized"]["sscd"]
+    assert 0.0 <= sscd["own_image_rate_gt_0.5"] <= sscd["rate_gt_0.5"] <= 1.0
     assert manifest["counts"]["memorized"] == len((out / "memorized.jsonl").read_text().splitlines())
     rows = [json.loads(x) for x in (out / "unmemorized.jsonl").read_text().splitlines()]
     assert {r["type"] for r in rows} == {"seen_once", "novel"} and all(r["label"] == 0 for r in rows)
     assert (out / "model_index.json").is_file()
-    assert not [p for p in out.rglob("*.json") if "_name_or_path" in p.read_text()]  # no build paths shipped
+    # neither build paths nor the build environment's offline flag are shipped
+    assert not [p for p in out.rglob("*.json") if "_name_or_path" in p.read_text() or "local_files" in p.read_text()]
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert size < 20e6
 
 
 def test_builder_rejects_bad_input(tmp_path):
-
-
     res = run_cli("data/build_lab.py", "--out", str(tmp_path / "x"), "--train_steps", "0")
     assert res.returncode == 2
     assert "--train_steps" in res.stderr.strip().splitlines()[-1]
+    res = run_cli("data/build_lab.py", "--out", str(tmp_path / "x"), "--train_steps", "100",
+                  "--mitigation_from_step", "100")
+    assert res.returncode == 2
+    assert "--mitigation_from_step" in res.stderr.strip().splitlines()[-1]
