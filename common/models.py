@@ -30,37 +30,30 @@ SD_SCHEDULER_CONFIG = dict(
     clip_sample=False,
 )
 
+_TINY = dict(
+    unet=dict(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    vae=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, norm_num_groups=32),
+    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+)
+
 ARCHS = {
     # Smallest model with every SD block type: 16x16 RGB images, 4x8x8 latents, 32-wide cross-attention.
-    "tiny": dict(
-        unet=dict(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        vae=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, norm_num_groups=32),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
-    ),
+    "tiny": _TINY,
     # The memorization lab (common.lab): the tiny UNet and VAE with a 64-wide text encoder and cross-attention,
     # wide enough that jointly trained caption embeddings separate (notes/findings.md).
     "lab": dict(
-        unet=dict(
-            sample_size=8,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=64,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        ),
-        vae=dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, norm_num_groups=32),
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64),
+        unet={**_TINY["unet"], "cross_attention_dim": 64},
+        vae=_TINY["vae"],
+        text={**_TINY["text"], "hidden_size": 64, "intermediate_size": 128, "projection_dim": 64},
     ),
     # The shapes of CompVis/stable-diffusion-v1-4 (860M UNet, 123M text encoder, 84M VAE), random weights.
     "sd-v1": dict(
