@@ -268,13 +268,14 @@ def sscd_replication_figures(generated: torch.Tensor, training: torch.Tensor, ow
     L2-normalised): per generation the top-1 similarity over the training set (Somepalli et al. 2023, Sec. 4),
     the rate above each threshold, and for captions with an own image (row k // group_size) the rate whose
     top-1 match above the threshold is that image."""
-    sim = generated.float() @ training.float().T
-    top, nearest = sim.max(dim=1)
+    from common.similarity import cosine_similarity_matrix
+
+    top, nearest = cosine_similarity_matrix(generated, training).max(dim=1)
     nearest = [training_index[j] for j in nearest.tolist()]
     out = {"mean_top1": float(top.mean()), "median_top1": float(top.median())}
     for th in thresholds:
         above = (top > th).tolist()
-        out[f"rate_gt_{th}"] = sum(above) / len(above)
+        out[f"rate_gt_{th}"] = sum(above) / len(above)  # exact fractions (similarity's rate is float32)
         out[f"own_image_rate_gt_{th}"] = sum(
             a and own_index[k // group_size] is not None and nearest[k] == own_index[k // group_size]
             for k, a in enumerate(above)) / len(above)
