@@ -37,6 +37,40 @@ BASELINES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
 
 
 @dataclass
+class RunOptions:
+    """What a mitigation CLI reads, writes and evaluates with (mitigate/inference_mem.py, mitigate/tradeoff.py);
+    none of it changes a prompt's numbers."""
+
+    model_id: str
+    dataset: str
+    run_name: str
+    unet_id: str | None = None
+    gt_dir: str | None = None
+    sscd_model: str = "default"
+    sscd_preprocess: str = "wen"
+    reference_model: str = "ViT-g-14"
+    reference_model_pretrain: str = "laion2b_s12b_b42k"
+    start: int = 0
+    end: int | None = None
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "fp32"
+    out: str = "mit_outputs"
+    overwrite: bool = False
+
+    def validate_run(self) -> None:
+        """Raise ConfigError with a one-line reason for bad run options."""
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.start < 0 or (self.end is not None and self.end <= self.start):
+            raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
+        if not self.run_name or "/" in self.run_name or self.run_name in (".", ".."):
+            raise ConfigError(f"--run_name must be a plain folder name, got {self.run_name!r}")
+        if self.gt_dir is not None and not Path(self.gt_dir).expanduser().is_dir():
+            raise ConfigError(f"{self.gt_dir}: --gt_dir is not a folder")
+
+
+@dataclass
 class MitigationSettings:
     """Everything that changes a run's numbers (a resumed run must match the results on disk)."""
 

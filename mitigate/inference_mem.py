@@ -14,51 +14,24 @@ appended per batch; re-running the same command resumes), summary.json, config.j
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 # `python mitigate/inference_mem.py` puts mitigate/ on sys.path, not the checkout; make `common` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
-from common.mitigation_run import METHODS, MitigationSettings  # noqa: E402
+from common.mitigation_run import METHODS, MitigationSettings, RunOptions  # noqa: E402
 
 
 @dataclass
-class InferenceMemConfig:
-    model_id: str
-    dataset: str
-    run_name: str
-    method: str = "none"
-    unet_id: str | None = None
+class InferenceMemConfig(MitigationSettings, RunOptions):
+    """RunOptions, then the MitigationSettings that change the numbers, then this CLI's own options."""
+
     split: str = "train"
     column: str | None = None
-    repeat_num: int = 4
-    optim_target_loss: float | None = 3.0
-    optim_target_steps: list[int] = field(default_factory=lambda: [0])
-    optim_iters: int = 10
-    optim_lr: float = 0.05
-    optim_loss_reduction: str = "mean"
-    freeze_padding: bool = False
-    num_images_per_prompt: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    gen_seed: int = 0
-    gt_dir: str | None = None
-    sscd_model: str = "default"
-    sscd_preprocess: str = "wen"
-    reference_model: str = "ViT-g-14"
-    reference_model_pretrain: str = "laion2b_s12b_b42k"
     skip_clip: bool = False
-    start: int = 0
-    end: int | None = None
-    batch_size: int = 4
-    device: str = "auto"
-    dtype: str = "fp32"
     with_tracking: bool = False
-    out: str = "mit_outputs"
-    overwrite: bool = False
 
     def settings(self) -> MitigationSettings:
         return MitigationSettings(**{f.name: getattr(self, f.name) for f in fields(MitigationSettings)})
@@ -66,14 +39,7 @@ class InferenceMemConfig:
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
         self.settings().validate()
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
-        if self.start < 0 or (self.end is not None and self.end <= self.start):
-            raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
-        if not self.run_name or "/" in self.run_name or self.run_name in (".", ".."):
-            raise ConfigError(f"--run_name must be a plain folder name, got {self.run_name!r}")
-        if self.gt_dir is not None and not Path(self.gt_dir).expanduser().is_dir():
-            raise ConfigError(f"{self.gt_dir}: --gt_dir is not a folder")
+        self.validate_run()
 
 
 def build_parser() -> ArgumentParser:

@@ -18,15 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.mitigation_run import BASELINES, MitigationSettings  # noqa: E402
+from common.mitigation_run import BASELINES, MitigationSettings, RunOptions  # noqa: E402
 
 
 @dataclass
-class TradeoffConfig:
-    model_id: str
-    dataset: str
-    run_name: str
-    unet_id: str | None = None
+class TradeoffConfig(RunOptions):
+    """RunOptions, then the sweep and the MitigationSettings every point of it shares."""
+
     target_losses: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
     repeat_nums: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     baselines: list[str] = field(default_factory=lambda: ["rand_word_add"])
@@ -40,18 +38,6 @@ class TradeoffConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     gen_seed: int = 0
-    gt_dir: str | None = None
-    sscd_model: str = "default"
-    sscd_preprocess: str = "wen"
-    reference_model: str = "ViT-g-14"
-    reference_model_pretrain: str = "laion2b_s12b_b42k"
-    start: int = 0
-    end: int | None = None
-    batch_size: int = 4
-    device: str = "auto"
-    dtype: str = "fp32"
-    out: str = "mit_outputs"
-    overwrite: bool = False
 
     def base_settings(self) -> MitigationSettings:
         keys = {f.name for f in fields(MitigationSettings)} & {f.name for f in fields(self)}
@@ -66,14 +52,7 @@ class TradeoffConfig:
             s.validate()
         if not self.target_losses and not (self.baselines and self.repeat_nums):
             raise ConfigError("nothing to sweep: give --target_losses and/or --baselines with --repeat_nums")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
-        if self.start < 0 or (self.end is not None and self.end <= self.start):
-            raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
-        if not self.run_name or "/" in self.run_name or self.run_name in (".", ".."):
-            raise ConfigError(f"--run_name must be a plain folder name, got {self.run_name!r}")
-        if self.gt_dir is not None and not Path(self.gt_dir).expanduser().is_dir():
-            raise ConfigError(f"{self.gt_dir}: --gt_dir is not a folder")
+        self.validate_run()
         if self.sscd_model == "none":
             raise ConfigError("--sscd_model none: the trade-off plot needs SSCD similarities")
 
