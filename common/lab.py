@@ -245,6 +245,13 @@ def generate_images(pipe, prompts: list[str], *, num_images: int, gen_seed: int,
     return decode_latents(pipe.vae, final)
 
 
+def own_image_hits(copies: list[bool], nearest: list[int], own_index: list[int | None], group_size: int) -> int:
+    """How many generations are copies of their own caption's image: generation k (of caption k // group_size)
+    counts when it is a copy and its nearest training image is that caption's own image."""
+    return sum(c and own_index[k // group_size] is not None and nearest[k] == own_index[k // group_size]
+               for k, c in enumerate(copies))
+
+
 def replication_figures(generated: torch.Tensor, own_index: list[int | None], training: torch.Tensor,
                         training_index: list[int], threshold: float = 1.0 / 3.0) -> dict:
     """Replication rate of generated [B, G, 3, H, W] against the training images: a generation replicates when
@@ -252,12 +259,9 @@ def replication_figures(generated: torch.Tensor, own_index: list[int | None], tr
     B, G = generated.shape[:2]
     nearest, ratio = nearest_ratio(generated.reshape(B * G, -1), training)
     nearest = [training_index[j] for j in nearest.tolist()]
-    copies, own = 0, 0
-    for k in range(B * G):
-        close = ratio[k].item() < threshold
-        copies += close
-        own += close and own_index[k // G] is not None and nearest[k] == own_index[k // G]
-    return {"generations": B * G, "replication_rate": copies / (B * G), "own_image_rate": own / (B * G),
+    close = [r < threshold for r in ratio.tolist()]
+    return {"generations": B * G, "replication_rate": sum(close) / (B * G),
+            "own_image_rate": own_image_hits(close, nearest, own_index, G) / (B * G),
             "median_ratio": float(ratio.median())}
 
 
@@ -276,9 +280,7 @@ def sscd_replication_figures(generated: torch.Tensor, training: torch.Tensor, ow
     for th in thresholds:
         above = (top > th).tolist()
         out[f"rate_gt_{th}"] = sum(above) / len(above)  # exact fractions (similarity's rate is float32)
-        out[f"own_image_rate_gt_{th}"] = sum(
-            a and own_index[k // group_size] is not None and nearest[k] == own_index[k // group_size]
-            for k, a in enumerate(above)) / len(above)
+        out[f"own_image_rate_gt_{th}"] = own_image_hits(above, nearest, own_index, group_size) / len(above)
     return out
 
 
