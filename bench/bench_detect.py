@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common.detection import encode_prompts, score_prompts  # noqa: E402
-from common.models import denoiser_parts  # noqa: E402
-from common.noise import classifier_free_guidance, text_noise_norm  # noqa: E402
+from common.t2i.detection import encode_prompts, score_prompts  # noqa: E402
+from common.t2i.models import denoiser_parts  # noqa: E402
+from common.t2i.noise import classifier_free_guidance, text_noise_norm  # noqa: E402
 
 
 

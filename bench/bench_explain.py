@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from benchlib import add_model_args, bench_pipeline, load_prompts  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common.detection import encode_prompts  # noqa: E402
-from common.explain import WRT_CHOICES, explain_prompts  # noqa: E402
-from common.models import denoiser_parts  # noqa: E402
+from common.t2i.detection import encode_prompts  # noqa: E402
+from common.t2i.explain import WRT_CHOICES, explain_prompts  # noqa: E402
+from common.t2i.models import denoiser_parts  # noqa: E402
 
 
 

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed  # noqa: E402
 
-from common.detection import encode_prompts  # noqa: E402
-from common.mitigation import optimise_prompt_embeds, prompt_losses  # noqa: E402
-from common.models import denoiser_parts  # noqa: E402
-from common.noise import initial_latents  # noqa: E402
+from common.t2i.detection import encode_prompts  # noqa: E402
+from common.t2i.mitigation import optimise_prompt_embeds, prompt_losses  # noqa: E402
+from common.t2i.models import denoiser_parts  # noqa: E402
+from common.t2i.noise import initial_latents  # noqa: E402
 
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['max_rel_diff_final_loss']:.2g}, max |Δ embedding| = {result['max_abs_diff_embeds']:.2g}")
 
     if args.sscd_model != "none":
-        from common.generation import decode_latents, to_pil
+        from common.t2i.generation import decode_latents, to_pil
         from common.similarity import SimilarityModelError, SSCDModel
 
         try:

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from common.cli import quiet_hub_logging  # noqa: E402
-from common.models import assemble_pipeline, build_components, load_pipeline, parse_dtype  # noqa: E402
-from common.prompts import read_prompts  # noqa: E402
+from common.t2i.models import assemble_pipeline, build_components, load_pipeline, parse_dtype  # noqa: E402
+from common.t2i.prompts import read_prompts  # noqa: E402
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sdv1_500_memorized.jsonl"
 

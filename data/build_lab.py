@@ -1,6 +1,6 @@
 """Build the memorization lab: a tiny StableDiffusionPipeline that memorizes a known subset of captioned digits.
 
-Stages (each a real diffmem component): captioned images (common.lab) -> a small VAE trained with
+Stages (each a real diffmem component): captioned images (common.t2i.lab) -> a small VAE trained with
 common.trainer.Trainer -> a random pipeline of arch "lab" with that VAE -> finetune/train_text_to_image.py with
 --train_text_encoder (memorized images repeated, seen-once images mixed in) -> detect/detect_mem.py first-step
 scores, pixel and SSCD replication rates -> the same training with --hard_threshold (Wen et al.'s mitigation; T a
@@ -162,16 +162,16 @@ def _train(cfg: LabConfig, init_dir: Path, work: Path, out_dir: Path, *, hard_th
 
 def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir: Path, train_images, train_index,
              split, sscd=None, train_sscd=None) -> dict:
-    from common.generation import save_grid, to_pil
-    from common.lab import generate_images, replication_figures, sscd_replication_figures
-    from common.detection import score_prompts
+    from common.t2i.generation import save_grid, to_pil
+    from common.t2i.lab import generate_images, replication_figures, sscd_replication_figures
+    from common.t2i.detection import score_prompts
     from common.metrics import detection_metrics, fpr_key
-    from common.models import denoiser_parts, load_pipeline
-    from common.prompts import read_prompts
+    from common.t2i.models import denoiser_parts, load_pipeline
+    from common.t2i.prompts import read_prompts
 
     figures = {}
     t0 = time.perf_counter()
-    # The scoring of detect/detect_mem.py (common.detection.score_prompts), per file with rows from 0, so the
+    # The scoring of detect/detect_mem.py (common.t2i.detection.score_prompts), per file with rows from 0, so the
     # figures are exactly those `make demo` prints.
     pipe = load_pipeline(str(model_dir))
     parts = denoiser_parts(pipe)
@@ -224,8 +224,8 @@ def build(cfg: LabConfig) -> dict:
     import numpy as np
     import torch
 
-    from common.lab import digit_images, lab_split, train_vae, training_text_noise_norms, write_imagefolder
-    from common.models import assemble_pipeline, build_components, load_pipeline, strip_build_paths
+    from common.t2i.lab import digit_images, lab_split, train_vae, training_text_noise_norms, write_imagefolder
+    from common.t2i.models import assemble_pipeline, build_components, load_pipeline, strip_build_paths
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
@@ -283,7 +283,7 @@ def build(cfg: LabConfig) -> dict:
     # 5. the shipped model's figures (what every CLI will load)
     sscd = train_sscd = None
     if cfg.sscd != "none":
-        from common.generation import to_pil
+        from common.t2i.generation import to_pil
         from common.similarity import SSCDModel
 
         sscd = SSCDModel(cfg.sscd)

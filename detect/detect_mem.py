@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
+from common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
 from common.results import append_results, merge_rows, read_results, write_json_atomic  # noqa: E402
 
 # Arguments that change the numbers: a resumed run must use the same values as the results on disk.
@@ -168,8 +168,8 @@ def run(cfg: DetectConfig) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from common.detection import encode_prompts, score_prompts
-    from common.models import denoiser_parts, load_pipeline, parse_dtype
+    from common.t2i.detection import encode_prompts, score_prompts
+    from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
     quiet_hub_logging()
     # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
+from common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
 from common.results import append_results, read_results, write_json_atomic  # noqa: E402
 
-WRT_CHOICES = ("prompt_embeds", "token_embeds")  # common.explain.WRT_CHOICES; kept here so --help needs no torch
+WRT_CHOICES = ("prompt_embeds", "token_embeds")  # common.t2i.explain.WRT_CHOICES; kept here so --help needs no torch
 # Arguments that change the numbers: a resumed run must use the values of the results already on disk.
 RESULT_KEYS = ("model_id", "unet_id", "revision", "variant", "target_steps", "num_images_per_prompt",
                "num_inference_steps", "guidance_scale", "gen_seed", "latents", "wrt", "dtype")
@@ -204,9 +204,9 @@ def run(cfg: ExplainConfig) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from common.detection import encode_prompts
-    from common.explain import TokenSignificance, explain_prompts, heatmap_html, plot_token_bars
-    from common.models import denoiser_parts, load_pipeline, parse_dtype
+    from common.t2i.detection import encode_prompts
+    from common.t2i.explain import TokenSignificance, explain_prompts, heatmap_html, plot_token_bars
+    from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
     explain_time = 0.0
     if todo:

@@ -18,7 +18,7 @@ import os
 
 from common.cli import ArgumentParser, run_main
 from common.errors import ConfigError
-from common.prompt_aug import STYLES
+from common.t2i.prompt_aug import STYLES
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -105,7 +105,7 @@ def build_parser() -> ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from common.t2i_train import TextToImageConfig
+    from common.t2i.train import TextToImageConfig
     from common.trainer import TrainConfig
 
     train = TrainConfig(
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> None:
     problem = validate_args(args)
     if problem is not None:
         raise ConfigError(problem)
-    from common.t2i_train import train_text_to_image
+    from common.t2i.train import train_text_to_image
     from common.trainer import resolve_resume
 
     cfg = config_from_args(args)

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
-from common.mitigation_run import METHODS, MitigationSettings, RunOptions  # noqa: E402
+from common.t2i.mitigation_run import METHODS, MitigationSettings, RunOptions  # noqa: E402
 
 
 @dataclass
@@ -99,10 +99,10 @@ def parse_config(argv: list[str] | None) -> InferenceMemConfig:
 def run(cfg: InferenceMemConfig) -> dict:
     """Validate inputs, load models, run the method and return the summary."""
     cfg.validate()
-    from common.groundtruth import resolve_dataset_path, resolve_gt_root
-    from common.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators, resolve_device,
+    from common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
+    from common.t2i.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators, resolve_device,
                                        run_mitigation)
-    from common.prompts import PromptFileError, read_prompts, select_rows
+    from common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
     # Everything the user typed is checked before any model is loaded.
     dataset = resolve_dataset_path(cfg.dataset)
@@ -123,7 +123,7 @@ def run(cfg: InferenceMemConfig) -> dict:
 
     import torch
 
-    from common.models import denoiser_parts, load_pipeline, parse_dtype
+    from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
     quiet_hub_logging()
     # Evaluators first: a CLIP tag that cannot be downloaded fails before minutes of generation.

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.mitigation_run import BASELINES, MitigationSettings, RunOptions  # noqa: E402
+from common.t2i.mitigation_run import BASELINES, MitigationSettings, RunOptions  # noqa: E402
 
 
 @dataclass
@@ -45,7 +45,7 @@ class TradeoffConfig(RunOptions):
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
-        from common.mitigation_run import sweep_settings
+        from common.t2i.mitigation_run import sweep_settings
 
         for _, s in sweep_settings(self.base_settings(), self.target_losses, self.repeat_nums, self.baselines,
                                    not self.skip_none):
@@ -99,10 +99,10 @@ def parse_config(argv: list[str] | None) -> TradeoffConfig:
 
 def run(cfg: TradeoffConfig) -> list[dict]:
     cfg.validate()
-    from common.groundtruth import resolve_dataset_path, resolve_gt_root
-    from common.mitigation_run import (check_evaluators, load_evaluators, plot_tradeoff, resolve_device,
+    from common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
+    from common.t2i.mitigation_run import (check_evaluators, load_evaluators, plot_tradeoff, resolve_device,
                                        run_mitigation, sweep_settings, tradeoff_point)
-    from common.prompts import PromptFileError, read_prompts, select_rows
+    from common.t2i.prompts import PromptFileError, read_prompts, select_rows
     from common.results import write_json_atomic
 
     dataset = resolve_dataset_path(cfg.dataset)
@@ -117,7 +117,7 @@ def run(cfg: TradeoffConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     runs = sweep_settings(cfg.base_settings(), cfg.target_losses, cfg.repeat_nums, cfg.baselines, not cfg.skip_none)
 
-    from common.models import denoiser_parts, load_pipeline, parse_dtype
+    from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
     quiet_hub_logging()
     evaluators = load_evaluators(cfg.sscd_model, cfg.sscd_preprocess, cfg.reference_model,

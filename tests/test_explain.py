@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.detection import encode_prompts, iter_text_noise_objective, text_noise_objective
-from common.explain import (
+from common.t2i.detection import encode_prompts, iter_text_noise_objective, text_noise_objective
+from common.t2i.explain import (
     conditioning_leaf,
     display_token,
     explain_prompts,
@@ -22,7 +22,7 @@ from common.explain import (
     token_significance,
     tokenize,
 )
-from common.noise import initial_latents
+from common.t2i.noise import initial_latents
 from conftest import run_cli
 
 PROMPTS = ["a photo of a castle at night", "emma watson as belle in beauty and the beast",
@@ -72,7 +72,7 @@ def test_display_token_decodes_bpe():
 
 
 def test_cli_and_library_agree_on_choices():
-    from common.explain import WRT_CHOICES
+    from common.t2i.explain import WRT_CHOICES
     from detect.explain_tokens import WRT_CHOICES as CLI_CHOICES
     from detect.explain_tokens import parse_target_steps
 

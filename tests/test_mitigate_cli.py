@@ -50,9 +50,9 @@ def sscd_spec(tmp_path_factory):
 def lab_dataset(tmp_path_factory, tiny_parts, tiny_pipe):
     """prompts.jsonl + gt_images/: row 0's ground truth is its own unmitigated generation, row 1's folder is
     empty and row 2 has none."""
-    from common.detection import encode_prompts
-    from common.generation import decode_latents, sample_latents, to_pil
-    from common.noise import initial_latents
+    from common.t2i.detection import encode_prompts
+    from common.t2i.generation import decode_latents, sample_latents, to_pil
+    from common.t2i.noise import initial_latents
 
     d = tmp_path_factory.mktemp("lab")
     (d / "prompts.jsonl").write_text("".join(json.dumps({"caption": p, "index": i}) + "\n"
@@ -114,7 +114,7 @@ def test_inference_mem_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd
 
 def test_resume_refuses_other_settings_and_cuts_torn_line(tmp_path):
     from common.errors import ConfigError
-    from common.mitigation_run import MitigationSettings, RunFiles
+    from common.t2i.mitigation_run import MitigationSettings, RunFiles
 
     files = RunFiles(tmp_path / "run")
     settings = MitigationSettings(method="ours", optim_iters=3)

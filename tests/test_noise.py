@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from common.noise import (
+from common.t2i.noise import (
     classifier_free_guidance,
     detection_score,
     epsilon_from_output,

@@ -107,7 +107,7 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
     res = accelerate_launch("--config_file", "accelerate_configs/cpu.yaml", SCRIPT, *args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    from common.models import load_pipeline
+    from common.t2i.models import load_pipeline
 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1 pruned checkpoint-2
     ckpt = out / "checkpoint-4"
@@ -210,7 +210,7 @@ def test_resume_with_another_batch_size_is_refused(tiny_pipeline_dir, data, tmp_
 def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):
     from finetune.train_text_to_image import main
 
-    from common.models import load_pipeline
+    from common.t2i.models import load_pipeline
 
     mem, _ = data
     out = tmp_path / "run"
@@ -233,10 +233,10 @@ def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_di
 def test_threshold_mask_and_loss_against_a_hand_computation(tiny_pipe, data, tmp_path, prediction_type, snr_gamma):
     from diffusers import DDPMScheduler
 
-    from common.imagedata import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
-    from common.imagedata import read_image_folder
+    from common.t2i.imagedata import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
+    from common.t2i.imagedata import read_image_folder
     from common.seeding import STREAM_NOISE, STREAM_TIMESTEP, STREAM_VAE, randint_per_sample, randn_per_sample
-    from common.t2i_train import TextToImageLoss
+    from common.t2i.train import TextToImageLoss
     from common.train_loss import masked_mean
 
     mem, non_mem = data

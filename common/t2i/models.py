@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from common.errors import DiffmemError
-from common.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
+from common.t2i.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,7 +48,7 @@ _TINY = dict(
 ARCHS = {
     # Smallest model with every SD block type: 16x16 RGB images, 4x8x8 latents, 32-wide cross-attention.
     "tiny": _TINY,
-    # The memorization lab (common.lab): the tiny UNet and VAE with a 64-wide text encoder and cross-attention,
+    # The memorization lab (common.t2i.lab): the tiny UNet and VAE with a 64-wide text encoder and cross-attention,
     # wide enough that jointly trained caption embeddings separate (notes/findings.md).
     "lab": dict(
         unet={**_TINY["unet"], "cross_attention_dim": 64},

@@ -5,8 +5,8 @@ Per prompt (dataset row i) and method:
 
 1. the conditioning: the original prompt (``none``), a randomly augmented prompt (``rand_word_add``,
    ``rand_numb_add``, ``rand_word_repeat``; seeded by gen_seed + i, so reproducible and batch-independent), or
-   the original prompt's embedding optimised by :func:`common.mitigation.optimise_prompt_embeds` (``ours``);
-2. G generations from the same starting noise for every method (:func:`common.noise.initial_latents`, seed
+   the original prompt's embedding optimised by :func:`common.t2i.mitigation.optimise_prompt_embeds` (``ours``);
+2. G generations from the same starting noise for every method (:func:`common.t2i.noise.initial_latents`, seed
    gen_seed + i), classifier-free-guided DDIM, VAE decode; a PNG grid per prompt;
 3. SSCD similarity of each generation to the prompt's ground-truth images (max over them) and the CLIP score
    of each generation with the *original* prompt.
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ConfigError
-from common.groundtruth import GroundTruth, find_ground_truth, load_images
+from common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
 from common.results import append_results, read_results, write_json_atomic
 from common.similarity import (REPLICATION_THRESHOLDS, clip_score, finite_mean, similarity_stats,
                                sscd_to_ground_truth)
@@ -89,7 +89,7 @@ class MitigationSettings:
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
-        from common.mitigation import LOSS_REDUCTIONS
+        from common.t2i.mitigation import LOSS_REDUCTIONS
 
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -135,7 +135,7 @@ def used_prompts(prompts: list[str], rows: list[int], settings: MitigationSettin
     """The prompt each row is generated from: the original, or its seeded random augmentation (baselines)."""
     if settings.method not in BASELINES:
         return list(prompts)
-    from common.prompt_aug import augment_prompt
+    from common.t2i.prompt_aug import augment_prompt
 
     return [augment_prompt(p, settings.method, settings.repeat_num, aug_generator(settings.gen_seed + r),
                            tokenizer=tokenizer)
@@ -151,10 +151,10 @@ def aug_generator(seed: int):
 
 def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], settings: MitigationSettings) -> dict:
     """Embeddings to generate from, the prompts actually used and the mitigation loss before/after, per row."""
-    from common.detection import encode_prompts
-    from common.mitigation import (learnable_positions, optimise_prompt_embeds, prompt_attention_mask,
+    from common.t2i.detection import encode_prompts
+    from common.t2i.mitigation import (learnable_positions, optimise_prompt_embeds, prompt_attention_mask,
                                    prompt_losses)
-    from common.noise import initial_latents
+    from common.t2i.noise import initial_latents
 
     used = used_prompts(prompts, rows, settings, parts.tokenizer)
     encoded = encode_prompts(parts, used)
@@ -283,8 +283,8 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
     """Run one method over the records (resuming earlier rows in out_dir); returns the summary dict."""
     from tqdm.auto import tqdm
 
-    from common.detection import encode_prompts
-    from common.generation import decode_latents, sample_latents, save_grid, to_pil
+    from common.t2i.detection import encode_prompts
+    from common.t2i.generation import decode_latents, sample_latents, save_grid, to_pil
 
     settings.validate()
     evaluators = evaluators or Evaluators()

@@ -1,7 +1,7 @@
 """Batched classifier-free-guided DDIM sampling from given text embeddings and starting latents, and decoding.
 
 Mitigation generates from *embeddings* (an optimised conditional embedding, or an augmented prompt's), so the
-sampler takes embeddings and the exact starting latents (see :func:`common.noise.initial_latents`) instead of
+sampler takes embeddings and the exact starting latents (see :func:`common.t2i.noise.initial_latents`) instead of
 prompts and a generator: every method then starts row i, generation g from the same noise. The loop is the
 one of ``StableDiffusionPipeline.__call__`` (guidance on the raw model output, then ``scheduler.step``), but
 keeps the latents in fp32 between steps whatever the UNet's dtype.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from common.models import DenoiserParts
-from common.noise import classifier_free_guidance
+from common.t2i.models import DenoiserParts
+from common.t2i.noise import classifier_free_guidance
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.imagedata import (
+from common.t2i.imagedata import (
     CaptionConfig,
     ImageDataError,
     ImageTransformConfig,
@@ -29,7 +29,7 @@ from common.imagedata import (
     hf_dataset_records,
     read_image_folder,
 )
-from common.noise import epsilon_from_output, text_noise_norm
+from common.t2i.noise import epsilon_from_output, text_noise_norm
 from common.seeding import (
     STREAM_NOISE,
     STREAM_NOISE_OFFSET,
@@ -249,7 +249,7 @@ def _validation_images(cfg: TextToImageConfig, accelerator, parts: dict):
 
 def _exporter(cfg: TextToImageConfig):
     def export(models: dict, output_dir: Path) -> None:
-        from common.models import load_pipeline
+        from common.t2i.models import load_pipeline
 
         # Reload the frozen parts from disk: the in-memory copies may have been cast to fp16/bf16.
         pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
@@ -273,7 +273,7 @@ def train_text_to_image(cfg: TextToImageConfig):
     checked before any model is loaded."""
     from diffusers import DDPMScheduler
 
-    from common.models import load_pipeline
+    from common.t2i.models import load_pipeline
 
     check_optional_features(cfg)
     local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0

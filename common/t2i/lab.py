@@ -92,7 +92,7 @@ def lab_split(num_images: int, num_memorized: int, num_seen_once: int, num_novel
 
 
 def write_imagefolder(folder: str | Path, images: np.ndarray, indices: list[int], captions: list[str]) -> Path:
-    """An imagefolder (``{index}.png`` + metadata.jsonl with "text") that common.imagedata reads in this order."""
+    """An imagefolder (``{index}.png`` + metadata.jsonl with "text") that common.t2i.imagedata reads in this order."""
     from PIL import Image
 
     folder = Path(folder)
@@ -160,10 +160,10 @@ class VAELoss:
 
 
 def lab_vae(arch: str = "lab", seed: int = 0):
-    """A randomly initialised AutoencoderKL of the lab's architecture (common.models.ARCHS[arch]["vae"])."""
+    """A randomly initialised AutoencoderKL of the lab's architecture (common.t2i.models.ARCHS[arch]["vae"])."""
     from diffusers import AutoencoderKL
 
-    from common.models import ARCHS
+    from common.t2i.models import ARCHS
 
     spec = ARCHS[arch]["vae"]
     n_blocks = len(spec["block_out_channels"])
@@ -230,10 +230,10 @@ def nearest_ratio(generated: torch.Tensor, training: torch.Tensor) -> tuple[torc
 def generate_images(pipe, prompts: list[str], *, num_images: int, gen_seed: int, num_inference_steps: int,
                     guidance_scale: float) -> torch.Tensor:
     """[B, G, 3, H, W] images in [0, 1] from a DDIM trajectory; row i starts from seed gen_seed + i."""
-    from common.detection import encode_prompts
-    from common.generation import decode_latents, sample_latents
-    from common.models import denoiser_parts
-    from common.noise import initial_latents
+    from common.t2i.detection import encode_prompts
+    from common.t2i.generation import decode_latents, sample_latents
+    from common.t2i.models import denoiser_parts
+    from common.t2i.noise import initial_latents
 
     parts = denoiser_parts(pipe)
     cond = encode_prompts(parts, prompts).embeds
@@ -292,9 +292,9 @@ def training_text_noise_norms(pipe, images: np.ndarray, split: LabSplit, *, seed
     pairs per image, drawn from seed and the image index. Returns {"memorized": [...], "seen_once": [...]}."""
     from diffusers import DDPMScheduler
 
-    from common.detection import encode_prompts
-    from common.models import denoiser_parts
-    from common.noise import text_noise_norm
+    from common.t2i.detection import encode_prompts
+    from common.t2i.models import denoiser_parts
+    from common.t2i.noise import text_noise_norm
     from common.seeding import torch_generator
 
     parts = denoiser_parts(pipe)

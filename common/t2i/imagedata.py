@@ -25,7 +25,7 @@ import torch
 
 from common.errors import DiffmemError
 from common.jsonl import iter_json_objects
-from common.prompt_aug import augment_prompt
+from common.t2i.prompt_aug import augment_prompt
 from common.seeding import STREAM_CAPTION, STREAM_IMAGE, derive_seed, numpy_generator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.detection import text_noise_objective
-from common.models import DenoiserParts
+from common.t2i.detection import text_noise_objective
+from common.t2i.models import DenoiserParts
 
 LOSS_REDUCTIONS = ("mean", "joint")
 
@@ -92,7 +92,7 @@ def optimise_prompt_embeds(
     """Lower each prompt's text-conditional noise magnitude to target_loss by AdamW on its embedding.
 
     cond_embeds [B, L, D]; uncond_embed [1, L, D]; latents [B, G, C, H, W] (scaled by init_noise_sigma, as
-    for :func:`common.detection.text_noise_objective`); learnable [B, L] bool (default: all but BOS).
+    for :func:`common.t2i.detection.text_noise_objective`); learnable [B, L] bool (default: all but BOS).
     At most ``iters`` updates per prompt; target_loss None runs all of them.
     """
     if iters < 0:

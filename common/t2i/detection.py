@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.models import DenoiserParts
-from common.noise import (
+from common.t2i.models import DenoiserParts
+from common.t2i.noise import (
     classifier_free_guidance,
     detection_score,
     epsilon_from_output,
