@@ -5,8 +5,9 @@ common.trainer.Trainer -> a random pipeline of arch "lab" with that VAE -> finet
 --train_text_encoder (memorized images repeated, seen-once images mixed in) -> detect/detect_mem.py first-step
 scores, pixel and SSCD replication rates -> the same training with --hard_threshold (Wen et al.'s mitigation; T a
 quantile of the trained model's seen-once training norms), continued from the lab run's early checkpoint and
-measured the same way -> OUT/ (the pipeline in fp16, memorized.jsonl, unmemorized.jsonl, gt_images/,
-manifest.json). Deterministic for a given --seed and --threads on a given machine; `make lab` runs it.
+measured the same way -> OUT/ (the pipeline, stored in fp16 and loading in fp32 by default, memorized.jsonl,
+unmemorized.jsonl, gt_images/, manifest.json). Deterministic for a given --seed and --threads on a given machine;
+`make lab` runs it.
 """
 
 from __future__ import annotations
@@ -220,6 +221,27 @@ def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir:
     return figures
 
 
+def _load_in_fp32_by_default(folder: Path) -> None:
+    """Have the shipped fp16 files load in fp32 unless the caller asks for a dtype, as Hub checkpoints do.
+
+    transformers loads a model in the dtype its config names (its from_pretrained defaults to dtype="auto"), and
+    save_pretrained writes the dtype the weights were saved in; diffusers' UNet and VAE configs carry no dtype and
+    load in fp32. Left as saved, a plain StableDiffusionPipeline.from_pretrained(folder) pairs an fp16 text
+    encoder with an fp32 UNet and VAE and fails at the first matmul. Naming fp32 keeps the weight files in fp16
+    (half the size; from_pretrained upcasts them) and an explicit torch_dtype still wins. Written the way
+    transformers writes configs, so the file differs from save_pretrained's only in this value.
+    """
+    for config in folder.glob("*/config.json"):
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            continue
+        # transformers v5 writes "dtype"; older versions wrote "torch_dtype" and still read it
+        keys = [k for k in ("dtype", "torch_dtype") if data.get(k) not in (None, "float32")]
+        if keys:
+            data.update(dict.fromkeys(keys, "float32"))
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def build(cfg: LabConfig) -> dict:
     import numpy as np
     import torch
@@ -264,13 +286,15 @@ def build(cfg: LabConfig) -> dict:
     comps["vae"] = AutoencoderKL.from_pretrained(work / "vae_run" / "vae")
     assemble_pipeline(comps).save_pretrained(work / "init")
 
-    # 4. training; the shipped folder is the trained pipeline in fp16 (under 20 MB) with prompts and ground truth
+    # 4. training; the shipped folder is the trained pipeline stored in fp16 (under 20 MB; it loads in fp32 unless
+    # asked otherwise) with prompts and ground truth
     timings["train_s"] = round(_train(cfg, work / "init", work, work / "train",
                                       checkpoint_at=cfg.mitigation_from_step), 1)
     shutil.rmtree(out, ignore_errors=True)
     pipe = load_pipeline(str(work / "train"), dtype=torch.float16)
     pipe.save_pretrained(out)
     strip_build_paths(out)
+    _load_in_fp32_by_default(out)
     del pipe
     for name in ("memorized.jsonl", "unmemorized.jsonl"):
         shutil.copy(prompts / name, out / name)

@@ -99,6 +99,26 @@ def test_shipped_lab_scores_memorized_captions_higher():
     assert min(scores[:len(mem)]) > max(scores[len(mem):])
 
 
+@pytest.mark.skipif(not (LAB / "model_index.json").is_file(), reason="data/lab not built (make lab)")
+def test_shipped_lab_loads_like_a_checkpoint():
+    # The README promises the lab loads like any checkpoint: the plain diffusers call, no diffmem loader and no
+    # dtype, must give one dtype throughout (transformers reads the text encoder's dtype from its config, diffusers
+    # loads the UNet and VAE in fp32) and generate.
+    from diffusers import StableDiffusionPipeline
+
+    def dtypes(pipe):
+        return {name: getattr(pipe, name).dtype for name in ("unet", "vae", "text_encoder")}
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(LAB))
+    assert dtypes(pipe) == dict.fromkeys(("unet", "vae", "text_encoder"), torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the lab's 16x16 resolution
+    images = pipe("a test", num_inference_steps=2, height=size, width=size, output_type="np").images
+    assert images.shape == (1, size, size, 3) and np.isfinite(images).all()
+    pipe = StableDiffusionPipeline.from_pretrained(str(LAB), torch_dtype=torch.float16)
+    assert dtypes(pipe) == dict.fromkeys(("unet", "vae", "text_encoder"), torch.float16)
+
+
 def test_builder_quick_end_to_end(tmp_path):
     out = tmp_path / "lab"
     res = run_cli("data/build_lab.py", "--out", str(out), "--quick", "--quiet", timeout=300)
@@ -117,6 +137,8 @@ def test_builder_quick_end_to_end(tmp_path):
     assert (out / "model_index.json").is_file()
     # neither build paths nor the build environment's offline flag are shipped
     assert not [p for p in out.rglob("*.json") if "_name_or_path" in p.read_text() or "local_files" in p.read_text()]
+    # the fp16 files load in fp32 by default, like the UNet and VAE beside the text encoder
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["dtype"] == "float32"
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     assert size < 20e6
 
