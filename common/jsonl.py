@@ -6,21 +6,23 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from common.textfile import read_utf8_lines
+
 
 def iter_json_objects(path: str | Path, error: type[Exception]) -> Iterator[tuple[str, int, dict]]:
-    """(``FILE:LINE``, line number, object) for each non-blank line; a line that is no JSON object raises error."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise error(f"{where}: expected a JSON object, got invalid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            yield where, lineno, obj
+    """(``FILE:LINE``, line number, object) for each non-blank line; a non-object line or bad byte raises error."""
+    # Decoding the whole file first reports a bad byte before any row is used.
+    for lineno, text in enumerate(read_utf8_lines(path, error), start=1):
+        if not text.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise error(f"{where}: expected a JSON object, got invalid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, lineno, obj
 
 
 def parse_label(value, where: str, error: type[Exception]) -> int | None:

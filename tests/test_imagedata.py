@@ -87,6 +87,26 @@ def test_metadata_errors_name_file_and_line(tmp_path, line, message):
         read_image_folder(folder)
 
 
+def test_latin1_caption_txt_and_metadata_are_one_line_errors(tmp_path):
+    flat = write_flat(tmp_path / "flat", 2)
+    (flat / "img001.txt").write_bytes("un café".encode("latin-1"))
+    with pytest.raises(ImageDataError, match=r"img001\.txt:1: not UTF-8 text \(byte 0xe9 at column 7\); re-save"):
+        read_image_folder(flat)
+    folder = write_flat(tmp_path / "ds", 1)
+    (folder / "metadata.jsonl").write_bytes('{"file_name": "img000.jpg", "text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ImageDataError, match=r"metadata\.jsonl:1: not UTF-8 text \(byte 0xe9 at column 41\)"):
+        read_image_folder(folder)
+
+
+def test_utf8_bom_caption_txt_and_metadata_are_read(tmp_path):
+    flat = write_flat(tmp_path / "flat", 1)
+    (flat / "img000.txt").write_text("un café\n", encoding="utf-8-sig")
+    assert read_image_folder(flat)[0].caption == "un café"
+    folder = write_flat(tmp_path / "ds", 1)
+    (folder / "metadata.jsonl").write_text('{"file_name": "img000.jpg", "text": "café"}\n', encoding="utf-8-sig")
+    assert read_image_folder(folder)[0].caption == "café"
+
+
 # ------------------------------------------------------------------------------------------ mixture
 
 

@@ -347,6 +347,17 @@ def test_corrupt_image_is_one_line_before_any_model_is_loaded(data, tmp_path):
     assert len(err) == 1 and "002.jpg: cannot read image" in err[0] and "--skip_corrupt_images" in err[0]
 
 
+def test_latin1_caption_is_one_line_before_any_model_is_loaded(data, tmp_path, capsys):
+    from finetune.train_text_to_image import main
+
+    mem, _ = data
+    (mem / "001.txt").write_bytes("un café".encode("latin-1"))
+    assert main(base_args(tmp_path / "no-such-model", mem, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train_text_to_image: error: {mem / '001.txt'}:1: not UTF-8 text (byte 0xe9 at column 7); "
+                   f"re-save the file as UTF-8"]
+
+
 def test_missing_extras_fail_with_one_line(data, tmp_path):
     import importlib.util
 

@@ -27,6 +27,7 @@ from common.errors import DiffmemError
 from common.jsonl import iter_json_objects
 from common.t2i.prompt_aug import augment_prompt
 from common.seeding import STREAM_CAPTION, STREAM_IMAGE, derive_seed, numpy_generator
+from common.textfile import read_utf8_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -86,7 +87,7 @@ def _read_flat_folder(folder: Path, memorized: bool) -> list[ImageRecord]:
         txt = img.with_suffix(".txt")
         if not txt.is_file():
             raise ImageDataError(f"{img}: expected its caption in {txt.name} next to it")
-        caption = txt.read_text(encoding="utf-8").strip()
+        caption = read_utf8_text(txt, ImageDataError).strip()
         records.append(ImageRecord(key=str(img), caption=caption, path=str(img), memorized=memorized))
     return records
 

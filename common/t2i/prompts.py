@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common.errors import DiffmemError
 from common.jsonl import iter_json_objects, parse_label
+from common.textfile import read_utf8_lines
 
 CAPTION_KEYS = ("caption", "prompt", "text", "Prompt", "TEXT", "Caption")
 LABEL_KEYS = ("label", "memorized")
@@ -70,37 +71,35 @@ def read_jsonl(path: Path, allow_empty: bool = False) -> list[PromptRecord]:
 
 def read_csv(path: Path, allow_empty: bool = False) -> list[PromptRecord]:
     """Records of a CSV file with a Caption column; ';' separates fields when the header has one, else ','."""
-    with open(path, encoding="utf-8", newline="") as f:
-        header_line = f.readline()
-        delimiter = ";" if ";" in header_line else ","
-        f.seek(0)
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise PromptFileError(f"{path}:1: expected a header row with a Caption column, got an empty file") from None
-        col = {name: i for i, name in enumerate(header)}
-        cap = next((k for k in CAPTION_KEYS if k in col), None)
-        if cap is None:
-            raise PromptFileError(f"{path}:1: expected a header with a 'Caption' (or caption/prompt/text) column, "
-                                  f"got {delimiter!r}-separated {header}")
+    lines = read_utf8_lines(path, PromptFileError)  # the BOM of an Excel "CSV UTF-8" export is dropped here
+    delimiter = ";" if lines and ";" in lines[0] else ","
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise PromptFileError(f"{path}:1: expected a header row with a Caption column, got an empty file") from None
+    col = {name: i for i, name in enumerate(header)}
+    cap = next((k for k in CAPTION_KEYS if k in col), None)
+    if cap is None:
+        raise PromptFileError(f"{path}:1: expected a header with a 'Caption' (or caption/prompt/text) column, "
+                              f"got {delimiter!r}-separated {header}")
 
-        def get(fields, names):
-            return next((fields[col[n]] for n in names if n in col), None)
+    def get(fields, names):
+        return next((fields[col[n]] for n in names if n in col), None)
 
-        records = []
+    records = []
+    line = reader.line_num + 1
+    for fields in reader:
+        where = f"{path}:{line}"
         line = reader.line_num + 1
-        for fields in reader:
-            where = f"{path}:{line}"
-            line = reader.line_num + 1
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise PromptFileError(f"{where}: expected {len(header)} {delimiter!r}-separated fields "
-                                      f"like the header, got {len(fields)}")
-            records.append(_make_record(len(records), fields[col[cap]], where, index=get(fields, INDEX_KEYS),
-                                        label=get(fields, LABEL_KEYS), type_=get(fields, ("type",)),
-                                        line=int(where.rsplit(":", 1)[1]), allow_empty=allow_empty))
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            raise PromptFileError(f"{where}: expected {len(header)} {delimiter!r}-separated fields "
+                                  f"like the header, got {len(fields)}")
+        records.append(_make_record(len(records), fields[col[cap]], where, index=get(fields, INDEX_KEYS),
+                                    label=get(fields, LABEL_KEYS), type_=get(fields, ("type",)),
+                                    line=int(where.rsplit(":", 1)[1]), allow_empty=allow_empty))
     return records
 
 
