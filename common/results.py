@@ -2,6 +2,8 @@
 
 A job killed mid-write leaves at most one incomplete last line. Readers ignore it; the process that owns
 the file cuts it off before appending again, so a resumed run never produces a torn or duplicated row.
+A resumable run records the settings its results depend on (:func:`bind_run_settings`) and refuses to
+resume them with other settings.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from common.errors import DiffmemError
+from common.errors import ConfigError, DiffmemError
 
 
 class ResultsFileError(DiffmemError, ValueError):
@@ -74,3 +76,29 @@ def merge_rows(row_lists: list[list[dict]], key: str = "row", keep: set | None =
             if (keep is None or k in keep) and k not in merged:
                 merged[k] = r
     return [merged[k] for k in sorted(merged)]
+
+
+def check_run_settings(config_file: str | Path, settings: dict, results_exist: bool, retry_hint: str) -> None:
+    """Raise ConfigError when results exist and config_file records settings other than these.
+
+    Settings bind a run only once it has results on disk: a config left by a run that failed before its
+    first row (a mistyped model id, a first batch out of memory) describes no result, so it cannot refuse
+    the corrected command. retry_hint names the other way out besides --overwrite (e.g. "another --out").
+    """
+    config_file = Path(config_file)
+    if not results_exist or not config_file.exists():
+        return
+    old = json.loads(config_file.read_text())
+    diff = {k: (old.get(k), settings.get(k)) for k in {**old, **settings} if old.get(k) != settings.get(k)}
+    if diff:
+        what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+        raise ConfigError(f"{config_file}: earlier results of this run used {what}; "
+                          f"pass --overwrite or {retry_hint}")
+
+
+def bind_run_settings(config_file: str | Path, settings: dict, results_exist: bool, retry_hint: str) -> None:
+    """Check settings against the results on disk (:func:`check_run_settings`), then record them unless
+    earlier results already did; a config without results is replaced."""
+    check_run_settings(config_file, settings, results_exist, retry_hint)
+    if not (results_exist and Path(config_file).exists()):
+        write_json_atomic(config_file, settings)

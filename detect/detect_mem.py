@@ -9,7 +9,6 @@ Results are appended per batch under {run_name}.parts/; re-running the same comm
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -22,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
-from common.results import append_results, merge_rows, read_results, write_json_atomic  # noqa: E402
+from common.results import (append_results, bind_run_settings, merge_rows, read_results,  # noqa: E402
+                            write_json_atomic)
 
 # Arguments that change the numbers: a resumed run must use the same values as the results on disk.
 SCORE_KEYS = ("model_id", "unet_id", "revision", "variant", "num_images_per_prompt", "gen_seed",
@@ -140,15 +140,8 @@ class RunState:
             for f in (self.final, self.summary):
                 f.unlink(missing_ok=True)
         self.parts.mkdir(parents=True, exist_ok=True)
-        if self.config_file.exists():
-            old = json.loads(self.config_file.read_text())
-            diff = {k: (old.get(k), v) for k, v in self.score_config.items() if old.get(k) != v}
-            if diff:
-                what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
-                raise ConfigError(f"{self.config_file}: earlier results of this run used {what}; "
-                                 f"pass --overwrite or a new --run_name")
-        else:
-            write_json_atomic(self.config_file, self.score_config)
+        has_results = any(read_results(p) for p in self.parts.glob("part-*.jsonl"))
+        bind_run_settings(self.config_file, self.score_config, has_results, "a new --run_name")
 
     def done_rows(self, own_rank: int) -> list[list[dict]]:
         """Rows of every part file; this process's own part is repaired (torn tail cut)."""

@@ -9,7 +9,6 @@ per prompt under DIR/bars/. Rows are appended per batch; re-running the same com
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -22,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
-from common.results import append_results, read_results, write_json_atomic  # noqa: E402
+from common.results import (append_results, bind_run_settings, check_run_settings, read_results,  # noqa: E402
+                            write_json_atomic)
 
 WRT_CHOICES = ("prompt_embeds", "token_embeds")  # common.t2i.explain.WRT_CHOICES; kept here so --help needs no torch
 # Arguments that change the numbers: a resumed run must use the values of the results already on disk.
@@ -155,19 +155,15 @@ class OutDir:
             for f in (self.tokens, self.heatmap, self.config_file):
                 f.unlink(missing_ok=True)
             shutil.rmtree(self.bars, ignore_errors=True)
-        if self.config_file.exists():
-            old = json.loads(self.config_file.read_text())
-            diff = {k: (old.get(k), v) for k, v in self.result_config.items() if old.get(k) != v}
-            if diff:
-                what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
-                raise ConfigError(f"{self.config_file}: earlier results in this folder used {what}; "
-                                  f"pass --overwrite or another --out")
+        check_run_settings(self.config_file, self.result_config, self.has_results(), "another --out")
 
     def claim(self) -> None:
-        """Create the folder and record the settings (once the model has loaded: a typo must not stick)."""
+        """Create the folder and record the settings (once the model has loaded: a typo leaves no folder)."""
         self.bars.mkdir(parents=True, exist_ok=True)
-        if not self.config_file.exists():
-            write_json_atomic(self.config_file, self.result_config)
+        bind_run_settings(self.config_file, self.result_config, self.has_results(), "another --out")
+
+    def has_results(self) -> bool:
+        return bool(read_results(self.tokens))
 
     def done(self, records: list[PromptRecord]) -> dict[int, dict]:
         """Rows already explained (torn tail of an interrupted write cut); a changed prompt is an error."""

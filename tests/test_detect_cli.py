@@ -72,6 +72,17 @@ def test_bad_row_is_reported_before_any_model_is_loaded(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_latin1_dataset_is_one_line_before_any_model_is_loaded(tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"caption": "fine"}\n{"caption": "café"}\n'.encode("latin-1"))
+    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "no-model", "--dataset", latin1,
+                  "--run_name", "x", "--output_dir", tmp_path / "out")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [f"detect_mem: error: {latin1}:2: not UTF-8 text (byte 0xe9 at column 17); "
+                                       f"re-save the file as UTF-8"]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--score_steps", "0"], "--score_steps must be in 1..50"),
     (["--score_steps", "first"], "positive integer or 'all'"),
@@ -89,6 +100,21 @@ def test_unknown_model_is_one_line(dataset, tmp_path):
                   "--run_name", "x", "--output_dir", tmp_path / "out")
     assert res.returncode == 2 and "missing-model: no such model folder" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_failed_run_does_not_block_its_corrected_retry(tiny_pipeline_dir, dataset, tmp_path):
+    out = tmp_path / "out"
+    args = ["--dataset", dataset, "--run_name", "p", "--output_dir", out, "--end", 2,
+            "--num_images_per_prompt", 1, "--num_inference_steps", 3, "--score_steps", 1]
+    failed = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "nope", *args)
+    assert failed.returncode == 2 and "nope: no such model folder" in failed.stderr
+
+    fixed = run_cli("detect/detect_mem.py", "--model_id", tiny_pipeline_dir, *args)
+    assert fixed.returncode == 0, fixed.stderr
+    assert [r["row"] for r in read_jsonl(out / "p.jsonl")] == [0, 1]
+    # Now that results exist, their settings bind the run.
+    other = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "nope", *args)
+    assert other.returncode == 2 and f"model_id={str(tiny_pipeline_dir)!r}" in other.stderr
 
 
 def test_killed_run_resumes_with_every_row_once(tiny_pipeline_dir, tiny_parts, dataset, tmp_path):

@@ -293,3 +293,29 @@ def test_cli_unloadable_model_is_one_line_and_leaves_no_settings(tmp_path):
     assert proc.returncode == 2 and "no such model folder" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "o" / "config.json").exists()  # a corrected --model_id may reuse the folder
+
+
+def test_cli_failed_first_batch_does_not_bind_the_retry(tmp_path, tiny_pipeline_dir, monkeypatch):
+    # Memory grows with num_images_per_prompt: a first batch out of memory is answered by a retry with fewer
+    # generations, and since the failed run wrote no result its settings must not refuse that retry.
+    import common.t2i.explain as explain
+    from detect.explain_tokens import main
+
+    real_explain_prompts = explain.explain_prompts
+
+    def out_of_memory_above_one_image(*args, num_images_per_prompt, **kwargs):
+        if num_images_per_prompt > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_explain_prompts(*args, num_images_per_prompt=num_images_per_prompt, **kwargs)
+
+    monkeypatch.setattr(explain, "explain_prompts", out_of_memory_above_one_image)
+    out = tmp_path / "out"
+    args = ["--model_id", str(tiny_pipeline_dir), "--prompt", "a castle at night", "--out", str(out),
+            "--num_inference_steps", "3"]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        main([*args, "--num_images_per_prompt", "2"])
+    assert main([*args, "--num_images_per_prompt", "1"]) == 0
+    [row] = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    assert row["prompt"] == "a castle at night"
+    # Now that a result exists, its settings bind the folder.
+    assert main([*args, "--num_images_per_prompt", "2"]) == 2
