@@ -23,6 +23,7 @@ STREAM_VAE = 3
 STREAM_NOISE = 4
 STREAM_NOISE_OFFSET = 5
 STREAM_TIMESTEP = 6
+STREAM_LOADER = 7
 
 
 def derive_seed(*keys: int) -> int:
@@ -51,3 +52,9 @@ def randint_per_sample(sample_seeds: Sequence[int] | torch.Tensor, high: int, st
     """[B] int64 uniform in [0, high) on CPU; entry i drawn from sample_seeds[i]'s stream ``stream``."""
     seeds = [int(s) for s in sample_seeds]
     return torch.cat([torch.randint(0, high, (1,), generator=torch_generator(s, stream)) for s in seeds])
+
+
+def rand_per_sample(sample_seeds: Sequence[int] | torch.Tensor, shape: tuple[int, ...], stream: int) -> torch.Tensor:
+    """[B, *shape] uniform [0, 1) fp32 on CPU; row i drawn from sample_seeds[i]'s stream ``stream``."""
+    seeds = [int(s) for s in sample_seeds]
+    return torch.stack([torch.rand(shape, generator=torch_generator(s, stream)) for s in seeds])

@@ -3,8 +3,9 @@
 The caller brings trainable models, a loss function (batch -> per-sample losses, a keep mask and per-sample
 statistics) and a dataset keyed by (epoch, position, index); the loop does the rest: data order and sharding,
 gradient accumulation, mixed precision (Accelerate autocast over fp32 trainable weights), clipping, EMA
-(diffusers ``EMAModel``), the LR schedule, checkpoints with a total limit, exact resume, tracking and the
-final export.
+(diffusers ``EMAModel``, optionally with a per-step β), the LR schedule (a named diffusers schedule or a
+per-step multiplier), the optimizer (AdamW, Adam with coupled L2 or SGD), checkpoints with a total limit, exact
+resume, network snapshots, tracking and the final export.
 
 Resume is exact: a checkpoint holds the models (``<name>/`` in ``save_pretrained`` format, plus ``<name>_ema/``),
 the EMA state, optimizer, LR scheduler, grad scaler, RNG states and ``trainer_state.json`` (step and the
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from common.errors import DiffmemError
-from common.seeding import STREAM_PERMUTATION, derive_seed
+from common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
 from common.train_loss import masked_mean
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -62,6 +63,10 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
+    # adamw: decoupled weight decay; adam: torch Adam, weight decay as coupled L2 (EDM/DiffMemorize's
+    # ``Adam(weight_decay=…)``); sgd: momentum SGD. adam_weight_decay is the weight decay of each of them.
+    optimizer: str = "adamw"
+    sgd_momentum: float = 0.9
     use_ema: bool = False
     ema_decay: float = 0.9999
     checkpointing_steps: int = 500
@@ -234,8 +239,14 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float):
-    """Fused AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam``."""
+    """Fused AdamW (or Adam with coupled L2, or momentum SGD, by ``cfg.optimizer``), or bitsandbytes' 8-bit
+    AdamW with ``use_8bit_adam``."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise TrainSetupError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -243,10 +254,29 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: floa
             raise TrainSetupError("--use_8bit_adam needs bitsandbytes (pip install 'diffmem[bnb]')") from exc
         return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                    weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.sgd_momentum, weight_decay=cfg.adam_weight_decay,
+                               foreach=True)
     # The fused kernel (CPU and CUDA) updates every tensor in one call: on small models the per-tensor Python
     # loop of the default CPU path was a fifth of a training step (a 49408-row token embedding included).
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=True)
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=True)
+
+
+def scheduled_ema(params, decay_fn: Callable[[int], float], foreach: bool):
+    """A diffusers ``EMAModel`` whose β at optimizer step k (0-based) is ``decay_fn(k)``: EDM's half-life EMA
+    and DiffMemorize's modes change β every step, which EMAModel's warm-up formula cannot express."""
+    from diffusers.training_utils import EMAModel
+
+    class ScheduledEMAModel(EMAModel):
+        def get_decay(self, optimization_step: int) -> float:
+            # EMAModel.step increments optimization_step before asking, so the first update asks for 1.
+            return float(decay_fn(optimization_step - 1))
+
+    return ScheduledEMAModel(params, foreach=foreach)
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -260,13 +290,22 @@ class Trainer:
     weights swapped in with use_ema). export_fn(models, output_dir) writes the final result on the main
     process with the final (EMA when use_ema) weights. on_step_end(step, logs) runs on every process after
     each optimizer step (benchmarks, custom logging).
+
+    lr_multiplier_fn(k) scales the base LR at optimizer step k (0-based) in place of ``cfg.lr_scheduler``;
+    ema_decay_fn(k) is the EMA β of step k in place of ``cfg.ema_decay``. snapshot_fn(step, models) runs on the
+    main process with unwrapped models (EMA weights swapped in) after every step where snapshot_due(step)
+    holds, before that step's checkpoint (so a kill between the two redoes the snapshot), and after the last step.
     """
 
     def __init__(self, accelerator, cfg: TrainConfig, models: dict[str, torch.nn.Module],
                  loss_fn: Callable, dataset, collate_fn: Callable, *,
                  validate_fn: Callable | None = None, export_fn: Callable | None = None,
                  tracker_config: dict | None = None, extra_state: dict | None = None,
-                 on_step_end: Callable[[int, dict], None] | None = None):
+                 on_step_end: Callable[[int, dict], None] | None = None,
+                 lr_multiplier_fn: Callable[[int], float] | None = None,
+                 ema_decay_fn: Callable[[int], float] | None = None,
+                 snapshot_fn: Callable[[int, dict], None] | None = None,
+                 snapshot_due: Callable[[int], bool] | None = None):
         if not models:
             raise ValueError("no trainable models")
         self.accelerator = accelerator
@@ -281,6 +320,10 @@ class Trainer:
         self.tracker_config = tracker_config or {}
         self.extra_state = extra_state or {}
         self.on_step_end = on_step_end
+        self.lr_multiplier_fn = lr_multiplier_fn
+        self.ema_decay_fn = ema_decay_fn
+        self.snapshot_fn = snapshot_fn
+        self.snapshot_due = snapshot_due
         self.output_dir = Path(cfg.output_dir)
         self.ema = None
 
@@ -365,19 +408,28 @@ class Trainer:
                 )
         return state
 
+    def _with_ema_weights(self, fn: Callable[[dict], object]):
+        """fn(unwrapped models) with the EMA weights swapped in (when there is an EMA), then restored."""
+        models = self._unwrapped()
+        params = self._params(models.values())
+        if self.ema is not None:
+            self.ema.store(params)
+            self.ema.copy_to(params)
+        try:
+            return fn(models)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(params)
+
+    def _run_snapshot(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            self._with_ema_weights(lambda models: self.snapshot_fn(step, models))
+        self.accelerator.wait_for_everyone()
+
     def _run_validation(self, step: int) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            models = self._unwrapped()
-            params = self._params(models.values())
-            if self.ema is not None:
-                self.ema.store(params)
-                self.ema.copy_to(params)
-            try:
-                images = self.validate_fn(step, models)
-            finally:
-                if self.ema is not None:
-                    self.ema.restore(params)
+            images = self._with_ema_weights(lambda models: self.validate_fn(step, models))
             out = self.output_dir / "validation" / f"step-{step}"
             out.mkdir(parents=True, exist_ok=True)
             for i, (caption, image) in enumerate(images):
@@ -451,12 +503,20 @@ class Trainer:
         else:
             self.max_train_steps = cfg.max_train_steps
         # A prepared scheduler steps once per process per optimizer step (Accelerate, split_batches=False).
-        lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                     num_warmup_steps=cfg.lr_warmup_steps * P,
-                                     num_training_steps=self.max_train_steps * P)
+        if self.lr_multiplier_fn is not None:
+            # A prepared scheduler steps P times per optimizer step (see above), hence s // P.
+            fn = self.lr_multiplier_fn
+            lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: fn(s // P))
+        else:
+            lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                         num_warmup_steps=cfg.lr_warmup_steps * P,
+                                         num_training_steps=self.max_train_steps * P)
         if cfg.use_ema:
             # fp32 shadow weights; foreach needs matching dtypes, which DeepSpeed fp16 breaks.
-            self.ema = EMAModel(params, decay=cfg.ema_decay, foreach=not is_deepspeed)
+            if self.ema_decay_fn is not None:
+                self.ema = scheduled_ema(params, self.ema_decay_fn, foreach=not is_deepspeed)
+            else:
+                self.ema = EMAModel(params, decay=cfg.ema_decay, foreach=not is_deepspeed)
 
         prepared = acc.prepare(*self.models.values(), optimizer, lr_scheduler)
         self.prepared = dict(zip(self.names, prepared[: len(self.names)]))
@@ -499,14 +559,18 @@ class Trainer:
         totals = {"seen": 0, "kept": 0}
         last_logs: dict = {}
         grad_norm = None
+        last_snapshot = None
         for model in models_in:
             model.train()
         while global_step < self.max_train_steps:
             sampler = EpochBatchSampler(n, cfg.train_batch_size, P, acc.process_index, cfg.seed, epoch,
                                         start_batch, cfg.shuffle)
+            # The loader's own generator: starting an iterator otherwise draws from torch's global RNG, and a
+            # resumed run starts one more iterator than the uninterrupted run, shifting every later dropout mask.
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                 num_workers=cfg.dataloader_num_workers, pin_memory=acc.device.type == "cuda",
+                generator=torch_generator(cfg.seed, epoch, STREAM_LOADER),
             )
             for batch in loader:
                 batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -559,6 +623,9 @@ class Trainer:
                 progress.set_postfix(loss=f"{logs['train_loss']:.4f}", dropped=f"{logs['dropped_fraction']:.2f}")
                 if self.on_step_end is not None:
                     self.on_step_end(global_step, logs)
+                if self.snapshot_fn is not None and self.snapshot_due is not None and self.snapshot_due(global_step):
+                    self._run_snapshot(global_step)
+                    last_snapshot = global_step
                 if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
                     self._save_checkpoint(global_step)
                 if self.validate_fn is not None and cfg.validation_steps and global_step % cfg.validation_steps == 0:
@@ -569,6 +636,8 @@ class Trainer:
         progress.close()
 
         acc.wait_for_everyone()
+        if self.snapshot_fn is not None and last_snapshot != global_step:
+            self._run_snapshot(global_step)
         if acc.is_main_process:
             final = self._unwrapped()
             if self.ema is not None:

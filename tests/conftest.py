@@ -46,3 +46,24 @@ def run_cli(script: str, *args: str, timeout: float = 300, env: dict | None = No
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a multi-process launch's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(*args, timeout: float, env: dict | None = None):
+    """Run ``accelerate launch ARGS`` from the repo root (one torch thread per process); returns CompletedProcess."""
+    import subprocess
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **ONE_THREAD, **(env or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,180 @@
+"""Unconditional (and class-conditional) EDM training on ``common.trainer``: the loss, the data, the schedule
+and the snapshots of ``finetune/train_unconditional.py``.
+
+The network is one trainable ``EDMNetwork`` ("net"); the loss draws σ and the noise of sample (epoch, position)
+from that sample's own seeded streams (``common.seeding``), so one process and several processes with the same
+global batch see the same draws, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.edm.dataset import ImageDataset, collate_image_batch, load_dataset_zip
+from common.edm.network import ArchConfig, build_network, count_parameters, unet_config, check_skip_mask
+from common.edm.precond import Preconditioning, denoising_loss
+from common.edm.schedule import Schedule, resolve_schedule
+from common.edm.snapshot import save_snapshot
+from common.errors import ConfigError
+from common.seeding import STREAM_NOISE, STREAM_TIMESTEP, rand_per_sample, randn_per_sample
+from common.trainer import LossTerms, TrainConfig, Trainer, make_accelerator
+
+
+@dataclass
+class UnconditionalConfig:
+    """Everything ``finetune/train_unconditional.py`` sets; ``train`` holds the generic loop's settings."""
+
+    data: str
+    train: TrainConfig
+    cond: bool = False
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    precond: str = "vp"
+    skip_connections: list[int] | None = None
+    duration: float = 200.0  # Mimg (EDM); with schedule diffmemorize, rescaled by |D|
+    schedule: str = "edm"
+    batch: int = 512  # global batch per optimizer step
+    batch_gpu: int | None = None  # per-process micro-batch; accumulation makes up the rest
+    lr_rampup: float | None = None  # kimg; None: the schedule's
+    ema: float = 0.5  # EMA half-life, Mimg
+    ema_mode: str | None = None
+    ema_beta: float | None = None
+    snap: float = 2500.0  # kimg between snapshots
+    xflip: bool = False
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+class XFlipDataset:
+    """EDM's ``--xflip``: the dataset doubled, item N + i being image i mirrored left-right (not a random flip)."""
+
+    def __init__(self, base: ImageDataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return 2 * len(self.base)
+
+    def __getitem__(self, key):
+        epoch, position, index = key
+        n = len(self.base)
+        item = self.base[(epoch, position, index % n)]
+        if index >= n:
+            item["pixel_values"] = item["pixel_values"].flip(-1)
+        item["index"] = int(index)
+        return item
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+class EDMTrainingLoss:
+    """batch -> LossTerms: λ(σ)‖D(y + σε; σ) − y‖² per sample (Karras et al. 2022, Eq. 2 and Table 1)."""
+
+    def __init__(self, pre: Preconditioning, device: torch.device, conditional: bool):
+        self.pre = pre
+        self.device = device
+        self.conditional = conditional
+
+    def __call__(self, batch: dict, models: dict) -> LossTerms:
+        net = models["net"]
+        y = batch["pixel_values"].float()
+        seeds = batch["sample_seed"].tolist()
+        draw_fn = randn_per_sample if self.pre.draw_is_normal else rand_per_sample
+        draw = draw_fn(seeds, (1,), STREAM_TIMESTEP).to(self.device).flatten()
+        sigma = self.pre.training_sigma(draw)
+        noise = randn_per_sample(seeds, tuple(y.shape[1:]), STREAM_NOISE).to(self.device)
+        labels = batch["label"] if self.conditional else None
+        denoised = net(y + noise * sigma.view(-1, 1, 1, 1), sigma, labels)
+        return LossTerms(per_sample=denoising_loss(denoised, y, sigma, self.pre), stats={"sigma": sigma})
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+def micro_batch_size(batch: int, batch_gpu: int | None, num_processes: int) -> tuple[int, int]:
+    """(per-process micro-batch, accumulation rounds) for a global batch, as EDM's --batch-gpu splits it."""
+    if batch % num_processes:
+        raise ConfigError(f"--batch {batch} is not divisible by the {num_processes} processes")
+    per_process = batch // num_processes
+    micro = min(batch_gpu or per_process, per_process)
+    if per_process % micro:
+        raise ConfigError(f"--batch_gpu {micro} does not divide the per-process batch {per_process}")
+    return micro, per_process // micro
+
+
+def snapshot_steps(schedule: Schedule, snap_kimg: float):
+    """snapshot_due(step): whether images seen crossed a multiple of snap_kimg · 1000 during optimizer step
+    ``step`` (1-based, as the trainer counts), so snapshots follow images whatever the batch."""
+    every = max(snap_kimg * 1000, 1e-9)
+
+    def due(step: int) -> bool:
+        return int(step * schedule.batch // every) > int((step - 1) * schedule.batch // every)
+
+    return due
+
+
+def checkpoint_every(schedule: Schedule, snap_kimg: float) -> int:
+    """Optimizer steps between resume checkpoints: about one snapshot interval."""
+    return max(1, round(snap_kimg * 1000 / schedule.batch))
+
+
+def train_unconditional(cfg: UnconditionalConfig):
+    """Train an EDMNetwork on an EDM dataset zip; returns the trainer's TrainSummary."""
+    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    data = load_dataset_zip(cfg.data, progress=local_main and cfg.train.show_progress)
+    base = ImageDataset(data, seed=cfg.train.seed)
+    if cfg.cond and not base.has_labels:
+        raise ConfigError(f"{cfg.data}: --cond needs labels in dataset.json (this dataset has none)")
+    dataset = XFlipDataset(base) if cfg.xflip else base
+    channels, height, width = base.shape
+    if height != width:
+        raise ConfigError(f"{cfg.data}: images are {height}×{width}; the network needs square images")
+    arch = ArchConfig(**{**asdict(cfg.arch), "resolution": height, "channels": channels,
+                         "label_dim": base.num_classes if cfg.cond else 0})
+    if cfg.skip_connections is not None:
+        check_skip_mask(cfg.skip_connections, unet_config(arch))
+    schedule = resolve_schedule(cfg.schedule, duration_mimg=cfg.duration, ema_mimg=cfg.ema,
+                                dataset_size=len(dataset), batch=cfg.batch, lr_rampup_kimg=cfg.lr_rampup,
+                                ema_mode=cfg.ema_mode, ema_beta=cfg.ema_beta)
+
+    # --batch is global (EDM's rule): split it over the launched processes and accumulation rounds.
+    train = cfg.train
+    micro, accum = micro_batch_size(cfg.batch, cfg.batch_gpu, int(os.environ.get("WORLD_SIZE", "1")))
+    train.train_batch_size, train.gradient_accumulation_steps = micro, accum
+    train.max_train_steps = schedule.total_steps
+    train.checkpointing_steps = checkpoint_every(schedule, cfg.snap)
+    accelerator = make_accelerator(train)
+
+    # The same initial weights on every process (and for every process count): seed the global RNG.
+    torch.manual_seed(train.seed)
+    pre = Preconditioning(cfg.precond)
+    net = build_network(arch, pre, cfg.skip_connections).train()
+    settings = {k: v for k, v in asdict(cfg).items() if k != "train"}
+    settings.update(arch=asdict(arch), dataset_size=len(dataset), parameters=count_parameters(net),
+                    schedule_resolved=asdict(schedule))
+    out = Path(train.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "training_options.json").write_text(json.dumps(settings, indent=2, default=str))
+
+    def snapshot(step: int, models: dict) -> None:
+        images = step * schedule.batch
+        save_snapshot(models["net"], out, images, {
+            "step": step, "sampler": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "steps": 18},
+            "training": settings,
+        })
+
+    trainer = Trainer(
+        accelerator, train, {"net": net},
+        EDMTrainingLoss(pre, accelerator.device, conditional=cfg.cond), dataset, collate_image_batch,
+        tracker_config={k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))},
+        extra_state={"schedule": asdict(schedule)},
+        lr_multiplier_fn=schedule.lr, ema_decay_fn=schedule.ema if train.use_ema else None,
+        snapshot_fn=snapshot, snapshot_due=snapshot_steps(schedule, cfg.snap),
+    )
+    return trainer.train()
