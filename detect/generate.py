@@ -1,0 +1,167 @@
+"""Sample images from an EDM snapshot with EDM's Heun sampler (Karras et al. 2022, Algorithm 2), one PNG per seed.
+
+    python detect/generate.py --network SNAPSHOT_OR_RUN --seeds 0-9999 --batch 512 --outdir DIR [--steps 18]
+        [--sigma_min 0.002] [--sigma_max 80] [--rho 7] [--S_churn 0 --S_min 0 --S_max inf --S_noise 1]
+        [--class_idx K] [--subdirs] [--npz] [--device cpu|cuda]
+    accelerate launch detect/generate.py ...        # shards the seeds across processes
+
+Writes DIR/{seed:06d}.png (with --subdirs in DIR/{seed - seed % 1000:06d}/), DIR/generate.json (the settings the
+images depend on) and with --npz DIR/images.npz (images uint8 N×H×W×C, seeds, labels for a conditional network).
+Each image is a function of its seed alone (EDM's seed rule), whatever --batch or the number of processes (up
+to the network's fp32 rounding, which depends on the batch size: rarely one uint8 level).
+Re-running resumes: seeds whose PNG exists are skipped. Bad input: one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# `python detect/generate.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.edm.sampler import SamplerError, SamplerSettings, parse_seeds  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+
+
+@dataclass
+class GenerateConfig:
+    network: str
+    seeds: str
+    outdir: Path
+    batch: int = 64
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    class_idx: int | None = None
+    subdirs: bool = False
+    npz: bool = False
+    device: str | None = None  # None: cuda when available, else cpu
+
+    def seed_list(self) -> list[int]:
+        return parse_seeds(self.seeds)
+
+    def validate(self) -> None:
+        """Argument-level checks (before torch is imported); raises SamplerError or ConfigError."""
+        self.seed_list()
+        self.sampler.validate()
+        if self.batch < 1:
+            raise ConfigError(f"expected --batch >= 1, got {self.batch}")
+        if self.class_idx is not None and self.class_idx < 0:
+            raise SamplerError(f"expected --class_idx >= 0, got {self.class_idx}")
+        if self.outdir.exists() and not self.outdir.is_dir():
+            raise ConfigError(f"{self.outdir}: expected --outdir to be a folder, it is a file")
+
+
+def parse_args(argv=None) -> GenerateConfig:
+    d = SamplerSettings()
+    p = ArgumentParser(prog="generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--network", required=True, metavar="SNAPSHOT",
+                   help="a snapshot folder, or a training run folder (its newest snapshot)")
+    p.add_argument("--seeds", required=True, metavar="LIST", help="seeds, e.g. 0-9999 or 1,5,7-9 (one image each)")
+    p.add_argument("--outdir", required=True, type=Path, metavar="DIR", help="output folder for the PNGs")
+    p.add_argument("--batch", type=int, default=64, metavar="N", help="images per network call (default 64)")
+    p.add_argument("--steps", type=int, default=d.num_steps, metavar="N", help="sampler steps N (default 18)")
+    p.add_argument("--sigma_min", type=float, default=d.sigma_min, help="lowest σ (clamped to the network's)")
+    p.add_argument("--sigma_max", type=float, default=d.sigma_max, help="highest σ (clamped to the network's)")
+    p.add_argument("--rho", type=float, default=d.rho, help="schedule exponent ρ (Eq. 5)")
+    p.add_argument("--S_churn", type=float, default=d.S_churn, help="stochasticity S_churn (0: deterministic)")
+    p.add_argument("--S_min", type=float, default=d.S_min, help="churn only for σ >= S_min")
+    p.add_argument("--S_max", type=float, default=d.S_max, help="churn only for σ <= S_max")
+    p.add_argument("--S_noise", type=float, default=d.S_noise, help="churn noise scale S_noise")
+    p.add_argument("--class_idx", type=int, default=None, metavar="K",
+                   help="class of every image (conditional networks; default: each seed draws its own)")
+    p.add_argument("--subdirs", action="store_true", help="put seed s in the subfolder {s - s %% 1000:06d}/")
+    p.add_argument("--npz", action="store_true", help="also write DIR/images.npz of all requested seeds")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    a = p.parse_args(argv)
+    sampler = SamplerSettings(num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
+                              S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise)
+    return GenerateConfig(network=a.network, seeds=a.seeds, outdir=a.outdir, batch=a.batch, sampler=sampler,
+                          class_idx=a.class_idx, subdirs=a.subdirs, npz=a.npz, device=a.device)
+
+
+def process_state(device: str):
+    """(index, count, device, barrier) of this process: Accelerate's when launched on several processes."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
+        state = PartialState(cpu=device == "cpu")
+        return state.process_index, state.num_processes, state.device, state.wait_for_everyone
+    return 0, 1, torch.device(device), lambda: None
+
+
+def run(cfg: GenerateConfig) -> int:
+    """Sample the seeds whose PNG is missing (this process's share); returns how many it sampled."""
+    cfg.validate()
+    seeds = cfg.seed_list()
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from common.edm import sampler as S
+    from common.edm.snapshot import load_network, resolve_snapshot
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda given, but torch sees no CUDA device")
+    snapshot = resolve_snapshot(cfg.network)  # SnapshotError before any process group is set up
+    rank, world, device, barrier = process_state(device)
+    net = load_network(snapshot, device)
+    S.check_class_idx(cfg.class_idx, net.label_dim)
+    settings = cfg.sampler.for_network(net)
+
+    # The images depend on these (not on the batch or the process count): a resume must not mix others in.
+    folder_settings = {"network": str(snapshot.resolve()), **settings.to_dict(), "class_idx": cfg.class_idx,
+                       "device": device.type, "subdirs": cfg.subdirs}
+    if rank == 0:
+        cfg.outdir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    S.bind_folder_settings(cfg.outdir, folder_settings, write=rank == 0)
+    already = len(seeds) - len(S.missing_seeds(cfg.outdir, seeds, cfg.subdirs)) if rank == 0 else 0
+    barrier()
+
+    # Shard the requested seeds before looking at the disk: each seed has one owner, so no two processes write
+    # the same file and none skips a seed another one has not finished.
+    todo = S.missing_seeds(cfg.outdir, seeds[rank::world], cfg.subdirs)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc=f"generate[{rank}]", unit="img", position=rank, disable=not todo)
+    for batch in S.generate_images(net, todo, cfg.batch, settings, cfg.class_idx, device):
+        for seed, image in zip(batch.seeds, batch.images):
+            S.save_png(S.image_path(cfg.outdir, seed, cfg.subdirs), image)
+        bar.update(len(batch.seeds))
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    barrier()
+
+    if rank == 0:
+        missing = S.missing_seeds(cfg.outdir, seeds, cfg.subdirs)
+        if missing:
+            raise SamplerError(f"{cfg.outdir}: {len(missing)} of the requested images are missing "
+                               f"(first: seed {missing[0]}); run the command again")
+        note = ""
+        if cfg.npz:
+            import numpy as np
+
+            images = np.stack([S.load_png(S.image_path(cfg.outdir, s, cfg.subdirs)) for s in seeds])
+            labels = (S.seed_labels(seeds, net.image_shape, net.label_dim, cfg.class_idx, device)
+                      if net.label_dim else None)
+            S.write_images_npz(cfg.outdir / "images.npz", images, seeds, labels)
+            note = ", images.npz"
+        rate = f" ({len(todo) / elapsed:.2f} images/s on process 0)" if todo else ""
+        print(f"{cfg.outdir}: {len(seeds)} images{note}; {len(seeds) - already} sampled now on {world} "
+              f"process{'es' if world > 1 else ''}, {already} there already; {elapsed:.1f}s{rate}")
+    return len(todo)
+
+
+def main(argv=None) -> int:
+    return run_main("generate", run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
