@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchlib import Timer, sync
+
 RESOLUTION = {"tiny": 16, "sd-v1": 512}
 
 
@@ -79,27 +81,6 @@ def fresh_accelerator(args):
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     return Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class Timer:
-    """Timestamps of optimizer steps; samples/s over the steps after warmup."""
-
-    def __init__(self, device, warmup, batch):
-        self.device, self.warmup, self.batch, self.times = device, warmup, batch, []
-
-    def step(self, *_):
-        sync(self.device)
-        self.times.append(time.perf_counter())
-
-    def samples_per_s(self):
-        # The median step: robust to the stalls other jobs on a shared machine cause in single steps.
-        timed = self.times[self.warmup - 1:]
-        return self.batch / statistics.median(b - a for a, b in zip(timed, timed[1:]))
 
 
 def run_example(args, parts, master_unet, folder, res):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -66,3 +67,19 @@ def timed(fn, device: torch.device):
     out = fn()
     sync(device)
     return out, time.perf_counter() - t0
+
+
+class Timer:
+    """Timestamps of optimizer steps; samples/s over the steps after warmup."""
+
+    def __init__(self, device, warmup, batch):
+        self.device, self.warmup, self.batch, self.times = device, warmup, batch, []
+
+    def step(self, *_):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def samples_per_s(self):
+        # The median step: robust to the stalls other jobs on a shared machine cause in single steps.
+        timed = self.times[self.warmup - 1:]
+        return self.batch / statistics.median(b - a for a, b in zip(timed, timed[1:]))

@@ -38,6 +38,8 @@ class GenerateConfig:
     class_idx: int | None = None
     subdirs: bool = False
     npz: bool = False
+    grid: Path | None = None  # a PNG of all requested seeds, tiled
+    grid_scale: int = 1
     device: str | None = None  # None: cuda when available, else cpu
 
     def seed_list(self) -> list[int]:
@@ -49,6 +51,8 @@ class GenerateConfig:
         self.sampler.validate()
         if self.batch < 1:
             raise ConfigError(f"expected --batch >= 1, got {self.batch}")
+        if self.grid_scale < 1:
+            raise ConfigError(f"expected --grid_scale >= 1, got {self.grid_scale}")
         if self.class_idx is not None and self.class_idx < 0:
             raise SamplerError(f"expected --class_idx >= 0, got {self.class_idx}")
         if self.outdir.exists() and not self.outdir.is_dir():
@@ -75,12 +79,16 @@ def parse_args(argv=None) -> GenerateConfig:
                    help="class of every image (conditional networks; default: each seed draws its own)")
     p.add_argument("--subdirs", action="store_true", help="put seed s in the subfolder {s - s %% 1000:06d}/")
     p.add_argument("--npz", action="store_true", help="also write DIR/images.npz of all requested seeds")
+    p.add_argument("--grid", type=Path, default=None, metavar="PNG",
+                   help="also write one PNG tiling all requested seeds (seed order, row by row)")
+    p.add_argument("--grid_scale", type=int, default=1, metavar="K", help="enlarge each image K× in the grid")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     a = p.parse_args(argv)
     sampler = SamplerSettings(num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
                               S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise)
     return GenerateConfig(network=a.network, seeds=a.seeds, outdir=a.outdir, batch=a.batch, sampler=sampler,
-                          class_idx=a.class_idx, subdirs=a.subdirs, npz=a.npz, device=a.device)
+                          class_idx=a.class_idx, subdirs=a.subdirs, npz=a.npz, grid=a.grid,
+                          grid_scale=a.grid_scale, device=a.device)
 
 
 def process_state(device: str):
@@ -145,14 +153,18 @@ def run(cfg: GenerateConfig) -> int:
             raise SamplerError(f"{cfg.outdir}: {len(missing)} of the requested images are missing "
                                f"(first: seed {missing[0]}); run the command again")
         note = ""
-        if cfg.npz:
+        if cfg.npz or cfg.grid:
             import numpy as np
 
             images = np.stack([S.load_png(S.image_path(cfg.outdir, s, cfg.subdirs)) for s in seeds])
+        if cfg.grid:
+            S.save_png(cfg.grid, S.image_grid(images, scale=cfg.grid_scale))
+            note += f", {cfg.grid}"
+        if cfg.npz:
             labels = (S.seed_labels(seeds, net.image_shape, net.label_dim, cfg.class_idx, device)
                       if net.label_dim else None)
             S.write_images_npz(cfg.outdir / "images.npz", images, seeds, labels)
-            note = ", images.npz"
+            note += ", images.npz"
         rate = f" ({len(todo) / elapsed:.2f} images/s on process 0)" if todo else ""
         print(f"{cfg.outdir}: {len(seeds)} images{note}; {len(seeds) - already} sampled now on {world} "
               f"process{'es' if world > 1 else ''}, {already} there already; {elapsed:.1f}s{rate}")

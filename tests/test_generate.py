@@ -337,6 +337,27 @@ def test_cli_writes_edm_named_pngs_and_an_npz_that_match_the_library(snapshots, 
         assert np.array_equal(z["images"], expected.images)
 
 
+def test_image_grid_tiles_in_seed_order_with_padding_and_scale():
+    images = np.arange(1, 6, dtype=np.uint8).reshape(5, 1, 1, 1).repeat(2, axis=1).repeat(2, axis=2)
+    grid = S.image_grid(images, padding=1)  # 5 images of 2×2 → 3 columns, 2 rows
+    assert grid.shape == (2 * 3 - 1, 3 * 3 - 1, 1)
+    assert grid[0, 0, 0] == 1 and grid[0, 3, 0] == 2 and grid[0, 6, 0] == 3 and grid[3, 0, 0] == 4
+    assert grid[0, 2, 0] == 0 and grid[2, 0, 0] == 0 and grid[3, 6, 0] == 0  # padding, empty last tile
+    big = S.image_grid(images[:1], scale=3, padding=0)
+    assert big.shape == (6, 6, 1) and (big == 1).all()
+
+
+def test_cli_grid_holds_every_requested_seed(snapshots, tmp_path):
+    out = tmp_path / "g"
+    assert generate("--network", snapshots["uncond"], "--seeds", "0-3", "--outdir", out, "--steps", 2,
+                    "--grid", tmp_path / "grid.png", "--grid_scale", 2, "--device", "cpu") == 0
+    grid = png(tmp_path / "grid.png")
+    assert grid.shape == (2 * 16 + 1, 2 * 16 + 1)
+    first = png(out / "000000.png").repeat(2, axis=0).repeat(2, axis=1)
+    assert np.array_equal(grid[:16, :16], first)
+    assert np.array_equal(grid[17:, 17:], png(out / "000003.png").repeat(2, axis=0).repeat(2, axis=1))
+
+
 def test_cli_conditional_subdirs_npz_labels_and_resume(snapshots, tmp_path, capsys):
     out = tmp_path / "cond"
     base = ["--network", snapshots["cond"], "--outdir", out, "--steps", 2, "--batch", 2, "--subdirs", "--npz"]

@@ -689,8 +689,8 @@ class ImageDataset:
     """Map-style torch dataset over a decoded EDM zip: item i is (float32 C×H×W in [−1, 1], int64 label).
 
     The label is −1 when the dataset has none. Keyed by ``common.trainer``'s (epoch, position, index), an item is a
-    dict (``pixel_values``, ``label``, ``index``, ``sample_seed`` = derive_seed(seed, epoch, position)) for
-    ``collate_image_batch``. Images live decoded in memory as uint8 and are scaled per item.
+    dict (``pixel_values`` as uint8, ``label``, ``index``, ``sample_seed`` = derive_seed(seed, epoch, position)) for
+    ``collate_image_batch``, which scales the stacked batch. Images live decoded in memory as uint8.
     """
 
     def __init__(self, data: str | Path | DatasetArrays, seed: int = 0, progress: bool = False):
@@ -722,7 +722,8 @@ class ImageDataset:
     def __getitem__(self, key):
         if isinstance(key, tuple):
             epoch, position, index = key
-            return {"pixel_values": to_model_range(self.images[index]), "label": self.labels[index],
+            # uint8 here, scaled once per batch in collate_image_batch (a per-item division is per-op overhead).
+            return {"pixel_values": self.images[index], "label": self.labels[index],
                     "index": int(index), "sample_seed": self._derive_seed(self.seed, epoch, position)}
         return to_model_range(self.images[key]), self.labels[key]
 
@@ -731,7 +732,7 @@ def collate_image_batch(items: list[dict]) -> dict:
     """Stack ImageDataset's keyed items into a batch dict of tensors (the trainer moves tensors to the device)."""
     import torch
 
-    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+    return {"pixel_values": to_model_range(torch.stack([it["pixel_values"] for it in items])),
             "label": torch.stack([it["label"] for it in items]),
             "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
             "sample_seed": torch.tensor([it["sample_seed"] for it in items], dtype=torch.int64)}

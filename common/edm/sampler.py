@@ -327,3 +327,18 @@ def write_images_npz(path: str | Path, images: np.ndarray, seeds: Sequence[int],
     with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a temporary name
         np.savez(f, **arrays)
     os.replace(tmp, path)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 1, scale: int = 1) -> np.ndarray:
+    """uint8 N×H×W×C images, each enlarged ``scale``× (nearest), tiled row by row (columns ≈ √N) with
+    ``padding`` black pixels between tiles."""
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    n, h, w, c = images.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = -(-n // columns)
+    step_h, step_w = h + padding, w + padding
+    grid = np.zeros((rows * step_h - padding, columns * step_w - padding, c), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, q = divmod(i, columns)
+        grid[r * step_h:r * step_h + h, q * step_w:q * step_w + w] = image
+    return grid

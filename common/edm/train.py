@@ -2,7 +2,7 @@
 and the snapshots of ``finetune/train_unconditional.py``.
 
 The network is one trainable ``EDMNetwork`` ("net"); the loss draws σ and the noise of sample (epoch, position)
-from that sample's own seeded streams (``common.seeding``), so one process and several processes with the same
+from that sample's own seeded stream (``common.seeding``), so one process and several processes with the same
 global batch see the same draws, and a resumed run continues exactly.
 """
 
@@ -21,7 +21,7 @@ from common.edm.precond import Preconditioning, denoising_loss
 from common.edm.schedule import Schedule, resolve_schedule
 from common.edm.snapshot import save_snapshot
 from common.errors import ConfigError
-from common.seeding import STREAM_NOISE, STREAM_TIMESTEP, rand_per_sample, randn_per_sample
+from common.seeding import STREAM_NOISE, torch_generator
 from common.trainer import LossTerms, TrainConfig, Trainer, make_accelerator
 
 
@@ -83,11 +83,13 @@ class EDMTrainingLoss:
     def __call__(self, batch: dict, models: dict) -> LossTerms:
         net = models["net"]
         y = batch["pixel_values"].float()
-        seeds = batch["sample_seed"].tolist()
-        draw_fn = randn_per_sample if self.pre.draw_is_normal else rand_per_sample
-        draw = draw_fn(seeds, (1,), STREAM_TIMESTEP).to(self.device).flatten()
+        # One generator per sample for both draws (σ's, then the noise): a second seeded stream per sample was
+        # a measurable share of a small model's step.
+        gens = [torch_generator(int(s), STREAM_NOISE) for s in batch["sample_seed"].tolist()]
+        draw_fn = torch.randn if self.pre.draw_is_normal else torch.rand
+        draw = torch.cat([draw_fn(1, generator=g) for g in gens]).to(self.device)
         sigma = self.pre.training_sigma(draw)
-        noise = randn_per_sample(seeds, tuple(y.shape[1:]), STREAM_NOISE).to(self.device)
+        noise = torch.stack([torch.randn(tuple(y.shape[1:]), generator=g) for g in gens]).to(self.device)
         labels = batch["label"] if self.conditional else None
         denoised = net(y + noise * sigma.view(-1, 1, 1, 1), sigma, labels)
         return LossTerms(per_sample=denoising_loss(denoised, y, sigma, self.pre), stats={"sigma": sigma})
