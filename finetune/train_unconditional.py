@@ -1,6 +1,6 @@
 """Train an EDM diffusion model (Karras et al. 2022) on an EDM dataset zip, with DiffMemorize's experiment knobs.
 
-    accelerate launch --config_file accelerate_configs/multi_gpu_8.yaml finetune/train_unconditional.py \\
+    accelerate launch --config_file accelerate_configs/multi_gpu_8_fp32.yaml finetune/train_unconditional.py \\
         --data datasets/cifar10-1k.zip --outdir runs/cifar10-1k --arch ddpmpp --precond vp --duration 2000 \\
         --schedule diffmemorize --num_blocks 2 --num_channels 128 --lr 2e-4 --dropout 0.13 --seed 1024
 
