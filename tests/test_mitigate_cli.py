@@ -145,6 +145,18 @@ def test_bad_input_is_one_line_exit_2(tmp_path, lab_dataset, extra, expected):
     assert not (tmp_path / "x").exists()  # rejected before anything was loaded or written
 
 
+def test_cp1252_csv_is_one_line_exit_2(tmp_path):
+    csv = tmp_path / "webster.csv"
+    csv.write_bytes(";Caption;URL\n0;fine;u\n1;“smart quotes”;u\n".encode("cp1252"))
+    res = run_cli("mitigate/inference_mem.py", "--model_id", tmp_path / "no-model", "--dataset", csv,
+                  "--run_name", "x", "--sscd_model", "none", "--out", tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines == [f"inference_mem: error: {csv}:3: not UTF-8 text (byte 0x93 at column 3); "
+                     f"re-save the file as UTF-8"]
+    assert not (tmp_path / "x").exists()
+
+
 def test_tradeoff_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd_spec):
     res = run_cli("mitigate/tradeoff.py", "--model_id", tiny_pipeline_dir, "--dataset", lab_dataset / "prompts.jsonl",
                   "--run_name", "sweep", "--out", tmp_path, *GEN, "--end", "1", "--target_losses", "0.3",
@@ -157,3 +169,51 @@ def test_tradeoff_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd_spec
     assert all(p["clip_score_mean"] is not None for p in out["points"])
     assert (tmp_path / "sweep" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "sweep" / "ours_target0.3" / "results.jsonl").is_file()
+
+
+@pytest.fixture()
+def out_of_memory_above_one_image(monkeypatch):
+    """Every first batch with more than one generation per prompt runs out of memory, as on a small GPU."""
+    import common.t2i.mitigation_run as mitigation_run
+
+    real_condition_batch = mitigation_run.condition_batch
+
+    def condition_batch(parts, uncond_embed, prompts, rows, settings):
+        if settings.num_images_per_prompt > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_condition_batch(parts, uncond_embed, prompts, rows, settings)
+
+    monkeypatch.setattr(mitigation_run, "condition_batch", condition_batch)
+
+
+# A run that failed before its first result (here: out of memory, answered by fewer generations) recorded
+# settings that describe nothing; they must not refuse the corrected retry, while a run with results still does.
+
+def test_inference_mem_failed_first_batch_does_not_bind_the_retry(tmp_path, tiny_pipeline_dir, lab_dataset,
+                                                                 out_of_memory_above_one_image):
+    from mitigate.inference_mem import main
+
+    args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(lab_dataset / "prompts.jsonl"), "--end", "1",
+            "--run_name", "r", "--method", "none", "--num_inference_steps", "3", "--sscd_model", "none",
+            "--skip_clip", "--out", str(tmp_path)]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        main([*args, "--num_images_per_prompt", "2"])
+    assert main([*args, "--num_images_per_prompt", "1"]) == 0
+    assert [r["row"] for r in _rows(tmp_path / "r" / "results.jsonl")] == [0]
+    assert main([*args, "--num_images_per_prompt", "2"]) == 2
+
+
+def test_tradeoff_failed_first_batch_does_not_bind_the_retry(tmp_path, tiny_pipeline_dir, lab_dataset, sscd_spec,
+                                                             out_of_memory_above_one_image):
+    from mitigate.tradeoff import main
+
+    args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(lab_dataset / "prompts.jsonl"), "--end", "1",
+            "--run_name", "sweep", "--num_inference_steps", "3", "--target_losses", "--baselines",
+            "rand_word_repeat", "--repeat_nums", "1", "--sscd_model", sscd_spec, "--reference_model", "ViT-S-32",
+            "--reference_model_pretrain", "none", "--out", str(tmp_path)]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        main([*args, "--num_images_per_prompt", "2"])
+    assert main([*args, "--num_images_per_prompt", "1"]) == 0
+    points = json.loads((tmp_path / "sweep" / "tradeoff.json").read_text())["points"]
+    assert [p["label"] for p in points] == ["none", "rand_word_repeat_repeat1"]
+    assert main([*args, "--num_images_per_prompt", "2"]) == 2

@@ -28,7 +28,7 @@ import torch
 
 from common.errors import ConfigError
 from common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
-from common.results import append_results, read_results, write_json_atomic
+from common.results import append_results, bind_run_settings, read_results, write_json_atomic
 from common.similarity import (REPLICATION_THRESHOLDS, clip_score, finite_mean, similarity_stats,
                                sscd_to_ground_truth)
 
@@ -231,16 +231,8 @@ class RunFiles:
             shutil.rmtree(self.images, ignore_errors=True)
             shutil.rmtree(self.tensorboard, ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.config.exists():
-            old = json.loads(self.config.read_text())
-            diff = {k: (old.get(k), v) for k, v in fingerprint.items() if old.get(k) != v}
-            diff.update({k: (v, None) for k, v in old.items() if k not in fingerprint})
-            if diff:
-                what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
-                raise ConfigError(f"{self.config}: earlier results in this folder used {what}; pass --overwrite "
-                                  f"or another --out/--run_name")
-        else:
-            write_json_atomic(self.config, fingerprint)
+        # Settings are checked before the torn tail is cut, so a refused run leaves the folder as it was.
+        bind_run_settings(self.config, fingerprint, bool(read_results(self.results)), "another --out/--run_name")
         return read_results(self.results, repair=True)
 
 
