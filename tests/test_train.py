@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import ONE_THREAD, accelerate_launch, free_port, run_cli
 
 SCRIPT = "finetune/train_text_to_image.py"
 UNET_FILE = "diffusion_pytorch_model.safetensors"
@@ -43,9 +40,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture
@@ -77,18 +71,6 @@ def max_abs_diff(a, b):
 
 def read_log(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_launch(*args, timeout, env=None):
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **ONE_THREAD, **(env or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------- through the launcher
