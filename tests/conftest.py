@@ -67,3 +67,14 @@ def accelerate_launch(*args, timeout: float, env: dict | None = None):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **ONE_THREAD, **(env or {})}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one thread each is as fast and stays steady when other jobs share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

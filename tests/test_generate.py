@@ -23,13 +23,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SIGMA_DATA = 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread each is as fast and stays steady when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class GaussianNet:

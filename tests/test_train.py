@@ -33,13 +33,7 @@ def data(tmp_path):
     return mem, non_mem
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread each is as fast and stays steady when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
