@@ -2,8 +2,14 @@
 
     python detect/generate.py --network SNAPSHOT_OR_RUN --seeds 0-9999 --batch 512 --outdir DIR [--steps 18]
         [--sigma_min 0.002] [--sigma_max 80] [--rho 7] [--S_churn 0 --S_min 0 --S_max inf --S_noise 1]
-        [--class_idx K] [--subdirs] [--npz] [--device cpu|cuda]
+        [--class_idx K] [--solver heun|euler] [--subdirs] [--npz] [--device cpu|cuda]
+    python detect/generate.py --optimal_denoiser --dataset DATASET.zip [--cond] [--solver heun|euler] ...
     accelerate launch detect/generate.py ...        # shards the seeds across processes
+
+--optimal_denoiser samples with the ideal denoiser of the zip's images in place of a network (Karras et al. 2022,
+Eq. 3; common/edm/optimal.py; with --cond, of each class's images): the same sampler, seed rule, outputs and
+sharding. --solver heun is Gu et al.'s OptimEDM sampler (EDM's Heun), --solver euler Zhang et al.'s (the same σ
+steps without the 2nd-order correction: the last output is D(x; σ_min)).
 
 Writes DIR/{seed:06d}.png (with --subdirs in DIR/{seed - seed % 1000:06d}/), DIR/generate.json (the settings the
 images depend on) and with --npz DIR/images.npz (images uint8 N×H×W×C, seeds, labels for a conditional network).
@@ -24,13 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.edm import sampler as S  # noqa: E402
 from common.edm.sampler import SamplerError, SamplerSettings, parse_seeds  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 
 
 @dataclass
 class GenerateConfig:
-    network: str
+    network: str | None  # None with optimal_denoiser
     seeds: str
     outdir: Path
     batch: int = 64
@@ -41,6 +48,10 @@ class GenerateConfig:
     grid: Path | None = None  # a PNG of all requested seeds, tiled
     grid_scale: int = 1
     device: str | None = None  # None: cuda when available, else cpu
+    optimal_denoiser: bool = False  # the ideal denoiser of `dataset` in place of a network
+    dataset: Path | None = None
+    cond: bool = False  # the class-conditional ideal denoiser (the zip's labels)
+    chunk: int = 4096  # training images per distance chunk of the optimal denoiser
 
     def seed_list(self) -> list[int]:
         return parse_seeds(self.seeds)
@@ -57,13 +68,32 @@ class GenerateConfig:
             raise SamplerError(f"expected --class_idx >= 0, got {self.class_idx}")
         if self.outdir.exists() and not self.outdir.is_dir():
             raise ConfigError(f"{self.outdir}: expected --outdir to be a folder, it is a file")
+        if self.optimal_denoiser == (self.network is not None):
+            raise ConfigError("expected exactly one of --network and --optimal_denoiser")
+        if not self.optimal_denoiser and (self.dataset is not None or self.cond):
+            raise ConfigError("--dataset and --cond go with --optimal_denoiser")
+        if self.optimal_denoiser and self.dataset is None:
+            raise ConfigError("--optimal_denoiser needs --dataset DATASET.zip")
+        if self.dataset is not None and not self.dataset.is_file():
+            raise ConfigError(f"{self.dataset}: no such file (expected an EDM dataset zip for --dataset)")
+        if self.chunk < 1:
+            raise ConfigError(f"expected --chunk >= 1, got {self.chunk}")
 
 
 def parse_args(argv=None) -> GenerateConfig:
     d = SamplerSettings()
     p = ArgumentParser(prog="generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--network", required=True, metavar="SNAPSHOT",
-                   help="a snapshot folder, or a training run folder (its newest snapshot)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--network", metavar="SNAPSHOT",
+                       help="a snapshot folder, or a training run folder (its newest snapshot)")
+    which.add_argument("--optimal_denoiser", action="store_true",
+                       help="sample with the ideal denoiser of --dataset's images (Karras et al. 2022, Eq. 3)")
+    p.add_argument("--dataset", type=Path, default=None, metavar="ZIP",
+                   help="EDM dataset zip of the training images (with --optimal_denoiser)")
+    p.add_argument("--cond", action="store_true",
+                   help="class-conditional optimal denoiser: each sample sees its class's images only")
+    p.add_argument("--chunk", type=int, default=4096, metavar="N",
+                   help="training images per distance chunk of the optimal denoiser (memory; default 4096)")
     p.add_argument("--seeds", required=True, metavar="LIST", help="seeds, e.g. 0-9999 or 1,5,7-9 (one image each)")
     p.add_argument("--outdir", required=True, type=Path, metavar="DIR", help="output folder for the PNGs")
     p.add_argument("--batch", type=int, default=64, metavar="N", help="images per network call (default 64)")
@@ -75,6 +105,8 @@ def parse_args(argv=None) -> GenerateConfig:
     p.add_argument("--S_min", type=float, default=d.S_min, help="churn only for σ >= S_min")
     p.add_argument("--S_max", type=float, default=d.S_max, help="churn only for σ <= S_max")
     p.add_argument("--S_noise", type=float, default=d.S_noise, help="churn noise scale S_noise")
+    p.add_argument("--solver", choices=S.SOLVERS, default=d.solver,
+                   help="heun: EDM's Algorithm 2 (default); euler: the same steps without the correction")
     p.add_argument("--class_idx", type=int, default=None, metavar="K",
                    help="class of every image (conditional networks; default: each seed draws its own)")
     p.add_argument("--subdirs", action="store_true", help="put seed s in the subfolder {s - s %% 1000:06d}/")
@@ -85,10 +117,12 @@ def parse_args(argv=None) -> GenerateConfig:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     a = p.parse_args(argv)
     sampler = SamplerSettings(num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
-                              S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise)
+                              S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise,
+                              solver=a.solver)
     return GenerateConfig(network=a.network, seeds=a.seeds, outdir=a.outdir, batch=a.batch, sampler=sampler,
                           class_idx=a.class_idx, subdirs=a.subdirs, npz=a.npz, grid=a.grid,
-                          grid_scale=a.grid_scale, device=a.device)
+                          grid_scale=a.grid_scale, device=a.device, optimal_denoiser=a.optimal_denoiser,
+                          dataset=a.dataset, cond=a.cond, chunk=a.chunk)
 
 
 def process_state(device: str):
@@ -118,14 +152,23 @@ def run(cfg: GenerateConfig) -> int:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda given, but torch sees no CUDA device")
-    snapshot = resolve_snapshot(cfg.network)  # SnapshotError before any process group is set up
-    rank, world, device, barrier = process_state(device)
-    net = load_network(snapshot, device)
+    if cfg.optimal_denoiser:
+        from common.edm.optimal import OptimalDenoiser
+
+        rank, world, device, barrier = process_state(device)
+        net = OptimalDenoiser.from_dataset_zip(cfg.dataset, cond=cfg.cond, chunk_size=cfg.chunk).to(device)
+        net.check_classes(cfg.class_idx)  # an empty class fails here, not after some images are written
+        source = {"network": None, "dataset": str(cfg.dataset.resolve()), "cond": cfg.cond}
+    else:
+        snapshot = resolve_snapshot(cfg.network)  # SnapshotError before any process group is set up
+        rank, world, device, barrier = process_state(device)
+        net = load_network(snapshot, device)
+        source = {"network": str(snapshot.resolve())}
     S.check_class_idx(cfg.class_idx, net.label_dim)
     settings = cfg.sampler.for_network(net)
 
     # The images depend on these (not on the batch or the process count): a resume must not mix others in.
-    folder_settings = {"network": str(snapshot.resolve()), **settings.to_dict(), "class_idx": cfg.class_idx,
+    folder_settings = {**source, **settings.to_dict(), "class_idx": cfg.class_idx,
                        "device": device.type, "subdirs": cfg.subdirs}
     if rank == 0:
         cfg.outdir.mkdir(parents=True, exist_ok=True)

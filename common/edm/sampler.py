@@ -65,15 +65,16 @@ def churn_gamma(t_cur: float, num_steps: int, S_churn: float, S_min: float, S_ma
 
 def heun_step(denoise: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor,
               class_labels: torch.Tensor | None = None, gamma: float = 0.0, S_noise: float = 1.0,
-              eps: torch.Tensor | None = None) -> torch.Tensor:
+              eps: torch.Tensor | None = None, second_order: bool = True) -> torch.Tensor:
     """One step of Algorithm 2: t̂ = t + γt, x̂ = x + sqrt(t̂² − t²) S_noise ε, Euler step, 2nd-order correction
-    unless t_{i+1} = 0; float64 throughout (D's output is cast)."""
+    unless t_{i+1} = 0 (or second_order is False: Zhang et al.'s Euler sampler); float64 throughout (D's output
+    is cast)."""
     t_hat = t_cur + gamma * t_cur
     # With γ = 0 the added term is exactly 0·ε, so x̂ = x bit for bit whether or not ε was drawn.
     x_hat = x if eps is None else x + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps
     d_cur = (x_hat - denoise(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
     x_next = x_hat + (t_next - t_hat) * d_cur
-    if t_next != 0:
+    if second_order and t_next != 0:
         d_prime = (x_next - denoise(x_next, t_next, class_labels).to(torch.float64)) / t_next
         x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
@@ -81,8 +82,11 @@ def heun_step(denoise: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, t_next: t
 
 def heun_sampler(denoise: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor,
                  class_labels: torch.Tensor | None = None, S_churn: float = 0.0, S_min: float = 0.0,
-                 S_max: float = math.inf, S_noise: float = 1.0, noise_fn: NoiseFn | None = None) -> torch.Tensor:
-    """Algorithm 2 over σ's t_0 > … > t_N from unit latents (x_0 = latents·t_0), in float64; returns x_N."""
+                 S_max: float = math.inf, S_noise: float = 1.0, noise_fn: NoiseFn | None = None,
+                 second_order: bool = True) -> torch.Tensor:
+    """Algorithm 2 over σ's t_0 > … > t_N from unit latents (x_0 = latents·t_0), in float64; returns x_N.
+    With second_order=False every step is the Euler step alone: N network calls, and since t_N = 0 the last
+    step returns x_N = D(x_{N−1}; t_{N−1}) (Zhang et al.'s optimal-denoiser sampler: D(x; σ_min) is the output)."""
     sigmas = sigmas.to(device=latents.device, dtype=torch.float64)
     num_steps = len(sigmas) - 1
     gammas = [churn_gamma(float(t), num_steps, S_churn, S_min, S_max) for t in sigmas[:-1]]
@@ -92,7 +96,7 @@ def heun_sampler(denoise: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor,
     x = latents.to(torch.float64) * sigmas[0]
     for i in range(num_steps):
         eps = noise_fn(x) if churn else None
-        x = heun_step(denoise, x, sigmas[i], sigmas[i + 1], class_labels, gammas[i], S_noise, eps)
+        x = heun_step(denoise, x, sigmas[i], sigmas[i + 1], class_labels, gammas[i], S_noise, eps, second_order)
     return x
 
 
@@ -104,9 +108,12 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ settings
 
 
+SOLVERS = ("heun", "euler")  # EDM's Algorithm 2; the same steps without the 2nd-order correction
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
-    """EDM sampler settings (NVlabs/edm's defaults: 18 steps, σ ∈ [0.002, 80], ρ = 7, no churn)."""
+    """EDM sampler settings (NVlabs/edm's defaults: 18 steps, σ ∈ [0.002, 80], ρ = 7, no churn, Heun)."""
 
     num_steps: int = 18
     sigma_min: float = 0.002
@@ -116,9 +123,12 @@ class SamplerSettings:
     S_min: float = 0.0
     S_max: float = math.inf
     S_noise: float = 1.0
+    solver: str = "heun"
 
     def validate(self) -> None:
         """Raise SamplerError for settings the sampler cannot use."""
+        if self.solver not in SOLVERS:
+            raise SamplerError(f"expected --solver one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.num_steps < 1:
             raise SamplerError(f"expected --steps >= 1, got {self.num_steps}")
         if not 0 < self.sigma_min <= self.sigma_max < math.inf:
@@ -242,7 +252,7 @@ def sample_batch(net, seeds: Sequence[int], settings: SamplerSettings = SamplerS
         if class_idx is not None:
             labels = torch.full_like(labels, class_idx)
     x = heun_sampler(net, latents, settings.sigmas(), labels, settings.S_churn, settings.S_min, settings.S_max,
-                     settings.S_noise, per_seed_noise(generators))
+                     settings.S_noise, per_seed_noise(generators), second_order=settings.solver == "heun")
     return x, labels
 
 
