@@ -1,0 +1,166 @@
+"""Memorization ratio of an EDM training run (Gu et al.): fraction of samples with d1/d2 < 1/3, max over snapshots.
+
+    python detect/mem_ratio.py --expdir RUN --knn_ref DATASET.zip [--seeds 0-9999] [--batch 512]
+        [--snapshots all|latest|K1,K2,...] [--log RUN/mem_traj.log] [--save_images] [--device cpu|cuda]
+        [--steps 18] [--sigma_min 0.002] [--sigma_max 80] [--rho 7] [--outdir RUN] [--overwrite]
+    python detect/mem_ratio.py --images DIR_OR_NPZ --knn_ref DATASET.zip --outdir OUT   # any generator's samples
+    accelerate launch detect/mem_ratio.py ...                                          # shards the seeds
+
+Every chosen snapshot of RUN (K = images-seen numbers or snapshot folder names), newest first: its EMA network
+samples the seeds exactly as detect/generate.py does (uint8 as its PNGs; --save_images also writes them to
+RUN/mem-images/<snapshot>/), and each sample's two nearest training images of DATASET.zip are found exactly
+(float64; DiffMemorize's distance: L2 of uint8 values / sqrt(C*H*W)). With --images, one folder of PNGs or an npz
+(uint8 N×H×W×C under 'images', optional 'seeds') is measured instead.
+
+Writes, under RUN (or --outdir): knn-dist/<snapshot>.npz, mem_ratio.jsonl (one row per snapshot), mem_traj.log,
+mem_ratio_summary.json (max_ratio, max_snapshot, max_images_seen, snapshots, n, ...) and mem_ratio.png.
+Re-running resumes: finished snapshots are skipped, an interrupted one is redone. Bad input: one line on stderr
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# `python detect/mem_ratio.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.edm.memratio import MemRatioError  # noqa: E402
+from common.edm.sampler import SamplerSettings, parse_seeds  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+
+DEFAULT_SEEDS = "0-9999"  # DiffMemorize's 10k samples per snapshot
+
+
+@dataclass
+class MemRatioConfig:
+    knn_ref: Path
+    expdir: Path | None = None
+    images: Path | None = None
+    outdir: Path | None = None  # default: expdir
+    seeds: str | None = None  # None: DEFAULT_SEEDS
+    batch: int = 512
+    snapshots: str | None = None  # None: all
+    log: Path | None = None
+    save_images: bool = False
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    device: str | None = None  # None: cuda when available, else cpu
+    overwrite: bool = False
+
+    @property
+    def root(self) -> Path:
+        return self.outdir if self.outdir is not None else self.expdir
+
+    def seed_list(self) -> list[int]:
+        return parse_seeds(self.seeds or DEFAULT_SEEDS)
+
+    def validate(self) -> None:
+        """Argument-level checks (before torch is imported); raises a DiffmemError."""
+        if (self.expdir is None) == (self.images is None):
+            raise ConfigError("give exactly one of --expdir RUN and --images DIR_OR_NPZ")
+        if self.images is not None:
+            if self.outdir is None:
+                raise ConfigError("--images needs --outdir (where the results go)")
+            given = [n for n, v in (("--seeds", self.seeds), ("--snapshots", self.snapshots),
+                                    ("--save_images", self.save_images or None)) if v is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} only apply to --expdir (--images measures the given images)")
+        else:
+            self.seed_list()
+            self.sampler.validate()
+            if self.snapshots is not None and not self.snapshots.strip():
+                raise MemRatioError("bad --snapshots '': expected all, latest or K1,K2,...")
+        if self.batch < 1:
+            raise ConfigError(f"expected --batch >= 1, got {self.batch}")
+        if not self.knn_ref.is_file():
+            raise MemRatioError(f"{self.knn_ref}: no such file (expected the training set as an EDM dataset zip)")
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"{self.root}: expected the output folder to be a folder, it is a file")
+
+
+def parse_args(argv=None) -> MemRatioConfig:
+    d = SamplerSettings()
+    p = ArgumentParser(prog="mem_ratio", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--expdir", type=Path, metavar="RUN", help="training run folder (its snapshot-* folders)")
+    src.add_argument("--images", type=Path, metavar="DIR_OR_NPZ", help="measure these generated images instead")
+    p.add_argument("--knn_ref", required=True, type=Path, metavar="ZIP", help="the training set (EDM dataset zip)")
+    p.add_argument("--outdir", type=Path, metavar="DIR", help="results folder (default: --expdir; --images needs it)")
+    p.add_argument("--seeds", metavar="LIST", help=f"seeds to sample per snapshot (default {DEFAULT_SEEDS})")
+    p.add_argument("--batch", type=int, default=512, metavar="N", help="images per network call (default 512)")
+    p.add_argument("--snapshots", metavar="SPEC",
+                   help="all (default), latest, or K1,K2,... (images seen or snapshot folder names)")
+    p.add_argument("--log", type=Path, metavar="FILE", help="readable log, one line per snapshot (default "
+                                                            "OUTDIR/mem_traj.log)")
+    p.add_argument("--save_images", action="store_true", help="also save the samples as PNGs in mem-images/")
+    p.add_argument("--steps", type=int, default=d.num_steps, metavar="N", help="sampler steps (default 18)")
+    p.add_argument("--sigma_min", type=float, default=d.sigma_min, help="lowest σ (clamped to the network's)")
+    p.add_argument("--sigma_max", type=float, default=d.sigma_max, help="highest σ (clamped to the network's)")
+    p.add_argument("--rho", type=float, default=d.rho, help="schedule exponent ρ (Eq. 5)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in the output folder")
+    a = p.parse_args(argv)
+    sampler = SamplerSettings(num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho)
+    return MemRatioConfig(knn_ref=a.knn_ref, expdir=a.expdir, images=a.images, outdir=a.outdir, seeds=a.seeds,
+                          batch=a.batch, snapshots=a.snapshots, log=a.log, save_images=a.save_images,
+                          sampler=sampler, device=a.device, overwrite=a.overwrite)
+
+
+def process_state(device: str):
+    """This process's Shard and device: Accelerate's when launched on several processes."""
+    import torch
+
+    from common.edm.memratio import Shard
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
+        state = PartialState(cpu=device == "cpu")
+        return Shard(state.process_index, state.num_processes, state.wait_for_everyone), state.device
+    return Shard(), torch.device(device)
+
+
+def run(cfg: MemRatioConfig) -> dict | None:
+    """Measure the run's snapshots (or the images); the summary on process 0."""
+    cfg.validate()
+
+    import torch
+
+    from common.edm import memratio as M
+    from common.edm.dataset import load_dataset_zip
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda given, but torch sees no CUDA device")
+    # Input errors before any process group is set up (every process would raise the same one).
+    source = M.open_images(cfg.images) if cfg.images is not None else None
+    if source is None:
+        M.select_snapshots(cfg.expdir, cfg.snapshots or "all")
+    shard, device = process_state(device)
+    train = load_dataset_zip(cfg.knn_ref, progress=shard.rank == 0).images
+    paths = M.OutputPaths.at(cfg.root, cfg.log)
+    if source is not None:
+        summary = M.measure_images(source, train, cfg.knn_ref, paths, device, shard, cfg.overwrite, cfg.batch)
+    else:
+        summary = M.measure_run(cfg.expdir, train, cfg.knn_ref, cfg.seed_list(), paths, cfg.snapshots or "all",
+                                cfg.batch, cfg.sampler, device, shard, cfg.save_images, cfg.overwrite)
+    if shard.rank == 0 and summary is not None:
+        where = summary["max_snapshot"] if summary["max_images_seen"] is None else (
+            f"{summary['max_snapshot']}, {summary['max_images_seen']} images seen")
+        print(f"{paths.root}: max memorization ratio {summary['max_ratio']:.4f} ({where}) over "
+              f"{summary['snapshots']} snapshot{'s' if summary['snapshots'] != 1 else ''}, {summary['n']} samples "
+              f"each; on {shard.world} process{'es' if shard.world > 1 else ''}")
+    return summary
+
+
+def main(argv=None) -> int:
+    return run_main("mem_ratio", run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
