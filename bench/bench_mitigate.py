@@ -6,6 +6,9 @@
 (a) one prompt at a time (the reference's structure: each prompt's AdamW loop alone) and (b) batches of
 --batch_size prompts, each stopping on its own, with the same target loss, iterations and latents. Prints
 prompts/s of each, the ratio, and how far (b)'s results are from (a)'s (iterations, final loss, embedding).
+Then one batch's generation (DDIM + VAE) in UNet evaluations/s with torch's threads and, on CPU, with one
+thread, alternated, with their ratio and image difference (``--gen_reps 0`` skips it; on the lab model use
+``--model_id data/lab --batch_size 4 --num_images_per_prompt 2``, a mitigation run's batch there).
 Then SSCD descriptor throughput (images/s) on images of the model's output size, for --sscd_model.
 Without --optim_target_loss the target is 0.7 × the median initial loss (random models have no natural scale),
 so prompts stop after different numbers of updates, as they do on a real model.
@@ -30,9 +33,55 @@ from common.t2i.models import denoiser_parts  # noqa: E402
 from common.t2i.noise import initial_latents  # noqa: E402
 
 
+def generation_throughput(pipe, parts, embeds, uncond, latents, args, device) -> dict:
+    """UNet evaluations/s of one batch's generation (sampling + VAE decode, as a mitigation run does it) with
+    torch's current intra-op threads and, on CPU, with one thread, timed alternately (A, B, A, B) so that load
+    from other processes falls on both; plus whether the two give the same images.
 
+    On a small model and a shared CPU the thread count, not the sampling loop, decides the speed: each of the
+    few hundred kernels of a UNet call is an OpenMP region whose threads wait for one another, and a thread that
+    another process has descheduled stalls them all.
+    """
+    from common.t2i.generation import decode_latents, sample_latents
 
+    B = min(args.batch_size, len(embeds))
+    G = latents.shape[1]
+    evals = 2 * B * G * args.num_inference_steps  # classifier-free guidance: two per sample and step
 
+    def generate():
+        return decode_latents(pipe.vae, sample_latents(parts, embeds[:B], uncond, latents[:B],
+                                                       num_inference_steps=args.num_inference_steps,
+                                                       guidance_scale=args.guidance_scale))
+
+    threads = torch.get_num_threads()
+    counts = [threads] + ([1] if device.type == "cpu" and threads > 1 else [])
+    times: dict = {n: [] for n in counts}
+    images: dict = {}
+    try:
+        for rep in range(args.gen_reps + 1):  # the first round warms up each thread count and is not timed
+            for n in counts:
+                torch.set_num_threads(n)
+                images[n], seconds = timed(generate, device)
+                if rep:
+                    times[n].append(seconds)
+    finally:
+        torch.set_num_threads(threads)
+    result = {"batch": [B, G], "unet_evals": evals,
+              "evals_per_s": {str(n): evals / statistics.median(times[n]) for n in counts},
+              "seconds": {str(n): times[n] for n in counts}}
+    print(f"generation of {B} prompts x {G} (+ VAE), {args.num_inference_steps} steps, median of "
+          f"{args.gen_reps}:", end="")
+    for n in counts:
+        print(f"  {n} thread(s) {result['evals_per_s'][str(n)]:.0f} UNet evals/s", end="")
+    if len(counts) == 2:
+        a, b = images[threads], images[1]
+        result["ratio_1_thread_over_current"] = statistics.median(times[threads]) / statistics.median(times[1])
+        result["max_abs_diff_images"] = float((a - b).abs().max())
+        result["uint8_pixels_differing"] = int(((a * 255).round() != (b * 255).round()).sum())
+        print(f"  speed 1 thread / {threads} = {result['ratio_1_thread_over_current']:.2f}x; images max |Δ| "
+              f"{result['max_abs_diff_images']:.2g}, {result['uint8_pixels_differing']} uint8 values differ", end="")
+    print()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optim_target_loss", type=float, help="default: 0.7 x median initial loss")
     p.add_argument("--sscd_model", default="default", help="'default', a TorchScript/ONNX file, or 'none'")
     p.add_argument("--sscd_images", type=int, default=64)
+    p.add_argument("--gen_reps", type=int, default=3, help="timed generations per thread count")
     add_model_args(p)
     args = p.parse_args(argv)
 
@@ -115,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"same results: iterations equal = {result['iterations_equal']} (mean {result['iterations_mean']:.2f}, "
           f"{result['reached_target']}/{len(prompts)} reached the target), max rel |Δ final loss| = "
           f"{result['max_rel_diff_final_loss']:.2g}, max |Δ embedding| = {result['max_abs_diff_embeds']:.2g}")
+    if args.gen_reps > 0:
+        result["generation"] = generation_throughput(pipe, parts, embeds, uncond, latents, args, device)
 
     if args.sscd_model != "none":
         from common.t2i.generation import decode_latents, to_pil
