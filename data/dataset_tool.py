@@ -3,9 +3,13 @@
     python data/dataset_tool.py --source SRC --dest OUT.zip [--max_images N] [--subset first|random] [--seed S]
         [--classes C] [--labels true|random|unique|none] [--num_classes K] [--resolution R]
         [--transform center-crop] [--mix_source SRC2 --mix_alpha A] [--split train|test] [--channels 1|3]
+    python data/dataset_tool.py --source molrg --dest OUT.zip [--molrg_res 4] [--molrg_classes 2] [--molrg_dim 7]
+        [--molrg_per_class 350] [--seed S]
 
 SRC is the CIFAR-10 python tarball (cifar-10-python.tar.gz), a folder of images (labels from its dataset.json),
-an EDM dataset zip, or ``digits`` (scikit-learn's bundled 8×8 digits; needs no download). The rules (class-balanced
+an EDM dataset zip, or ``digits`` (scikit-learn's bundled 8×8 digits; needs no download). ``molrg`` writes Zhang et
+al.'s mixture of low-rank Gaussians instead (``common.edm.molrg``): float data in a zip with ``data.npy``, labels =
+class; it takes only the --molrg_* options and --seed. The rules (class-balanced
 first N/C, seeded draws, label rules, Lanczos resizing, intra-class mixing) are those of ``common.edm.dataset``.
 The zip is written under a temporary name beside OUT.zip and renamed when complete. Bad input: one line on stderr
 (``FILE[:MEMBER]: what was expected``) and exit code 2, with no output left behind.
@@ -31,20 +35,27 @@ from common.edm.dataset import (  # noqa: E402
     build_dataset,
     mix_count,
     write_dataset_zip,
+    write_float_dataset_zip,
 )
+from common.edm.molrg import MoLRGRecipe, molrg_dataset  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
+
+MOLRG = "molrg"
 
 
 @dataclass
 class DatasetToolConfig:
     recipe: DatasetRecipe
     dest: Path
+    molrg: MoLRGRecipe | None = None  # set for --source molrg (then recipe only names the source)
+    molrg_flags: tuple[str, ...] = ()  # the --molrg_* options given (refused without --source molrg)
 
 
 def parse_args(argv=None) -> DatasetToolConfig:
     p = ArgumentParser(prog="dataset_tool", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, metavar="SRC",
-                   help="cifar-10-python.tar.gz, a folder of images, an EDM dataset zip, or 'digits'")
+                   help="cifar-10-python.tar.gz, a folder of images, an EDM dataset zip, 'digits', or 'molrg' "
+                        "(float MoLRG data; see the --molrg_* options)")
     p.add_argument("--dest", required=True, type=Path, metavar="OUT.zip", help="the EDM dataset zip to write")
     p.add_argument("--max_images", type=int, metavar="N",
                    help="keep N images, class-balanced: N//C per class, one more for the first N mod C classes")
@@ -67,16 +78,45 @@ def parse_args(argv=None) -> DatasetToolConfig:
                    help="CIFAR-10 split: train (data_batch_1..5) or test (test_batch)")
     p.add_argument("--channels", type=int, choices=CHANNELS,
                    help="1 (RGB by luma) or 3 (grayscale repeated); default: the source's")
+    g = p.add_argument_group("MoLRG (--source molrg)")
+    d = MoLRGRecipe()
+    g.add_argument("--molrg_res", type=int, metavar="R", help=f"images 3×R×R, D = 3·R² (default {d.res})")
+    g.add_argument("--molrg_classes", type=int, metavar="K", help=f"classes (default {d.classes})")
+    g.add_argument("--molrg_dim", type=int, metavar="d", help=f"dimension of each class's subspace (default {d.dim})")
+    g.add_argument("--molrg_per_class", type=int, metavar="N", help=f"samples per class (default {d.per_class})")
     a = p.parse_args(argv)
     recipe = DatasetRecipe(source=a.source, max_images=a.max_images, subset=a.subset, seed=a.seed,
                            classes=a.classes, labels=a.labels, num_classes=a.num_classes, resolution=a.resolution,
                            transform=a.transform, mix_source=a.mix_source, mix_alpha=a.mix_alpha, split=a.split,
                            channels=a.channels)
-    return DatasetToolConfig(recipe=recipe, dest=a.dest)
+    given = {k: getattr(a, f"molrg_{k}") for k in ("res", "classes", "dim", "per_class")}
+    given = {k: v for k, v in given.items() if v is not None}
+    molrg = MoLRGRecipe(**given, seed=a.seed) if a.source == MOLRG else None
+    return DatasetToolConfig(recipe=recipe, dest=a.dest, molrg=molrg,
+                             molrg_flags=tuple(f"--molrg_{k}" for k in given))
+
+
+def check_molrg_options(cfg: DatasetToolConfig) -> None:
+    """--molrg_* only with --source molrg, and none of the image-selection options with it (ConfigError)."""
+    if cfg.molrg is None:
+        if cfg.molrg_flags:
+            raise ConfigError(f"{cfg.molrg_flags[0]} applies to --source molrg only")
+        return
+    r = cfg.recipe
+    image_only = {"--max_images": r.max_images, "--subset": r.subset != "first" or None, "--classes": r.classes,
+                  "--labels": r.labels, "--num_classes": r.num_classes, "--resolution": r.resolution,
+                  "--transform": r.transform, "--mix_source": r.mix_source, "--mix_alpha": r.mix_alpha,
+                  "--split": r.split != "train" or None, "--channels": r.channels}
+    for flag, value in image_only.items():
+        if value is not None:
+            raise ConfigError(f"{flag} selects images and does not apply to --source molrg (float data; it takes "
+                              f"--molrg_res, --molrg_classes, --molrg_dim, --molrg_per_class and --seed)")
+    cfg.molrg.check()
 
 
 def validate(cfg: DatasetToolConfig) -> None:
     """Argument-level checks before any source is read; raises ConfigError with the one-line message."""
+    check_molrg_options(cfg)
     cfg.recipe.check()
     if cfg.dest.suffix.lower() != ".zip":
         raise ConfigError(f"--dest must name a .zip file (an EDM dataset zip), got {cfg.dest}")
@@ -90,6 +130,14 @@ def validate(cfg: DatasetToolConfig) -> None:
 def run(cfg: DatasetToolConfig) -> None:
     """Build the dataset in memory (every check passes first), then write the zip atomically."""
     validate(cfg)
+    if cfg.molrg is not None:
+        data = molrg_dataset(cfg.molrg)
+        write_float_dataset_zip(cfg.dest, data.images, data.labels, cfg.molrg.to_dict())
+        n, c, h, w = data.images.shape
+        m = cfg.molrg
+        print(f"wrote {cfg.dest}: {n} MoLRG samples {c}×{h}×{w} (float32), {m.classes} classes of dimension "
+              f"{m.dim} in D = {m.ambient_dim}, {m.per_class} per class; labels: class")
+        return
     data = build_dataset(cfg.recipe)
     write_dataset_zip(cfg.dest, data.images, data.labels)
     n, c, h, w = data.images.shape

@@ -19,6 +19,11 @@ Sources (``open_source``):
 File images other than 8-bit grayscale (L, LA, 1) are converted to RGB by PIL (alpha dropped); 16-bit and float
 images are refused. Only the images that end up in the output are decoded.
 
+Float data (MoLRG, ``common.edm.molrg``: real values that 8-bit PNGs would quantise) goes in the same kind of zip
+with one member ``data.npy`` (float32 N×C×H×W, already in the model's range) in place of the PNGs, named
+``data.npy[i]`` in ``dataset.json``, plus ``source.json`` (how it was made). ``load_dataset_zip`` returns its
+images as float32 and ``ImageDataset`` feeds them unscaled; such a zip cannot be an image ``--source``.
+
 The selection rules (DiffMemorize's by default) are the pure functions below; ``build_dataset`` applies them in
 this order: subset (source indices, output in source order) → intra-class mix (replacements take the slot and the
 true label of the image they replace) → labels → images (channels, center crop, Lanczos resize). Seeded draws use
@@ -52,6 +57,8 @@ CIFAR_SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": 
 CIFAR_CLASSES = 10
 CIFAR_SIDE = 32
 LABELS_FILE = "dataset.json"
+FLOAT_MEMBER = "data.npy"
+FLOAT_INFO = "source.json"
 DIGITS = "digits"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 SOURCE_HINT = "a CIFAR-10 python tarball (.tar.gz), an EDM dataset zip, a folder of images or 'digits'"
@@ -77,7 +84,7 @@ class DatasetError(DiffmemError, ValueError):
 
 
 class DatasetArrays(NamedTuple):
-    """Decoded images (uint8 N×C×H×W), integer labels (int64 N) or None, and one name per image."""
+    """Decoded images (uint8 N×C×H×W; float32 for float data), integer labels (int64 N) or None, one name each."""
 
     images: np.ndarray
     labels: np.ndarray | None
@@ -148,12 +155,22 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 
 def to_model_range(images):
-    """uint8 images (numpy or torch) → float32 in [−1, 1] as EDM's training loop: x / 127.5 − 1."""
+    """uint8 images (numpy or torch) → float32 in [−1, 1] as EDM's training loop: x / 127.5 − 1; float data
+    (MoLRG) is already the model's input and is only cast to float32."""
     if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            return images.astype(np.float32)
         return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     import torch
 
+    if images.dtype != torch.uint8:
+        return images.to(torch.float32)
     return images.to(torch.float32) / 127.5 - 1
+
+
+def float_names(n: int) -> list[str]:
+    """Names of the rows of a float zip's ``data.npy`` (its ``dataset.json`` keys): ``data.npy[i]``."""
+    return [f"{FLOAT_MEMBER}[{i}]" for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------- images
@@ -416,6 +433,9 @@ def _read_member(zf: zipfile.ZipFile, name: str, where: str) -> bytes:
 def _zip_contents(zf: zipfile.ZipFile, path: Path) -> tuple[list[str], np.ndarray | None, str]:
     """(image members in sorted order, their labels or None, why there are none) of an EDM zip."""
     names = sorted(n for n in zf.namelist() if _is_image_name(n) and not n.endswith("/"))
+    if not names and FLOAT_MEMBER in zf.namelist():
+        raise DatasetError(f"{path}: holds float data ({FLOAT_MEMBER}, e.g. MoLRG), not images; it trains and "
+                           f"is read as it is, but cannot be an image source")
     if not names:
         raise DatasetError(f"{path}: expected an EDM dataset zip of images, it holds none")
     if LABELS_FILE not in zf.namelist():
@@ -661,12 +681,71 @@ def write_dataset_zip(path: str | Path, images: np.ndarray, labels: np.ndarray |
     return names
 
 
+def write_float_dataset_zip(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None,
+                            info: dict | None = None) -> list[str]:
+    """Write float data (float32 N×C×H×W) as a zip with ``data.npy``, ``dataset.json`` and ``source.json``,
+    atomically; the row names."""
+    path = Path(path)
+    images = np.asarray(images)
+    if (images.dtype != np.float32 or images.ndim != 4 or images.shape[1] not in CHANNELS or len(images) == 0
+            or not np.isfinite(images).all()):
+        raise DatasetError(f"{path}: expected finite float32 images N×C×H×W with N >= 1 and C 1 or 3, got "
+                           f"{images.dtype} {'×'.join(map(str, images.shape))}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or (labels < 0).any():
+            raise DatasetError(f"{path}: expected one integer label >= 0 per image ({len(images)}), got "
+                               f"{labels.dtype} of shape {labels.shape}")
+    names = float_names(len(images))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_beside(path)
+    try:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(images), allow_pickle=False)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr(FLOAT_MEMBER, buf.getvalue())
+            table = None if labels is None else [[n, int(y)] for n, y in zip(names, labels)]
+            zf.writestr(LABELS_FILE, json.dumps({"labels": table}))
+            zf.writestr(FLOAT_INFO, json.dumps(info or {}, indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return names
+
+
+def _load_float_zip(zf: zipfile.ZipFile, path: Path) -> DatasetArrays:
+    """A float zip's data.npy (float32 N×C×H×W, finite), its labels and row names."""
+    where = f"{path}:{FLOAT_MEMBER}"
+    try:
+        images = np.load(io.BytesIO(_read_member(zf, FLOAT_MEMBER, where)), allow_pickle=False)
+    except DatasetError:
+        raise
+    except Exception as exc:  # a truncated or non-npy member raises ValueError, EOFError...
+        raise DatasetError(f"{where}: cannot read it as a .npy array ({_reason(exc)})") from None
+    if (images.dtype != np.float32 or images.ndim != 4 or images.shape[1] not in CHANNELS or len(images) == 0
+            or not np.isfinite(images).all()):
+        raise DatasetError(f"{where}: expected finite float32 N×C×H×W with N >= 1 and C 1 or 3, got "
+                           f"{images.dtype} {'×'.join(map(str, images.shape))}")
+    names = float_names(len(images))
+    labels = None
+    if LABELS_FILE in zf.namelist():
+        meta = f"{path}:{LABELS_FILE}"
+        labels = parse_labels_json(_read_member(zf, LABELS_FILE, meta), meta, names)
+    return DatasetArrays(images, labels, names)
+
+
 def load_dataset_zip(path: str | Path, progress: bool = True) -> DatasetArrays:
-    """Decode every image of an EDM dataset zip once: uint8 N×C×H×W, labels (or None) and the member names."""
+    """Decode every image of an EDM dataset zip once: uint8 N×C×H×W (float32 for a float zip), labels (or None)
+    and the member names."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such file (expected an EDM dataset zip)")
     with _open_zip(path) as zf:
+        if FLOAT_MEMBER in zf.namelist():
+            if any(_is_image_name(n) for n in zf.namelist()):
+                raise DatasetError(f"{path}: holds both images and {FLOAT_MEMBER}; expected one or the other")
+            return _load_float_zip(zf, path)
         names, labels, _ = _zip_contents(zf, path)
         images, shape0 = None, None
         for j, name in enumerate(_tqdm(names, len(names), "reading", progress)):
@@ -686,7 +765,8 @@ def load_dataset_zip(path: str | Path, progress: bool = True) -> DatasetArrays:
 
 
 class ImageDataset:
-    """Map-style torch dataset over a decoded EDM zip: item i is (float32 C×H×W in [−1, 1], int64 label).
+    """Map-style torch dataset over a decoded EDM zip: item i is (float32 C×H×W in [−1, 1], int64 label); float
+    data (``is_float``, MoLRG) is fed as it is, unscaled.
 
     The label is −1 when the dataset has none. Keyed by ``common.trainer``'s (epoch, position, index), an item is a
     dict (``pixel_values`` as uint8, ``label``, ``index``, ``sample_seed`` = derive_seed(seed, epoch, position)) for
@@ -702,6 +782,7 @@ class ImageDataset:
         if not isinstance(data, DatasetArrays):
             data = load_dataset_zip(data, progress=progress)
         self.images = torch.from_numpy(np.ascontiguousarray(data.images))
+        self.is_float = self.images.dtype != torch.uint8
         self.has_labels = data.labels is not None
         n = len(data.images)
         labels = data.labels if self.has_labels else np.full(n, -1)
@@ -722,7 +803,8 @@ class ImageDataset:
     def __getitem__(self, key):
         if isinstance(key, tuple):
             epoch, position, index = key
-            # uint8 here, scaled once per batch in collate_image_batch (a per-item division is per-op overhead).
+            # uint8 here, scaled once per batch in collate_image_batch (a per-item division is per-op overhead);
+            # float data passes through that scaling unchanged.
             return {"pixel_values": self.images[index], "label": self.labels[index],
                     "index": int(index), "sample_seed": self._derive_seed(self.seed, epoch, position)}
         return to_model_range(self.images[key]), self.labels[key]

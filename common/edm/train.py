@@ -132,6 +132,9 @@ def train_unconditional(cfg: UnconditionalConfig):
     base = ImageDataset(data, seed=cfg.train.seed)
     if cfg.cond and not base.has_labels:
         raise ConfigError(f"{cfg.data}: --cond needs labels in dataset.json (this dataset has none)")
+    if cfg.xflip and base.is_float:
+        # A mirrored MoLRG sample is not in the mixture (mirroring leaves its subspaces): augmentation stays off.
+        raise ConfigError(f"{cfg.data}: holds float data (MoLRG); --xflip would leave its distribution, omit it")
     dataset = XFlipDataset(base) if cfg.xflip else base
     channels, height, width = base.shape
     if height != width:

@@ -1,0 +1,211 @@
+"""The rank of the denoiser's Jacobian ∂D(x; σ)/∂x per seed and σ (Zhang et al.), for a snapshot or the optimal denoiser.
+
+    python detect/jacobian.py --network SNAPSHOT_OR_RUN --seeds 0-15 --out DIR [--trajectory] [--steps 18]
+    python detect/jacobian.py --network SNAPSHOT_OR_RUN --seeds 0-15 --sigmas 0.002,0.01,0.05,0.2,1,5 --out DIR
+    python detect/jacobian.py --optimal_denoiser --dataset D.zip --seeds 0-15 [--trajectory | --sigmas ...] --out DIR
+        [--threshold 0.99] [--chunk 64] [--device cpu|cuda] [--overwrite] [--no_progress]
+
+Where J is taken, for seed s with latent z (EDM's seed rule, as detect/generate.py draws it):
+- ``--trajectory`` (the default; Zhang et al.'s): the states x_0 = σ_0·z, …, x_{N−1} of EDM's deterministic Heun
+  sampler at its own σ_0 > … > σ_{N−1} (``--steps`` N, σ ∈ [0.002, 80], ρ = 7, clamped to the network's range);
+- ``--sigmas``: x = σ·z at each listed σ (the start of a sampler begun at σ).
+rank = the smallest k with √(Σ_{j≤k} s_j²) > threshold·‖J‖_F (0 when J = 0), over D = C·H·W.
+
+Writes DIR/jacobian.jsonl (one row per Jacobian: seed, sigma, rank, rank_ratio = rank/D, dim = D, fro = ‖J‖_F; appended
+as computed, so a rerun skips the (seed, σ) pairs done), DIR/jacobian.json (the settings the rows depend on; a rerun
+with others is refused), DIR/summary.json (per σ: mean and spread over the seeds) and DIR/rank.png (rank/dim against
+SNR 1/σ, log x). Bad input: one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# `python detect/jacobian.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.edm.sampler import SamplerSettings, parse_seeds  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+
+RESULTS = "jacobian.jsonl"
+SETTINGS = "jacobian.json"
+SUMMARY = "summary.json"
+PLOT = "rank.png"
+
+
+@dataclass
+class JacobianConfig:
+    seeds: str
+    out: Path
+    network: str | None = None
+    optimal_denoiser: bool = False
+    dataset: Path | None = None
+    sigmas: str | None = None  # None: the sampler's trajectory
+    steps: int | None = None  # None: 18 (trajectory only)
+    threshold: float = 0.99
+    chunk: int = 64  # rows per backward; on one CPU thread at 3×32×32, 64 took 12 s and 256 took 19 s (cache)
+    device: str | None = None  # None: cuda when available, else cpu
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def mode(self) -> str:
+        return "trajectory" if self.sigmas is None else "noise"
+
+    def seed_list(self) -> list[int]:
+        return parse_seeds(self.seeds)
+
+    def sigma_list(self) -> list[float]:
+        """The --sigmas values; one-line ConfigError for anything but distinct finite numbers > 0."""
+        try:
+            values = [float(t) for t in self.sigmas.split(",") if t.strip()]
+        except ValueError:
+            raise ConfigError(f"bad --sigmas {self.sigmas!r}: expected comma-separated numbers") from None
+        if not values:
+            raise ConfigError("--sigmas is empty; give comma-separated σ > 0, e.g. 0.002,0.01,0.05")
+        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ConfigError(f"bad --sigmas {self.sigmas!r}: σ must be finite and > 0, got {bad[0]:g}")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"bad --sigmas {self.sigmas!r}: a σ is listed more than once")
+        return values
+
+    def validate(self) -> None:
+        """Argument-level checks (before torch is imported); raises ConfigError or SamplerError."""
+        self.seed_list()
+        if (self.network is None) == (not self.optimal_denoiser):
+            raise ConfigError("give --network SNAPSHOT or --optimal_denoiser (with --dataset), not both")
+        if self.optimal_denoiser and self.dataset is None:
+            raise ConfigError("--optimal_denoiser needs --dataset D.zip (its training set)")
+        if self.network is not None and self.dataset is not None:
+            raise ConfigError("--dataset is the training set of --optimal_denoiser; a --network carries its own "
+                              "weights")
+        if self.dataset is not None and not self.dataset.is_file():
+            raise ConfigError(f"--dataset {self.dataset}: no such file (expected an EDM dataset zip)")
+        if self.sigmas is not None:
+            self.sigma_list()
+            if self.steps is not None:
+                raise ConfigError("--steps sets the sampler's trajectory; it does not apply with --sigmas")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"expected --steps >= 1, got {self.steps}")
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"expected 0 < --threshold < 1, got {self.threshold}")
+        if self.chunk < 1:
+            raise ConfigError(f"expected --chunk >= 1, got {self.chunk}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out}: expected --out to be a folder, it is a file")
+
+
+def parse_args(argv=None) -> JacobianConfig:
+    p = ArgumentParser(prog="jacobian", description=__doc__.split("\n\n")[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--network", metavar="SNAPSHOT", help="a snapshot folder, or a run folder (its newest)")
+    which.add_argument("--optimal_denoiser", action="store_true",
+                       help="the optimal denoiser of --dataset (unconditional, float64)")
+    p.add_argument("--dataset", type=Path, metavar="D.zip", help="training set of --optimal_denoiser")
+    p.add_argument("--seeds", required=True, metavar="LIST", help="seeds, e.g. 0-15 or 1,5,7-9")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--sigmas", metavar="LIST", help="x = σ·z at each σ, e.g. 0.002,0.01,0.05,0.2,1,5")
+    where.add_argument("--trajectory", action="store_true",
+                       help="the Heun sampler's states x_i at its σ_i, σ_max first (the default)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="sampler steps of --trajectory (default 18)")
+    p.add_argument("--threshold", type=float, default=0.99, help="energy fraction of the rank (default 0.99)")
+    p.add_argument("--chunk", type=int, default=64, metavar="B", help="Jacobian rows per backward (default 64)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--overwrite", action="store_true", help="discard the rows already in DIR")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    return JacobianConfig(seeds=a.seeds, out=a.out, network=a.network, optimal_denoiser=a.optimal_denoiser,
+                          dataset=a.dataset, sigmas=a.sigmas, steps=a.steps, threshold=a.threshold, chunk=a.chunk,
+                          device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
+
+
+def load_denoiser(cfg: JacobianConfig, device):
+    """(denoiser, its description for the settings, Jacobian method): a snapshot's network or the optimal denoiser."""
+    if cfg.optimal_denoiser:
+        from common.edm.optimal import OptimalDenoiser
+
+        # torch.func's vmapped cdist backward is wrong (common.edm.jacobian): the batch method needs no vmap.
+        return OptimalDenoiser.from_dataset_zip(cfg.dataset).to(device), f"optimal:{cfg.dataset.resolve()}", "batch"
+    from common.edm.snapshot import load_network, resolve_snapshot
+
+    snapshot = resolve_snapshot(cfg.network)
+    return load_network(snapshot, device), f"network:{snapshot.resolve()}", "vmap"
+
+
+def evaluation_sigmas(cfg: JacobianConfig, net) -> tuple[list[float], dict]:
+    """The σ's (the trajectory's schedule t_0 … t_N, or the --sigmas list) and the settings they come from."""
+    if cfg.mode == "trajectory":
+        sampler = SamplerSettings(num_steps=cfg.steps or 18).for_network(net)
+        return sampler.sigmas().tolist(), {"sampler": sampler.to_dict()}
+    sigmas = cfg.sigma_list()
+    outside = [s for s in sigmas if not net.sigma_min <= s <= net.sigma_max]
+    if outside:
+        raise ConfigError(f"--sigmas {outside[0]:g} is outside the network's range [{net.sigma_min:g}, "
+                          f"{net.sigma_max:g}]")
+    return sigmas, {}
+
+
+def print_summary(stats: list[dict], out: Path) -> None:
+    """One line per σ: samples, mean rank and rank/dim (mean ± std, min–max)."""
+    print(f"{'sigma':>10} {'SNR':>9} {'n':>4} {'rank':>8} {'rank/dim':>18} {'min-max':>13}")
+    for r in stats:
+        print(f"{r['sigma']:10.4g} {r['snr']:9.4g} {r['n']:4d} {r['rank_mean']:8.2f} "
+              f"{r['ratio_mean']:9.4f} ± {r['ratio_std']:6.4f} {r['ratio_min']:6.3f}-{r['ratio_max']:.3f}")
+    print(f"{out}: {RESULTS}, {SUMMARY}, {PLOT}")
+
+
+def run(cfg: JacobianConfig) -> int:
+    """Compute the Jacobians not yet in DIR, then the summary and the plot; returns how many were computed."""
+    cfg.validate()
+    seeds = cfg.seed_list()
+
+    import torch
+
+    from common.edm import jacobian as J
+    from common.results import append_results, bind_run_settings, read_results, write_json_atomic
+
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda given, but torch sees no CUDA device")
+    denoise, described, method = load_denoiser(cfg, device)
+    sigmas, sigma_settings = evaluation_sigmas(cfg, denoise)
+
+    # The rows depend on these; seeds and σ's may grow between runs (each row stands on its own).
+    settings = {"denoiser": described, "mode": cfg.mode, "threshold": cfg.threshold, "device": device,
+                **sigma_settings}
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    results = cfg.out / RESULTS
+    if cfg.overwrite:
+        results.unlink(missing_ok=True)
+    rows = read_results(results, repair=True)
+    bind_run_settings(cfg.out / SETTINGS, settings, bool(rows), "another --out")
+    done = {(int(r["seed"]), float(r["sigma"])) for r in rows}
+
+    computed = 0
+    for row in J.jacobian_rows(denoise, seeds, denoise.image_shape, cfg.mode, sigmas, cfg.threshold,
+                               denoise.label_dim, done, cfg.chunk, method, device, cfg.progress):
+        append_results(results, [row.to_dict()])
+        computed += 1
+
+    wanted = {(s, float(t)) for s in seeds for t in J.point_sigmas(cfg.mode, sigmas)}
+    mine = [r for r in read_results(results) if (int(r["seed"]), float(r["sigma"])) in wanted]
+    stats = J.summarize(mine)
+    write_json_atomic(cfg.out / SUMMARY, {"settings": settings, "seeds": len(seeds), "per_sigma": stats})
+    title = f"{Path(described.split(':', 1)[1]).name} ({cfg.mode}, {len(seeds)} seeds)"
+    J.plot_rank_curve(mine, cfg.out / PLOT, title)
+    print_summary(stats, cfg.out)
+    return computed
+
+
+def main(argv=None) -> int:
+    return run_main("jacobian", run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
