@@ -201,7 +201,8 @@ def run(cfg: GenerateConfig) -> int:
 
             images = np.stack([S.load_png(S.image_path(cfg.outdir, s, cfg.subdirs)) for s in seeds])
         if cfg.grid:
-            S.save_png(cfg.grid, S.image_grid(images, scale=cfg.grid_scale))
+            # One source pixel of black between tiles, at any scale.
+            S.save_png(cfg.grid, S.image_grid(images, padding=cfg.grid_scale, scale=cfg.grid_scale))
             note += f", {cfg.grid}"
         if cfg.npz:
             labels = (S.seed_labels(seeds, net.image_shape, net.label_dim, cfg.class_idx, device)

@@ -346,10 +346,10 @@ def test_cli_grid_holds_every_requested_seed(snapshots, tmp_path):
     assert generate("--network", snapshots["uncond"], "--seeds", "0-3", "--outdir", out, "--steps", 2,
                     "--grid", tmp_path / "grid.png", "--grid_scale", 2, "--device", "cpu") == 0
     grid = png(tmp_path / "grid.png")
-    assert grid.shape == (2 * 16 + 1, 2 * 16 + 1)
+    assert grid.shape == (2 * 16 + 2, 2 * 16 + 2)  # 2×2 tiles of 16 px, 2 px (one source pixel) between
     first = png(out / "000000.png").repeat(2, axis=0).repeat(2, axis=1)
-    assert np.array_equal(grid[:16, :16], first)
-    assert np.array_equal(grid[17:, 17:], png(out / "000003.png").repeat(2, axis=0).repeat(2, axis=1))
+    assert np.array_equal(grid[:16, :16], first) and not grid[16:18].any()
+    assert np.array_equal(grid[18:, 18:], png(out / "000003.png").repeat(2, axis=0).repeat(2, axis=1))
 
 
 def test_cli_conditional_subdirs_npz_labels_and_resume(snapshots, tmp_path, capsys):
