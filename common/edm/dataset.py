@@ -646,6 +646,17 @@ def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def _checked_labels(path: Path, labels, n: int) -> np.ndarray | None:
+    """``labels`` as an integer array of one label >= 0 per image, or DatasetError; None stays None."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or labels.dtype.kind not in "iu" or (labels < 0).any():
+        raise DatasetError(f"{path}: expected one integer label >= 0 per image ({n}), got "
+                           f"{labels.dtype} of shape {labels.shape}")
+    return labels
+
+
 def write_dataset_zip(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None,
                       progress: bool = True) -> list[str]:
     """Write an EDM dataset zip atomically (a temporary file beside ``path``, renamed when complete); member names."""
@@ -654,11 +665,7 @@ def write_dataset_zip(path: str | Path, images: np.ndarray, labels: np.ndarray |
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in CHANNELS or len(images) == 0:
         raise DatasetError(f"{path}: expected images uint8 N×C×H×W with N >= 1 and C 1 or 3, got "
                            f"{images.dtype} {'×'.join(map(str, images.shape))}")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or (labels < 0).any():
-            raise DatasetError(f"{path}: expected one integer label >= 0 per image ({len(images)}), got "
-                               f"{labels.dtype} of shape {labels.shape}")
+    labels = _checked_labels(path, labels, len(images))
     Image = _pil()
     names = [archive_name(i) for i in range(len(images))]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -691,11 +698,7 @@ def write_float_dataset_zip(path: str | Path, images: np.ndarray, labels: np.nda
             or not np.isfinite(images).all()):
         raise DatasetError(f"{path}: expected finite float32 images N×C×H×W with N >= 1 and C 1 or 3, got "
                            f"{images.dtype} {'×'.join(map(str, images.shape))}")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or (labels < 0).any():
-            raise DatasetError(f"{path}: expected one integer label >= 0 per image ({len(images)}), got "
-                               f"{labels.dtype} of shape {labels.shape}")
+    labels = _checked_labels(path, labels, len(images))
     names = float_names(len(images))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_beside(path)
