@@ -52,9 +52,3 @@ def randint_per_sample(sample_seeds: Sequence[int] | torch.Tensor, high: int, st
     """[B] int64 uniform in [0, high) on CPU; entry i drawn from sample_seeds[i]'s stream ``stream``."""
     seeds = [int(s) for s in sample_seeds]
     return torch.cat([torch.randint(0, high, (1,), generator=torch_generator(s, stream)) for s in seeds])
-
-
-def rand_per_sample(sample_seeds: Sequence[int] | torch.Tensor, shape: tuple[int, ...], stream: int) -> torch.Tensor:
-    """[B, *shape] uniform [0, 1) fp32 on CPU; row i drawn from sample_seeds[i]'s stream ``stream``."""
-    seeds = [int(s) for s in sample_seeds]
-    return torch.stack([torch.rand(shape, generator=torch_generator(s, stream)) for s in seeds])
