@@ -587,7 +587,7 @@ class StageProcesses:
             else:
                 proc.send_signal(sig)
         except ProcessLookupError:
-            pass
+            return  # it has already exited: nothing to signal
 
 
 def current_job_id() -> str | None:
