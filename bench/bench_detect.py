@@ -6,6 +6,12 @@
 (a) reference: one prompt at a time, G generations, the full guided trajectory, VAE decode (the way Wen et
     al.'s detect_mem.py works); (b) diffmem with --score_steps 1; (c) (b) with --latents shared.
 Prints prompts/s of each, the ratios, and how far (a)'s first-step scores are from (b)'s.
+
+    python bench/bench_detect.py --detector wen anisotropy sharpness --model_id data/lab --prompts FILE
+
+times the batched detectors instead, one after the other in the same process on the same prompts and latents
+(no reference loop): wen = (b), anisotropy = two batched UNet calls on x_T, sharpness = one forward + one JVP
+through the math attention kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch  # noqa: E402
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from common.t2i.detection import encode_prompts, score_prompts  # noqa: E402
+from common.t2i.detection import DETECTORS, encode_prompts, score_prompts  # noqa: E402
 from common.t2i.models import denoiser_parts  # noqa: E402
 from common.t2i.noise import classifier_free_guidance, text_noise_norm  # noqa: E402
 
@@ -62,6 +68,41 @@ def reference_first_step_scores(pipe, prompts: list[str], G: int, steps: int, sc
 
 
 
+def compare_detectors(args) -> int:
+    """prompts/s of each --detector on the same prompts, rows and latents, after a warm-up of every batch shape."""
+    device = torch.device(args.device)
+    parts = denoiser_parts(bench_pipeline(args))
+    prompts = load_prompts(args.prompts, args.n_prompts)
+    uncond = encode_prompts(parts, [""]).embeds
+    G = args.num_images_per_prompt
+    print(f"model={args.model_id or args.arch} device={device} dtype={args.dtype} prompts={len(prompts)} G={G} "
+          f"batch={args.batch_size} threads={torch.get_num_threads()}")
+
+    def run(detector: str, subset: list[str]) -> list[float]:
+        scores = []
+        for i in range(0, len(subset), args.batch_size):
+            chunk = subset[i : i + args.batch_size]
+            terms, _ = score_prompts(parts, chunk, list(range(i, i + len(chunk))), num_images_per_prompt=G,
+                                     num_inference_steps=args.num_inference_steps,
+                                     guidance_scale=args.guidance_scale, uncond_embed=uncond, detector=detector)
+            scores += terms.score.tolist()
+        return scores
+
+    rate = {}
+    for detector in args.detector:
+        run(detector, prompts[: args.batch_size] + prompts[: len(prompts) % args.batch_size])  # warm-up
+        _, seconds = timed(lambda: run(detector, prompts), device)
+        rate[detector] = len(prompts) / seconds
+        print(f"{detector:>12}: {rate[detector]:10.2f} prompts/s")
+    result = {"config": vars(args), "prompts_per_s": rate,
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    if device.type == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n_prompts", type=int, default=500)
@@ -70,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--detector", nargs="+", choices=DETECTORS,
+                   help="time these detectors against each other instead of the reference comparison")
     add_model_args(p)
     args = p.parse_args(argv)
+    if args.detector:
+        return compare_detectors(args)
 
     device = torch.device(args.device)
     pipe = bench_pipeline(args)

@@ -22,6 +22,7 @@ from common.plotting import new_axes
 from common.results import ResultsFileError
 
 DEFAULT_FPR_TARGETS = (0.001, 0.01, 0.03, 0.05)
+TPR_RULES = ("strict", "closest")
 LABEL_KEYS = ("label", "memorized")  # detect_mem writes "label"; hand-made files may say "memorized"
 
 
@@ -67,10 +68,17 @@ def auc(fpr, tpr) -> float:
     return float(sk_auc(np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)))
 
 
-def tpr_at_fpr(fpr, tpr, target: float) -> float:
-    """Largest TPR among ROC points with FPR strictly below target, 0 if none (Carlini et al. 2022, TPR @ low FPR)."""
+def tpr_at_fpr(fpr, tpr, target: float, rule: str = "strict") -> float:
+    """TPR at an FPR target: ``strict`` = largest TPR among ROC points with FPR strictly below target, 0 if none
+    (Carlini et al. 2022, TPR @ low FPR); ``closest`` = TPR of the ROC point whose FPR is nearest the target,
+    the largest TPR among equally near points (the reading of Jeon et al. 2025 / Asthana & Belagiannis 2026)."""
     fpr = np.asarray(fpr, dtype=np.float64)
     tpr = np.asarray(tpr, dtype=np.float64)
+    if rule == "closest":
+        gap = np.abs(fpr - target)
+        return float(tpr[gap == gap.min()].max())
+    if rule != "strict":
+        raise ValueError(f"unknown TPR rule {rule!r}; expected one of {', '.join(TPR_RULES)}")
     below = fpr < target
     return float(tpr[below].max()) if below.any() else 0.0
 
@@ -91,7 +99,8 @@ def fpr_key(target: float) -> str:
     return f"{target * 100:g}%"
 
 
-def detection_metrics(scores, labels, fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS) -> dict:
+def detection_metrics(scores, labels, fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS,
+                      tpr_rule: str = "strict") -> dict:
     """AUC, best balanced accuracy (and its threshold), TPR at each FPR target, class sizes and mean scores."""
     s, y = _binary_inputs(scores, labels)
     fpr, tpr, thresholds = roc_points(s, y)
@@ -103,7 +112,7 @@ def detection_metrics(scores, labels, fpr_targets: Sequence[float] = DEFAULT_FPR
         "auc": auc(fpr, tpr),
         "accuracy": max_balanced_accuracy(fpr, tpr),
         "accuracy_threshold": best_threshold,
-        "tpr_at_fpr": {fpr_key(t): tpr_at_fpr(fpr, tpr, t) for t in fpr_targets},
+        "tpr_at_fpr": {fpr_key(t): tpr_at_fpr(fpr, tpr, t, tpr_rule) for t in fpr_targets},
         "n_pos": int(y.sum()),
         "n_neg": int(y.size - y.sum()),
         "mean_score_pos": float(s[y == 1].mean()),
@@ -123,6 +132,7 @@ class ScoredRow:
     label: int
     type: str | None
     where: str
+    prompt: str | None = None
 
 
 def read_scored_rows(path: Path | str, forced_label: int | None = None, role: str = "") -> list[ScoredRow]:
@@ -153,7 +163,8 @@ def read_scored_rows(path: Path | str, forced_label: int | None = None, role: st
         type_ = obj.get("type")
         if type_ is not None and not isinstance(type_, str):
             raise ResultsFileError(f"{where}: expected 'type' to be a string such as VM or TM, got {type_!r}")
-        rows.append(ScoredRow(float(score), label, (type_ or "").strip() or None, where))
+        prompt = obj.get("prompt") if isinstance(obj.get("prompt"), str) else None
+        rows.append(ScoredRow(float(score), label, (type_ or "").strip() or None, where, prompt))
     if not rows:
         raise ResultsFileError(f"{path}:1: expected at least one JSON row with a 'score', found none")
     return rows
@@ -195,21 +206,21 @@ def score_groups(rows: Sequence[ScoredRow]) -> dict[str, np.ndarray]:
     return groups
 
 
-def evaluate_splits(rows: Sequence[ScoredRow], fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS
-                    ) -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def evaluate_splits(rows: Sequence[ScoredRow], fpr_targets: Sequence[float] = DEFAULT_FPR_TARGETS,
+                    tpr_rule: str = "strict") -> tuple[dict[str, dict], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(metrics per split, (fpr, tpr) per split) for the splits of split_rows."""
     metrics, curves = {}, {}
     for name, (scores, labels) in split_rows(rows).items():
-        metrics[name] = detection_metrics(scores, labels, fpr_targets)
+        metrics[name] = detection_metrics(scores, labels, fpr_targets, tpr_rule)
         fpr, tpr, _ = roc_points(scores, labels)
         curves[name] = (fpr, tpr)
     return metrics, curves
 
 
-def format_table(metrics: dict[str, dict]) -> str:
-    """A fixed-width text table: split, class sizes, AUC, accuracy and every TPR@FPR column."""
+def format_table(metrics: dict[str, dict], first_column: str = "split") -> str:
+    """A fixed-width text table: split (or method), class sizes, AUC, accuracy and every TPR@FPR column."""
     keys = list(next(iter(metrics.values()))["tpr_at_fpr"])
-    header = ["split", "n_pos", "n_neg", "AUC", "acc"] + [f"TPR@{k}FPR" for k in keys]
+    header = [first_column, "n_pos", "n_neg", "AUC", "acc"] + [f"TPR@{k}FPR" for k in keys]
     lines = [header]
     for name, m in metrics.items():
         lines.append([name, str(m["n_pos"]), str(m["n_neg"]), f"{m['auc']:.4f}", f"{m['accuracy']:.4f}"]
@@ -223,14 +234,15 @@ def format_table(metrics: dict[str, dict]) -> str:
 # Plots (off-screen figures, see common.plotting)
 # ----------------------------------------------------------------------------------------------------------
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, dict], path: Path | str) -> None:
-    """One ROC curve per split, AUC in the legend, chance diagonal dashed."""
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, dict], path: Path | str,
+             title: str = "Memorization detection ROC") -> None:
+    """One ROC curve per split (or per compared method), AUC in the legend, chance diagonal dashed."""
     fig, ax = new_axes((5, 5))
     for name, (fpr, tpr) in curves.items():
         ax.plot(fpr, tpr, label=f"{name} (AUC {metrics[name]['auc']:.3f})")
     ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title="Memorization detection ROC")
+           title=title)
     ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,4 +1,8 @@
-"""Detect memorized prompts by their text-conditional noise magnitude (Wen et al., ICLR 2024).
+"""Detect memorized prompts without generating images: three detectors behind one harness.
+
+    --detector wen          text-conditional noise magnitude (Wen et al., ICLR 2024), the default
+    --detector anisotropy   zero-step norm + channel-cosine score (Asthana & Belagiannis, ICLR 2026)
+    --detector sharpness    score-Jacobian JVP norm at the first step (Jeon, Kim & No, ICML 2025)
 
     python detect/detect_mem.py --model_id ID_OR_DIR --dataset FILE|HF_NAME --run_name NAME [options]
     accelerate launch detect/detect_mem.py ...        # shards prompts across processes
@@ -9,6 +13,7 @@ Results are appended per batch under {run_name}.parts/; re-running the same comm
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -26,7 +31,9 @@ from common.results import (append_results, bind_run_settings, merge_rows, read_
 
 # Arguments that change the numbers: a resumed run must use the same values as the results on disk.
 SCORE_KEYS = ("model_id", "unet_id", "revision", "variant", "num_images_per_prompt", "gen_seed",
-              "num_inference_steps", "guidance_scale", "score_steps", "latents", "dtype", "scheduler")
+              "num_inference_steps", "latents", "dtype", "scheduler", "detector")
+# ... and those that change only one detector's numbers (the others ignore them, so they bind nothing there).
+DETECTOR_KEYS = {"wen": ("guidance_scale", "score_steps"), "anisotropy": ("anisotropy_weights",), "sharpness": ()}
 
 
 @dataclass
@@ -49,6 +56,8 @@ class DetectConfig:
     latents: str = "per_prompt"
     dtype: str = "fp32"
     scheduler: str = "ddim"
+    detector: str = "wen"
+    anisotropy_weights: list[float] | None = None
     start: int = 0
     end: int | None = None
     label: int | None = None
@@ -71,12 +80,21 @@ class DetectConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.start < 0 or (self.end is not None and self.end <= self.start):
             raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
+        if self.detector != "wen" and self.score_steps != "1":
+            raise ConfigError(f"--score_steps applies to --detector wen only; {self.detector} scores x_T "
+                              f"with zero denoising steps")
+        if self.anisotropy_weights is not None and self.detector != "anisotropy":
+            raise ConfigError(f"--anisotropy_weights applies to --detector anisotropy only, not {self.detector}")
+        if self.detector == "anisotropy" and self.num_inference_steps < 3:
+            raise ConfigError(f"--detector anisotropy needs --num_inference_steps of at least 3 (t_lo is "
+                              f"timesteps[-3]), got {self.num_inference_steps}")
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"--run_name must be a plain file name, got {self.run_name!r}")
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Score prompts by text-conditional noise magnitude (Wen et al. 2024).")
+    p = ArgumentParser(description="Score prompts for memorization: Wen et al.'s noise magnitude, anisotropy "
+                                   "or sharpness.")
     p.add_argument("--model_id", required=True, help="Hub id or local StableDiffusionPipeline folder")
     p.add_argument("--unet_id", help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
     p.add_argument("--revision")
@@ -96,6 +114,10 @@ def build_parser() -> ArgumentParser:
                    help="shared: every prompt starts from seed gen_seed's latents")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--scheduler", choices=("ddim", "pipeline"), default="ddim")
+    p.add_argument("--detector", choices=("wen", "anisotropy", "sharpness"), default="wen",
+                   help="wen: noise magnitude along the trajectory; anisotropy / sharpness: zero-step scores")
+    p.add_argument("--anisotropy_weights", type=float, nargs=2, metavar=("GAMMA_N", "GAMMA_C"),
+                   help="anisotropy score = GAMMA_N·N + GAMMA_C·C (default 1 2 for ε-, 1 0.1 for v-prediction)")
     p.add_argument("--start", type=int, default=0, help="first dataset row")
     p.add_argument("--end", type=int, help="one past the last dataset row")
     p.add_argument("--label", type=int, choices=(0, 1), help="label for rows that carry none")
@@ -109,13 +131,14 @@ def parse_config(argv: list[str] | None) -> DetectConfig:
     return DetectConfig(**{f.name: getattr(args, f.name) for f in fields(DetectConfig)})
 
 
-def result_row(rec: PromptRecord, text_norms, uncond_norms, score: float, truncated: bool) -> dict:
+def result_row(rec: PromptRecord, detector: str, terms: dict, score: float, truncated: bool) -> dict:
+    """A results row: the prompt, its score and the detector's terms (so a notebook can re-weight them)."""
     row = {"row": rec.row, "index": rec.index if rec.index is not None else rec.row, "prompt": rec.prompt}
     if rec.label is not None:
         row["label"] = rec.label
     if rec.type is not None:
         row["type"] = rec.type
-    row.update(score=score, text_noise_norm=text_norms, uncond_noise_norm=uncond_norms, truncated=truncated)
+    row.update(score=score, detector=detector, **terms, truncated=truncated)
     return row
 
 
@@ -128,7 +151,7 @@ class RunState:
         self.final = self.out / f"{cfg.run_name}.jsonl"
         self.summary = self.out / f"{cfg.run_name}.summary.json"
         self.config_file = self.parts / "config.json"
-        self.score_config = {k: getattr(cfg, k) for k in SCORE_KEYS}
+        self.score_config = {k: getattr(cfg, k) for k in SCORE_KEYS + DETECTOR_KEYS[cfg.detector]}
 
     def part(self, rank: int) -> Path:
         return self.parts / f"part-{rank}.jsonl"
@@ -140,6 +163,10 @@ class RunState:
             for f in (self.final, self.summary):
                 f.unlink(missing_ok=True)
         self.parts.mkdir(parents=True, exist_ok=True)
+        if self.config_file.exists():
+            old = json.loads(self.config_file.read_text())
+            if "detector" not in old:  # written before --detector existed, so by a wen run: it still resumes
+                write_json_atomic(self.config_file, {**old, "detector": "wen"})
         has_results = any(read_results(p) for p in self.parts.glob("part-*.jsonl"))
         bind_run_settings(self.config_file, self.score_config, has_results, "a new --run_name")
 
@@ -192,12 +219,11 @@ def run(cfg: DetectConfig) -> int:
                 parts, [r.prompt for r in batch], [r.row for r in batch],
                 num_images_per_prompt=cfg.num_images_per_prompt, gen_seed=cfg.gen_seed,
                 num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                score_steps=cfg.num_score_steps, latents_mode=cfg.latents, uncond_embed=uncond)
+                score_steps=cfg.num_score_steps, latents_mode=cfg.latents, uncond_embed=uncond,
+                detector=cfg.detector, anisotropy_weights=cfg.anisotropy_weights)
             scores = trace.score.tolist()
-            append_results(own_part, [
-                result_row(rec, trace.text_noise_norm[b].tolist(), trace.uncond_noise_norm[b].tolist(),
-                           scores[b], truncated[b])
-                for b, rec in enumerate(batch)])
+            append_results(own_part, [result_row(rec, cfg.detector, trace.row_terms(b), scores[b], truncated[b])
+                                      for b, rec in enumerate(batch)])
             bar.update(len(batch))
         bar.close()
         scoring_time = time.perf_counter() - t_score
@@ -234,7 +260,8 @@ def summarize(cfg: DetectConfig, rows: list[dict], scored_now: int, resumed: int
         "model": {"model_id": cfg.model_id, "unet_id": cfg.unet_id, "dtype": cfg.dtype, "scheduler": cfg.scheduler},
         "counts": {"prompts": len(rows), "scored_this_run": scored_now, "resumed": resumed,
                    "truncated": sum(bool(r.get("truncated")) for r in rows), "labels": labels},
-        "score_steps": cfg.num_score_steps,
+        "detector": cfg.detector,
+        "score_steps": cfg.num_score_steps if cfg.detector == "wen" else 0,
         "num_processes": num_processes,
         "time_s": elapsed,
         "scoring_time_s": scoring_time,

@@ -7,8 +7,17 @@ Inputs are detect_mem results rows (``score``, optional ``label``, optional ``ty
 must carry their own ``label`` 0/1; every row of a ``--positive`` / ``--negative`` file is labelled 1 / 0 (a row
 whose own label disagrees is an error). Higher score = more likely memorized.
 
-Writes DIR/summary.json, DIR/roc.png, DIR/scores_kde.png and prints a table. Bad input: one line on stderr
-(``FILE:LINE: what was expected``) and exit code 2.
+Comparing detectors on the same prompts (one table row and one ROC curve per detector):
+
+    python detect/evaluate.py A.jsonl B.jsonl C.jsonl --compare --out DIR [--names wen anisotropy sharpness]
+    python detect/evaluate.py --compare --positive A_mem B_mem --negative A_non B_non --out DIR
+
+Each positional file is one detector's results, or the i-th --positive file pairs with the i-th --negative one.
+``--tpr_rule strict`` (default) reads TPR@x as the largest TPR with FPR strictly below x; ``closest`` takes the
+ROC point whose FPR is nearest x, so figures compare with papers that read it that way.
+
+Writes DIR/summary.json, DIR/roc.png, DIR/scores_kde.png (not with --compare) and prints a table. Bad input:
+one line on stderr (``FILE:LINE: what was expected``) and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,13 +31,16 @@ from common.cli import ArgumentParser, run_main
 from common.errors import ConfigError
 from common.metrics import (
     DEFAULT_FPR_TARGETS,
+    TPR_RULES,
     ResultsFileError,
     check_both_classes,
+    detection_metrics,
     evaluate_splits,
     format_table,
     plot_roc,
     plot_score_kde,
     read_scored_rows,
+    roc_points,
     score_groups,
 )
 
@@ -40,6 +52,9 @@ class EvaluateConfig:
     positive: list[Path] = field(default_factory=list)
     negative: list[Path] = field(default_factory=list)
     fpr_targets: tuple[float, ...] = DEFAULT_FPR_TARGETS
+    tpr_rule: str = "strict"
+    compare: bool = False
+    names: list[str] = field(default_factory=list)
 
     def sources(self) -> list[tuple[Path, int | None, str]]:
         """(file, forced label or None, the option that gave it) for every input file."""
@@ -58,10 +73,16 @@ def parse_args(argv=None) -> EvaluateConfig:
                    help="results files whose rows are all not memorized (label 0)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for summary.json and plots")
     p.add_argument("--fpr_targets", nargs="+", type=float, default=list(DEFAULT_FPR_TARGETS), metavar="FPR",
-                   help="FPR levels for TPR@FPR (TPR of the best threshold with FPR strictly below)")
+                   help="FPR levels for TPR@FPR (see --tpr_rule)")
+    p.add_argument("--tpr_rule", choices=TPR_RULES, default="strict",
+                   help="strict: largest TPR with FPR strictly below the target; closest: the ROC point nearest it")
+    p.add_argument("--compare", action="store_true",
+                   help="each positional file (or --positive/--negative pair) is one detector on the same prompts")
+    p.add_argument("--names", nargs="+", default=[], metavar="NAME",
+                   help="with --compare: one name per detector (default: the file names)")
     a = p.parse_args(argv)
     return EvaluateConfig(results=a.results, out=a.out, positive=a.positive, negative=a.negative,
-                          fpr_targets=tuple(a.fpr_targets))
+                          fpr_targets=tuple(a.fpr_targets), tpr_rule=a.tpr_rule, compare=a.compare, names=a.names)
 
 
 def validate(cfg: EvaluateConfig) -> None:
@@ -78,13 +99,81 @@ def validate(cfg: EvaluateConfig) -> None:
     bad = [t for t in cfg.fpr_targets if not 0 < t <= 1]
     if bad:
         raise ConfigError(f"expected --fpr_targets in (0, 1], got {bad[0]}")
+    if cfg.names and not cfg.compare:
+        raise ConfigError("--names applies to --compare only")
+    if cfg.compare:
+        if cfg.results and (cfg.positive or cfg.negative):
+            raise ConfigError("--compare takes either positional files or --positive/--negative pairs, not both")
+        if len(cfg.positive) != len(cfg.negative):
+            raise ConfigError(f"--compare pairs the i-th --positive with the i-th --negative file; got "
+                              f"{len(cfg.positive)} and {len(cfg.negative)}")
+        n = len(cfg.results) or len(cfg.positive)
+        if cfg.names and len(cfg.names) != n:
+            raise ConfigError(f"--names gives {len(cfg.names)} names for {n} compared detectors")
+        names = cfg.names or method_names(cfg)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--compare needs a distinct name per detector, got {names}; pass --names")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ResultsFileError(f"{cfg.out}: expected --out to be a folder, it is a file")
+
+
+def method_names(cfg: EvaluateConfig) -> list[str]:
+    """The default name of each compared detector: its (positive) file's name without .jsonl."""
+    return [p.stem for p in (cfg.results or cfg.positive)]
+
+
+def run_compare(cfg: EvaluateConfig) -> dict:
+    """One metrics entry and one ROC curve per detector, after checking they scored the same prompts."""
+    names = cfg.names or method_names(cfg)
+    groups = ([[(p, None, "")] for p in cfg.results] if cfg.results else
+              [[(p, 1, "--positive"), (n, 0, "--negative")] for p, n in zip(cfg.positive, cfg.negative)])
+    rows_of, inputs = {}, []
+    for name, group in zip(names, groups):
+        rows = []
+        for path, forced, role in group:
+            rows += read_scored_rows(path, forced, role)
+        check_both_classes(rows, [p for p, _, _ in group])
+        rows_of[name] = rows
+        inputs.append({"name": name, "paths": [str(p) for p, _, _ in group], "rows": len(rows)})
+    check_same_prompts(rows_of, groups)
+
+    metrics, curves = {}, {}
+    for name, rows in rows_of.items():
+        scores, labels = [r.score for r in rows], [r.label for r in rows]
+        metrics[name] = detection_metrics(scores, labels, cfg.fpr_targets, cfg.tpr_rule)
+        fpr, tpr, _ = roc_points(scores, labels)
+        curves[name] = (fpr, tpr)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    summary = {"inputs": inputs, "fpr_targets": list(cfg.fpr_targets), "tpr_rule": cfg.tpr_rule,
+               "score_direction": "higher score = more likely memorized", "methods": metrics,
+               "plots": {"roc": "roc.png"}}
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot_roc(curves, metrics, cfg.out / "roc.png", title="Memorization detectors, same prompts")
+    print(format_table(metrics, first_column="method"))
+    print(f"wrote {cfg.out / 'summary.json'}, roc.png")
+    return metrics
+
+
+def check_same_prompts(rows_of: dict[str, list], groups: list[list]) -> None:
+    """Raise ResultsFileError unless every detector scored the same (prompt, label) multiset (or, for rows
+    without prompts, the same class sizes): a comparison on different prompts compares nothing."""
+    def key(rows):
+        if all(r.prompt is not None for r in rows):
+            return sorted((r.prompt, r.label) for r in rows)
+        return (sum(r.label for r in rows), sum(1 - r.label for r in rows))
+
+    (first, first_rows), first_group = next(iter(rows_of.items())), groups[0]
+    for (name, rows), group in zip(rows_of.items(), groups):
+        if key(rows) != key(first_rows):
+            raise ResultsFileError(f"{group[0][0]}: detector {name!r} scored other prompts than {first!r} "
+                                  f"({first_group[0][0]}); --compare needs the same prompts for every detector")
 
 
 def run(cfg: EvaluateConfig) -> dict:
     """Check every input, then write summary.json and the plots; returns the metrics per split."""
     validate(cfg)
+    if cfg.compare:
+        return run_compare(cfg)
     rows, inputs = [], []
     for path, forced, role in cfg.sources():
         file_rows = read_scored_rows(path, forced, role)
@@ -94,9 +183,9 @@ def run(cfg: EvaluateConfig) -> dict:
                        "n_pos": n_pos, "n_neg": len(file_rows) - n_pos})
     check_both_classes(rows, [p for p, _, _ in cfg.sources()])
 
-    metrics, curves = evaluate_splits(rows, cfg.fpr_targets)
+    metrics, curves = evaluate_splits(rows, cfg.fpr_targets, cfg.tpr_rule)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    summary = {"inputs": inputs, "fpr_targets": list(cfg.fpr_targets),
+    summary = {"inputs": inputs, "fpr_targets": list(cfg.fpr_targets), "tpr_rule": cfg.tpr_rule,
                "score_direction": "higher score = more likely memorized", "splits": metrics,
                "plots": {"roc": "roc.png", "scores_kde": "scores_kde.png"}}
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -88,6 +88,10 @@ def test_latin1_dataset_is_one_line_before_any_model_is_loaded(tmp_path):
     (["--score_steps", "first"], "positive integer or 'all'"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--latents", "random"], "invalid choice"),
+    (["--detector", "oracle"], "invalid choice"),
+    (["--detector", "sharpness", "--score_steps", "2"], "--score_steps applies to --detector wen only"),
+    (["--anisotropy_weights", "1", "2"], "--anisotropy_weights applies to --detector anisotropy only"),
+    (["--detector", "anisotropy", "--num_inference_steps", "2"], "needs --num_inference_steps of at least 3"),
 ])
 def test_bad_settings_are_one_line(dataset, tmp_path, args, expected):
     res = run_cli("detect/detect_mem.py", "--model_id", "m", "--dataset", dataset, "--run_name", "x",
@@ -156,12 +160,61 @@ def test_killed_run_resumes_with_every_row_once(tiny_pipeline_dir, tiny_parts, d
     assert other.returncode == 2 and "gen_seed=0 (now 5)" in other.stderr
 
 
-def test_two_processes_shard_and_merge(tiny_pipeline_dir, tiny_parts, dataset, tmp_path):
+def test_zero_step_detectors_end_to_end_and_resume_binds_the_detector(tiny_pipeline_dir, tiny_parts, dataset,
+                                                                       tmp_path):
+    out = tmp_path / "out"
+    args = ["--model_id", tiny_pipeline_dir, "--dataset", dataset, "--output_dir", out, "--num_images_per_prompt", 2,
+            "--batch_size", 4, "--end", 6]
+    res = run_cli("detect/detect_mem.py", *args, "--run_name", "ani", "--detector", "anisotropy",
+                  "--anisotropy_weights", "1", "0.5")
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(out / "ani.jsonl")
+    expected = library_scores(tiny_parts, PROMPTS[:6], list(range(6)), num_images_per_prompt=2,
+                              detector="anisotropy", anisotropy_weights=(1.0, 0.5))
+    assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)
+    for r in rows:  # the terms are kept, so a notebook can re-weight them
+        assert r["detector"] == "anisotropy" and r["weights"] == [1.0, 0.5] and r["timesteps"] == [981, 41]
+        n = sum(v for (v,) in r["text_noise_norm"]) / 2
+        assert r["score"] == pytest.approx(n + 0.5 * sum(r["channel_cosine"]) / 2, rel=1e-5)
+    assert json.loads((out / "ani.summary.json").read_text())["detector"] == "anisotropy"
+
+    for changed, message in [(["--detector", "sharpness"], "detector='anisotropy' (now 'sharpness')"),
+                             (["--detector", "anisotropy", "--anisotropy_weights", "1", "2"],
+                              "anisotropy_weights=[1.0, 0.5] (now [1.0, 2.0])")]:
+        other = run_cli("detect/detect_mem.py", *args, "--run_name", "ani", *changed)
+        assert other.returncode == 2 and message in other.stderr, other.stderr
+
+    res = run_cli("detect/detect_mem.py", *args, "--run_name", "sharp", "--detector", "sharpness")
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(out / "sharp.jsonl")
+    expected = library_scores(tiny_parts, PROMPTS[:6], list(range(6)), num_images_per_prompt=2, detector="sharpness")
+    assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)
+    assert all(r["detector"] == "sharpness" and len(r["sharpness"]) == 2 for r in rows)
+
+
+def test_run_from_before_detectors_resumes_as_wen(tiny_pipeline_dir, dataset, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model_id", tiny_pipeline_dir, "--dataset", dataset, "--run_name", "old", "--output_dir", out,
+            "--end", 2, "--num_images_per_prompt", 1]
+    assert run_cli("detect/detect_mem.py", *args).returncode == 0
+    config = out / "old.parts" / "config.json"
+    settings = json.loads(config.read_text())
+    assert settings.pop("detector") == "wen"
+    config.write_text(json.dumps(settings))  # the config of a run made before --detector existed
+    again = run_cli("detect/detect_mem.py", *args)
+    assert again.returncode == 0 and "0 scored now" in again.stdout, again.stderr
+    other = run_cli("detect/detect_mem.py", *args, "--detector", "anisotropy")
+    assert other.returncode == 2 and "detector='wen' (now 'anisotropy')" in other.stderr
+
+
+@pytest.mark.parametrize("detector", ["wen", "sharpness"])
+def test_two_processes_shard_and_merge(tiny_pipeline_dir, tiny_parts, dataset, tmp_path, detector):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "detect/detect_mem.py"), "--model_id", str(tiny_pipeline_dir), "--dataset", str(dataset),
-           "--run_name", "mp", "--output_dir", str(out), "--num_images_per_prompt", "2", "--batch_size", "3"]
+           "--run_name", "mp", "--output_dir", str(out), "--num_images_per_prompt", "2", "--batch_size", "3",
+           "--detector", detector]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -169,5 +222,6 @@ def test_two_processes_shard_and_merge(tiny_pipeline_dir, tiny_parts, dataset, t
     assert len(parts) == 2 and all(read_jsonl(p) for p in parts)
     rows = read_jsonl(out / "mp.jsonl")
     assert [r["row"] for r in rows] == list(range(len(PROMPTS) + 1))
-    expected = library_scores(tiny_parts, PROMPTS + [LONG], list(range(len(rows))), num_images_per_prompt=2)
+    expected = library_scores(tiny_parts, PROMPTS + [LONG], list(range(len(rows))), num_images_per_prompt=2,
+                              detector=detector)
     assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)

@@ -7,7 +7,14 @@ import copy
 import pytest
 import torch
 
-from common.t2i.detection import encode_prompts, score_prompts, text_noise_objective, trace_noise_norms
+from common.t2i.detection import (
+    anisotropy_terms,
+    encode_prompts,
+    score_prompts,
+    sharpness_terms,
+    text_noise_objective,
+    trace_noise_norms,
+)
 
 PROMPTS = ["a cat", "a dog on a mat", "The No Limits Business Woman Podcast", "a cat", "mountains at dawn"]
 
@@ -136,3 +143,123 @@ def test_objective_matches_trace_and_has_gradient_only_through_cond(tiny_parts):
     obj.sum().backward()
     assert cond.grad is not None and cond.grad.abs().sum() > 0
     assert uncond.grad is None
+
+
+def _embeds_and_noise(pipe, prompt: str, row: int, G: int, gen_seed: int = 0):
+    """The prompt's and ∅'s embeddings and row's pure-noise x_T, drawn as Wen et al. draw it."""
+    ids = pipe.tokenizer([prompt, ""], padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb = pipe.text_encoder(ids)[0]
+    torch.manual_seed(row + gen_seed)
+    return emb[0:1], emb[1:2], torch.randn((G, 4, 8, 8))
+
+
+def hand_anisotropy(pipe, prompt: str, row: int, G: int, weights=(1.0, 2.0)):
+    """Asthana & Belagiannis's score written out: separate UNet calls, per-pixel channel cosines in float64."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched.set_timesteps(50)
+    t_hi, t_lo = sched.timesteps[0], sched.timesteps[-3]
+    c, u, x = _embeds_and_noise(pipe, prompt, row, G)
+    norms, cosines = [], []
+    with torch.no_grad():
+        for g in range(G):
+            xg = x[g : g + 1]
+            d_hi = (pipe.unet(xg, t_hi, encoder_hidden_states=c).sample
+                    - pipe.unet(xg, t_hi, encoder_hidden_states=u).sample)
+            norms.append(d_hi.double().pow(2).sum().sqrt().item())
+            e_u = pipe.unet(xg, t_lo, encoder_hidden_states=u).sample[0].double()
+            d_lo = pipe.unet(xg, t_lo, encoder_hidden_states=c).sample[0].double() - e_u
+            cos = [(e_u[:, h, w] @ d_lo[:, h, w] / (e_u[:, h, w].norm() * d_lo[:, h, w].norm())).item()
+                   for h in range(8) for w in range(8)]
+            cosines.append(sum(cos) / len(cos))
+    score = weights[0] * sum(norms) / G + weights[1] * sum(cosines) / G
+    return torch.tensor(norms), torch.tensor(cosines), score, (int(t_hi), int(t_lo))
+
+
+def test_anisotropy_equals_hand_computation(tiny_pipe, tiny_parts):
+    terms, _ = score_prompts(tiny_parts, PROMPTS[:2], [3, 4], num_images_per_prompt=2, detector="anisotropy")
+    for b, row in enumerate([3, 4]):
+        n, c, score, ts = hand_anisotropy(tiny_pipe, PROMPTS[b], row, G=2)
+        assert ts == terms.timesteps == (981, 41)  # SD's leading spacing: timesteps[0] and timesteps[-3]
+        torch.testing.assert_close(terms.norm[b], n, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(terms.cosine[b], c, rtol=1e-4, atol=1e-5)
+        assert terms.score[b].item() == pytest.approx(score, rel=1e-4, abs=1e-5)
+    assert terms.weights == (1.0, 2.0)
+    reweighted, _ = score_prompts(tiny_parts, PROMPTS[:1], [3], num_images_per_prompt=2, detector="anisotropy",
+                                  anisotropy_weights=(0.5, -3.0))
+    assert reweighted.score[0].item() == pytest.approx(hand_anisotropy(tiny_pipe, PROMPTS[0], 3, 2, (0.5, -3.0))[2],
+                                                       rel=1e-4, abs=1e-5)
+
+
+def test_anisotropy_norm_is_wen_first_step_norm(tiny_parts):
+    """Under DDIM (init_noise_sigma 1) the zero-step N is Wen et al.'s first-step norm of the same row."""
+    wen, _ = score_prompts(tiny_parts, PROMPTS, list(range(5)), num_images_per_prompt=3)
+    ani, _ = score_prompts(tiny_parts, PROMPTS, list(range(5)), num_images_per_prompt=3, detector="anisotropy")
+    torch.testing.assert_close(ani.norm, wen.text_noise_norm[..., 0])
+
+
+def test_anisotropy_defaults_to_v_prediction_weights(tiny_parts):
+    from diffusers import DDIMScheduler
+
+    parts = copy.copy(tiny_parts)
+    parts.scheduler = DDIMScheduler.from_config(tiny_parts.scheduler.config, prediction_type="v_prediction")
+    terms, _ = score_prompts(parts, PROMPTS[:1], [0], num_images_per_prompt=1, detector="anisotropy")
+    assert terms.weights == (1.0, 0.1)
+
+
+def _score_difference_fn(pipe, c, u, t, a_bar):
+    """x ↦ s(x,c) − s(x,∅) with s = −ε/√(1−ᾱ_t), written with two separate UNet calls."""
+    def f(x):
+        return -(pipe.unet(x, t, encoder_hidden_states=c).sample
+                 - pipe.unet(x, t, encoder_hidden_states=u).sample) / (1 - a_bar).sqrt()
+    return f
+
+
+def test_sharpness_equals_finite_difference_and_explicit_jacobian(tiny_pipe, tiny_parts):
+    from diffusers import DDIMScheduler
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    terms, _ = score_prompts(tiny_parts, PROMPTS[1:2], [5], num_images_per_prompt=2, detector="sharpness")
+    assert terms.timestep == 981
+    sched = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    sched.set_timesteps(50)
+    t = sched.timesteps[0]
+    c, u, x = _embeds_and_noise(tiny_pipe, PROMPTS[1], 5, G=2)
+    pipe64 = copy.copy(tiny_pipe)
+    pipe64.unet = copy.deepcopy(tiny_pipe.unet).double()
+    f = _score_difference_fn(pipe64, c.double(), u.double(), t, sched.alphas_cumprod[int(t)].double())
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        for g in range(2):
+            xg = x[g : g + 1].double()
+            s_delta = f(xg)
+            h = 1e-4  # central difference of f along s_Δ: (J_c − J_u) s_Δ up to O(h²)
+            fd = (f(xg + h * s_delta) - f(xg - h * s_delta)) / (2 * h)
+            assert terms.jvp_norm[0, g].item() == pytest.approx(fd.norm().item(), rel=1e-4)
+    # The explicit Jacobian (reverse mode, one row per output entry) times s_Δ, for generation 0 in float64.
+    xg = x[0:1].double()
+    with sdpa_kernel(SDPBackend.MATH):
+        jac = torch.autograd.functional.jacobian(f, xg).reshape(xg.numel(), xg.numel())
+        with torch.no_grad():
+            s_delta = f(xg).reshape(-1)
+    explicit = jac @ s_delta
+    assert terms.jvp_norm[0, 0].item() == pytest.approx(explicit.norm().item(), rel=1e-4)
+    assert terms.score[0].item() == pytest.approx(terms.jvp_norm[0].mean().item())
+
+
+@pytest.mark.parametrize("detector", ["anisotropy", "sharpness"])
+def test_zero_step_detectors_do_not_depend_on_batch_composition(tiny_parts, detector):
+    rows = list(range(len(PROMPTS)))
+    full, _ = score_prompts(tiny_parts, PROMPTS, rows, num_images_per_prompt=2, detector=detector)
+    for b in (0, 2, 4):
+        alone, _ = score_prompts(tiny_parts, [PROMPTS[b]], [b], num_images_per_prompt=2, detector=detector)
+        # fp32 batched convolutions round differently per batch shape; a cosine near 0 shows it in absolute terms.
+        torch.testing.assert_close(alone.score[0], full.score[b], rtol=1e-4, atol=1e-5)
+        assert alone.row_terms(0).keys() == full.row_terms(b).keys()
+
+
+def test_unknown_detector_is_refused(tiny_parts):
+    with pytest.raises(ValueError, match="unknown detector"):
+        score_prompts(tiny_parts, PROMPTS[:1], [0], detector="oracle")

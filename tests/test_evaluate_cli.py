@@ -129,3 +129,68 @@ def test_missing_file_duplicate_file_and_bad_option(tmp_path, files):
         r = run_cli(SCRIPT, *argv, "--out", tmp_path / "eval")
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith(start), r.stderr
+
+
+def _detector_files(tmp_path):
+    """Three detectors' scores of the same 8 prompts (POSITIVES + NEGATIVES), as --positive/--negative pairs."""
+    pos_scores = {"a": [5.0, 4.0, 3.0, 0.5], "b": [9.0, 8.0, 5.0, 4.0], "c": [1.0, 1.0, 1.0, 1.0]}
+    neg_scores = {"a": [2.0, 1.0, 0.25, 0.0], "b": [6.0, 2.0, 1.0, 0.0], "c": [1.0, 1.0, 1.0, 1.0]}
+    pairs = {}
+    for d in "abc":
+        pos = _write(tmp_path / f"{d}_mem.jsonl", [{**r, "score": s} for r, s in zip(POSITIVES, pos_scores[d])])
+        neg = _write(tmp_path / f"{d}_non.jsonl",
+                     [{**r, "prompt": f"n{i}", "score": s} for i, (r, s) in enumerate(zip(NEGATIVES, neg_scores[d]))])
+        pairs[d] = (pos, neg)
+    return pairs
+
+
+def test_compare_detectors_one_table_one_roc(tmp_path):
+    pairs = _detector_files(tmp_path)
+    out = tmp_path / "cmp"
+    r = run_cli(SCRIPT, "--compare", "--positive", *(pairs[d][0] for d in "abc"),
+                "--negative", *(pairs[d][1] for d in "abc"), "--names", "wen", "sharp", "flat",
+                "--fpr_targets", "0.2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    methods = summary["methods"]
+    assert list(methods) == ["wen", "sharp", "flat"] and summary["tpr_rule"] == "strict"
+    assert methods["wen"]["auc"] == pytest.approx(14 / 16)
+    # b: 9, 8 beat all four negatives, 5 and 4 beat three -> 14/16; c: all tied -> chance.
+    assert methods["sharp"]["auc"] == pytest.approx(14 / 16) and methods["flat"]["auc"] == 0.5
+    assert methods["sharp"]["tpr_at_fpr"] == {"20%": 0.5}
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (out / "scores_kde.png").exists()
+    table = r.stdout.splitlines()
+    assert table[0].split()[0] == "method" and [line.split()[0] for line in table[1:4]] == ["wen", "sharp", "flat"]
+
+    closest = run_cli(SCRIPT, "--compare", "--positive", *(pairs[d][0] for d in "ab"),
+                      "--negative", *(pairs[d][1] for d in "ab"), "--fpr_targets", "0.2", "--tpr_rule", "closest",
+                      "--out", tmp_path / "cmp2")
+    assert closest.returncode == 0, closest.stderr
+    summary = json.loads((tmp_path / "cmp2" / "summary.json").read_text())
+    assert list(summary["methods"]) == ["a_mem", "b_mem"]  # default names: the positive files
+    assert summary["methods"]["b_mem"]["tpr_at_fpr"] == {"20%": 1.0} and summary["tpr_rule"] == "closest"
+
+
+def test_compare_positional_files_and_its_errors(tmp_path):
+    pairs = _detector_files(tmp_path)
+    both = []
+    for d in "ab":  # one file per detector holding both classes through its rows' labels
+        rows = [{**json.loads(line), "label": 1} for line in pairs[d][0].read_text().splitlines()]
+        rows += [{**json.loads(line), "label": 0} for line in pairs[d][1].read_text().splitlines()]
+        both.append(_write(tmp_path / f"{d}.jsonl", rows))
+    r = run_cli(SCRIPT, *both, "--compare", "--out", tmp_path / "cmp")
+    assert r.returncode == 0, r.stderr
+    assert list(json.loads((tmp_path / "cmp" / "summary.json").read_text())["methods"]) == ["a", "b"]
+
+    other = _write(tmp_path / "other.jsonl", [{**json.loads(line), "prompt": "something else"}
+                                              for line in both[1].read_text().splitlines()])
+    cases = [([both[0], other, "--compare"], f"{other}: detector 'other' scored other prompts than 'a'"),
+             ([both[0], both[1], "--compare", "--names", "x"], "--names gives 1 names for 2"),
+             (["--compare", "--positive", pairs["a"][0], pairs["b"][0], "--negative", pairs["a"][1]],
+              "--compare pairs the i-th --positive"),
+             ([both[0], "--compare", "--positive", pairs["b"][0], "--negative", pairs["b"][1]], "not both"),
+             ([both[0], both[1], "--names", "x", "y"], "--names applies to --compare only")]
+    for argv, expected in cases:
+        r = run_cli(SCRIPT, *argv, "--out", tmp_path / "bad")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and expected in r.stderr, (argv, r.stderr)
+        assert not (tmp_path / "bad").exists()

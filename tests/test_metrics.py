@@ -165,3 +165,21 @@ def test_forced_label_fills_and_conflicts(tmp_path):
     g = _write(tmp_path / "m.jsonl", [{"score": 1.0, "label": 0}, {"score": 2.0, "label": 1}])
     with pytest.raises(ResultsFileError, match=rf"^{g}:2: .*--negative"):
         read_scored_rows(g, forced_label=0, role="--negative")
+
+
+def test_tpr_rules_strict_and_closest():
+    # positives {9, 8, 5, 4}, negatives {6, 2, 1, 0}. ROC points (FPR, TPR): (0, 0), (0, 1/4), (0, 1/2),
+    # (1/4, 1/2) at τ=6, (1/4, 3/4), (1/4, 1), (1/2, 1), (3/4, 1), (1, 1).
+    s, y = _scores_labels([9.0, 8.0, 5.0, 4.0], [6.0, 2.0, 1.0, 0.0])
+    fpr, tpr, _ = roc_points(s, y)
+    # target 0.2: strictly below -> FPR 0 only -> 1/2; nearest FPR is 1/4 (gap 0.05 < 0.2) -> its best TPR, 1.
+    assert tpr_at_fpr(fpr, tpr, 0.2, "strict") == 0.5
+    assert tpr_at_fpr(fpr, tpr, 0.2, "closest") == 1.0
+    # target 0.1: FPR 0 is nearer (0.1 < 0.15), so both rules read 1/2.
+    assert tpr_at_fpr(fpr, tpr, 0.1, "closest") == 0.5 == tpr_at_fpr(fpr, tpr, 0.1)
+    # target exactly 1/4: strict excludes it, closest lands on it.
+    assert tpr_at_fpr(fpr, tpr, 0.25) == 0.5 and tpr_at_fpr(fpr, tpr, 0.25, "closest") == 1.0
+    m = detection_metrics(s, y, fpr_targets=(0.2,), tpr_rule="closest")
+    assert m["tpr_at_fpr"] == {"20%": 1.0}
+    with pytest.raises(ValueError, match="unknown TPR rule"):
+        tpr_at_fpr(fpr, tpr, 0.2, "nearest")

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 from common.t2i.noise import (
+    anisotropy_score,
+    channel_cosine,
     classifier_free_guidance,
     detection_score,
     epsilon_from_output,
     initial_latents,
     noise_norm,
+    score_from_epsilon,
     text_noise_norm,
 )
 
@@ -69,3 +72,30 @@ def test_initial_latents_follow_wen_et_al_seeding():
     ref = torch.randn((2, *shape)) * 2.0
     assert torch.equal(shared[0], ref) and torch.equal(shared[1], ref)
     assert not math.isclose(float(lat[0].sum()), float(lat[1].sum()))
+
+
+def test_channel_cosine_is_over_channels_then_mean_over_pixels():
+    # [1 sample, 2 channels, 1×2 pixels]: pixel 0 a=(1,0), b=(2,0) -> cos 1; pixel 1 a=(1,0), b=(0,3) -> cos 0.
+    a = torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])
+    b = torch.tensor([[[[2.0, 0.0]], [[0.0, 3.0]]]])
+    assert channel_cosine(a, b).tolist() == [0.5]
+    # Against float64 per-pixel cosines; a cosine over the whole latent would be another number.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, 2, 5, generator=g), torch.randn(3, 4, 2, 5, generator=g)
+    ref = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).flatten(1).mean(dim=1)
+    torch.testing.assert_close(channel_cosine(a, b).double(), ref, rtol=1e-6, atol=1e-7)
+    flat = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+    assert not torch.allclose(channel_cosine(a, b), flat, atol=1e-3)
+
+
+def test_anisotropy_score_weights_generation_means():
+    # N over G=2: mean 3; C: mean 0.25 -> 1·3 + 2·0.25 = 3.5; with (1, 0.1): 3.025.
+    n, c = torch.tensor([[2.0, 4.0]]), torch.tensor([[0.5, 0.0]])
+    assert anisotropy_score(n, c, 1.0, 2.0).tolist() == [3.5]
+    assert anisotropy_score(n, c, 1.0, 0.1).item() == pytest.approx(3.025)
+
+
+def test_score_from_epsilon():
+    # ᾱ = 0.64: √(1−ᾱ) = 0.6, s = −ε/0.6.
+    eps = torch.tensor([0.6, -1.2])
+    torch.testing.assert_close(score_from_epsilon(eps, 0.64), torch.tensor([-1.0, 2.0]))

@@ -1,8 +1,14 @@
-"""Text-conditional noise magnitude along the classifier-free-guided DDIM trajectory (Wen et al. 2024).
+"""Memorization detectors that need no full generation, scored on a batch of prompts at once.
 
-Unlike the reference implementation, which runs each prompt alone through every step and the VAE decode, this
-scores a batch of prompts at once, stops after the last scored step, never decodes, and in ``shared`` latents
-mode evaluates ε(x_t, ∅) once per batch at the first step (it is the same for every prompt there).
+- ``wen``: text-conditional noise magnitude along the classifier-free-guided DDIM trajectory (Wen et al. 2024).
+- ``anisotropy``: zero denoising steps, the noise magnitude at t_hi plus a channel-axis cosine at t_lo on the
+  same pure-noise x_T (Asthana & Belagiannis, ICLR 2026).
+- ``sharpness``: the norm of the difference of the score Jacobians applied to the score difference, one
+  forward-mode JVP at the first DDIM timestep (Jeon, Kim & No, ICML 2025).
+
+For ``wen``, unlike the reference implementation, which runs each prompt alone through every step and the VAE
+decode, this scores a batch of prompts at once, stops after the last scored step, never decodes, and in
+``shared`` latents mode evaluates ε(x_t, ∅) once per batch at the first step (the same for every prompt there).
 """
 
 from __future__ import annotations
@@ -14,13 +20,20 @@ import torch
 
 from common.t2i.models import DenoiserParts
 from common.t2i.noise import (
+    anisotropy_score,
+    channel_cosine,
     classifier_free_guidance,
     detection_score,
     epsilon_from_output,
     initial_latents,
     noise_norm,
+    score_from_epsilon,
     text_noise_norm,
 )
+
+DETECTORS = ("wen", "anisotropy", "sharpness")
+# (γ_N, γ_C) of Asthana & Belagiannis's code: SD v1 (ε-prediction) and SD 2 (v-prediction).
+ANISOTROPY_WEIGHTS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1)}
 
 
 @dataclass
@@ -56,6 +69,45 @@ class NoiseTrace:
     @property
     def score(self) -> torch.Tensor:
         return detection_score(self.text_noise_norm)
+
+    def row_terms(self, b: int) -> dict:
+        """Prompt b's terms for a results row: [[per step] per generation] norms."""
+        return {"text_noise_norm": self.text_noise_norm[b].tolist(),
+                "uncond_noise_norm": self.uncond_noise_norm[b].tolist()}
+
+
+@dataclass
+class AnisotropyTerms:
+    """Per prompt and generation: N = ‖ε(x_T,t_hi,c) − ε(x_T,t_hi,∅)‖₂ and C, the channel cosine at t_lo."""
+
+    norm: torch.Tensor  # [B, G] fp32, CPU
+    cosine: torch.Tensor  # [B, G] fp32, CPU
+    weights: tuple[float, float]  # (γ_N, γ_C)
+    timesteps: tuple[int, int]  # (t_hi, t_lo)
+
+    @property
+    def score(self) -> torch.Tensor:
+        return anisotropy_score(self.norm, self.cosine, *self.weights)
+
+    def row_terms(self, b: int) -> dict:
+        """N as a one-step text_noise_norm (it is Wen et al.'s first-step norm), C per generation, (γ_N, γ_C)."""
+        return {"text_noise_norm": [[v] for v in self.norm[b].tolist()], "channel_cosine": self.cosine[b].tolist(),
+                "weights": list(self.weights), "timesteps": list(self.timesteps)}
+
+
+@dataclass
+class SharpnessTerms:
+    """Per prompt and generation: ‖(J_c − J_u) s_Δ‖₂ at the first DDIM timestep."""
+
+    jvp_norm: torch.Tensor  # [B, G] fp32, CPU
+    timestep: int
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self.jvp_norm.mean(dim=-1)
+
+    def row_terms(self, b: int) -> dict:
+        return {"sharpness": self.jvp_norm[b].tolist(), "timestep": self.timestep}
 
 
 def _alpha_bar(scheduler, t) -> torch.Tensor:
@@ -113,6 +165,92 @@ def trace_noise_norms(
     return NoiseTrace(torch.stack(text_norms, dim=-1), torch.stack(uncond_norms, dim=-1))
 
 
+def _detection_timesteps(parts: DenoiserParts, num_inference_steps: int) -> torch.Tensor:
+    scheduler = copy.deepcopy(parts.scheduler)
+    scheduler.set_timesteps(num_inference_steps, device=parts.device)
+    return scheduler.timesteps
+
+
+def _epsilons(parts: DenoiserParts, x: torch.Tensor, t, uncond: torch.Tensor, cond: torch.Tensor):
+    """(ε(x,t,∅), ε(x,t,c)) from one batched UNet call on [x, x], in ε units whatever the prediction type."""
+    pred_type = parts.scheduler.config.get("prediction_type", "epsilon")
+    out = parts.unet(torch.cat([x, x]).to(parts.dtype), t, encoder_hidden_states=torch.cat([uncond, cond]),
+                     return_dict=False)[0].float()
+    a_bar = _alpha_bar(parts.scheduler, t)
+    out_u, out_c = out.chunk(2)
+    return epsilon_from_output(out_u, x, a_bar, pred_type), epsilon_from_output(out_c, x, a_bar, pred_type)
+
+
+def _flat_inputs(parts: DenoiserParts, cond_embeds, uncond_embed, latents):
+    B, G = latents.shape[:2]
+    x = latents.reshape(B * G, *latents.shape[2:]).to(device=parts.device, dtype=torch.float32)
+    cond = cond_embeds.to(device=parts.device, dtype=parts.dtype).repeat_interleave(G, dim=0)
+    uncond = uncond_embed.to(device=parts.device, dtype=parts.dtype).expand(B * G, -1, -1)
+    return B, G, x, cond, uncond
+
+
+@torch.no_grad()
+def anisotropy_terms(
+    parts: DenoiserParts,
+    cond_embeds: torch.Tensor,
+    uncond_embed: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    weights: tuple[float, float] | None = None,
+) -> AnisotropyTerms:
+    """N at t_hi = timesteps[0] and C at t_lo = timesteps[-3], both on the pure-noise x_T (no denoising step).
+
+    latents: [B, G, C, H, W] x_T as drawn (unit variance, not scaled by init_noise_sigma); 4·B·G UNet
+    evaluations in two batched calls. weights None: ANISOTROPY_WEIGHTS of the scheduler's prediction type.
+    """
+    timesteps = _detection_timesteps(parts, num_inference_steps)
+    if len(timesteps) < 3:
+        raise ValueError(f"the anisotropy detector needs at least 3 inference steps, got {len(timesteps)}")
+    if weights is None:
+        weights = ANISOTROPY_WEIGHTS[parts.scheduler.config.get("prediction_type", "epsilon")]
+    t_hi, t_lo = timesteps[0], timesteps[-3]
+    B, G, x, cond, uncond = _flat_inputs(parts, cond_embeds, uncond_embed, latents)
+    eps_u, eps_c = _epsilons(parts, x, t_hi, uncond, cond)
+    norm = text_noise_norm(eps_c, eps_u).view(B, G).cpu()
+    eps_u, eps_c = _epsilons(parts, x, t_lo, uncond, cond)
+    cosine = channel_cosine(eps_u, eps_c - eps_u).view(B, G).cpu()
+    return AnisotropyTerms(norm, cosine, (float(weights[0]), float(weights[1])), (int(t_hi), int(t_lo)))
+
+
+def sharpness_terms(
+    parts: DenoiserParts,
+    cond_embeds: torch.Tensor,
+    uncond_embed: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+) -> SharpnessTerms:
+    """‖(J_c − J_u) s_Δ‖₂ at t = timesteps[0] on x_T (Jeon, Kim & No 2025).
+
+    s = −ε/√(1−ᾱ_t), s_Δ = s(x_T,c) − s(x_T,∅), J = ∂s/∂x.
+
+    One forward pass for s_Δ, then one forward-mode JVP (torch.func.jvp) of x ↦ s(x,c) − s(x,∅) with tangent
+    s_Δ through the batched [x, x] UNet call. latents as in :func:`anisotropy_terms`.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t = _detection_timesteps(parts, num_inference_steps)[0]
+    a_bar = _alpha_bar(parts.scheduler, t)
+    B, G, x, cond, uncond = _flat_inputs(parts, cond_embeds, uncond_embed, latents)
+
+    def score_difference(z: torch.Tensor) -> torch.Tensor:
+        eps_u, eps_c = _epsilons(parts, z, t, uncond, cond)
+        return score_from_epsilon(eps_c, a_bar) - score_from_epsilon(eps_u, a_bar)
+
+    # The fused (flash / memory-efficient) SDPA kernels have no forward-mode AD; the math kernel does, at the
+    # price of materialising every attention matrix. Only this detector pays it.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        s_delta = score_difference(x)
+        _, jv = torch.func.jvp(score_difference, (x,), (s_delta,))
+    return SharpnessTerms(jv.flatten(1).norm(dim=1).view(B, G).cpu(), int(t))
+
+
 @torch.no_grad()
 def score_prompts(
     parts: DenoiserParts,
@@ -126,8 +264,16 @@ def score_prompts(
     score_steps: int = 1,
     latents_mode: str = "per_prompt",
     uncond_embed: torch.Tensor | None = None,
-) -> tuple[NoiseTrace, list[bool]]:
-    """Noise norms of dataset rows ``rows`` (their positions seed the latents) and their truncation flags."""
+    detector: str = "wen",
+    anisotropy_weights: tuple[float, float] | None = None,
+) -> tuple[NoiseTrace | AnisotropyTerms | SharpnessTerms, list[bool]]:
+    """One detector's terms for dataset rows ``rows`` (their positions seed the latents) and truncation flags.
+
+    The same rows draw the same x_T for every detector; ``anisotropy`` and ``sharpness`` feed it to the UNet
+    unscaled (zero denoising steps), ``wen`` scales it by init_noise_sigma and follows the guided trajectory.
+    """
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}")
     if len(prompts) != len(rows):
         raise ValueError(f"got {len(prompts)} prompts for {len(rows)} rows")
     if not 1 <= score_steps <= num_inference_steps:
@@ -135,6 +281,15 @@ def score_prompts(
     encoded = encode_prompts(parts, prompts)
     if uncond_embed is None:
         uncond_embed = encode_prompts(parts, [""]).embeds
+    if detector != "wen":
+        latents = initial_latents(rows, num_images_per_prompt, parts.latent_shape, gen_seed, latents_mode)
+        if detector == "anisotropy":
+            terms = anisotropy_terms(parts, encoded.embeds, uncond_embed, latents,
+                                     num_inference_steps=num_inference_steps, weights=anisotropy_weights)
+        else:
+            terms = sharpness_terms(parts, encoded.embeds, uncond_embed, latents,
+                                    num_inference_steps=num_inference_steps)
+        return terms, encoded.truncated
     latents = initial_latents(rows, num_images_per_prompt, parts.latent_shape, gen_seed, latents_mode,
                               float(parts.scheduler.init_noise_sigma))
     trace = trace_noise_norms(

@@ -56,3 +56,22 @@ def initial_latents(rows: list[int], num_generations: int, shape: tuple[int, int
         g = torch.Generator("cpu").manual_seed(seed)
         out.append(torch.randn((num_generations, *shape), generator=g))
     return torch.stack(out) * init_noise_sigma
+
+
+def channel_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over latent pixels of cos(a, b) taken over the channel axis, per sample (Asthana & Belagiannis 2026)."""
+    a, b = a.float(), b.float()
+    dot = (a * b).sum(dim=1)
+    return (dot / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)).flatten(1).mean(dim=1)
+
+
+def anisotropy_score(norm_term: torch.Tensor, cosine_term: torch.Tensor, gamma_norm: float,
+                     gamma_cosine: float) -> torch.Tensor:
+    """γ_N·mean_g N + γ_C·mean_g C over generations (dim -1) (Asthana & Belagiannis 2026, the detection score)."""
+    return gamma_norm * norm_term.float().mean(dim=-1) + gamma_cosine * cosine_term.float().mean(dim=-1)
+
+
+def score_from_epsilon(eps: torch.Tensor, alpha_bar_t: torch.Tensor | float) -> torch.Tensor:
+    """s(x_t) = −ε(x_t)/√(1−ᾱ_t), the score ∇ log p_t(x_t) (Song et al. 2021; Jeon, Kim & No 2025)."""
+    a = torch.as_tensor(alpha_bar_t, dtype=eps.dtype, device=eps.device)
+    return -eps / (1 - a).sqrt()
