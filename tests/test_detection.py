@@ -8,10 +8,8 @@ import pytest
 import torch
 
 from common.t2i.detection import (
-    anisotropy_terms,
     encode_prompts,
     score_prompts,
-    sharpness_terms,
     text_noise_objective,
     trace_noise_norms,
 )
