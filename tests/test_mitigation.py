@@ -27,13 +27,7 @@ def _setup(parts, prompts, rows):
 OBJ = dict(num_inference_steps=STEPS, target_steps=[0], guidance_scale=7.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tiny models (restored afterwards): see tests/test_mitigate_cli.py."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 # --- the math, by hand --------------------------------------------------------------------------------------

