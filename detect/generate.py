@@ -37,7 +37,7 @@ from common.errors import ConfigError  # noqa: E402
 
 @dataclass
 class GenerateConfig:
-    network: str | None  # None with optimal_denoiser
+    network: str | None  # with optimal_denoiser: optional, the network whose σ range the sampler takes
     seeds: str
     outdir: Path
     batch: int = 64
@@ -68,8 +68,8 @@ class GenerateConfig:
             raise SamplerError(f"expected --class_idx >= 0, got {self.class_idx}")
         if self.outdir.exists() and not self.outdir.is_dir():
             raise ConfigError(f"{self.outdir}: expected --outdir to be a folder, it is a file")
-        if self.optimal_denoiser == (self.network is not None):
-            raise ConfigError("expected exactly one of --network and --optimal_denoiser")
+        if not self.optimal_denoiser and self.network is None:
+            raise ConfigError("expected --network SNAPSHOT (or --optimal_denoiser with --dataset)")
         if not self.optimal_denoiser and (self.dataset is not None or self.cond):
             raise ConfigError("--dataset and --cond go with --optimal_denoiser")
         if self.optimal_denoiser and self.dataset is None:
@@ -83,11 +83,12 @@ class GenerateConfig:
 def parse_args(argv=None) -> GenerateConfig:
     d = SamplerSettings()
     p = ArgumentParser(prog="generate", description=__doc__.split("\n\n")[0])
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--network", metavar="SNAPSHOT",
-                       help="a snapshot folder, or a training run folder (its newest snapshot)")
-    which.add_argument("--optimal_denoiser", action="store_true",
-                       help="sample with the ideal denoiser of --dataset's images (Karras et al. 2022, Eq. 3)")
+    p.add_argument("--network", metavar="SNAPSHOT",
+                   help="a snapshot folder, a training run folder (its newest snapshot) or an EDM network pickle "
+                        "(*.pkl, read without running its code); with --optimal_denoiser, the network whose σ "
+                        "range the sampler takes, so both sample on the same steps")
+    p.add_argument("--optimal_denoiser", action="store_true",
+                   help="sample with the ideal denoiser of --dataset's images (Karras et al. 2022, Eq. 3)")
     p.add_argument("--dataset", type=Path, default=None, metavar="ZIP",
                    help="EDM dataset zip of the training images (with --optimal_denoiser)")
     p.add_argument("--cond", action="store_true",
@@ -155,10 +156,19 @@ def run(cfg: GenerateConfig) -> int:
     if cfg.optimal_denoiser:
         from common.edm.optimal import OptimalDenoiser
 
+        reference = resolve_snapshot(cfg.network) if cfg.network is not None else None
         rank, world, device, barrier = process_state(device)
         net = OptimalDenoiser.from_dataset_zip(cfg.dataset, cond=cfg.cond, chunk_size=cfg.chunk).to(device)
         net.check_classes(cfg.class_idx)  # an empty class fails here, not after some images are written
         source = {"network": None, "dataset": str(cfg.dataset.resolve()), "cond": cfg.cond}
+        if reference is not None:
+            ref_net = load_network(reference)
+            if tuple(ref_net.image_shape) != tuple(net.image_shape):
+                raise ConfigError(f"--network {cfg.network} makes {'x'.join(map(str, ref_net.image_shape))} images"
+                                  f" but --dataset {cfg.dataset} holds {'x'.join(map(str, net.image_shape))}")
+            # The ideal denoiser is defined for every σ > 0: the reference network's range fixes the steps.
+            net.sigma_min, net.sigma_max = ref_net.sigma_min, ref_net.sigma_max
+            source["sigma_range_of"] = str(reference.resolve())
     else:
         snapshot = resolve_snapshot(cfg.network)  # SnapshotError before any process group is set up
         rank, world, device, barrier = process_state(device)

@@ -167,20 +167,21 @@ def plot_mem_ratio(rows: Sequence[dict], path: str | Path) -> None:
 def select_snapshots(run_dir: str | Path, spec: str = "all") -> list[tuple[int, Path]]:
     """(images seen, path) of the snapshots to measure, newest first: ``all``, ``latest`` or ``K1,K2,…`` (images
     seen numbers or snapshot folder names)."""
-    from common.edm.snapshot import list_snapshots
+    from common.edm.snapshot import list_snapshots, snapshot_label
 
     found = list_snapshots(run_dir)
     if not found:
         if not Path(run_dir).is_dir():
             raise MemRatioError(f"{run_dir}: no such run folder")
-        raise MemRatioError(f"{run_dir}: no snapshot-* folder with a snapshot.json (expected a training run)")
+        raise MemRatioError(f"{run_dir}: no snapshot-* folder with a snapshot.json and no network-snapshot-*.pkl "
+                            "(expected a training run: ours, EDM's or DiffMemorize's)")
     spec = spec.strip()
     if spec == "all":
         chosen = found
     elif spec == "latest":
         chosen = found[-1:]
     else:
-        by_name = {p.name: (n, p) for n, p in found}
+        by_name = {**{p.name: (n, p) for n, p in found}, **{snapshot_label(p): (n, p) for n, p in found}}
         by_number = {n: (n, p) for n, p in found}
         chosen = []
         for part in (s.strip() for s in spec.split(",")):
@@ -502,7 +503,7 @@ def snapshot_unit(images_seen: int, path: Path, seeds: list[int], train_nchw: np
                   batch: int, settings, device) -> Unit:
     """A snapshot's EMA network (the snapshot is the EMA network), its samples by generate_images."""
     from common.edm.sampler import generate_images
-    from common.edm.snapshot import load_network, read_snapshot_info
+    from common.edm.snapshot import load_network, read_snapshot_info, snapshot_label
 
     net = load_network(path, device)
     check_shape(f"the images of {path.name}", net.image_shape, train_nchw, knn_ref)
@@ -512,7 +513,7 @@ def snapshot_unit(images_seen: int, path: Path, seeds: list[int], train_nchw: np
         for b in generate_images(net, [seeds[p] for p in positions], batch, settings, None, device):
             yield b.seeds, b.images
 
-    return Unit(path.name, images_seen, kimg, seeds, batches)
+    return Unit(snapshot_label(path), images_seen, kimg, seeds, batches)
 
 
 def image_unit(source: ImageSource, batch: int = 512) -> Unit:
@@ -544,8 +545,10 @@ def measure_run(run_dir: str | Path, train_nchw: np.ndarray, knn_ref: str | Path
               "knn_ref_images": int(len(train_nchw)), "seeds": seed_ranges(seeds), "sampler": settings.to_dict(),
               "device": torch.device(device).type}
     done = finished(paths, prepare_outputs(paths, record, shard, overwrite))
+    from common.edm.snapshot import snapshot_label
+
     for images_seen, path in chosen:
-        if path.name in done:
+        if snapshot_label(path) in done:
             continue
         unit = snapshot_unit(images_seen, path, seeds, train_nchw, knn_ref, batch, settings, device)
         measure_unit(unit, train_nchw, paths, shard, device, save_images, progress)

@@ -1,0 +1,283 @@
+"""EDM network pickles (NVlabs/edm, DiffMemorize, Zhang et al.) read without running the code they carry.
+
+An EDM snapshot (``network-snapshot-NNNNNN.pkl``) is a ``pickle.dump`` of a dict whose ``ema`` entry is the
+preconditioned network. NVlabs' persistence pickles each object of its own classes as a call of
+``torch_utils.persistence._reconstruct_persistent_obj`` with the full source text of the defining module, which
+their loader executes: so loading needs their code, and a pickle can run anything. Here a restricted unpickler
+allows only the globals such a snapshot needs (torch's tensor and parameter rebuilders, storages read back with
+``torch.load(weights_only=True)``, ``OrderedDict``, torch's container modules as plain records, numpy scalars and
+dtypes) and turns every persistent object into a ``PersistentObject``: its class name and its pickled
+``__dict__`` (``_init_kwargs``, ``_parameters``, ``_buffers``, ``_modules``, …). The embedded source is dropped
+unread. The network is then rebuilt from the preconditioner's class name and ``_init_kwargs`` with our own
+classes (``common.edm.edm_nets.build_from_edm``) and given the pickled state dict.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import DiffmemError
+
+PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every released EDM/DiffMemorize pickle
+
+
+class EDMPickleError(DiffmemError, ValueError):
+    """A file that is no readable EDM network pickle, or one that asks for a global we refuse; one line."""
+
+
+# ------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class PersistentObject:
+    """An object of one of NVlabs' persistent classes: its class name and pickled ``__dict__`` (no code)."""
+
+    class_name: str
+    state: dict = field(repr=False)
+
+    @property
+    def init_kwargs(self) -> dict:
+        return dict(self.state.get("_init_kwargs") or {})
+
+
+class ModuleRecord:
+    """A plain torch container module (``ModuleDict`` …) kept as its class name and pickled ``__dict__``."""
+
+    class_name = "Module"
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _module_record(name: str) -> type:
+    return type(name + "Record", (ModuleRecord,), {"class_name": name})
+
+
+class _EasyDict(dict):
+    """``dnnlib.util.EasyDict`` as a plain dict (it is one, with attribute access)."""
+
+
+def _persistent_object(meta: dict) -> PersistentObject:
+    """Stands in for ``_reconstruct_persistent_obj``: keeps the class name and state, never the module source."""
+    if not isinstance(meta, dict) or meta.get("type") != "class" or "class_name" not in meta:
+        raise EDMPickleError("a persistent object without EDM's class record (type='class', class_name, state)")
+    if meta.get("version") != PERSISTENCE_VERSION:
+        raise EDMPickleError(f"persistence version {meta.get('version')!r} of {meta['class_name']}; "
+                             f"this reader knows version {PERSISTENCE_VERSION}")
+    return PersistentObject(str(meta["class_name"]), dict(meta.get("state") or {}))
+
+
+def _storage_from_bytes(blob: bytes):
+    """Stands in for ``torch.storage._load_from_bytes``: the nested ``torch.save`` blob, weights only."""
+    return torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise EDMPickleError(f"a numpy scalar of dtype {dtype!r}; only plain numeric scalars are read")
+    return np.frombuffer(data, dtype=dtype, count=1)[0] if data is not None else dtype.type()
+
+
+_TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList", "Identity")
+
+ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+    **{(m, name): _module_record(name) for name in _TORCH_CONTAINERS
+       for m in ("torch.nn.modules.container", "torch.nn.modules.linear")},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only ``ALLOWED_GLOBALS``; anything else is refused before it runs."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise EDMPickleError(f"refused global {module}.{name}: an EDM network pickle needs only torch's "
+                                 "tensor rebuilders, OrderedDict, torch containers, numpy scalars and EDM's "
+                                 "persistence record; nothing was run") from None
+
+    def persistent_load(self, pid):
+        raise EDMPickleError(f"refused persistent id {pid!r}: an EDM network pickle has none")
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+@dataclass
+class EDMPickle:
+    """What an EDM snapshot holds: the network's preconditioner class, its init kwargs and state dict."""
+
+    path: Path
+    sha256: str
+    class_name: str  # VPPrecond, VEPrecond, iDDPMPrecond or EDMPrecond
+    init_kwargs: dict
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    dataset_kwargs: dict | None = None
+    extras: dict = field(default_factory=dict)  # other snapshot entries (loss_fn, augment_pipe): class names
+
+    def metadata(self) -> dict:
+        """JSON-able provenance: the file, its SHA-256, the classes and init kwargs, the dataset kwargs."""
+        return {"source": str(self.path), "sha256": self.sha256, "class_name": self.class_name,
+                "model_type": self.init_kwargs.get("model_type", "SongUNet"),
+                "init_kwargs": _jsonable(self.init_kwargs), "dataset_kwargs": _jsonable(self.dataset_kwargs),
+                "extras": self.extras}
+
+
+def _jsonable(value):
+    """Init kwargs as JSON: numpy scalars to Python numbers, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def collect_state_dict(obj, where: str = "ema") -> dict[str, torch.Tensor]:
+    """The state dict (``_parameters`` and persistent ``_buffers``, recursively through ``_modules``) of a record,
+    with the names ``torch.nn.Module.state_dict`` gives the original object."""
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(node, prefix: str):
+        if isinstance(node, (PersistentObject, ModuleRecord)):
+            state = node.state
+        else:
+            raise EDMPickleError(f"{where}.{prefix.rstrip('.') or '<root>'} is a {type(node).__name__}, "
+                                 "not a module record")
+        skip = set(state.get("_non_persistent_buffers_set") or ())
+        for kind in ("_parameters", "_buffers"):
+            for name, value in (state.get(kind) or {}).items():
+                if value is None or (kind == "_buffers" and name in skip):
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise EDMPickleError(f"{where}.{prefix}{name} is a {type(value).__name__}, not a tensor")
+                out[prefix + name] = value.detach()
+        for name, child in (state.get("_modules") or {}).items():
+            if child is not None:
+                visit(child, f"{prefix}{name}.")
+
+    visit(obj, "")
+    return out
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_edm_pickle(path: str | Path) -> EDMPickle:
+    """Unpickle an EDM snapshot (or a pickled network alone) with ``RestrictedUnpickler``; EDMPickleError when
+    the file is missing, truncated, not a pickle, refused, or holds no EDM network."""
+    path = Path(path)
+    if not path.is_file():
+        raise EDMPickleError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if len(head) < 2 or head[0] != 0x80:
+            raise EDMPickleError(f"{path}: not a pickle file (expected an EDM network-snapshot-*.pkl)")
+        f.seek(0)
+        try:
+            top = RestrictedUnpickler(f).load()
+        except EDMPickleError as exc:
+            raise EDMPickleError(f"{path}: {exc}") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError, AttributeError,
+                IndexError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise EDMPickleError(f"{path}: not a complete EDM network pickle ({type(exc).__name__}: {first})") \
+                from None
+    net, dataset_kwargs, extras = top, None, {}
+    if isinstance(top, dict):
+        if "ema" not in top:
+            raise EDMPickleError(f"{path}: a pickled dict without 'ema' (has {', '.join(map(str, top)) or 'nothing'});"
+                                 " expected an EDM training snapshot")
+        net = top["ema"]
+        dataset_kwargs = dict(top["dataset_kwargs"]) if isinstance(top.get("dataset_kwargs"), dict) else None
+        extras = {k: v.class_name for k, v in top.items() if isinstance(v, PersistentObject) and k != "ema"}
+    if not isinstance(net, PersistentObject):
+        raise EDMPickleError(f"{path}: the network is a {type(net).__name__}, not one of EDM's persistent classes")
+    try:
+        state_dict = collect_state_dict(net)
+    except EDMPickleError as exc:
+        raise EDMPickleError(f"{path}: {exc}") from None
+    return EDMPickle(path=path, sha256=file_sha256(path), class_name=net.class_name, init_kwargs=net.init_kwargs,
+                     state_dict=state_dict, dataset_kwargs=dataset_kwargs, extras=extras)
+
+
+def load_edm_pickle(path: str | Path, device=None):
+    """(our network, the pickle's record) for an EDM pickle's ``ema``: the network rebuilt from its class name and
+    init kwargs with our classes, its pickled state loaded (the record keeps no tensors), eval mode, no grads."""
+    from common.edm.edm_nets import build_from_edm
+
+    snap = read_edm_pickle(path)
+    try:
+        net = build_from_edm(snap.class_name, snap.init_kwargs)
+    except DiffmemError as exc:
+        raise EDMPickleError(f"{snap.path}: {exc}") from None
+    missing, unexpected = _key_mismatch(net.state_dict(), snap.state_dict)
+    if missing or unexpected:
+        raise EDMPickleError(f"{snap.path}: the pickled {snap.class_name} state does not fit the network its "
+                             f"init kwargs describe (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    # assign=True hands the unpickled tensors to the network instead of copying them: one copy of the weights.
+    net.load_state_dict(snap.state_dict, strict=True, assign=True)
+    snap.state_dict = {}
+    net.eval().requires_grad_(False)
+    return (net.to(device) if device is not None else net), snap
+
+
+def _key_mismatch(ours: dict, theirs: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+
+
+def convert_edm_pickle(path: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, dict]:
+    """Write an EDM pickle's network as one of our snapshot folders (``load_network`` reads it); returns the
+    folder and its ``snapshot.json``. An existing folder converted from the same file (same SHA-256) is kept;
+    any other existing ``out`` is refused unless ``overwrite``."""
+    from common.edm.sampler import SamplerSettings
+    from common.edm.snapshot import SNAPSHOT_INFO, edm_snapshot_images, write_snapshot_folder
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EDMPickleError(f"{out}: expected --out to be a folder, it is a file")
+    info_file = out / SNAPSHOT_INFO
+    net, snap = load_edm_pickle(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        try:
+            earlier = json.loads(info_file.read_text()).get("converted_from", {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier == snap.sha256:
+            return out, json.loads(info_file.read_text())
+        raise EDMPickleError(f"{out}: exists and holds something else (not a conversion of {snap.path.name}); "
+                             "choose another --out or pass --overwrite")
+    images = edm_snapshot_images(snap.path)
+    info = {"images_seen": images, "kimg": None if images is None else images / 1000,
+            "converted_from": snap.metadata(), "architecture": snap.init_kwargs.get("model_type", "SongUNet"),
+            "preconditioning": snap.class_name,
+            "sampler_defaults": SamplerSettings().for_network(net).to_dict()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_snapshot_folder(net, out, info), info

@@ -1,0 +1,70 @@
+"""Convert an EDM / DiffMemorize / Zhang et al. network pickle into a diffmem snapshot folder, running none of its code.
+
+    python data/convert_edm.py --network edm-cifar10-32x32-uncond-vp.pkl --out nets/edm-uncond-vp
+
+The pickle's ``ema`` network is read by a restricted unpickler (``common.edm.edm_pickle``: only the globals a
+snapshot needs; the module source EDM embeds is never executed) and rebuilt as our ``SongUNet`` / ``DhariwalUNet``
+with its preconditioning. OUT is a snapshot folder (``save_pretrained`` + ``snapshot.json`` with the source file and
+its SHA-256, the architecture, the preconditioning and the sampler defaults) that every unconditional CLI takes as
+``--network OUT``. The CLIs also take the pickle itself (converted in memory, the same network). The folder is
+written under a temporary name and renamed. Bad input: one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# `python data/convert_edm.py` puts data/ on sys.path, not the checkout; make `common` importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+
+
+@dataclass
+class ConvertConfig:
+    network: Path
+    out: Path
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        if not self.network.is_file():
+            raise ConfigError(f"{self.network}: no such file (expected an EDM network pickle)")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out}: expected --out to be a folder, it is a file")
+
+
+def parse_args(argv=None) -> ConvertConfig:
+    d = ConvertConfig(network=Path(), out=Path())
+    p = ArgumentParser(prog="convert_edm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--network", required=True, type=Path, metavar="PKL",
+                   help="EDM network pickle (network-snapshot-NNNNNN.pkl, edm-cifar10-32x32-*.pkl, …)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the snapshot folder to write")
+    p.add_argument("--overwrite", action="store_true", default=d.overwrite,
+                   help="replace an existing --out that holds something else")
+    a = p.parse_args(argv)
+    return ConvertConfig(network=a.network, out=a.out, overwrite=a.overwrite)
+
+
+def run(cfg: ConvertConfig) -> None:
+    cfg.validate()
+    from common.edm.edm_pickle import convert_edm_pickle
+    from common.edm.snapshot import load_network
+
+    out, info = convert_edm_pickle(cfg.network, cfg.out, overwrite=cfg.overwrite)
+    net = load_network(out)
+    shape = "x".join(map(str, net.image_shape))
+    cond = f", {net.label_dim} classes" if net.label_dim else ", unconditional"
+    print(f"{out}: {info['preconditioning']} + {info['architecture']} ({sum(p.numel() for p in net.parameters()):,} parameters, "
+          f"{shape}{cond}, σ in [{net.sigma_min:g}, {net.sigma_max:g}]) from {cfg.network} "
+          f"(sha256 {info['converted_from']['sha256'][:12]}…)")
+
+
+def main(argv=None) -> int:
+    return run_main("convert_edm", run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
