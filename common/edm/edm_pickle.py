@@ -76,11 +76,6 @@ def _persistent_object(meta: dict) -> PersistentObject:
     return PersistentObject(str(meta["class_name"]), dict(meta.get("state") or {}))
 
 
-def _storage_from_bytes(blob: bytes):
-    """Stands in for ``torch.storage._load_from_bytes``: the nested ``torch.save`` blob, weights only."""
-    return torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
-
-
 def _numpy_scalar(dtype, data=None):
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
         raise EDMPickleError(f"a numpy scalar of dtype {dtype!r}; only plain numeric scalars are read")
@@ -95,7 +90,6 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
@@ -106,16 +100,36 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that resolves only ``ALLOWED_GLOBALS``; anything else is refused before it runs."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """An unpickler that resolves only ``ALLOWED_GLOBALS``; anything else is refused before it runs.
+
+    Why the pure-Python unpickler: each storage arrives as a nested ``torch.save`` blob that pickle also keeps in
+    its memo; here the memo entry is dropped once the blob is read, so the raw bytes and the tensors are not
+    both held to the end (peak memory about one file size, not two). Its opcode loop costs little: the bulk of
+    an EDM pickle is those few hundred blobs."""
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return self._storage_from_bytes
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             raise EDMPickleError(f"refused global {module}.{name}: an EDM network pickle needs only torch's "
                                  "tensor rebuilders, OrderedDict, torch containers, numpy scalars and EDM's "
                                  "persistence record; nothing was run") from None
+
+    def _storage_from_bytes(self, blob: bytes):
+        """Stands in for ``torch.storage._load_from_bytes``: the nested ``torch.save`` blob, weights only."""
+        if not isinstance(blob, (bytes, bytearray)):
+            raise EDMPickleError(f"a storage given as {type(blob).__name__}, not bytes")
+        storage = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+        # The blob and its argument tuple (blob,) were memoized just before this call: let both go now.
+        top = len(self.memo)
+        for key in range(top - 1, max(top - 6, -1), -1):
+            value = self.memo.get(key)
+            if value is blob or (isinstance(value, tuple) and any(v is blob for v in value)):
+                self.memo[key] = None
+        return storage
 
     def persistent_load(self, pid):
         raise EDMPickleError(f"refused persistent id {pid!r}: an EDM network pickle has none")
@@ -235,15 +249,20 @@ def load_edm_pickle(path: str | Path, device=None):
 
     snap = read_edm_pickle(path)
     try:
-        net = build_from_edm(snap.class_name, snap.init_kwargs)
+        # Built on the meta device and given the unpickled tensors (assign=True): one copy of the weights.
+        with torch.device("meta"):
+            net = build_from_edm(snap.class_name, snap.init_kwargs)
     except DiffmemError as exc:
         raise EDMPickleError(f"{snap.path}: {exc}") from None
     missing, unexpected = _key_mismatch(net.state_dict(), snap.state_dict)
     if missing or unexpected:
         raise EDMPickleError(f"{snap.path}: the pickled {snap.class_name} state does not fit the network its "
                              f"init kwargs describe (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    # assign=True hands the unpickled tensors to the network instead of copying them: one copy of the weights.
     net.load_state_dict(snap.state_dict, strict=True, assign=True)
+    if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
+        # A tensor the state dict does not carry (a non-persistent buffer): build for real and copy instead.
+        net = build_from_edm(snap.class_name, snap.init_kwargs)
+        net.load_state_dict(snap.state_dict, strict=True)
     snap.state_dict = {}
     net.eval().requires_grad_(False)
     return (net.to(device) if device is not None else net), snap
