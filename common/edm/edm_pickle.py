@@ -245,7 +245,7 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
 def load_edm_pickle(path: str | Path, device=None):
     """(our network, the pickle's record) for an EDM pickle's ``ema``: the network rebuilt from its class name and
     init kwargs with our classes, its pickled state loaded (the record keeps no tensors), eval mode, no grads."""
-    from common.edm.edm_nets import build_from_edm
+    from common.edm.edm_precond import build_from_edm
 
     snap = read_edm_pickle(path)
     try:
