@@ -249,8 +249,11 @@ def load_edm_pickle(path: str | Path, device=None):
 
     snap = read_edm_pickle(path)
     try:
-        # Built on the meta device and given the unpickled tensors (assign=True): one copy of the weights.
-        with torch.device("meta"):
+        # Parameters made on the meta device and then given the unpickled tensors (assign=True): one copy of
+        # the weights in memory. Buffers (small: filters, σ tables) are built for real.
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
             net = build_from_edm(snap.class_name, snap.init_kwargs)
     except DiffmemError as exc:
         raise EDMPickleError(f"{snap.path}: {exc}") from None

@@ -198,6 +198,10 @@ class EDMNetwork(ModelMixin, ConfigMixin):
         u = self.config.unet_config
         return (u["in_channels"], u["sample_size"], u["sample_size"])
 
+    def round_sigma(self, sigma):
+        """σ itself: the network takes any noise level (EDM's round_sigma, which only iDDPM's network changes)."""
+        return torch.as_tensor(sigma)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """D(x; σ) in fp32. The preconditioning is elementwise fp32 math, which autocast leaves in fp32, so a
         caller's autocast (Accelerate's mixed precision) reaches only the UNet's layers."""

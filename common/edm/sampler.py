@@ -40,6 +40,7 @@ FOLDER_SETTINGS = "generate.json"
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor], torch.Tensor]
+RoundSigma = Callable[[torch.Tensor], torch.Tensor]
 
 
 class SamplerError(DiffmemError, ValueError):
@@ -65,11 +66,14 @@ def churn_gamma(t_cur: float, num_steps: int, S_churn: float, S_min: float, S_ma
 
 def heun_step(denoise: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor,
               class_labels: torch.Tensor | None = None, gamma: float = 0.0, S_noise: float = 1.0,
-              eps: torch.Tensor | None = None, second_order: bool = True) -> torch.Tensor:
+              eps: torch.Tensor | None = None, second_order: bool = True,
+              round_sigma: RoundSigma | None = None) -> torch.Tensor:
     """One step of Algorithm 2: t̂ = t + γt, x̂ = x + sqrt(t̂² − t²) S_noise ε, Euler step, 2nd-order correction
     unless t_{i+1} = 0 (or second_order is False: Zhang et al.'s Euler sampler); float64 throughout (D's output
-    is cast)."""
+    is cast). round_sigma (the network's; iDDPM's snaps σ to its table) rounds t̂ as EDM's sampler does."""
     t_hat = t_cur + gamma * t_cur
+    if round_sigma is not None:
+        t_hat = round_sigma(t_hat)
     # With γ = 0 the added term is exactly 0·ε, so x̂ = x bit for bit whether or not ε was drawn.
     x_hat = x if eps is None else x + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps
     d_cur = (x_hat - denoise(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
@@ -83,11 +87,14 @@ def heun_step(denoise: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, t_next: t
 def heun_sampler(denoise: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor,
                  class_labels: torch.Tensor | None = None, S_churn: float = 0.0, S_min: float = 0.0,
                  S_max: float = math.inf, S_noise: float = 1.0, noise_fn: NoiseFn | None = None,
-                 second_order: bool = True) -> torch.Tensor:
+                 second_order: bool = True, round_sigma: RoundSigma | None = None) -> torch.Tensor:
     """Algorithm 2 over σ's t_0 > … > t_N from unit latents (x_0 = latents·t_0), in float64; returns x_N.
     With second_order=False every step is the Euler step alone: N network calls, and since t_N = 0 the last
-    step returns x_N = D(x_{N−1}; t_{N−1}) (Zhang et al.'s optimal-denoiser sampler: D(x; σ_min) is the output)."""
+    step returns x_N = D(x_{N−1}; t_{N−1}) (Zhang et al.'s optimal-denoiser sampler: D(x; σ_min) is the output).
+    round_sigma (the network's) rounds t_0 … t_{N−1} and every t̂, as EDM's sampler does; None: no rounding."""
     sigmas = sigmas.to(device=latents.device, dtype=torch.float64)
+    if round_sigma is not None:
+        sigmas = torch.cat([round_sigma(sigmas[:-1]).to(sigmas), sigmas[-1:]])
     num_steps = len(sigmas) - 1
     gammas = [churn_gamma(float(t), num_steps, S_churn, S_min, S_max) for t in sigmas[:-1]]
     # When any step churns, ε is drawn at every step, as EDM does, so the per-seed streams match EDM's.
@@ -96,7 +103,8 @@ def heun_sampler(denoise: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor,
     x = latents.to(torch.float64) * sigmas[0]
     for i in range(num_steps):
         eps = noise_fn(x) if churn else None
-        x = heun_step(denoise, x, sigmas[i], sigmas[i + 1], class_labels, gammas[i], S_noise, eps, second_order)
+        x = heun_step(denoise, x, sigmas[i], sigmas[i + 1], class_labels, gammas[i], S_noise, eps, second_order,
+                      round_sigma)
     return x
 
 
@@ -252,7 +260,8 @@ def sample_batch(net, seeds: Sequence[int], settings: SamplerSettings = SamplerS
         if class_idx is not None:
             labels = torch.full_like(labels, class_idx)
     x = heun_sampler(net, latents, settings.sigmas(), labels, settings.S_churn, settings.S_min, settings.S_max,
-                     settings.S_noise, per_seed_noise(generators), second_order=settings.solver == "heun")
+                     settings.S_noise, per_seed_noise(generators), second_order=settings.solver == "heun",
+                     round_sigma=getattr(net, "round_sigma", None))
     return x, labels
 
 

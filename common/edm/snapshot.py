@@ -97,9 +97,20 @@ def read_snapshot_info(path: str | Path) -> dict:
     return json.loads((snap / SNAPSHOT_INFO).read_text())
 
 
+def saved_class_name(snap: Path) -> str:
+    """The ``_class_name`` of the network config saved in a snapshot folder (EDMNetwork when absent)."""
+    try:
+        return json.loads((snap / "config.json").read_text()).get("_class_name") or "EDMNetwork"
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SnapshotError(f"{snap}: cannot read the network config ({first})") from None
+
+
 def load_network(path: str | Path, device=None):
     """The network of a snapshot folder, of an EDM network pickle (converted in memory), or of a run's newest
-    snapshot, in eval mode."""
+    snapshot, in eval mode: an ``EDMNetwork`` or one of EDM's preconditioned networks (``common.edm.edm_precond``),
+    as its saved config's ``_class_name`` says."""
+    from common.edm.edm_precond import PRECONDS
     from common.edm.network import EDMNetwork
 
     snap = resolve_snapshot(path)
@@ -107,8 +118,13 @@ def load_network(path: str | Path, device=None):
         from common.edm.edm_pickle import load_edm_pickle
 
         return load_edm_pickle(snap, device)[0]
+    name = saved_class_name(snap)
+    classes = {"EDMNetwork": EDMNetwork, **PRECONDS}
+    if name not in classes:
+        raise SnapshotError(f"{snap}: unknown network class {name!r} in config.json; expected one of "
+                            f"{', '.join(classes)}")
     try:
-        net = EDMNetwork.from_pretrained(snap)
+        net = classes[name].from_pretrained(snap)
     except (OSError, ValueError, KeyError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SnapshotError(f"{snap}: cannot load the network ({first})") from None
