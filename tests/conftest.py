@@ -48,6 +48,17 @@ def run_cli(script: str, *args: str, timeout: float = 300, env: dict | None = No
                           capture_output=True, text=True, timeout=timeout)
 
 
+def load_script(script: str, name: str):
+    """A CLI script as a module (for folders that are no package, like data/), so a test can call its main()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

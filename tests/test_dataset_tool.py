@@ -7,11 +7,9 @@ The CIFAR tarball is synthetic but has the real member and key names: image (bat
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import pickle
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -39,22 +37,14 @@ from common.edm.dataset import (
     mix_plan,
     write_dataset_zip,
 )
-from conftest import REPO, run_cli
+from conftest import load_script, run_cli
 
 SCRIPT = "data/dataset_tool.py"
 PER_BATCH = 20
 BLUE = (4 * np.arange(32)[:, None] + np.arange(32)[None, :] // 8).astype(np.uint8)  # 32×32, row-dependent
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("dataset_tool_cli", REPO / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-CLI = _load_cli()
+CLI = load_script(SCRIPT, "dataset_tool_cli")
 
 
 def cifar_label(g: int) -> int:

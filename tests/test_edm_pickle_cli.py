@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ONE_THREAD, run_cli
+from conftest import ONE_THREAD, load_script, run_cli
 
 from common.edm.edm_pickle import EDMPickleError, load_edm_pickle
 
@@ -23,6 +23,20 @@ FIXTURES = Path(__file__).parent / "fixtures" / "edm_pickles"
 CASES = ("edm_vp_ddpmpp", "dm_vp_ddpmpp_masked", "edm_ve_ncsnpp_cond", "edm_edm_adm_cond", "edm_iddpm_adm")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONVERT = load_script("data/convert_edm.py", "convert_edm_cli")
+DATASET_TOOL = load_script("data/dataset_tool.py", "dataset_tool_cli")
+
+
+def cli(name: str, *args) -> int:
+    """A CLI's real entry point, in this process (a subprocess per call costs seconds of imports)."""
+    args = [str(a) for a in args]
+    if name == "convert_edm":
+        return CONVERT.main(args)
+    if name == "dataset_tool":
+        return DATASET_TOOL.main(args)
+    module = __import__(f"detect.{name}", fromlist=["main"])
+    return module.main(args)
 
 
 def expected(case: str) -> dict:
@@ -68,9 +82,7 @@ def test_unknown_class_or_argument_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("convert") / "vp"
-    res = run_cli("data/convert_edm.py", "--network", FIXTURES / "edm_ve_ncsnpp_cond.pkl", "--out", out,
-                  env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
+    assert cli("convert_edm", "--network", FIXTURES / "edm_ve_ncsnpp_cond.pkl", "--out", out) == 0
     return out
 
 
@@ -88,13 +100,12 @@ def test_convert_writes_a_snapshot_folder_of_the_same_network(converted):
     assert torch.equal(a, b)
 
 
-def test_convert_again_keeps_and_refuses_other_content(converted, tmp_path):
-    res = run_cli("data/convert_edm.py", "--network", FIXTURES / "edm_ve_ncsnpp_cond.pkl", "--out", converted,
-                  env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
-    res = run_cli("data/convert_edm.py", "--network", FIXTURES / "edm_vp_ddpmpp.pkl", "--out", converted,
-                  env=ONE_THREAD)
-    assert res.returncode == 2 and "--overwrite" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+def test_convert_again_keeps_and_refuses_other_content(converted, capsys):
+    assert cli("convert_edm", "--network", FIXTURES / "edm_ve_ncsnpp_cond.pkl", "--out", converted) == 0
+    capsys.readouterr()
+    assert cli("convert_edm", "--network", FIXTURES / "edm_vp_ddpmpp.pkl", "--out", converted) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
 
 
 def test_hostile_pickle_through_the_cli_runs_nothing(tmp_path):
@@ -110,39 +121,37 @@ def test_hostile_pickle_through_the_cli_runs_nothing(tmp_path):
     assert res.returncode == 2 and "refused global posix.system" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+
+
+
+def test_truncated_pickle_on_generate_is_one_line(tmp_path, capsys):
     cut = tmp_path / "cut.pkl"
     cut.write_bytes((FIXTURES / "edm_vp_ddpmpp.pkl").read_bytes()[:5000])
-    res = run_cli("detect/generate.py", "--network", cut, "--seeds", "0-1", "--outdir", tmp_path / "g",
-                  env=ONE_THREAD)
-    assert res.returncode == 2 and "not a complete EDM network pickle" in res.stderr
+    assert cli("generate", "--network", cut, "--seeds", "0-1", "--outdir", tmp_path / "g", "--device", "cpu") == 2
+    err = capsys.readouterr().err
+    assert "not a complete EDM network pickle" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("case", ["edm_vp_ddpmpp", "edm_ve_ncsnpp_cond"])
 def test_generate_from_pickle_equals_generate_from_converted_folder(case, tmp_path):
     src = FIXTURES / f"{case}.pkl"
-    assert run_cli("data/convert_edm.py", "--network", src, "--out", tmp_path / "net",
-                   env=ONE_THREAD).returncode == 0
+    assert cli("convert_edm", "--network", src, "--out", tmp_path / "net") == 0
     common = ["--seeds", "0-3", "--steps", "4", "--batch", "3", "--device", "cpu", "--npz"]
     for name, network in (("from_pkl", src), ("from_folder", tmp_path / "net")):
-        res = run_cli("detect/generate.py", "--network", network, "--outdir", tmp_path / name, *common,
-                      env=ONE_THREAD)
-        assert res.returncode == 0, res.stderr
+        assert cli("generate", "--network", network, "--outdir", tmp_path / name, *common) == 0
     with np.load(tmp_path / "from_pkl" / "images.npz") as a, np.load(tmp_path / "from_folder" / "images.npz") as b:
         assert np.array_equal(a["images"], b["images"]) and a["images"].shape == (4, 8, 8, 3)
         if case.endswith("_cond"):  # labels drawn from each seed's generator, as EDM's generate.py does
             assert np.array_equal(a["labels"], b["labels"]) and a["labels"].shape == (4,)
-    assert a["images"].std() > 0
+        assert a["images"].std() > 0
 
 
 def test_teacher_workflow_generate_then_take_the_first_n(tmp_path):
     """Zhang et al.: sample a pretrained EDM model, then train on the first n samples."""
-    res = run_cli("detect/generate.py", "--network", FIXTURES / "edm_vp_ddpmpp.pkl", "--seeds", "0-7",
-                  "--steps", "3", "--batch", "8", "--outdir", tmp_path / "teacher", "--device", "cpu",
-                  env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
-    res = run_cli("data/dataset_tool.py", "--source", tmp_path / "teacher", "--dest", tmp_path / "t4.zip",
-                  "--max_images", "4", env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
+    assert cli("generate", "--network", FIXTURES / "edm_vp_ddpmpp.pkl", "--seeds", "0-7", "--steps", "3",
+               "--batch", "8", "--outdir", tmp_path / "teacher", "--device", "cpu") == 0
+    assert cli("dataset_tool", "--source", tmp_path / "teacher", "--dest", tmp_path / "t4.zip",
+               "--max_images", "4") == 0
     from common.edm.dataset import load_dataset_zip
 
     from common.edm.sampler import image_path, load_png
@@ -157,10 +166,9 @@ def test_optimal_denoiser_on_the_networks_sigma_steps(tmp_path):
 
     rng = np.random.default_rng(0)
     write_dataset_zip(tmp_path / "d.zip", rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8), progress=False)
-    res = run_cli("detect/generate.py", "--optimal_denoiser", "--dataset", tmp_path / "d.zip", "--network",
-                  FIXTURES / "edm_vp_ddpmpp.pkl", "--seeds", "0-1", "--steps", "3", "--outdir", tmp_path / "o",
-                  "--device", "cpu", env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
+    assert cli("generate", "--optimal_denoiser", "--dataset", tmp_path / "d.zip", "--network",
+               FIXTURES / "edm_vp_ddpmpp.pkl", "--seeds", "0-1", "--steps", "3", "--outdir", tmp_path / "o",
+               "--device", "cpu") == 0
     settings = json.loads((tmp_path / "o" / "generate.json").read_text())
     net = load_edm_pickle(FIXTURES / "edm_vp_ddpmpp.pkl")[0]
     assert settings["sigma_max"] == pytest.approx(min(80.0, net.sigma_max))
@@ -169,9 +177,8 @@ def test_optimal_denoiser_on_the_networks_sigma_steps(tmp_path):
 
 
 def test_jacobian_takes_a_pickle(tmp_path):
-    res = run_cli("detect/jacobian.py", "--network", FIXTURES / "edm_vp_ddpmpp.pkl", "--seeds", "0-1",
-                  "--sigmas", "0.5,5", "--out", tmp_path / "jac", "--device", "cpu", env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
+    assert cli("jacobian", "--network", FIXTURES / "edm_vp_ddpmpp.pkl", "--seeds", "0-1", "--sigmas", "0.5,5",
+               "--out", tmp_path / "jac", "--device", "cpu") == 0
     assert (tmp_path / "jac").is_dir() and any((tmp_path / "jac").iterdir())
 
 
@@ -182,16 +189,15 @@ def test_mem_ratio_on_a_diffmemorize_run_folder(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(FIXTURES / "edm_vp_ddpmpp.pkl", run / "network-snapshot-000000.pkl")
+    shutil.copy(FIXTURES / "edm_iddpm_adm.pkl", run / "network-snapshot-000000.pkl")
     shutil.copy(FIXTURES / "dm_vp_ddpmpp_masked.pkl", run / "network-snapshot-000010.pkl")
     net = load_edm_pickle(run / "network-snapshot-000010.pkl")[0]
     samples = next(generate_images(net, range(6), 6, SamplerSettings(num_steps=3))).images
     rng = np.random.default_rng(1)
     train = np.concatenate([samples, rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)]).transpose(0, 3, 1, 2)
     write_dataset_zip(tmp_path / "train.zip", train, progress=False)
-    res = run_cli("detect/mem_ratio.py", "--expdir", run, "--knn_ref", tmp_path / "train.zip", "--seeds", "0-5",
-                  "--steps", "3", "--batch", "6", "--device", "cpu", env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
+    assert cli("mem_ratio", "--expdir", run, "--knn_ref", tmp_path / "train.zip", "--seeds", "0-5", "--steps", "3",
+               "--batch", "6", "--device", "cpu") == 0
     summary = json.loads((run / "mem_ratio_summary.json").read_text())
     assert summary["snapshots"] == 2 and summary["max_ratio"] == 1.0
     assert (summary["max_snapshot"], summary["max_images_seen"]) == ("network-snapshot-000010", 10_000)
