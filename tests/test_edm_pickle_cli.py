@@ -204,3 +204,35 @@ def test_mem_ratio_on_a_diffmemorize_run_folder(tmp_path):
     rows = [json.loads(line) for line in (run / "mem_ratio.jsonl").read_text().splitlines()]
     assert [r["snapshot"] for r in rows] == ["network-snapshot-000010", "network-snapshot-000000"]
     assert rows[1]["kimg"] == 0
+
+
+def test_written_edm_pickle_reads_back_the_same_network(tmp_path):
+    """write_edm_pickle (EDM's snapshot format, blank source) -> reader: same class, kwargs and weights; the
+    file holds no global that one written by NVlabs' code does not."""
+    from common.edm.edm_pickle import read_edm_pickle, write_edm_pickle
+
+    net, _ = load_edm_pickle(FIXTURES / "dm_vp_ddpmpp_masked.pkl")
+    path = write_edm_pickle(net, tmp_path / "network-snapshot-000001.pkl", {"path": "d.zip"})
+    back, snap = load_edm_pickle(path)
+    ref = read_edm_pickle(FIXTURES / "dm_vp_ddpmpp_masked.pkl")
+    assert snap.class_name == "VPPrecond" and snap.dataset_kwargs == {"path": "d.zip"}
+    assert {k: v for k, v in snap.init_kwargs.items() if k in ref.init_kwargs} == ref.init_kwargs
+    e = expected("dm_vp_ddpmpp_masked")
+    assert torch.equal(forward(back, e), forward(net, e))
+
+    def globals_of(p):
+        from common.edm.edm_pickle import RestrictedUnpickler
+
+        found = set()
+
+        class Spy(RestrictedUnpickler):
+            def find_class(self, module, name):
+                found.add((module, name))
+                return super().find_class(module, name)
+
+        with open(p, "rb") as f:
+            Spy(f).load()
+        return found
+
+    # Ours holds no numpy scalars (our modules keep Python floats); every global it uses, EDM's pickles use too.
+    assert globals_of(path) <= globals_of(FIXTURES / "dm_vp_ddpmpp_masked.pkl")

@@ -196,12 +196,25 @@ def collect_state_dict(obj, where: str = "ema") -> dict[str, torch.Tensor]:
     return out
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+class _HashingReader:
+    """A binary file whose every byte read also goes into a SHA-256: one pass gives the objects and the hash."""
+
+    def __init__(self, file):
+        self.file, self.hash = file, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.file.read(n)
+        self.hash.update(data)
+        return data
+
+    def readline(self) -> bytes:
+        data = self.file.readline()
+        self.hash.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        self.hash.update(self.file.read())  # anything after the pickle's STOP belongs to the file too
+        return self.hash.hexdigest()
 
 
 def read_edm_pickle(path: str | Path) -> EDMPickle:
@@ -215,8 +228,9 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
         if len(head) < 2 or head[0] != 0x80:
             raise EDMPickleError(f"{path}: not a pickle file (expected an EDM network-snapshot-*.pkl)")
         f.seek(0)
+        reader = _HashingReader(f)
         try:
-            top = RestrictedUnpickler(f).load()
+            top = RestrictedUnpickler(reader).load()
         except EDMPickleError as exc:
             raise EDMPickleError(f"{path}: {exc}") from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError, AttributeError,
@@ -224,6 +238,7 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise EDMPickleError(f"{path}: not a complete EDM network pickle ({type(exc).__name__}: {first})") \
                 from None
+        sha256 = reader.hexdigest()
     net, dataset_kwargs, extras = top, None, {}
     if isinstance(top, dict):
         if "ema" not in top:
@@ -238,7 +253,7 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
         state_dict = collect_state_dict(net)
     except EDMPickleError as exc:
         raise EDMPickleError(f"{path}: {exc}") from None
-    return EDMPickle(path=path, sha256=file_sha256(path), class_name=net.class_name, init_kwargs=net.init_kwargs,
+    return EDMPickle(path=path, sha256=sha256, class_name=net.class_name, init_kwargs=net.init_kwargs,
                      state_dict=state_dict, dataset_kwargs=dataset_kwargs, extras=extras)
 
 
@@ -303,3 +318,67 @@ def convert_edm_pickle(path: str | Path, out: str | Path, overwrite: bool = Fals
             "sampler_defaults": SamplerSettings().for_network(net).to_dict()}
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_snapshot_folder(net, out, info), info
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+class _PersistenceHook:
+    """Pickles as the global ``torch_utils.persistence._reconstruct_persistent_obj`` (without importing it)."""
+
+    def __call__(self, meta):
+        raise EDMPickleError("EDM's persistence hook is only written here, never called")
+
+    def __reduce__(self):
+        return "_reconstruct_persistent_obj"
+
+
+_HOOK = _PersistenceHook()
+_STATE_KEYS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training")
+
+
+class _EDMPickler(pickle._Pickler):
+    """Writes modules as EDM's persistence records (class name + state, blank module source); torch's containers
+    and tensors as a plain pickler does, which is how EDM's snapshots hold them."""
+
+    def __init__(self, file, top, init_kwargs: dict):
+        super().__init__(file, protocol=4)
+        self.top, self.init_kwargs = top, init_kwargs
+
+    def reducer_override(self, obj):
+        if not isinstance(obj, torch.nn.Module) or type(obj).__module__.startswith("torch.nn"):
+            return NotImplemented
+        state = {k: v for k, v in obj.__dict__.items()
+                 if k in _STATE_KEYS or isinstance(v, (bool, int, float, str, type(None)))}
+        if obj is self.top:
+            state["_init_kwargs"] = self.init_kwargs
+        meta = dict(type="class", version=PERSISTENCE_VERSION, module_src="", class_name=type(obj).__name__,
+                    state=state)
+        return _HOOK, (meta,)
+
+    def save_global(self, obj, name=None):
+        if obj is _HOOK:
+            self.save("torch_utils.persistence")
+            self.save("_reconstruct_persistent_obj")
+            self.write(pickle.STACK_GLOBAL)
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def edm_init_kwargs(net) -> dict:
+    """The ``_init_kwargs`` EDM would record for one of our preconditioned networks (its config, flattened)."""
+    config = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
+    return {**{k: v for k, v in config.items() if k != "model_kwargs"}, **(config.get("model_kwargs") or {})}
+
+
+def write_edm_pickle(net, path: str | Path, dataset_kwargs: dict | None = None) -> Path:
+    """Write one of our preconditioned networks in EDM's snapshot format (``{'ema': net, …}``), with blank
+    module source: what our reader takes (tests, benches, run folders); NVlabs' own loader cannot rebuild it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        _EDMPickler(f, net, edm_init_kwargs(net)).dump(
+            dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs=dict(dataset_kwargs or {})))
+    tmp.replace(path)
+    return path
