@@ -104,6 +104,8 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return "--ema_mode constant and --ema_beta go together"
     if args.ema_beta is not None and not 0.0 <= args.ema_beta <= 1.0:
         return f"--ema_beta must be in [0, 1], got {args.ema_beta}"
+    if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
+        return f"--outdir {args.outdir} is a file; expected a run folder (new or one to resume)"
     if not Path(args.data).is_file():
         return f"--data {args.data}: no such file (expected an EDM dataset zip; see data/dataset_tool.py)"
     return None

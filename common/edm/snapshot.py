@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from common.errors import DiffmemError
+from common.results import write_json_atomic
 
 SNAPSHOT_PREFIX = "snapshot-"
 SNAPSHOT_INFO = "snapshot.json"
@@ -80,8 +81,7 @@ def save_snapshot(network, run_dir: str | Path, images_seen: int, info: dict) ->
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     network.save_pretrained(tmp)
-    (tmp / SNAPSHOT_INFO).write_text(json.dumps({"images_seen": images_seen, "kimg": images_seen / 1000, **info},
-                                                indent=2, default=str))
+    write_json_atomic(tmp / SNAPSHOT_INFO, {"images_seen": images_seen, "kimg": images_seen / 1000, **info})
     if final.exists():
         shutil.rmtree(final)  # a resumed run re-writes the snapshot it had reached when it was stopped
     os.replace(tmp, final)
