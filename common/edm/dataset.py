@@ -642,6 +642,26 @@ def build_dataset(recipe: DatasetRecipe, progress: bool = True) -> DatasetArrays
 # ------------------------------------------------------------------------------------------- zip in and out
 
 
+def open_npz(path: str | Path, error: type[Exception] = None):
+    """np.load of an npz (no pickles); a file that is no npz or a damaged one raises error with one line.
+
+    numpy reads any non-zip file as a .npy and, for a text file, complains about pickled data: say what it is.
+    """
+    error = error or DatasetError
+    path = Path(path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if not is_zip:
+        raise error(f"{path}: not an npz file (expected a zip of .npy arrays, as numpy's savez writes)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises OSError, ValueError, BadZipFile, EOFError for damaged files
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise error(f"{path}: cannot read the npz ({type(exc).__name__}: {first})") from None
+
+
 def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
