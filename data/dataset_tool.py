@@ -11,7 +11,8 @@ an EDM dataset zip, or ``digits`` (scikit-learn's bundled 8×8 digits; needs no 
 al.'s mixture of low-rank Gaussians instead (``common.edm.molrg``): float data in a zip with ``data.npy``, labels =
 class; it takes only the --molrg_* options and --seed. The rules (class-balanced
 first N/C, seeded draws, label rules, Lanczos resizing, intra-class mixing) are those of ``common.edm.dataset``.
-The zip is written under a temporary name beside OUT.zip and renamed when complete. Bad input: one line on stderr
+The zip is written under a temporary name beside OUT.zip and renamed when complete (a temporary left by a killed
+write is removed by the next write into that folder); an existing OUT.zip is replaced only with --overwrite. Bad input: one line on stderr
 (``FILE[:MEMBER]: what was expected``) and exit code 2, with no output left behind.
 """
 
@@ -49,6 +50,7 @@ class DatasetToolConfig:
     dest: Path
     molrg: MoLRGRecipe | None = None  # set for --source molrg (then recipe only names the source)
     molrg_flags: tuple[str, ...] = ()  # the --molrg_* options given (refused without --source molrg)
+    overwrite: bool = False  # replace an existing --dest
 
 
 def parse_args(argv=None) -> DatasetToolConfig:
@@ -78,6 +80,7 @@ def parse_args(argv=None) -> DatasetToolConfig:
                    help="CIFAR-10 split: train (data_batch_1..5) or test (test_batch)")
     p.add_argument("--channels", type=int, choices=CHANNELS,
                    help="1 (RGB by luma) or 3 (grayscale repeated); default: the source's")
+    p.add_argument("--overwrite", action="store_true", help="replace --dest if it exists (refused otherwise)")
     g = p.add_argument_group("MoLRG (--source molrg)")
     d = MoLRGRecipe()
     g.add_argument("--molrg_res", type=int, metavar="R", help=f"images 3×R×R, D = 3·R² (default {d.res})")
@@ -93,7 +96,7 @@ def parse_args(argv=None) -> DatasetToolConfig:
     given = {k: v for k, v in given.items() if v is not None}
     molrg = MoLRGRecipe(**given, seed=a.seed) if a.source == MOLRG else None
     return DatasetToolConfig(recipe=recipe, dest=a.dest, molrg=molrg,
-                             molrg_flags=tuple(f"--molrg_{k}" for k in given))
+                             molrg_flags=tuple(f"--molrg_{k}" for k in given), overwrite=a.overwrite)
 
 
 def check_molrg_options(cfg: DatasetToolConfig) -> None:
@@ -122,6 +125,8 @@ def validate(cfg: DatasetToolConfig) -> None:
         raise ConfigError(f"--dest must name a .zip file (an EDM dataset zip), got {cfg.dest}")
     if cfg.dest.is_dir():
         raise ConfigError(f"--dest {cfg.dest} is a folder; expected a .zip file name")
+    if cfg.dest.exists() and not cfg.overwrite:
+        raise ConfigError(f"--dest {cfg.dest} exists; pass --overwrite to replace it, or write another file")
     for flag, src in (("--source", cfg.recipe.source), ("--mix_source", cfg.recipe.mix_source)):
         if src is not None and Path(src).resolve() == cfg.dest.resolve():
             raise ConfigError(f"--dest {cfg.dest} is also {flag}; write the new dataset elsewhere")
