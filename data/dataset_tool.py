@@ -51,6 +51,7 @@ class DatasetToolConfig:
     molrg: MoLRGRecipe | None = None  # set for --source molrg (then recipe only names the source)
     molrg_flags: tuple[str, ...] = ()  # the --molrg_* options given (refused without --source molrg)
     overwrite: bool = False  # replace an existing --dest
+    check_args: bool = False  # validate only (a sweep checks its stage arguments before the stages run)
 
 
 def parse_args(argv=None) -> DatasetToolConfig:
@@ -81,6 +82,9 @@ def parse_args(argv=None) -> DatasetToolConfig:
     p.add_argument("--channels", type=int, choices=CHANNELS,
                    help="1 (RGB by luma) or 3 (grayscale repeated); default: the source's")
     p.add_argument("--overwrite", action="store_true", help="replace --dest if it exists (refused otherwise)")
+    p.add_argument("--check_args", action="store_true",
+                   help="parse and check the arguments, then exit without reading --source or writing anything "
+                        "(detect/emm.py checks a sweep's stage arguments so)")
     g = p.add_argument_group("MoLRG (--source molrg)")
     d = MoLRGRecipe()
     g.add_argument("--molrg_res", type=int, metavar="R", help=f"images 3×R×R, D = 3·R² (default {d.res})")
@@ -96,7 +100,8 @@ def parse_args(argv=None) -> DatasetToolConfig:
     given = {k: v for k, v in given.items() if v is not None}
     molrg = MoLRGRecipe(**given, seed=a.seed) if a.source == MOLRG else None
     return DatasetToolConfig(recipe=recipe, dest=a.dest, molrg=molrg,
-                             molrg_flags=tuple(f"--molrg_{k}" for k in given), overwrite=a.overwrite)
+                             molrg_flags=tuple(f"--molrg_{k}" for k in given), overwrite=a.overwrite,
+                             check_args=a.check_args)
 
 
 def check_molrg_options(cfg: DatasetToolConfig) -> None:
@@ -125,7 +130,7 @@ def validate(cfg: DatasetToolConfig) -> None:
         raise ConfigError(f"--dest must name a .zip file (an EDM dataset zip), got {cfg.dest}")
     if cfg.dest.is_dir():
         raise ConfigError(f"--dest {cfg.dest} is a folder; expected a .zip file name")
-    if cfg.dest.exists() and not cfg.overwrite:
+    if cfg.dest.exists() and not cfg.overwrite and not cfg.check_args:
         raise ConfigError(f"--dest {cfg.dest} exists; pass --overwrite to replace it, or write another file")
     for flag, src in (("--source", cfg.recipe.source), ("--mix_source", cfg.recipe.mix_source)):
         if src is not None and Path(src).resolve() == cfg.dest.resolve():
@@ -135,6 +140,8 @@ def validate(cfg: DatasetToolConfig) -> None:
 def run(cfg: DatasetToolConfig) -> None:
     """Build the dataset in memory (every check passes first), then write the zip atomically."""
     validate(cfg)
+    if cfg.check_args:
+        return
     if cfg.molrg is not None:
         data = molrg_dataset(cfg.molrg)
         write_float_dataset_zip(cfg.dest, data.images, data.labels, cfg.molrg.to_dict())

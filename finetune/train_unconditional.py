@@ -31,6 +31,10 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+CHECK_ARGS_HELP = ("parse and check the arguments, then exit without reading --data or writing anything "
+                   "(detect/emm.py checks a sweep's stage arguments so)")
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("data and output")
@@ -79,6 +83,7 @@ def build_parser() -> ArgumentParser:
                    help="default: the accelerate config's")
     g.add_argument("--report_to", choices=("tensorboard", "wandb", "all", "none"), default="tensorboard")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--check_args", action="store_true", help=CHECK_ARGS_HELP)
     return p
 
 
@@ -106,7 +111,7 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return f"--ema_beta must be in [0, 1], got {args.ema_beta}"
     if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
         return f"--outdir {args.outdir} is a file; expected a run folder (new or one to resume)"
-    if not Path(args.data).is_file():
+    if not args.check_args and not Path(args.data).is_file():
         return f"--data {args.data}: no such file (expected an EDM dataset zip; see data/dataset_tool.py)"
     return None
 
@@ -139,6 +144,8 @@ def run(args: argparse.Namespace) -> None:
     problem = validate_args(args)
     if problem is not None:
         raise ConfigError(problem)
+    if args.check_args:
+        return
     from common.edm.train import train_unconditional
     from common.trainer import resolve_resume
 
