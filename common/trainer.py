@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from common.errors import DiffmemError
-from common.results import append_results, bind_run_settings, check_run_settings, read_results, write_json_atomic
+from common.results import bind_run_settings, check_run_settings, read_results, write_json_atomic
 from common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
 from common.train_loss import masked_mean
 
@@ -216,15 +216,14 @@ def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool
 
     Once the folder holds a complete checkpoint (or results_exist: an arm's own outputs such as snapshots),
     settings that differ from its ``training_options.json`` are refused with one line naming each setting, the
-    recorded and the new value (ConfigError); a resume from another run's checkpoint is checked against that
-    run's record. Call it before any model is built: on refusal nothing is written. Accepted settings are
-    recorded by the main process when the folder has no result yet.
+    recorded and the new value (ConfigError). Call it before any model is built: on refusal nothing is written.
+    Accepted settings are recorded by the main process when the folder has no result yet. A run started in a new
+    folder from another run's checkpoint is a new run (a fork: the lab's mitigated run continues the lab run
+    with a loss threshold), bound to its own settings from then on.
     """
     out = Path(cfg.output_dir)
     settings = _jsonable(settings)
     resume = resolve_resume(cfg.resume_from_checkpoint, out)
-    if resume is not None and resume.parent.resolve() != out.resolve():
-        check_run_settings(resume.parent / TRAINING_OPTIONS, settings, True, RESUME_HINT, overwrite_flag=None)
     results = results_exist or bool(list_checkpoints(out))
     check_run_settings(out / TRAINING_OPTIONS, settings, results, RESUME_HINT, overwrite_flag=None)
     if os.environ.get("RANK", "0") == "0":
@@ -451,6 +450,7 @@ class Trainer:
         # when only the main process does), and Accelerate saves each process's RNG state.
         acc.save_state(str(path))
         if acc.is_main_process:
+            self._sync_log()
             write_json_atomic(path / TRAINER_STATE, self._state_record(global_step))
         acc.wait_for_everyone()
         return path
@@ -509,8 +509,17 @@ class Trainer:
                 tracker.log({"validation": [wandb.Image(im, caption=c) for c, im in images]}, step=step)
 
     def _append_log(self, row: dict) -> None:
+        # One whole line per write; no fsync per step (a network filesystem would make it a share of a small
+        # model's step): the log is synced with each checkpoint, and rows after it are replayed on resume anyway.
         if self.accelerator.is_main_process:
-            append_results(self.output_dir / TRAIN_LOG, [row])
+            with open(self.output_dir / TRAIN_LOG, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _sync_log(self) -> None:
+        log = self.output_dir / TRAIN_LOG
+        if log.is_file():
+            with open(log, "rb+") as f:
+                os.fsync(f.fileno())
 
     def _trim_log(self, global_step: int) -> None:
         # Rows written after the checkpoint by an interrupted run are replayed by the resumed run; a kill in the

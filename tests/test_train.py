@@ -202,12 +202,13 @@ def test_resume_with_another_learning_rate_is_refused_before_anything_is_written
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "learning_rate=0.001 (now 0.002)" in err[0] and "another output folder" in err[0]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    # A resume from another run's checkpoint into a new folder is checked against that run's record.
+    # A new folder started from this run's checkpoint is a new run (a fork, as the lab's mitigated run): its own
+    # settings are recorded there.
     fresh_accelerate()
-    args = base_args(tiny_pipeline_dir, mem, tmp_path / "other", "--max_train_steps", "2", "--learning_rate", "2e-3",
-                     "--resume_from_checkpoint", out / "checkpoint-1")
-    assert main(args) == 2 and not (tmp_path / "other").exists()
-    assert "learning_rate=0.001 (now 0.002)" in capsys.readouterr().err
+    fork = tmp_path / "fork"
+    assert main(base_args(tiny_pipeline_dir, mem, fork, "--max_train_steps", "2", "--learning_rate", "2e-3",
+                          "--resume_from_checkpoint", out / "checkpoint-1")) == 0
+    assert json.loads((fork / "training_options.json").read_text())["learning_rate"] == 2e-3
     # The same settings extend the run; the image count covers both sessions.
     fresh_accelerate()
     assert main(base_args(tiny_pipeline_dir, mem, out, "--max_train_steps", "2", "--learning_rate", "1e-3",
