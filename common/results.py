@@ -19,8 +19,10 @@ class ResultsFileError(DiffmemError, ValueError):
     """A results file that is corrupt beyond a torn last line; str() is a one-line message."""
 
 
-def read_results(path: str | Path, repair: bool = False) -> list[dict]:
-    """Complete rows of a jsonl results file ([] if absent); with repair, truncate a torn last line."""
+def read_results(path: str | Path, repair: bool = False,
+                 hint: str = "remove the line or rerun with --overwrite") -> list[dict]:
+    """Complete rows of a jsonl results file ([] if absent); with repair, truncate a torn last line. A corrupt
+    complete line raises ResultsFileError; hint says what to do about it."""
     path = Path(path)
     if not path.exists():
         return []
@@ -33,8 +35,7 @@ def read_results(path: str | Path, repair: bool = False) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            raise ResultsFileError(f"{path}:{lineno}: corrupt result line (not JSON); remove the line or "
-                                   f"rerun with --overwrite") from None
+            raise ResultsFileError(f"{path}:{lineno}: corrupt result line (not JSON); {hint}") from None
     if repair and complete < len(data):
         with open(path, "r+b") as f:
             f.truncate(complete)

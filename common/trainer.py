@@ -526,7 +526,8 @@ class Trainer:
         # middle of a write leaves a torn last line, which the shared reader leaves out.
         log = self.output_dir / TRAIN_LOG
         if self.accelerator.is_main_process and log.is_file():
-            kept = [r for r in read_results(log) if r.get("step", 0) <= global_step]
+            rows = read_results(log, hint="remove the line: the log is a record, the checkpoint holds the state")
+            kept = [r for r in rows if r.get("step", 0) <= global_step]
             write_json_atomic(log, kept, jsonl=True)
 
     # ------------------------------------------------------------------ main entry

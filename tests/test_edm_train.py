@@ -206,3 +206,16 @@ def test_resume_counts_images_since_step_0_and_continues_lr_and_ema_step_by_step
     for key in ("lr", "ema_beta", "train_loss"):
         assert [r[key] for r in log_split] == [r[key] for r in log_full], key
     assert log_full[0]["ema_beta"] == 0.0 and 0.0 < log_full[-1]["ema_beta"] < 1.0  # EDM's ramp, not constant
+
+
+def test_a_corrupt_log_line_before_the_end_is_one_line_naming_it(data, half_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(half_run, run)
+    rows = (run / "train_log.jsonl").read_text().splitlines()
+    rows[2] = rows[2][:10]  # a complete line that is not JSON: not a torn tail
+    (run / "train_log.jsonl").write_text("\n".join(rows) + "\n")
+    line = one_line_error(run_cli(SCRIPT, *args(data, run, 10, 8, "--resume_from_checkpoint", "latest"),
+                                  timeout=120, env=ONE_THREAD))
+    assert "train_log.jsonl:3: corrupt result line" in line and "the checkpoint holds the state" in line, line
