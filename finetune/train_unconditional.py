@@ -8,6 +8,8 @@ The network is diffusers' ``UNet2DModel`` inside ``common.edm.network.EDMNetwork
 and noise embedding saved in its config). Every --snap kimg and at the end the EMA network goes to
 ``OUTDIR/snapshot-{images_seen:09d}/`` (what ``detect/generate.py --network`` loads); resume checkpoints are the
 trainer's ``OUTDIR/checkpoint-N/``. Runs without ``accelerate launch`` too (one process).
+The settings the weights depend on are recorded in ``OUTDIR/training_options.json`` and bound to the run once it has
+a checkpoint or snapshot: a rerun with another value is refused with one line before anything is built or written.
 """
 
 from __future__ import annotations
