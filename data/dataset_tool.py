@@ -12,8 +12,8 @@ al.'s mixture of low-rank Gaussians instead (``common.edm.molrg``): float data i
 class; it takes only the --molrg_* options and --seed. The rules (class-balanced
 first N/C, seeded draws, label rules, Lanczos resizing, intra-class mixing) are those of ``common.edm.dataset``.
 The zip is written under a temporary name beside OUT.zip and renamed when complete (a temporary left by a killed
-write is removed by the next write into that folder); an existing OUT.zip is replaced only with --overwrite. Bad input: one line on stderr
-(``FILE[:MEMBER]: what was expected``) and exit code 2, with no output left behind.
+write is removed by the next write into that folder); an existing OUT.zip is replaced only with --overwrite.
+Bad input: one line on stderr (``FILE[:MEMBER]: what was expected``) and exit code 2, with no output left behind.
 """
 
 from __future__ import annotations
