@@ -19,8 +19,10 @@ class ResultsFileError(DiffmemError, ValueError):
     """A results file that is corrupt beyond a torn last line; str() is a one-line message."""
 
 
-def read_results(path: str | Path, repair: bool = False) -> list[dict]:
-    """Complete rows of a jsonl results file ([] if absent); with repair, truncate a torn last line."""
+def read_results(path: str | Path, repair: bool = False,
+                 hint: str = "remove the line or rerun with --overwrite") -> list[dict]:
+    """Complete rows of a jsonl results file ([] if absent); with repair, truncate a torn last line. A corrupt
+    complete line raises ResultsFileError; hint says what to do about it."""
     path = Path(path)
     if not path.exists():
         return []
@@ -33,8 +35,7 @@ def read_results(path: str | Path, repair: bool = False) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            raise ResultsFileError(f"{path}:{lineno}: corrupt result line (not JSON); remove the line or "
-                                   f"rerun with --overwrite") from None
+            raise ResultsFileError(f"{path}:{lineno}: corrupt result line (not JSON); {hint}") from None
     if repair and complete < len(data):
         with open(path, "r+b") as f:
             f.truncate(complete)
@@ -78,12 +79,14 @@ def merge_rows(row_lists: list[list[dict]], key: str = "row", keep: set | None =
     return [merged[k] for k in sorted(merged)]
 
 
-def check_run_settings(config_file: str | Path, settings: dict, results_exist: bool, retry_hint: str) -> None:
+def check_run_settings(config_file: str | Path, settings: dict, results_exist: bool, retry_hint: str,
+                       overwrite_flag: str | None = "--overwrite") -> None:
     """Raise ConfigError when results exist and config_file records settings other than these.
 
     Settings bind a run only once it has results on disk: a config left by a run that failed before its
     first row (a mistyped model id, a first batch out of memory) describes no result, so it cannot refuse
-    the corrected command. retry_hint names the other way out besides --overwrite (e.g. "another --out").
+    the corrected command. retry_hint names the other way out besides overwrite_flag (e.g. "another --out");
+    a CLI without such a flag (training: a run's checkpoints are not thrown away) passes None.
     """
     config_file = Path(config_file)
     if not results_exist or not config_file.exists():
@@ -92,13 +95,14 @@ def check_run_settings(config_file: str | Path, settings: dict, results_exist: b
     diff = {k: (old.get(k), settings.get(k)) for k in {**old, **settings} if old.get(k) != settings.get(k)}
     if diff:
         what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
-        raise ConfigError(f"{config_file}: earlier results of this run used {what}; "
-                          f"pass --overwrite or {retry_hint}")
+        way_out = f"pass {overwrite_flag} or {retry_hint}" if overwrite_flag else retry_hint
+        raise ConfigError(f"{config_file}: earlier results of this run used {what}; {way_out}")
 
 
-def bind_run_settings(config_file: str | Path, settings: dict, results_exist: bool, retry_hint: str) -> None:
+def bind_run_settings(config_file: str | Path, settings: dict, results_exist: bool, retry_hint: str,
+                      overwrite_flag: str | None = "--overwrite") -> None:
     """Check settings against the results on disk (:func:`check_run_settings`), then record them unless
     earlier results already did; a config without results is replaced."""
-    check_run_settings(config_file, settings, results_exist, retry_hint)
+    check_run_settings(config_file, settings, results_exist, retry_hint, overwrite_flag)
     if not (results_exist and Path(config_file).exists()):
         write_json_atomic(config_file, settings)

@@ -28,15 +28,26 @@ from pathlib import Path
 import torch
 
 from common.errors import DiffmemError
+from common.results import bind_run_settings, check_run_settings, read_results, write_json_atomic
 from common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
 from common.train_loss import masked_mean
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 TRAIN_LOG = "train_log.jsonl"
+TRAINING_OPTIONS = "training_options.json"
 # Settings a resumed run must share with the checkpoint, or the data order / step arithmetic would differ.
 RESUME_KEYS = ("seed", "train_batch_size", "num_processes", "gradient_accumulation_steps", "num_samples",
                "shuffle", "use_ema", "model_names")
+
+
+# TrainConfig fields that change no trained weight: where files go and how often, what is logged or shown, and
+# the run's length (a run may be extended; its steps so far stay the same, unless an LR schedule's shape depends
+# on the length, which the arm then binds itself). Every other field is bound to a run once it has a checkpoint.
+TRAIN_FREE_FIELDS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
+                     "report_to", "tracker_project_name", "logging_dir", "show_progress", "validation_steps",
+                     "dataloader_num_workers", "max_train_steps", "num_train_epochs")
+RESUME_HINT = "resume with the recorded value, or train the new one in another output folder"
 
 
 class TrainSetupError(DiffmemError, ValueError):
@@ -173,6 +184,54 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+def resolved_mixed_precision(value: str | None) -> str:
+    """The mixed precision a run gets: the flag, else the one ``accelerate launch`` passes on, else no."""
+    return value or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def launched_processes() -> int:
+    """The number of processes of this launch (1 without ``accelerate launch``)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def bound_train_settings(cfg: TrainConfig) -> dict:
+    """The generic loop's settings that change the trained weights (all but TRAIN_FREE_FIELDS), resolved.
+
+    The process count and micro-batch are bound too: the same global batch split otherwise sums the gradient in
+    another order, so the weights differ in the last bits and drift apart, and exact resume is lost.
+    """
+    settings = {k: v for k, v in asdict(cfg).items() if k not in TRAIN_FREE_FIELDS}
+    settings["mixed_precision"] = resolved_mixed_precision(cfg.mixed_precision)
+    settings["num_processes"] = launched_processes()
+    return settings
+
+
+def _jsonable(settings: dict) -> dict:
+    # As they read back from JSON (tuples become lists), so that a recorded value compares equal to a new one.
+    return json.loads(json.dumps(settings, default=str))
+
+
+def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool = False) -> Path | None:
+    """Bind the settings that change a run's result to its output folder; the checkpoint to resume from.
+
+    Once the folder holds a complete checkpoint (or results_exist: an arm's own outputs such as snapshots),
+    settings that differ from its ``training_options.json`` are refused with one line naming each setting, the
+    recorded and the new value (ConfigError). Call it before any model is built: on refusal nothing is written.
+    Accepted settings are recorded by the main process when the folder has no result yet. A run started in a new
+    folder from another run's checkpoint is a new run (a fork: the lab's mitigated run continues the lab run
+    with a loss threshold), bound to its own settings from then on.
+    """
+    out = Path(cfg.output_dir)
+    settings = _jsonable(settings)
+    resume = resolve_resume(cfg.resume_from_checkpoint, out)
+    results = results_exist or bool(list_checkpoints(out))
+    check_run_settings(out / TRAINING_OPTIONS, settings, results, RESUME_HINT, overwrite_flag=None)
+    if os.environ.get("RANK", "0") == "0":
+        out.mkdir(parents=True, exist_ok=True)
+        bind_run_settings(out / TRAINING_OPTIONS, settings, results, RESUME_HINT, overwrite_flag=None)
+    return resume
+
+
 def _save_module(module: torch.nn.Module, path: Path) -> None:
     if hasattr(module, "save_pretrained"):
         module.save_pretrained(path)
@@ -190,12 +249,6 @@ def _load_module(module: torch.nn.Module, path: Path) -> None:
     else:
         state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     module.load_state_dict(state)
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _sanitize_for_tracker(config: dict) -> dict:
@@ -326,6 +379,7 @@ class Trainer:
         self.snapshot_due = snapshot_due
         self.output_dir = Path(cfg.output_dir)
         self.ema = None
+        self.totals = {"seen": 0, "kept": 0}
 
     # ------------------------------------------------------------------ helpers
     def _params(self, modules) -> list[torch.nn.Parameter]:
@@ -346,6 +400,9 @@ class Trainer:
             "use_ema": self.cfg.use_ema,
             "model_names": self.names,
             "max_train_steps": self.max_train_steps,
+            # Totals since step 0, whatever the resumes: a resumed run's summary continues them.
+            "samples_seen": self.totals["seen"],
+            "samples_kept": self.totals["kept"],
             **self.extra_state,
         }
 
@@ -393,7 +450,8 @@ class Trainer:
         # when only the main process does), and Accelerate saves each process's RNG state.
         acc.save_state(str(path))
         if acc.is_main_process:
-            _atomic_write_json(path / TRAINER_STATE, self._state_record(global_step))
+            self._sync_log()
+            write_json_atomic(path / TRAINER_STATE, self._state_record(global_step))
         acc.wait_for_everyone()
         return path
 
@@ -451,17 +509,26 @@ class Trainer:
                 tracker.log({"validation": [wandb.Image(im, caption=c) for c, im in images]}, step=step)
 
     def _append_log(self, row: dict) -> None:
+        # One whole line per write; no fsync per step (a network filesystem would make it a share of a small
+        # model's step): the log is synced with each checkpoint, and rows after it are replayed on resume anyway.
         if self.accelerator.is_main_process:
             with open(self.output_dir / TRAIN_LOG, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def _sync_log(self) -> None:
+        log = self.output_dir / TRAIN_LOG
+        if log.is_file():
+            with open(log, "rb+") as f:
+                os.fsync(f.fileno())
+
     def _trim_log(self, global_step: int) -> None:
-        # Rows written after the checkpoint by an interrupted run are replayed by the resumed run.
+        # Rows written after the checkpoint by an interrupted run are replayed by the resumed run; a kill in the
+        # middle of a write leaves a torn last line, which the shared reader leaves out.
         log = self.output_dir / TRAIN_LOG
         if self.accelerator.is_main_process and log.is_file():
-            rows = [ln for ln in log.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= global_step]
-            log.write_text("".join(ln + "\n" for ln in kept))
+            rows = read_results(log, hint="remove the line: the log is a record, the checkpoint holds the state")
+            kept = [r for r in rows if r.get("step", 0) <= global_step]
+            write_json_atomic(log, kept, jsonl=True)
 
     # ------------------------------------------------------------------ main entry
     def train(self) -> TrainSummary:
@@ -544,6 +611,9 @@ class Trainer:
             if self.ema is not None:
                 self.ema.to(acc.device)  # Accelerate loads custom states on the CPU
             global_step = int(state["global_step"])
+            # Checkpoints written before these totals were recorded: every micro-batch is full, so seen is exact.
+            seen = global_step * N * cfg.train_batch_size * P
+            self.totals = {"seen": int(state.get("samples_seen", seen)), "kept": int(state.get("samples_kept", seen))}
             self._trim_log(global_step)
             acc.print(f"resumed from {resume_path} at step {global_step}")
         elif acc.is_main_process and (self.output_dir / TRAIN_LOG).exists():
@@ -556,7 +626,7 @@ class Trainer:
         models_in = list(self.prepared.values())
         window = None  # summed [loss·kept, kept, seen, stats...] over the accumulation window (on device)
         stat_names: list[str] = []
-        totals = {"seen": 0, "kept": 0}
+        totals = self.totals
         last_logs: dict = {}
         grad_norm = None
         last_snapshot = None
@@ -602,6 +672,7 @@ class Trainer:
                 global_step += 1
                 if self.ema is not None:
                     self.ema.step(train_params)
+                    ema_beta = self.ema.cur_decay_value
                 w = window.tolist()
                 window = None
                 totals["seen"] += int(w[2])
@@ -612,6 +683,8 @@ class Trainer:
                     "lr": lr_scheduler.get_last_lr()[0],
                     "epoch": epoch,
                 }
+                if self.ema is not None:
+                    logs["ema_beta"] = float(ema_beta)
                 if grad_norm is not None:
                     logs["grad_norm"] = float(grad_norm)
                 for i, k in enumerate(stat_names):
@@ -652,7 +725,7 @@ class Trainer:
             self._run_validation(global_step)
             self.ema = ema
         if acc.is_main_process:
-            _atomic_write_json(self.output_dir / "train_summary.json", asdict(summary))
+            write_json_atomic(self.output_dir / "train_summary.json", asdict(summary))
         acc.wait_for_everyone()
         acc.end_training()
         return summary

@@ -11,8 +11,9 @@ an EDM dataset zip, or ``digits`` (scikit-learn's bundled 8×8 digits; needs no 
 al.'s mixture of low-rank Gaussians instead (``common.edm.molrg``): float data in a zip with ``data.npy``, labels =
 class; it takes only the --molrg_* options and --seed. The rules (class-balanced
 first N/C, seeded draws, label rules, Lanczos resizing, intra-class mixing) are those of ``common.edm.dataset``.
-The zip is written under a temporary name beside OUT.zip and renamed when complete. Bad input: one line on stderr
-(``FILE[:MEMBER]: what was expected``) and exit code 2, with no output left behind.
+The zip is written under a temporary name beside OUT.zip and renamed when complete (a temporary left by a killed
+write is removed by the next write into that folder); an existing OUT.zip is replaced only with --overwrite.
+Bad input: one line on stderr (``FILE[:MEMBER]: what was expected``) and exit code 2, with no output left behind.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class DatasetToolConfig:
     dest: Path
     molrg: MoLRGRecipe | None = None  # set for --source molrg (then recipe only names the source)
     molrg_flags: tuple[str, ...] = ()  # the --molrg_* options given (refused without --source molrg)
+    overwrite: bool = False  # replace an existing --dest
+    check_args: bool = False  # validate only (a sweep checks its stage arguments before the stages run)
 
 
 def parse_args(argv=None) -> DatasetToolConfig:
@@ -78,6 +81,10 @@ def parse_args(argv=None) -> DatasetToolConfig:
                    help="CIFAR-10 split: train (data_batch_1..5) or test (test_batch)")
     p.add_argument("--channels", type=int, choices=CHANNELS,
                    help="1 (RGB by luma) or 3 (grayscale repeated); default: the source's")
+    p.add_argument("--overwrite", action="store_true", help="replace --dest if it exists (refused otherwise)")
+    p.add_argument("--check_args", action="store_true",
+                   help="parse and check the arguments, then exit without reading --source or writing anything "
+                        "(detect/emm.py checks a sweep's stage arguments so)")
     g = p.add_argument_group("MoLRG (--source molrg)")
     d = MoLRGRecipe()
     g.add_argument("--molrg_res", type=int, metavar="R", help=f"images 3×R×R, D = 3·R² (default {d.res})")
@@ -93,7 +100,8 @@ def parse_args(argv=None) -> DatasetToolConfig:
     given = {k: v for k, v in given.items() if v is not None}
     molrg = MoLRGRecipe(**given, seed=a.seed) if a.source == MOLRG else None
     return DatasetToolConfig(recipe=recipe, dest=a.dest, molrg=molrg,
-                             molrg_flags=tuple(f"--molrg_{k}" for k in given))
+                             molrg_flags=tuple(f"--molrg_{k}" for k in given), overwrite=a.overwrite,
+                             check_args=a.check_args)
 
 
 def check_molrg_options(cfg: DatasetToolConfig) -> None:
@@ -122,6 +130,8 @@ def validate(cfg: DatasetToolConfig) -> None:
         raise ConfigError(f"--dest must name a .zip file (an EDM dataset zip), got {cfg.dest}")
     if cfg.dest.is_dir():
         raise ConfigError(f"--dest {cfg.dest} is a folder; expected a .zip file name")
+    if cfg.dest.exists() and not cfg.overwrite and not cfg.check_args:
+        raise ConfigError(f"--dest {cfg.dest} exists; pass --overwrite to replace it, or write another file")
     for flag, src in (("--source", cfg.recipe.source), ("--mix_source", cfg.recipe.mix_source)):
         if src is not None and Path(src).resolve() == cfg.dest.resolve():
             raise ConfigError(f"--dest {cfg.dest} is also {flag}; write the new dataset elsewhere")
@@ -130,6 +140,8 @@ def validate(cfg: DatasetToolConfig) -> None:
 def run(cfg: DatasetToolConfig) -> None:
     """Build the dataset in memory (every check passes first), then write the zip atomically."""
     validate(cfg)
+    if cfg.check_args:
+        return
     if cfg.molrg is not None:
         data = molrg_dataset(cfg.molrg)
         write_float_dataset_zip(cfg.dest, data.images, data.labels, cfg.molrg.to_dict())

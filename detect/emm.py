@@ -8,6 +8,7 @@
 
 For each size N chosen by bisection on the grid it builds SWEEP/size-N/data.zip (data/dataset_tool.py), trains
 SWEEP/size-N/run (finetune/train_unconditional.py) and measures it (detect/mem_ratio.py, max over snapshots).
+Each stage's arguments are checked by that stage's own parser (its --check_args) before anything starts.
 Writes SWEEP/emm.json, SWEEP/emm.png, SWEEP/jobs.jsonl and SWEEP/sweep.json; re-running the command resumes.
 Exit codes: 0 EMM bracketed; 3 the grid does not bracket it (the message says which way to extend --sizes);
 1 a size the bisection needs failed (its log is named); 2 bad input.
@@ -34,6 +35,7 @@ from common.edm.sweep import (  # noqa: E402
     SweepConfig,
     SweepSettings,
     check_config,
+    check_stage_args,
     plot_curves,
     read_curve,
     run_sweep,
@@ -124,6 +126,7 @@ def sweep(a) -> int:
     """Run (or resume) the sweep; print the estimate; its exit code."""
     cfg = config_from_args(a)
     check_config(cfg)
+    check_stage_args(cfg)  # each stage's own parser, before any stage runs
     est = run_sweep(cfg)
     for w in est.warnings:
         print(f"emm: warning: {w}", file=sys.stderr)

@@ -15,7 +15,8 @@ Writes DIR/{seed:06d}.png (with --subdirs in DIR/{seed - seed % 1000:06d}/), DIR
 images depend on) and with --npz DIR/images.npz (images uint8 N×H×W×C, seeds, labels for a conditional network).
 Each image is a function of its seed alone (EDM's seed rule), whatever --batch or the number of processes (up
 to the network's fp32 rounding, which depends on the batch size: rarely one uint8 level).
-Re-running resumes: seeds whose PNG exists are skipped. Bad input: one line on stderr and exit code 2.
+Re-running resumes: seeds whose PNG exists are skipped once it decodes to the network's image shape; damaged ones
+are sampled again (the count is printed). Bad input: one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -184,6 +185,17 @@ def run(cfg: GenerateConfig) -> int:
         cfg.outdir.mkdir(parents=True, exist_ok=True)
     barrier()
     S.bind_folder_settings(cfg.outdir, folder_settings, write=rank == 0)
+    damaged = []
+    if rank == 0:
+        # A rerun skips the seeds whose PNG exists: check those decode to the network's image shape first, and
+        # sample again the ones that do not.
+        damaged = S.damaged_images(cfg.outdir, seeds, net.image_shape, cfg.subdirs)
+        for seed in damaged:
+            S.image_path(cfg.outdir, seed, cfg.subdirs).unlink()
+        if damaged:
+            print(f"generate: {len(damaged)} damaged PNG{'s' if len(damaged) > 1 else ''} in {cfg.outdir} "
+                  f"(not decodable, or not {'×'.join(map(str, net.image_shape))}; first: seed {damaged[0]}) "
+                  f"removed; sampling them again", file=sys.stderr)
     already = len(seeds) - len(S.missing_seeds(cfg.outdir, seeds, cfg.subdirs)) if rank == 0 else 0
     barrier()
 
@@ -220,7 +232,8 @@ def run(cfg: GenerateConfig) -> int:
             S.write_images_npz(cfg.outdir / "images.npz", images, seeds, labels)
             note += ", images.npz"
         rate = f" ({len(todo) / elapsed:.2f} images/s on process 0)" if todo else ""
-        print(f"{cfg.outdir}: {len(seeds)} images{note}; {len(seeds) - already} sampled now on {world} "
+        fixed = f" ({len(damaged)} of them to replace damaged PNGs)" if damaged else ""
+        print(f"{cfg.outdir}: {len(seeds)} images{note}; {len(seeds) - already} sampled now{fixed} on {world} "
               f"process{'es' if world > 1 else ''}, {already} there already; {elapsed:.1f}s{rate}")
     return len(todo)
 

@@ -50,6 +50,7 @@ class MemRatioConfig:
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     device: str | None = None  # None: cuda when available, else cpu
     overwrite: bool = False
+    check_args: bool = False  # validate only: the inputs may not exist yet (a sweep checks before its stages run)
 
     @property
     def root(self) -> Path:
@@ -76,7 +77,7 @@ class MemRatioConfig:
                 raise MemRatioError("bad --snapshots '': expected all, latest or K1,K2,...")
         if self.batch < 1:
             raise ConfigError(f"expected --batch >= 1, got {self.batch}")
-        if not self.knn_ref.is_file():
+        if not self.check_args and not self.knn_ref.is_file():
             raise MemRatioError(f"{self.knn_ref}: no such file (expected the training set as an EDM dataset zip)")
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"{self.root}: expected the output folder to be a folder, it is a file")
@@ -103,11 +104,14 @@ def parse_args(argv=None) -> MemRatioConfig:
     p.add_argument("--rho", type=float, default=d.rho, help="schedule exponent ρ (Eq. 5)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results in the output folder")
+    p.add_argument("--check_args", action="store_true",
+                   help="parse and check the arguments, then exit without reading --knn_ref or writing anything "
+                        "(detect/emm.py checks a sweep's stage arguments so)")
     a = p.parse_args(argv)
     sampler = SamplerSettings(num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho)
     return MemRatioConfig(knn_ref=a.knn_ref, expdir=a.expdir, images=a.images, outdir=a.outdir, seeds=a.seeds,
                           batch=a.batch, snapshots=a.snapshots, log=a.log, save_images=a.save_images,
-                          sampler=sampler, device=a.device, overwrite=a.overwrite)
+                          sampler=sampler, device=a.device, overwrite=a.overwrite, check_args=a.check_args)
 
 
 def process_state(device: str):
@@ -128,6 +132,8 @@ def process_state(device: str):
 def run(cfg: MemRatioConfig) -> dict | None:
     """Measure the run's snapshots (or the images); the summary on process 0."""
     cfg.validate()
+    if cfg.check_args:
+        return None
 
     import torch
 

@@ -14,6 +14,8 @@ rpscore: reproducibility score, the fraction of same-seed pairs (two models, the
 over the seeds both files hold. mscore: memorized fraction (best SSCD match in the training set > t) and the
 generalization score 1 − that; Zhang et al.'s script prints the generalization score under the name "M score".
 Both print a JSON summary; --out writes it with per-pair / per-sample columns (cosines, best training match).
+Zhang et al.'s own features files (edm/sscd.py feature: `features` alone) are read too: rpscore pairs their rows
+by order as their script does, and a note on stderr says so (no seeds, model or preprocessing are recorded in them).
 Bad input: one line on stderr and exit code 2.
 """
 
@@ -62,8 +64,8 @@ class ScoreConfig:
 
     def validate(self) -> None:
         """Argument-level checks; raises ConfigError."""
-        if not math.isfinite(self.t):
-            raise ConfigError(f"expected a finite --t, got {self.t}")
+        if not (math.isfinite(self.t) and -1.0 <= self.t <= 1.0):
+            raise ConfigError(f"expected --t in [-1, 1] (a threshold on SSCD cosine similarity), got {self.t}")
         if self.chunk < 1:
             raise ConfigError(f"expected --chunk >= 1, got {self.chunk}")
         if self.out is not None and self.out.is_dir():
@@ -130,6 +132,8 @@ def run_score(cfg: ScoreConfig) -> dict:
         summary, columns = S.rpscore_report(a, b, cfg.t)
     else:
         summary, columns = S.mscore_report(a, b, cfg.t, target_chunk=cfg.chunk)
+    for note in summary.get("notes", []):
+        print(f"similarity: note: {note}", file=sys.stderr)
     if cfg.out is not None:
         from common.results import write_json_atomic
 

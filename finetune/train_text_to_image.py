@@ -173,6 +173,8 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return f"--ema_decay must be in [0, 1], got {args.ema_decay}"
     if args.learning_rate <= 0:
         return f"--learning_rate must be > 0, got {args.learning_rate}"
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        return f"--output_dir {args.output_dir} is a file; expected a run folder (new or one to resume)"
     if args.validation_steps is not None and not args.validation_prompts:
         return "--validation_steps needs --validation_prompts"
     return None

@@ -8,6 +8,8 @@ The network is diffusers' ``UNet2DModel`` inside ``common.edm.network.EDMNetwork
 and noise embedding saved in its config). Every --snap kimg and at the end the EMA network goes to
 ``OUTDIR/snapshot-{images_seen:09d}/`` (what ``detect/generate.py --network`` loads); resume checkpoints are the
 trainer's ``OUTDIR/checkpoint-N/``. Runs without ``accelerate launch`` too (one process).
+The settings the weights depend on are recorded in ``OUTDIR/training_options.json`` and bound to the run once it has
+a checkpoint or snapshot: a rerun with another value is refused with one line before anything is built or written.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def int_list(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+CHECK_ARGS_HELP = ("parse and check the arguments, then exit without reading --data or writing anything "
+                   "(detect/emm.py checks a sweep's stage arguments so)")
 
 
 def build_parser() -> ArgumentParser:
@@ -79,6 +85,7 @@ def build_parser() -> ArgumentParser:
                    help="default: the accelerate config's")
     g.add_argument("--report_to", choices=("tensorboard", "wandb", "all", "none"), default="tensorboard")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
+    g.add_argument("--check_args", action="store_true", help=CHECK_ARGS_HELP)
     return p
 
 
@@ -104,7 +111,9 @@ def validate_args(args: argparse.Namespace) -> str | None:
         return "--ema_mode constant and --ema_beta go together"
     if args.ema_beta is not None and not 0.0 <= args.ema_beta <= 1.0:
         return f"--ema_beta must be in [0, 1], got {args.ema_beta}"
-    if not Path(args.data).is_file():
+    if Path(args.outdir).exists() and not Path(args.outdir).is_dir():
+        return f"--outdir {args.outdir} is a file; expected a run folder (new or one to resume)"
+    if not args.check_args and not Path(args.data).is_file():
         return f"--data {args.data}: no such file (expected an EDM dataset zip; see data/dataset_tool.py)"
     return None
 
@@ -137,6 +146,8 @@ def run(args: argparse.Namespace) -> None:
     problem = validate_args(args)
     if problem is not None:
         raise ConfigError(problem)
+    if args.check_args:
+        return
     from common.edm.train import train_unconditional
     from common.trainer import resolve_resume
 

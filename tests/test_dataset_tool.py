@@ -423,6 +423,8 @@ def _bad_folder(tmp_path, kind: str) -> Path:
     elif kind == "nolabel":
         write_png(root / "b.png", pattern(8, 8, 3, 1))
         (root / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0]]}))
+    elif kind == "extralabel":
+        (root / "dataset.json").write_text(json.dumps({"labels": [["a.png", 0], ["gone.png", 1]]}))
     return root
 
 
@@ -468,6 +470,7 @@ FOLDER_CASES = {
     "non-square resize": ("sizes", ["--resolution", 4], "b.png: image is 6×8 (width×height), not square"),
     "bad dataset.json": ("badjson", [], "dataset.json: expected JSON"),
     "label missing": ("nolabel", [], "dataset.json: no label for b.png"),
+    "label of a file not there": ("extralabel", [], "dataset.json: labels name 'gone.png', which is not among"),
     "true labels, none given": ("plain", ["--labels", "true"], "has no labels (no dataset.json in the folder)"),
     "classes, no labels": ("plain", ["--classes", 2], "--classes needs them"),
     "test split of a folder": ("plain", ["--split", "test"], "--split test applies to a CIFAR-10 tarball only"),
@@ -521,3 +524,34 @@ def test_bad_input_names_the_file_through_the_real_entry_point(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz"]
     r = run_cli(SCRIPT, "--source", "digits", "--dest", tmp_path / "out.txt")
     assert r.returncode == 2 and "--dest must name a .zip file" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_an_existing_dest_is_replaced_only_with_overwrite(tmp_path, capsys):
+    dest = tmp_path / "d.zip"
+    assert tool("--source", "digits", "--dest", dest, "--max_images", 10) == 0
+    first = dest.read_bytes()
+    capsys.readouterr()
+    assert tool("--source", "digits", "--dest", dest, "--max_images", 20) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists; pass --overwrite" in err[0] and dest.read_bytes() == first
+    assert tool("--source", "digits", "--dest", dest, "--max_images", 20, "--overwrite") == 0
+    assert len(load_dataset_zip(dest, progress=False).images) == 20
+
+
+def test_a_temporary_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    from common.edm.dataset import _temporary_beside
+
+    # A write killed mid-way (SIGKILL: no cleanup) leaves its temporary, named after its dead process.
+    code = ("import os, sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]);"
+            "from common.edm.dataset import _temporary_beside;"
+            "p = _temporary_beside(Path(sys.argv[1])); p.write_bytes(b'PK partial'); print(p)")
+    left = Path(subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.zip"), str(Path(__file__).parents[1])],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    assert left.exists()
+    mine = _temporary_beside(tmp_path / "c.zip")  # a write of this (live) process: left alone
+    mine.write_bytes(b"PK in progress")
+    assert tool("--source", "digits", "--dest", tmp_path / "b.zip", "--max_images", 10) == 0
+    assert not left.exists() and mine.exists()

@@ -121,3 +121,101 @@ def test_missing_data_and_cond_without_labels_are_one_line(data, tmp_path):
     res = run_cli(SCRIPT, *bad, timeout=120, env=ONE_THREAD)
     assert res.returncode == 2 and "--cond needs labels" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# ------------------------------------------------------------------------------- resume binds its settings
+
+
+def one_line_error(res):
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def half_run(data, tmp_path_factory):
+    """A run stopped after 5 of 10 steps (a checkpoint and a snapshot at step 5), as a kill would leave it."""
+    out = tmp_path_factory.mktemp("half") / "run"
+    res = run_cli(SCRIPT, *args(data, out, 5, 8), env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def folder_state(out):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change, setting", [
+    (["--lr", "2e-3"], "lr=0.001 (now 0.002)"),
+    (["--num_channels", "4"], "num_channels=8 (now 4)"),  # would be a load_state_dict traceback
+    (["--batch", "4"], "batch=8 (now 4)"),
+    (["--seed", "3"], "seed=0 (now 3)"),
+    (["--ema_mode", "constant", "--ema_beta", "0.5"], "ema_mode=None (now 'constant')"),
+    (["--dropout", "0.2"], "dropout=0.13 (now 0.2)"),
+])
+def test_a_resume_with_a_changed_setting_is_refused_and_writes_nothing(data, half_run, change, setting):
+    before = folder_state(half_run)
+    res = run_cli(SCRIPT, *args(data, half_run, 10, 8, *change, "--resume_from_checkpoint", "latest"),
+                  timeout=120, env=ONE_THREAD)
+    line = one_line_error(res)
+    assert "training_options.json" in line and setting in line and "another output folder" in line, line
+    assert folder_state(half_run) == before  # training_options.json included
+
+
+def test_training_options_record_the_settings_that_change_the_weights(data, half_run):
+    opts = json.loads((half_run / "training_options.json").read_text())
+    assert opts["lr"] == 1e-3 and opts["num_channels"] == 8 and opts["batch"] == 8 and opts["batch_gpu"] == 8
+    assert opts["mixed_precision"] == "no" and opts["num_processes"] == 1 and len(opts["data_sha256"]) == 64
+    assert "duration" not in opts and "report_to" not in opts  # may change: extending a run, logging
+    info = json.loads((half_run / "snapshot-000000040" / "snapshot.json").read_text())
+    assert info["training"]["lr"] == 1e-3 and info["training"]["dataset_size"] == 16
+
+
+def test_another_data_file_with_the_same_name_is_refused(data, half_run, tmp_path):
+    other = tmp_path / "d.zip"
+    rng = np.random.default_rng(1)
+    write_dataset_zip(other, rng.integers(0, 256, size=(16, 1, 8, 8), dtype=np.uint8), np.arange(16) % 4,
+                      progress=False)
+    bad = args(data, half_run, 10, 8, "--resume_from_checkpoint", "latest")
+    bad[1] = other
+    line = one_line_error(run_cli(SCRIPT, *bad, timeout=120, env=ONE_THREAD))
+    assert "data_sha256=" in line, line
+
+
+def test_outdir_that_is_a_file_is_one_line(data, tmp_path):
+    (tmp_path / "f").write_text("x")
+    line = one_line_error(run_cli(SCRIPT, *args(data, tmp_path / "f", 2, 8), timeout=60))
+    assert "--outdir" in line and "is a file" in line, line
+
+
+def test_resume_counts_images_since_step_0_and_continues_lr_and_ema_step_by_step(data, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    extra = ("--no_progress",)  # a setting that changes no weight may change on resume
+    assert run_cli(SCRIPT, *args(data, full, 10, 8), env=ONE_THREAD).returncode == 0
+    assert run_cli(SCRIPT, *args(data, split, 5, 8), env=ONE_THREAD).returncode == 0
+    # A kill in the middle of a log write leaves a torn last line: the resume must read past it.
+    with open(split / "train_log.jsonl", "a") as f:
+        f.write('{"step": 6, "train_lo')
+    res = run_cli(SCRIPT, *args(data, split, 10, 8, *extra, "--resume_from_checkpoint", "latest"), env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "trained 10 steps (80 images)" in res.stdout, res.stdout
+    assert json.loads((split / "train_summary.json").read_text())["samples_seen"] == 80
+    log_full = [json.loads(ln) for ln in (full / "train_log.jsonl").read_text().splitlines()]
+    log_split = [json.loads(ln) for ln in (split / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_split] == list(range(1, 11))
+    for key in ("lr", "ema_beta", "train_loss"):
+        assert [r[key] for r in log_split] == [r[key] for r in log_full], key
+    assert log_full[0]["ema_beta"] == 0.0 and 0.0 < log_full[-1]["ema_beta"] < 1.0  # EDM's ramp, not constant
+
+
+def test_a_corrupt_log_line_before_the_end_is_one_line_naming_it(data, half_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(half_run, run)
+    rows = (run / "train_log.jsonl").read_text().splitlines()
+    rows[2] = rows[2][:10]  # a complete line that is not JSON: not a torn tail
+    (run / "train_log.jsonl").write_text("\n".join(rows) + "\n")
+    line = one_line_error(run_cli(SCRIPT, *args(data, run, 10, 8, "--resume_from_checkpoint", "latest"),
+                                  timeout=120, env=ONE_THREAD))
+    assert "train_log.jsonl:3: corrupt result line" in line and "the checkpoint holds the state" in line, line

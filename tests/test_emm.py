@@ -44,6 +44,8 @@ FAKE_STAGE = r'''
 import json, os, re, sys
 from pathlib import Path
 a = sys.argv[1:]
+if "--check_args" in a:  # the argument check every stage script offers: nothing to do for the double
+    sys.exit(0)
 stage = "data" if "--dest" in a else "train" if "--outdir" in a else "mem"
 path = a[a.index({"data": "--dest", "train": "--outdir", "mem": "--expdir"}[stage]) + 1]
 size = int(re.search(r"size-(\d+)", path).group(1))
@@ -433,13 +435,20 @@ def test_cli_failure_exit_code_names_the_log_and_grid_extension(tmp_path, fake_s
     (["--max_parallel", "0"], "--max_parallel must be >= 1"),
     (["--gpus_per_job", "2"], "no GPU is visible"),
     (["--stage_scripts", "eval=x.py"], "--stage_scripts"),
+    # Each stage's own parser, before anything starts (no dataset built, no model trained first).
+    (["--train_args", "--bogus 3"], "--train_args: the train stage (train_unconditional.py) refuses its arguments: "
+                                    "train_unconditional.py: error: unrecognized arguments: --bogus 3"),
+    (["--mem_args", "--seeds 5-2"], "--mem_args: the mem stage (mem_ratio.py) refuses its arguments: mem_ratio: error:"),
+    (["--dataset_args", "--resolution x"], "--dataset_args: the data stage (dataset_tool.py) refuses its arguments"),
+    (["--train_args", "--dropout 1.5"], "--dropout must be in [0, 1)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, extra, message):
     base = {"--source": "digits", "--sizes": "8,16", "--outdir": str(tmp_path / "s")}
     flags = dict(zip(extra[::2], extra[1::2]))
     res = emm(*[x for k, v in {**base, **flags}.items() for x in (k, v)])
     assert res.returncode == 2, res.stdout + res.stderr
-    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
 def test_plot_of_a_folder_without_results_is_one_line(tmp_path):

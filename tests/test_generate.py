@@ -379,6 +379,23 @@ def test_cli_conditional_subdirs_npz_labels_and_resume(snapshots, tmp_path, caps
     assert "num_steps=2 (now 3)" in capsys.readouterr().err
 
 
+def test_cli_rerun_regenerates_damaged_pngs_it_would_skip(snapshots, tmp_path, capsys):
+    out = tmp_path / "damaged"
+    base = ["--network", snapshots["cond"], "--outdir", out, "--steps", 2, "--batch", 2, "--seeds", "0-3", "--npz"]
+    assert generate(*base) == 0
+    good = {s: png(out / f"{s:06d}.png") for s in range(4)}
+    (out / "000001.png").write_bytes((out / "000001.png").read_bytes()[:40])  # truncated by a kill elsewhere
+    (out / "000002.png").write_bytes(b"not a png")
+    S.save_png(out / "000003.png", np.zeros((4, 4, 1), np.uint8))  # another resolution
+    capsys.readouterr()
+    assert generate(*base) == 0
+    cap = capsys.readouterr()
+    assert "3 damaged PNGs" in cap.err and "3 sampled now (3 of them to replace damaged PNGs)" in cap.out
+    assert all(np.array_equal(png(out / f"{s:06d}.png"), good[s]) for s in range(4))
+    with np.load(out / "images.npz") as z:
+        assert z["images"].shape == (4, 8, 8, 1)
+
+
 def test_cli_class_idx_fixes_the_label(snapshots, tmp_path):
     out = tmp_path / "k"
     assert generate("--network", snapshots["cond"], "--seeds", "0-2", "--outdir", out, "--steps", 1,

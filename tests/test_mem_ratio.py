@@ -374,6 +374,8 @@ def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys):
     (broken / "000001.png").write_bytes(b"not a png")
     no_images = tmp_path / "no-images.npz"
     np.savez(no_images, pictures=np.zeros((2, 8, 8, 1), np.uint8))
+    text = tmp_path / "text.npz"
+    text.write_text("seed,image\n0,a.png\n")
     one = tmp_path / "one.zip"
     write_dataset_zip(one, np.zeros((1, 1, 8, 8), dtype=np.uint8), progress=False)
     out = tmp_path / "out"
@@ -384,6 +386,7 @@ def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys):
         "listed more than once": base_args(run, out, "--snapshots", "1500,snapshot-000001500"),
         "cannot read image": ["--images", broken, "--knn_ref", run["zip"], "--outdir", out],
         "no 'images' array": ["--images", no_images, "--knn_ref", run["zip"], "--outdir", out],
+        "text.npz: not an npz file": ["--images", text, "--knn_ref", run["zip"], "--outdir", out],
         "needs --outdir": ["--images", broken, "--knn_ref", run["zip"]],
         "only apply to --expdir": ["--images", broken, "--knn_ref", run["zip"], "--outdir", out, "--seeds", "0-3"],
         "no such file": ["--expdir", run["dir"], "--knn_ref", tmp_path / "missing.zip"],

@@ -339,3 +339,56 @@ def test_default_sscd_model_on_16px_images(tmp_path, capsys, inputs):
     assert rep["memorized_fraction"] == 1.0 and rep["generalization_score"] == 0.0
     sim = fs.features @ fs.features.T
     assert sim[~np.eye(6, dtype=bool)].max() < 0.99  # different images are told apart
+
+
+# --- Zhang et al.'s own features files and bad flags ----------------------------------------------------------
+
+def _their_features(path, rows):
+    """A features file as Zhang et al.'s edm/sscd.py feature writes it: np.savez(path, features=...), nothing else."""
+    np.savez(path, features=rows)
+
+
+def test_zhang_features_only_files_pair_by_row_and_score_as_their_script(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    a = _unit(rng, 40, 16)
+    b = a + 0.9 * _unit(rng, 40, 16)  # some rows above 0.6, some below
+    b = S.l2_normalise(b)
+    _their_features(tmp_path / "a.npz", a)
+    _their_features(tmp_path / "b.npz", b)
+    rc, out, err = _main(capsys, "rpscore", "--source", tmp_path / "a.npz", "--target", tmp_path / "b.npz")
+    assert rc == 0, err
+    # Their rpscore: row-wise dot products of the stored features, strict > t
+    expected = float(((a * b).sum(axis=1) > 0.6).mean())
+    summary = json.loads(out)
+    assert 0 < expected < 1 and summary["rpscore"] == expected and summary["pairing"] == "row order"
+    notes = err.strip().splitlines()
+    assert len(notes) == 1 and notes[0].startswith("similarity: note: ") and "row order" in notes[0]
+
+    train = _unit(rng, 25, 16)
+    train[:5] = a[:5]  # five samples are copies of training rows
+    _their_features(tmp_path / "train.npz", train)
+    rc, out, err = _main(capsys, "mscore", "--source", tmp_path / "a.npz", "--target", tmp_path / "train.npz",
+                         "--chunk", "7")
+    assert rc == 0, err
+    m = json.loads(out)
+    mem = float((((a[:, None, :] * train[None]).sum(axis=2)).max(axis=1) > 0.6).mean())
+    assert m["memorized_fraction"] == mem and m["generalization_score"] == 1 - mem and mem >= 5 / 40
+    notes = [ln for ln in err.splitlines() if ln.startswith("similarity: note: ")]
+    assert len(notes) == 1 and "features only" in notes[0]
+
+    _their_features(tmp_path / "short.npz", b[:30])
+    rc, _, err = _main(capsys, "rpscore", "--source", tmp_path / "a.npz", "--target", tmp_path / "short.npz")
+    _one_line_error(rc, err, "40 rows")
+
+
+def test_cli_thresholds_outside_the_cosine_range_and_text_files_are_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    _their_features(tmp_path / "a.npz", _unit(rng, 4, 8))
+    for t in ("1.5", "-1.01", "nan"):
+        for score in ("rpscore", "mscore"):
+            rc, _, err = _main(capsys, score, "--source", tmp_path / "a.npz", "--target", tmp_path / "a.npz", "--t", t)
+            _one_line_error(rc, err, "--t in [-1, 1]")
+    (tmp_path / "notes.npz").write_text("features, by hand\n")
+    rc, _, err = _main(capsys, "mscore", "--source", tmp_path / "notes.npz", "--target", tmp_path / "a.npz")
+    _one_line_error(rc, err, "not an npz file")
+    assert "pickled" not in err

@@ -180,7 +180,49 @@ def test_resume_with_another_batch_size_is_refused(tiny_pipeline_dir, data, tmp_
     args[args.index("--train_batch_size") + 1] = "1"
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("train_text_to_image: error: ") and "train_batch_size=2" in err[-1] and "train_batch_size=1" in err[-1]
+    assert err[-1].startswith("train_text_to_image: error: ") and "train_batch_size=2 (now 1)" in err[-1]
+
+
+def test_resume_with_another_learning_rate_is_refused_before_anything_is_written(
+        tiny_pipeline_dir, data, tmp_path, fresh_accelerate, capsys):
+    from finetune.train_text_to_image import main
+
+    mem, _ = data
+    out = tmp_path / "run"
+    first = ["--max_train_steps", "1", "--checkpointing_steps", "1", "--learning_rate", "1e-3"]
+    assert main(base_args(tiny_pipeline_dir, mem, out, *first)) == 0
+    recorded = json.loads((out / "training_options.json").read_text())
+    assert recorded["learning_rate"] == 1e-3 and "max_train_steps" not in recorded  # constant LR: may extend
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    fresh_accelerate()
+    args = base_args(tiny_pipeline_dir, mem, out, "--max_train_steps", "2", "--learning_rate", "2e-3",
+                     "--resume_from_checkpoint", "latest")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "learning_rate=0.001 (now 0.002)" in err[0] and "another output folder" in err[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A new folder started from this run's checkpoint is a new run (a fork, as the lab's mitigated run): its own
+    # settings are recorded there.
+    fresh_accelerate()
+    fork = tmp_path / "fork"
+    assert main(base_args(tiny_pipeline_dir, mem, fork, "--max_train_steps", "2", "--learning_rate", "2e-3",
+                          "--resume_from_checkpoint", out / "checkpoint-1")) == 0
+    assert json.loads((fork / "training_options.json").read_text())["learning_rate"] == 2e-3
+    # The same settings extend the run; the image count covers both sessions.
+    fresh_accelerate()
+    assert main(base_args(tiny_pipeline_dir, mem, out, "--max_train_steps", "2", "--learning_rate", "1e-3",
+                          "--resume_from_checkpoint", "latest")) == 0
+    assert json.loads((out / "train_summary.json").read_text())["samples_seen"] == 4
+
+
+def test_output_dir_that_is_a_file_is_one_line(tiny_pipeline_dir, data, tmp_path, capsys):
+    from finetune.train_text_to_image import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(base_args(tiny_pipeline_dir, data[0], tmp_path / "f", "--max_train_steps", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output_dir" in err[0] and "is a file" in err[0]
 
 
 def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import pickle
+import re
 import tarfile
 import zipfile
 import zlib
@@ -389,6 +390,14 @@ def parse_labels_json(text: bytes | str, where: str, names: Sequence[str]) -> np
             raise DatasetError(f"{where}: labels[{j}]: expected [file name, integer label >= 0], "
                                f"got {json.dumps(entry)[:60]}")
         table[entry[0].replace("\\", "/")] = entry[1]
+    present = set(names)
+    unknown = [name for name in table if name not in present]
+    if unknown:
+        # A label for a file that is not there: a renamed or deleted image, or a dataset.json of another folder.
+        name = unknown[0]
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise DatasetError(f"{where}: labels name {name!r}{more}, which is not among its images; "
+                           f"expected a label for each image there and no other")
     missing = [n for n in names if n not in table]
     if missing:
         raise DatasetError(f"{where}: no label for {missing[0]}" + (f" (and {len(missing) - 1} more)"
@@ -642,8 +651,61 @@ def build_dataset(recipe: DatasetRecipe, progress: bool = True) -> DatasetArrays
 # ------------------------------------------------------------------------------------------- zip in and out
 
 
+def open_npz(path: str | Path, error: type[Exception] = None):
+    """np.load of an npz (no pickles); a file that is no npz or a damaged one raises error with one line.
+
+    numpy reads any non-zip file as a .npy and, for a text file, complains about pickled data: say what it is.
+    """
+    error = error or DatasetError
+    path = Path(path)
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if not is_zip:
+        raise error(f"{path}: not an npz file (expected a zip of .npy arrays, as numpy's savez writes)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy raises OSError, ValueError, BadZipFile, EOFError for damaged files
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise error(f"{path}: cannot read the npz ({type(exc).__name__}: {first})") from None
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 def _temporary_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """``.NAME.PID@HOST.tmp`` beside path: the writer is named, so a later run can tell a dead one's leftovers."""
+    return path.with_name(f".{path.name}.{os.getpid()}@{_host()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary zips in folder that a killed write left (written on this host by a process that is
+    gone); a write still running, or one of another host, is left alone. The paths removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    host = _host()
+    for p in folder.iterdir():
+        m = re.fullmatch(r"\..+\.(\d+)@([A-Za-z0-9_-]+)\.tmp", p.name)
+        if m and m.group(2) == host and p.is_file() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def _checked_labels(path: Path, labels, n: int) -> np.ndarray | None:
@@ -669,6 +731,7 @@ def write_dataset_zip(path: str | Path, images: np.ndarray, labels: np.ndarray |
     Image = _pil()
     names = [archive_name(i) for i in range(len(images))]
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     tmp = _temporary_beside(path)
     try:
         # Stored, uncompressed PNGs (as EDM writes them): decoding 50k of them is what training waits for.
@@ -701,6 +764,7 @@ def write_float_dataset_zip(path: str | Path, images: np.ndarray, labels: np.nda
     labels = _checked_labels(path, labels, len(images))
     names = float_names(len(images))
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent)
     tmp = _temporary_beside(path)
     try:
         buf = io.BytesIO()

@@ -238,8 +238,10 @@ def _folder_images(folder: Path, progress: bool = False) -> ImageSource:
 
 
 def _npz_images(path: Path) -> ImageSource:
+    from common.edm.dataset import open_npz
+
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open_npz(path, MemRatioError) as z:
             if "images" not in z.files:
                 raise MemRatioError(f"{path}: no 'images' array (expected uint8 N×H×W×C, as detect/generate.py "
                                     f"--npz writes)")

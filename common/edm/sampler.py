@@ -316,6 +316,30 @@ def missing_seeds(outdir: str | Path, seeds: Sequence[int], subdirs: bool = Fals
     return [s for s in seeds if not image_path(outdir, s, subdirs).exists()]
 
 
+def damaged_images(outdir: str | Path, seeds: Sequence[int], image_shape: tuple[int, int, int],
+                   subdirs: bool = False) -> list[int]:
+    """The seeds whose PNG exists but does not decode to an image of ``image_shape`` (C, H, W): a truncated
+    write by another tool, a file overwritten by hand, an image of another network."""
+    from PIL import Image
+
+    c, h, w = image_shape
+    bad = []
+    for s in seeds:
+        path = image_path(outdir, s, subdirs)
+        if not path.exists():
+            continue
+        try:
+            with Image.open(path) as im:
+                im.load()  # decodes every byte: a truncated PNG fails here, not on its header
+                shape = np.asarray(im).shape
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+            bad.append(s)
+            continue
+        if (shape + (1,) if len(shape) == 2 else shape) != (h, w, c):
+            bad.append(s)
+    return bad
+
+
 def bind_folder_settings(outdir: str | Path, settings: dict, write: bool = True) -> None:
     """Refuse to add images to a folder whose PNGs were made with other settings; else record these."""
     outdir = Path(outdir)

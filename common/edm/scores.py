@@ -15,6 +15,12 @@ Features files (``write_features`` / ``read_features``) are npz: ``features`` fl
 ``sscd_sha256`` (the model file's SHA-256, what identifies the model) and ``preprocess`` (the preset), as 0-d
 strings. Two files are comparable only with the same model, preset and dimension.
 
+Zhang et al.'s own features files (``edm/sscd.py feature``) hold ``features`` alone: they are read too, as
+*features-only* sets. Nothing in them says which images, seeds, model or preprocessing made them, so a score with
+one pairs rows by order (as their ``rpscore`` does; it needs the same number of rows), takes their features as
+stored (their scripts use the raw dot product of the model's normalised outputs), cannot check the model, and says
+so in its ``notes``.
+
 Comparisons are float32 against float32(t), as Zhang et al.'s torch ``sim > 0.6`` on float32 similarities: a
 cosine that rounds to float32(0.6) is not above 0.6.
 """
@@ -207,6 +213,7 @@ class FeatureSet:
     sscd_sha256: str
     preprocess: str
     where: str = ""
+    features_only: bool = False  # a file holding nothing but ``features`` (Zhang et al.'s edm/sscd.py format)
 
     @property
     def dim(self) -> int:
@@ -266,11 +273,9 @@ def write_features(path: str | Path, fs: FeatureSet) -> None:
 
 
 def _open_npz(path: Path):
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy raises OSError, ValueError, BadZipFile, EOFError for bad files
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ScoresError(f"{path}: cannot read the npz ({type(exc).__name__}: {first})") from None
+    from common.edm.dataset import open_npz
+
+    return open_npz(path, ScoresError)
 
 
 FEATURE_KEYS = ("features", "seeds", "names", "sscd_model", "sscd_sha256", "preprocess")
@@ -282,24 +287,54 @@ def read_features(path: str | Path) -> FeatureSet:
     if not path.is_file():
         raise ScoresError(f"{path}: no such features file (write one with `detect/similarity.py features`)")
     with _open_npz(path) as z:
+        if z.files == ["features"]:
+            return _features_only(path, z["features"])
         missing = [k for k in FEATURE_KEYS if k not in z.files]
         if missing:
             hint = " (it holds images: run `detect/similarity.py features` on it first)" if "images" in z.files else ""
             raise ScoresError(f"{path}: not a features file, no {', '.join(missing)}{hint}")
         feats, seeds, names = z["features"], np.asarray(z["seeds"]), z["names"]
         meta = {k: str(z[k]) for k in ("sscd_model", "sscd_sha256", "preprocess")}
-    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating) or len(feats) == 0:
-        raise ScoresError(f"{path}: 'features' is {feats.dtype} {'×'.join(map(str, feats.shape))}; expected "
-                          f"float N×D with N >= 1")
+    _check_matrix(path, feats)
     if seeds.shape != (len(feats),) or names.shape != (len(feats),) or not np.issubdtype(seeds.dtype, np.integer):
         raise ScoresError(f"{path}: expected {len(feats)} integer seeds and names, one per feature row")
-    if not np.isfinite(feats).all():
-        raise ScoresError(f"{path}: 'features' holds NaN or infinite values")
     return FeatureSet(l2_normalise(feats), seeds.astype(np.int64), [str(n) for n in names], where=str(path), **meta)
 
 
+def _check_matrix(path: Path, feats: np.ndarray) -> None:
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating) or len(feats) == 0:
+        raise ScoresError(f"{path}: 'features' is {feats.dtype} {'×'.join(map(str, feats.shape))}; expected "
+                          f"float N×D with N >= 1")
+    if not np.isfinite(feats).all():
+        raise ScoresError(f"{path}: 'features' holds NaN or infinite values")
+
+
+def _features_only(path: Path, feats: np.ndarray) -> FeatureSet:
+    """A file with ``features`` alone (Zhang et al.'s edm/sscd.py): rows without seeds, names or model record."""
+    _check_matrix(path, feats)
+    n = len(feats)
+    return FeatureSet(np.asarray(feats, np.float32), np.full(n, -1, np.int64), [f"row{i}" for i in range(n)],
+                      sscd_model="unrecorded", sscd_sha256="", preprocess="unrecorded", where=str(path),
+                      features_only=True)
+
+
+def features_only_note(sets: list[FeatureSet], pairing: bool) -> list[str]:
+    """The one-line note a score with features-only files carries (empty without them)."""
+    only = [fs.where for fs in sets if fs.features_only]
+    if not only:
+        return []
+    how = "pairs are taken by row order, as Zhang et al.'s rpscore does (no seeds are recorded); " if pairing else ""
+    return [f"{' and '.join(only)} hold{'s' if len(only) == 1 else ''} features only (Zhang et al.'s edm/sscd.py "
+            f"format): {how}features used as stored; the SSCD model and preprocessing cannot be checked"]
+
+
 def check_comparable(a: FeatureSet, b: FeatureSet) -> None:
-    """Raise ScoresError unless a and b come from the same SSCD model and preprocessing, with the same dimension."""
+    """Raise ScoresError unless a and b come from the same SSCD model and preprocessing, with the same dimension
+    (for a features-only file, which records neither, the dimension alone)."""
+    if a.features_only or b.features_only:
+        if a.dim != b.dim:
+            raise ScoresError(f"{a.where} has {a.dim}-d features, {b.where} {b.dim}-d")
+        return
     if a.sscd_sha256 != b.sscd_sha256:
         raise ScoresError(f"{a.where} and {b.where} were embedded with different SSCD models ({a.sscd_model} "
                           f"sha256 {a.sscd_sha256[:12]} vs {b.sscd_model} sha256 {b.sscd_sha256[:12]}); "
@@ -332,8 +367,18 @@ def _common_fields(a: FeatureSet, b: FeatureSet, t: float) -> dict:
 
 
 def rpscore_report(a: FeatureSet, b: FeatureSet, t: float = THRESHOLD) -> tuple[dict, dict]:
-    """(summary, per-pair columns) of the reproducibility score between two models' samples, paired by seed."""
+    """(summary, per-pair columns) of the reproducibility score between two models' samples, paired by seed
+    (by row order when either file is features-only, as Zhang et al.'s rpscore)."""
     check_comparable(a, b)
+    if a.features_only or b.features_only:
+        if len(a.names) != len(b.names):
+            raise ScoresError(f"{a.where} has {len(a.names)} rows and {b.where} {len(b.names)}: a features-only "
+                              f"file (Zhang et al.'s format, no seeds) pairs by row order, which needs the same "
+                              f"number of rows")
+        cos = rowwise_cosine(a.features, b.features)
+        summary = dict(score="rpscore", rpscore=rpscore(cos, t), n_pairs=len(cos), mean_cosine=float(cos.mean()),
+                       **_common_fields(a, b, t), pairing="row order", notes=features_only_note([a, b], True))
+        return summary, dict(row=list(range(len(cos))), cosine=cos.tolist())
     _unique_seeds(a)
     _unique_seeds(b)
     seeds, ia, ib = pair_by_seed(a.seeds, b.seeds)
@@ -343,7 +388,7 @@ def rpscore_report(a: FeatureSet, b: FeatureSet, t: float = THRESHOLD) -> tuple[
     cos = rowwise_cosine(a.features[ia], b.features[ib])
     summary = dict(score="rpscore", rpscore=rpscore(cos, t), n_pairs=len(seeds), mean_cosine=float(cos.mean()),
                    **_common_fields(a, b, t), source_unpaired=a.n_seeded - len(seeds),
-                   target_unpaired=b.n_seeded - len(seeds))
+                   target_unpaired=b.n_seeded - len(seeds), pairing="seed")
     return summary, dict(seed=seeds.tolist(), cosine=cos.tolist())
 
 
@@ -356,6 +401,8 @@ def mscore_report(gen: FeatureSet, train: FeatureSet, t: float = THRESHOLD, sour
     summary = dict(score="mscore", memorized_fraction=mem, generalization_score=1.0 - mem,
                    n_memorized=int(above(best, t).sum()), mean_max_cosine=float(best.mean()),
                    **_common_fields(gen, train, t), note=MSCORE_NOTE)
+    if gen.features_only or train.features_only:
+        summary["notes"] = features_only_note([gen, train], False)
     per_sample = dict(seed=gen.seeds.tolist(), name=gen.names, max_cosine=best.tolist(), argmax=idx.tolist(),
                       match=[train.names[j] for j in idx.tolist()])
     return summary, per_sample

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from common.errors import DiffmemError
+from common.results import write_json_atomic
 
 SNAPSHOT_PREFIX = "snapshot-"
 SNAPSHOT_INFO = "snapshot.json"
@@ -139,7 +140,7 @@ def write_snapshot_folder(network, final: str | Path, info: dict) -> Path:
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     network.save_pretrained(tmp)
-    (tmp / SNAPSHOT_INFO).write_text(json.dumps(info, indent=2, default=str))
+    write_json_atomic(tmp / SNAPSHOT_INFO, info)
     if final.exists():
         shutil.rmtree(final)  # a resumed run re-writes the snapshot it had reached when it was stopped
     os.replace(tmp, final)

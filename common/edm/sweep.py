@@ -145,6 +145,42 @@ def check_config(cfg: SweepConfig) -> None:
         raise ConfigError(f"--outdir {cfg.outdir} is a file; expected a sweep folder")
 
 
+CHECK_ARGS = "--check_args"  # every stage script: parse and check its arguments, then exit; nothing read or written
+ARGS_FLAG = {"data": "--dataset_args", "train": "--train_args", "mem": "--mem_args"}
+
+
+def check_stage_args(cfg: SweepConfig, python: str = sys.executable, timeout_s: float = 300.0) -> None:
+    """Each stage's arguments through that stage's own parser and checks, before anything starts.
+
+    The stage scripts run with the very arguments the sweep will give them (for the smallest size) plus
+    ``--check_args``, all three at once: a stage's argument error then stops the sweep at once rather than after
+    the stages before it (a dataset built, a model trained). ConfigError names the stage and quotes its one line.
+    The scripts run as subprocesses: a CLI folder is no library to import.
+    """
+    job = build_job(cfg, cfg.sizes[0], python)
+    procs = []
+    try:
+        for stage in job.stages:
+            procs.append((stage, subprocess.Popen([python, *stage.argv, CHECK_ARGS], cwd=cfg.cwd, text=True,
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        for stage, proc in procs:
+            try:
+                _, err = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                raise ConfigError(f"{ARGS_FLAG[stage.name]}: the {stage.name} stage's argument check "
+                                  f"({Path(stage.argv[0]).name} {CHECK_ARGS}) did not end in {timeout_s:.0f}s") from None
+            if proc.returncode != 0:
+                lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+                said = lines[-1] if lines else f"exit code {proc.returncode}"
+                raise ConfigError(f"{ARGS_FLAG[stage.name]}: the {stage.name} stage ({Path(stage.argv[0]).name}) "
+                                  f"refuses its arguments: {said}")
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def settings_record(settings: SweepSettings) -> dict:
     """sweep.json's content: the settings, with a source path made absolute so the record survives a cd."""
     record = asdict(settings)

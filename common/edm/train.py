@@ -8,7 +8,6 @@ global batch see the same draws, and a resumed run continues exactly.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +18,19 @@ from common.edm.dataset import ImageDataset, collate_image_batch, load_dataset_z
 from common.edm.network import ArchConfig, build_network, count_parameters, unet_config, check_skip_mask
 from common.edm.precond import Preconditioning, denoising_loss
 from common.edm.schedule import Schedule, resolve_schedule
-from common.edm.snapshot import save_snapshot
+from common.edm.scores import file_sha256
+from common.edm.snapshot import list_snapshots, save_snapshot
 from common.errors import ConfigError
 from common.seeding import STREAM_NOISE, torch_generator
-from common.trainer import LossTerms, TrainConfig, Trainer, make_accelerator
+from common.trainer import (
+    LossTerms,
+    TrainConfig,
+    Trainer,
+    bind_training_settings,
+    bound_train_settings,
+    launched_processes,
+    make_accelerator,
+)
 
 
 @dataclass
@@ -125,8 +133,36 @@ def checkpoint_every(schedule: Schedule, snap_kimg: float) -> int:
     return max(1, round(snap_kimg * 1000 / schedule.batch))
 
 
+# Settings that change no weight: --duration only says where to stop (the LR and EMA schedules do not depend on
+# it), so a run may be extended; --snap says when to write snapshots and checkpoints. --data is bound by its hash.
+FREE_SETTINGS = ("train", "data", "duration", "snap", "batch_gpu")
+# The generic loop's names for the flags of finetune/train_unconditional.py.
+FLAG_NAMES = {"learning_rate": "lr", "adam_weight_decay": "weight_decay", "sgd_momentum": "momentum"}
+
+
+def run_settings(cfg: UnconditionalConfig) -> dict:
+    """The settings a run's weights depend on, by flag name: bound to its output folder once it has a checkpoint
+    or snapshot (``training_options.json``); computed without reading the images or building a model."""
+    micro, _ = micro_batch_size(cfg.batch, cfg.batch_gpu, launched_processes())
+    settings = {"data_sha256": file_sha256(cfg.data)}
+    for key, value in asdict(cfg).items():
+        if key == "arch":
+            settings.update(value)  # flat: a refusal names num_channels, not the whole architecture
+        elif key not in FREE_SETTINGS:
+            settings[key] = value
+    # micro-batch per process (the global batch is --batch): resolved, so a change of process count shows too
+    settings["batch_gpu"] = micro
+    for key, value in bound_train_settings(cfg.train).items():
+        if key not in ("train_batch_size", "gradient_accumulation_steps"):  # set from --batch and --batch_gpu
+            settings[FLAG_NAMES.get(key, key)] = value
+    return settings
+
+
 def train_unconditional(cfg: UnconditionalConfig):
     """Train an EDMNetwork on an EDM dataset zip; returns the trainer's TrainSummary."""
+    # Before the data is decoded or a model built: a refused resume writes nothing (one line, exit 2).
+    bound = run_settings(cfg)
+    bind_training_settings(cfg.train, bound, results_exist=bool(list_snapshots(cfg.train.output_dir)))
     local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
     data = load_dataset_zip(cfg.data, progress=local_main and cfg.train.show_progress)
     base = ImageDataset(data, seed=cfg.train.seed)
@@ -159,13 +195,11 @@ def train_unconditional(cfg: UnconditionalConfig):
     torch.manual_seed(train.seed)
     pre = Preconditioning(cfg.precond)
     net = build_network(arch, pre, cfg.skip_connections).train()
-    settings = {k: v for k, v in asdict(cfg).items() if k != "train"}
-    settings.update(arch=asdict(arch), dataset_size=len(dataset), parameters=count_parameters(net),
-                    schedule_resolved=asdict(schedule))
+    # snapshot.json: the bound settings (training_options.json) and what follows from them and the data.
+    settings = {**bound, "data": str(Path(cfg.data).resolve()), "duration": cfg.duration, "snap": cfg.snap,
+                "arch_resolved": asdict(arch), "dataset_size": len(dataset), "parameters": count_parameters(net),
+                "schedule_resolved": asdict(schedule)}
     out = Path(train.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "training_options.json").write_text(json.dumps(settings, indent=2, default=str))
 
     def snapshot(step: int, models: dict) -> None:
         images = step * schedule.batch

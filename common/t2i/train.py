@@ -39,7 +39,16 @@ from common.seeding import (
     randn_per_sample,
 )
 from common.train_loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
-from common.trainer import LossTerms, TrainConfig, TrainSetupError, Trainer, make_accelerator, weight_dtype_of
+from common.trainer import (
+    LossTerms,
+    TrainConfig,
+    Trainer,
+    TrainSetupError,
+    bind_training_settings,
+    bound_train_settings,
+    make_accelerator,
+    weight_dtype_of,
+)
 
 
 @dataclass
@@ -204,6 +213,24 @@ class TextToImageLoss:
 # ------------------------------------------------------------------------------------------ the run
 
 
+# Settings that change no trained weight: validation images, the download cache and activation recomputation
+# (gradient checkpointing recomputes the same forward, RNG state included).
+FREE_SETTINGS = ("train", "validation_prompts", "validation_inference_steps", "validation_guidance_scale", "cache_dir",
+                 "gradient_checkpointing")
+# LR schedules whose value at a step does not depend on the run's length: with them a run may be extended.
+LENGTH_FREE_SCHEDULERS = ("constant", "constant_with_warmup")
+
+
+def run_settings(cfg: TextToImageConfig) -> dict:
+    """The settings a run's weights depend on (``training_options.json``), bound to its output folder once it has
+    a checkpoint; the run's length only with an LR schedule shaped by it."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in FREE_SETTINGS}
+    settings.update(bound_train_settings(cfg.train))
+    if cfg.train.lr_scheduler not in LENGTH_FREE_SCHEDULERS:
+        settings.update(max_train_steps=cfg.train.max_train_steps, num_train_epochs=cfg.train.num_train_epochs)
+    return settings
+
+
 def check_optional_features(cfg: TextToImageConfig) -> None:
     """One-line TrainSetupError when an optional extra is requested but missing (no model is loaded)."""
     import importlib.util
@@ -276,6 +303,8 @@ def train_text_to_image(cfg: TextToImageConfig):
     from common.t2i.models import load_pipeline
 
     check_optional_features(cfg)
+    # Before any data is read or model loaded: a refused resume writes nothing (one line, exit 2).
+    bind_training_settings(cfg.train, run_settings(cfg))
     local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
     records, report, hf = load_training_records(cfg, progress=local_main and cfg.train.show_progress)
 
