@@ -26,21 +26,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.edm.launch import CLUSTERS, LAUNCHERS  # noqa: E402
 from common.edm.sweep import (  # noqa: E402
-    CLUSTERS,
     DEFAULT_SCRIPTS,
-    LAUNCHERS,
-    STAGES,
     LaunchConfig,
     SweepConfig,
-    SweepSettings,
     check_config,
     check_stage_args,
-    plot_curves,
-    read_curve,
     run_sweep,
 )
+from common.edm.sweep_state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
+from common.plotting import plot_emm_curves  # noqa: E402
 
 
 def build_parser() -> ArgumentParser:
@@ -131,13 +128,13 @@ def sweep(a) -> int:
     for w in est.warnings:
         print(f"emm: warning: {w}", file=sys.stderr)
     print(est.message)
-    print(f"wrote {cfg.outdir / 'emm.json'} and {cfg.outdir / 'emm.png'}")
+    print(f"wrote {cfg.outdir / REPORT_FILE} and {cfg.outdir / REPORT_PLOT}")
     return est.exit_code
 
 
 def plot(a) -> None:
     """Several sweeps on one figure."""
-    out = plot_curves([read_curve(d) for d in a.sweeps], a.out, a.title)
+    out = plot_emm_curves([read_curve(d) for d in a.sweeps], a.out, a.title)
     print(f"wrote {out}")
 
 

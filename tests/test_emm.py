@@ -11,28 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from common.edm.sweep import (
+from common.edm.emm import (
     EXIT_BRACKETED,
     EXIT_FAILED,
     EXIT_NOT_BRACKETED,
-    LaunchConfig,
-    LocalLauncher,
-    NodeInfo,
-    SizeJob,
-    Stage,
-    SweepBusyError,
-    SweepConfig,
-    SweepSettings,
-    bind_settings,
     bisect_sizes,
-    build_job,
     estimate,
     order_warnings,
     plan_round,
-    run_sweep,
-    size_paths,
-    stage_command,
 )
+from common.edm.launch import LocalLauncher, NodeInfo, SizeJob, Stage, stage_command
+from common.edm.sweep import LaunchConfig, SweepBusyError, SweepConfig, build_job, run_sweep
+from common.edm.sweep_state import SweepSettings, bind_settings, size_paths
 from common.errors import ConfigError
 from conftest import ONE_THREAD, REPO, run_cli
 

@@ -24,6 +24,7 @@ the requested seed order and writes the results.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -125,6 +126,25 @@ def summarize(rows: Sequence[dict]) -> dict:
             "latest_snapshot": latest["snapshot"], "latest_ratio": latest["ratio"],
             "per_snapshot": [{k: r[k] for k in ("snapshot", "images_seen", "kimg", "ratio", "n", "zero_zero")}
                              for r in ordered]}
+
+
+@dataclass(frozen=True)
+class RatioSummary:
+    """What other stages read of ``mem_ratio_summary.json``: the maximum ratio over the snapshots and where."""
+    max_ratio: float
+    max_snapshot: str | None = None
+    max_images_seen: int | None = None
+    n: int | None = None
+
+
+def read_summary(path: str | Path) -> RatioSummary:
+    """A run's ``mem_ratio_summary.json`` (see :func:`summarize`); MemRatioError when unreadable or no max_ratio."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        return RatioSummary(float(doc["max_ratio"]), doc.get("max_snapshot"), doc.get("max_images_seen"),
+                            doc.get("n"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise MemRatioError(f"{path}: unreadable or has no max_ratio") from None
 
 
 def log_line(row: dict) -> str:
