@@ -16,13 +16,16 @@ from common.edm.emm import (
     EXIT_FAILED,
     EXIT_NOT_BRACKETED,
     bisect_sizes,
+    bracket_indices,
+    effective_model_memorization,
     estimate,
     order_warnings,
     plan_round,
+    spread,
 )
 from common.edm.launch import LocalLauncher, NodeInfo, SizeJob, Stage, stage_command
 from common.edm.sweep import LaunchConfig, SweepBusyError, SweepConfig, build_job, run_sweep
-from common.edm.sweep_state import SweepSettings, bind_settings, size_paths
+from common.edm.sweep_state import SweepSettings, bind_settings, scan_size, size_paths
 from common.errors import ConfigError
 from conftest import ONE_THREAD, REPO, run_cli
 
@@ -72,6 +75,28 @@ def counting(ratio):
 
 
 # ------------------------------------------------------------------------------------------------ bisection
+
+def test_emm_is_the_largest_size_at_or_above_the_threshold():
+    ratios = {16: 0.99, 32: 0.95, 64: 0.5, 128: None}  # 128 failed: no result
+    assert effective_model_memorization(ratios, 0.9) == 32
+    assert effective_model_memorization({8: 0.9, 16: 0.8999}, 0.9) == 8  # the threshold itself counts
+    assert effective_model_memorization({16: 0.5, 32: 0.95, 64: 0.2}, 0.9) == 32  # non-monotone: still the largest
+    assert effective_model_memorization({16: 0.5, 32: None}, 0.9) is None
+    assert effective_model_memorization({}, 0.9) is None
+
+
+def test_spread_and_bracket_indices_on_hand_made_grids():
+    assert spread([1, 2, 3, 4, 5, 6, 7], 1) == [4]  # the middle: plain bisection
+    assert spread([1, 2, 3, 4, 5, 6, 7], 3) == [2, 4, 6]  # quarter points
+    assert spread([1, 2, 3, 4], 1) == [2]  # even count: the lower middle
+    assert spread([5, 6], 4) == [5, 6] and spread([], 1) == []
+    grid = [8, 16, 32, 64, 128]
+    assert bracket_indices(grid, {}, 0.9) == (-1, 5)  # nothing measured: the whole grid is open
+    assert bracket_indices(grid, {16: 0.95, 128: 0.1}, 0.9) == (1, 4)
+    assert bracket_indices(grid, {16: 0.95, 64: 0.3, 128: 0.1}, 0.9) == (1, 3)  # the nearest measured above
+    assert bracket_indices(grid, {16: 0.5, 32: None}, 0.9) == (-1, 1)  # a failed size bounds nothing
+    assert bracket_indices(grid, {128: 0.91}, 0.9) == (4, 5)
+
 
 @pytest.mark.parametrize("true_emm", GRID[:-1])
 def test_bisection_brackets_every_crossing_in_log2_measurements(true_emm):
@@ -313,6 +338,17 @@ def test_a_crashed_submitit_job_is_recorded_failed_with_its_log(tmp_path):
     assert est.outcome == "blocked" and status["log"] in est.message
     submits = [json.loads(r) for r in (cfg.outdir / "jobs.jsonl").read_text().splitlines()]
     assert [(r["size"], r["stage"], r["launcher"]) for r in submits] == [(8, "job", "submitit:local")]
+
+
+def test_an_unreadable_ratio_summary_fails_the_size_with_its_path(tmp_path):
+    finished(tmp_path, 8, 0.95)
+    assert (scan_size(tmp_path, 8).status, scan_size(tmp_path, 8).max_snapshot) == ("done", "snapshot-000000040")
+    summary = size_paths(tmp_path, 8).output("mem")
+    for torn in ("{", json.dumps({"max_snapshot": "snapshot-000000040"}), json.dumps({"max_ratio": "high"})):
+        summary.write_text(torn)
+        state = scan_size(tmp_path, 8)
+        assert state.status == "failed" and state.stage == "mem"
+        assert state.message == f"|D|=8: {summary} is unreadable or has no max_ratio"
 
 
 def test_settings_bind_once_their_outputs_exist(tmp_path):

@@ -402,3 +402,19 @@ def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     res = run_cli(SCRIPT, "--expdir", empty)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_read_summary_is_the_typed_view_of_the_summary_file(tmp_path):
+    rows = [{"snapshot": "snapshot-000000040", "images_seen": 40, "kimg": 0.04, "ratio": 0.25, "memorized": 2,
+             "n": 8, "zero_zero": 0},
+            {"snapshot": "snapshot-000000080", "images_seen": 80, "kimg": 0.08, "ratio": 0.5, "memorized": 4,
+             "n": 8, "zero_zero": 0}]
+    path = tmp_path / M.SUMMARY_FILE
+    path.write_text(json.dumps(M.summarize(rows)))
+    assert M.read_summary(path) == M.RatioSummary(0.5, "snapshot-000000080", 80, 8)
+    for bad in ("{", "[1]", json.dumps({"max_ratio": None}), json.dumps({"n": 8})):
+        path.write_text(bad)
+        with pytest.raises(M.MemRatioError, match="unreadable or has no max_ratio"):
+            M.read_summary(path)
+    with pytest.raises(M.MemRatioError, match="unreadable"):
+        M.read_summary(tmp_path / "absent.json")
