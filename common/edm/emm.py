@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-EXIT_BRACKETED, EXIT_FAILED, EXIT_NOT_BRACKETED = 0, 1, 3
+EXIT_BRACKETED, EXIT_FAILED, EXIT_NOT_BRACKETED = 0, 1, 3  # detect/emm.py's exit codes by outcome
+
 
 def effective_model_memorization(results: dict[int, float | None], threshold: float) -> int | None:
     """EMM (Gu et al. 2023): the largest measured |D| whose max ratio is >= threshold; None if none is."""
