@@ -77,6 +77,11 @@ def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> tor
     return cosine_similarity_matrix(image_features, text_features)[:, 0]
 
 
+def top_k_mean(per_generation: torch.Tensor, k: int = 3) -> float:
+    """Mean of the k largest per-generation similarities (all of them when fewer) (MemBench, Hong et al.: top-3 SSCD)."""
+    return float(per_generation.float().topk(min(k, per_generation.numel())).values.mean())
+
+
 def similarity_stats(per_generation: torch.Tensor, thresholds=REPLICATION_THRESHOLDS) -> dict:
     """Mean, max and min over a prompt's generations and the rate above each threshold, as plain floats."""
     stats = dict(mean=float(per_generation.mean()), max=float(per_generation.max()), min=float(per_generation.min()))

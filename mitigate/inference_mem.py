@@ -20,8 +20,8 @@ from pathlib import Path
 # `python mitigate/inference_mem.py` puts mitigate/ on sys.path, not the checkout; make `common` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
-from common.t2i.mitigation_run import METHODS, MitigationSettings, RunOptions  # noqa: E402
+from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main  # noqa: E402
+from common.t2i.mitigation_run import METHOD_SETTINGS, METHODS, MitigationSettings, RunOptions  # noqa: E402
 
 
 @dataclass
@@ -65,6 +65,8 @@ def build_parser() -> ArgumentParser:
                    help="mean over generations of each norm, or the reference code's one norm over all "
                         "generations (joint, about sqrt(G) times larger)")
     p.add_argument("--freeze_padding", action="store_true", help="ours: also keep padding positions fixed")
+    for settings_class in METHOD_SETTINGS:
+        add_settings_arguments(p, settings_class)
     p.add_argument("--num_images_per_prompt", type=int, default=4)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
