@@ -24,7 +24,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class) -> N
     for f in dataclasses.fields(settings_class):
         default = f.default
         kind = f.metadata.get("type", type(default))
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata.get("help"))
+        parser.add_argument(f"--{f.name}", type=kind, default=default, choices=f.metadata.get("choices"),
+                            help=f.metadata.get("help"))
 
 
 def quiet_hub_logging() -> None:

@@ -93,6 +93,14 @@ def test_jain_transition_step_on_hand_made_norms():
     scales = torch.stack([rule(i, 0.0, norms[:, i]) for i in range(5)], dim=1)
     assert rule.transition_step.tolist() == [3, 1, -1]
     assert scales.tolist() == [[1, 1, 1, W, W], [1, W, W, W, W], [1, 1, 1, 1, 1]]
+    # their script's rule: the rise must follow a fall (a minimum strictly inside the sequence)
+    norms = torch.cat([norms, torch.tensor([[1.0, 2.0, 1.0, 1.5, 0.4]])])
+    assert jain_transition_step(norms, "minimum").tolist() == [3, 5, 5, 3]
+    assert jain_transition_step(norms, "rise").tolist() == [3, 1, 5, 1]
+    rule = DynamicTransition(early_scale=1.0, guidance_scale=W, rule="minimum")
+    for i in range(5):
+        rule(i, 0.0, norms[:, i])
+    assert rule.transition_step.tolist() == [3, -1, -1, 3]
 
 
 def test_jain_og_transition_and_static_scale_by_hand():
@@ -388,14 +396,18 @@ def test_binding_settings_per_method(tmp_path):
     (["--method", "han_batch", "--han_gamma", "-0.7"], "--han_gamma must be a finite number > 0"),
     (["--method", "han_sample", "--han_iters", "-1"], "--han_iters must be >= 0"),
     (["--method", "han_batch", "--han_tau", "nan"], "--han_tau must be a timestep >= 0"),
+    (["--method", "jain_dtp", "--jain_dtp_rule", "fall"], "argument --jain_dtp_rule: invalid choice: 'fall'"),
 ])
 def test_bad_settings_one_line_exit_2(tmp_path, capsys, extra, expected):
     from mitigate.inference_mem import main
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"caption": "a cat"}) + "\n")
-    rc = main(["--model_id", str(tmp_path / "no-model"), "--dataset", str(prompts), "--run_name", "x",
-               "--sscd_model", "none", "--skip_clip", "--out", str(tmp_path), *extra])
+    try:
+        rc = main(["--model_id", str(tmp_path / "no-model"), "--dataset", str(prompts), "--run_name", "x",
+                   "--sscd_model", "none", "--skip_clip", "--out", str(tmp_path), *extra])
+    except SystemExit as exc:  # argparse's own checks (choices, types) exit while parsing
+        rc = exc.code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "x").exists()

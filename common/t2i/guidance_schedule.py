@@ -8,9 +8,9 @@ which ordinary guidance is harmless. Three ways of choosing that point:
   τ = 500 with scale 0 (ε_u alone), and opposite guidance τ = 650 with scale −2.
 * ``jain_dtp`` (dynamic transition point): d_i = ‖ε_c − ε_u‖ per trajectory at step i; the trajectory is
   transitioned from the first step i ≥ 1 with d_i > d_{i−1} on (the step after d's first local minimum), decided
-  with step i's own predictions, so no extra UNet call is needed. Their released script additionally requires
-  d_{i−2} > d_{i−1} (a minimum strictly inside the sequence); the issue's rule, used here, also accepts a rise at
-  step 1.
+  with step i's own predictions, so no extra UNet call is needed (``--jain_dtp_rule rise``). Their released script
+  additionally requires d_{i−2} > d_{i−1}, i.e. a minimum strictly inside the sequence, so a rise right after
+  step 0 does not count (``--jain_dtp_rule minimum``).
 * ``jain_og`` (opposite guidance, their extra-pass variant): one unmitigated pass with guidance ε_u − w·ẽ records
   the cosine distance of successive latents; its first strict local minimum (the second one when the first is
   at step 1; step 5 when there is none, as in their script) is the transition step; the generating pass uses −w
@@ -34,6 +34,7 @@ from common.errors import ConfigError
 JAIN_OG_FALLBACK_STEP = 5
 # Paper defaults of the scale before the transition, per method (jain_stp: τ = 500 with scale 0; jain_dtp: ε_c).
 JAIN_EARLY_SCALE_DEFAULTS = {"jain_stp": 0.0, "jain_dtp": 1.0}
+JAIN_DTP_RULES = ("rise", "minimum")
 
 
 @dataclass
@@ -46,6 +47,10 @@ class JainSettings:
     jain_early_scale: float | None = field(default=None, metadata={
         "type": float, "help": "jain_stp/jain_dtp: guidance scale before the transition (default: 0 for "
                                "jain_stp, 1 = the conditional prediction alone for jain_dtp)"})
+    jain_dtp_rule: str = field(default="rise", metadata={
+        "choices": JAIN_DTP_RULES, "help": "jain_dtp: rise = transition at the first step whose norm rises above "
+                                          "the previous one; minimum = also after a fall (their script: an "
+                                          "interior minimum)"})
 
     def validate_jain(self) -> None:
         """Raise ConfigError with a one-line reason for a bad Jain setting."""
@@ -53,6 +58,8 @@ class JainSettings:
             raise ConfigError(f"--jain_tau must be a timestep >= 0, got {self.jain_tau}")
         if self.jain_early_scale is not None and not math.isfinite(self.jain_early_scale):
             raise ConfigError(f"--jain_early_scale must be a finite number, got {self.jain_early_scale}")
+        if self.jain_dtp_rule not in JAIN_DTP_RULES:
+            raise ConfigError(f"--jain_dtp_rule must be one of {', '.join(JAIN_DTP_RULES)}, got {self.jain_dtp_rule!r}")
 
     def jain_early(self, method: str) -> float:
         """The early scale of a method: the one given, else its paper default."""
@@ -68,10 +75,14 @@ def jain_static_scale(t: float, tau: float, early_scale: float, guidance_scale: 
     return early_scale if t > tau else guidance_scale
 
 
-def jain_transition_step(norms: torch.Tensor) -> torch.Tensor:
-    """First step i ≥ 1 with d_i > d_{i−1} of norms [..., S], or S if none (Jain et al. 2025, dynamic transition point)."""
+def jain_transition_step(norms: torch.Tensor, rule: str = "rise") -> torch.Tensor:
+    """First step i ≥ 1 with d_i > d_{i−1} (rule minimum: and d_{i−2} > d_{i−1}) of norms [..., S], or S if none (Jain et al. 2025, DTP)."""
     S = norms.shape[-1]
     rise = norms[..., 1:] > norms[..., :-1]
+    if rule == "minimum":
+        fell = torch.zeros_like(rise)
+        fell[..., 1:] = norms[..., :-2] > norms[..., 1:-1]
+        rise = rise & fell
     first = rise.to(torch.int64).argmax(dim=-1) + 1  # argmax returns the first maximal (True) position
     return torch.where(rise.any(dim=-1), first, torch.full_like(first, S))
 
@@ -119,18 +130,23 @@ class StaticTransition:
 class DynamicTransition:
     """Per trajectory: ``early_scale`` until the first step whose norm rises above the previous one, w from it on."""
 
-    def __init__(self, early_scale: float, guidance_scale: float):
-        self.early_scale, self.guidance_scale = early_scale, guidance_scale
+    def __init__(self, early_scale: float, guidance_scale: float, rule: str = "rise"):
+        self.early_scale, self.guidance_scale, self.rule = early_scale, guidance_scale, rule
         self.previous: torch.Tensor | None = None
+        self.fell: torch.Tensor | None = None  # d_{i−1} < d_{i−2}
         self.transition_step: torch.Tensor | None = None  # [N] int64, -1 while not transitioned
 
     def __call__(self, step: int, t: float, text_norm: torch.Tensor) -> torch.Tensor:
         norm = text_norm.detach().float().cpu()
         if self.previous is None:
             self.transition_step = torch.full(norm.shape, -1, dtype=torch.int64)
+            self.fell = torch.zeros(norm.shape, dtype=torch.bool)
         else:
             new = (self.transition_step < 0) & (norm > self.previous)
+            if self.rule == "minimum":
+                new &= self.fell
             self.transition_step[new] = step
+            self.fell = norm < self.previous
         self.previous = norm
         on = (self.transition_step >= 0).to(text_norm.device)
         return torch.where(on, torch.full_like(text_norm, self.guidance_scale),

@@ -40,7 +40,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in [
       for b in BASELINES],
     MethodSpec("jain_stp", ("jain_tau", "jain_early_scale"), "jain_tau",
                "Jain et al., CVPR 2025: static transition point"),
-    MethodSpec("jain_dtp", ("jain_early_scale",), "jain_early_scale",
+    MethodSpec("jain_dtp", ("jain_early_scale", "jain_dtp_rule"), "jain_early_scale",
                "Jain et al., CVPR 2025: dynamic transition point"),
     MethodSpec("jain_og", (), None, "Jain et al., CVPR 2025: opposite guidance, transition from an extra pass"),
     MethodSpec("han_batch", ("han_rho", "han_gamma", "han_m", "han_tau"), "han_tau",
@@ -104,7 +104,7 @@ def generate_batch(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor,
     elif method == "jain_stp":
         guidance = StaticTransition(settings.jain_tau, settings.jain_early(method), w)
     elif method == "jain_dtp":
-        guidance = DynamicTransition(settings.jain_early(method), w)
+        guidance = DynamicTransition(settings.jain_early(method), w, settings.jain_dtp_rule)
     elif method == "jain_og":
         recorder = StepDistanceRecorder()
         sample_latents(parts, cond_embeds, uncond_embed, latents, observer=recorder,
