@@ -1,11 +1,15 @@
 """Mitigate memorization at inference time and measure replication (Wen et al., ICLR 2024, Sec. 5).
 
     python mitigate/inference_mem.py --model_id ID_OR_DIR --dataset FILE_OR_DIR --run_name NAME
-        --method none|ours|rand_word_add|rand_numb_add|rand_word_repeat [options]
+        --method none|ours|rand_word_add|rand_numb_add|rand_word_repeat|jain_stp|jain_dtp|jain_og|han_batch|
+                 han_sample|ren_attn|gni [options]
 
 ``ours`` optimises each prompt's text embedding until its text-conditional noise magnitude at DDIM step(s)
 --optim_target_steps is ≤ --optim_target_loss; the baselines insert --repeat_num random tokens / numbers /
-own words. Every method starts prompt i from the same noise (seed gen_seed + i). Writes
+own words; jain_* schedule the guidance (Jain et al. 2025), han_* adjust the initial noise (Han et al. 2025),
+ren_attn masks and rescales cross-attention (Ren et al. 2024), gni adds noise to the text embedding (Somepalli
+et al. 2023); see common/t2i/mitigation_methods.py. Every method starts prompt i from the same noise (seed
+gen_seed + i) and records per prompt its extra UNet evaluations and seconds per image. Writes
 {out}/{run_name}/: images/{row}.png (grid of the prompt's generations), results.jsonl (one row per prompt,
 appended per batch; re-running the same command resumes), summary.json, config.json and, with
 --with_tracking, a tensorboard log in tb/.
