@@ -523,3 +523,12 @@ def test_tradeoff_bad_sweep_one_line_exit_2(tmp_path, small_lab, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and err == ["tradeoff: error: --ren_c must be a finite number > 0, got -1.0"]
     assert not (tmp_path / "t").exists()
+
+
+def test_random_clip_weights_are_the_same_in_every_load():
+    from common.similarity import load_clip_scorer
+
+    a = load_clip_scorer("ViT-S-32", "none")
+    b = load_clip_scorer("ViT-S-32", "none")
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(pa, pb), name
