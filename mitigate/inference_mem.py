@@ -69,6 +69,9 @@ def build_parser() -> ArgumentParser:
                    help="mean over generations of each norm, or the reference code's one norm over all "
                         "generations (joint, about sqrt(G) times larger)")
     p.add_argument("--freeze_padding", action="store_true", help="ours: also keep padding positions fixed")
+    p.add_argument("--be_mask", action="store_true",
+                   help="ours: mask the loss by the end token's cross-attention at the last step of an unmitigated "
+                        "generation (Chen et al. 2025, bright ending)")
     for settings_class in METHOD_SETTINGS:
         add_settings_arguments(p, settings_class)
     p.add_argument("--num_images_per_prompt", type=int, default=4)

@@ -105,6 +105,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--optim_lr", type=float, default=0.05)
     p.add_argument("--optim_loss_reduction", choices=("mean", "joint"), default="mean")
     p.add_argument("--freeze_padding", action="store_true")
+    p.add_argument("--be_mask", action="store_true", help="ours: Chen et al.'s bright-ending mask on the loss")
     for settings_class in METHOD_SETTINGS:
         add_settings_arguments(p, settings_class)
     p.add_argument("--num_images_per_prompt", type=int, default=4)

@@ -532,3 +532,61 @@ def test_random_clip_weights_are_the_same_in_every_load():
     b = load_clip_scorer("ViT-S-32", "none")
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(pa, pb), name
+
+
+# --- Chen et al.: the bright-ending mask on Wen et al.'s loss ------------------------------------------------------
+
+def test_be_mask_by_hand():
+    from common.t2i.bright_ending import be_mask
+
+    coarse = torch.tensor([[1.0, 3.0, 2.0, 2.0]])  # a 2×2 map
+    fine = torch.tensor([[4.0] * 16])  # a 4×4 map
+    m = be_mask([coarse, fine], (4, 4))
+    want = (torch.nn.functional.interpolate(coarse.view(1, 1, 2, 2), size=(4, 4), mode="bilinear",
+                                            align_corners=False) + 4.0) / 2
+    torch.testing.assert_close(m, want / want.max())
+    assert m.max() == 1.0
+
+
+def test_end_token_recorder_against_explicit_softmax(tiny_parts):
+    from common.t2i.attention_rescale import RenAttnProcessor
+    from common.t2i.bright_ending import EndTokenAttentionRecorder, end_token_positions
+
+    attn = tiny_parts.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    eos = end_token_positions(tiny_parts.tokenizer, ["a cat", "a dog on a mat"])
+    assert eos.tolist() == [3, 6]
+    torch.manual_seed(1)
+    hidden, enc = torch.randn(2, 9, attn.query_dim), torch.randn(2, 77, attn.cross_attention_dim)
+    rec = EndTokenAttentionRecorder(eos)
+    with torch.no_grad():
+        out = rec(attn, hidden, enc)
+        plain = RenAttnProcessor(torch.ones(2, 77, dtype=torch.bool), torch.ones(2))(attn, hidden, enc)
+        h, d = attn.heads, attn.inner_dim // attn.heads
+        q = attn.to_q(hidden).double().view(2, 9, h, d).transpose(1, 2)
+        k = attn.to_k(enc).double().view(2, 77, h, d).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)  # [2, h, 9, 77]
+    want = torch.stack([probs[b, :, :, eos[b]].mean(dim=0) for b in range(2)]).float()
+    torch.testing.assert_close(rec.maps[0], want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)  # attention itself is unchanged
+
+
+def test_ours_with_be_mask_optimises_the_masked_loss(tiny_parts):
+    from common.t2i.bright_ending import bright_ending_masks
+    from common.t2i.detection import text_noise_objective
+    from common.t2i.mitigation_run import condition_batch
+
+    emb, uncond, lat = _inputs(tiny_parts)
+    masks = bright_ending_masks(tiny_parts, emb, uncond, lat, PROMPTS, num_inference_steps=STEPS, guidance_scale=W)
+    assert masks.shape == (2, G, 1, 8, 8) and masks.amax(dim=(2, 3, 4)).allclose(torch.ones(2, G))
+    # the masked objective is the norm of the masked difference, written out
+    T = _scheduler(tiny_parts).timesteps[0]
+    got = text_noise_objective(tiny_parts, emb, uncond, lat, num_inference_steps=STEPS, target_steps=[0],
+                               guidance_scale=W, mask=masks)
+    e_u, e_c = _eps(tiny_parts, lat.flatten(0, 1), T, _flat_cond(emb), uncond)
+    want = ((e_c - e_u) * masks.flatten(0, 1)).flatten(1).norm(dim=1).view(2, G)
+    torch.testing.assert_close(got[..., 0].detach(), want, rtol=1e-4, atol=1e-6)
+    s = _settings("ours", be_mask=True, optim_target_loss=None, optim_iters=2)
+    cond = condition_batch(tiny_parts, uncond, PROMPTS, ROWS, s)
+    assert cond["loss_initial"] == pytest.approx(want.mean(dim=1).tolist(), rel=1e-4)
+    assert cond["extra_unet_calls"] == [2 * STEPS + 2 * 3] * 2  # the unmitigated generation + 3 loss evaluations
+    assert s.fingerprint()["be_mask"] is True and "be_mask" not in _settings("ours").fingerprint()

@@ -34,8 +34,9 @@ class MethodSpec:
 
 METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in [
     MethodSpec("none", paper="classifier-free guidance, no mitigation"),
-    MethodSpec("ours", ("optim_target_loss", "optim_iters", "optim_lr", "freeze_padding"), "optim_target_loss",
-               "Wen et al., ICLR 2024: prompt-embedding optimisation"),
+    MethodSpec("ours", ("optim_target_loss", "optim_iters", "optim_lr", "freeze_padding", "be_mask"),
+               "optim_target_loss", "Wen et al., ICLR 2024: prompt-embedding optimisation (with --be_mask: Chen et "
+               "al., ICLR 2025's bright-ending mask on its loss)"),
     *[MethodSpec(b, ("repeat_num",), "repeat_num", "Somepalli et al. 2023 / Wen et al. 2024: prompt augmentation")
       for b in BASELINES],
     MethodSpec("jain_stp", ("jain_tau", "jain_early_scale"), "jain_tau",

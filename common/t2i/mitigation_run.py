@@ -89,6 +89,7 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
     optim_lr: float = 0.05
     optim_loss_reduction: str = "mean"
     freeze_padding: bool = False
+    be_mask: bool = False
     num_images_per_prompt: int = 4
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
@@ -132,6 +133,8 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
                 d.pop(k)
         if "jain_early_scale" in d:
             d["jain_early_scale"] = self.jain_early(self.method)
+        if not d.get("be_mask", True):  # recorded only when on, so runs from before the option still resume
+            d.pop("be_mask")
         return d
 
 
@@ -181,16 +184,24 @@ def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], se
                extra_unet_calls=[0] * len(rows))
     if settings.method == "ours":
         t0 = time.perf_counter()
+        mask, mask_calls = None, 0
+        if settings.be_mask:
+            from common.t2i.bright_ending import bright_ending_masks
+
+            mask = bright_ending_masks(parts, encoded.embeds, uncond_embed, latents, used,
+                                       num_inference_steps=settings.num_inference_steps,
+                                       guidance_scale=settings.guidance_scale)
+            mask_calls = 2 * settings.num_inference_steps  # the unmitigated generation the mask comes from
         learnable = learnable_positions(prompt_attention_mask(parts.tokenizer, used), settings.freeze_padding)
         res = optimise_prompt_embeds(parts, encoded.embeds, uncond_embed, latents,
                                      target_loss=settings.optim_target_loss, iters=settings.optim_iters,
                                      lr=settings.optim_lr, learnable=learnable,
-                                     reduction=settings.optim_loss_reduction, **objective)
+                                     reduction=settings.optim_loss_reduction, mask=mask, **objective)
         # Each loss evaluation runs every generation's ε_u and ε_c up to the last target step.
         per_eval = 2 * (max(settings.optim_target_steps) + 1)
         out.update(embeds=res.embeds, loss_initial=res.initial_loss, loss_final=res.final_loss,
                    iterations=res.iterations, reached_target=res.reached_target, method_s=time.perf_counter() - t0,
-                   extra_unet_calls=[per_eval * len(h) for h in res.loss_history])
+                   extra_unet_calls=[mask_calls + per_eval * len(h) for h in res.loss_history])
     else:
         losses = prompt_losses(parts, encoded.embeds, uncond_embed, latents,
                                reduction=settings.optim_loss_reduction, **objective)
@@ -344,7 +355,8 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
             row.update(loss_initial=cond["loss_initial"][b], loss_final=cond["loss_final"][b],
                        iterations=cond["iterations"][b], truncated=cond["truncated"][b])
             if settings.method == "ours":
-                row.update(target_loss=settings.optim_target_loss, reached_target=cond["reached_target"][b])
+                row.update(target_loss=settings.optim_target_loss, reached_target=cond["reached_target"][b],
+                           be_mask=settings.be_mask)
             extra = [cond["extra_unet_calls"][b] + e for e in gen.extra_unet_calls[b]]
             row.update(extra_unet_calls=extra, extra_unet_calls_mean=sum(extra) / len(extra),
                        seconds_per_image=round(seconds_per_image, 6), first_step_norm=gen.first_step_norm[b],
