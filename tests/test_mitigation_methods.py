@@ -293,6 +293,9 @@ def test_ren_processor_against_explicit_softmax(tiny_pipe, tiny_parts):
                 s[:, ~keep[b]] = -math.inf
                 want[b, :, j] = torch.softmax(s, dim=-1) @ v[b, :, j]
         want = attn.to_out[0](want.reshape(4, 10, h * d).float())
+        # with no change to the logits the written-out softmax is diffusers' own attention
+        plain = RenAttnProcessor(torch.ones(4, 77, dtype=torch.bool), torch.ones(4))(attn, hidden, enc)
+        torch.testing.assert_close(plain, attn(hidden, encoder_hidden_states=enc), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

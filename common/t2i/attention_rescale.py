@@ -48,6 +48,48 @@ def ren_key_mask(tokenizer, prompts: list[str]) -> torch.Tensor:
     return ids.attention_mask.bool()
 
 
+def explicit_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *,
+                       logits_fn=None, probs_hook=None) -> torch.Tensor:
+    """A diffusers ``Attention`` layer's forward with the softmax written out (fp32 logits), so that
+    ``logits_fn(logits [b, h, q, L])`` can change the logits and ``probs_hook(probs)`` can read the probabilities;
+    with neither it computes what the default processor does."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    b, heads = query.shape[0], attn.heads
+    q = query.view(b, -1, heads, query.shape[-1] // heads).transpose(1, 2)
+    k = key.view(b, -1, heads, key.shape[-1] // heads).transpose(1, 2)
+    v = value.view(b, -1, heads, value.shape[-1] // heads).transpose(1, 2)
+    logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scale  # [b, h, q, L] in fp32
+    if attention_mask is not None:
+        logits = logits + attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, heads, 1, -1).float()
+    if logits_fn is not None:
+        logits = logits_fn(logits)
+    probs = logits.softmax(dim=-1)
+    if probs_hook is not None:
+        probs_hook(probs)
+    out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, -1, heads * v.shape[-1])
+    out = attn.to_out[1](attn.to_out[0](out))
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
 class RenAttnProcessor:
     """A diffusers attention processor for cross-attention with :func:`ren_attention_logits` before the softmax.
 
@@ -59,37 +101,11 @@ class RenAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        b, heads = query.shape[0], attn.heads
-        q = query.view(b, -1, heads, query.shape[-1] // heads).transpose(1, 2)
-        k = key.view(b, -1, heads, key.shape[-1] // heads).transpose(1, 2)
-        v = value.view(b, -1, heads, value.shape[-1] // heads).transpose(1, 2)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scale  # [b, h, q, L] in fp32
-        if attention_mask is not None:
-            logits = logits + attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, heads, 1, -1).float()
-        logits = ren_attention_logits(logits, self.keep.to(logits.device), self.bos_scale.to(logits.device))
-        probs = logits.softmax(dim=-1).to(v.dtype)
-        out = (probs @ v).transpose(1, 2).reshape(b, -1, heads * v.shape[-1])
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        def rescale(logits):
+            return ren_attention_logits(logits, self.keep.to(logits.device), self.bos_scale.to(logits.device))
+
+        return explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                  logits_fn=rescale)
 
 
 @contextmanager

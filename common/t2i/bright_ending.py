@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from common.t2i.attention_rescale import explicit_attention
+
 
 def be_mask(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """M = mean over layers of the end token's attention maps [N, q_l] upsampled to size, ÷ max per sample (Chen et al. 2025, BE mask)."""
@@ -47,38 +49,13 @@ class EndTokenAttentionRecorder:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        b, heads = query.shape[0], attn.heads
-        q = query.view(b, -1, heads, query.shape[-1] // heads).transpose(1, 2)
-        k = key.view(b, -1, heads, key.shape[-1] // heads).transpose(1, 2)
-        v = value.view(b, -1, heads, value.shape[-1] // heads).transpose(1, 2)
-        logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            logits = logits + attn.prepare_attention_mask(attention_mask, k.shape[2], b).view(b, heads, 1, -1).float()
-        probs = logits.softmax(dim=-1)  # [b, h, q, L]
-        idx = self.eos.to(probs.device).view(-1, 1, 1, 1).expand(b, heads, probs.shape[2], 1)
-        self.maps.append(probs.gather(-1, idx)[..., 0].mean(dim=1).detach().cpu())  # [b, q]
-        out = (probs.to(v.dtype) @ v).transpose(1, 2).reshape(b, -1, heads * v.shape[-1])
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        def record(probs):  # [b, h, q, L]
+            b, heads, q = probs.shape[:3]
+            idx = self.eos.to(probs.device).view(-1, 1, 1, 1).expand(b, heads, q, 1)
+            self.maps.append(probs.gather(-1, idx)[..., 0].mean(dim=1).detach().cpu())  # [b, q]
+
+        return explicit_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                                  probs_hook=record)
 
 
 @contextmanager
