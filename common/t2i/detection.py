@@ -309,6 +309,7 @@ def text_noise_objective(
     num_inference_steps: int,
     target_steps: list[int],
     guidance_scale: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable ‖ε(x_t, c) − ε(x_t, ∅)‖₂ at each target step, shape [B, G, len(target_steps)].
 
@@ -316,11 +317,12 @@ def text_noise_objective(
     trajectory leading there (x_t) and the unconditional prediction are computed without grad, and the
     unconditional embedding is a constant. This is the objective of Wen et al.'s token-wise significance
     (Sec. 4) and inference-time mitigation (Sec. 5). ``cond_embeds`` [B, L, D] may require grad; latents as
-    in :func:`trace_noise_norms`.
+    in :func:`trace_noise_norms`. ``mask`` [B, G, 1, H, W] weights the difference elementwise before the norm
+    (Chen et al. 2025's bright-ending mask, :mod:`common.t2i.bright_ending`).
     """
     norms = dict(iter_text_noise_objective(
         parts, cond_embeds, uncond_embed, latents, num_inference_steps=num_inference_steps,
-        target_steps=target_steps, guidance_scale=guidance_scale))
+        target_steps=target_steps, guidance_scale=guidance_scale, mask=mask))
     return torch.stack([norms[s] for s in target_steps], dim=-1)
 
 
@@ -333,6 +335,7 @@ def iter_text_noise_objective(
     num_inference_steps: int,
     target_steps: list[int],
     guidance_scale: float,
+    mask: torch.Tensor | None = None,
 ):
     """:func:`text_noise_objective` one target step at a time: yields (step, [B, G] norms) in step order.
 
@@ -359,6 +362,9 @@ def iter_text_noise_objective(
             a_bar = _alpha_bar(scheduler, t)
             eps_c = epsilon_from_output(out_c, x_in, a_bar, pred_type)
             eps_u = epsilon_from_output(out_u, x_in, a_bar, pred_type)
+            if mask is not None:
+                weight = mask.reshape(B * G, *mask.shape[2:]).to(device=eps_c.device, dtype=eps_c.dtype)
+                eps_c, eps_u = eps_c * weight, eps_u * weight
             yield step, text_noise_norm(eps_c, eps_u).view(B, G)
             out_c = out_c.detach()
         else:

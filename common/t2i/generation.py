@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common.t2i.models import DenoiserParts
-from common.t2i.noise import classifier_free_guidance
+from common.t2i.noise import classifier_free_guidance, epsilon_from_output, text_noise_norm
 
 
 @torch.no_grad()
@@ -28,24 +28,48 @@ def sample_latents(
     *,
     num_inference_steps: int,
     guidance_scale: float,
+    guidance=None,
+    observer=None,
+    norms_out: list | None = None,
 ) -> torch.Tensor:
     """Final latents [B, G, C, H, W] (fp32) of the guided trajectory of B prompts × G generations.
 
-    cond_embeds: [B, L, D]; uncond_embed: [1, L, D]; latents: [B, G, C, H, W], already scaled by the
-    scheduler's init_noise_sigma. All steps of the scheduler run (DDIM with eta = 0 for ``denoiser_parts``).
+    cond_embeds: [B, L, D] (one per prompt) or [B, G, L, D] (one per generation); uncond_embed: [1, L, D];
+    latents: [B, G, C, H, W], already scaled by the scheduler's init_noise_sigma. All steps of the scheduler run
+    (DDIM with eta = 0 for ``denoiser_parts``). ``guidance(step, t, text_norm) -> [B·G]`` gives a per-trajectory
+    guidance scale from ‖ε_c − ε_u‖ (ε units, whole latent; see :mod:`common.t2i.guidance_schedule`); default
+    guidance_scale at every step. ``observer(step, x_before, x_after)`` sees each update; ``norms_out`` (a list)
+    receives the per-step text norms [B·G] when given.
     """
     unet, dtype, device = parts.unet, parts.dtype, parts.device
     scheduler = copy.deepcopy(parts.scheduler)  # per-trajectory state stays out of the shared scheduler
     scheduler.set_timesteps(num_inference_steps, device=device)
+    pred_type = scheduler.config.get("prediction_type", "epsilon")
     B, G = latents.shape[:2]
     x = latents.reshape(B * G, *latents.shape[2:]).to(device=device, dtype=torch.float32)
-    cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)  # prompt-major, like x
+    if cond_embeds.dim() == 4:  # one embedding per generation, already prompt-major
+        cond = cond_embeds.reshape(B * G, *cond_embeds.shape[2:]).to(device=device, dtype=dtype)
+    else:
+        cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)  # prompt-major, like x
     emb = torch.cat([uncond_embed.to(device=device, dtype=dtype).expand(B * G, -1, -1), cond])
-    for t in scheduler.timesteps:
+    for step, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
         out_u, out_c = unet(x_in.to(dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float().chunk(2)
-        guided = classifier_free_guidance(out_u, out_c, guidance_scale)
-        x = scheduler.step(guided, t, x, return_dict=False)[0].float()
+        if guidance is None and norms_out is None:
+            guided = classifier_free_guidance(out_u, out_c, guidance_scale)
+        else:
+            a_bar = scheduler.alphas_cumprod[int(t)].float()
+            x_half = x_in[:B * G]
+            norm = text_noise_norm(epsilon_from_output(out_c, x_half, a_bar, pred_type),
+                                   epsilon_from_output(out_u, x_half, a_bar, pred_type))
+            if norms_out is not None:
+                norms_out.append(norm.cpu())
+            scale = guidance_scale if guidance is None else guidance(step, float(t), norm).view(-1, 1, 1, 1)
+            guided = classifier_free_guidance(out_u, out_c, scale)
+        x_next = scheduler.step(guided, t, x, return_dict=False)[0].float()
+        if observer is not None:
+            observer(step, x, x_next)
+        x = x_next
     return x.view(B, G, *x.shape[1:])
 
 

@@ -88,11 +88,13 @@ def optimise_prompt_embeds(
     weight_decay: float = 0.01,
     learnable: torch.Tensor | None = None,
     reduction: str = "mean",
+    mask: torch.Tensor | None = None,
 ) -> OptimisationResult:
     """Lower each prompt's text-conditional noise magnitude to target_loss by AdamW on its embedding.
 
     cond_embeds [B, L, D]; uncond_embed [1, L, D]; latents [B, G, C, H, W] (scaled by init_noise_sigma, as
-    for :func:`common.t2i.detection.text_noise_objective`); learnable [B, L] bool (default: all but BOS).
+    for :func:`common.t2i.detection.text_noise_objective`); learnable [B, L] bool (default: all but BOS); mask
+    [B, G, 1, H, W] localises the loss (the bright-ending mask, Chen et al. 2025).
     At most ``iters`` updates per prompt; target_loss None runs all of them.
     """
     if iters < 0:
@@ -123,8 +125,8 @@ def optimise_prompt_embeds(
         last = it == iters
         with torch.set_grad_enabled(not last):
             sub = param[idx.to(device)]
-            loss = mitigation_loss(text_noise_objective(parts, sub, uncond_embed, latents[idx], **objective),
-                                   reduction)
+            loss = mitigation_loss(text_noise_objective(parts, sub, uncond_embed, latents[idx], **objective,
+                                                        mask=None if mask is None else mask[idx]), reduction)
         values = loss.detach().cpu().tolist()
         stop = []
         for k, b in enumerate(idx.tolist()):
@@ -159,8 +161,8 @@ def optimise_prompt_embeds(
 @torch.no_grad()
 def prompt_losses(parts: DenoiserParts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor,
                   latents: torch.Tensor, *, num_inference_steps: int, target_steps: list[int],
-                  guidance_scale: float, reduction: str = "mean") -> list[float]:
+                  guidance_scale: float, reduction: str = "mean", mask: torch.Tensor | None = None) -> list[float]:
     """The mitigation loss of unoptimised embeddings (what the baselines and ``none`` are reported with)."""
     norms = text_noise_objective(parts, cond_embeds, uncond_embed, latents, num_inference_steps=num_inference_steps,
-                                 target_steps=list(target_steps), guidance_scale=guidance_scale)
+                                 target_steps=list(target_steps), guidance_scale=guidance_scale, mask=mask)
     return mitigation_loss(norms, reduction).cpu().tolist()

@@ -30,10 +30,16 @@ from common.errors import ConfigError
 from common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
 from common.results import append_results, bind_run_settings, read_results, write_json_atomic
 from common.similarity import (REPLICATION_THRESHOLDS, clip_score, finite_mean, similarity_stats,
-                               sscd_to_ground_truth)
+                               sscd_to_ground_truth, top_k_mean)
 
-METHODS = ("none", "ours", "rand_word_add", "rand_numb_add", "rand_word_repeat")
-BASELINES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
+from common.t2i.attention_rescale import RenSettings
+from common.t2i.embedding_noise import GniSettings
+from common.t2i.guidance_schedule import JainSettings
+from common.t2i.init_noise import HanSettings
+from common.t2i.mitigation_methods import BASELINES, METHOD_FIELDS, METHOD_SPECS, METHODS  # noqa: F401
+
+# The settings dataclasses of the methods beyond Wen et al.'s (their fields are command-line options).
+METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings)
 
 
 @dataclass
@@ -71,8 +77,9 @@ class RunOptions:
 
 
 @dataclass
-class MitigationSettings:
-    """Everything that changes a run's numbers (a resumed run must match the results on disk)."""
+class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
+    """Everything that changes a run's numbers (a resumed run must match the results on disk): the shared
+    generation settings, Wen et al.'s and the baselines' here, each other method's in its own dataclass."""
 
     method: str = "none"
     repeat_num: int = 4
@@ -82,6 +89,7 @@ class MitigationSettings:
     optim_lr: float = 0.05
     optim_loss_reduction: str = "mean"
     freeze_padding: bool = False
+    be_mask: bool = False
     num_images_per_prompt: int = 4
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
@@ -108,15 +116,25 @@ class MitigationSettings:
                               f"(--num_inference_steps), got {self.optim_target_steps}")
         if self.optim_loss_reduction not in LOSS_REDUCTIONS:
             raise ConfigError(f"--optim_loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}")
+        if not math.isfinite(self.guidance_scale):
+            raise ConfigError(f"--guidance_scale must be a finite number, got {self.guidance_scale}")
+        self.validate_jain()
+        self.validate_han()
+        self.validate_ren()
+        self.validate_gni()
 
     def fingerprint(self) -> dict:
-        """The settings that matter for this method (others are left out so they cannot block a resume)."""
+        """The settings that matter for this method (others are left out so they cannot block a resume), with
+        defaults that depend on the method resolved."""
         d = asdict(self)
-        if self.method != "ours":
-            for k in ("optim_target_loss", "optim_iters", "optim_lr", "freeze_padding"):
+        reads = METHOD_SPECS[self.method].reads
+        for k in METHOD_FIELDS:
+            if k not in reads:
                 d.pop(k)
-        if self.method not in BASELINES:
-            d.pop("repeat_num")
+        if "jain_early_scale" in d:
+            d["jain_early_scale"] = self.jain_early(self.method)
+        if not d.get("be_mask", True):  # recorded only when on, so runs from before the option still resume
+            d.pop("be_mask")
         return d
 
 
@@ -162,15 +180,28 @@ def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], se
                               "per_prompt", float(parts.scheduler.init_noise_sigma))
     objective = dict(num_inference_steps=settings.num_inference_steps, target_steps=settings.optim_target_steps,
                      guidance_scale=settings.guidance_scale)
-    out = dict(prompts_used=used, truncated=encoded.truncated, latents=latents)
+    out = dict(prompts_used=used, truncated=encoded.truncated, latents=latents, method_s=0.0,
+               extra_unet_calls=[0] * len(rows))
     if settings.method == "ours":
+        t0 = time.perf_counter()
+        mask, mask_calls = None, 0
+        if settings.be_mask:
+            from common.t2i.bright_ending import bright_ending_masks
+
+            mask = bright_ending_masks(parts, encoded.embeds, uncond_embed, latents, used,
+                                       num_inference_steps=settings.num_inference_steps,
+                                       guidance_scale=settings.guidance_scale)
+            mask_calls = 2 * settings.num_inference_steps  # the unmitigated generation the mask comes from
         learnable = learnable_positions(prompt_attention_mask(parts.tokenizer, used), settings.freeze_padding)
         res = optimise_prompt_embeds(parts, encoded.embeds, uncond_embed, latents,
                                      target_loss=settings.optim_target_loss, iters=settings.optim_iters,
                                      lr=settings.optim_lr, learnable=learnable,
-                                     reduction=settings.optim_loss_reduction, **objective)
+                                     reduction=settings.optim_loss_reduction, mask=mask, **objective)
+        # Each loss evaluation runs every generation's ε_u and ε_c up to the last target step.
+        per_eval = 2 * (max(settings.optim_target_steps) + 1)
         out.update(embeds=res.embeds, loss_initial=res.initial_loss, loss_final=res.final_loss,
-                   iterations=res.iterations, reached_target=res.reached_target)
+                   iterations=res.iterations, reached_target=res.reached_target, method_s=time.perf_counter() - t0,
+                   extra_unet_calls=[mask_calls + per_eval * len(h) for h in res.loss_history])
     else:
         losses = prompt_losses(parts, encoded.embeds, uncond_embed, latents,
                                reduction=settings.optim_loss_reduction, **objective)
@@ -200,6 +231,7 @@ def measure_prompt(generated: list, prompt: str, gt: GroundTruth, evaluators: Ev
         per_gen = sscd_to_ground_truth(evaluators.sscd.similarity(gt_images, generated))
         row["sscd"] = _round_list(per_gen)
         row.update({f"sscd_{k}": v for k, v in similarity_stats(per_gen).items()})
+        row["sscd_top3"] = top_k_mean(per_gen, 3)
     if gen_clip is not None:
         row["clip_score"] = _round_list(gen_clip)
         row["clip_score_mean"] = float(gen_clip.mean())
@@ -276,7 +308,8 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
     from tqdm.auto import tqdm
 
     from common.t2i.detection import encode_prompts
-    from common.t2i.generation import decode_latents, sample_latents, save_grid, to_pil
+    from common.t2i.generation import decode_latents, save_grid, to_pil
+    from common.t2i.mitigation_methods import generate_batch
 
     settings.validate()
     evaluators = evaluators or Evaluators()
@@ -287,7 +320,7 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
     todo = [r for r in records if r.row not in done_rows]
     uncond = encode_prompts(parts, [""]).embeds
     t0 = time.perf_counter()
-    timing = dict(condition_s=0.0, generate_s=0.0, measure_s=0.0)
+    timing = dict(condition_s=0.0, generate_s=0.0, measure_s=0.0, method_s=0.0)
     bar = tqdm(total=len(todo), desc=f"mitigate[{settings.method}]", unit="prompt", disable=not progress)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
@@ -296,11 +329,14 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
         cond = condition_batch(parts, uncond, prompts, rows, settings)
         timing["condition_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        latents = sample_latents(parts, cond["embeds"], uncond, cond["latents"],
-                                 num_inference_steps=settings.num_inference_steps,
-                                 guidance_scale=settings.guidance_scale)
-        images = decode_latents(vae, latents)  # [B, G, 3, H, W] in [0, 1]
-        timing["generate_s"] += time.perf_counter() - t
+        gen = generate_batch(parts, cond["embeds"], uncond, cond["latents"], rows, cond["prompts_used"], settings)
+        images = decode_latents(vae, gen.latents)  # [B, G, 3, H, W] in [0, 1]
+        generate_s = time.perf_counter() - t
+        timing["generate_s"] += generate_s
+        # What producing the images cost: the method's own work (ours: the optimisation), sampling and decoding;
+        # not the text-noise loss reported for every method, nor SSCD/CLIP.
+        seconds_per_image = (cond["method_s"] + generate_s) / (len(batch) * settings.num_images_per_prompt)
+        timing["method_s"] += cond["method_s"] + generate_s
         t = time.perf_counter()
         pil = [to_pil(images[b]) for b in range(len(batch))]
         gen_clip = None
@@ -319,7 +355,12 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
             row.update(loss_initial=cond["loss_initial"][b], loss_final=cond["loss_final"][b],
                        iterations=cond["iterations"][b], truncated=cond["truncated"][b])
             if settings.method == "ours":
-                row.update(target_loss=settings.optim_target_loss, reached_target=cond["reached_target"][b])
+                row.update(target_loss=settings.optim_target_loss, reached_target=cond["reached_target"][b],
+                           be_mask=settings.be_mask)
+            extra = [cond["extra_unet_calls"][b] + e for e in gen.extra_unet_calls[b]]
+            row.update(extra_unet_calls=extra, extra_unet_calls_mean=sum(extra) / len(extra),
+                       seconds_per_image=round(seconds_per_image, 6), first_step_norm=gen.first_step_norm[b],
+                       **gen.details[b])
             gt = find_ground_truth(evaluators.gt_root, row["index"])
             row.update(measure_prompt(pil[b], rec.prompt, gt, evaluators,
                                       gen_clip[b] if gen_clip is not None else None))
@@ -386,6 +427,10 @@ def summarize(rows: list[dict], selected: set, settings: MitigationSettings, eva
             "mean": finite_mean(r["sscd_mean"] for r in scored),
             "max_mean": finite_mean(r["sscd_max"] for r in scored),
             "min_mean": finite_mean(r["sscd_min"] for r in scored),
+            # MemBench's per-prompt metrics averaged over prompts: max over generations × ground truth (= max_mean),
+            # mean of the top-3 generations, share of generations above 0.5.
+            "top3_mean": finite_mean(r.get("sscd_top3") for r in scored),
+            "membench_rate_gt_0.5": finite_mean(r.get("sscd_rate_gt_0.5") for r in scored),
         }
         for th in REPLICATION_THRESHOLDS:
             # Over all scored generations, and the share of prompts with at least one replica.
@@ -403,7 +448,10 @@ def summarize(rows: list[dict], selected: set, settings: MitigationSettings, eva
         }
         if not clip.calibrated:
             summary["clip"]["note"] = "random weights (--reference_model_pretrain none): CLIP scores are UNCALIBRATED"
-    gen_time = sum(timing.values())
+    summary["cost"] = {"seconds_per_image": finite_mean(r.get("seconds_per_image") for r in rows),
+                       "extra_unet_calls_per_image": finite_mean(r.get("extra_unet_calls_mean") for r in rows),
+                       "first_step_norm": finite_mean(r.get("first_step_norm") for r in rows)}
+    gen_time = sum(v for k, v in timing.items() if k != "method_s")
     summary["time_s"] = elapsed
     summary["timing_s"] = timing
     summary["prompts_per_s"] = now / gen_time if gen_time > 0 and now else None
@@ -439,64 +487,6 @@ def load_evaluators(sscd_model: str | None, sscd_preprocess: str, reference_mode
     sscd = SSCDModel(sscd_model, device=device, preset=sscd_preprocess) if sscd_model and gt_root else None
     clip = load_clip_scorer(reference_model, reference_model_pretrain, device=device) if reference_model else None
     return Evaluators(sscd=sscd, clip=clip, gt_root=gt_root)
-
-
-# --- trade-off sweeps ----------------------------------------------------------------------------------------
-
-def sweep_settings(base: MitigationSettings, target_losses: list[float], repeat_nums: list[int],
-                   baselines: list[str], include_none: bool = True) -> list[tuple[str, MitigationSettings]]:
-    """(label, settings) of each run of a sweep: none, ours per target loss, each baseline per repeat_num."""
-    from dataclasses import replace
-
-    runs = [("none", replace(base, method="none"))] if include_none else []
-    runs += [(f"ours_target{t:g}", replace(base, method="ours", optim_target_loss=t)) for t in target_losses]
-    runs += [(f"{b}_repeat{n}", replace(base, method=b, repeat_num=n)) for b in baselines for n in repeat_nums]
-    return runs
-
-
-def tradeoff_point(label: str, settings: MitigationSettings, summary: dict) -> dict:
-    """One point of the trade-off plot: the knob's value, mean SSCD, replication rate and mean CLIP score."""
-    knob = (settings.optim_target_loss if settings.method == "ours" else
-            settings.repeat_num if settings.method in BASELINES else None)
-    sscd, clip = summary.get("sscd") or {}, summary.get("clip") or {}
-    return {"label": label, "method": settings.method, "knob": knob, "sscd_mean": sscd.get("mean"),
-            "sscd_rate_gt_0.5": sscd.get("rate_gt_0.5"), "clip_score_mean": clip.get("mean"),
-            "clip_calibrated": clip.get("calibrated"), "loss_final_mean": summary["loss"]["final_mean"],
-            "prompts": summary["counts"]["prompts"]}
-
-
-def plot_tradeoff(points: list[dict], path: str | Path, title: str = "") -> Path:
-    """PNG of mean SSCD to ground truth (lower = less replication) against mean CLIP score, one curve per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    by_method: dict = {}
-    for p in points:
-        if p["sscd_mean"] is not None and p["clip_score_mean"] is not None:
-            by_method.setdefault(p["method"], []).append(p)
-    for method, pts in by_method.items():
-        pts = sorted(pts, key=lambda p: (p["knob"] is None, p["knob"] or 0))
-        xs, ys = [p["clip_score_mean"] for p in pts], [p["sscd_mean"] for p in pts]
-        ax.plot(xs, ys, marker="*" if method == "none" else "o", markersize=12 if method == "none" else 6,
-                linestyle="none" if method == "none" else "-", label=method)
-        for p, x, y in zip(pts, xs, ys):
-            if p["knob"] is not None:
-                ax.annotate(f"{p['knob']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    calibrated = all(p.get("clip_calibrated") is not False for p in points)
-    ax.set_xlabel("CLIP score (mean)" + ("" if calibrated else " — UNCALIBRATED, random CLIP weights"))
-    ax.set_ylabel("SSCD similarity to ground truth (mean)")
-    ax.set_title(title or "Replication vs prompt alignment (labels: target loss / repeat_num)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def resolve_device(name: str) -> str:
