@@ -33,8 +33,7 @@ DDPMPP_CIFAR = dict(img_resolution=32, img_channels=3, label_dim=0, model_type="
 # One load in a fresh process: peak RSS added by the load (ru_maxrss after minus the RSS before), seconds.
 PROBE = r"""
 import json, resource, sys, time
-sys.path.insert(0, sys.argv[1])
-mode, path = sys.argv[2], sys.argv[3]
+mode, path = sys.argv[1], sys.argv[2]
 import torch
 if mode == "ours":
     from common.edm.edm_pickle import load_edm_pickle
@@ -42,7 +41,6 @@ if mode == "ours":
     load = lambda: load_edm_pickle(path)[0]
 else:
     import pickle
-    sys.path.insert(0, sys.argv[4])
     import torch_utils.persistence  # noqa: F401  (their loader needs it importable)
     load = lambda: pickle.load(open(path, "rb"))["ema"]
 before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
@@ -57,11 +55,10 @@ print(json.dumps({"seconds": seconds, "added": peak - before, "params": sum(p.nu
 # EDM's own snapshot of that network (module source included), written by NVlabs' code in a fresh process.
 WRITE_WITH_EDM = r"""
 import json, pickle, sys, torch
-sys.path.insert(0, sys.argv[1])
 from training.networks import VPPrecond
 torch.manual_seed(0)
-net = VPPrecond(**json.loads(sys.argv[3])).eval().requires_grad_(False)
-with open(sys.argv[2], "wb") as f:
+net = VPPrecond(**json.loads(sys.argv[2])).eval().requires_grad_(False)
+with open(sys.argv[1], "wb") as f:
     pickle.dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}), f)
 """
 
@@ -69,8 +66,8 @@ with open(sys.argv[2], "wb") as f:
 def write_pickle(path: Path, edm_repo: str | None) -> Path:
     """The benchmark's pickle: by NVlabs' code when a checkout is given (both loaders can read it), else ours."""
     if edm_repo:
-        subprocess.run([sys.executable, "-c", WRITE_WITH_EDM, edm_repo, str(path), json.dumps(DDPMPP_CIFAR)],
-                       check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run([sys.executable, "-c", WRITE_WITH_EDM, str(path), json.dumps(DDPMPP_CIFAR)],
+                       check=True, env=child_env(edm_repo))
         return path
     import torch
 
@@ -81,10 +78,15 @@ def write_pickle(path: Path, edm_repo: str | None) -> Path:
     return write_edm_pickle(build_from_edm("VPPrecond", DDPMPP_CIFAR), path)
 
 
+def child_env(edm_repo: str | None = None) -> dict:
+    """One thread; this checkout importable, and NVlabs' checkout too for the processes that run its code."""
+    paths = [str(REPO), *([edm_repo] if edm_repo else []), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
 def probe(mode: str, path: Path, edm_repo: str | None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", PROBE, str(REPO), mode, str(path), str(edm_repo or "")],
-                         capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, str(path)], capture_output=True, text=True,
+                         env=child_env(edm_repo if mode == "nvlabs" else None), check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
