@@ -3,29 +3,83 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 
-from common.errors import DiffmemError
+from common.errors import ConfigError, DiffmemError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (plus exit code 2) instead of the usage block."""
+    """argparse that reports a usage error as one line (plus exit code 2) instead of the usage block, and whose
+    ``--help`` shows every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, settings_class) -> None:
-    """One ``--FIELD`` option per field of a settings dataclass, with the dataclass's default and the help (and,
-    for an optional field, the type) from the field's metadata, so defaults are written once."""
-    import dataclasses
+def option(default=dataclasses.MISSING, *, help: str, choices=None, type=None, metavar=None, flag: str | None = None,
+           default_factory=dataclasses.MISSING):
+    """A settings-dataclass field that is also a command-line option: the default is written here once, and
+    ``add_settings_arguments`` reads the help, choices, type (needed where the default cannot tell it: None,
+    lists) and metavar from the field. ``flag`` renames the option (``--no_progress`` for a True boolean)."""
+    metadata = {k: v for k, v in dict(help=help, choices=choices, type=type, metavar=metavar, flag=flag).items()
+                if v is not None}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
+
+def add_settings_arguments(parser, settings_class, exclude=()) -> None:
+    """One ``--FIELD`` option per field of a settings dataclass (except ``exclude``), with the dataclass's default,
+    so defaults are written once: a field without a default is a required option, a boolean a switch (its
+    ``flag``, e.g. ``--no_progress``, turns a True default off), the type from the field's metadata or else its
+    default's."""
     for f in dataclasses.fields(settings_class):
-        default = f.default
-        kind = f.metadata.get("type", type(default))
-        parser.add_argument(f"--{f.name}", type=kind, default=default, choices=f.metadata.get("choices"),
-                            help=f.metadata.get("help"))
+        if f.name in exclude:
+            continue
+        md = f.metadata
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        names = [md.get("flag", f"--{f.name}")]
+        common = dict(dest=f.name, help=md.get("help"))
+        if isinstance(default, bool):
+            parser.add_argument(*names, action="store_false" if default else "store_true", default=default, **common)
+            continue
+        kind = md.get("type", type(default) if default is not None and not isinstance(default, (list, tuple))
+                      else None)
+        if kind is None and (default is not None or f.default is dataclasses.MISSING):
+            kind = str
+        parser.add_argument(*names, type=kind, default=default, choices=md.get("choices"), metavar=md.get("metavar"),
+                            required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                            **common)
+
+
+def settings_from_args(settings_class, namespace: argparse.Namespace, **values):
+    """The settings dataclass filled from the parsed options of its fields (``values`` take precedence)."""
+    given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(settings_class)
+             if hasattr(namespace, f.name)}
+    return settings_class(**{**given, **values})
+
+
+def resolve_device(name: str | None) -> str:
+    """The torch device a CLI runs on: ``cuda`` when available where none is named (None or ``auto``); a named
+    ``cuda`` without a GPU, or a name torch has no device for, is a ConfigError (one line), not a traceback later."""
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if not (name == "cpu" or name.startswith(("cuda", "mps", "xpu"))):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return name
 
 
 def quiet_hub_logging() -> None:

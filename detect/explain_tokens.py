@@ -18,7 +18,7 @@ from pathlib import Path
 # `python detect/explain_tokens.py` puts detect/ on sys.path, not the checkout; make `common` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
+from common.cli import ArgumentParser, quiet_hub_logging, resolve_device, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
 from common.results import (append_results, bind_run_settings, check_run_settings, read_results,  # noqa: E402
@@ -197,7 +197,6 @@ def run(cfg: ExplainConfig) -> int:
     done = out.done(records)
     todo = [r for r in records if r.row not in done]
 
-    import torch
     from tqdm.auto import tqdm
 
     from common.t2i.detection import encode_prompts
@@ -207,7 +206,7 @@ def run(cfg: ExplainConfig) -> int:
     explain_time = 0.0
     if todo:
         quiet_hub_logging()
-        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(cfg.device)
         pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device, cfg.revision, cfg.variant)
         parts = denoiser_parts(pipe)
         out.claim()

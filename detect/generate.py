@@ -30,7 +30,7 @@ from pathlib import Path
 # `python detect/generate.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.cli import ArgumentParser, resolve_device, run_main  # noqa: E402
 from common.edm import sampler as S  # noqa: E402
 from common.edm.sampler import SamplerError, SamplerSettings, parse_seeds  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
@@ -145,15 +145,12 @@ def run(cfg: GenerateConfig) -> int:
     cfg.validate()
     seeds = cfg.seed_list()
 
-    import torch
     from tqdm.auto import tqdm
 
     from common.edm import sampler as S
     from common.edm.snapshot import load_network, resolve_snapshot
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda given, but torch sees no CUDA device")
+    device = resolve_device(cfg.device)
     if cfg.optimal_denoiser:
         from common.edm.optimal import OptimalDenoiser
 

@@ -27,7 +27,7 @@ from pathlib import Path
 # `python detect/jacobian.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.cli import ArgumentParser, resolve_device, run_main  # noqa: E402
 from common.edm.sampler import SamplerSettings, parse_seeds  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 
@@ -165,14 +165,11 @@ def run(cfg: JacobianConfig) -> int:
     cfg.validate()
     seeds = cfg.seed_list()
 
-    import torch
 
     from common.edm import jacobian as J
     from common.results import append_results, bind_run_settings, read_results, write_json_atomic
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda given, but torch sees no CUDA device")
+    device = resolve_device(cfg.device)
     denoise, described, method = load_denoiser(cfg, device)
     sigmas, sigma_settings = evaluation_sigmas(cfg, denoise)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 # `python detect/mem_ratio.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.cli import ArgumentParser, resolve_device, run_main  # noqa: E402
 from common.edm.memratio import MemRatioError  # noqa: E402
 from common.edm.sampler import SamplerSettings, parse_seeds  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
@@ -135,14 +135,11 @@ def run(cfg: MemRatioConfig) -> dict | None:
     if cfg.check_args:
         return None
 
-    import torch
 
     from common.edm import memratio as M
     from common.edm.dataset import load_dataset_zip
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda given, but torch sees no CUDA device")
+    device = resolve_device(cfg.device)
     # Input errors before any process group is set up (every process would raise the same one).
     source = M.open_images(cfg.images) if cfg.images is not None else None
     if source is None:

@@ -31,7 +31,7 @@ from pathlib import Path
 # `python detect/similarity.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, run_main  # noqa: E402
+from common.cli import ArgumentParser, resolve_device, run_main  # noqa: E402
 from common.edm import scores as S  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 
@@ -109,11 +109,8 @@ def parse_args(argv=None) -> FeaturesConfig | ScoreConfig:
 def run_features(cfg: FeaturesConfig) -> S.FeatureSet:
     """Embed the images and write the features file; prints one line."""
     cfg.validate()
-    import torch
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda given, but torch sees no CUDA device")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     fs = S.extract_features(cfg.images, cfg.sscd_model, cfg.preprocess, cfg.batch, device)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)

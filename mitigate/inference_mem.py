@@ -24,7 +24,7 @@ from pathlib import Path
 # `python mitigate/inference_mem.py` puts mitigate/ on sys.path, not the checkout; make `common` importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main  # noqa: E402
+from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main  # noqa: E402
 from common.t2i.mitigation_run import METHOD_SETTINGS, METHODS, MitigationSettings, RunOptions  # noqa: E402
 
 
@@ -110,7 +110,7 @@ def run(cfg: InferenceMemConfig) -> dict:
     """Validate inputs, load models, run the method and return the summary."""
     cfg.validate()
     from common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from common.t2i.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators, resolve_device,
+    from common.t2i.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators,
                                        run_mitigation)
     from common.t2i.prompts import PromptFileError, read_prompts, select_rows
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main  # noqa: E402
+from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.t2i.mitigation_run import (BASELINES, METHOD_SETTINGS, METHODS, MitigationSettings,  # noqa: E402
                                        RunOptions)
@@ -136,8 +136,7 @@ def parse_config(argv: list[str] | None) -> TradeoffConfig:
 def run(cfg: TradeoffConfig) -> list[dict]:
     cfg.validate()
     from common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from common.t2i.mitigation_run import (Evaluators, check_evaluators, load_evaluators, resolve_device,
-                                           run_mitigation)
+    from common.t2i.mitigation_run import Evaluators, check_evaluators, load_evaluators, run_mitigation
     from common.t2i.prompts import PromptFileError, read_prompts, select_rows
     from common.t2i.tradeoff import plot_tradeoff, tradeoff_point
     from common.results import write_json_atomic

@@ -487,14 +487,3 @@ def load_evaluators(sscd_model: str | None, sscd_preprocess: str, reference_mode
     sscd = SSCDModel(sscd_model, device=device, preset=sscd_preprocess) if sscd_model and gt_root else None
     clip = load_clip_scorer(reference_model, reference_model_pretrain, device=device) if reference_model else None
     return Evaluators(sscd=sscd, clip=clip, gt_root=gt_root)
-
-
-def resolve_device(name: str) -> str:
-    """The torch device for a --device value (auto = cuda when available); ConfigError when unusable."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    if not (name == "cpu" or name.startswith(("cuda", "mps", "xpu"))):
-        raise ConfigError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
-    return name
