@@ -557,6 +557,34 @@ class Trainer:
                 acc.init_trackers(cfg.tracker_project_name,
                                   _sanitize_for_tracker({**asdict(cfg), **self.tracker_config}))
 
+    def _register_hooks(self) -> None:
+        acc = self.accelerator
+
+        def save_hook(models, weights, output_dir):
+            if acc.is_main_process:
+                out = Path(output_dir)
+                for name, model in zip(self.names, models):
+                    _save_module(acc.unwrap_model(model), out / name)
+                if self.ema is not None:
+                    unwrapped = [acc.unwrap_model(m) for m in models]
+                    params = self._params(unwrapped)
+                    self.ema.store(params)
+                    self.ema.copy_to(params)
+                    for name, model in zip(self.names, unwrapped):
+                        _save_module(model, out / f"{name}_ema")
+                    self.ema.restore(params)
+            # The models are saved above in their own format; Accelerate must not save them again.
+            weights.clear()
+
+        def load_hook(models, input_dir):
+            # Under DeepSpeed ``models`` is empty: the engine restores its own weights.
+            for name, model in zip(self.names, models):
+                _load_module(acc.unwrap_model(model), Path(input_dir) / name)
+            models.clear()
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
     def _resume(self) -> tuple[int, Path | None]:
         """(optimizer steps done, checkpoint resumed from): the checkpoint's state loaded and its totals and log
         taken up, or step 0 with a fresh log."""
@@ -579,6 +607,35 @@ class Trainer:
         self._trim_log(step)
         acc.print(f"resumed from {path} at step {step}")
         return step, path
+
+    def _check_resume(self, path: Path) -> dict:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        now = self._state_record(state.get("global_step", 0))
+        for key in RESUME_KEYS:
+            if key in state and state[key] != now[key]:
+                raise TrainSetupError(
+                    f"{path}: written with {key}={state[key]!r} but this run has {key}={now[key]!r}; "
+                    "resuming needs the same data order and step arithmetic"
+                )
+        return state
+
+    def _state_record(self, global_step: int) -> dict:
+        return {
+            "global_step": global_step,
+            "seed": self.cfg.seed,
+            "train_batch_size": self.cfg.train_batch_size,
+            "num_processes": self.accelerator.num_processes,
+            "gradient_accumulation_steps": self.grad_accum,
+            "num_samples": len(self.dataset),
+            "shuffle": self.cfg.shuffle,
+            "use_ema": self.cfg.use_ema,
+            "model_names": self.names,
+            "max_train_steps": self.max_train_steps,
+            # Totals since step 0, whatever the resumes: a resumed run's summary continues them.
+            "samples_seen": self.totals["seen"],
+            "samples_kept": self.totals["kept"],
+            **self.extra_state,
+        }
 
     # ------------------------------------------------------------------ one step
     def _epoch_loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
@@ -634,6 +691,40 @@ class Trainer:
         self._append_log({"step": step, **logs})
         return logs
 
+    def _append_log(self, row: dict) -> None:
+        # One whole line per write; no fsync per step (a network filesystem would make it a share of a small
+        # model's step): the log is synced with each checkpoint, and rows after it are replayed on resume anyway.
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / TRAIN_LOG, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _sync_log(self) -> None:
+        log = self.output_dir / TRAIN_LOG
+        if log.is_file():
+            with open(log, "rb+") as f:
+                os.fsync(f.fileno())
+
+    def _trim_log(self, global_step: int) -> None:
+        # Rows written after the checkpoint by an interrupted run are replayed by the resumed run; a kill in the
+        # middle of a write leaves a torn last line, which the shared reader leaves out.
+        log = self.output_dir / TRAIN_LOG
+        if self.accelerator.is_main_process and log.is_file():
+            rows = read_results(log, hint="remove the line: the log is a record, the checkpoint holds the state")
+            kept = [r for r in rows if r.get("step", 0) <= global_step]
+            write_json_atomic(log, kept, jsonl=True)
+
+    def _log_images(self, step: int, images) -> None:
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                arr = np.stack([np.asarray(im.convert("RGB")) for _, im in images])
+                tracker.writer.add_images("validation", arr, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=c) for c, im in images]}, step=step)
+
     # ------------------------------------------------------------------ saving
     def _after_step(self, step: int, logs: dict) -> None:
         """The step's hook, then what is due: snapshot, checkpoint (after the snapshot), validation."""
@@ -646,6 +737,58 @@ class Trainer:
             self._save_checkpoint(step)
         if self.validate_fn is not None and cfg.validation_steps and step % cfg.validation_steps == 0:
             self._run_validation(step)
+
+    def _save_checkpoint(self, global_step: int) -> Path:
+        acc, cfg = self.accelerator, self.cfg
+        path = self.output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+        if acc.is_main_process:
+            if cfg.checkpoints_total_limit is not None:
+                existing = [p for s, p in list_checkpoints(self.output_dir, complete_only=False) if s != global_step]
+                excess = len(existing) - (cfg.checkpoints_total_limit - 1)
+                for old in existing[:max(excess, 0)]:
+                    shutil.rmtree(old, ignore_errors=True)
+            if path.exists():
+                shutil.rmtree(path)
+        acc.wait_for_everyone()
+        # Every process calls save_state: DeepSpeed writes its shards from all ranks (diffusers#2606 hangs
+        # when only the main process does), and Accelerate saves each process's RNG state.
+        acc.save_state(str(path))
+        if acc.is_main_process:
+            self._sync_log()
+            write_json_atomic(path / TRAINER_STATE, self._state_record(global_step))
+        acc.wait_for_everyone()
+        return path
+
+    def _run_snapshot(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            self._with_ema_weights(lambda models: self.snapshot_fn(step, models))
+        self.accelerator.wait_for_everyone()
+        self.last_snapshot = step
+
+    def _run_validation(self, step: int) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            images = self._with_ema_weights(lambda models: self.validate_fn(step, models))
+            out = self.output_dir / "validation" / f"step-{step}"
+            out.mkdir(parents=True, exist_ok=True)
+            for i, (caption, image) in enumerate(images):
+                image.save(out / f"{i:03d}.png")
+            (out / "captions.json").write_text(json.dumps([c for c, _ in images], indent=1))
+            self._log_images(step, images)
+        acc.wait_for_everyone()
+
+    def _with_ema_weights(self, fn: Callable[[dict], object]):
+        """fn(unwrapped models) with the EMA weights swapped in (when there is an EMA), then restored."""
+        models = self._unwrapped()
+        params = self._params(models.values())
+        if self.ema is not None:
+            self.ema.store(params)
+            self.ema.copy_to(params)
+        try:
+            return fn(models)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(params)
 
     def _finish(self, step: int, resume_path: Path | None, logs: dict) -> TrainSummary:
         """The last snapshot, the export with the final (EMA) weights, a last validation and train_summary.json."""
@@ -678,146 +821,3 @@ class Trainer:
 
     def _unwrapped(self) -> dict[str, torch.nn.Module]:
         return {n: self.accelerator.unwrap_model(m) for n, m in self.prepared.items()}
-
-    def _state_record(self, global_step: int) -> dict:
-        return {
-            "global_step": global_step,
-            "seed": self.cfg.seed,
-            "train_batch_size": self.cfg.train_batch_size,
-            "num_processes": self.accelerator.num_processes,
-            "gradient_accumulation_steps": self.grad_accum,
-            "num_samples": len(self.dataset),
-            "shuffle": self.cfg.shuffle,
-            "use_ema": self.cfg.use_ema,
-            "model_names": self.names,
-            "max_train_steps": self.max_train_steps,
-            # Totals since step 0, whatever the resumes: a resumed run's summary continues them.
-            "samples_seen": self.totals["seen"],
-            "samples_kept": self.totals["kept"],
-            **self.extra_state,
-        }
-
-    def _register_hooks(self) -> None:
-        acc = self.accelerator
-
-        def save_hook(models, weights, output_dir):
-            if acc.is_main_process:
-                out = Path(output_dir)
-                for name, model in zip(self.names, models):
-                    _save_module(acc.unwrap_model(model), out / name)
-                if self.ema is not None:
-                    unwrapped = [acc.unwrap_model(m) for m in models]
-                    params = self._params(unwrapped)
-                    self.ema.store(params)
-                    self.ema.copy_to(params)
-                    for name, model in zip(self.names, unwrapped):
-                        _save_module(model, out / f"{name}_ema")
-                    self.ema.restore(params)
-            # The models are saved above in their own format; Accelerate must not save them again.
-            weights.clear()
-
-        def load_hook(models, input_dir):
-            # Under DeepSpeed ``models`` is empty: the engine restores its own weights.
-            for name, model in zip(self.names, models):
-                _load_module(acc.unwrap_model(model), Path(input_dir) / name)
-            models.clear()
-
-        acc.register_save_state_pre_hook(save_hook)
-        acc.register_load_state_pre_hook(load_hook)
-
-    def _save_checkpoint(self, global_step: int) -> Path:
-        acc, cfg = self.accelerator, self.cfg
-        path = self.output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
-        if acc.is_main_process:
-            if cfg.checkpoints_total_limit is not None:
-                existing = [p for s, p in list_checkpoints(self.output_dir, complete_only=False) if s != global_step]
-                excess = len(existing) - (cfg.checkpoints_total_limit - 1)
-                for old in existing[:max(excess, 0)]:
-                    shutil.rmtree(old, ignore_errors=True)
-            if path.exists():
-                shutil.rmtree(path)
-        acc.wait_for_everyone()
-        # Every process calls save_state: DeepSpeed writes its shards from all ranks (diffusers#2606 hangs
-        # when only the main process does), and Accelerate saves each process's RNG state.
-        acc.save_state(str(path))
-        if acc.is_main_process:
-            self._sync_log()
-            write_json_atomic(path / TRAINER_STATE, self._state_record(global_step))
-        acc.wait_for_everyone()
-        return path
-
-    def _check_resume(self, path: Path) -> dict:
-        state = json.loads((path / TRAINER_STATE).read_text())
-        now = self._state_record(state.get("global_step", 0))
-        for key in RESUME_KEYS:
-            if key in state and state[key] != now[key]:
-                raise TrainSetupError(
-                    f"{path}: written with {key}={state[key]!r} but this run has {key}={now[key]!r}; "
-                    "resuming needs the same data order and step arithmetic"
-                )
-        return state
-
-    def _with_ema_weights(self, fn: Callable[[dict], object]):
-        """fn(unwrapped models) with the EMA weights swapped in (when there is an EMA), then restored."""
-        models = self._unwrapped()
-        params = self._params(models.values())
-        if self.ema is not None:
-            self.ema.store(params)
-            self.ema.copy_to(params)
-        try:
-            return fn(models)
-        finally:
-            if self.ema is not None:
-                self.ema.restore(params)
-
-    def _run_snapshot(self, step: int) -> None:
-        if self.accelerator.is_main_process:
-            self._with_ema_weights(lambda models: self.snapshot_fn(step, models))
-        self.accelerator.wait_for_everyone()
-        self.last_snapshot = step
-
-    def _run_validation(self, step: int) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
-            images = self._with_ema_weights(lambda models: self.validate_fn(step, models))
-            out = self.output_dir / "validation" / f"step-{step}"
-            out.mkdir(parents=True, exist_ok=True)
-            for i, (caption, image) in enumerate(images):
-                image.save(out / f"{i:03d}.png")
-            (out / "captions.json").write_text(json.dumps([c for c, _ in images], indent=1))
-            self._log_images(step, images)
-        acc.wait_for_everyone()
-
-    def _log_images(self, step: int, images) -> None:
-        import numpy as np
-
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                arr = np.stack([np.asarray(im.convert("RGB")) for _, im in images])
-                tracker.writer.add_images("validation", arr, step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"validation": [wandb.Image(im, caption=c) for c, im in images]}, step=step)
-
-    def _append_log(self, row: dict) -> None:
-        # One whole line per write; no fsync per step (a network filesystem would make it a share of a small
-        # model's step): the log is synced with each checkpoint, and rows after it are replayed on resume anyway.
-        if self.accelerator.is_main_process:
-            with open(self.output_dir / TRAIN_LOG, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def _sync_log(self) -> None:
-        log = self.output_dir / TRAIN_LOG
-        if log.is_file():
-            with open(log, "rb+") as f:
-                os.fsync(f.fileno())
-
-    def _trim_log(self, global_step: int) -> None:
-        # Rows written after the checkpoint by an interrupted run are replayed by the resumed run; a kill in the
-        # middle of a write leaves a torn last line, which the shared reader leaves out.
-        log = self.output_dir / TRAIN_LOG
-        if self.accelerator.is_main_process and log.is_file():
-            rows = read_results(log, hint="remove the line: the log is a record, the checkpoint holds the state")
-            kept = [r for r in rows if r.get("step", 0) <= global_step]
-            write_json_atomic(log, kept, jsonl=True)
