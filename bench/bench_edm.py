@@ -112,7 +112,7 @@ def run_trainer(args, master, images, batch, device, workdir):
     from common.edm.dataset import DatasetArrays, ImageDataset, collate_image_batch
     from common.edm.schedule import resolve_schedule
     from common.edm.train import EDMTrainingLoss
-    from common.trainer import TrainConfig, Trainer
+    from common.trainer import StepSchedule, TrainConfig, Trainer
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -126,8 +126,8 @@ def run_trainer(args, master, images, batch, device, workdir):
                       use_ema=True, checkpointing_steps=10**9, report_to="none", show_progress=False)
     timer = Timer(acc.device, args.warmup, batch)
     Trainer(acc, cfg, {"net": net}, EDMTrainingLoss(net.pre, acc.device, conditional=False), dataset,
-            collate_image_batch, on_step_end=timer.step, lr_multiplier_fn=schedule.lr,
-            ema_decay_fn=schedule.ema).train()
+            collate_image_batch, on_step_end=timer.step,
+            schedule=StepSchedule(lr=schedule.lr, ema_beta=schedule.ema)).train()
     return timer.samples_per_s()
 
 

@@ -3,8 +3,8 @@
 The caller brings trainable models, a loss function (batch -> per-sample losses, a keep mask and per-sample
 statistics) and a dataset keyed by (epoch, position, index); the loop does the rest: data order and sharding,
 gradient accumulation, mixed precision (Accelerate autocast over fp32 trainable weights), clipping, EMA
-(diffusers ``EMAModel``, optionally with a per-step β), the LR schedule (a named diffusers schedule or a
-per-step multiplier), the optimizer (AdamW, Adam with coupled L2 or SGD), checkpoints with a total limit, exact
+(diffusers ``EMAModel``), the LR schedule (a named diffusers schedule, or a :class:`StepSchedule` of per-step
+LR, EMA β and snapshots), the optimizer (AdamW, Adam with coupled L2 or SGD), checkpoints with a total limit, exact
 resume, network snapshots, tracking and the final export.
 
 Resume is exact: a checkpoint holds the models (``<name>/`` in ``save_pretrained`` format, plus ``<name>_ema/``),
@@ -110,6 +110,63 @@ class TrainSummary:
     samples_kept: int
     resumed_from: str | None
     final_logs: dict
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """A run paced per optimizer step (the EDM wing's schedule), in place of TrainConfig's named LR schedule and
+    constant EMA β.
+
+    lr(k) scales the base LR at optimizer step k (0-based); ema_beta(k) is the EMA β of step k (used with
+    ``use_ema``; None keeps ``cfg.ema_decay``). snapshot(step, models) runs on the main process with unwrapped
+    models (EMA weights swapped in) after every step where snapshot_due(step) holds (1-based), before that
+    step's checkpoint (so a kill between the two redoes the snapshot), and after the last step.
+    """
+
+    lr: Callable[[int], float]
+    ema_beta: Callable[[int], float] | None = None
+    snapshot: Callable[[int, dict], None] | None = None
+    snapshot_due: Callable[[int], bool] | None = None
+
+
+@dataclass
+class StepSums:
+    """Sums over the samples of a micro-batch (or an accumulation window), by name: the kept samples' loss, the
+    kept and seen counts and each of the loss function's statistics. Tensors on the device until ``to_host``."""
+
+    loss: torch.Tensor | float
+    kept: torch.Tensor | float
+    seen: torch.Tensor | float
+    stats: dict[str, torch.Tensor | float]
+
+    @classmethod
+    @torch.no_grad()
+    def of_batch(cls, per_sample: torch.Tensor, keep: torch.Tensor, stats: dict[str, torch.Tensor]) -> StepSums:
+        """This process's sums of one micro-batch (per_sample [B] fp32, keep [B] bool, stats [B] each)."""
+        return cls(
+            loss=torch.where(keep, per_sample.detach(), torch.zeros_like(per_sample)).sum(),
+            kept=keep.float().sum(),
+            seen=torch.tensor(float(per_sample.numel()), device=per_sample.device),
+            stats={k: stats[k].detach().float().sum() for k in sorted(stats)},
+        )
+
+    @torch.no_grad()
+    def all_reduce(self, accelerator) -> StepSums:
+        """The sums over every process, in one collective."""
+        names = list(self.stats)
+        total = accelerator.reduce(torch.stack([self.loss, self.kept, self.seen, *self.stats.values()]),
+                                   reduction="sum")
+        loss, kept, seen, *stats = total.unbind()
+        return StepSums(loss, kept, seen, dict(zip(names, stats)))
+
+    def __add__(self, other: StepSums) -> StepSums:
+        return StepSums(self.loss + other.loss, self.kept + other.kept, self.seen + other.seen,
+                        {k: v + other.stats[k] for k, v in self.stats.items()})
+
+    def to_host(self) -> StepSums:
+        """The same sums as Python floats, read back from the device at once."""
+        loss, kept, seen, *stats = torch.stack([self.loss, self.kept, self.seen, *self.stats.values()]).tolist()
+        return StepSums(loss, kept, seen, dict(zip(self.stats, stats)))
 
 
 # ------------------------------------------------------------------------------------- data order
@@ -332,6 +389,62 @@ def scheduled_ema(params, decay_fn: Callable[[int], float], foreach: bool):
     return ScheduledEMAModel(params, foreach=foreach)
 
 
+def configure_deepspeed(accelerator, cfg: TrainConfig, names: list[str]) -> bool:
+    """Fit DeepSpeed's config to the loop (micro-batch, clipping); whether DeepSpeed runs."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return False
+    if len(names) > 1:
+        raise TrainSetupError(
+            f"DeepSpeed trains one model per optimizer; got {', '.join(names)} (train one at a time)"
+        )
+    # Without a prepared DataLoader, Accelerate cannot infer DeepSpeed's micro-batch size.
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+        # DeepSpeed clips inside its step; --max_grad_norm is honoured through its config.
+        plugin.deepspeed_config["gradient_clipping"] = float(cfg.max_grad_norm or 0.0)
+    return True
+
+
+def base_learning_rate(cfg: TrainConfig, num_processes: int) -> float:
+    """cfg.learning_rate, times the global batch per optimizer step with ``scale_lr``."""
+    if cfg.scale_lr:
+        return cfg.learning_rate * cfg.gradient_accumulation_steps * cfg.train_batch_size * num_processes
+    return cfg.learning_rate
+
+
+def total_train_steps(cfg: TrainConfig, micro_batches: int) -> int:
+    """cfg.max_train_steps, else the optimizer steps of num_train_epochs epochs of ``micro_batches`` each."""
+    if cfg.max_train_steps is not None:
+        return cfg.max_train_steps
+    return math.ceil(cfg.num_train_epochs * micro_batches / cfg.gradient_accumulation_steps)
+
+
+def build_lr_scheduler(optimizer, cfg: TrainConfig, max_train_steps: int, num_processes: int,
+                       schedule: StepSchedule | None = None):
+    """The schedule's per-step LR multiplier, else cfg's named diffusers schedule, in the steps it will be
+    stepped in: a prepared scheduler steps once per process per optimizer step (Accelerate, split_batches=False)."""
+    P = num_processes
+    if schedule is not None:
+        lr = schedule.lr
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr(s // P))
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * P,
+                         num_training_steps=max_train_steps * P)
+
+
+def build_ema(params: list[torch.nn.Parameter], cfg: TrainConfig, schedule: StepSchedule | None, foreach: bool):
+    """fp32 shadow weights with the schedule's per-step β, else cfg.ema_decay; None without ``use_ema``."""
+    if not cfg.use_ema:
+        return None
+    if schedule is not None and schedule.ema_beta is not None:
+        return scheduled_ema(params, schedule.ema_beta, foreach=foreach)
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params, decay=cfg.ema_decay, foreach=foreach)
+
+
 # ------------------------------------------------------------------------------------------- loop
 
 
@@ -342,12 +455,8 @@ class Trainer:
     validate_fn(step, models) -> [(caption, PIL image)] runs on the main process with unwrapped models (EMA
     weights swapped in with use_ema). export_fn(models, output_dir) writes the final result on the main
     process with the final (EMA when use_ema) weights. on_step_end(step, logs) runs on every process after
-    each optimizer step (benchmarks, custom logging).
-
-    lr_multiplier_fn(k) scales the base LR at optimizer step k (0-based) in place of ``cfg.lr_scheduler``;
-    ema_decay_fn(k) is the EMA β of step k in place of ``cfg.ema_decay``. snapshot_fn(step, models) runs on the
-    main process with unwrapped models (EMA weights swapped in) after every step where snapshot_due(step)
-    holds, before that step's checkpoint (so a kill between the two redoes the snapshot), and after the last step.
+    each optimizer step (benchmarks, custom logging). schedule (a StepSchedule) paces LR, EMA β and snapshots
+    per optimizer step in place of cfg's named LR schedule and constant β (the EDM wing's; the t2i wing has none).
     """
 
     def __init__(self, accelerator, cfg: TrainConfig, models: dict[str, torch.nn.Module],
@@ -355,10 +464,7 @@ class Trainer:
                  validate_fn: Callable | None = None, export_fn: Callable | None = None,
                  tracker_config: dict | None = None, extra_state: dict | None = None,
                  on_step_end: Callable[[int, dict], None] | None = None,
-                 lr_multiplier_fn: Callable[[int], float] | None = None,
-                 ema_decay_fn: Callable[[int], float] | None = None,
-                 snapshot_fn: Callable[[int, dict], None] | None = None,
-                 snapshot_due: Callable[[int], bool] | None = None):
+                 schedule: StepSchedule | None = None):
         if not models:
             raise ValueError("no trainable models")
         self.accelerator = accelerator
@@ -373,38 +479,83 @@ class Trainer:
         self.tracker_config = tracker_config or {}
         self.extra_state = extra_state or {}
         self.on_step_end = on_step_end
-        self.lr_multiplier_fn = lr_multiplier_fn
-        self.ema_decay_fn = ema_decay_fn
-        self.snapshot_fn = snapshot_fn
-        self.snapshot_due = snapshot_due
+        self.schedule = schedule
+        self.snapshot_fn = schedule.snapshot if schedule is not None else None
         self.output_dir = Path(cfg.output_dir)
         self.ema = None
-        self.totals = {"seen": 0, "kept": 0}
+        self.totals = {"seen": 0, "kept": 0}  # samples since step 0, whatever the resumes
+        self.grad_norm = None  # of the last clipped step
+        self.last_snapshot: int | None = None
 
-    # ------------------------------------------------------------------ helpers
-    def _params(self, modules) -> list[torch.nn.Parameter]:
-        return [p for m in modules for p in m.parameters() if p.requires_grad]
+    # ------------------------------------------------------------------ main entry
+    def train(self) -> TrainSummary:
+        """Set up, resume, run optimizer steps up to max_train_steps, export; the run's summary."""
+        from tqdm.auto import tqdm
 
-    def _unwrapped(self) -> dict[str, torch.nn.Module]:
-        return {n: self.accelerator.unwrap_model(m) for n, m in self.prepared.items()}
+        acc, cfg = self.accelerator, self.cfg
+        self._setup()
+        step, resume_path = self._resume()
+        epoch, start_batch = divmod(step * self.grad_accum, self.micro_batches)  # global micro-batches so far
+        progress = tqdm(total=self.max_train_steps, initial=step, desc="steps",
+                        disable=not (acc.is_local_main_process and cfg.show_progress))
+        for model in self.prepared.values():
+            model.train()
+        logs: dict = {}
+        window = None  # the accumulation window's sums over every process (on the device)
+        while step < self.max_train_steps:
+            for batch in self._epoch_loader(epoch, start_batch):
+                sums = self._micro_step(batch)
+                window = sums if window is None else window + sums
+                if not acc.sync_gradients:
+                    continue
+                step += 1
+                if self.ema is not None:
+                    self.ema.step(self.train_params)
+                logs = self._log_step(step, epoch, window.to_host())
+                window = None
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['train_loss']:.4f}", dropped=f"{logs['dropped_fraction']:.2f}")
+                self._after_step(step, logs)
+                if step >= self.max_train_steps:
+                    break
+            epoch, start_batch = epoch + 1, 0
+        progress.close()
+        return self._finish(step, resume_path, logs)
 
-    def _state_record(self, global_step: int) -> dict:
-        return {
-            "global_step": global_step,
-            "seed": self.cfg.seed,
-            "train_batch_size": self.cfg.train_batch_size,
-            "num_processes": self.accelerator.num_processes,
-            "gradient_accumulation_steps": self.grad_accum,
-            "num_samples": len(self.dataset),
-            "shuffle": self.cfg.shuffle,
-            "use_ema": self.cfg.use_ema,
-            "model_names": self.names,
-            "max_train_steps": self.max_train_steps,
-            # Totals since step 0, whatever the resumes: a resumed run's summary continues them.
-            "samples_seen": self.totals["seen"],
-            "samples_kept": self.totals["kept"],
-            **self.extra_state,
-        }
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        """Optimizer, LR schedule and EMA, prepared by Accelerate, with checkpoint hooks and trackers."""
+        acc, cfg = self.accelerator, self.cfg
+        P = acc.num_processes
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        is_deepspeed = configure_deepspeed(acc, cfg, self.names)
+        params = self._params(self.models.values())
+        optimizer = build_optimizer(params, cfg, base_learning_rate(cfg, P))
+        if len(self.dataset) == 0:
+            raise TrainSetupError("the training set is empty")
+        self.micro_batches = micro_batches_per_epoch(len(self.dataset), cfg.train_batch_size, P)
+        self.max_train_steps = total_train_steps(cfg, self.micro_batches)
+        lr_scheduler = build_lr_scheduler(optimizer, cfg, self.max_train_steps, P, self.schedule)
+        # foreach needs matching dtypes, which DeepSpeed fp16 breaks.
+        self.ema = build_ema(params, cfg, self.schedule, foreach=not is_deepspeed)
+
+        prepared = acc.prepare(*self.models.values(), optimizer, lr_scheduler)
+        self.prepared = dict(zip(self.names, prepared[: len(self.names)]))
+        self.optimizer, self.lr_scheduler = prepared[len(self.names):]
+        self.grad_accum = acc.gradient_accumulation_steps  # DeepSpeed's config may set it
+        if self.ema is not None:
+            self.ema.to(acc.device)
+            acc.register_for_checkpointing(self.ema)
+        self._register_hooks()
+        self.train_params = self._params(self._unwrapped().values())
+
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if acc.trackers == [] and cfg.report_to not in (None, "none"):
+                acc.init_trackers(cfg.tracker_project_name,
+                                  _sanitize_for_tracker({**asdict(cfg), **self.tracker_config}))
 
     def _register_hooks(self) -> None:
         acc = self.accelerator
@@ -434,26 +585,28 @@ class Trainer:
         acc.register_save_state_pre_hook(save_hook)
         acc.register_load_state_pre_hook(load_hook)
 
-    def _save_checkpoint(self, global_step: int) -> Path:
+    def _resume(self) -> tuple[int, Path | None]:
+        """(optimizer steps done, checkpoint resumed from): the checkpoint's state loaded and its totals and log
+        taken up, or step 0 with a fresh log."""
         acc, cfg = self.accelerator, self.cfg
-        path = self.output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
-        if acc.is_main_process:
-            if cfg.checkpoints_total_limit is not None:
-                existing = [p for s, p in list_checkpoints(self.output_dir, complete_only=False) if s != global_step]
-                excess = len(existing) - (cfg.checkpoints_total_limit - 1)
-                for old in existing[:max(excess, 0)]:
-                    shutil.rmtree(old, ignore_errors=True)
-            if path.exists():
-                shutil.rmtree(path)
-        acc.wait_for_everyone()
-        # Every process calls save_state: DeepSpeed writes its shards from all ranks (diffusers#2606 hangs
-        # when only the main process does), and Accelerate saves each process's RNG state.
-        acc.save_state(str(path))
-        if acc.is_main_process:
-            self._sync_log()
-            write_json_atomic(path / TRAINER_STATE, self._state_record(global_step))
-        acc.wait_for_everyone()
-        return path
+        path = resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
+        if cfg.resume_from_checkpoint == "latest" and path is None:
+            acc.print(f"no checkpoint in {self.output_dir} yet; starting a new run")
+        if path is None:
+            if acc.is_main_process and (self.output_dir / TRAIN_LOG).exists():
+                (self.output_dir / TRAIN_LOG).unlink()
+            return 0, None
+        state = self._check_resume(path)
+        acc.load_state(str(path))
+        if self.ema is not None:
+            self.ema.to(acc.device)  # Accelerate loads custom states on the CPU
+        step = int(state["global_step"])
+        # Checkpoints written before these totals were recorded: every micro-batch is full, so seen is exact.
+        seen = step * self.grad_accum * cfg.train_batch_size * acc.num_processes
+        self.totals = {"seen": int(state.get("samples_seen", seen)), "kept": int(state.get("samples_kept", seen))}
+        self._trim_log(step)
+        acc.print(f"resumed from {path} at step {step}")
+        return step, path
 
     def _check_resume(self, path: Path) -> dict:
         state = json.loads((path / TRAINER_STATE).read_text())
@@ -466,47 +619,77 @@ class Trainer:
                 )
         return state
 
-    def _with_ema_weights(self, fn: Callable[[dict], object]):
-        """fn(unwrapped models) with the EMA weights swapped in (when there is an EMA), then restored."""
-        models = self._unwrapped()
-        params = self._params(models.values())
+    def _state_record(self, global_step: int) -> dict:
+        return {
+            "global_step": global_step,
+            "seed": self.cfg.seed,
+            "train_batch_size": self.cfg.train_batch_size,
+            "num_processes": self.accelerator.num_processes,
+            "gradient_accumulation_steps": self.grad_accum,
+            "num_samples": len(self.dataset),
+            "shuffle": self.cfg.shuffle,
+            "use_ema": self.cfg.use_ema,
+            "model_names": self.names,
+            "max_train_steps": self.max_train_steps,
+            # Totals since step 0, whatever the resumes: a resumed run's summary continues them.
+            "samples_seen": self.totals["seen"],
+            "samples_kept": self.totals["kept"],
+            **self.extra_state,
+        }
+
+    # ------------------------------------------------------------------ one step
+    def _epoch_loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+        """This process's micro-batches of ``epoch`` from micro-batch ``start_batch`` on."""
+        acc, cfg = self.accelerator, self.cfg
+        sampler = EpochBatchSampler(len(self.dataset), cfg.train_batch_size, acc.num_processes, acc.process_index,
+                                    cfg.seed, epoch, start_batch, cfg.shuffle)
+        # The loader's own generator: starting an iterator otherwise draws from torch's global RNG, and a
+        # resumed run starts one more iterator than the uninterrupted run, shifting every later dropout mask.
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+            num_workers=cfg.dataloader_num_workers, pin_memory=acc.device.type == "cuda",
+            generator=torch_generator(cfg.seed, epoch, STREAM_LOADER),
+        )
+
+    def _micro_step(self, batch: dict) -> StepSums:
+        """Forward and backward of one micro-batch, and at the end of an accumulation window clipping and the
+        optimizer and LR steps; the micro-batch's sums over every process."""
+        acc, cfg = self.accelerator, self.cfg
+        batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with acc.accumulate(*self.prepared.values()):
+            terms = self.loss_fn(batch, self.prepared)
+            per_sample = terms.per_sample.float()
+            keep = terms.keep if terms.keep is not None else torch.ones_like(per_sample, dtype=torch.bool)
+            # One collective per micro-batch: the loss denominator needs the kept count of every process, and
+            # the logged values come along.
+            sums = StepSums.of_batch(per_sample, keep, terms.stats).all_reduce(acc)
+            acc.backward(masked_mean(per_sample, keep, sums.kept, acc.num_processes))
+            if acc.sync_gradients and cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                self.grad_norm = acc.clip_grad_norm_(self.train_params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, step: int, epoch: int, sums: StepSums) -> dict:
+        """Count the step's samples and log its values (trackers and train_log.jsonl); the logged row."""
+        self.totals["seen"] += int(sums.seen)
+        self.totals["kept"] += int(sums.kept)
+        logs = {
+            "train_loss": sums.loss / max(sums.kept, 1.0),
+            "dropped_fraction": 1.0 - sums.kept / sums.seen,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "epoch": epoch,
+        }
         if self.ema is not None:
-            self.ema.store(params)
-            self.ema.copy_to(params)
-        try:
-            return fn(models)
-        finally:
-            if self.ema is not None:
-                self.ema.restore(params)
-
-    def _run_snapshot(self, step: int) -> None:
-        if self.accelerator.is_main_process:
-            self._with_ema_weights(lambda models: self.snapshot_fn(step, models))
-        self.accelerator.wait_for_everyone()
-
-    def _run_validation(self, step: int) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
-            images = self._with_ema_weights(lambda models: self.validate_fn(step, models))
-            out = self.output_dir / "validation" / f"step-{step}"
-            out.mkdir(parents=True, exist_ok=True)
-            for i, (caption, image) in enumerate(images):
-                image.save(out / f"{i:03d}.png")
-            (out / "captions.json").write_text(json.dumps([c for c, _ in images], indent=1))
-            self._log_images(step, images)
-        acc.wait_for_everyone()
-
-    def _log_images(self, step: int, images) -> None:
-        import numpy as np
-
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                arr = np.stack([np.asarray(im.convert("RGB")) for _, im in images])
-                tracker.writer.add_images("validation", arr, step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                import wandb
-
-                tracker.log({"validation": [wandb.Image(im, caption=c) for c, im in images]}, step=step)
+            logs["ema_beta"] = float(self.ema.cur_decay_value)
+        if self.grad_norm is not None:
+            logs["grad_norm"] = float(self.grad_norm)
+        logs.update({name: total / sums.seen for name, total in sums.stats.items()})
+        self.accelerator.log(logs, step=step)
+        self._append_log({"step": step, **logs})
+        return logs
 
     def _append_log(self, row: dict) -> None:
         # One whole line per write; no fsync per step (a network filesystem would make it a share of a small
@@ -530,202 +713,111 @@ class Trainer:
             kept = [r for r in rows if r.get("step", 0) <= global_step]
             write_json_atomic(log, kept, jsonl=True)
 
-    # ------------------------------------------------------------------ main entry
-    def train(self) -> TrainSummary:
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-        from tqdm.auto import tqdm
+    def _log_images(self, step: int, images) -> None:
+        import numpy as np
 
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                arr = np.stack([np.asarray(im.convert("RGB")) for _, im in images])
+                tracker.writer.add_images("validation", arr, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=c) for c, im in images]}, step=step)
+
+    # ------------------------------------------------------------------ saving
+    def _after_step(self, step: int, logs: dict) -> None:
+        """The step's hook, then what is due: snapshot, checkpoint (after the snapshot), validation."""
+        cfg, schedule = self.cfg, self.schedule
+        if self.on_step_end is not None:
+            self.on_step_end(step, logs)
+        if self.snapshot_fn is not None and schedule.snapshot_due is not None and schedule.snapshot_due(step):
+            self._run_snapshot(step)
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            self._save_checkpoint(step)
+        if self.validate_fn is not None and cfg.validation_steps and step % cfg.validation_steps == 0:
+            self._run_validation(step)
+
+    def _save_checkpoint(self, global_step: int) -> Path:
         acc, cfg = self.accelerator, self.cfg
-        P = acc.num_processes
-        if cfg.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        is_deepspeed = acc.state.deepspeed_plugin is not None
-        if is_deepspeed:
-            if len(self.models) > 1:
-                raise TrainSetupError(
-                    f"DeepSpeed trains one model per optimizer; got {', '.join(self.names)} (train one at a time)"
-                )
-            # Without a prepared DataLoader, Accelerate cannot infer DeepSpeed's micro-batch size.
-            ds_config = acc.state.deepspeed_plugin.deepspeed_config
-            ds_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
-            if ds_config.get("gradient_clipping", "auto") == "auto":
-                # DeepSpeed clips inside its step; --max_grad_norm is honoured through its config.
-                ds_config["gradient_clipping"] = float(cfg.max_grad_norm or 0.0)
-
-        params = self._params(self.models.values())
-        lr = cfg.learning_rate
-        if cfg.scale_lr:
-            lr = lr * cfg.gradient_accumulation_steps * cfg.train_batch_size * P
-        optimizer = build_optimizer(params, cfg, lr)
-
-        n = len(self.dataset)
-        if n == 0:
-            raise TrainSetupError("the training set is empty")
-        M = micro_batches_per_epoch(n, cfg.train_batch_size, P)
-        N = cfg.gradient_accumulation_steps
-        if cfg.max_train_steps is None:
-            self.max_train_steps = math.ceil(cfg.num_train_epochs * M / N)
-        else:
-            self.max_train_steps = cfg.max_train_steps
-        # A prepared scheduler steps once per process per optimizer step (Accelerate, split_batches=False).
-        if self.lr_multiplier_fn is not None:
-            # A prepared scheduler steps P times per optimizer step (see above), hence s // P.
-            fn = self.lr_multiplier_fn
-            lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: fn(s // P))
-        else:
-            lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                         num_warmup_steps=cfg.lr_warmup_steps * P,
-                                         num_training_steps=self.max_train_steps * P)
-        if cfg.use_ema:
-            # fp32 shadow weights; foreach needs matching dtypes, which DeepSpeed fp16 breaks.
-            if self.ema_decay_fn is not None:
-                self.ema = scheduled_ema(params, self.ema_decay_fn, foreach=not is_deepspeed)
-            else:
-                self.ema = EMAModel(params, decay=cfg.ema_decay, foreach=not is_deepspeed)
-
-        prepared = acc.prepare(*self.models.values(), optimizer, lr_scheduler)
-        self.prepared = dict(zip(self.names, prepared[: len(self.names)]))
-        optimizer, lr_scheduler = prepared[len(self.names):]
-        self.grad_accum = N = acc.gradient_accumulation_steps  # DeepSpeed's config may set it
-        if self.ema is not None:
-            self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
-        self._register_hooks()
-        train_params = self._params(self._unwrapped().values())
-
+        path = self.output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if acc.trackers == [] and cfg.report_to not in (None, "none"):
-                acc.init_trackers(cfg.tracker_project_name,
-                                  _sanitize_for_tracker({**asdict(cfg), **self.tracker_config}))
-
-        global_step = 0
-        resume_path = resolve_resume(cfg.resume_from_checkpoint, self.output_dir)
-        if cfg.resume_from_checkpoint == "latest" and resume_path is None:
-            acc.print(f"no checkpoint in {self.output_dir} yet; starting a new run")
-        if resume_path is not None:
-            state = self._check_resume(resume_path)
-            acc.load_state(str(resume_path))
-            if self.ema is not None:
-                self.ema.to(acc.device)  # Accelerate loads custom states on the CPU
-            global_step = int(state["global_step"])
-            # Checkpoints written before these totals were recorded: every micro-batch is full, so seen is exact.
-            seen = global_step * N * cfg.train_batch_size * P
-            self.totals = {"seen": int(state.get("samples_seen", seen)), "kept": int(state.get("samples_kept", seen))}
-            self._trim_log(global_step)
-            acc.print(f"resumed from {resume_path} at step {global_step}")
-        elif acc.is_main_process and (self.output_dir / TRAIN_LOG).exists():
-            (self.output_dir / TRAIN_LOG).unlink()
-
-        micro = global_step * N  # global micro-batches consumed so far
-        epoch, start_batch = divmod(micro, M)
-        progress = tqdm(total=self.max_train_steps, initial=global_step, desc="steps",
-                        disable=not (acc.is_local_main_process and cfg.show_progress))
-        models_in = list(self.prepared.values())
-        window = None  # summed [loss·kept, kept, seen, stats...] over the accumulation window (on device)
-        stat_names: list[str] = []
-        totals = self.totals
-        last_logs: dict = {}
-        grad_norm = None
-        last_snapshot = None
-        for model in models_in:
-            model.train()
-        while global_step < self.max_train_steps:
-            sampler = EpochBatchSampler(n, cfg.train_batch_size, P, acc.process_index, cfg.seed, epoch,
-                                        start_batch, cfg.shuffle)
-            # The loader's own generator: starting an iterator otherwise draws from torch's global RNG, and a
-            # resumed run starts one more iterator than the uninterrupted run, shifting every later dropout mask.
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                num_workers=cfg.dataloader_num_workers, pin_memory=acc.device.type == "cuda",
-                generator=torch_generator(cfg.seed, epoch, STREAM_LOADER),
-            )
-            for batch in loader:
-                batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with acc.accumulate(*models_in):
-                    terms = self.loss_fn(batch, self.prepared)
-                    per_sample = terms.per_sample.float()
-                    keep = terms.keep if terms.keep is not None else torch.ones_like(per_sample, dtype=torch.bool)
-                    stat_names = sorted(terms.stats)
-                    with torch.no_grad():
-                        local = torch.stack([
-                            torch.where(keep, per_sample.detach(), torch.zeros_like(per_sample)).sum(),
-                            keep.float().sum(),
-                            torch.tensor(float(per_sample.numel()), device=per_sample.device),
-                            *[terms.stats[k].detach().float().sum() for k in stat_names],
-                        ])
-                        # One collective per micro-batch: the loss denominator needs the kept count of every
-                        # process, and the logged values come along.
-                        global_sums = acc.reduce(local, reduction="sum")
-                    loss = masked_mean(per_sample, keep, global_sums[1], P)
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(train_params, cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                window = global_sums if window is None else window + global_sums
-                if not acc.sync_gradients:
-                    continue
-                global_step += 1
-                if self.ema is not None:
-                    self.ema.step(train_params)
-                    ema_beta = self.ema.cur_decay_value
-                w = window.tolist()
-                window = None
-                totals["seen"] += int(w[2])
-                totals["kept"] += int(w[1])
-                logs = {
-                    "train_loss": w[0] / max(w[1], 1.0),
-                    "dropped_fraction": 1.0 - w[1] / w[2],
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "epoch": epoch,
-                }
-                if self.ema is not None:
-                    logs["ema_beta"] = float(ema_beta)
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                for i, k in enumerate(stat_names):
-                    logs[k] = w[3 + i] / w[2]
-                acc.log(logs, step=global_step)
-                self._append_log({"step": global_step, **logs})
-                last_logs = logs
-                progress.update(1)
-                progress.set_postfix(loss=f"{logs['train_loss']:.4f}", dropped=f"{logs['dropped_fraction']:.2f}")
-                if self.on_step_end is not None:
-                    self.on_step_end(global_step, logs)
-                if self.snapshot_fn is not None and self.snapshot_due is not None and self.snapshot_due(global_step):
-                    self._run_snapshot(global_step)
-                    last_snapshot = global_step
-                if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                    self._save_checkpoint(global_step)
-                if self.validate_fn is not None and cfg.validation_steps and global_step % cfg.validation_steps == 0:
-                    self._run_validation(global_step)
-                if global_step >= self.max_train_steps:
-                    break
-            epoch, start_batch = epoch + 1, 0
-        progress.close()
-
+            if cfg.checkpoints_total_limit is not None:
+                existing = [p for s, p in list_checkpoints(self.output_dir, complete_only=False) if s != global_step]
+                excess = len(existing) - (cfg.checkpoints_total_limit - 1)
+                for old in existing[:max(excess, 0)]:
+                    shutil.rmtree(old, ignore_errors=True)
+            if path.exists():
+                shutil.rmtree(path)
         acc.wait_for_everyone()
-        if self.snapshot_fn is not None and last_snapshot != global_step:
-            self._run_snapshot(global_step)
+        # Every process calls save_state: DeepSpeed writes its shards from all ranks (diffusers#2606 hangs
+        # when only the main process does), and Accelerate saves each process's RNG state.
+        acc.save_state(str(path))
+        if acc.is_main_process:
+            self._sync_log()
+            write_json_atomic(path / TRAINER_STATE, self._state_record(global_step))
+        acc.wait_for_everyone()
+        return path
+
+    def _run_snapshot(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            self._with_ema_weights(lambda models: self.snapshot_fn(step, models))
+        self.accelerator.wait_for_everyone()
+        self.last_snapshot = step
+
+    def _run_validation(self, step: int) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            images = self._with_ema_weights(lambda models: self.validate_fn(step, models))
+            out = self.output_dir / "validation" / f"step-{step}"
+            out.mkdir(parents=True, exist_ok=True)
+            for i, (caption, image) in enumerate(images):
+                image.save(out / f"{i:03d}.png")
+            (out / "captions.json").write_text(json.dumps([c for c, _ in images], indent=1))
+            self._log_images(step, images)
+        acc.wait_for_everyone()
+
+    def _with_ema_weights(self, fn: Callable[[dict], object]):
+        """fn(unwrapped models) with the EMA weights swapped in (when there is an EMA), then restored."""
+        models = self._unwrapped()
+        params = self._params(models.values())
+        if self.ema is not None:
+            self.ema.store(params)
+            self.ema.copy_to(params)
+        try:
+            return fn(models)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(params)
+
+    def _finish(self, step: int, resume_path: Path | None, logs: dict) -> TrainSummary:
+        """The last snapshot, the export with the final (EMA) weights, a last validation and train_summary.json."""
+        acc, cfg = self.accelerator, self.cfg
+        acc.wait_for_everyone()
+        if self.snapshot_fn is not None and self.last_snapshot != step:
+            self._run_snapshot(step)
         if acc.is_main_process:
             final = self._unwrapped()
             if self.ema is not None:
                 self.ema.copy_to(self._params(final.values()))
             if self.export_fn is not None:
                 self.export_fn(final, self.output_dir)
-        summary = TrainSummary(global_step=global_step, samples_seen=totals["seen"], samples_kept=totals["kept"],
-                               resumed_from=str(resume_path) if resume_path else None, final_logs=last_logs)
-        if self.validate_fn is not None and (not cfg.validation_steps or global_step % cfg.validation_steps):
+        summary = TrainSummary(global_step=step, samples_seen=self.totals["seen"], samples_kept=self.totals["kept"],
+                               resumed_from=str(resume_path) if resume_path else None, final_logs=logs)
+        if self.validate_fn is not None and (not cfg.validation_steps or step % cfg.validation_steps):
             # The final weights are already in place (EMA copied), so validate without swapping.
             ema, self.ema = self.ema, None
-            self._run_validation(global_step)
+            self._run_validation(step)
             self.ema = ema
         if acc.is_main_process:
             write_json_atomic(self.output_dir / "train_summary.json", asdict(summary))
         acc.wait_for_everyone()
         acc.end_training()
         return summary
+
+    # ------------------------------------------------------------------ helpers
+    def _params(self, modules) -> list[torch.nn.Parameter]:
+        return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def _unwrapped(self) -> dict[str, torch.nn.Module]:
+        return {n: self.accelerator.unwrap_model(m) for n, m in self.prepared.items()}

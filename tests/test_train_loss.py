@@ -8,7 +8,7 @@ import torch
 
 from common.seeding import STREAM_NOISE, STREAM_TIMESTEP, derive_seed, randint_per_sample, randn_per_sample
 from common.train_loss import hard_threshold_keep, masked_mean, min_snr_weight, snr_from_alphas_cumprod
-from common.trainer import EpochBatchSampler, epoch_permutation, micro_batches_per_epoch
+from common.trainer import EpochBatchSampler, StepSums, epoch_permutation, micro_batches_per_epoch
 
 
 def test_snr_matches_diffusers_compute_snr_on_the_sd_schedule():
@@ -135,3 +135,29 @@ def test_epochs_reshuffle_and_no_shuffle_is_identity():
     assert epoch_permutation(20, 0, 0) != epoch_permutation(20, 0, 1)
     assert epoch_permutation(20, 0, 0) == epoch_permutation(20, 0, 0)
     assert epoch_permutation(5, 0, 3, shuffle=False) == [0, 1, 2, 3, 4]
+
+
+class _TwoEqualProcesses:
+    """An accelerator stand-in whose all-reduce sums two processes holding the same values."""
+
+    calls = 0
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        self.calls += 1
+        return tensor * 2
+
+
+def test_step_sums_carry_each_statistic_by_name_through_one_all_reduce():
+    per_sample = torch.tensor([1.0, 2.0, 4.0])
+    keep = torch.tensor([True, False, True])
+    stats = {"sigma": torch.tensor([0.5, 1.0, 2.0]), "a": torch.tensor([1.0, 1.0, 1.0])}
+    acc = _TwoEqualProcesses()
+    one = StepSums.of_batch(per_sample, keep, stats).all_reduce(acc)
+    assert acc.calls == 1
+    window = (one + one).to_host()  # two micro-batches of an accumulation window
+    # kept losses 1 + 4 = 5, times 2 processes, times 2 micro-batches; 2 kept and 3 seen per process and batch
+    assert (window.loss, window.kept, window.seen) == (20.0, 8.0, 12.0)
+    assert window.stats == {"a": 12.0, "sigma": 14.0}
+    assert list(window.stats) == ["a", "sigma"]  # sorted: the logged row's order
+    assert all(isinstance(v, float) for v in (window.loss, window.kept, window.seen, *window.stats.values()))

@@ -24,6 +24,7 @@ from common.errors import ConfigError
 from common.seeding import STREAM_NOISE, torch_generator
 from common.trainer import (
     LossTerms,
+    StepSchedule,
     TrainConfig,
     Trainer,
     bind_training_settings,
@@ -213,7 +214,7 @@ def train_unconditional(cfg: UnconditionalConfig):
         EDMTrainingLoss(pre, accelerator.device, conditional=cfg.cond), dataset, collate_image_batch,
         tracker_config={k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))},
         extra_state={"schedule": asdict(schedule)},
-        lr_multiplier_fn=schedule.lr, ema_decay_fn=schedule.ema if train.use_ema else None,
-        snapshot_fn=snapshot, snapshot_due=snapshot_steps(schedule, cfg.snap),
+        schedule=StepSchedule(lr=schedule.lr, ema_beta=schedule.ema, snapshot=snapshot,
+                              snapshot_due=snapshot_steps(schedule, cfg.snap)),
     )
     return trainer.train()
