@@ -33,6 +33,7 @@ from common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch
 from common.train_loss import masked_mean
 
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAIN_SUMMARY = "train_summary.json"  # written once a training has finished
 TRAINER_STATE = "trainer_state.json"
 TRAIN_LOG = "train_log.jsonl"
 TRAINING_OPTIONS = "training_options.json"
@@ -810,7 +811,7 @@ class Trainer:
             self._run_validation(step)
             self.ema = ema
         if acc.is_main_process:
-            write_json_atomic(self.output_dir / "train_summary.json", asdict(summary))
+            write_json_atomic(self.output_dir / TRAIN_SUMMARY, asdict(summary))
         acc.wait_for_everyone()
         acc.end_training()
         return summary

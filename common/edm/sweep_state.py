@@ -47,8 +47,6 @@ SIZE_PREFIX = "size-"
 DATA_FILE = "data.zip"
 RUN_DIR = "run"
 STATUS_FILE = "status.json"
-# common.trainer writes it at the end of a training (a literal there; its CHECKPOINT_PREFIX is imported below).
-TRAIN_SUMMARY = "train_summary.json"
 # Which stage output each setting produces: a setting may change until such an output exists.
 SETTING_OUTPUT = {"source": "data", "dataset_args": "data", "train_args": "train", "mem_args": "mem",
                   "threshold": "mem"}
@@ -140,6 +138,8 @@ class SizePaths:
 
     def output(self, stage: str) -> Path:
         """The file whose existence marks the stage done."""
+        from common.trainer import TRAIN_SUMMARY  # lazily: the trainer loads torch, the sweep's checks need not
+
         return {"data": self.data, "train": self.run / TRAIN_SUMMARY, "mem": self.run / MEM_SUMMARY}[stage]
 
     def log(self, stage: str, node: int = 0) -> Path:
