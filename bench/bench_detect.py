@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from benchlib import add_model_args, bench_pipeline, load_prompts, timed  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from benchlib import add_model_args, bench_pipeline, load_prompts, timed
+from tqdm.auto import tqdm
 
-from common.t2i.detection import DETECTORS, encode_prompts, score_prompts  # noqa: E402
-from common.t2i.models import denoiser_parts  # noqa: E402
-from common.t2i.noise import classifier_free_guidance, text_noise_norm  # noqa: E402
+from diffmem.common.t2i.detection import DETECTORS, encode_prompts, score_prompts
+from diffmem.common.t2i.models import denoiser_parts
+from diffmem.common.t2i.noise import classifier_free_guidance, text_noise_norm
 
 
 

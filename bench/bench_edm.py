@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchlib import Timer, sync  # noqa: E402
+from benchlib import Timer, sync
 
 PRESETS = {
     # The CPU toy of shared/notes/edm-findings.md (digits-sized, 231 k parameters).
@@ -63,8 +61,8 @@ def parse_args(argv):
 
 
 def build(args):
-    from common.edm.network import ArchConfig, build_network
-    from common.edm.precond import Preconditioning
+    from diffmem.common.edm.network import ArchConfig, build_network
+    from diffmem.common.edm.precond import Preconditioning
 
     preset = {k: v for k, v in PRESETS[args.preset].items() if k != "batch"}
     torch.manual_seed(0)
@@ -109,10 +107,10 @@ def run_trainer(args, master, images, batch, device, workdir):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from common.edm.dataset import DatasetArrays, ImageDataset, collate_image_batch
-    from common.edm.schedule import resolve_schedule
-    from common.edm.train import EDMTrainingLoss
-    from common.trainer import StepSchedule, TrainConfig, Trainer
+    from diffmem.common.edm.dataset import DatasetArrays, ImageDataset, collate_image_batch
+    from diffmem.common.edm.schedule import resolve_schedule
+    from diffmem.common.edm.train import EDMTrainingLoss
+    from diffmem.common.trainer import StepSchedule, TrainConfig, Trainer
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -132,7 +130,7 @@ def run_trainer(args, master, images, batch, device, workdir):
 
 
 def run_sampler(args, master, device):
-    from common.edm.sampler import SamplerSettings, generate_images
+    from diffmem.common.edm.sampler import SamplerSettings, generate_images
 
     net = copy.deepcopy(master).to(device).eval().requires_grad_(False)
     n = args.sample_batch or (args.batch or PRESETS[args.preset]["batch"])

@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # EDM's train.py settings for --arch=ddpmpp --precond=vp on CIFAR-10 32×32.
 DDPMPP_CIFAR = dict(img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=128,
@@ -36,7 +35,7 @@ import json, resource, sys, time
 mode, path = sys.argv[1], sys.argv[2]
 import torch
 if mode == "ours":
-    from common.edm.edm_pickle import load_edm_pickle
+    from diffmem.common.edm.edm_pickle import load_edm_pickle
     import accelerate, common.edm.edm_precond  # noqa: F401  (imported first: the load alone is measured)
     load = lambda: load_edm_pickle(path)[0]
 else:
@@ -71,8 +70,8 @@ def write_pickle(path: Path, edm_repo: str | None) -> Path:
         return path
     import torch
 
-    from common.edm.edm_pickle import write_edm_pickle
-    from common.edm.edm_precond import build_from_edm
+    from diffmem.common.edm.edm_pickle import write_edm_pickle
+    from diffmem.common.edm.edm_precond import build_from_edm
 
     torch.manual_seed(0)
     return write_edm_pickle(build_from_edm("VPPrecond", DDPMPP_CIFAR), path)

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from benchlib import add_model_args, bench_pipeline, load_prompts  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from benchlib import add_model_args, bench_pipeline, load_prompts
+from tqdm.auto import tqdm
 
-from common.t2i.detection import encode_prompts  # noqa: E402
-from common.t2i.explain import WRT_CHOICES, explain_prompts  # noqa: E402
-from common.t2i.models import denoiser_parts  # noqa: E402
+from diffmem.common.t2i.detection import encode_prompts
+from diffmem.common.t2i.explain import WRT_CHOICES, explain_prompts
+from diffmem.common.t2i.models import denoiser_parts
 
 
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchlib import timed  # noqa: E402
+from benchlib import timed
 
 PRESETS = {
     # Small enough for a CPU: 16 channels, three levels, attention at half the resolution (DDPM++'s 16 of 32).
@@ -55,8 +53,8 @@ def parse_args(argv):
 
 def build(resolution: int, preset: str, device):
     """A seeded random EDMNetwork for 3×R×R with attention at R/2, eval mode, on device."""
-    from common.edm.network import ArchConfig, build_network
-    from common.edm.precond import Preconditioning
+    from diffmem.common.edm.network import ArchConfig, build_network
+    from diffmem.common.edm.precond import Preconditioning
 
     torch.manual_seed(0)
     arch = ArchConfig(resolution=resolution, channels=3, attn_resolutions=(resolution // 2,), dropout=0.0,
@@ -75,7 +73,7 @@ def best(fn, device, rounds: int):
 
 def bench_resolution(resolution: int, args) -> dict:
     """Seconds per Jacobian of the three ways at one resolution, and how far their rows are apart."""
-    from common.edm import jacobian as J
+    from diffmem.common.edm import jacobian as J
 
     device = torch.device(args.device)
     net = build(resolution, args.preset, device)

@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from common.edm.knn import exact_knn  # noqa: E402
+from diffmem.common.edm.knn import exact_knn
 
 GIB = 1 << 30
 

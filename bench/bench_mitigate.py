@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from benchlib import add_model_args, bench_pipeline, load_prompts, timed  # noqa: E402
+import torch
+from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 
-from common.t2i.detection import encode_prompts  # noqa: E402
-from common.t2i.mitigation import optimise_prompt_embeds, prompt_losses  # noqa: E402
-from common.t2i.models import denoiser_parts  # noqa: E402
-from common.t2i.noise import initial_latents  # noqa: E402
+from diffmem.common.t2i.detection import encode_prompts
+from diffmem.common.t2i.mitigation import optimise_prompt_embeds, prompt_losses
+from diffmem.common.t2i.models import denoiser_parts
+from diffmem.common.t2i.noise import initial_latents
 
 
 def generation_throughput(pipe, parts, embeds, uncond, latents, args, device) -> dict:
@@ -42,7 +40,7 @@ def generation_throughput(pipe, parts, embeds, uncond, latents, args, device) ->
     few hundred kernels of a UNet call is an OpenMP region whose threads wait for one another, and a thread that
     another process has descheduled stalls them all.
     """
-    from common.t2i.generation import decode_latents, sample_latents
+    from diffmem.common.t2i.generation import decode_latents, sample_latents
 
     B = min(args.batch_size, len(embeds))
     G = latents.shape[1]
@@ -169,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         result["generation"] = generation_throughput(pipe, parts, embeds, uncond, latents, args, device)
 
     if args.sscd_model != "none":
-        from common.t2i.generation import decode_latents, to_pil
-        from common.similarity import SimilarityModelError, SSCDModel
+        from diffmem.common.t2i.generation import decode_latents, to_pil
+        from diffmem.common.similarity import SimilarityModelError, SSCDModel
 
         try:
             sscd = SSCDModel(args.sscd_model, device=device)

@@ -16,20 +16,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from benchlib import add_model_args, bench_pipeline, load_prompts, timed  # noqa: E402
+import torch
+from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 
-from common.t2i.detection import encode_prompts  # noqa: E402
-from common.t2i.generation import decode_latents  # noqa: E402
-from common.t2i.mitigation import prompt_losses  # noqa: E402
-from common.t2i.mitigation_methods import METHODS, generate_batch  # noqa: E402
-from common.t2i.mitigation_run import MitigationSettings, condition_batch  # noqa: E402
-from common.t2i.models import denoiser_parts  # noqa: E402
+from diffmem.common.t2i.detection import encode_prompts
+from diffmem.common.t2i.generation import decode_latents
+from diffmem.common.t2i.mitigation import prompt_losses
+from diffmem.common.t2i.mitigation_methods import METHODS, generate_batch
+from diffmem.common.t2i.mitigation_run import MitigationSettings, condition_batch
+from diffmem.common.t2i.models import denoiser_parts
 
 
 def main() -> None:

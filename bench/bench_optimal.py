@@ -31,12 +31,11 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from common.edm.optimal import OptimalDenoiser  # noqa: E402
+from diffmem.common.edm.optimal import OptimalDenoiser
 
 METHODS = ("ours", "ours_mm", "optimedm", "broadcast")
 SIGMAS = (0.002, 0.05, 1.0)

@@ -27,8 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# `python bench/bench_train.py` puts bench/ on sys.path, not the checkout; make `common` importable either way.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -102,7 +100,7 @@ def run_example(args, parts, master_unet, folder, res):
             transforms.RandomCrop(res), transforms.ToTensor(), transforms.Normalize([0.5], [0.5]),
         ])
     except ImportError:  # a torch-only environment: the same operations through PIL
-        from common.t2i.imagedata import ImageTransformConfig, transform_image
+        from diffmem.common.t2i.imagedata import ImageTransformConfig, transform_image
 
         rng = np.random.default_rng(0)
 
@@ -162,9 +160,9 @@ def run_example(args, parts, master_unet, folder, res):
 
 
 def run_trainer(args, parts, master_unet, records, res, workdir, threshold):
-    from common.t2i.imagedata import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
-    from common.t2i.train import TextToImageLoss
-    from common.trainer import TrainConfig, Trainer
+    from diffmem.common.t2i.imagedata import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
+    from diffmem.common.t2i.train import TextToImageLoss
+    from diffmem.common.trainer import TrainConfig, Trainer
 
     acc = fresh_accelerator(args)
     wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -211,8 +209,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from diffusers import DDPMScheduler
 
-    from common.t2i.imagedata import read_image_folder
-    from common.t2i.models import build_components
+    from diffmem.common.t2i.imagedata import read_image_folder
+    from diffmem.common.t2i.models import build_components
 
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
     if threads is not None:

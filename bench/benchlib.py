@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from common.cli import quiet_hub_logging  # noqa: E402
-from common.t2i.models import assemble_pipeline, build_components, load_pipeline, parse_dtype  # noqa: E402
-from common.t2i.prompts import read_prompts  # noqa: E402
+from diffmem.common.cli import quiet_hub_logging
+from diffmem.common.t2i.models import assemble_pipeline, build_components, load_pipeline, parse_dtype
+from diffmem.common.t2i.prompts import read_prompts
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sdv1_500_memorized.jsonl"
 

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
-from common.errors import ConfigError, DiffmemError
+from diffmem.common.errors import ConfigError, DiffmemError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.textfile import read_utf8_lines
+from diffmem.common.textfile import read_utf8_lines
 
 
 def iter_json_objects(path: str | Path, error: type[Exception]) -> Iterator[tuple[str, int, dict]]:

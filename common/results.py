@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from common.errors import ConfigError, DiffmemError
+from diffmem.common.errors import ConfigError, DiffmemError
 
 
 class ResultsFileError(DiffmemError, ValueError):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import DiffmemError
+from diffmem.common.errors import DiffmemError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from common.errors import DiffmemError
-from common.results import bind_run_settings, check_run_settings, read_results, write_json_atomic
-from common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
-from common.train_loss import masked_mean
+from diffmem.common.errors import DiffmemError
+from diffmem.common.results import bind_run_settings, check_run_settings, read_results, write_json_atomic
+from diffmem.common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
+from diffmem.common.train_loss import masked_mean
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_SUMMARY = "train_summary.json"  # written once a training has finished

@@ -22,10 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from the checkout
-    sys.path.insert(0, str(ROOT))
 
-from common.cli import ArgumentParser  # noqa: E402
+from diffmem.common.cli import ArgumentParser
 
 
 @dataclass
@@ -163,12 +161,12 @@ def _train(cfg: LabConfig, init_dir: Path, work: Path, out_dir: Path, *, hard_th
 
 def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir: Path, train_images, train_index,
              split, sscd=None, train_sscd=None) -> dict:
-    from common.t2i.generation import save_grid, to_pil
-    from common.t2i.lab import generate_images, replication_figures, sscd_replication_figures
-    from common.t2i.detection import score_prompts
-    from common.metrics import detection_metrics, fpr_key
-    from common.t2i.models import denoiser_parts, load_pipeline
-    from common.t2i.prompts import read_prompts
+    from diffmem.common.t2i.generation import save_grid, to_pil
+    from diffmem.common.t2i.lab import generate_images, replication_figures, sscd_replication_figures
+    from diffmem.common.t2i.detection import score_prompts
+    from diffmem.common.metrics import detection_metrics, fpr_key
+    from diffmem.common.t2i.models import denoiser_parts, load_pipeline
+    from diffmem.common.t2i.prompts import read_prompts
 
     figures = {}
     t0 = time.perf_counter()
@@ -246,8 +244,8 @@ def build(cfg: LabConfig) -> dict:
     import numpy as np
     import torch
 
-    from common.t2i.lab import digit_images, lab_split, train_vae, training_text_noise_norms, write_imagefolder
-    from common.t2i.models import assemble_pipeline, build_components, load_pipeline, strip_build_paths
+    from diffmem.common.t2i.lab import digit_images, lab_split, train_vae, training_text_noise_norms, write_imagefolder
+    from diffmem.common.t2i.models import assemble_pipeline, build_components, load_pipeline, strip_build_paths
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
@@ -307,8 +305,8 @@ def build(cfg: LabConfig) -> dict:
     # 5. the shipped model's figures (what every CLI will load)
     sscd = train_sscd = None
     if cfg.sscd != "none":
-        from common.t2i.generation import to_pil
-        from common.similarity import SSCDModel
+        from diffmem.common.t2i.generation import to_pil
+        from diffmem.common.similarity import SSCDModel
 
         sscd = SSCDModel(cfg.sscd)
         train_sscd = sscd.embed(to_pil(train_images))

@@ -16,11 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# `python data/convert_edm.py` puts data/ on sys.path, not the checkout; make `common` importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, run_main  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.errors import ConfigError
 
 
 @dataclass
@@ -50,8 +47,8 @@ def parse_args(argv=None) -> ConvertConfig:
 
 def run(cfg: ConvertConfig) -> None:
     cfg.validate()
-    from common.edm.edm_pickle import convert_edm_pickle
-    from common.edm.snapshot import load_network
+    from diffmem.common.edm.edm_pickle import convert_edm_pickle
+    from diffmem.common.edm.snapshot import load_network
 
     out, info = convert_edm_pickle(cfg.network, cfg.out, overwrite=cfg.overwrite)
     net = load_network(out)

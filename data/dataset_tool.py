@@ -22,11 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# `python data/dataset_tool.py` puts data/ on sys.path, not the checkout; make `common` importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, run_main  # noqa: E402
-from common.edm.dataset import (  # noqa: E402
+from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.edm.dataset import (
     CHANNELS,
     CIFAR_SPLITS,
     LABEL_RULES,
@@ -38,8 +35,8 @@ from common.edm.dataset import (  # noqa: E402
     write_dataset_zip,
     write_float_dataset_zip,
 )
-from common.edm.molrg import MoLRGRecipe, molrg_dataset  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from diffmem.common.edm.molrg import MoLRGRecipe, molrg_dataset
+from diffmem.common.errors import ConfigError
 
 MOLRG = "molrg"
 

@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-# `python detect/detect_mem.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, quiet_hub_logging, run_main  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
-from common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
-from common.results import (append_results, bind_run_settings, merge_rows, read_results,  # noqa: E402
+from diffmem.common.cli import ArgumentParser, quiet_hub_logging, run_main
+from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
+from diffmem.common.results import (append_results, bind_run_settings, merge_rows, read_results,
                             write_json_atomic)
 
 # Arguments that change the numbers: a resumed run must use the same values as the results on disk.
@@ -188,8 +184,8 @@ def run(cfg: DetectConfig) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from common.t2i.detection import encode_prompts, score_prompts
-    from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.detection import encode_prompts, score_prompts
+    from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
     quiet_hub_logging()
     # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.

@@ -22,12 +22,9 @@ import signal
 import sys
 from pathlib import Path
 
-# `python detect/emm.py` puts detect/ on sys.path, not the checkout; make `common` importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, run_main  # noqa: E402
-from common.edm.launch import CLUSTERS, LAUNCHERS  # noqa: E402
-from common.edm.sweep import (  # noqa: E402
+from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.edm.launch import CLUSTERS, LAUNCHERS
+from diffmem.common.edm.sweep import (
     DEFAULT_SCRIPTS,
     LaunchConfig,
     SweepConfig,
@@ -35,9 +32,9 @@ from common.edm.sweep import (  # noqa: E402
     check_stage_args,
     run_sweep,
 )
-from common.edm.sweep_state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
-from common.plotting import plot_emm_curves  # noqa: E402
+from diffmem.common.edm.sweep_state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve
+from diffmem.common.errors import ConfigError
+from diffmem.common.plotting import plot_emm_curves
 
 
 def build_parser() -> ArgumentParser:

@@ -27,9 +27,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import ArgumentParser, run_main
-from common.errors import ConfigError
-from common.metrics import (
+from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.errors import ConfigError
+from diffmem.common.metrics import (
     DEFAULT_FPR_TARGETS,
     TPR_RULES,
     ResultsFileError,

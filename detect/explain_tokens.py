@@ -10,18 +10,14 @@ per prompt under DIR/bars/. Rows are appended per batch; re-running the same com
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-# `python detect/explain_tokens.py` puts detect/ on sys.path, not the checkout; make `common` importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, quiet_hub_logging, resolve_device, run_main  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
-from common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows  # noqa: E402
-from common.results import (append_results, bind_run_settings, check_run_settings, read_results,  # noqa: E402
+from diffmem.common.cli import ArgumentParser, quiet_hub_logging, resolve_device, run_main
+from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
+from diffmem.common.results import (append_results, bind_run_settings, check_run_settings, read_results,
                             write_json_atomic)
 
 WRT_CHOICES = ("prompt_embeds", "token_embeds")  # common.t2i.explain.WRT_CHOICES; kept here so --help needs no torch
@@ -199,9 +195,9 @@ def run(cfg: ExplainConfig) -> int:
 
     from tqdm.auto import tqdm
 
-    from common.t2i.detection import encode_prompts
-    from common.t2i.explain import TokenSignificance, explain_prompts, heatmap_html, plot_token_bars
-    from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.detection import encode_prompts
+    from diffmem.common.t2i.explain import TokenSignificance, explain_prompts, heatmap_html, plot_token_bars
+    from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
     explain_time = 0.0
     if todo:

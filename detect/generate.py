@@ -27,13 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# `python detect/generate.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, resolve_device, run_main  # noqa: E402
-from common.edm import sampler as S  # noqa: E402
-from common.edm.sampler import SamplerError, SamplerSettings, parse_seeds  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from diffmem.common.cli import ArgumentParser, resolve_device, run_main
+from diffmem.common.edm import sampler as S
+from diffmem.common.edm.sampler import SamplerError, SamplerSettings, parse_seeds
+from diffmem.common.errors import ConfigError
 
 
 @dataclass
@@ -147,12 +144,12 @@ def run(cfg: GenerateConfig) -> int:
 
     from tqdm.auto import tqdm
 
-    from common.edm import sampler as S
-    from common.edm.snapshot import load_network, resolve_snapshot
+    from diffmem.common.edm import sampler as S
+    from diffmem.common.edm.snapshot import load_network, resolve_snapshot
 
     device = resolve_device(cfg.device)
     if cfg.optimal_denoiser:
-        from common.edm.optimal import OptimalDenoiser
+        from diffmem.common.edm.optimal import OptimalDenoiser
 
         reference = resolve_snapshot(cfg.network) if cfg.network is not None else None
         rank, world, device, barrier = process_state(device)

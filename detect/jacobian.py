@@ -24,12 +24,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# `python detect/jacobian.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, resolve_device, run_main  # noqa: E402
-from common.edm.sampler import SamplerSettings, parse_seeds  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from diffmem.common.cli import ArgumentParser, resolve_device, run_main
+from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
+from diffmem.common.errors import ConfigError
 
 RESULTS = "jacobian.jsonl"
 SETTINGS = "jacobian.json"
@@ -128,11 +125,11 @@ def parse_args(argv=None) -> JacobianConfig:
 def load_denoiser(cfg: JacobianConfig, device):
     """(denoiser, its description for the settings, Jacobian method): a snapshot's network or the optimal denoiser."""
     if cfg.optimal_denoiser:
-        from common.edm.optimal import OptimalDenoiser
+        from diffmem.common.edm.optimal import OptimalDenoiser
 
         # torch.func's vmapped cdist backward is wrong (common.edm.jacobian): the batch method needs no vmap.
         return OptimalDenoiser.from_dataset_zip(cfg.dataset).to(device), f"optimal:{cfg.dataset.resolve()}", "batch"
-    from common.edm.snapshot import load_network, resolve_snapshot
+    from diffmem.common.edm.snapshot import load_network, resolve_snapshot
 
     snapshot = resolve_snapshot(cfg.network)
     return load_network(snapshot, device), f"network:{snapshot.resolve()}", "vmap"
@@ -166,8 +163,8 @@ def run(cfg: JacobianConfig) -> int:
     seeds = cfg.seed_list()
 
 
-    from common.edm import jacobian as J
-    from common.results import append_results, bind_run_settings, read_results, write_json_atomic
+    from diffmem.common.edm import jacobian as J
+    from diffmem.common.results import append_results, bind_run_settings, read_results, write_json_atomic
 
     device = resolve_device(cfg.device)
     denoise, described, method = load_denoiser(cfg, device)

@@ -25,13 +25,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# `python detect/mem_ratio.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, resolve_device, run_main  # noqa: E402
-from common.edm.memratio import MemRatioError  # noqa: E402
-from common.edm.sampler import SamplerSettings, parse_seeds  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from diffmem.common.cli import ArgumentParser, resolve_device, run_main
+from diffmem.common.edm.memratio import MemRatioError
+from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
+from diffmem.common.errors import ConfigError
 
 DEFAULT_SEEDS = "0-9999"  # DiffMemorize's 10k samples per snapshot
 
@@ -118,7 +115,7 @@ def process_state(device: str):
     """This process's Shard and device: Accelerate's when launched on several processes."""
     import torch
 
-    from common.edm.memratio import Shard
+    from diffmem.common.edm.memratio import Shard
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
@@ -136,8 +133,8 @@ def run(cfg: MemRatioConfig) -> dict | None:
         return None
 
 
-    from common.edm import memratio as M
-    from common.edm.dataset import load_dataset_zip
+    from diffmem.common.edm import memratio as M
+    from diffmem.common.edm.dataset import load_dataset_zip
 
     device = resolve_device(cfg.device)
     # Input errors before any process group is set up (every process would raise the same one).

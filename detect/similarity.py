@@ -28,12 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# `python detect/similarity.py` puts detect/ on sys.path, not the checkout; make `common` importable either way.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, resolve_device, run_main  # noqa: E402
-from common.edm import scores as S  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from diffmem.common.cli import ArgumentParser, resolve_device, run_main
+from diffmem.common.edm import scores as S
+from diffmem.common.errors import ConfigError
 
 
 @dataclass
@@ -132,7 +129,7 @@ def run_score(cfg: ScoreConfig) -> dict:
     for note in summary.get("notes", []):
         print(f"similarity: note: {note}", file=sys.stderr)
     if cfg.out is not None:
-        from common.results import write_json_atomic
+        from diffmem.common.results import write_json_atomic
 
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg.out, {**summary, "per_pair" if cfg.score == "rpscore" else "per_sample": columns})

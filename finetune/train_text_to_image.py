@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from common.cli import ArgumentParser, run_main
-from common.errors import ConfigError
-from common.t2i.prompt_aug import STYLES
+from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.prompt_aug import STYLES
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -105,8 +105,8 @@ def build_parser() -> ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from common.t2i.train import TextToImageConfig
-    from common.trainer import TrainConfig
+    from diffmem.common.t2i.train import TextToImageConfig
+    from diffmem.common.trainer import TrainConfig
 
     train = TrainConfig(
         output_dir=args.output_dir, seed=args.seed, train_batch_size=args.train_batch_size,
@@ -185,8 +185,8 @@ def run(args: argparse.Namespace) -> None:
     problem = validate_args(args)
     if problem is not None:
         raise ConfigError(problem)
-    from common.t2i.train import train_text_to_image
-    from common.trainer import resolve_resume
+    from diffmem.common.t2i.train import train_text_to_image
+    from diffmem.common.trainer import resolve_resume
 
     cfg = config_from_args(args)
     resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)

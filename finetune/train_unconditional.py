@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, run_main  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
+from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.errors import ConfigError
 
 
 def int_list(text: str) -> list[int]:
@@ -119,9 +116,9 @@ def validate_args(args: argparse.Namespace) -> str | None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from common.edm.network import ArchConfig
-    from common.edm.train import UnconditionalConfig
-    from common.trainer import TrainConfig
+    from diffmem.common.edm.network import ArchConfig
+    from diffmem.common.edm.train import UnconditionalConfig
+    from diffmem.common.trainer import TrainConfig
 
     train = TrainConfig(
         output_dir=args.outdir, seed=args.seed, learning_rate=args.lr, optimizer=args.optimizer,
@@ -148,8 +145,8 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(problem)
     if args.check_args:
         return
-    from common.edm.train import train_unconditional
-    from common.trainer import resolve_resume
+    from diffmem.common.edm.train import train_unconditional
+    from diffmem.common.trainer import resolve_resume
 
     cfg = config_from_args(args)
     resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)

@@ -21,11 +21,8 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-# `python mitigate/inference_mem.py` puts mitigate/ on sys.path, not the checkout; make `common` importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main  # noqa: E402
-from common.t2i.mitigation_run import METHOD_SETTINGS, METHODS, MitigationSettings, RunOptions  # noqa: E402
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main
+from diffmem.common.t2i.mitigation_run import METHOD_SETTINGS, METHODS, MitigationSettings, RunOptions
 
 
 @dataclass
@@ -109,10 +106,10 @@ def parse_config(argv: list[str] | None) -> InferenceMemConfig:
 def run(cfg: InferenceMemConfig) -> dict:
     """Validate inputs, load models, run the method and return the summary."""
     cfg.validate()
-    from common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from common.t2i.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators,
+    from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
+    from diffmem.common.t2i.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators,
                                        run_mitigation)
-    from common.t2i.prompts import PromptFileError, read_prompts, select_rows
+    from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
     # Everything the user typed is checked before any model is loaded.
     dataset = resolve_dataset_path(cfg.dataset)
@@ -133,7 +130,7 @@ def run(cfg: InferenceMemConfig) -> dict:
 
     import torch
 
-    from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
     quiet_hub_logging()
     # Evaluators first: a CLIP tag that cannot be downloaded fails before minutes of generation.

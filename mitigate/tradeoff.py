@@ -21,11 +21,9 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main  # noqa: E402
-from common.errors import ConfigError  # noqa: E402
-from common.t2i.mitigation_run import (BASELINES, METHOD_SETTINGS, METHODS, MitigationSettings,  # noqa: E402
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main
+from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.mitigation_run import (BASELINES, METHOD_SETTINGS, METHODS, MitigationSettings,
                                        RunOptions)
 
 
@@ -54,7 +52,7 @@ class TradeoffConfig(MitigationSettings, RunOptions):
         return legacy + (list(self.baselines) if self.repeat_nums else [])
 
     def runs(self) -> list:
-        from common.t2i.tradeoff import parse_sweeps, plan_runs
+        from diffmem.common.t2i.tradeoff import parse_sweeps, plan_runs
 
         knob_values = {"optim_target_loss": self.target_losses, "repeat_num": self.repeat_nums,
                        **parse_sweeps(self.sweep)}
@@ -135,11 +133,11 @@ def parse_config(argv: list[str] | None) -> TradeoffConfig:
 
 def run(cfg: TradeoffConfig) -> list[dict]:
     cfg.validate()
-    from common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from common.t2i.mitigation_run import Evaluators, check_evaluators, load_evaluators, run_mitigation
-    from common.t2i.prompts import PromptFileError, read_prompts, select_rows
-    from common.t2i.tradeoff import plot_tradeoff, tradeoff_point
-    from common.results import write_json_atomic
+    from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
+    from diffmem.common.t2i.mitigation_run import Evaluators, check_evaluators, load_evaluators, run_mitigation
+    from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
+    from diffmem.common.t2i.tradeoff import plot_tradeoff, tradeoff_point
+    from diffmem.common.results import write_json_atomic
 
     dataset = resolve_dataset_path(cfg.dataset)
     records = select_rows(read_prompts(dataset), cfg.start, cfg.end)
@@ -160,7 +158,7 @@ def run(cfg: TradeoffConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     runs = cfg.runs()
 
-    from common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
     quiet_hub_logging()
     evaluators = load_evaluators(cfg.sscd_model, cfg.sscd_preprocess, cfg.reference_model,

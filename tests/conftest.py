@@ -9,7 +9,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -18,7 +18,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A saved tiny SD-shaped pipeline (random weights, real CLIP tokenizer) that from_pretrained loads."""
-    from common.t2i.models import build_pipeline
+    from diffmem.common.t2i.models import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("tiny-sd"), arch="tiny", seed=0)
 
@@ -26,7 +26,7 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_pipeline_dir):
     """The tiny pipeline loaded through the real loading path, fp32 on CPU."""
-    from common.t2i.models import load_pipeline
+    from diffmem.common.t2i.models import load_pipeline
 
     return load_pipeline(str(tiny_pipeline_dir))
 
@@ -34,7 +34,7 @@ def tiny_pipe(tiny_pipeline_dir):
 @pytest.fixture(scope="session")
 def tiny_parts(tiny_pipe):
     """Scoring parts (UNet, text side, DDIM scheduler, latent shape) of the tiny pipeline."""
-    from common.t2i.models import denoiser_parts
+    from diffmem.common.t2i.models import denoiser_parts
 
     return denoiser_parts(tiny_pipe)
 

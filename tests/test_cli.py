@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import ArgumentParser, add_settings_arguments, option, resolve_device, settings_from_args
-from common.errors import ConfigError
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, resolve_device, settings_from_args
+from diffmem.common.errors import ConfigError
 
 
 @dataclass

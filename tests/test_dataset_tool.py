@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.edm.dataset import (
+from diffmem.common.edm.dataset import (
     STREAM_LABELS,
     STREAM_SUBSET,
     DatasetArrays,
@@ -130,7 +130,7 @@ def test_rules():
     assert mix_count(0.0, 7) == 0 and mix_count(1.0, 7) == 7
     assert digits_to_uint8(np.array([0, 1, 8, 15, 16])).tolist() == [0, 16, 128, 239, 255]
     assert center_crop_box(40, 30) == (5, 0, 35, 30) and center_crop_box(30, 41) == (0, 5, 30, 35)
-    from common.seeding import numpy_generator
+    from diffmem.common.seeding import numpy_generator
 
     assert (draw_generator(7, 2).integers(0, 1000, 20) == numpy_generator(7, 2).integers(0, 1000, 20)).all()
     slots, picks = mix_plan(10, 6, 0.35, seed=3)
@@ -542,13 +542,13 @@ def test_a_temporary_left_by_a_killed_write_is_removed_by_the_next_write(tmp_pat
     import subprocess
     import sys
 
-    from common.edm.dataset import _temporary_beside
+    from diffmem.common.edm.dataset import _temporary_beside
 
     # A write killed mid-way (SIGKILL: no cleanup) leaves its temporary, named after its dead process.
-    code = ("import os, sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]);"
-            "from common.edm.dataset import _temporary_beside;"
+    code = ("import os, sys; from pathlib import Path;"
+            "from diffmem.common.edm.dataset import _temporary_beside;"
             "p = _temporary_beside(Path(sys.argv[1])); p.write_bytes(b'PK partial'); print(p)")
-    left = Path(subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.zip"), str(Path(__file__).parents[1])],
+    left = Path(subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.zip")],
                                capture_output=True, text=True, check=True).stdout.strip())
     assert left.exists()
     mine = _temporary_beside(tmp_path / "c.zip")  # a write of this (live) process: left alone

@@ -32,7 +32,7 @@ def read_jsonl(path):
 
 
 def library_scores(parts, prompts, rows, **kw):
-    from common.t2i.detection import score_prompts
+    from diffmem.common.t2i.detection import score_prompts
 
     trace, _ = score_prompts(parts, prompts, rows, **kw)
     return trace.score.tolist()

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from common.t2i.detection import (
+from diffmem.common.t2i.detection import (
     encode_prompts,
     score_prompts,
     text_noise_objective,
@@ -129,7 +129,7 @@ def test_v_prediction_norms_are_epsilon_norms(tiny_parts):
 def test_objective_matches_trace_and_has_gradient_only_through_cond(tiny_parts):
     emb = encode_prompts(tiny_parts, PROMPTS[:2]).embeds
     unc = encode_prompts(tiny_parts, [""]).embeds
-    from common.t2i.noise import initial_latents
+    from diffmem.common.t2i.noise import initial_latents
 
     lat = initial_latents([0, 1], 2, tiny_parts.latent_shape, 0)
     trace = trace_noise_norms(tiny_parts, emb, unc, lat, num_inference_steps=50, score_steps=3, guidance_scale=7.5)

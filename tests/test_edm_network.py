@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from common.edm.network import (ArchConfig, EDMNetwork, SkipMaskError, build_network, count_parameters,
+from diffmem.common.edm.network import (ArchConfig, EDMNetwork, SkipMaskError, build_network, count_parameters,
                                 skip_channels, unet_config)
-from common.edm.precond import Preconditioning
+from diffmem.common.edm.precond import Preconditioning
 
 TINY = dict(resolution=8, channels=1, num_channels=8, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(4,),
             dropout=0.0)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.edm.edm_pickle import EDMPickleError, PersistentObject, read_edm_pickle
-from common.edm.snapshot import edm_snapshot_images, is_edm_pickle_path, list_snapshots, snapshot_label
+from diffmem.common.edm.edm_pickle import EDMPickleError, PersistentObject, read_edm_pickle
+from diffmem.common.edm.snapshot import edm_snapshot_images, is_edm_pickle_path, list_snapshots, snapshot_label
 
 FIXTURES = Path(__file__).parent / "fixtures" / "edm_pickles"
 CASES = ("edm_vp_ddpmpp", "dm_vp_ddpmpp_masked", "edm_ve_ncsnpp_cond", "edm_edm_adm_cond", "edm_iddpm_adm")
@@ -64,7 +64,7 @@ def test_state_dict_follows_module_state_dict_rules():
         state["_modules"] = {k: record(v) for k, v in m._modules.items()}
         return PersistentObject(type(m).__name__, state)
 
-    from common.edm.edm_pickle import collect_state_dict
+    from diffmem.common.edm.edm_pickle import collect_state_dict
 
     ours = collect_state_dict(record(root))
     theirs = root.state_dict()

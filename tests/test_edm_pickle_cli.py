@@ -17,7 +17,7 @@ import torch
 
 from conftest import ONE_THREAD, load_script, run_cli
 
-from common.edm.edm_pickle import EDMPickleError, load_edm_pickle
+from diffmem.common.edm.edm_pickle import EDMPickleError, load_edm_pickle
 
 FIXTURES = Path(__file__).parent / "fixtures" / "edm_pickles"
 CASES = ("edm_vp_ddpmpp", "dm_vp_ddpmpp_masked", "edm_ve_ncsnpp_cond", "edm_edm_adm_cond", "edm_iddpm_adm")
@@ -35,7 +35,7 @@ def cli(name: str, *args) -> int:
         return CONVERT.main(args)
     if name == "dataset_tool":
         return DATASET_TOOL.main(args)
-    module = __import__(f"detect.{name}", fromlist=["main"])
+    module = __import__(f"diffmem.detect.{name}", fromlist=["main"])
     return module.main(args)
 
 
@@ -62,7 +62,7 @@ def test_pickle_network_equals_edms_own_forward(case):
 
 
 def test_unknown_class_or_argument_is_one_line(tmp_path):
-    from common.edm.edm_pickle import read_edm_pickle
+    from diffmem.common.edm.edm_pickle import read_edm_pickle
 
     # Rename the preconditioner class and add an argument in a re-pickled copy of a fixture's record.
     data = (FIXTURES / "edm_vp_ddpmpp.pkl").read_bytes()
@@ -87,7 +87,7 @@ def converted(tmp_path_factory):
 
 
 def test_convert_writes_a_snapshot_folder_of_the_same_network(converted):
-    from common.edm.snapshot import load_network, read_snapshot_info
+    from diffmem.common.edm.snapshot import load_network, read_snapshot_info
 
     info = read_snapshot_info(converted)
     src = FIXTURES / "edm_ve_ncsnpp_cond.pkl"
@@ -152,9 +152,9 @@ def test_teacher_workflow_generate_then_take_the_first_n(tmp_path):
                "--batch", "8", "--outdir", tmp_path / "teacher", "--device", "cpu") == 0
     assert cli("dataset_tool", "--source", tmp_path / "teacher", "--dest", tmp_path / "t4.zip",
                "--max_images", "4") == 0
-    from common.edm.dataset import load_dataset_zip
+    from diffmem.common.edm.dataset import load_dataset_zip
 
-    from common.edm.sampler import image_path, load_png
+    from diffmem.common.edm.sampler import image_path, load_png
 
     images = load_dataset_zip(tmp_path / "t4.zip", progress=False).images
     first = np.stack([load_png(image_path(tmp_path / "teacher", s)) for s in range(4)]).transpose(0, 3, 1, 2)
@@ -162,7 +162,7 @@ def test_teacher_workflow_generate_then_take_the_first_n(tmp_path):
 
 
 def test_optimal_denoiser_on_the_networks_sigma_steps(tmp_path):
-    from common.edm.dataset import write_dataset_zip
+    from diffmem.common.edm.dataset import write_dataset_zip
 
     rng = np.random.default_rng(0)
     write_dataset_zip(tmp_path / "d.zip", rng.integers(0, 256, (5, 3, 8, 8), dtype=np.uint8), progress=False)
@@ -184,8 +184,8 @@ def test_jacobian_takes_a_pickle(tmp_path):
 
 def test_mem_ratio_on_a_diffmemorize_run_folder(tmp_path):
     """A run folder of network-snapshot-NNNNNN.pkl: a ratio per snapshot (named by kimg) and the max."""
-    from common.edm.dataset import write_dataset_zip
-    from common.edm.sampler import SamplerSettings, generate_images
+    from diffmem.common.edm.dataset import write_dataset_zip
+    from diffmem.common.edm.sampler import SamplerSettings, generate_images
 
     run = tmp_path / "run"
     run.mkdir()
@@ -209,7 +209,7 @@ def test_mem_ratio_on_a_diffmemorize_run_folder(tmp_path):
 def test_written_edm_pickle_reads_back_the_same_network(tmp_path):
     """write_edm_pickle (EDM's snapshot format, blank source) -> reader: same class, kwargs and weights; the
     file holds no global that one written by NVlabs' code does not."""
-    from common.edm.edm_pickle import read_edm_pickle, write_edm_pickle
+    from diffmem.common.edm.edm_pickle import read_edm_pickle, write_edm_pickle
 
     net, _ = load_edm_pickle(FIXTURES / "dm_vp_ddpmpp_masked.pkl")
     path = write_edm_pickle(net, tmp_path / "network-snapshot-000001.pkl", {"path": "d.zip"})
@@ -221,7 +221,7 @@ def test_written_edm_pickle_reads_back_the_same_network(tmp_path):
     assert torch.equal(forward(back, e), forward(net, e))
 
     def globals_of(p):
-        from common.edm.edm_pickle import RestrictedUnpickler
+        from diffmem.common.edm.edm_pickle import RestrictedUnpickler
 
         found = set()
 

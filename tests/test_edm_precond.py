@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from common.edm.precond import (Preconditioning, c_in, c_noise, c_out, c_skip, denoising_loss, loss_weight,
+from diffmem.common.edm.precond import (Preconditioning, c_in, c_noise, c_out, c_skip, denoising_loss, loss_weight,
                                 vp_sigma, vp_sigma_inv)
-from common.edm.schedule import resolve_schedule
+from diffmem.common.edm.schedule import resolve_schedule
 
 F64 = dict(dtype=torch.float64)
 
@@ -119,7 +119,7 @@ def test_diffmemorize_truncates_small_sets_and_edm_schedule_is_in_mimg():
 
 
 def test_scheduled_ema_applies_the_per_step_beta():
-    from common.trainer import scheduled_ema
+    from diffmem.common.trainer import scheduled_ema
 
     p = torch.nn.Parameter(torch.zeros(3))
     betas = [0.0, 0.5, 0.9]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.edm.dataset import write_dataset_zip
+from diffmem.common.edm.dataset import write_dataset_zip
 from conftest import ONE_THREAD, accelerate_launch, free_port, run_cli
 
 SCRIPT = "finetune/train_unconditional.py"
@@ -49,7 +49,7 @@ def test_twenty_steps_through_accelerate_launch_write_loadable_snapshots(data, t
     assert snaps == [f"snapshot-{n:09d}" for n in (40, 80, 120, 160)]
     info = json.loads((out / snaps[-1] / "snapshot.json").read_text())
     assert info["images_seen"] == 160 and info["step"] == 20 and info["training"]["precond"] == "edm"
-    from common.edm.snapshot import load_network
+    from diffmem.common.edm.snapshot import load_network
 
     net = load_network(out)
     assert net.label_dim == 4 and net.pre.precond == "edm" and net.image_shape == (1, 8, 8)

@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from common.edm.edm_precond import (EDMNetworkError, EDMPrecond, VEPrecond, VPPrecond, build_from_edm,
+from diffmem.common.edm.edm_precond import (EDMNetworkError, EDMPrecond, VEPrecond, VPPrecond, build_from_edm,
                                     iDDPMPrecond, iddpm_sigma_table)
-from common.edm.edm_unets import EDMArchitectureError, UNetBlock
-from common.errors import DiffmemError
+from diffmem.common.edm.edm_unets import EDMArchitectureError, UNetBlock
+from diffmem.common.errors import DiffmemError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "edm_nets"
 CASES = sorted(p.stem for p in FIXTURES.glob("*.safetensors"))
@@ -220,7 +220,7 @@ def test_edm_call_convention_and_defaults():
 
 
 def test_snapshot_folders_of_edm_networks_load_with_load_network(tmp_path):
-    from common.edm.snapshot import load_network, save_snapshot
+    from diffmem.common.edm.snapshot import load_network, save_snapshot
 
     net, t = built("ncsnpp_ve_masked")
     save_snapshot(net, tmp_path, 1000, {"step": 1})
@@ -232,7 +232,7 @@ def test_snapshot_folders_of_edm_networks_load_with_load_network(tmp_path):
 
 def test_sampler_uses_the_networks_sigma_rounding():
     """EDM's sampler rounds its σ steps (and t̂) with net.round_sigma: for iDDPM every σ D sees is a table level."""
-    from common.edm.sampler import SamplerSettings, sample_batch
+    from diffmem.common.edm.sampler import SamplerSettings, sample_batch
 
     net, _ = built("iddpm_adm_cond")
     seen = []

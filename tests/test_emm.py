@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.edm.emm import (
+from diffmem.common.edm.emm import (
     EXIT_BRACKETED,
     EXIT_FAILED,
     EXIT_NOT_BRACKETED,
@@ -23,10 +23,10 @@ from common.edm.emm import (
     plan_round,
     spread,
 )
-from common.edm.launch import LocalLauncher, NodeInfo, SizeJob, Stage, stage_command
-from common.edm.sweep import LaunchConfig, SweepBusyError, SweepConfig, build_job, run_sweep
-from common.edm.sweep_state import SweepSettings, bind_settings, scan_size, size_paths
-from common.errors import ConfigError
+from diffmem.common.edm.launch import LocalLauncher, NodeInfo, SizeJob, Stage, stage_command
+from diffmem.common.edm.sweep import LaunchConfig, SweepBusyError, SweepConfig, build_job, run_sweep
+from diffmem.common.edm.sweep_state import SweepSettings, bind_settings, scan_size, size_paths
+from diffmem.common.errors import ConfigError
 from conftest import ONE_THREAD, REPO, run_cli
 
 GRID = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]

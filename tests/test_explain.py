@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.t2i.detection import encode_prompts, iter_text_noise_objective, text_noise_objective
-from common.t2i.explain import (
+from diffmem.common.t2i.detection import encode_prompts, iter_text_noise_objective, text_noise_objective
+from diffmem.common.t2i.explain import (
     conditioning_leaf,
     display_token,
     explain_prompts,
@@ -22,7 +22,7 @@ from common.t2i.explain import (
     token_significance,
     tokenize,
 )
-from common.t2i.noise import initial_latents
+from diffmem.common.t2i.noise import initial_latents
 from conftest import run_cli
 
 PROMPTS = ["a photo of a castle at night", "emma watson as belle in beauty and the beast",
@@ -72,9 +72,9 @@ def test_display_token_decodes_bpe():
 
 
 def test_cli_and_library_agree_on_choices():
-    from common.t2i.explain import WRT_CHOICES
-    from detect.explain_tokens import WRT_CHOICES as CLI_CHOICES
-    from detect.explain_tokens import parse_target_steps
+    from diffmem.common.t2i.explain import WRT_CHOICES
+    from diffmem.detect.explain_tokens import WRT_CHOICES as CLI_CHOICES
+    from diffmem.detect.explain_tokens import parse_target_steps
 
     assert CLI_CHOICES == WRT_CHOICES
     assert parse_target_steps("0", 50) == [0]
@@ -298,8 +298,8 @@ def test_cli_unloadable_model_is_one_line_and_leaves_no_settings(tmp_path):
 def test_cli_failed_first_batch_does_not_bind_the_retry(tmp_path, tiny_pipeline_dir, monkeypatch):
     # Memory grows with num_images_per_prompt: a first batch out of memory is answered by a retry with fewer
     # generations, and since the failed run wrote no result its settings must not refuse that retry.
-    import common.t2i.explain as explain
-    from detect.explain_tokens import main
+    import diffmem.common.t2i.explain as explain
+    from diffmem.detect.explain_tokens import main
 
     real_explain_prompts = explain.explain_prompts
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import REPO
 
-from common.edm import sampler as S
-from common.edm.sampler import SamplerError, SamplerSettings
+from diffmem.common.edm import sampler as S
+from diffmem.common.edm.sampler import SamplerError, SamplerSettings
 
 SCRIPT = "detect/generate.py"
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -51,9 +51,9 @@ def gaussian_denoiser(x, sigma, class_labels=None):
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory):
     """Tiny saved EDM snapshots (8×8, 1 channel): an unconditional and a 3-class one."""
-    from common.edm.network import ArchConfig, build_network
-    from common.edm.precond import Preconditioning
-    from common.edm.snapshot import save_snapshot
+    from diffmem.common.edm.network import ArchConfig, build_network
+    from diffmem.common.edm.precond import Preconditioning
+    from diffmem.common.edm.snapshot import save_snapshot
 
     root = tmp_path_factory.mktemp("edm-snapshots")
     out = {}
@@ -263,7 +263,7 @@ def test_a_real_network_gives_the_same_images_whatever_the_batch_up_to_its_fp32_
     # The network itself does not round alike for every batch size: MKL's fp32 GEMM and convolution kernels
     # depend on it (a few 1e-7 in D). So the float samples agree to rounding, and a uint8 pixel right at a
     # rounding boundary may move by one level.
-    from common.edm.snapshot import load_network
+    from diffmem.common.edm.snapshot import load_network
 
     net = load_network(snapshots["cond"])
     seeds = list(range(8))
@@ -302,7 +302,7 @@ def test_parse_seeds_like_edm():
 
 
 def generate(*args):
-    from detect.generate import main
+    from diffmem.detect.generate import main
 
     return main([str(a) for a in args])
 
@@ -312,7 +312,7 @@ def png(path):
 
 
 def test_cli_writes_edm_named_pngs_and_an_npz_that_match_the_library(snapshots, tmp_path):
-    from common.edm.snapshot import load_network
+    from diffmem.common.edm.snapshot import load_network
 
     out = tmp_path / "out"
     assert generate("--network", snapshots["uncond"].parent, "--seeds", "0-2,10", "--batch", 3, "--outdir", out,

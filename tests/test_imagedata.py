@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.t2i.imagedata import (
+from diffmem.common.t2i.imagedata import (
     CaptionConfig,
     ImageDataError,
     ImageTransformConfig,
@@ -232,7 +232,7 @@ def test_caption_dropout_rate_and_list_choice():
 
 
 def test_dataset_items_depend_on_position_not_on_batching(tmp_path):
-    from common.t2i.tokenizer import build_clip_tokenizer
+    from diffmem.common.t2i.tokenizer import build_clip_tokenizer
 
     recs = read_image_folder(write_flat(tmp_path / "mem", 3, size=(20, 16)))
     ds = TextImageDataset(recs, ImageTransformConfig(8, random_flip=True), CaptionConfig("rand_numb_add", 2),
@@ -256,7 +256,7 @@ def test_dataset_reads_rows_of_a_hf_dataset(tmp_path):
 
     img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     hf = datasets.Dataset.from_dict({"image": [img, img], "text": ["one", "two"]}).cast_column("image", datasets.Image())
-    from common.t2i.imagedata import hf_dataset_records
+    from diffmem.common.t2i.imagedata import hf_dataset_records
 
     recs = hf_dataset_records(hf, "image", "text", "local")
     assert [r.key for r in recs] == ["local[0]", "local[1]"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.edm import jacobian as J
-from common.edm import sampler as S
+from diffmem.common.edm import jacobian as J
+from diffmem.common.edm import sampler as S
 from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -20,8 +20,8 @@ SHAPE = (3, 4, 4)
 
 
 def tiny_net(label_dim=0, attn=()):
-    from common.edm.network import ArchConfig, build_network
-    from common.edm.precond import Preconditioning
+    from diffmem.common.edm.network import ArchConfig, build_network
+    from diffmem.common.edm.precond import Preconditioning
 
     torch.manual_seed(0)
     arch = ArchConfig(resolution=4, channels=3, num_channels=8, channel_mult=(1, 2), num_blocks=1,
@@ -31,7 +31,7 @@ def tiny_net(label_dim=0, attn=()):
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory):
-    from common.edm.snapshot import save_snapshot
+    from diffmem.common.edm.snapshot import save_snapshot
 
     return save_snapshot(tiny_net(), tmp_path_factory.mktemp("jac-net"), 0, {})
 
@@ -102,7 +102,7 @@ def test_a_wrong_batching_rule_cannot_pass_silently(monkeypatch):
 
 @pytest.mark.parametrize("sigma", [0.3, 1.0, 3.0])
 def test_optimal_denoiser_jacobian_is_the_weighted_covariance_over_sigma_squared(sigma):
-    from common.edm.optimal import OptimalDenoiser
+    from diffmem.common.edm.optimal import OptimalDenoiser
 
     y = training_set()
     od = OptimalDenoiser(y)
@@ -117,7 +117,7 @@ def test_optimal_denoiser_jacobian_is_the_weighted_covariance_over_sigma_squared
 
 
 def test_torch_func_on_the_optimal_denoiser_is_right_or_refused():
-    from common.edm.optimal import OptimalDenoiser
+    from diffmem.common.edm.optimal import OptimalDenoiser
 
     y = training_set()
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -129,7 +129,7 @@ def test_torch_func_on_the_optimal_denoiser_is_right_or_refused():
 
 
 def test_optimal_jacobian_vanishes_near_a_training_image_and_is_the_covariance_at_huge_sigma():
-    from common.edm.optimal import OptimalDenoiser
+    from diffmem.common.edm.optimal import OptimalDenoiser
 
     y = training_set()
     od = OptimalDenoiser(y)
@@ -186,7 +186,7 @@ def test_rows_skip_done_pairs():
 
 
 def jacobian(*args):
-    from detect.jacobian import main
+    from diffmem.detect.jacobian import main
 
     return main([str(a) for a in args])
 
@@ -239,7 +239,7 @@ def test_cli_sigmas_rows_are_the_library_rank_at_sigma_times_latent(snapshot, tm
 
 
 def test_cli_optimal_denoiser_of_a_dataset_zip(tmp_path):
-    from common.edm.dataset import write_float_dataset_zip
+    from diffmem.common.edm.dataset import write_float_dataset_zip
 
     y = training_set(8).numpy().astype(np.float32)
     write_float_dataset_zip(tmp_path / "d.zip", y, np.arange(8) % 2)

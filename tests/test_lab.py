@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from common.t2i.lab import (lab_captions, lab_split, nearest_ratio, replication_figures, sscd_replication_figures,
+from diffmem.common.t2i.lab import (lab_captions, lab_split, nearest_ratio, replication_figures, sscd_replication_figures,
                         vae_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +80,9 @@ def test_sscd_replication_figures_by_hand():
 
 @pytest.mark.skipif(not (LAB / "model_index.json").is_file(), reason="data/lab not built (make lab)")
 def test_shipped_lab_scores_memorized_captions_higher():
-    from common.t2i.detection import score_prompts
-    from common.t2i.models import denoiser_parts, load_pipeline
-    from common.t2i.prompts import read_prompts
+    from diffmem.common.t2i.detection import score_prompts
+    from diffmem.common.t2i.models import denoiser_parts, load_pipeline
+    from diffmem.common.t2i.prompts import read_prompts
 
     manifest = json.loads((LAB / "manifest.json").read_text())
     assert manifest["lab"]["detection"]["auc"] >= 0.9

@@ -13,8 +13,8 @@ from PIL import Image
 
 from conftest import accelerate_launch, free_port, run_cli
 
-from common.edm import memratio as M
-from common.edm.knn import exact_knn, fp32_error_bound
+from diffmem.common.edm import memratio as M
+from diffmem.common.edm.knn import exact_knn, fp32_error_bound
 
 SCRIPT = "detect/mem_ratio.py"
 STEPS = 3
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def mem_ratio(*args) -> int:
-    from detect.mem_ratio import main
+    from diffmem.detect.mem_ratio import main
 
     return main([str(a) for a in args])
 
@@ -205,8 +205,8 @@ def test_every_seed_in_exactly_one_shard_and_the_merge_restores_the_order():
 
 
 def tiny_net(seed: int):
-    from common.edm.network import ArchConfig, build_network
-    from common.edm.precond import Preconditioning
+    from diffmem.common.edm.network import ArchConfig, build_network
+    from diffmem.common.edm.precond import Preconditioning
 
     torch.manual_seed(seed)
     return build_network(ArchConfig(resolution=8, channels=1, num_channels=8, channel_mult=(1, 2), num_blocks=1,
@@ -217,9 +217,9 @@ def tiny_net(seed: int):
 def run(tmp_path_factory):
     """A run folder with 3 tiny snapshots and a training zip holding every sample of snapshot 1500 and half of
     snapshot 3000's (seeds 0-3), plus 6 random images: ratios 1 and 1/2 there."""
-    from common.edm.dataset import write_dataset_zip
-    from common.edm.sampler import SamplerSettings, generate_images
-    from common.edm.snapshot import save_snapshot
+    from diffmem.common.edm.dataset import write_dataset_zip
+    from diffmem.common.edm.sampler import SamplerSettings, generate_images
+    from diffmem.common.edm.snapshot import save_snapshot
 
     root = tmp_path_factory.mktemp("memratio")
     samples = {}
@@ -270,7 +270,7 @@ def test_max_over_snapshots_with_exact_neighbours(run, tmp_path):
 
 
 def test_save_images_are_generate_pys_images(run, tmp_path):
-    from detect.generate import main as generate
+    from diffmem.detect.generate import main as generate
 
     out = tmp_path / "out"
     assert mem_ratio(*base_args(run, out, "--snapshots", "1500", "--save_images")) == 0
@@ -362,7 +362,7 @@ def test_two_processes_give_the_same_results_as_one(run, tmp_path):
 
 
 def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys):
-    from common.edm.dataset import write_dataset_zip
+    from diffmem.common.edm.dataset import write_dataset_zip
 
     empty = tmp_path / "empty-run"
     empty.mkdir()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from common.metrics import (
+from diffmem.common.metrics import (
     ResultsFileError,
     auc,
     detection_metrics,

@@ -34,9 +34,9 @@ def sscd_spec(tmp_path_factory):
 def lab_dataset(tmp_path_factory, tiny_parts, tiny_pipe):
     """prompts.jsonl + gt_images/: row 0's ground truth is its own unmitigated generation, row 1's folder is
     empty and row 2 has none."""
-    from common.t2i.detection import encode_prompts
-    from common.t2i.generation import decode_latents, sample_latents, to_pil
-    from common.t2i.noise import initial_latents
+    from diffmem.common.t2i.detection import encode_prompts
+    from diffmem.common.t2i.generation import decode_latents, sample_latents, to_pil
+    from diffmem.common.t2i.noise import initial_latents
 
     d = tmp_path_factory.mktemp("lab")
     (d / "prompts.jsonl").write_text("".join(json.dumps({"caption": p, "index": i}) + "\n"
@@ -97,8 +97,8 @@ def test_inference_mem_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd
 
 
 def test_resume_refuses_other_settings_and_cuts_torn_line(tmp_path):
-    from common.errors import ConfigError
-    from common.t2i.mitigation_run import MitigationSettings, RunFiles
+    from diffmem.common.errors import ConfigError
+    from diffmem.common.t2i.mitigation_run import MitigationSettings, RunFiles
 
     files = RunFiles(tmp_path / "run")
     settings = MitigationSettings(method="ours", optim_iters=3)
@@ -158,7 +158,7 @@ def test_tradeoff_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd_spec
 @pytest.fixture()
 def out_of_memory_above_one_image(monkeypatch):
     """Every first batch with more than one generation per prompt runs out of memory, as on a small GPU."""
-    import common.t2i.mitigation_run as mitigation_run
+    import diffmem.common.t2i.mitigation_run as mitigation_run
 
     real_condition_batch = mitigation_run.condition_batch
 
@@ -175,7 +175,7 @@ def out_of_memory_above_one_image(monkeypatch):
 
 def test_inference_mem_failed_first_batch_does_not_bind_the_retry(tmp_path, tiny_pipeline_dir, lab_dataset,
                                                                  out_of_memory_above_one_image):
-    from mitigate.inference_mem import main
+    from diffmem.mitigate.inference_mem import main
 
     args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(lab_dataset / "prompts.jsonl"), "--end", "1",
             "--run_name", "r", "--method", "none", "--num_inference_steps", "3", "--sscd_model", "none",
@@ -189,7 +189,7 @@ def test_inference_mem_failed_first_batch_does_not_bind_the_retry(tmp_path, tiny
 
 def test_tradeoff_failed_first_batch_does_not_bind_the_retry(tmp_path, tiny_pipeline_dir, lab_dataset, sscd_spec,
                                                              out_of_memory_above_one_image):
-    from mitigate.tradeoff import main
+    from diffmem.mitigate.tradeoff import main
 
     args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(lab_dataset / "prompts.jsonl"), "--end", "1",
             "--run_name", "sweep", "--num_inference_steps", "3", "--target_losses", "--baselines",

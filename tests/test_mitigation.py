@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from common.t2i.detection import encode_prompts
-from common.t2i.mitigation import (learnable_positions, mitigation_loss, optimise_prompt_embeds, prompt_attention_mask,
+from diffmem.common.t2i.detection import encode_prompts
+from diffmem.common.t2i.mitigation import (learnable_positions, mitigation_loss, optimise_prompt_embeds, prompt_attention_mask,
                                prompt_losses)
-from common.t2i.noise import initial_latents
+from diffmem.common.t2i.noise import initial_latents
 
 PROMPTS = ["The No Limits Business Woman Podcast", "Mothers influence on her young hippo", "a photo of a cat"]
 STEPS = 5  # DDIM steps of the schedule; the objective is taken at step 0 (t = 801 of 1000)
@@ -142,7 +142,7 @@ def test_freeze_padding_and_no_target(tiny_parts):
 def test_generation_equals_diffusers_pipeline(tiny_pipe, tiny_parts):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from common.t2i.generation import decode_latents, sample_latents
+    from diffmem.common.t2i.generation import decode_latents, sample_latents
 
     emb, uncond, lat = _setup(tiny_parts, PROMPTS[:2], [5, 6])
     ours = decode_latents(tiny_pipe.vae, sample_latents(tiny_parts, emb, uncond, lat, num_inference_steps=3,
@@ -159,7 +159,7 @@ def test_generation_equals_diffusers_pipeline(tiny_pipe, tiny_parts):
 def test_image_grid_layout():
     from PIL import Image
 
-    from common.t2i.generation import image_grid
+    from diffmem.common.t2i.generation import image_grid
 
     ims = [Image.new("RGB", (4, 3), (i * 50, 0, 0)) for i in range(3)]
     grid = image_grid(ims)  # 3 images -> 2 columns, 2 rows
@@ -171,7 +171,7 @@ def test_image_grid_layout():
 
 @pytest.mark.parametrize("method", ["rand_word_add", "rand_numb_add", "rand_word_repeat"])
 def test_baselines_reproducible_and_batch_independent(tiny_parts, method):
-    from common.t2i.mitigation_run import MitigationSettings, used_prompts
+    from diffmem.common.t2i.mitigation_run import MitigationSettings, used_prompts
 
     s = MitigationSettings(method=method, repeat_num=3, gen_seed=11)
     first = used_prompts(PROMPTS, [0, 1, 2], s, tiny_parts.tokenizer)
@@ -195,7 +195,7 @@ def _png(path):
 
 
 def test_ground_truth_layouts_and_missing(tmp_path):
-    from common.t2i.groundtruth import find_ground_truth, load_images, resolve_dataset_path, resolve_gt_root
+    from diffmem.common.t2i.groundtruth import find_ground_truth, load_images, resolve_dataset_path, resolve_gt_root
 
     wen = tmp_path / "sdv1_mem_groundtruth"
     (wen).mkdir()

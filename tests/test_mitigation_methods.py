@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from common.t2i.detection import encode_prompts
-from common.t2i.noise import initial_latents
+from diffmem.common.t2i.detection import encode_prompts
+from diffmem.common.t2i.noise import initial_latents
 
 PROMPTS = ["The No Limits Business Woman Podcast", "a photo of a cat"]
 ROWS = [3, 7]
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
 def _settings(method, steps=STEPS, **kw):
-    from common.t2i.mitigation_run import MitigationSettings
+    from diffmem.common.t2i.mitigation_run import MitigationSettings
 
     return MitigationSettings(method=method, num_images_per_prompt=G, num_inference_steps=steps, guidance_scale=W,
                               gen_seed=11, **kw)
@@ -35,7 +35,7 @@ def _inputs(parts, prompts=PROMPTS, rows=ROWS):
 
 
 def _generate(parts, method, prompts=PROMPTS, rows=ROWS, steps=STEPS, **kw):
-    from common.t2i.mitigation_methods import generate_batch
+    from diffmem.common.t2i.mitigation_methods import generate_batch
 
     emb, uncond, lat = _inputs(parts, prompts, rows)
     return generate_batch(parts, emb, uncond, lat, rows, prompts, _settings(method, steps, **kw))
@@ -83,7 +83,7 @@ def _close(a, b):
 # --- Jain et al.: guidance schedules ---------------------------------------------------------------------------
 
 def test_jain_transition_step_on_hand_made_norms():
-    from common.t2i.guidance_schedule import DynamicTransition, jain_transition_step
+    from diffmem.common.t2i.guidance_schedule import DynamicTransition, jain_transition_step
 
     norms = torch.tensor([[5.0, 4.0, 3.0, 3.5, 2.0],   # first rise at step 3 (after the minimum at step 2)
                           [1.0, 2.0, 1.0, 0.5, 0.4],   # rises at once: step 1
@@ -104,7 +104,7 @@ def test_jain_transition_step_on_hand_made_norms():
 
 
 def test_jain_og_transition_and_static_scale_by_hand():
-    from common.t2i.guidance_schedule import jain_og_transition, jain_static_scale, latent_step_distance
+    from diffmem.common.t2i.guidance_schedule import jain_og_transition, jain_static_scale, latent_step_distance
 
     d = torch.tensor([[0.9, 0.5, 0.6, 0.4, 0.7, 0.8],   # minima at 1 and 3: the first is step 1, so 3
                       [0.9, 0.8, 0.3, 0.5, 0.6, 0.7],   # minimum at 2
@@ -167,7 +167,7 @@ def test_jain_dtp_step_by_step(tiny_parts):
 
 
 def test_jain_og_step_by_step(tiny_parts):
-    from common.t2i.guidance_schedule import jain_og_transition
+    from diffmem.common.t2i.guidance_schedule import jain_og_transition
 
     emb, uncond, lat = _inputs(tiny_parts)
     steps = 6  # the tiny model's cosine distances have an interior minimum (step 3) with 6 steps
@@ -191,7 +191,7 @@ def test_jain_og_step_by_step(tiny_parts):
 # --- Han et al.: initial noise ----------------------------------------------------------------------------------
 
 def test_han_batch_update_against_direct_evaluation(tiny_parts):
-    from common.t2i.init_noise import han_batch_adjust
+    from diffmem.common.t2i.init_noise import han_batch_adjust
 
     emb, uncond, lat = _inputs(tiny_parts)
     cond, x = _flat_cond(emb), lat.flatten(0, 1)
@@ -236,7 +236,7 @@ def hand_han_sample(parts, cond, uncond, x, lr, target, iters):
 
 
 def test_han_sample_batched_equals_one_by_one_and_their_loop(tiny_parts):
-    from common.t2i.init_noise import han_sample_loss, han_sample_optimise, guidance_direction
+    from diffmem.common.t2i.init_noise import han_sample_loss, han_sample_optimise, guidance_direction
 
     emb, uncond, lat = _inputs(tiny_parts)
     cond, x = _flat_cond(emb), lat.flatten(0, 1)
@@ -269,7 +269,7 @@ def test_han_sample_batched_equals_one_by_one_and_their_loop(tiny_parts):
 # --- Ren et al.: attention --------------------------------------------------------------------------------------
 
 def test_ren_processor_against_explicit_softmax(tiny_pipe, tiny_parts):
-    from common.t2i.attention_rescale import RenAttnProcessor, ren_key_mask
+    from diffmem.common.t2i.attention_rescale import RenAttnProcessor, ren_key_mask
 
     attn = tiny_parts.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     torch.manual_seed(0)
@@ -300,7 +300,7 @@ def test_ren_processor_against_explicit_softmax(tiny_pipe, tiny_parts):
 
 
 def test_ren_attn_generation_uses_the_processor_and_restores(tiny_parts):
-    from common.t2i.attention_rescale import ren_attention, ren_batch_rows, ren_key_mask
+    from diffmem.common.t2i.attention_rescale import ren_attention, ren_batch_rows, ren_key_mask
 
     before = {k: type(v) for k, v in tiny_parts.unet.attn_processors.items()}
     got = _generate(tiny_parts, "ren_attn", ren_c=1.25)
@@ -308,7 +308,7 @@ def test_ren_attn_generation_uses_the_processor_and_restores(tiny_parts):
     emb, uncond, lat = _inputs(tiny_parts)
     keep, scale = ren_batch_rows(ren_key_mask(tiny_parts.tokenizer, PROMPTS), G, 1.25)
     assert scale.tolist() == [1.0] * 4 + [1.25] * 4
-    from common.t2i.generation import sample_latents
+    from diffmem.common.t2i.generation import sample_latents
 
     with ren_attention(tiny_parts.unet, keep, scale):
         want = sample_latents(tiny_parts, emb, uncond, lat, num_inference_steps=STEPS, guidance_scale=W)
@@ -320,7 +320,7 @@ def test_ren_attn_generation_uses_the_processor_and_restores(tiny_parts):
 # --- GNI and the shared rules ----------------------------------------------------------------------------------
 
 def test_gni_zero_is_none_and_noise_is_per_row(tiny_parts):
-    from common.t2i.embedding_noise import gni_noise
+    from diffmem.common.t2i.embedding_noise import gni_noise
 
     none = _generate(tiny_parts, "none")
     zero = _generate(tiny_parts, "gni", gni_scale=0.0)
@@ -334,10 +334,10 @@ def test_gni_zero_is_none_and_noise_is_per_row(tiny_parts):
 
 
 def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch):
-    import common.t2i.generation as generation
-    import common.t2i.init_noise as init_noise
-    from common.t2i.mitigation_methods import METHODS
-    from common.t2i.mitigation_run import condition_batch
+    import diffmem.common.t2i.generation as generation
+    import diffmem.common.t2i.init_noise as init_noise
+    from diffmem.common.t2i.mitigation_methods import METHODS
+    from diffmem.common.t2i.mitigation_run import condition_batch
 
     seen: dict = {}
     real = {"sample": generation.sample_latents, "batch": init_noise.han_batch_adjust,
@@ -352,7 +352,7 @@ def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch):
     monkeypatch.setattr(generation, "sample_latents", spy("sample"))
     monkeypatch.setattr(init_noise, "han_batch_adjust", spy("batch"))
     monkeypatch.setattr(init_noise, "han_sample_optimise", spy("per_sample"))
-    from common.t2i.mitigation_methods import generate_batch
+    from diffmem.common.t2i.mitigation_methods import generate_batch
 
     uncond = encode_prompts(tiny_parts, [""]).embeds
     expected = initial_latents(ROWS, G, tiny_parts.latent_shape, 11).flatten(0, 1)
@@ -364,7 +364,7 @@ def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch):
 
 
 def test_top3_is_membench_top3():
-    from common.similarity import top_k_mean
+    from diffmem.common.similarity import top_k_mean
 
     assert top_k_mean(torch.tensor([0.1, 0.9, 0.4, 0.7])) == pytest.approx((0.9 + 0.7 + 0.4) / 3)
     assert top_k_mean(torch.tensor([0.2, 0.6])) == pytest.approx(0.4)
@@ -373,8 +373,8 @@ def test_top3_is_membench_top3():
 # --- settings: binding, resume, bad values ---------------------------------------------------------------------
 
 def test_binding_settings_per_method(tmp_path):
-    from common.errors import ConfigError
-    from common.t2i.mitigation_run import RunFiles
+    from diffmem.common.errors import ConfigError
+    from diffmem.common.t2i.mitigation_run import RunFiles
 
     files = RunFiles(tmp_path / "run")
     fp = _settings("jain_stp", jain_tau=400.0).fingerprint()
@@ -402,7 +402,7 @@ def test_binding_settings_per_method(tmp_path):
     (["--method", "jain_dtp", "--jain_dtp_rule", "fall"], "argument --jain_dtp_rule: invalid choice: 'fall'"),
 ])
 def test_bad_settings_one_line_exit_2(tmp_path, capsys, extra, expected):
-    from mitigate.inference_mem import main
+    from diffmem.mitigate.inference_mem import main
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"caption": "a cat"}) + "\n")
@@ -417,7 +417,7 @@ def test_bad_settings_one_line_exit_2(tmp_path, capsys, extra, expected):
 
 
 def test_inference_mem_new_method_resumes_and_binds(tmp_path, tiny_pipeline_dir, capsys):
-    from mitigate.inference_mem import main
+    from diffmem.mitigate.inference_mem import main
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"caption": p}) + "\n" for p in PROMPTS))
@@ -444,8 +444,8 @@ def test_inference_mem_new_method_resumes_and_binds(tmp_path, tiny_pipeline_dir,
 # --- the trade-off harness -------------------------------------------------------------------------------------
 
 def test_plan_runs_and_sweeps():
-    from common.errors import ConfigError
-    from common.t2i.tradeoff import parse_sweeps, plan_runs
+    from diffmem.common.errors import ConfigError
+    from diffmem.common.t2i.tradeoff import parse_sweeps, plan_runs
 
     knobs = {"optim_target_loss": [1.0, 2.0], "repeat_num": [4], **parse_sweeps(["jain_tau=300,700", "ren_c=1.1"])}
     runs = plan_runs(_settings("none"), ["none", "ours", "jain_stp", "jain_dtp", "jain_og", "ren_attn", "gni",
@@ -484,7 +484,7 @@ def small_lab(tmp_path_factory):
 
 
 def test_tradeoff_methods_sweep_general_and_resume(tmp_path, tiny_pipeline_dir, small_lab, capsys):
-    from mitigate.tradeoff import main
+    from diffmem.mitigate.tradeoff import main
 
     args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(small_lab / "prompts.jsonl"), "--run_name", "t",
             "--out", str(tmp_path), "--num_images_per_prompt", "1", "--num_inference_steps", "2",
@@ -519,7 +519,7 @@ def test_tradeoff_methods_sweep_general_and_resume(tmp_path, tiny_pipeline_dir, 
 
 
 def test_tradeoff_bad_sweep_one_line_exit_2(tmp_path, small_lab, capsys):
-    from mitigate.tradeoff import main
+    from diffmem.mitigate.tradeoff import main
 
     rc = main(["--model_id", str(tmp_path / "none"), "--dataset", str(small_lab / "prompts.jsonl"), "--run_name",
                "t", "--out", str(tmp_path), "--methods", "ren_attn", "--sweep", "ren_c=1.1,-1"])
@@ -529,7 +529,7 @@ def test_tradeoff_bad_sweep_one_line_exit_2(tmp_path, small_lab, capsys):
 
 
 def test_random_clip_weights_are_the_same_in_every_load():
-    from common.similarity import load_clip_scorer
+    from diffmem.common.similarity import load_clip_scorer
 
     a = load_clip_scorer("ViT-S-32", "none")
     b = load_clip_scorer("ViT-S-32", "none")
@@ -540,7 +540,7 @@ def test_random_clip_weights_are_the_same_in_every_load():
 # --- Chen et al.: the bright-ending mask on Wen et al.'s loss ------------------------------------------------------
 
 def test_be_mask_by_hand():
-    from common.t2i.bright_ending import be_mask
+    from diffmem.common.t2i.bright_ending import be_mask
 
     coarse = torch.tensor([[1.0, 3.0, 2.0, 2.0]])  # a 2×2 map
     fine = torch.tensor([[4.0] * 16])  # a 4×4 map
@@ -552,8 +552,8 @@ def test_be_mask_by_hand():
 
 
 def test_end_token_recorder_against_explicit_softmax(tiny_parts):
-    from common.t2i.attention_rescale import RenAttnProcessor
-    from common.t2i.bright_ending import EndTokenAttentionRecorder, end_token_positions
+    from diffmem.common.t2i.attention_rescale import RenAttnProcessor
+    from diffmem.common.t2i.bright_ending import EndTokenAttentionRecorder, end_token_positions
 
     attn = tiny_parts.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     eos = end_token_positions(tiny_parts.tokenizer, ["a cat", "a dog on a mat"])
@@ -574,9 +574,9 @@ def test_end_token_recorder_against_explicit_softmax(tiny_parts):
 
 
 def test_ours_with_be_mask_optimises_the_masked_loss(tiny_parts):
-    from common.t2i.bright_ending import bright_ending_masks
-    from common.t2i.detection import text_noise_objective
-    from common.t2i.mitigation_run import condition_batch
+    from diffmem.common.t2i.bright_ending import bright_ending_masks
+    from diffmem.common.t2i.detection import text_noise_objective
+    from diffmem.common.t2i.mitigation_run import condition_batch
 
     emb, uncond, lat = _inputs(tiny_parts)
     masks = bright_ending_masks(tiny_parts, emb, uncond, lat, PROMPTS, num_inference_steps=STEPS, guidance_scale=W)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.edm import molrg as M
-from common.edm.dataset import (
+from diffmem.common.edm import molrg as M
+from diffmem.common.edm.dataset import (
     DatasetError,
     ImageDataset,
     collate_image_batch,
@@ -26,7 +26,7 @@ RECIPE = M.MoLRGRecipe(res=4, classes=2, dim=7, per_class=350, seed=0)
 
 
 def tool(*args):
-    from data.dataset_tool import main
+    from diffmem.data.dataset_tool import main
 
     return main([str(a) for a in args])
 
@@ -126,7 +126,7 @@ def test_image_dataset_feeds_float_data_unscaled(tmp_path):
 
 
 def _uint8_arrays():
-    from common.edm.dataset import DatasetArrays
+    from diffmem.common.edm.dataset import DatasetArrays
 
     return DatasetArrays(np.zeros((2, 1, 2, 2), np.uint8), None, ["a", "b"])
 
@@ -181,7 +181,7 @@ def test_three_training_steps_on_molrg_and_no_xflip(tmp_path):
                   env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trained 3 steps (24 images)" in res.stdout
-    from common.edm.snapshot import load_network
+    from diffmem.common.edm.snapshot import load_network
 
     net = load_network(out)
     assert net.image_shape == (3, 4, 4) and net.label_dim == 0
@@ -197,7 +197,7 @@ def test_three_training_steps_on_molrg_and_no_xflip(tmp_path):
 
 
 def test_ideal_molrg_denoiser_jacobian_has_rank_d_on_a_subspace_and_2d_at_the_origin():
-    from common.edm.jacobian import denoiser_jacobian, numerical_rank, singular_values
+    from diffmem.common.edm.jacobian import denoiser_jacobian, numerical_rank, singular_values
 
     den = M.MoLRGDenoiser(RECIPE)
     u = den.bases

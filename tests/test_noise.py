@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from common.t2i.noise import (
+from diffmem.common.t2i.noise import (
     anisotropy_score,
     channel_cosine,
     classifier_free_guidance,

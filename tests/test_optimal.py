@@ -11,11 +11,11 @@ import torch
 
 from conftest import ONE_THREAD, run_cli
 
-from common.edm import sampler as S
-from common.edm.dataset import write_dataset_zip
-from common.edm.optimal import (OptimalDenoiser, OptimalDenoiserError, empty_state, ideal_denoiser, log_weights,
+from diffmem.common.edm import sampler as S
+from diffmem.common.edm.dataset import write_dataset_zip
+from diffmem.common.edm.optimal import (OptimalDenoiser, OptimalDenoiserError, empty_state, ideal_denoiser, log_weights,
                                 merge_chunk, squared_distances)
-from common.edm.sampler import SamplerError, SamplerSettings
+from diffmem.common.edm.sampler import SamplerError, SamplerSettings
 
 SIGMAS = (0.002, 0.02, 0.3, 2.0, 80.0)
 
@@ -265,7 +265,7 @@ def test_from_dataset_zip(data, tmp_path):
     classes = torch.tensor([2, 1, 0, 0, 1, 2, 2, 2])
     assert torch.equal(cond(x, 0.1, classes),
                        OptimalDenoiser(torch.from_numpy(data["u"]), torch.from_numpy(data["labels"]))(x, 0.1, classes))
-    from common.edm.dataset import DatasetError
+    from diffmem.common.edm.dataset import DatasetError
 
     with pytest.raises(DatasetError, match="no dataset.json labels"):
         OptimalDenoiser.from_dataset_zip(tmp_path / "nolabels.zip", cond=True)
@@ -363,7 +363,7 @@ def test_cli_end_to_end_samples_are_training_images(data, tmp_path):
     assert settings["num_steps"] == 5 and settings["sigma_min"] == 0.002  # the sampler's range, unclamped
 
     # The conditional denoiser, Euler solver, in-process: each sample is a training image of its own label.
-    from detect.generate import main
+    from diffmem.detect.generate import main
 
     cout = tmp_path / "cond"
     assert main(["--optimal_denoiser", "--dataset", str(tmp_path / "tiny.zip"), "--cond", "--solver", "euler",
@@ -396,7 +396,7 @@ def test_cli_end_to_end_samples_are_training_images(data, tmp_path):
     (["--optimal_denoiser", "--dataset", "{zip}", "--chunk", "0"], "--chunk >= 1"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(data, tmp_path, capsys, args, message):
-    from detect.generate import main
+    from diffmem.detect.generate import main
 
     write_dataset_zip(tmp_path / "tiny.zip", data["u"], data["labels"], progress=False)
     write_dataset_zip(tmp_path / "nolabels.zip", data["u"], progress=False)

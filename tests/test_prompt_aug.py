@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.t2i.prompt_aug import RANDOM_NUMBER_LIMIT, RANDOM_TOKEN_ID_LIMIT, augment_prompt, insert_word
+from diffmem.common.t2i.prompt_aug import RANDOM_NUMBER_LIMIT, RANDOM_TOKEN_ID_LIMIT, augment_prompt, insert_word
 
 
 class FakeTokenizer:
@@ -65,7 +65,7 @@ def test_rand_word_add_decodes_token_ids_below_the_special_ids():
 
 
 def test_rand_word_add_with_the_real_clip_tokenizer(tmp_path):
-    from common.t2i.tokenizer import build_clip_tokenizer
+    from diffmem.common.t2i.tokenizer import build_clip_tokenizer
 
     tok = build_clip_tokenizer(tmp_path / "tok")
     out = augment_prompt("a photo of a cat", "rand_word_add", 2, np.random.default_rng(3), tokenizer=tok)

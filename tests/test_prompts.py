@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.t2i.prompts import PromptFileError, read_prompts, select_rows
+from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 from conftest import SHARED_DATA
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.similarity import (SSCDModel, SimilarityModelError, check_clip_spec, clip_score,
+from diffmem.common.similarity import (SSCDModel, SimilarityModelError, check_clip_spec, clip_score,
                                cosine_similarity_matrix, replication_rate, similarity_stats, sscd_to_ground_truth)
 from sscd_standins import HAS_ONNX_DEFAULT, Probe, TinyDescriptor
 
@@ -127,7 +127,7 @@ def test_sscd_load_errors_are_one_line(tmp_path):
 # --- CLIP ----------------------------------------------------------------------------------------------------
 
 def test_clip_score_with_random_small_open_clip():
-    from common.similarity import load_clip_scorer
+    from diffmem.common.similarity import load_clip_scorer
 
     scorer = load_clip_scorer("ViT-S-32", "none")
     assert scorer.calibrated is False
@@ -160,7 +160,7 @@ def test_clip_tag_that_cannot_download_is_one_clear_error(monkeypatch):
     import open_clip
     import open_clip.pretrained
 
-    from common.similarity import load_clip_scorer
+    from diffmem.common.similarity import load_clip_scorer
 
     def offline(*args, **kwargs):
         raise RuntimeError("Failed to download file (open_clip_pytorch_model.bin): offline\nsecond line")

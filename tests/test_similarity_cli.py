@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.edm import scores as S
-from common.edm.dataset import write_dataset_zip
-from common.edm.sampler import write_images_npz
+from diffmem.common.edm import scores as S
+from diffmem.common.edm.dataset import write_dataset_zip
+from diffmem.common.edm.sampler import write_images_npz
 from conftest import run_cli
 from sscd_standins import HAS_ONNX_DEFAULT, Probe, TinyDescriptor
 
@@ -152,7 +152,7 @@ def test_seed_from_name():
 
 
 def test_preprocess_presets_exist_in_the_shared_wrapper():
-    from common.similarity import SSCD_PRESETS
+    from diffmem.common.similarity import SSCD_PRESETS
 
     assert set(S.PREPROCESS) <= set(SSCD_PRESETS)
     assert SSCD_PRESETS["zhang"]["resize"] == (320, 320)
@@ -193,7 +193,7 @@ def _images(n=len(SEEDS), side=16, channels=3) -> np.ndarray:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """The same six images as a folder of {seed:06d}.png, a generate.py images.npz and an EDM zip."""
-    from common.edm.sampler import image_path, save_png
+    from diffmem.common.edm.sampler import image_path, save_png
 
     d = tmp_path_factory.mktemp("images")
     imgs = _images()
@@ -209,7 +209,7 @@ def inputs(tmp_path_factory):
 
 def _main(capsys, *args):
     """detect/similarity.py in this process (much faster than a subprocess): (exit code, stdout, stderr)."""
-    from detect.similarity import main
+    from diffmem.detect.similarity import main
 
     rc = main([str(a) for a in args])
     out = capsys.readouterr()
@@ -226,7 +226,7 @@ def _features(capsys, images, out, sscd, *extra):
 def test_zhang_preset_is_a_320_square_with_imagenet_normalisation(sscd):
     from PIL import Image
 
-    from common.similarity import SSCDModel
+    from diffmem.common.similarity import SSCDModel
 
     model = SSCDModel(str(sscd / "probe.torchscript.pt"), preset="zhang")
     x = model.embed([Image.new("RGB", (64, 48), (128, 128, 128))])[0]

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from common.errors import DiffmemError
-from common.jsonl import iter_json_objects
-from common.t2i.prompts import PromptFileError, read_prompts
-from common.textfile import read_utf8_lines, read_utf8_text
+from diffmem.common.errors import DiffmemError
+from diffmem.common.jsonl import iter_json_objects
+from diffmem.common.t2i.prompts import PromptFileError, read_prompts
+from diffmem.common.textfile import read_utf8_lines, read_utf8_text
 
 
 class TextError(DiffmemError):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from common.t2i.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer, bytes_to_unicode
+from diffmem.common.t2i.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer, bytes_to_unicode
 from conftest import SHARED_DATA
 
 PROMPTS = [

@@ -83,7 +83,7 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
     res = accelerate_launch("--config_file", "accelerate_configs/cpu.yaml", SCRIPT, *args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    from common.t2i.models import load_pipeline
+    from diffmem.common.t2i.models import load_pipeline
 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1 pruned checkpoint-2
     ckpt = out / "checkpoint-4"
@@ -123,7 +123,7 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
 
 
 def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):
-    from finetune.train_text_to_image import main
+    from diffmem.finetune.train_text_to_image import main
 
     mem, non_mem = data
     # 6 samples, batch 2, accumulation 2: 3 micro-batches per epoch, so step 2 ends inside epoch 1.
@@ -156,7 +156,7 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_pipeline_dir, data, 
 
 
 def test_resume_latest_picks_the_newest_complete_checkpoint(tmp_path):
-    from common.trainer import TRAINER_STATE, TrainSetupError, resolve_resume
+    from diffmem.common.trainer import TRAINER_STATE, TrainSetupError, resolve_resume
 
     for step, complete in ((2, True), (10, True), (12, False)):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -170,7 +170,7 @@ def test_resume_latest_picks_the_newest_complete_checkpoint(tmp_path):
 
 
 def test_resume_with_another_batch_size_is_refused(tiny_pipeline_dir, data, tmp_path, fresh_accelerate, capsys):
-    from finetune.train_text_to_image import main
+    from diffmem.finetune.train_text_to_image import main
 
     mem, _ = data
     out = tmp_path / "run"
@@ -185,7 +185,7 @@ def test_resume_with_another_batch_size_is_refused(tiny_pipeline_dir, data, tmp_
 
 def test_resume_with_another_learning_rate_is_refused_before_anything_is_written(
         tiny_pipeline_dir, data, tmp_path, fresh_accelerate, capsys):
-    from finetune.train_text_to_image import main
+    from diffmem.finetune.train_text_to_image import main
 
     mem, _ = data
     out = tmp_path / "run"
@@ -217,7 +217,7 @@ def test_resume_with_another_learning_rate_is_refused_before_anything_is_written
 
 
 def test_output_dir_that_is_a_file_is_one_line(tiny_pipeline_dir, data, tmp_path, capsys):
-    from finetune.train_text_to_image import main
+    from diffmem.finetune.train_text_to_image import main
 
     (tmp_path / "f").write_text("x")
     assert main(base_args(tiny_pipeline_dir, data[0], tmp_path / "f", "--max_train_steps", "1")) == 2
@@ -226,9 +226,9 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_pipeline_dir, data, tmp_path
 
 
 def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):
-    from finetune.train_text_to_image import main
+    from diffmem.finetune.train_text_to_image import main
 
-    from common.t2i.models import load_pipeline
+    from diffmem.common.t2i.models import load_pipeline
 
     mem, _ = data
     out = tmp_path / "run"
@@ -251,11 +251,11 @@ def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_di
 def test_threshold_mask_and_loss_against_a_hand_computation(tiny_pipe, data, tmp_path, prediction_type, snr_gamma):
     from diffusers import DDPMScheduler
 
-    from common.t2i.imagedata import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
-    from common.t2i.imagedata import read_image_folder
-    from common.seeding import STREAM_NOISE, STREAM_TIMESTEP, STREAM_VAE, randint_per_sample, randn_per_sample
-    from common.t2i.train import TextToImageLoss
-    from common.train_loss import masked_mean
+    from diffmem.common.t2i.imagedata import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
+    from diffmem.common.t2i.imagedata import read_image_folder
+    from diffmem.common.seeding import STREAM_NOISE, STREAM_TIMESTEP, STREAM_VAE, randint_per_sample, randn_per_sample
+    from diffmem.common.t2i.train import TextToImageLoss
+    from diffmem.common.train_loss import masked_mean
 
     mem, non_mem = data
     recs = read_image_folder(mem) + read_image_folder(non_mem)
@@ -310,7 +310,7 @@ def test_threshold_mask_and_loss_against_a_hand_computation(tiny_pipe, data, tmp
 @pytest.mark.parametrize("snr_gamma, weight_decay", [(None, 0.0), (5.0, 0.1)])
 def test_fully_dropped_batches_keep_the_loss_finite_and_weights_unchanged(
         tiny_pipeline_dir, data, tmp_path, fresh_accelerate, snr_gamma, weight_decay):
-    from finetune.train_text_to_image import main
+    from diffmem.finetune.train_text_to_image import main
 
     mem, _ = data
     out = tmp_path / "run"
@@ -330,7 +330,7 @@ def test_fully_dropped_batches_keep_the_loss_finite_and_weights_unchanged(
 
 
 def test_two_processes_with_one_rank_fully_dropped_do_not_hang(tiny_pipeline_dir, tmp_path):
-    from common.trainer import epoch_permutation
+    from diffmem.common.trainer import epoch_permutation
 
     # Batch 1 per process: global micro-batch b is positions (2b, 2b+1) of the epoch order, rank 0 takes 2b.
     # Rank 0 gets the empty caption (ε(x,c) = ε(x,∅), norm 0, kept); rank 1 a real one (norm > T, dropped).
@@ -366,7 +366,7 @@ def test_corrupt_image_is_one_line_before_any_model_is_loaded(data, tmp_path):
 
 
 def test_latin1_caption_is_one_line_before_any_model_is_loaded(data, tmp_path, capsys):
-    from finetune.train_text_to_image import main
+    from diffmem.finetune.train_text_to_image import main
 
     mem, _ = data
     (mem / "001.txt").write_bytes("un café".encode("latin-1"))
@@ -398,7 +398,7 @@ def test_missing_extras_fail_with_one_line(data, tmp_path):
     (["--validation_steps", "2"], "--validation_steps needs --validation_prompts"),
 ])
 def test_bad_arguments_are_rejected_with_one_line(data, tmp_path, capsys, extra, message):
-    from finetune.train_text_to_image import main
+    from diffmem.finetune.train_text_to_image import main
 
     if extra == ["--use_8bit_adam"] and torch.cuda.is_available():
         pytest.skip("a GPU is present")

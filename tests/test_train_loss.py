@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from common.seeding import STREAM_NOISE, STREAM_TIMESTEP, derive_seed, randint_per_sample, randn_per_sample
-from common.train_loss import hard_threshold_keep, masked_mean, min_snr_weight, snr_from_alphas_cumprod
-from common.trainer import EpochBatchSampler, StepSums, epoch_permutation, micro_batches_per_epoch
+from diffmem.common.seeding import STREAM_NOISE, STREAM_TIMESTEP, derive_seed, randint_per_sample, randn_per_sample
+from diffmem.common.train_loss import hard_threshold_keep, masked_mean, min_snr_weight, snr_from_alphas_cumprod
+from diffmem.common.trainer import EpochBatchSampler, StepSums, epoch_permutation, micro_batches_per_epoch
 
 
 def test_snr_matches_diffusers_compute_snr_on_the_sd_schedule():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    from common.t2i.models import SD_SCHEDULER_CONFIG
+    from diffmem.common.t2i.models import SD_SCHEDULER_CONFIG
 
     sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     t = torch.tensor([0, 1, 250, 500, 999])

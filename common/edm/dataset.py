@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common.errors import ConfigError, DiffmemError
+from diffmem.common.errors import ConfigError, DiffmemError
 
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -843,7 +843,7 @@ class ImageDataset:
     def __init__(self, data: str | Path | DatasetArrays, seed: int = 0, progress: bool = False):
         import torch
 
-        from common.seeding import derive_seed
+        from diffmem.common.seeding import derive_seed
 
         self._derive_seed = derive_seed
         if not isinstance(data, DatasetArrays):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import DiffmemError
+from diffmem.common.errors import DiffmemError
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every released EDM/DiffMemorize pickle
 
@@ -260,7 +260,7 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
 def load_edm_pickle(path: str | Path, device=None):
     """(our network, the pickle's record) for an EDM pickle's ``ema``: the network rebuilt from its class name and
     init kwargs with our classes, its pickled state loaded (the record keeps no tensors), eval mode, no grads."""
-    from common.edm.edm_precond import build_from_edm
+    from diffmem.common.edm.edm_precond import build_from_edm
 
     snap = read_edm_pickle(path)
     try:
@@ -294,8 +294,8 @@ def convert_edm_pickle(path: str | Path, out: str | Path, overwrite: bool = Fals
     """Write an EDM pickle's network as one of our snapshot folders (``load_network`` reads it); returns the
     folder and its ``snapshot.json``. An existing folder converted from the same file (same SHA-256) is kept;
     any other existing ``out`` is refused unless ``overwrite``."""
-    from common.edm.sampler import SamplerSettings
-    from common.edm.snapshot import SNAPSHOT_INFO, edm_snapshot_images, write_snapshot_folder
+    from diffmem.common.edm.sampler import SamplerSettings
+    from diffmem.common.edm.snapshot import SNAPSHOT_INFO, edm_snapshot_images, write_snapshot_folder
 
     out = Path(out)
     if out.exists() and not out.is_dir():

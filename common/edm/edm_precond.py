@@ -25,9 +25,9 @@ import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin
 
-from common.edm.edm_unets import UNETS
-from common.edm.precond import c_in, c_noise, c_out, c_skip, vp_sigma
-from common.errors import DiffmemError
+from diffmem.common.edm.edm_unets import UNETS
+from diffmem.common.edm.precond import c_in, c_noise, c_out, c_skip, vp_sigma
+from diffmem.common.errors import DiffmemError
 
 # The keywords the preconditioner passes to the backbone itself (not settable through model_kwargs).
 _INTERFACE_KEYS = ("img_resolution", "in_channels", "out_channels", "label_dim")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.errors import DiffmemError
+from diffmem.common.errors import DiffmemError
 
 INIT_MODES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal")
 EMBEDDING_TYPES = ("positional", "fourier")

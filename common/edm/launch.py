@@ -33,9 +33,9 @@ from pathlib import Path
 
 import submitit
 
-from common.edm.sweep_state import JOBS_FILE, SUBMITIT_DIR, now, read_status, scan_size, size_paths, write_status
-from common.errors import ConfigError
-from common.results import append_results
+from diffmem.common.edm.sweep_state import JOBS_FILE, SUBMITIT_DIR, now, read_status, scan_size, size_paths, write_status
+from diffmem.common.errors import ConfigError
+from diffmem.common.results import append_results
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHERS = ("local", "submitit")

@@ -36,8 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common.errors import DiffmemError
-from common.results import check_run_settings, read_results, write_json_atomic
+from diffmem.common.errors import DiffmemError
+from diffmem.common.results import check_run_settings, read_results, write_json_atomic
 
 THRESHOLD = 1 / 3  # memorized ⇔ d1/d2 < THRESHOLD (Gu et al., DiffMemorize's mem_ratio.py)
 K = 2
@@ -89,7 +89,7 @@ class Neighbours(NamedTuple):
 def nearest_training_images(samples_nhwc: np.ndarray, train_nchw: np.ndarray, device="cpu",
                             progress: bool = False) -> Neighbours:
     """The two nearest training images of each uint8 sample (N×H×W×C) among uint8 training images (M×C×H×W)."""
-    from common.edm.knn import exact_knn
+    from diffmem.common.edm.knn import exact_knn
 
     dim = int(np.prod(train_nchw.shape[1:]))
     if len(samples_nhwc) == 0:
@@ -157,7 +157,7 @@ def log_line(row: dict) -> str:
 
 def plot_mem_ratio(rows: Sequence[dict], path: str | Path) -> None:
     """PNG of the memorization ratio (%) against training images seen, the maximum marked; written atomically."""
-    from common.plotting import new_axes
+    from diffmem.common.plotting import new_axes
 
     ordered = sorted(rows, key=_training_order)
     fig, ax = new_axes((6, 4))
@@ -187,7 +187,7 @@ def plot_mem_ratio(rows: Sequence[dict], path: str | Path) -> None:
 def select_snapshots(run_dir: str | Path, spec: str = "all") -> list[tuple[int, Path]]:
     """(images seen, path) of the snapshots to measure, newest first: ``all``, ``latest`` or ``K1,K2,…`` (images
     seen numbers or snapshot folder names)."""
-    from common.edm.snapshot import list_snapshots, snapshot_label
+    from diffmem.common.edm.snapshot import list_snapshots, snapshot_label
 
     found = list_snapshots(run_dir)
     if not found:
@@ -230,7 +230,7 @@ class ImageSource(NamedTuple):
 def _folder_images(folder: Path, progress: bool = False) -> ImageSource:
     from tqdm.auto import tqdm
 
-    from common.edm.dataset import DatasetError, decode_image
+    from diffmem.common.edm.dataset import DatasetError, decode_image
 
     files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                     and not p.name.startswith(".")), key=lambda p: p.relative_to(folder).as_posix())
@@ -258,7 +258,7 @@ def _folder_images(folder: Path, progress: bool = False) -> ImageSource:
 
 
 def _npz_images(path: Path) -> ImageSource:
-    from common.edm.dataset import open_npz
+    from diffmem.common.edm.dataset import open_npz
 
     try:
         with open_npz(path, MemRatioError) as z:
@@ -482,7 +482,7 @@ def measure_unit(unit: Unit, train_nchw: np.ndarray, paths: OutputPaths, shard: 
                disable=not (progress and positions), leave=False)
     for batch_seeds, batch_images in unit.batches(positions):
         if save_images:
-            from common.edm.sampler import image_path, save_png
+            from diffmem.common.edm.sampler import image_path, save_png
 
             for seed, image in zip(batch_seeds, batch_images):
                 save_png(image_path(paths.images(unit.name), seed), image)
@@ -524,8 +524,8 @@ def check_shape(what: str, shape: Sequence[int], train_nchw: np.ndarray, knn_ref
 def snapshot_unit(images_seen: int, path: Path, seeds: list[int], train_nchw: np.ndarray, knn_ref: str | Path,
                   batch: int, settings, device) -> Unit:
     """A snapshot's EMA network (the snapshot is the EMA network), its samples by generate_images."""
-    from common.edm.sampler import generate_images
-    from common.edm.snapshot import load_network, read_snapshot_info, snapshot_label
+    from diffmem.common.edm.sampler import generate_images
+    from diffmem.common.edm.snapshot import load_network, read_snapshot_info, snapshot_label
 
     net = load_network(path, device)
     check_shape(f"the images of {path.name}", net.image_shape, train_nchw, knn_ref)
@@ -557,7 +557,7 @@ def measure_run(run_dir: str | Path, train_nchw: np.ndarray, knn_ref: str | Path
     (on process 0; None elsewhere)."""
     import torch
 
-    from common.edm.sampler import SamplerSettings
+    from diffmem.common.edm.sampler import SamplerSettings
 
     settings = settings or SamplerSettings()
     chosen = select_snapshots(run_dir, snapshots)
@@ -567,7 +567,7 @@ def measure_run(run_dir: str | Path, train_nchw: np.ndarray, knn_ref: str | Path
               "knn_ref_images": int(len(train_nchw)), "seeds": seed_ranges(seeds), "sampler": settings.to_dict(),
               "device": torch.device(device).type}
     done = finished(paths, prepare_outputs(paths, record, shard, overwrite))
-    from common.edm.snapshot import snapshot_label
+    from diffmem.common.edm.snapshot import snapshot_label
 
     for images_seen, path in chosen:
         if snapshot_label(path) in done:

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from common.edm.dataset import DatasetArrays, draw_generator, float_names
-from common.errors import ConfigError
+from diffmem.common.edm.dataset import DatasetArrays, draw_generator, float_names
+from diffmem.common.errors import ConfigError
 
 CHANNELS = 3
 STREAM_BASIS = 10  # apart from common.edm.dataset's STREAM_* (0, 1, 2)

@@ -22,8 +22,8 @@ import torch
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from common.edm.precond import Preconditioning
-from common.errors import DiffmemError
+from diffmem.common.edm.precond import Preconditioning
+from diffmem.common.errors import DiffmemError
 
 ARCHS = ("ddpmpp", "ncsnpp")
 EMBEDDINGS = ("positional", "fourier")

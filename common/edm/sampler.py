@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from common.errors import DiffmemError
+from diffmem.common.errors import DiffmemError
 
 SEED_LIMIT = 1 << 32  # EDM seeds its generators with seed % 2**32; larger seeds would alias smaller ones
 FOLDER_SETTINGS = "generate.json"

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common.errors import DiffmemError
+from diffmem.common.errors import DiffmemError
 
 THRESHOLD = 0.6  # Zhang et al.'s SSCD threshold for both scores
 PREPROCESS = ("zhang", "sscd", "wen")  # presets of common.similarity.SSCD_PRESETS usable here; zhang is theirs
@@ -176,7 +176,7 @@ def _npz_source(path: Path) -> ImageSource:
 
 def open_images(path: str | Path) -> ImageSource:
     """The images of a folder (recursively), an EDM dataset zip (member names) or a generate.py npz (its seeds)."""
-    from common.edm.dataset import open_source
+    from diffmem.common.edm.dataset import open_source
 
     path = Path(path)
     if not path.exists():
@@ -244,7 +244,7 @@ def extract_features(images: str | Path, sscd_model: str = "default", preprocess
     """SSCD features of the images through common.similarity's wrapper (the text-to-image arm's), batch by batch."""
     from tqdm.auto import tqdm
 
-    from common.similarity import SSCDModel
+    from diffmem.common.similarity import SSCDModel
 
     src = open_images(images)  # before loading the model: a wrong path fails at once
     out = []
@@ -273,7 +273,7 @@ def write_features(path: str | Path, fs: FeatureSet) -> None:
 
 
 def _open_npz(path: Path):
-    from common.edm.dataset import open_npz
+    from diffmem.common.edm.dataset import open_npz
 
     return open_npz(path, ScoresError)
 

@@ -18,8 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
-from common.errors import DiffmemError
-from common.results import write_json_atomic
+from diffmem.common.errors import DiffmemError
+from diffmem.common.results import write_json_atomic
 
 SNAPSHOT_PREFIX = "snapshot-"
 SNAPSHOT_INFO = "snapshot.json"
@@ -111,12 +111,12 @@ def load_network(path: str | Path, device=None):
     """The network of a snapshot folder, of an EDM network pickle (converted in memory), or of a run's newest
     snapshot, in eval mode: an ``EDMNetwork`` or one of EDM's preconditioned networks (``common.edm.edm_precond``),
     as its saved config's ``_class_name`` says."""
-    from common.edm.edm_precond import PRECONDS
-    from common.edm.network import EDMNetwork
+    from diffmem.common.edm.edm_precond import PRECONDS
+    from diffmem.common.edm.network import EDMNetwork
 
     snap = resolve_snapshot(path)
     if is_edm_pickle_path(snap):
-        from common.edm.edm_pickle import load_edm_pickle
+        from diffmem.common.edm.edm_pickle import load_edm_pickle
 
         return load_edm_pickle(snap, device)[0]
     name = saved_class_name(snap)

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.edm.emm import Estimate, bisect_sizes, estimate
-from common.edm.launch import CLUSTERS, LAUNCHERS, REPO, LocalLauncher, SizeJob, Stage, SubmititLauncher
-from common.edm.sweep_state import (
+from diffmem.common.edm.emm import Estimate, bisect_sizes, estimate
+from diffmem.common.edm.launch import CLUSTERS, LAUNCHERS, REPO, LocalLauncher, SizeJob, Stage, SubmititLauncher
+from diffmem.common.edm.sweep_state import (
     REPORT_FILE,
     REPORT_PLOT,
     STAGES,
@@ -47,9 +47,9 @@ from common.edm.sweep_state import (
     size_paths,
     write_status,
 )
-from common.errors import ConfigError, DiffmemError
-from common.plotting import plot_emm_curves
-from common.results import write_json_atomic
+from diffmem.common.errors import ConfigError, DiffmemError
+from diffmem.common.plotting import plot_emm_curves
+from diffmem.common.results import write_json_atomic
 
 DEFAULT_SCRIPTS = {"data": str(REPO / "data" / "dataset_tool.py"),
                    "train": str(REPO / "finetune" / "train_unconditional.py"),

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import submitit
 
-from common.edm.memratio import SUMMARY_FILE as MEM_SUMMARY
-from common.edm.memratio import MemRatioError, read_summary
-from common.edm.snapshot import SNAPSHOT_PREFIX
-from common.errors import ConfigError, DiffmemError
-from common.plotting import EMMCurve
-from common.results import write_json_atomic
+from diffmem.common.edm.memratio import SUMMARY_FILE as MEM_SUMMARY
+from diffmem.common.edm.memratio import MemRatioError, read_summary
+from diffmem.common.edm.snapshot import SNAPSHOT_PREFIX
+from diffmem.common.errors import ConfigError, DiffmemError
+from diffmem.common.plotting import EMMCurve
+from diffmem.common.results import write_json_atomic
 
 STAGES = ("data", "train", "mem")
 SETTINGS_FILE = "sweep.json"
@@ -56,7 +56,7 @@ SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "
 
 def checkpoint_glob() -> str:
     """The pattern of a run's trainer checkpoints (common.trainer, imported late: it loads torch)."""
-    from common.trainer import CHECKPOINT_PREFIX
+    from diffmem.common.trainer import CHECKPOINT_PREFIX
 
     return f"{CHECKPOINT_PREFIX}*"
 
@@ -138,7 +138,7 @@ class SizePaths:
 
     def output(self, stage: str) -> Path:
         """The file whose existence marks the stage done."""
-        from common.trainer import TRAIN_SUMMARY  # lazily: the trainer loads torch, the sweep's checks need not
+        from diffmem.common.trainer import TRAIN_SUMMARY  # lazily: the trainer loads torch, the sweep's checks need not
 
         return {"data": self.data, "train": self.run / TRAIN_SUMMARY, "mem": self.run / MEM_SUMMARY}[stage]
 

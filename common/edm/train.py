@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 
-from common.edm.dataset import ImageDataset, collate_image_batch, load_dataset_zip
-from common.edm.network import ArchConfig, build_network, count_parameters, unet_config, check_skip_mask
-from common.edm.precond import Preconditioning, denoising_loss
-from common.edm.schedule import Schedule, resolve_schedule
-from common.edm.scores import file_sha256
-from common.edm.snapshot import list_snapshots, save_snapshot
-from common.errors import ConfigError
-from common.seeding import STREAM_NOISE, torch_generator
-from common.trainer import (
+from diffmem.common.edm.dataset import ImageDataset, collate_image_batch, load_dataset_zip
+from diffmem.common.edm.network import ArchConfig, build_network, count_parameters, unet_config, check_skip_mask
+from diffmem.common.edm.precond import Preconditioning, denoising_loss
+from diffmem.common.edm.schedule import Schedule, resolve_schedule
+from diffmem.common.edm.scores import file_sha256
+from diffmem.common.edm.snapshot import list_snapshots, save_snapshot
+from diffmem.common.errors import ConfigError
+from diffmem.common.seeding import STREAM_NOISE, torch_generator
+from diffmem.common.trainer import (
     LossTerms,
     StepSchedule,
     TrainConfig,

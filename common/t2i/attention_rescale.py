@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.errors import ConfigError
+from diffmem.common.errors import ConfigError
 
 
 @dataclass

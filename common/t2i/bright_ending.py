@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from common.t2i.attention_rescale import explicit_attention
+from diffmem.common.t2i.attention_rescale import explicit_attention
 
 
 def be_mask(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -77,7 +77,7 @@ def bright_ending_masks(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Te
                         prompts: list[str], *, num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
     """[B, G, 1, H, W] BE masks: the unmitigated generation of latents [B, G, C, H, W] (CFG, all steps), recording
     the end token's cross-attention in the conditional half at its last step."""
-    from common.t2i.generation import sample_latents
+    from diffmem.common.t2i.generation import sample_latents
 
     B, G = latents.shape[:2]
     eos = end_token_positions(parts.tokenizer, prompts).repeat_interleave(G)

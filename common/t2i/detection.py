@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.t2i.models import DenoiserParts
-from common.t2i.noise import (
+from diffmem.common.t2i.models import DenoiserParts
+from diffmem.common.t2i.noise import (
     anisotropy_score,
     channel_cosine,
     classifier_free_guidance,

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.errors import ConfigError
-from common.seeding import torch_generator
+from diffmem.common.errors import ConfigError
+from diffmem.common.seeding import torch_generator
 
 STREAM_GNI = 301  # a stream id of its own (the training streams of common.seeding are 0-7)
 

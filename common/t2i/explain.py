@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common.t2i.detection import iter_text_noise_objective
-from common.t2i.models import DenoiserParts
-from common.t2i.noise import initial_latents
+from diffmem.common.t2i.detection import iter_text_noise_objective
+from diffmem.common.t2i.models import DenoiserParts
+from diffmem.common.t2i.noise import initial_latents
 
 WRT_CHOICES = ("prompt_embeds", "token_embeds")
 # fp16 gradients through a UNet can underflow; a fixed power-of-two scale on L is exact and undone after.
@@ -74,7 +74,7 @@ def token_kinds(input_ids: list[int], attention_mask: list[int], bos_id: int | N
 
 def display_token(token: str) -> str:
     """A CLIP BPE token as text: the byte-level symbols decoded, the end-of-word marker '</w>' as a space."""
-    from common.t2i.tokenizer import bytes_to_unicode
+    from diffmem.common.t2i.tokenizer import bytes_to_unicode
 
     word_end = token.endswith("</w>")
     body = token[: -len("</w>")] if word_end else token
@@ -215,7 +215,7 @@ def explain_prompts(
     uncond_embed: torch.Tensor | None = None,
 ) -> list[TokenSignificance]:
     """Token-wise significance of a batch of prompts; ``rows`` (dataset positions) seed their latents."""
-    from common.t2i.detection import encode_prompts
+    from diffmem.common.t2i.detection import encode_prompts
 
     if len(prompts) != len(rows):
         raise ValueError(f"got {len(prompts)} prompts for {len(rows)} rows")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from common.t2i.models import DenoiserParts
-from common.t2i.noise import classifier_free_guidance, epsilon_from_output, text_noise_norm
+from diffmem.common.t2i.models import DenoiserParts
+from diffmem.common.t2i.noise import classifier_free_guidance, epsilon_from_output, text_noise_norm
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.errors import ConfigError
+from diffmem.common.errors import ConfigError
 
 # Their opposite-guidance script falls back to step 5 when the cosine distances have no interior minimum.
 JAIN_OG_FALLBACK_STEP = 5

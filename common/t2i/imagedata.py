@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.errors import DiffmemError
-from common.jsonl import iter_json_objects
-from common.t2i.prompt_aug import augment_prompt
-from common.seeding import STREAM_CAPTION, STREAM_IMAGE, derive_seed, numpy_generator
-from common.textfile import read_utf8_text
+from diffmem.common.errors import DiffmemError
+from diffmem.common.jsonl import iter_json_objects
+from diffmem.common.t2i.prompt_aug import augment_prompt
+from diffmem.common.seeding import STREAM_CAPTION, STREAM_IMAGE, derive_seed, numpy_generator
+from diffmem.common.textfile import read_utf8_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"

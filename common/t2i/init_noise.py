@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.errors import ConfigError
-from common.t2i.models import DenoiserParts
-from common.t2i.noise import epsilon_from_output
+from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.models import DenoiserParts
+from diffmem.common.t2i.noise import epsilon_from_output
 
 
 @dataclass

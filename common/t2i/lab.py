@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.seeding import STREAM_VAE, derive_seed, numpy_generator, randn_per_sample
+from diffmem.common.seeding import STREAM_VAE, derive_seed, numpy_generator, randn_per_sample
 
 ADJECTIVES = (
     "red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "tiny", "giant", "old", "young",
@@ -147,7 +147,7 @@ class VAELoss:
         self.kl_weight = kl_weight
 
     def __call__(self, batch: dict, models: dict):
-        from common.trainer import LossTerms
+        from diffmem.common.trainer import LossTerms
 
         vae = models["vae"]
         x = batch["pixel_values"]
@@ -163,7 +163,7 @@ def lab_vae(arch: str = "lab", seed: int = 0):
     """A randomly initialised AutoencoderKL of the lab's architecture (common.t2i.models.ARCHS[arch]["vae"])."""
     from diffusers import AutoencoderKL
 
-    from common.t2i.models import ARCHS
+    from diffmem.common.t2i.models import ARCHS
 
     spec = ARCHS[arch]["vae"]
     n_blocks = len(spec["block_out_channels"])
@@ -193,7 +193,7 @@ def train_vae(images: np.ndarray, output_dir: str | Path, *, steps: int, seed: i
     The saved VAE's ``scaling_factor`` is 1 / latent std, so scaled latents have unit variance (Rombach et al.
     2022, Sec. 4.3.2).
     """
-    from common.trainer import TrainConfig, Trainer, make_accelerator
+    from diffmem.common.trainer import TrainConfig, Trainer, make_accelerator
 
     out = Path(output_dir)
     cfg = TrainConfig(output_dir=str(out), seed=seed, train_batch_size=batch_size, max_train_steps=steps,
@@ -230,10 +230,10 @@ def nearest_ratio(generated: torch.Tensor, training: torch.Tensor) -> tuple[torc
 def generate_images(pipe, prompts: list[str], *, num_images: int, gen_seed: int, num_inference_steps: int,
                     guidance_scale: float) -> torch.Tensor:
     """[B, G, 3, H, W] images in [0, 1] from a DDIM trajectory; row i starts from seed gen_seed + i."""
-    from common.t2i.detection import encode_prompts
-    from common.t2i.generation import decode_latents, sample_latents
-    from common.t2i.models import denoiser_parts
-    from common.t2i.noise import initial_latents
+    from diffmem.common.t2i.detection import encode_prompts
+    from diffmem.common.t2i.generation import decode_latents, sample_latents
+    from diffmem.common.t2i.models import denoiser_parts
+    from diffmem.common.t2i.noise import initial_latents
 
     parts = denoiser_parts(pipe)
     cond = encode_prompts(parts, prompts).embeds
@@ -272,7 +272,7 @@ def sscd_replication_figures(generated: torch.Tensor, training: torch.Tensor, ow
     L2-normalised): per generation the top-1 similarity over the training set (Somepalli et al. 2023, Sec. 4),
     the rate above each threshold, and for captions with an own image (row k // group_size) the rate whose
     top-1 match above the threshold is that image."""
-    from common.similarity import cosine_similarity_matrix
+    from diffmem.common.similarity import cosine_similarity_matrix
 
     top, nearest = cosine_similarity_matrix(generated, training).max(dim=1)
     nearest = [training_index[j] for j in nearest.tolist()]
@@ -292,10 +292,10 @@ def training_text_noise_norms(pipe, images: np.ndarray, split: LabSplit, *, seed
     pairs per image, drawn from seed and the image index. Returns {"memorized": [...], "seen_once": [...]}."""
     from diffusers import DDPMScheduler
 
-    from common.t2i.detection import encode_prompts
-    from common.t2i.models import denoiser_parts
-    from common.t2i.noise import text_noise_norm
-    from common.seeding import torch_generator
+    from diffmem.common.t2i.detection import encode_prompts
+    from diffmem.common.t2i.models import denoiser_parts
+    from diffmem.common.t2i.noise import text_noise_norm
+    from diffmem.common.seeding import torch_generator
 
     parts = denoiser_parts(pipe)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)

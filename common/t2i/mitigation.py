@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.t2i.detection import text_noise_objective
-from common.t2i.models import DenoiserParts
+from diffmem.common.t2i.detection import text_noise_objective
+from diffmem.common.t2i.models import DenoiserParts
 
 LOSS_REDUCTIONS = ("mean", "joint")
 

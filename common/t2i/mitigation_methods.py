@@ -76,8 +76,8 @@ def generate_batch(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor,
     cond_embeds [B, L, D]: the conditioning chosen by :func:`common.t2i.mitigation_run.condition_batch` (the
     optimised embedding for ``ours``, the augmented prompt's for the baselines, the prompt's otherwise).
     """
-    from common.t2i.generation import sample_latents
-    from common.t2i.guidance_schedule import (ConstantGuidance, DynamicTransition, StaticTransition, StepDistanceRecorder, StepSwitch,
+    from diffmem.common.t2i.generation import sample_latents
+    from diffmem.common.t2i.guidance_schedule import (ConstantGuidance, DynamicTransition, StaticTransition, StepDistanceRecorder, StepSwitch,
                                               jain_og_transition)
 
     method, w = settings.method, settings.guidance_scale
@@ -98,7 +98,7 @@ def generate_batch(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor,
         return c, u
 
     if method == "gni":
-        from common.t2i.embedding_noise import gni_embeddings, gni_noise
+        from diffmem.common.t2i.embedding_noise import gni_embeddings, gni_noise
 
         noise = gni_noise(rows, G, tuple(cond_embeds.shape[1:]), settings.gen_seed)
         cond = gni_embeddings(cond_embeds, noise, settings.gni_scale)
@@ -116,7 +116,7 @@ def generate_batch(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor,
         for b, v in enumerate(_per_row(switch, B, G)):
             details[b]["transition_step"] = v
     elif method == "han_batch":
-        from common.t2i.init_noise import han_batch_adjust
+        from diffmem.common.t2i.init_noise import han_batch_adjust
 
         c, u = flat_embeds()
         flat = han_batch_adjust(parts, c, u, latents.flatten(0, 1), num_inference_steps=steps, rho=settings.han_rho,
@@ -125,7 +125,7 @@ def generate_batch(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor,
         extra += 4 * settings.han_m
         guidance = StaticTransition(settings.han_tau, 0.0, w)
     elif method == "han_sample":
-        from common.t2i.init_noise import han_sample_optimise
+        from diffmem.common.t2i.init_noise import han_sample_optimise
 
         c, u = flat_embeds()
         res = han_sample_optimise(parts, c, u, latents.flatten(0, 1), num_inference_steps=steps, lr=settings.han_lr,
@@ -139,7 +139,7 @@ def generate_batch(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor,
                               han_loss_final=res.final_loss[sl], han_reached_target=res.reached_target[sl])
 
     if method == "ren_attn":
-        from common.t2i.attention_rescale import ren_attention, ren_batch_rows, ren_key_mask
+        from diffmem.common.t2i.attention_rescale import ren_attention, ren_batch_rows, ren_key_mask
 
         keep, scale = ren_batch_rows(ren_key_mask(parts.tokenizer, prompts_used), G, settings.ren_c)
         with ren_attention(parts.unet, keep, scale):

@@ -26,17 +26,17 @@ from pathlib import Path
 
 import torch
 
-from common.errors import ConfigError
-from common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
-from common.results import append_results, bind_run_settings, read_results, write_json_atomic
-from common.similarity import (REPLICATION_THRESHOLDS, clip_score, finite_mean, similarity_stats,
+from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
+from diffmem.common.results import append_results, bind_run_settings, read_results, write_json_atomic
+from diffmem.common.similarity import (REPLICATION_THRESHOLDS, clip_score, finite_mean, similarity_stats,
                                sscd_to_ground_truth, top_k_mean)
 
-from common.t2i.attention_rescale import RenSettings
-from common.t2i.embedding_noise import GniSettings
-from common.t2i.guidance_schedule import JainSettings
-from common.t2i.init_noise import HanSettings
-from common.t2i.mitigation_methods import BASELINES, METHOD_FIELDS, METHOD_SPECS, METHODS  # noqa: F401
+from diffmem.common.t2i.attention_rescale import RenSettings
+from diffmem.common.t2i.embedding_noise import GniSettings
+from diffmem.common.t2i.guidance_schedule import JainSettings
+from diffmem.common.t2i.init_noise import HanSettings
+from diffmem.common.t2i.mitigation_methods import BASELINES, METHOD_FIELDS, METHOD_SPECS, METHODS  # noqa: F401
 
 # The settings dataclasses of the methods beyond Wen et al.'s (their fields are command-line options).
 METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings)
@@ -97,7 +97,7 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
-        from common.t2i.mitigation import LOSS_REDUCTIONS
+        from diffmem.common.t2i.mitigation import LOSS_REDUCTIONS
 
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -153,7 +153,7 @@ def used_prompts(prompts: list[str], rows: list[int], settings: MitigationSettin
     """The prompt each row is generated from: the original, or its seeded random augmentation (baselines)."""
     if settings.method not in BASELINES:
         return list(prompts)
-    from common.t2i.prompt_aug import augment_prompt
+    from diffmem.common.t2i.prompt_aug import augment_prompt
 
     return [augment_prompt(p, settings.method, settings.repeat_num, aug_generator(settings.gen_seed + r),
                            tokenizer=tokenizer)
@@ -169,10 +169,10 @@ def aug_generator(seed: int):
 
 def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], settings: MitigationSettings) -> dict:
     """Embeddings to generate from, the prompts actually used and the mitigation loss before/after, per row."""
-    from common.t2i.detection import encode_prompts
-    from common.t2i.mitigation import (learnable_positions, optimise_prompt_embeds, prompt_attention_mask,
+    from diffmem.common.t2i.detection import encode_prompts
+    from diffmem.common.t2i.mitigation import (learnable_positions, optimise_prompt_embeds, prompt_attention_mask,
                                    prompt_losses)
-    from common.t2i.noise import initial_latents
+    from diffmem.common.t2i.noise import initial_latents
 
     used = used_prompts(prompts, rows, settings, parts.tokenizer)
     encoded = encode_prompts(parts, used)
@@ -186,7 +186,7 @@ def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], se
         t0 = time.perf_counter()
         mask, mask_calls = None, 0
         if settings.be_mask:
-            from common.t2i.bright_ending import bright_ending_masks
+            from diffmem.common.t2i.bright_ending import bright_ending_masks
 
             mask = bright_ending_masks(parts, encoded.embeds, uncond_embed, latents, used,
                                        num_inference_steps=settings.num_inference_steps,
@@ -307,9 +307,9 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
     """Run one method over the records (resuming earlier rows in out_dir); returns the summary dict."""
     from tqdm.auto import tqdm
 
-    from common.t2i.detection import encode_prompts
-    from common.t2i.generation import decode_latents, save_grid, to_pil
-    from common.t2i.mitigation_methods import generate_batch
+    from diffmem.common.t2i.detection import encode_prompts
+    from diffmem.common.t2i.generation import decode_latents, save_grid, to_pil
+    from diffmem.common.t2i.mitigation_methods import generate_batch
 
     settings.validate()
     evaluators = evaluators or Evaluators()
@@ -469,7 +469,7 @@ def check_evaluators(sscd_model: str | None, reference_model: str | None, refere
 
     sscd_model None skips SSCD; reference_model None skips the CLIP score.
     """
-    from common.similarity import check_clip_spec, resolve_sscd_spec, SimilarityModelError
+    from diffmem.common.similarity import check_clip_spec, resolve_sscd_spec, SimilarityModelError
 
     if sscd_model is not None:
         resolve_sscd_spec(sscd_model)
@@ -482,7 +482,7 @@ def check_evaluators(sscd_model: str | None, reference_model: str | None, refere
 def load_evaluators(sscd_model: str | None, sscd_preprocess: str, reference_model: str | None,
                     reference_model_pretrain: str, gt_root: Path | None, device) -> Evaluators:
     """SSCD model (None when skipped or when there is no ground truth to compare with) and CLIP scorer."""
-    from common.similarity import SSCDModel, load_clip_scorer
+    from diffmem.common.similarity import SSCDModel, load_clip_scorer
 
     sscd = SSCDModel(sscd_model, device=device, preset=sscd_preprocess) if sscd_model and gt_root else None
     clip = load_clip_scorer(reference_model, reference_model_pretrain, device=device) if reference_model else None

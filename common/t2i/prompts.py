@@ -10,9 +10,9 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import DiffmemError
-from common.jsonl import iter_json_objects, parse_label
-from common.textfile import read_utf8_lines
+from diffmem.common.errors import DiffmemError
+from diffmem.common.jsonl import iter_json_objects, parse_label
+from diffmem.common.textfile import read_utf8_lines
 
 CAPTION_KEYS = ("caption", "prompt", "text", "Prompt", "TEXT", "Caption")
 LABEL_KEYS = ("label", "memorized")

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from common.errors import ConfigError
-from common.t2i.mitigation_methods import METHOD_SPECS
+from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.mitigation_methods import METHOD_SPECS
 
 
 def run_label(method: str, knob: str | None, value) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.t2i.imagedata import (
+from diffmem.common.t2i.imagedata import (
     CaptionConfig,
     ImageDataError,
     ImageTransformConfig,
@@ -29,8 +29,8 @@ from common.t2i.imagedata import (
     hf_dataset_records,
     read_image_folder,
 )
-from common.t2i.noise import epsilon_from_output, text_noise_norm
-from common.seeding import (
+from diffmem.common.t2i.noise import epsilon_from_output, text_noise_norm
+from diffmem.common.seeding import (
     STREAM_NOISE,
     STREAM_NOISE_OFFSET,
     STREAM_TIMESTEP,
@@ -38,8 +38,8 @@ from common.seeding import (
     randint_per_sample,
     randn_per_sample,
 )
-from common.train_loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
-from common.trainer import (
+from diffmem.common.train_loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
+from diffmem.common.trainer import (
     LossTerms,
     TrainConfig,
     Trainer,
@@ -276,7 +276,7 @@ def _validation_images(cfg: TextToImageConfig, accelerator, parts: dict):
 
 def _exporter(cfg: TextToImageConfig):
     def export(models: dict, output_dir: Path) -> None:
-        from common.t2i.models import load_pipeline
+        from diffmem.common.t2i.models import load_pipeline
 
         # Reload the frozen parts from disk: the in-memory copies may have been cast to fp16/bf16.
         pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
@@ -300,7 +300,7 @@ def train_text_to_image(cfg: TextToImageConfig):
     checked before any model is loaded."""
     from diffusers import DDPMScheduler
 
-    from common.t2i.models import load_pipeline
+    from diffmem.common.t2i.models import load_pipeline
 
     check_optional_features(cfg)
     # Before any data is read or model loaded: a refused resume writes nothing (one line, exit 2).

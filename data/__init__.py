@@ -1,0 +1,1 @@
+"""Data tools: EDM dataset zips (dataset_tool), EDM pickles to snapshot folders (convert_edm), the lab."""
