@@ -78,7 +78,8 @@ class ScoreConfig:
 def parse_args(argv=None) -> FeaturesConfig | ScoreConfig:
     p = ArgumentParser(prog="similarity", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{features,rpscore,mscore}")
-    add_settings_arguments(sub.add_parser("features", help="SSCD features of a folder, EDM zip or images.npz"), FeaturesConfig)
+    features = sub.add_parser("features", help="SSCD features of a folder, EDM zip or images.npz")
+    add_settings_arguments(features, FeaturesConfig)
     for name, what in (("rpscore", "reproducibility score: same-seed pairs of two models' samples"),
                        ("mscore", "memorized fraction and generalization score against the training set")):
         # --chunk blocks mscore's search over the training set; rpscore compares pairs.
