@@ -69,6 +69,11 @@ def settings_from_args(settings_class, namespace: argparse.Namespace, **values):
     return settings_class(**{**given, **values})
 
 
+def device_option():
+    """The ``--device`` field of a settings dataclass: cpu or cuda, None (not given) for ``resolve_device``'s rule."""
+    return option(None, choices=("cpu", "cuda"), help="None: cuda when available, else cpu")
+
+
 def resolve_device(name: str | None) -> str:
     """The torch device a CLI runs on: ``cuda`` when available where none is named (None or ``auto``); a named
     ``cuda`` without a GPU, or a name torch has no device for, is a ConfigError (one line), not a traceback later."""

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, resolve_device, run_main,
-                                 settings_from_args)
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.sampler import SamplerError, SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
@@ -61,7 +61,7 @@ class GenerateConfig:
     grid: Path | None = option(None, type=Path, metavar="PNG",
                                help="also write one PNG tiling all requested seeds (seed order, row by row)")
     grid_scale: int = option(1, metavar="K", help="enlarge each image K× in the grid")
-    device: str | None = option(None, choices=("cpu", "cuda"), help="None: cuda when available")
+    device: str | None = device_option()
 
     def seed_list(self) -> list[int]:
         return parse_seeds(self.seeds)

@@ -24,8 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, resolve_device, run_main,
-                                 settings_from_args)
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
 
@@ -51,7 +51,7 @@ class JacobianConfig:
     threshold: float = option(0.99, help="energy fraction of the rank")
     # Rows per backward; on one CPU thread at 3×32×32, 64 took 12 s and 256 took 19 s (cache).
     chunk: int = option(64, metavar="B", help="Jacobian rows per backward")
-    device: str | None = option(None, choices=("cpu", "cuda"), help="None: cuda when available")
+    device: str | None = device_option()
     overwrite: bool = option(False, help="discard the rows already in DIR")
     progress: bool = option(True, flag="--no_progress", help="no progress bar")
 

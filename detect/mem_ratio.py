@@ -25,8 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, resolve_device, run_main,
-                                 settings_from_args)
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.edm.memratio import MemRatioError
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
@@ -51,7 +51,7 @@ class MemRatioConfig:
                               help="readable log, one line per snapshot (None: OUTDIR/mem_traj.log)")
     save_images: bool = option(False, help="also save the samples as PNGs in mem-images/")
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
-    device: str | None = option(None, choices=("cpu", "cuda"), help="None: cuda when available")
+    device: str | None = device_option()
     overwrite: bool = option(False, help="discard earlier results in the output folder")
     # Validate only: the inputs may not exist yet (a sweep checks before its stages run).
     check_args: bool = option(False, help="parse and check the arguments, then exit without reading --knn_ref or "

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, resolve_device, run_main,
-                                 settings_from_args)
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.edm import scores as S
 from diffmem.common.errors import ConfigError
 
@@ -44,7 +44,7 @@ class FeaturesConfig:
                              help="zhang: 320×320 square (Zhang et al.); sscd: short side 288; wen: 256 then crop "
                                   "224")
     batch: int = option(64, metavar="N", help="images per model call")
-    device: str | None = option(None, choices=("cpu", "cuda"), help="None: cuda when available")
+    device: str | None = device_option()
 
     def validate(self) -> None:
         """Argument-level checks; raises ConfigError."""
