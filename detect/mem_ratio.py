@@ -9,8 +9,9 @@
 Every chosen snapshot of RUN (K = images-seen numbers or snapshot folder names), newest first: its EMA network
 samples the seeds exactly as detect/generate.py does (uint8 as its PNGs; --save_images also writes them to
 RUN/mem-images/<snapshot>/), and each sample's two nearest training images of DATASET.zip are found exactly
-(float64; DiffMemorize's distance: L2 of uint8 values / sqrt(C*H*W)). With --images, one folder of PNGs or an npz
-(uint8 N×H×W×C under 'images', optional 'seeds') is measured instead.
+(float64; DiffMemorize's distance: L2 of uint8 values / sqrt(C*H*W)). With --images, one folder of PNGs, an EDM
+dataset zip or an npz (uint8 N×H×W×C under 'images', optional 'seeds') is measured instead (common/edm/images.py,
+the reader detect/similarity.py uses too).
 
 Writes, under RUN (or --outdir): knn-dist/<snapshot>.npz, mem_ratio.jsonl (one row per snapshot), mem_traj.log,
 mem_ratio_summary.json (max_ratio, max_snapshot, max_images_seen, snapshots, n, ...) and mem_ratio.png.
