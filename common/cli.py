@@ -32,13 +32,14 @@ def option(default=dataclasses.MISSING, *, help: str, choices=None, type=None, m
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
-def add_settings_arguments(parser, settings_class, exclude=()) -> None:
-    """One ``--FIELD`` option per field of a settings dataclass (except ``exclude``), with the dataclass's default,
+def add_settings_arguments(parser, settings_class, exclude=(), only=None) -> None:
+    """One ``--FIELD`` option per field of a settings dataclass (except ``exclude``; with ``only``, those fields
+    alone, e.g. the two of a mutually exclusive group), with the dataclass's default,
     so defaults are written once: a field without a default is a required option, a boolean a switch (its
     ``flag``, e.g. ``--no_progress``, turns a True default off), the type from the field's metadata or else its
     default's."""
     for f in dataclasses.fields(settings_class):
-        if f.name in exclude:
+        if f.name in exclude or (only is not None and f.name not in only):
             continue
         md = f.metadata
         if f.default is not dataclasses.MISSING:
@@ -66,6 +67,11 @@ def settings_from_args(settings_class, namespace: argparse.Namespace, **values):
     given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(settings_class)
              if hasattr(namespace, f.name)}
     return settings_class(**{**given, **values})
+
+
+def device_option():
+    """The ``--device`` field of a settings dataclass: cpu or cuda, None (not given) for ``resolve_device``'s rule."""
+    return option(None, choices=("cpu", "cuda"), help="None: cuda when available, else cpu")
 
 
 def resolve_device(name: str | None) -> str:

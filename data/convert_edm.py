@@ -16,17 +16,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, run_main, settings_from_args
 from diffmem.common.errors import ConfigError
 
 
 @dataclass
 class ConvertConfig:
-    network: Path
-    out: Path
-    overwrite: bool = False
+    network: Path = option(help="EDM network pickle (network-snapshot-NNNNNN.pkl, edm-cifar10-32x32-*.pkl, …)",
+                           type=Path, metavar="PKL")
+    out: Path = option(help="the snapshot folder to write", type=Path, metavar="DIR")
+    overwrite: bool = option(False, help="replace an existing --out that holds something else")
 
     def validate(self) -> None:
+        """Argument-level checks; raises ConfigError."""
         if not self.network.is_file():
             raise ConfigError(f"{self.network}: no such file (expected an EDM network pickle)")
         if self.out.exists() and not self.out.is_dir():
@@ -34,15 +36,9 @@ class ConvertConfig:
 
 
 def parse_args(argv=None) -> ConvertConfig:
-    d = ConvertConfig(network=Path(), out=Path())
     p = ArgumentParser(prog="convert_edm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--network", required=True, type=Path, metavar="PKL",
-                   help="EDM network pickle (network-snapshot-NNNNNN.pkl, edm-cifar10-32x32-*.pkl, …)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="the snapshot folder to write")
-    p.add_argument("--overwrite", action="store_true", default=d.overwrite,
-                   help="replace an existing --out that holds something else")
-    a = p.parse_args(argv)
-    return ConvertConfig(network=a.network, out=a.out, overwrite=a.overwrite)
+    add_settings_arguments(p, ConvertConfig)
+    return settings_from_args(ConvertConfig, p.parse_args(argv))
 
 
 def run(cfg: ConvertConfig) -> None:

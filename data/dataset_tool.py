@@ -18,11 +18,12 @@ Bad input: one line on stderr (``FILE[:MEMBER]: what was expected``) and exit co
 
 from __future__ import annotations
 
+import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, run_main, settings_from_args
 from diffmem.common.edm.dataset import (
     CHANNELS,
     CIFAR_SPLITS,
@@ -44,99 +45,70 @@ MOLRG = "molrg"
 @dataclass
 class DatasetToolConfig:
     recipe: DatasetRecipe
-    dest: Path
+    dest: Path = option(help="the EDM dataset zip to write", type=Path, metavar="OUT.zip")
     molrg: MoLRGRecipe | None = None  # set for --source molrg (then recipe only names the source)
     molrg_flags: tuple[str, ...] = ()  # the --molrg_* options given (refused without --source molrg)
-    overwrite: bool = False  # replace an existing --dest
-    check_args: bool = False  # validate only (a sweep checks its stage arguments before the stages run)
+    overwrite: bool = option(False, help="replace --dest if it exists (refused otherwise)")
+    # Validate only (a sweep checks its stage arguments before the stages run).
+    check_args: bool = option(False, help="parse and check the arguments, then exit without reading --source or "
+                                          "writing anything (detect/emm.py checks a sweep's stage arguments so)")
+
+    def validate(self) -> None:
+        """Argument-level checks before any source is read; raises ConfigError with the one-line message."""
+        self._validate_molrg()
+        self.recipe.validate()
+        if self.dest.suffix.lower() != ".zip":
+            raise ConfigError(f"--dest must name a .zip file (an EDM dataset zip), got {self.dest}")
+        if self.dest.is_dir():
+            raise ConfigError(f"--dest {self.dest} is a folder; expected a .zip file name")
+        if self.dest.exists() and not self.overwrite and not self.check_args:
+            raise ConfigError(f"--dest {self.dest} exists; pass --overwrite to replace it, or write another file")
+        for flag, src in (("--source", self.recipe.source), ("--mix_source", self.recipe.mix_source)):
+            if src is not None and Path(src).resolve() == self.dest.resolve():
+                raise ConfigError(f"--dest {self.dest} is also {flag}; write the new dataset elsewhere")
+
+    def _validate_molrg(self) -> None:
+        """--molrg_* only with --source molrg, and none of the image-selection options with it (ConfigError)."""
+        if self.molrg is None:
+            if self.molrg_flags:
+                raise ConfigError(f"{self.molrg_flags[0]} applies to --source molrg only")
+            return
+        r = self.recipe
+        image_only = {"--max_images": r.max_images, "--subset": r.subset != "first" or None, "--classes": r.classes,
+                      "--labels": r.labels, "--num_classes": r.num_classes, "--resolution": r.resolution,
+                      "--transform": r.transform, "--mix_source": r.mix_source, "--mix_alpha": r.mix_alpha,
+                      "--split": r.split != "train" or None, "--channels": r.channels}
+        for flag, value in image_only.items():
+            if value is not None:
+                raise ConfigError(f"{flag} selects images and does not apply to --source molrg (float data; it takes "
+                                  f"--molrg_res, --molrg_classes, --molrg_dim, --molrg_per_class and --seed)")
+        self.molrg.validate()
+
+
+# MoLRGRecipe's fields as --molrg_* options (its seed is --seed).
+MOLRG_OPTIONS = tuple(f for f in fields(MoLRGRecipe) if f.name != "seed")
 
 
 def parse_args(argv=None) -> DatasetToolConfig:
     p = ArgumentParser(prog="dataset_tool", description=__doc__.split("\n\n")[0])
-    p.add_argument("--source", required=True, metavar="SRC",
-                   help="cifar-10-python.tar.gz, a folder of images, an EDM dataset zip, 'digits', or 'molrg' "
-                        "(float MoLRG data; see the --molrg_* options)")
-    p.add_argument("--dest", required=True, type=Path, metavar="OUT.zip", help="the EDM dataset zip to write")
-    p.add_argument("--max_images", type=int, metavar="N",
-                   help="keep N images, class-balanced: N//C per class, one more for the first N mod C classes")
-    p.add_argument("--subset", choices=SUBSETS, default="first",
-                   help="first: the first images of each class in source order; random: a seeded draw per class")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of every random draw (default 0)")
-    p.add_argument("--classes", type=int, metavar="C",
-                   help="keep classes 0..C-1 only; with --max_images N: N//C each, the remainder to the last")
-    p.add_argument("--labels", choices=LABEL_RULES,
-                   help="true (default when the source has labels), random (needs --num_classes), "
-                        "unique (label = output index) or none")
-    p.add_argument("--num_classes", type=int, metavar="K", help="random labels are drawn in 0..K-1")
-    p.add_argument("--resolution", type=int, metavar="R", help="resize to R×R with PIL's Lanczos filter")
-    p.add_argument("--transform", choices=TRANSFORMS,
-                   help="center-crop: crop to the centred square before resizing (non-square images)")
-    p.add_argument("--mix_source", metavar="SRC2", help="second source whose images replace part of the subset")
-    p.add_argument("--mix_alpha", type=float, metavar="A",
-                   help="fraction of the subset replaced by --mix_source images: round(A·N), seeded")
-    p.add_argument("--split", choices=tuple(CIFAR_SPLITS), default="train",
-                   help="CIFAR-10 split: train (data_batch_1..5) or test (test_batch)")
-    p.add_argument("--channels", type=int, choices=CHANNELS,
-                   help="1 (RGB by luma) or 3 (grayscale repeated); default: the source's")
-    p.add_argument("--overwrite", action="store_true", help="replace --dest if it exists (refused otherwise)")
-    p.add_argument("--check_args", action="store_true",
-                   help="parse and check the arguments, then exit without reading --source or writing anything "
-                        "(detect/emm.py checks a sweep's stage arguments so)")
+    add_settings_arguments(p, DatasetRecipe)
+    add_settings_arguments(p, DatasetToolConfig, exclude=("recipe", "molrg", "molrg_flags"))
     g = p.add_argument_group("MoLRG (--source molrg)")
-    d = MoLRGRecipe()
-    g.add_argument("--molrg_res", type=int, metavar="R", help=f"images 3×R×R, D = 3·R² (default {d.res})")
-    g.add_argument("--molrg_classes", type=int, metavar="K", help=f"classes (default {d.classes})")
-    g.add_argument("--molrg_dim", type=int, metavar="d", help=f"dimension of each class's subspace (default {d.dim})")
-    g.add_argument("--molrg_per_class", type=int, metavar="N", help=f"samples per class (default {d.per_class})")
+    for f in MOLRG_OPTIONS:
+        # Not given, an option is absent from the namespace (SUPPRESS), so one given without --source molrg is
+        # refused; MoLRGRecipe fills in its own default.
+        g.add_argument(f"--molrg_{f.name}", type=int, metavar=f.metadata["metavar"], default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {f.default})")
     a = p.parse_args(argv)
-    recipe = DatasetRecipe(source=a.source, max_images=a.max_images, subset=a.subset, seed=a.seed,
-                           classes=a.classes, labels=a.labels, num_classes=a.num_classes, resolution=a.resolution,
-                           transform=a.transform, mix_source=a.mix_source, mix_alpha=a.mix_alpha, split=a.split,
-                           channels=a.channels)
-    given = {k: getattr(a, f"molrg_{k}") for k in ("res", "classes", "dim", "per_class")}
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {f.name: getattr(a, f"molrg_{f.name}") for f in MOLRG_OPTIONS if hasattr(a, f"molrg_{f.name}")}
     molrg = MoLRGRecipe(**given, seed=a.seed) if a.source == MOLRG else None
-    return DatasetToolConfig(recipe=recipe, dest=a.dest, molrg=molrg,
-                             molrg_flags=tuple(f"--molrg_{k}" for k in given), overwrite=a.overwrite,
-                             check_args=a.check_args)
-
-
-def check_molrg_options(cfg: DatasetToolConfig) -> None:
-    """--molrg_* only with --source molrg, and none of the image-selection options with it (ConfigError)."""
-    if cfg.molrg is None:
-        if cfg.molrg_flags:
-            raise ConfigError(f"{cfg.molrg_flags[0]} applies to --source molrg only")
-        return
-    r = cfg.recipe
-    image_only = {"--max_images": r.max_images, "--subset": r.subset != "first" or None, "--classes": r.classes,
-                  "--labels": r.labels, "--num_classes": r.num_classes, "--resolution": r.resolution,
-                  "--transform": r.transform, "--mix_source": r.mix_source, "--mix_alpha": r.mix_alpha,
-                  "--split": r.split != "train" or None, "--channels": r.channels}
-    for flag, value in image_only.items():
-        if value is not None:
-            raise ConfigError(f"{flag} selects images and does not apply to --source molrg (float data; it takes "
-                              f"--molrg_res, --molrg_classes, --molrg_dim, --molrg_per_class and --seed)")
-    cfg.molrg.check()
-
-
-def validate(cfg: DatasetToolConfig) -> None:
-    """Argument-level checks before any source is read; raises ConfigError with the one-line message."""
-    check_molrg_options(cfg)
-    cfg.recipe.check()
-    if cfg.dest.suffix.lower() != ".zip":
-        raise ConfigError(f"--dest must name a .zip file (an EDM dataset zip), got {cfg.dest}")
-    if cfg.dest.is_dir():
-        raise ConfigError(f"--dest {cfg.dest} is a folder; expected a .zip file name")
-    if cfg.dest.exists() and not cfg.overwrite and not cfg.check_args:
-        raise ConfigError(f"--dest {cfg.dest} exists; pass --overwrite to replace it, or write another file")
-    for flag, src in (("--source", cfg.recipe.source), ("--mix_source", cfg.recipe.mix_source)):
-        if src is not None and Path(src).resolve() == cfg.dest.resolve():
-            raise ConfigError(f"--dest {cfg.dest} is also {flag}; write the new dataset elsewhere")
+    return settings_from_args(DatasetToolConfig, a, recipe=settings_from_args(DatasetRecipe, a), molrg=molrg,
+                              molrg_flags=tuple(f"--molrg_{k}" for k in given))
 
 
 def run(cfg: DatasetToolConfig) -> None:
     """Build the dataset in memory (every check passes first), then write the zip atomically."""
-    validate(cfg)
+    cfg.validate()
     if cfg.check_args:
         return
     if cfg.molrg is not None:

@@ -22,13 +22,12 @@ import signal
 import sys
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
 from diffmem.common.edm.launch import CLUSTERS, LAUNCHERS
 from diffmem.common.edm.sweep import (
     DEFAULT_SCRIPTS,
     LaunchConfig,
     SweepConfig,
-    check_config,
     check_stage_args,
     run_sweep,
 )
@@ -41,29 +40,17 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="emm", description=__doc__.split("\n\n")[0],
                        epilog="Values of the *_args options are shell-quoted argument strings; one that is a "
                               "single flag needs the = form: --train_args=--no_progress")
-    p.add_argument("--source", required=True, metavar="SRC",
-                   help="digits, cifar-10-python.tar.gz, an image folder or an EDM zip (data/dataset_tool.py)")
+    add_settings_arguments(p, SweepSettings, only=("source",))
     p.add_argument("--sizes", required=True, metavar="N,N,...", help="the grid of |D|, increasing")
-    p.add_argument("--outdir", required=True, type=Path, metavar="SWEEP", help="the sweep folder")
+    add_settings_arguments(p, SweepConfig, only=("outdir",))
+    # SweepSettings holds these as argument lists; here each is one shell-quoted string, split by split_args.
     p.add_argument("--dataset_args", default="", metavar="ARGS", help="more data/dataset_tool.py arguments")
     p.add_argument("--train_args", default="", metavar="ARGS", help="more finetune/train_unconditional.py arguments")
     p.add_argument("--mem_args", default="", metavar="ARGS", help="more detect/mem_ratio.py arguments")
-    p.add_argument("--threshold", type=float, default=0.9, help="max memorization ratio defining EMM (fraction)")
+    add_settings_arguments(p, SweepSettings, only=("threshold",))
     g = p.add_argument_group("launch")
-    g.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                   help="local: subprocesses here; submitit: one submitit job per size")
-    g.add_argument("--max_parallel", type=int, default=1, metavar="K",
-                   help="sizes measured at once (a bisection round measures K sizes spread over the bracket)")
-    g.add_argument("--gpus_per_job", type=int, default=1, metavar="G", help="GPUs per size (per node)")
-    g.add_argument("--nodes_per_job", type=int, default=1, metavar="N", help="nodes per size (Slurm only)")
-    g.add_argument("--submitit_cluster", choices=CLUSTERS, default="slurm",
-                   help="submitit's executor: slurm, or local/debug to try a sweep without Slurm")
-    g.add_argument("--slurm_partition", metavar="P")
-    g.add_argument("--timeout_min", type=int, default=1440,
-                   help="submitit job time limit; a job that reaches it is requeued and resumes")
-    g.add_argument("--accelerate_config", metavar="YAML",
-                   help="accelerate config for training (default: accelerate launch only when multi-process)")
-    g.add_argument("--retry_failed", action="store_true", help="rerun sizes recorded as failed")
+    add_settings_arguments(g, LaunchConfig, exclude=("scripts",))
+    add_settings_arguments(g, SweepConfig, only=("retry_failed",))
     # Test hook: replace stage scripts (data=PATH,train=PATH,mem=PATH) by doubles; the real ones are the default.
     p.add_argument("--stage_scripts", default="", help=argparse.SUPPRESS)
     return p
@@ -105,21 +92,16 @@ def parse_scripts(text: str) -> dict[str, str]:
 
 
 def config_from_args(a) -> SweepConfig:
-    settings = SweepSettings(source=a.source, dataset_args=split_args("--dataset_args", a.dataset_args),
-                             train_args=split_args("--train_args", a.train_args),
-                             mem_args=split_args("--mem_args", a.mem_args), threshold=a.threshold)
-    launch = LaunchConfig(launcher=a.launcher, max_parallel=a.max_parallel, gpus_per_job=a.gpus_per_job,
-                          nodes_per_job=a.nodes_per_job, submitit_cluster=a.submitit_cluster,
-                          slurm_partition=a.slurm_partition, timeout_min=a.timeout_min,
-                          accelerate_config=a.accelerate_config, scripts=parse_scripts(a.stage_scripts))
-    return SweepConfig(outdir=a.outdir, sizes=parse_sizes(a.sizes), settings=settings, launch=launch,
-                       retry_failed=a.retry_failed)
+    settings = settings_from_args(SweepSettings, a, **{name: split_args(f"--{name}", getattr(a, name))
+                                                        for name in ("dataset_args", "train_args", "mem_args")})
+    launch = settings_from_args(LaunchConfig, a, scripts=parse_scripts(a.stage_scripts))
+    return settings_from_args(SweepConfig, a, sizes=parse_sizes(a.sizes), settings=settings, launch=launch)
 
 
 def sweep(a) -> int:
     """Run (or resume) the sweep; print the estimate; its exit code."""
     cfg = config_from_args(a)
-    check_config(cfg)
+    cfg.validate()
     check_stage_args(cfg)  # each stage's own parser, before any stage runs
     est = run_sweep(cfg)
     for w in est.warnings:

@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, resolve_device, run_main
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.sampler import SamplerError, SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
@@ -35,21 +36,32 @@ from diffmem.common.errors import ConfigError
 
 @dataclass
 class GenerateConfig:
-    network: str | None  # with optimal_denoiser: optional, the network whose σ range the sampler takes
-    seeds: str
-    outdir: Path
-    batch: int = 64
+    seeds: str = option(help="seeds, e.g. 0-9999 or 1,5,7-9 (one image each)", metavar="LIST")
+    outdir: Path = option(help="output folder for the PNGs", type=Path, metavar="DIR")
+    # With optimal_denoiser: optional, the network whose σ range the sampler takes.
+    network: str | None = option(None, type=str, metavar="SNAPSHOT",
+                                 help="a snapshot folder, a training run folder (its newest snapshot) or an EDM "
+                                      "network pickle (*.pkl, read without running its code); with "
+                                      "--optimal_denoiser, the network whose σ range the sampler takes, so both "
+                                      "sample on the same steps")
+    optimal_denoiser: bool = option(False, help="sample with the ideal denoiser of --dataset's images (Karras et "
+                                                "al. 2022, Eq. 3)")
+    dataset: Path | None = option(None, type=Path, metavar="ZIP",
+                                  help="EDM dataset zip of the training images (with --optimal_denoiser)")
+    cond: bool = option(False, help="class-conditional optimal denoiser: each sample sees its class's images only")
+    chunk: int = option(4096, metavar="N", help="training images per distance chunk of the optimal denoiser "
+                                                "(memory)")
+    batch: int = option(64, metavar="N", help="images per network call")
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
-    class_idx: int | None = None
-    subdirs: bool = False
-    npz: bool = False
-    grid: Path | None = None  # a PNG of all requested seeds, tiled
-    grid_scale: int = 1
-    device: str | None = None  # None: cuda when available, else cpu
-    optimal_denoiser: bool = False  # the ideal denoiser of `dataset` in place of a network
-    dataset: Path | None = None
-    cond: bool = False  # the class-conditional ideal denoiser (the zip's labels)
-    chunk: int = 4096  # training images per distance chunk of the optimal denoiser
+    class_idx: int | None = option(None, type=int, metavar="K",
+                                   help="class of every image (conditional networks; None: each seed draws its "
+                                        "own)")
+    subdirs: bool = option(False, help="put seed s in the subfolder {s - s %% 1000:06d}/")
+    npz: bool = option(False, help="also write DIR/images.npz of all requested seeds")
+    grid: Path | None = option(None, type=Path, metavar="PNG",
+                               help="also write one PNG tiling all requested seeds (seed order, row by row)")
+    grid_scale: int = option(1, metavar="K", help="enlarge each image K× in the grid")
+    device: str | None = device_option()
 
     def seed_list(self) -> list[int]:
         return parse_seeds(self.seeds)
@@ -79,49 +91,11 @@ class GenerateConfig:
 
 
 def parse_args(argv=None) -> GenerateConfig:
-    d = SamplerSettings()
     p = ArgumentParser(prog="generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--network", metavar="SNAPSHOT",
-                   help="a snapshot folder, a training run folder (its newest snapshot) or an EDM network pickle "
-                        "(*.pkl, read without running its code); with --optimal_denoiser, the network whose σ "
-                        "range the sampler takes, so both sample on the same steps")
-    p.add_argument("--optimal_denoiser", action="store_true",
-                   help="sample with the ideal denoiser of --dataset's images (Karras et al. 2022, Eq. 3)")
-    p.add_argument("--dataset", type=Path, default=None, metavar="ZIP",
-                   help="EDM dataset zip of the training images (with --optimal_denoiser)")
-    p.add_argument("--cond", action="store_true",
-                   help="class-conditional optimal denoiser: each sample sees its class's images only")
-    p.add_argument("--chunk", type=int, default=4096, metavar="N",
-                   help="training images per distance chunk of the optimal denoiser (memory; default 4096)")
-    p.add_argument("--seeds", required=True, metavar="LIST", help="seeds, e.g. 0-9999 or 1,5,7-9 (one image each)")
-    p.add_argument("--outdir", required=True, type=Path, metavar="DIR", help="output folder for the PNGs")
-    p.add_argument("--batch", type=int, default=64, metavar="N", help="images per network call (default 64)")
-    p.add_argument("--steps", type=int, default=d.num_steps, metavar="N", help="sampler steps N (default 18)")
-    p.add_argument("--sigma_min", type=float, default=d.sigma_min, help="lowest σ (clamped to the network's)")
-    p.add_argument("--sigma_max", type=float, default=d.sigma_max, help="highest σ (clamped to the network's)")
-    p.add_argument("--rho", type=float, default=d.rho, help="schedule exponent ρ (Eq. 5)")
-    p.add_argument("--S_churn", type=float, default=d.S_churn, help="stochasticity S_churn (0: deterministic)")
-    p.add_argument("--S_min", type=float, default=d.S_min, help="churn only for σ >= S_min")
-    p.add_argument("--S_max", type=float, default=d.S_max, help="churn only for σ <= S_max")
-    p.add_argument("--S_noise", type=float, default=d.S_noise, help="churn noise scale S_noise")
-    p.add_argument("--solver", choices=S.SOLVERS, default=d.solver,
-                   help="heun: EDM's Algorithm 2 (default); euler: the same steps without the correction")
-    p.add_argument("--class_idx", type=int, default=None, metavar="K",
-                   help="class of every image (conditional networks; default: each seed draws its own)")
-    p.add_argument("--subdirs", action="store_true", help="put seed s in the subfolder {s - s %% 1000:06d}/")
-    p.add_argument("--npz", action="store_true", help="also write DIR/images.npz of all requested seeds")
-    p.add_argument("--grid", type=Path, default=None, metavar="PNG",
-                   help="also write one PNG tiling all requested seeds (seed order, row by row)")
-    p.add_argument("--grid_scale", type=int, default=1, metavar="K", help="enlarge each image K× in the grid")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    add_settings_arguments(p, GenerateConfig, exclude=("sampler",))
+    add_settings_arguments(p, SamplerSettings)
     a = p.parse_args(argv)
-    sampler = SamplerSettings(num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
-                              S_churn=a.S_churn, S_min=a.S_min, S_max=a.S_max, S_noise=a.S_noise,
-                              solver=a.solver)
-    return GenerateConfig(network=a.network, seeds=a.seeds, outdir=a.outdir, batch=a.batch, sampler=sampler,
-                          class_idx=a.class_idx, subdirs=a.subdirs, npz=a.npz, grid=a.grid,
-                          grid_scale=a.grid_scale, device=a.device, optimal_denoiser=a.optimal_denoiser,
-                          dataset=a.dataset, cond=a.cond, chunk=a.chunk)
+    return settings_from_args(GenerateConfig, a, sampler=settings_from_args(SamplerSettings, a))
 
 
 def process_state(device: str):

@@ -24,7 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, resolve_device, run_main
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
 
@@ -36,18 +37,23 @@ PLOT = "rank.png"
 
 @dataclass
 class JacobianConfig:
-    seeds: str
-    out: Path
-    network: str | None = None
-    optimal_denoiser: bool = False
-    dataset: Path | None = None
-    sigmas: str | None = None  # None: the sampler's trajectory
-    steps: int | None = None  # None: 18 (trajectory only)
-    threshold: float = 0.99
-    chunk: int = 64  # rows per backward; on one CPU thread at 3×32×32, 64 took 12 s and 256 took 19 s (cache)
-    device: str | None = None  # None: cuda when available, else cpu
-    overwrite: bool = False
-    progress: bool = True
+    seeds: str = option(help="seeds, e.g. 0-15 or 1,5,7-9", metavar="LIST")
+    out: Path = option(help="output folder", type=Path, metavar="DIR")
+    network: str | None = option(None, type=str, metavar="SNAPSHOT",
+                                 help="a snapshot folder, or a run folder (its newest)")
+    optimal_denoiser: bool = option(False, help="the optimal denoiser of --dataset (unconditional, float64)")
+    dataset: Path | None = option(None, type=Path, metavar="D.zip", help="training set of --optimal_denoiser")
+    sigmas: str | None = option(None, type=str, metavar="LIST",
+                                help="x = σ·z at each σ, e.g. 0.002,0.01,0.05,0.2,1,5 (None: the trajectory)")
+    # None: the sampler's default (trajectory only; given with --sigmas it is refused).
+    steps: int | None = option(None, type=int, metavar="N",
+                               help=f"sampler steps of --trajectory (None: {SamplerSettings.num_steps})")
+    threshold: float = option(0.99, help="energy fraction of the rank")
+    # Rows per backward; on one CPU thread at 3×32×32, 64 took 12 s and 256 took 19 s (cache).
+    chunk: int = option(64, metavar="B", help="Jacobian rows per backward")
+    device: str | None = device_option()
+    overwrite: bool = option(False, help="discard the rows already in DIR")
+    progress: bool = option(True, flag="--no_progress", help="no progress bar")
 
     @property
     def mode(self) -> str:
@@ -99,27 +105,15 @@ class JacobianConfig:
 
 def parse_args(argv=None) -> JacobianConfig:
     p = ArgumentParser(prog="jacobian", description=__doc__.split("\n\n")[0])
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--network", metavar="SNAPSHOT", help="a snapshot folder, or a run folder (its newest)")
-    which.add_argument("--optimal_denoiser", action="store_true",
-                       help="the optimal denoiser of --dataset (unconditional, float64)")
-    p.add_argument("--dataset", type=Path, metavar="D.zip", help="training set of --optimal_denoiser")
-    p.add_argument("--seeds", required=True, metavar="LIST", help="seeds, e.g. 0-15 or 1,5,7-9")
+    add_settings_arguments(p.add_mutually_exclusive_group(required=True), JacobianConfig,
+                           only=("network", "optimal_denoiser"))
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--sigmas", metavar="LIST", help="x = σ·z at each σ, e.g. 0.002,0.01,0.05,0.2,1,5")
+    add_settings_arguments(where, JacobianConfig, only=("sigmas",))
+    # The trajectory is what no --sigmas means: the switch only documents it and excludes --sigmas.
     where.add_argument("--trajectory", action="store_true",
-                       help="the Heun sampler's states x_i at its σ_i, σ_max first (the default)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="sampler steps of --trajectory (default 18)")
-    p.add_argument("--threshold", type=float, default=0.99, help="energy fraction of the rank (default 0.99)")
-    p.add_argument("--chunk", type=int, default=64, metavar="B", help="Jacobian rows per backward (default 64)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--overwrite", action="store_true", help="discard the rows already in DIR")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
-    return JacobianConfig(seeds=a.seeds, out=a.out, network=a.network, optimal_denoiser=a.optimal_denoiser,
-                          dataset=a.dataset, sigmas=a.sigmas, steps=a.steps, threshold=a.threshold, chunk=a.chunk,
-                          device=a.device, overwrite=a.overwrite, progress=not a.no_progress)
+                       help="the Heun sampler's states x_i at its σ_i, σ_max first (what no --sigmas means)")
+    add_settings_arguments(p, JacobianConfig, exclude=("network", "optimal_denoiser", "sigmas"))
+    return settings_from_args(JacobianConfig, p.parse_args(argv))
 
 
 def load_denoiser(cfg: JacobianConfig, device):
@@ -138,7 +132,7 @@ def load_denoiser(cfg: JacobianConfig, device):
 def evaluation_sigmas(cfg: JacobianConfig, net) -> tuple[list[float], dict]:
     """The σ's (the trajectory's schedule t_0 … t_N, or the --sigmas list) and the settings they come from."""
     if cfg.mode == "trajectory":
-        sampler = SamplerSettings(num_steps=cfg.steps or 18).for_network(net)
+        sampler = SamplerSettings(num_steps=cfg.steps or SamplerSettings.num_steps).for_network(net)
         return sampler.sigmas().tolist(), {"sampler": sampler.to_dict()}
     sigmas = cfg.sigma_list()
     outside = [s for s in sigmas if not net.sigma_min <= s <= net.sigma_max]

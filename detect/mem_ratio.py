@@ -9,8 +9,9 @@
 Every chosen snapshot of RUN (K = images-seen numbers or snapshot folder names), newest first: its EMA network
 samples the seeds exactly as detect/generate.py does (uint8 as its PNGs; --save_images also writes them to
 RUN/mem-images/<snapshot>/), and each sample's two nearest training images of DATASET.zip are found exactly
-(float64; DiffMemorize's distance: L2 of uint8 values / sqrt(C*H*W)). With --images, one folder of PNGs or an npz
-(uint8 N×H×W×C under 'images', optional 'seeds') is measured instead.
+(float64; DiffMemorize's distance: L2 of uint8 values / sqrt(C*H*W)). With --images, one folder of PNGs, an EDM
+dataset zip or an npz (uint8 N×H×W×C under 'images', optional 'seeds') is measured instead (common/edm/images.py,
+the reader detect/similarity.py uses too).
 
 Writes, under RUN (or --outdir): knn-dist/<snapshot>.npz, mem_ratio.jsonl (one row per snapshot), mem_traj.log,
 mem_ratio_summary.json (max_ratio, max_snapshot, max_images_seen, snapshots, n, ...) and mem_ratio.png.
@@ -25,7 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, resolve_device, run_main
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.edm.memratio import MemRatioError
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
@@ -35,19 +37,26 @@ DEFAULT_SEEDS = "0-9999"  # DiffMemorize's 10k samples per snapshot
 
 @dataclass
 class MemRatioConfig:
-    knn_ref: Path
-    expdir: Path | None = None
-    images: Path | None = None
-    outdir: Path | None = None  # default: expdir
-    seeds: str | None = None  # None: DEFAULT_SEEDS
-    batch: int = 512
-    snapshots: str | None = None  # None: all
-    log: Path | None = None
-    save_images: bool = False
+    knn_ref: Path = option(help="the training set (EDM dataset zip)", type=Path, metavar="ZIP")
+    expdir: Path | None = option(None, type=Path, metavar="RUN", help="training run folder (its snapshot-* folders)")
+    images: Path | None = option(None, type=Path, metavar="DIR_OR_NPZ",
+                                 help="measure these generated images instead")
+    outdir: Path | None = option(None, type=Path, metavar="DIR",
+                                 help="results folder (None: --expdir; --images needs it)")
+    seeds: str | None = option(None, type=str, metavar="LIST",
+                               help=f"seeds to sample per snapshot (None: {DEFAULT_SEEDS})")
+    batch: int = option(512, metavar="N", help="images per network call")
+    snapshots: str | None = option(None, type=str, metavar="SPEC",
+                                   help="all (None), latest, or K1,K2,... (images seen or snapshot folder names)")
+    log: Path | None = option(None, type=Path, metavar="FILE",
+                              help="readable log, one line per snapshot (None: OUTDIR/mem_traj.log)")
+    save_images: bool = option(False, help="also save the samples as PNGs in mem-images/")
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
-    device: str | None = None  # None: cuda when available, else cpu
-    overwrite: bool = False
-    check_args: bool = False  # validate only: the inputs may not exist yet (a sweep checks before its stages run)
+    device: str | None = device_option()
+    overwrite: bool = option(False, help="discard earlier results in the output folder")
+    # Validate only: the inputs may not exist yet (a sweep checks before its stages run).
+    check_args: bool = option(False, help="parse and check the arguments, then exit without reading --knn_ref or "
+                                          "writing anything (detect/emm.py checks a sweep's stage arguments so)")
 
     @property
     def root(self) -> Path:
@@ -80,35 +89,18 @@ class MemRatioConfig:
             raise ConfigError(f"{self.root}: expected the output folder to be a folder, it is a file")
 
 
+# mem_ratio samples with EDM's deterministic sampler: only its schedule is an option here.
+SAMPLER_OPTIONS = ("num_steps", "sigma_min", "sigma_max", "rho")
+
+
 def parse_args(argv=None) -> MemRatioConfig:
-    d = SamplerSettings()
     p = ArgumentParser(prog="mem_ratio", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--expdir", type=Path, metavar="RUN", help="training run folder (its snapshot-* folders)")
-    src.add_argument("--images", type=Path, metavar="DIR_OR_NPZ", help="measure these generated images instead")
-    p.add_argument("--knn_ref", required=True, type=Path, metavar="ZIP", help="the training set (EDM dataset zip)")
-    p.add_argument("--outdir", type=Path, metavar="DIR", help="results folder (default: --expdir; --images needs it)")
-    p.add_argument("--seeds", metavar="LIST", help=f"seeds to sample per snapshot (default {DEFAULT_SEEDS})")
-    p.add_argument("--batch", type=int, default=512, metavar="N", help="images per network call (default 512)")
-    p.add_argument("--snapshots", metavar="SPEC",
-                   help="all (default), latest, or K1,K2,... (images seen or snapshot folder names)")
-    p.add_argument("--log", type=Path, metavar="FILE", help="readable log, one line per snapshot (default "
-                                                            "OUTDIR/mem_traj.log)")
-    p.add_argument("--save_images", action="store_true", help="also save the samples as PNGs in mem-images/")
-    p.add_argument("--steps", type=int, default=d.num_steps, metavar="N", help="sampler steps (default 18)")
-    p.add_argument("--sigma_min", type=float, default=d.sigma_min, help="lowest σ (clamped to the network's)")
-    p.add_argument("--sigma_max", type=float, default=d.sigma_max, help="highest σ (clamped to the network's)")
-    p.add_argument("--rho", type=float, default=d.rho, help="schedule exponent ρ (Eq. 5)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results in the output folder")
-    p.add_argument("--check_args", action="store_true",
-                   help="parse and check the arguments, then exit without reading --knn_ref or writing anything "
-                        "(detect/emm.py checks a sweep's stage arguments so)")
+    add_settings_arguments(src, MemRatioConfig, only=("expdir", "images"))
+    add_settings_arguments(p, MemRatioConfig, exclude=("expdir", "images", "sampler"))
+    add_settings_arguments(p, SamplerSettings, only=SAMPLER_OPTIONS)
     a = p.parse_args(argv)
-    sampler = SamplerSettings(num_steps=a.steps, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho)
-    return MemRatioConfig(knn_ref=a.knn_ref, expdir=a.expdir, images=a.images, outdir=a.outdir, seeds=a.seeds,
-                          batch=a.batch, snapshots=a.snapshots, log=a.log, save_images=a.save_images,
-                          sampler=sampler, device=a.device, overwrite=a.overwrite, check_args=a.check_args)
+    return settings_from_args(MemRatioConfig, a, sampler=settings_from_args(SamplerSettings, a))
 
 
 def process_state(device: str):

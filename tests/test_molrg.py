@@ -81,7 +81,7 @@ def test_recipe_checks():
                          (dict(res=2, classes=3, dim=5), "do not fit in D = 3·2² = 12"),
                          (dict(seed=-1), "--seed must be >= 0")):
         with pytest.raises(Exception, match=message):
-            M.MoLRGRecipe(**bad).check()
+            M.MoLRGRecipe(**bad).validate()
 
 
 # ------------------------------------------------------------------------------------------ the zip

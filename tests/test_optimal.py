@@ -381,8 +381,9 @@ def test_cli_end_to_end_samples_are_training_images(data, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--network", "{tmp}/snap", "--optimal_denoiser", "--dataset", "{zip}"], "not allowed with argument"),
-    (["--seeds", "0"], "one of the arguments --network --optimal_denoiser is required"),
+    # With --optimal_denoiser, --network names the network whose σ range the sampler takes: it must exist.
+    (["--network", "{tmp}/snap", "--optimal_denoiser", "--dataset", "{zip}"], "no such snapshot"),
+    (["--seeds", "0"], "expected --network SNAPSHOT (or --optimal_denoiser with --dataset)"),
     (["--optimal_denoiser"], "needs --dataset"),
     (["--optimal_denoiser", "--dataset", "{tmp}/missing.zip"], "no such file"),
     (["--optimal_denoiser", "--dataset", "{tmp}/notazip.zip"], "notazip.zip"),

@@ -51,6 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffmem.common.cli import option
 from diffmem.common.errors import ConfigError, DiffmemError
 
 CIFAR_DIR = "cifar-10-batches-py"
@@ -496,23 +497,41 @@ def open_source(spec: str | Path, split: str = "train") -> Source:
 
 @dataclass(frozen=True)
 class DatasetRecipe:
-    """What to take from which source (see the module docstring for the rules); ``check`` validates it."""
+    """What to take from which source (see the module docstring for the rules); ``validate`` checks it; each field
+    is also a dataset_tool option."""
 
-    source: str
-    max_images: int | None = None
-    subset: str = "first"
-    seed: int = 0
-    classes: int | None = None
-    labels: str | None = None  # None: "true" when the source has labels, else "none"
-    num_classes: int | None = None
-    resolution: int | None = None
-    transform: str | None = None
-    mix_source: str | None = None
-    mix_alpha: float | None = None
-    split: str = "train"
-    channels: int | None = None
+    source: str = option(metavar="SRC",
+                         help="cifar-10-python.tar.gz, a folder of images, an EDM dataset zip, 'digits', or 'molrg' "
+                              "(float MoLRG data; see the --molrg_* options)")
+    max_images: int | None = option(None, type=int, metavar="N",
+                                    help="keep N images, class-balanced: N//C per class, one more for the first N "
+                                         "mod C classes")
+    subset: str = option("first", choices=SUBSETS,
+                         help="first: the first images of each class in source order; random: a seeded draw per "
+                              "class")
+    seed: int = option(0, metavar="S", help="seed of every random draw")
+    classes: int | None = option(None, type=int, metavar="C",
+                                 help="keep classes 0..C-1 only; with --max_images N: N//C each, the remainder to "
+                                      "the last")
+    labels: str | None = option(None, choices=LABEL_RULES,
+                                help="true (None: true when the source has labels, else none), random (needs "
+                                     "--num_classes), unique (label = output index) or none")
+    num_classes: int | None = option(None, type=int, metavar="K", help="random labels are drawn in 0..K-1")
+    resolution: int | None = option(None, type=int, metavar="R", help="resize to R×R with PIL's Lanczos filter")
+    transform: str | None = option(None, choices=TRANSFORMS,
+                                   help="center-crop: crop to the centred square before resizing (non-square "
+                                        "images)")
+    mix_source: str | None = option(None, type=str, metavar="SRC2",
+                                    help="second source whose images replace part of the subset")
+    mix_alpha: float | None = option(None, type=float, metavar="A",
+                                     help="fraction of the subset replaced by --mix_source images: round(A·N), "
+                                          "seeded")
+    split: str = option("train", choices=tuple(CIFAR_SPLITS),
+                        help="CIFAR-10 split: train (data_batch_1..5) or test (test_batch)")
+    channels: int | None = option(None, type=int, choices=CHANNELS,
+                                  help="1 (RGB by luma) or 3 (grayscale repeated); None: the source's")
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Settings that contradict each other or are out of range raise ConfigError (one line)."""
         for flag, value, allowed in (("--subset", self.subset, SUBSETS), ("--labels", self.labels, LABEL_RULES),
                                      ("--transform", self.transform, TRANSFORMS),
@@ -621,7 +640,7 @@ def _prepare_all(slots: list[tuple[Source, int]], channels: int | None, resoluti
 
 def build_dataset(recipe: DatasetRecipe, progress: bool = True) -> DatasetArrays:
     """The dataset the recipe describes; names say where each image came from (file, or archive and member)."""
-    recipe.check()
+    recipe.validate()
     with ExitStack() as stack:
         src = stack.enter_context(open_source(recipe.source, recipe.split))
         if recipe.split != "train" and src.kind != "cifar":

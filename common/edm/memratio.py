@@ -48,7 +48,6 @@ PLOT_FILE = "mem_ratio.png"
 LOG_FILE = "mem_traj.log"
 SETTINGS_FILE = "mem_ratio_settings.json"
 IMAGES_DIR = "mem-images"
-IMAGE_SUFFIXES = (".png",)
 
 
 class MemRatioError(DiffmemError, ValueError):
@@ -227,70 +226,38 @@ class ImageSource(NamedTuple):
     load: Callable[[Sequence[int]], np.ndarray]  # positions → uint8 N×H×W×C
 
 
-def _folder_images(folder: Path, progress: bool = False) -> ImageSource:
+def open_images(path: str | Path, progress: bool = False) -> ImageSource:
+    """Generated images to measure, read by common.edm.images (a folder of PNGs, an EDM zip or an images.npz), all
+    decoded up front, in every process: an unreadable file stops all of them alike, not one at a barrier. Their
+    seeds are the set's (generate.py's names, the npz's seeds) when every image has its own, else positions."""
     from tqdm.auto import tqdm
 
-    from diffmem.common.edm.dataset import DatasetError, decode_image
+    from diffmem.common.edm.images import ImagesError
+    from diffmem.common.edm.images import open_images as open_image_set
 
-    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                    and not p.name.startswith(".")), key=lambda p: p.relative_to(folder).as_posix())
-    if not files:
-        raise MemRatioError(f"{folder}: no .png images in this folder")
-    stems = [p.stem for p in files]
-    # generate.py's names are the seeds ({seed:06d}.png); any other naming numbers the images in path order.
-    numeric = all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems)
-    seeds = [int(s) for s in stems] if numeric else list(range(len(files)))
-    # Decoded up front, in every process: an unreadable file stops all of them alike, not one at a barrier.
-    images = None
-    for j, p in enumerate(tqdm(files, desc="reading", unit="img", disable=not progress, leave=False, delay=2.0)):
-        try:
-            image = decode_image(p, str(p))
-        except DatasetError as exc:
-            raise MemRatioError(str(exc)) from None
-        if images is None:
-            images = np.empty((len(files), *image.shape), dtype=np.uint8)
-        elif image.shape != images.shape[1:]:
-            raise MemRatioError(f"{p}: image is {'×'.join(map(str, image.shape))} (H×W×C), expected "
-                                f"{'×'.join(map(str, images.shape[1:]))} like {files[0].name}")
-        images[j] = image
-    _, h, w, c = images.shape
-    return ImageSource(folder.resolve().name, seeds, (c, h, w), lambda pos: images[np.asarray(pos, dtype=int)])
-
-
-def _npz_images(path: Path) -> ImageSource:
-    from diffmem.common.edm.dataset import open_npz
-
-    try:
-        with open_npz(path, MemRatioError) as z:
-            if "images" not in z.files:
-                raise MemRatioError(f"{path}: no 'images' array (expected uint8 N×H×W×C, as detect/generate.py "
-                                    f"--npz writes)")
-            images = z["images"]
-            seeds = z["seeds"] if "seeds" in z.files else None
-    except MemRatioError:
-        raise
-    except Exception as exc:  # zipfile, pickle and format errors of a damaged npz
-        raise MemRatioError(f"{path}: cannot read the npz ({type(exc).__name__}: {exc})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or len(images) == 0:
-        raise MemRatioError(f"{path}: expected 'images' uint8 N×H×W×C with N >= 1 and C 1 or 3, got "
-                            f"{images.dtype} {'×'.join(map(str, images.shape))}")
-    if seeds is None:
-        seeds = np.arange(len(images))
-    seeds = np.asarray(seeds)
-    if seeds.shape != (len(images),) or seeds.dtype.kind not in "iu" or len(np.unique(seeds)) != len(seeds):
-        raise MemRatioError(f"{path}: expected 'seeds' to hold one distinct integer per image ({len(images)})")
-    _, h, w, c = images.shape
-    return ImageSource(path.stem, [int(s) for s in seeds], (c, h, w), lambda pos: images[np.asarray(pos, dtype=int)])
-
-
-def open_images(path: str | Path, progress: bool = False) -> ImageSource:
-    """A folder of PNGs (named by seed, as detect/generate.py writes them, or any names) or an npz of images."""
     path = Path(path)
-    if path.is_dir():
-        return _folder_images(path, progress)
-    if path.is_file():
-        return _npz_images(path)
-    raise MemRatioError(f"{path}: no such folder or npz file")
+    try:
+        found = open_image_set(path)
+        try:
+            images = None
+            for i in tqdm(range(len(found.names)), desc="reading", unit="img", disable=not progress, leave=False,
+                          delay=2.0):
+                image = found.load(i)
+                if images is None:
+                    images = np.empty((len(found.names), *image.shape), dtype=np.uint8)
+                elif image.shape != images.shape[1:]:
+                    raise MemRatioError(f"{path / found.names[i] if path.is_dir() else path}: image is "
+                                        f"{'×'.join(map(str, image.shape))} (H×W×C), expected "
+                                        f"{'×'.join(map(str, images.shape[1:]))} like {found.names[0]}")
+                images[i] = image
+        finally:
+            found.close()
+    except ImagesError as exc:
+        raise MemRatioError(str(exc)) from None
+    seeds = found.seeds.tolist() if found.has_seeds else list(range(len(images)))
+    _, h, w, c = images.shape
+    name = path.resolve().name if path.is_dir() else path.stem
+    return ImageSource(name, seeds, (c, h, w), lambda pos: images[np.asarray(pos, dtype=int)])
 
 
 # ---------------------------------------------------------------------------------------------- output files

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from diffmem.common.cli import option
 from diffmem.common.edm.dataset import DatasetArrays, draw_generator, float_names
 from diffmem.common.errors import ConfigError
 
@@ -53,18 +54,18 @@ def molrg_samples(bases: np.ndarray, per_class: int, seed: int) -> tuple[np.ndar
 class MoLRGRecipe:
     """MoLRG settings (Zhang et al.'s README: res 4, 2 classes, d = 7, 350 per class)."""
 
-    res: int = 4
-    classes: int = 2
-    dim: int = 7  # d, the dimension of each class's subspace
-    per_class: int = 350
-    seed: int = 0
+    res: int = option(4, metavar="R", help="images 3×R×R, D = 3·R²")
+    classes: int = option(2, metavar="K", help="classes")
+    dim: int = option(7, metavar="d", help="dimension of each class's subspace")
+    per_class: int = option(350, metavar="N", help="samples per class")
+    seed: int = option(0, metavar="S", help="seed of the bases and the samples")
 
     @property
     def ambient_dim(self) -> int:
         """D = 3·res²."""
         return CHANNELS * self.res * self.res
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Out-of-range settings raise ConfigError (one line)."""
         for flag in ("res", "classes", "dim", "per_class"):
             if getattr(self, flag) < 1:
@@ -81,7 +82,7 @@ class MoLRGRecipe:
 
 def molrg_bases(recipe: MoLRGRecipe) -> np.ndarray:
     """The recipe's class bases [K, D, d] (float64)."""
-    recipe.check()
+    recipe.validate()
     return class_bases(recipe.ambient_dim, recipe.classes, recipe.dim, recipe.seed)
 
 

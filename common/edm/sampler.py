@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from diffmem.common.cli import option
 from diffmem.common.errors import DiffmemError
 
 SEED_LIMIT = 1 << 32  # EDM seeds its generators with seed % 2**32; larger seeds would alias smaller ones
@@ -121,17 +122,19 @@ SOLVERS = ("heun", "euler")  # EDM's Algorithm 2; the same steps without the 2nd
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """EDM sampler settings (NVlabs/edm's defaults: 18 steps, σ ∈ [0.002, 80], ρ = 7, no churn, Heun)."""
+    """EDM sampler settings (NVlabs/edm's defaults: 18 steps, σ ∈ [0.002, 80], ρ = 7, no churn, Heun); each field
+    is also the command-line option of every CLI that samples (``add_settings_arguments``)."""
 
-    num_steps: int = 18
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    S_churn: float = 0.0
-    S_min: float = 0.0
-    S_max: float = math.inf
-    S_noise: float = 1.0
-    solver: str = "heun"
+    num_steps: int = option(18, help="sampler steps N", metavar="N", flag="--steps")
+    sigma_min: float = option(0.002, help="lowest σ (clamped to the network's)")
+    sigma_max: float = option(80.0, help="highest σ (clamped to the network's)")
+    rho: float = option(7.0, help="schedule exponent ρ (Eq. 5)")
+    S_churn: float = option(0.0, help="stochasticity S_churn (0: deterministic)")
+    S_min: float = option(0.0, help="churn only for σ >= S_min")
+    S_max: float = option(math.inf, help="churn only for σ <= S_max")
+    S_noise: float = option(1.0, help="churn noise scale S_noise")
+    solver: str = option("heun", choices=SOLVERS,
+                         help="heun: EDM's Algorithm 2; euler: the same steps without the correction")
 
     def validate(self) -> None:
         """Raise SamplerError for settings the sampler cannot use."""

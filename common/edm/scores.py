@@ -29,28 +29,27 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
+# The images reader is common.edm.images' (shared with mem_ratio); seed_from_name and IMAGES_HINT are part of
+# what this module offers its callers (detect/similarity.py's help, the tests).
+from diffmem.common.edm.images import IMAGES_HINT, open_images, seed_from_name  # noqa: F401
 from diffmem.common.errors import DiffmemError
 
 THRESHOLD = 0.6  # Zhang et al.'s SSCD threshold for both scores
 PREPROCESS = ("zhang", "sscd", "wen")  # presets of common.similarity.SSCD_PRESETS usable here; zhang is theirs
 SOURCE_CHUNK = 2048  # generated rows per block of the max-cosine search
 TARGET_CHUNK = 8192  # training rows per block: a block is SOURCE_CHUNK × TARGET_CHUNK float32 (64 MiB)
-IMAGES_HINT = "a folder of PNGs, an EDM dataset zip or a detect/generate.py images.npz"
 MSCORE_NOTE = ("generalization_score = 1 - memorized_fraction; Zhang et al.'s script prints it under the name "
                "'M score'")
 
 
 class ScoresError(DiffmemError, ValueError):
-    """Unusable images or features files, or two features files that cannot be compared; one-line message."""
+    """Unusable features files, or two features files that cannot be compared; one-line message."""
 
 
 # ------------------------------------------------------------------------------------------- the pure math
@@ -127,67 +126,6 @@ def generalization_score(max_cosines: np.ndarray, t: float = THRESHOLD) -> float
 
 
 # ------------------------------------------------------------------------------------------- images in
-
-
-class ImageSource(NamedTuple):
-    """Images to embed: names, seeds (−1 where none), a loader of image i as uint8 H×W×C (C 1 or 3), a closer."""
-
-    where: str
-    names: list[str]
-    seeds: np.ndarray
-    load: Callable[[int], np.ndarray]
-    close: Callable[[], None] = lambda: None
-
-
-def seed_from_name(name: str) -> int:
-    """The seed of a ``{seed:06d}.png`` name (detect/generate.py's; any folder prefix), else −1."""
-    m = re.fullmatch(r"(\d+)\.png", Path(name).name, flags=re.IGNORECASE)
-    return int(m.group(1)) if m else -1
-
-
-def _is_npz(path: Path) -> bool:
-    """An npz by its suffix, or a zip holding .npy members only (EDM dataset zips hold PNGs)."""
-    if path.suffix.lower() == ".npz":
-        return True
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return bool(names) and all(n.endswith(".npy") for n in names)
-
-
-def _npz_source(path: Path) -> ImageSource:
-    """A detect/generate.py images.npz: ``images`` uint8 N×H×W×C and ``seeds``."""
-    with _open_npz(path) as z:
-        if "images" not in z.files:
-            hint = (" (it is a features file; pass it to rpscore/mscore)" if "features" in z.files else "")
-            raise ScoresError(f"{path}: no 'images' array (expected a detect/generate.py images.npz){hint}")
-        images = z["images"]
-        seeds = np.asarray(z["seeds"], np.int64) if "seeds" in z.files else np.full(len(images), -1, np.int64)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or len(images) == 0:
-        raise ScoresError(f"{path}: 'images' is {images.dtype} {'×'.join(map(str, images.shape))}; expected uint8 "
-                          f"N×H×W×C with N >= 1 and C 1 or 3")
-    if seeds.shape != (len(images),):
-        raise ScoresError(f"{path}: {len(seeds)} seeds for {len(images)} images")
-    names = [f"{s:06d}" if s >= 0 else f"row{i}" for i, s in enumerate(seeds.tolist())]
-    return ImageSource(str(path), names, seeds, lambda i: images[i])
-
-
-def open_images(path: str | Path) -> ImageSource:
-    """The images of a folder (recursively), an EDM dataset zip (member names) or a generate.py npz (its seeds)."""
-    from diffmem.common.edm.dataset import open_source
-
-    path = Path(path)
-    if not path.exists():
-        raise ScoresError(f"{path}: no such file or folder (expected {IMAGES_HINT})")
-    if path.is_file() and _is_npz(path):
-        return _npz_source(path)
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise ScoresError(f"{path}: expected {IMAGES_HINT}, got a file that is none of these")
-    src = open_source(path.resolve())  # resolved: the bare name 'digits' would mean scikit-learn's digits there
-    seeds = np.array([seed_from_name(n) for n in src.names], dtype=np.int64)
-    return ImageSource(str(path), list(src.names), seeds, src.image, lambda: src.__exit__(None, None, None))
 
 
 def to_rgb_pil(image: np.ndarray):

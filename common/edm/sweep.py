@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffmem.common.cli import option
 from diffmem.common.edm.emm import Estimate, bisect_sizes, estimate
 from diffmem.common.edm.launch import CLUSTERS, LAUNCHERS, REPO, LocalLauncher, SizeJob, Stage, SubmititLauncher
 from diffmem.common.edm.sweep_state import (
@@ -76,65 +77,72 @@ class SweepBusyError(DiffmemError):
 @dataclass
 class LaunchConfig:
     """How stage jobs run: where, how many at once, on how many GPUs and nodes."""
-    launcher: str = "local"
-    max_parallel: int = 1
-    gpus_per_job: int = 1
-    nodes_per_job: int = 1
-    submitit_cluster: str = "slurm"
-    slurm_partition: str | None = None
-    timeout_min: int = 1440
-    accelerate_config: str | None = None
+    launcher: str = option("local", choices=LAUNCHERS,
+                           help="local: subprocesses here; submitit: one submitit job per size")
+    max_parallel: int = option(1, metavar="K",
+                               help="sizes measured at once (a bisection round measures K sizes spread over the "
+                                    "bracket)")
+    gpus_per_job: int = option(1, metavar="G", help="GPUs per size (per node)")
+    nodes_per_job: int = option(1, metavar="N", help="nodes per size (Slurm only)")
+    submitit_cluster: str = option("slurm", choices=CLUSTERS,
+                                   help="submitit's executor: slurm, or local/debug to try a sweep without Slurm")
+    slurm_partition: str | None = option(None, type=str, metavar="P", help="Slurm partition (None: the cluster's "
+                                                                            "default)")
+    timeout_min: int = option(1440, help="submitit job time limit; a job that reaches it is requeued and resumes")
+    accelerate_config: str | None = option(None, type=str, metavar="YAML",
+                                           help="accelerate config for training (None: accelerate launch only "
+                                                "when multi-process)")
     scripts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SCRIPTS))
 
 
 @dataclass
 class SweepConfig:
     """One factor setting's EMM search: the grid of sizes, the settings, the launch and the output folder."""
-    outdir: Path
-    sizes: list[int]
+    outdir: Path = option(help="the sweep folder", type=Path, metavar="SWEEP")
+    sizes: list[int]  # on the command line, one comma-separated string (detect/emm.py)
     settings: SweepSettings
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    retry_failed: bool = False
+    retry_failed: bool = option(False, help="rerun sizes recorded as failed")
     cwd: str = field(default_factory=os.getcwd)
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line message for settings that cannot run."""
+        sizes, s, launch = self.sizes, self.settings, self.launch
+        if not sizes:
+            raise ConfigError("--sizes: give at least one size")
+        if min(sizes) < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise ConfigError(f"--sizes must be positive and strictly increasing, got {','.join(map(str, sizes))}")
+        if not 0.0 < s.threshold <= 1.0:
+            raise ConfigError(f"--threshold is a fraction in (0, 1] (0.9 = 90 %), got {s.threshold:g}")
+        if s.source != "digits" and not Path(s.source).exists():
+            raise ConfigError(f"--source {s.source}: unknown source (expected 'digits', a CIFAR-10 tarball, "
+                              f"an image folder or an EDM zip)")
+        for name, flags in RESERVED_FLAGS.items():
+            for flag in flags:
+                if flag_present(getattr(s, name), flag):
+                    raise ConfigError(f"--{name} must not set {flag}: the sweep sets it for every size")
+        if launch.launcher not in LAUNCHERS:
+            raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launch.launcher}")
+        if launch.submitit_cluster not in CLUSTERS:
+            raise ConfigError(f"--submitit_cluster must be one of {', '.join(CLUSTERS)}, "
+                              f"got {launch.submitit_cluster}")
+        for name in ("max_parallel", "gpus_per_job", "nodes_per_job", "timeout_min"):
+            if getattr(launch, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(launch, name)}")
+        if launch.nodes_per_job > 1 and (launch.launcher, launch.submitit_cluster) != ("submitit", "slurm"):
+            raise ConfigError("--nodes_per_job > 1 needs --launcher submitit --submitit_cluster slurm")
+        if launch.accelerate_config is not None and not Path(launch.accelerate_config).is_file():
+            raise ConfigError(f"--accelerate_config {launch.accelerate_config}: no such file")
+        for stage in STAGES:
+            if not Path(launch.scripts[stage]).is_file():
+                raise ConfigError(f"{launch.scripts[stage]}: the {stage} stage's script is missing")
+        if self.outdir.exists() and not self.outdir.is_dir():
+            raise ConfigError(f"--outdir {self.outdir} is a file; expected a sweep folder")
 
 
 def flag_present(args: list[str], flag: str) -> bool:
     """Whether an argument list sets flag (``--flag V`` or ``--flag=V``)."""
     return any(a == flag or a.startswith(flag + "=") for a in args)
-
-
-def check_config(cfg: SweepConfig) -> None:
-    """Raise ConfigError with a one-line message for settings that cannot run."""
-    sizes, s, launch = cfg.sizes, cfg.settings, cfg.launch
-    if not sizes:
-        raise ConfigError("--sizes: give at least one size")
-    if min(sizes) < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
-        raise ConfigError(f"--sizes must be positive and strictly increasing, got {','.join(map(str, sizes))}")
-    if not 0.0 < s.threshold <= 1.0:
-        raise ConfigError(f"--threshold is a fraction in (0, 1] (0.9 = 90 %), got {s.threshold:g}")
-    if s.source != "digits" and not Path(s.source).exists():
-        raise ConfigError(f"--source {s.source}: unknown source (expected 'digits', a CIFAR-10 tarball, "
-                          f"an image folder or an EDM zip)")
-    for name, flags in RESERVED_FLAGS.items():
-        for flag in flags:
-            if flag_present(getattr(s, name), flag):
-                raise ConfigError(f"--{name} must not set {flag}: the sweep sets it for every size")
-    if launch.launcher not in LAUNCHERS:
-        raise ConfigError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launch.launcher}")
-    if launch.submitit_cluster not in CLUSTERS:
-        raise ConfigError(f"--submitit_cluster must be one of {', '.join(CLUSTERS)}, got {launch.submitit_cluster}")
-    for name in ("max_parallel", "gpus_per_job", "nodes_per_job", "timeout_min"):
-        if getattr(launch, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(launch, name)}")
-    if launch.nodes_per_job > 1 and (launch.launcher, launch.submitit_cluster) != ("submitit", "slurm"):
-        raise ConfigError("--nodes_per_job > 1 needs --launcher submitit --submitit_cluster slurm")
-    if launch.accelerate_config is not None and not Path(launch.accelerate_config).is_file():
-        raise ConfigError(f"--accelerate_config {launch.accelerate_config}: no such file")
-    for stage in STAGES:
-        if not Path(launch.scripts[stage]).is_file():
-            raise ConfigError(f"{launch.scripts[stage]}: the {stage} stage's script is missing")
-    if cfg.outdir.exists() and not cfg.outdir.is_dir():
-        raise ConfigError(f"--outdir {cfg.outdir} is a file; expected a sweep folder")
 
 
 def check_stage_args(cfg: SweepConfig, python: str = sys.executable, timeout_s: float = 300.0) -> None:
@@ -228,7 +236,7 @@ def write_report(cfg: SweepConfig, k: int) -> tuple[Estimate, dict[int, SizeStat
 def run_sweep(cfg: SweepConfig, launcher=None, say: Callable[[str], None] = print, python: str | None = None,
               ) -> Estimate:
     """Search EMM for one factor setting; resumes whatever the sweep folder already holds."""
-    check_config(cfg)
+    cfg.validate()
     cfg.outdir = Path(cfg.outdir).resolve()
     launcher = make_launcher(cfg) if launcher is None else launcher
     bind_settings(cfg.outdir, cfg.settings)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import submitit
 
+from diffmem.common.cli import option
 from diffmem.common.edm.memratio import SUMMARY_FILE as MEM_SUMMARY
 from diffmem.common.edm.memratio import MemRatioError, read_summary
 from diffmem.common.edm.snapshot import SNAPSHOT_PREFIX
@@ -66,11 +67,13 @@ def checkpoint_glob() -> str:
 @dataclass
 class SweepSettings:
     """What every result of a sweep depends on; recorded in SWEEP/sweep.json."""
-    source: str
+    source: str = option(metavar="SRC",
+                         help="digits, cifar-10-python.tar.gz, an image folder or an EDM zip (data/dataset_tool.py)")
+    # The stages' extra arguments; on the command line each is one shell-quoted string (detect/emm.py splits it).
     dataset_args: list[str] = field(default_factory=list)
     train_args: list[str] = field(default_factory=list)
     mem_args: list[str] = field(default_factory=list)
-    threshold: float = 0.9
+    threshold: float = option(0.9, help="max memorization ratio defining EMM (fraction)")
 
 
 def settings_record(settings: SweepSettings) -> dict:

@@ -1,0 +1,63 @@
+"""Every option of the unconditional arm's CLIs shows its default in --help, and that default is the settings
+dataclass's (written once, there)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+import pytest
+
+# (module, argv before --help, {option: the default its help must show})
+CLIS = [
+    ("diffmem.detect.generate", [], {"--batch": "64", "--chunk": "4096", "--steps": "18", "--sigma_min": "0.002",
+                                     "--sigma_max": "80.0", "--rho": "7.0", "--S_max": "inf", "--solver": "heun",
+                                     "--grid_scale": "1", "--npz": "False"}),
+    ("diffmem.detect.mem_ratio", [], {"--batch": "512", "--steps": "18", "--rho": "7.0", "--check_args": "False"}),
+    ("diffmem.detect.jacobian", [], {"--threshold": "0.99", "--chunk": "64", "--steps": "None",
+                                     "--no_progress": "True"}),
+    ("diffmem.detect.similarity", ["features"], {"--preprocess": "zhang", "--batch": "64",
+                                                 "--sscd_model": "default"}),
+    ("diffmem.detect.similarity", ["rpscore"], {"--t": "0.6"}),
+    ("diffmem.detect.similarity", ["mscore"], {"--t": "0.6", "--chunk": "8192"}),
+    ("diffmem.data.dataset_tool", [], {"--subset": "first", "--seed": "0", "--split": "train", "--molrg_res": "4",
+                                       "--molrg_classes": "2", "--molrg_dim": "7", "--molrg_per_class": "350"}),
+    ("diffmem.data.convert_edm", [], {"--overwrite": "False"}),
+    ("diffmem.detect.emm", [], {"--threshold": "0.9", "--launcher": "local", "--timeout_min": "1440",
+                                "--submitit_cluster": "slurm", "--max_parallel": "1"}),
+]
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """--help's option entries: the option name -> its whole help text (continuation lines joined)."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in text.splitlines():
+        m = re.match(r"  (-{1,2}[\w-]+)", line)
+        if m:
+            name = m.group(1)
+            entries[name] = line
+        elif name is not None and line.startswith("    "):
+            entries[name] += " " + line.strip()
+        else:
+            name = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+@pytest.mark.parametrize("module, head, expected", CLIS, ids=[f"{m.split('.')[-1]}{''.join(' ' + h for h in head)}"
+                                                              for m, head, _ in CLIS])
+def test_help_shows_every_default(module, head, expected, capsys):
+    cli = importlib.import_module(module)
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args([*head, "--help"]) if hasattr(cli, "parse_args") else cli.build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    entries = help_entries(capsys.readouterr().out)
+    entries.pop("-h")
+    assert entries, "no options in --help"
+    missing = [name for name, text in entries.items() if "(default: " not in text]
+    assert not missing, f"options without their default in --help: {missing}"
+    # A default typed into a help string as well would be the second copy that drifts.
+    restated = [name for name, text in entries.items() if re.search(r"\(default [^:]", text)]
+    assert not restated, f"options whose help restates the default by hand: {restated}"
+    for name, default in expected.items():
+        assert f"(default: {default})" in entries[name], entries[name]
