@@ -107,3 +107,11 @@ def run_main(prog: str, body: Callable[..., object], *args) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def int_list(text: str) -> list[int]:
+    """An option type: '1,1,0' or '16' -> [1, 1, 0] / [16]."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

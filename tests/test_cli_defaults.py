@@ -23,6 +23,11 @@ CLIS = [
     ("diffmem.data.dataset_tool", [], {"--subset": "first", "--seed": "0", "--split": "train", "--molrg_res": "4",
                                        "--molrg_classes": "2", "--molrg_dim": "7", "--molrg_per_class": "350"}),
     ("diffmem.data.convert_edm", [], {"--overwrite": "False"}),
+    ("diffmem.finetune.train_unconditional", [], {"--arch": "ddpmpp", "--precond": "vp", "--dropout": "0.13",
+                                                  "--duration": "200.0", "--batch": "512", "--lr": "0.0002",
+                                                  "--optimizer": "adam", "--max_grad_norm": "0.0", "--snap": "2500.0",
+                                                  "--no_progress": "True", "--num_blocks": "None",
+                                                  "--checkpoints_total_limit": "2"}),
     ("diffmem.detect.emm", [], {"--threshold": "0.9", "--launcher": "local", "--timeout_min": "1440",
                                 "--submitit_cluster": "slurm", "--max_parallel": "1"}),
 ]

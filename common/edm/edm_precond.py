@@ -126,9 +126,10 @@ class VPPrecond(_Preconditioned):
         super().__init__()
         self._setup(img_resolution, img_channels, label_dim, use_fp16, model_type, model_kwargs, kwargs,
                     dict(beta_d=beta_d, beta_min=beta_min, M=M, epsilon_t=epsilon_t))
-        # fp32, as EDM computes them (the sampler clamps its σ range to these values).
-        self.sigma_min = float(vp_sigma(torch.tensor(float(epsilon_t)), beta_d, beta_min))
-        self.sigma_max = float(vp_sigma(torch.tensor(1.0), beta_d, beta_min))
+        # fp32, as EDM computes them (the sampler clamps its σ range to these values); on the CPU whatever the
+        # default device, so that a network built on the meta device (to count parameters) has its range too.
+        self.sigma_min = float(vp_sigma(torch.tensor(float(epsilon_t), device="cpu"), beta_d, beta_min))
+        self.sigma_max = float(vp_sigma(torch.tensor(1.0, device="cpu"), beta_d, beta_min))
 
     def coefficients(self, sigma):
         return (c_skip(sigma, "vp"), c_out(sigma, "vp"), c_in(sigma, "vp"),
@@ -156,7 +157,7 @@ def iddpm_alpha_bar(j: torch.Tensor, M: int, C_2: float) -> torch.Tensor:
 
 def iddpm_sigma_table(M: int, C_1: float, C_2: float) -> torch.Tensor:
     """u_M = 0, u_{j−1} = sqrt((u_j² + 1) / max(ᾱ_{j−1}/ᾱ_j, C_1) − 1) for j = M … 1, in fp32 (Table 1, iDDPM)."""
-    u = torch.zeros(M + 1)
+    u = torch.zeros(M + 1, device="cpu")  # CPU whatever the default device (see VPPrecond)
     for j in range(M, 0, -1):
         ratio = (iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)).clip(min=C_1)
         u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()

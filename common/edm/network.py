@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from diffmem.common.edm.precond import Preconditioning
-from diffmem.common.errors import DiffmemError
+from diffmem.common.cli import int_list, option
+from diffmem.common.errors import ConfigError, DiffmemError
 
-ARCHS = ("ddpmpp", "ncsnpp")
 EMBEDDINGS = ("positional", "fourier")
 
 
@@ -67,24 +67,75 @@ class FourierNoiseEmbedding(torch.nn.Module):
 # ------------------------------------------------------------------------------------ architecture
 
 
+# --arch: our UNet2DModel layouts, then EDM's own networks (common.edm.edm_archs).
+ARCHS = ("ddpmpp", "ncsnpp")
+EDM_ARCH_NAMES = ("edm-ddpmpp", "edm-ncsnpp", "edm-adm")
+# The widths each --arch starts from (num_channels, channel_mult, num_blocks, attn_resolutions): ours are
+# DiffMemorize's basic setup; EDM's are what its train.py gives each --arch (CIFAR-10 DDPM++/NCSN++, ImageNet ADM).
+ARCH_WIDTHS = {
+    "ddpmpp": (128, (2, 2, 2), 2, (16,)),
+    "ncsnpp": (128, (2, 2, 2), 2, (16,)),
+    "edm-ddpmpp": (128, (2, 2, 2), 4, (16,)),
+    "edm-ncsnpp": (128, (2, 2, 2), 4, (16,)),
+    "edm-adm": (192, (1, 2, 3, 4), 3, (32, 16, 8)),
+}
+_WIDTH_FIELDS = ("num_channels", "channel_mult", "num_blocks", "attn_resolutions")
+
+
 @dataclass
 class ArchConfig:
-    """Width, depth and layout of the UNet, in EDM's / DiffMemorize's terms."""
+    """Width, depth and layout of the network, in EDM's / DiffMemorize's terms; a width left None is the
+    architecture's own (``ARCH_WIDTHS``), filled in by ``resolved()``."""
 
-    arch: str = "ddpmpp"
-    resolution: int = 32
-    channels: int = 3
-    num_channels: int = 128  # EDM's model_channels
-    channel_mult: tuple[int, ...] = (2, 2, 2)
-    num_blocks: int = 2  # resnets per level (diffusers' layers_per_block)
-    attn_resolutions: tuple[int, ...] = (16,)
-    dropout: float = 0.13
-    embed: str | None = None  # None: the architecture's (positional for ddpmpp, fourier for ncsnpp)
-    label_dim: int = 0  # 0: unconditional
+    arch: str = option("ddpmpp", choices=ARCHS + EDM_ARCH_NAMES,
+                       help="ddpmpp/ncsnpp: diffusers' UNet2DModel with EDM's embeddings; edm-*: EDM's own "
+                            "SongUNet (DDPM++, NCSN++) and DhariwalUNet (ADM)")
+    num_channels: int | None = option(None, type=int, metavar="C",
+                                      help="EDM's model_channels (None: the arch's, 128; 192 for edm-adm)")
+    channel_mult: tuple[int, ...] | None = option(None, type=int_list, metavar="M1,M2,..",
+                                                  help="width multiplier per level (None: the arch's, 2,2,2; "
+                                                       "1,2,3,4 for edm-adm)")
+    num_blocks: int | None = option(None, type=int, metavar="N",
+                                    help="residual blocks per level (None: the arch's, 2 for ours as DiffMemorize's "
+                                         "basic setup; 4 for edm-ddpmpp/edm-ncsnpp; 3 for edm-adm)")
+    attn_resolutions: tuple[int, ...] | None = option(None, type=int_list, metavar="R1,R2,..",
+                                                      help="resolutions with attention (None: the arch's, 16; "
+                                                           "32,16,8 for edm-adm)")
+    dropout: float = option(0.13, help="dropout probability of the residual blocks")
+    embed: str | None = option(None, choices=EMBEDDINGS,
+                               help="noise embedding (None: the arch's: fourier for the ncsnpp ones, else positional)")
+    resolution: int = 32  # set from the data
+    channels: int = 3  # set from the data
+    label_dim: int = 0  # 0: unconditional; set from the data with --cond
+
+    def resolved(self) -> ArchConfig:
+        """A copy with every width given (the architecture's own where None); ValueError for an unknown arch."""
+        if self.arch not in ARCH_WIDTHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCH_WIDTHS)}")
+        own = dict(zip(_WIDTH_FIELDS, ARCH_WIDTHS[self.arch]))
+        given = {k: getattr(self, k) for k in _WIDTH_FIELDS if getattr(self, k) is not None}
+        values = {**own, **given}
+        values["channel_mult"] = tuple(values["channel_mult"])
+        values["attn_resolutions"] = tuple(values["attn_resolutions"])
+        return replace(self, **values)
+
+    def validate(self) -> None:
+        """Argument-level checks; raises ConfigError (one line)."""
+        for name in ("num_channels", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {value}")
+        if self.channel_mult is not None and (not self.channel_mult or min(self.channel_mult) < 1):
+            raise ConfigError(f"--channel_mult needs positive integers, got {list(self.channel_mult)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.arch == "edm-adm" and self.embed is not None:
+            raise ConfigError("--embed applies to ddpmpp, ncsnpp, edm-ddpmpp and edm-ncsnpp; edm-adm's noise "
+                              "embedding is fixed (positional)")
 
     @property
     def noise_embedding(self) -> str:
-        return self.embed or ("fourier" if self.arch == "ncsnpp" else "positional")
+        return self.embed or ("fourier" if self.arch in ("ncsnpp", "edm-ncsnpp") else "positional")
 
 
 def group_count(channels: Sequence[int], max_groups: int = 32, min_per_group: int = 4) -> int:
@@ -99,6 +150,7 @@ def unet_config(a: ArchConfig) -> dict:
     """The ``UNet2DModel`` config closest to EDM's SongUNet for ``a`` (see the README for the differences)."""
     if a.arch not in ARCHS:
         raise ValueError(f"unknown arch {a.arch!r}; expected one of {', '.join(ARCHS)}")
+    a = a.resolved()
     widths = [a.num_channels * m for m in a.channel_mult]
     attn = [(a.resolution >> level) in a.attn_resolutions for level in range(len(widths))]
     return dict(
