@@ -31,7 +31,7 @@ RUN_FIELDS = ("snap", "seed", "resume_from_checkpoint", "checkpoints_total_limit
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="train_unconditional", description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     add_settings_arguments(p.add_argument_group("data and output"), UnconditionalConfig, only=DATA_FIELDS)
     g = p.add_argument_group("network")
     add_settings_arguments(g, ArchConfig, only=("arch", "num_channels", "channel_mult", "num_blocks",
