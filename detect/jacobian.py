@@ -26,7 +26,7 @@ from pathlib import Path
 
 from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
                                  run_main, settings_from_args)
-from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
+from diffmem.common.edm.sampler import SamplerSettings, parse_seeds, rounded_sigmas
 from diffmem.common.errors import ConfigError
 
 RESULTS = "jacobian.jsonl"
@@ -40,7 +40,8 @@ class JacobianConfig:
     seeds: str = option(help="seeds, e.g. 0-15 or 1,5,7-9", metavar="LIST")
     out: Path = option(help="output folder", type=Path, metavar="DIR")
     network: str | None = option(None, type=str, metavar="SNAPSHOT",
-                                 help="a snapshot folder, or a run folder (its newest)")
+                                 help="a snapshot folder, a run folder (its newest snapshot) or an EDM network "
+                                      "pickle (*.pkl, read without running its code)")
     optimal_denoiser: bool = option(False, help="the optimal denoiser of --dataset (unconditional, float64)")
     dataset: Path | None = option(None, type=Path, metavar="D.zip", help="training set of --optimal_denoiser")
     sigmas: str | None = option(None, type=str, metavar="LIST",
@@ -133,7 +134,9 @@ def evaluation_sigmas(cfg: JacobianConfig, net) -> tuple[list[float], dict]:
     """The σ's (the trajectory's schedule t_0 … t_N, or the --sigmas list) and the settings they come from."""
     if cfg.mode == "trajectory":
         sampler = SamplerSettings(num_steps=cfg.steps or SamplerSettings.num_steps).for_network(net)
-        return sampler.sigmas().tolist(), {"sampler": sampler.to_dict()}
+        # The states EDM's sampler visits: an iDDPM network's steps snapped to its σ table (round_sigma).
+        steps = rounded_sigmas(sampler.sigmas(), getattr(net, "round_sigma", None))
+        return steps.tolist(), {"sampler": sampler.to_dict()}
     sigmas = cfg.sigma_list()
     outside = [s for s in sigmas if not net.sigma_min <= s <= net.sigma_max]
     if outside:

@@ -290,3 +290,18 @@ def test_entry_point_runs_as_a_script(snapshot, tmp_path):
     res = run_cli("detect/jacobian.py", "--optimal_denoiser", "--seeds", "0", "--out", tmp_path / "o2")
     assert res.returncode == 2 and res.stderr.strip() == "jacobian: error: --optimal_denoiser needs --dataset D.zip " \
                                                          "(its training set)"
+
+
+def test_trajectory_of_an_iddpm_network_visits_its_sigma_table_as_edms_sampler():
+    """EDM's sampler snaps an iDDPM network's steps to its σ table; the Jacobian's trajectory is that sampler's."""
+    from diffmem.common.edm.edm_precond import iDDPMPrecond
+    from diffmem.detect.jacobian import JacobianConfig, evaluation_sigmas
+
+    net = iDDPMPrecond(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1], num_blocks=1,
+                       attn_resolutions=[]).eval()
+    cfg = JacobianConfig(network="unused", seeds="0", out="unused", steps=6)
+    sigmas, _ = evaluation_sigmas(cfg, net)
+    table = set(net.u.tolist())
+    assert len(sigmas) == 7 and sigmas[-1] == 0.0 and all(s in table for s in sigmas[:-1])
+    plain, _ = evaluation_sigmas(cfg, type("Plain", (), {"sigma_min": net.sigma_min, "sigma_max": net.sigma_max})())
+    assert plain != sigmas  # without round_sigma the schedule's own values, off the table

@@ -85,6 +85,13 @@ def heun_step(denoise: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, t_next: t
     return x_next
 
 
+def rounded_sigmas(sigmas: torch.Tensor, round_sigma: RoundSigma | None) -> torch.Tensor:
+    """t_0 … t_{N−1} rounded by the network's round_sigma, t_N = 0 kept, as EDM's sampler steps (None: as given)."""
+    if round_sigma is None:
+        return sigmas
+    return torch.cat([round_sigma(sigmas[:-1]).to(sigmas), sigmas[-1:]])
+
+
 def heun_sampler(denoise: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor,
                  class_labels: torch.Tensor | None = None, S_churn: float = 0.0, S_min: float = 0.0,
                  S_max: float = math.inf, S_noise: float = 1.0, noise_fn: NoiseFn | None = None,
@@ -93,9 +100,7 @@ def heun_sampler(denoise: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor,
     With second_order=False every step is the Euler step alone: N network calls, and since t_N = 0 the last
     step returns x_N = D(x_{N−1}; t_{N−1}) (Zhang et al.'s optimal-denoiser sampler: D(x; σ_min) is the output).
     round_sigma (the network's) rounds t_0 … t_{N−1} and every t̂, as EDM's sampler does; None: no rounding."""
-    sigmas = sigmas.to(device=latents.device, dtype=torch.float64)
-    if round_sigma is not None:
-        sigmas = torch.cat([round_sigma(sigmas[:-1]).to(sigmas), sigmas[-1:]])
+    sigmas = rounded_sigmas(sigmas.to(device=latents.device, dtype=torch.float64), round_sigma)
     num_steps = len(sigmas) - 1
     gammas = [churn_gamma(float(t), num_steps, S_churn, S_min, S_max) for t in sigmas[:-1]]
     # When any step churns, ε is drawn at every step, as EDM does, so the per-seed streams match EDM's.
