@@ -14,11 +14,9 @@ from diffmem.common.edm.dataset import write_dataset_zip
 from diffmem.common.edm.edm_archs import EDM_ARCHS, build_edm_network, edm_backbone
 from diffmem.common.edm.network import ARCH_WIDTHS, EDM_ARCH_NAMES, ArchConfig, count_parameters
 from diffmem.common.edm.precond import Preconditioning
-from conftest import ONE_THREAD, accelerate_launch, run_cli
+from conftest import ONE_THREAD, accelerate_launch, edm_train_args, run_cli
 
 SCRIPT = "finetune/train_unconditional.py"
-NET = ["--num_channels", "8", "--channel_mult", "1,2", "--num_blocks", "1", "--attn_resolutions", "4",
-       "--report_to", "none", "--no_progress", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +28,8 @@ def data(tmp_path_factory):
     return root
 
 
-def args(data, out, steps, *extra, batch=8):
-    return ["--data", data / "d.zip", "--outdir", out, "--batch", str(batch), "--duration", str(steps * batch / 1e6),
-            "--snap", str(5 * batch / 1e3), "--lr_rampup", str(4 * batch / 1e3), "--ema", str(2 * batch / 1e6),
-            *NET, *extra]
+def args(data, out, steps, *extra):
+    return edm_train_args(data / "d.zip", out, steps, 8, *extra)
 
 
 def weights(folder):

@@ -11,11 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from diffmem.common.edm.dataset import write_dataset_zip
-from conftest import ONE_THREAD, accelerate_launch, free_port, run_cli
+from conftest import ONE_THREAD, TINY_EDM_TRAIN, accelerate_launch, edm_train_args, free_port, run_cli
 
 SCRIPT = "finetune/train_unconditional.py"
-NET = ["--num_channels", "8", "--channel_mult", "1,2", "--num_blocks", "1", "--attn_resolutions", "4",
-       "--report_to", "none", "--no_progress", "--lr", "1e-3"]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +28,7 @@ def data(tmp_path_factory):
 
 
 def args(data, out, steps, batch=8, *extra):
-    # --duration in Mimg: steps · batch images; --snap every 5 steps' images (checkpoints follow snapshots).
-    return ["--data", data / "d.zip", "--outdir", out, "--batch", str(batch), "--duration", str(steps * batch / 1e6),
-            "--snap", str(5 * batch / 1e3), "--lr_rampup", str(4 * batch / 1e3), "--ema", str(2 * batch / 1e6),
-            *NET, *extra]
+    return edm_train_args(data / "d.zip", out, steps, batch, *extra)
 
 
 def weights(folder):
@@ -114,7 +109,7 @@ def test_bad_input_is_one_line_and_exit_2(data, tmp_path, extra, message):
 
 
 def test_missing_data_and_cond_without_labels_are_one_line(data, tmp_path):
-    res = run_cli(SCRIPT, "--data", tmp_path / "nope.zip", "--outdir", tmp_path / "o", *NET, timeout=60)
+    res = run_cli(SCRIPT, "--data", tmp_path / "nope.zip", "--outdir", tmp_path / "o", *TINY_EDM_TRAIN, timeout=60)
     assert res.returncode == 2 and "no such file" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     bad = args(data, tmp_path / "o2", 2, 8, "--cond")
     bad[1] = data / "nolabels.zip"
