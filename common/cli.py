@@ -23,43 +23,58 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def option(default=dataclasses.MISSING, *, help: str, choices=None, type=None, metavar=None, flag: str | None = None,
-           default_factory=dataclasses.MISSING):
+           default_factory=dataclasses.MISSING, nargs=None, action: str | None = None, positional: bool = False):
     """A settings-dataclass field that is also a command-line option: the default is written here once, and
     ``add_settings_arguments`` reads the help, choices, type (needed where the default cannot tell it: None,
-    lists) and metavar from the field. ``flag`` renames the option (``--no_progress`` for a True boolean)."""
-    metadata = {k: v for k, v in dict(help=help, choices=choices, type=type, metavar=metavar, flag=flag).items()
+    lists) and metavar from the field. ``flag`` renames the option (``--no_progress`` for a True boolean);
+    ``nargs`` and ``action`` (e.g. ``extend``) are argparse's, for list fields; ``positional`` makes the field a
+    positional argument instead of ``--FIELD``."""
+    metadata = {k: v for k, v in dict(help=help, choices=choices, type=type, metavar=metavar, flag=flag, nargs=nargs,
+                                      action=action, positional=positional or None).items()
                 if v is not None}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
-def add_settings_arguments(parser, settings_class, exclude=(), only=None) -> None:
+def add_settings_arguments(parser, settings_class, exclude=(), only=None, defaults=None) -> None:
     """One ``--FIELD`` option per field of a settings dataclass (except ``exclude``; with ``only``, those fields
     alone, e.g. the two of a mutually exclusive group), with the dataclass's default,
     so defaults are written once: a field without a default is a required option, a boolean a switch (its
     ``flag``, e.g. ``--no_progress``, turns a True default off), the type from the field's metadata or else its
-    default's."""
+    default's. ``defaults`` gives a CLI's own default for a field of a library dataclass whose default suits its
+    other callers (or that has none)."""
+    defaults = defaults or {}
     for f in dataclasses.fields(settings_class):
         if f.name in exclude or (only is not None and f.name not in only):
             continue
         md = f.metadata
-        if f.default is not dataclasses.MISSING:
+        if f.name in defaults:
+            default = defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = None
-        names = [md.get("flag", f"--{f.name}")]
-        common = dict(dest=f.name, help=md.get("help"))
-        if isinstance(default, bool):
+        required = (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                    and f.name not in defaults)
+        common = dict(help=md.get("help"))
+        if md.get("positional"):
+            names = [f.name]
+        else:
+            names = [md.get("flag", f"--{f.name}")]
+            common["dest"] = f.name
+        if isinstance(default, bool) and "action" not in md:
             parser.add_argument(*names, action="store_false" if default else "store_true", default=default, **common)
             continue
         kind = md.get("type", type(default) if default is not None and not isinstance(default, (list, tuple))
                       else None)
-        if kind is None and (default is not None or f.default is dataclasses.MISSING):
+        if kind is None and (default is not None or required):
             kind = str
+        extra = {k: md[k] for k in ("nargs", "action") if k in md}
+        if not md.get("positional"):
+            extra["required"] = required
         parser.add_argument(*names, type=kind, default=default, choices=md.get("choices"), metavar=md.get("metavar"),
-                            required=f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-                            **common)
+                            **extra, **common)
 
 
 def settings_from_args(settings_class, namespace: argparse.Namespace, **values):
@@ -69,9 +84,13 @@ def settings_from_args(settings_class, namespace: argparse.Namespace, **values):
     return settings_class(**{**given, **values})
 
 
-def device_option():
-    """The ``--device`` field of a settings dataclass: cpu or cuda, None (not given) for ``resolve_device``'s rule."""
-    return option(None, choices=("cpu", "cuda"), help="None: cuda when available, else cpu")
+def device_option(default: str | None = None, *, indexed: bool = False):
+    """The ``--device`` field of a settings dataclass: cpu or cuda, None (not given) for ``resolve_device``'s rule.
+    ``indexed``: any name ``resolve_device`` takes (cuda:N, auto too), for the CLIs that have always taken those."""
+    if indexed:
+        return option(default, type=str, metavar="DEVICE",
+                      help="cpu, cuda or cuda:N; auto or None: cuda when available, else cpu")
+    return option(default, choices=("cpu", "cuda"), help="None: cuda when available, else cpu")
 
 
 def resolve_device(name: str | None) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem.common.cli import option
 from diffmem.common.errors import DiffmemError
 from diffmem.common.results import bind_run_settings, check_run_settings, read_results, write_json_atomic
 from diffmem.common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
@@ -50,6 +51,11 @@ TRAIN_FREE_FIELDS = ("output_dir", "resume_from_checkpoint", "checkpointing_step
                      "dataloader_num_workers", "max_train_steps", "num_train_epochs")
 RESUME_HINT = "resume with the recorded value, or train the new one in another output folder"
 
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
+
 
 class TrainSetupError(DiffmemError, ValueError):
     """A training setup that cannot run; str() is the one-line message for the user."""
@@ -59,40 +65,42 @@ class TrainSetupError(DiffmemError, ValueError):
 class TrainConfig:
     """Settings of the generic loop (model- and data-independent)."""
 
-    output_dir: str
-    seed: int = 0
-    train_batch_size: int = 16
-    num_train_epochs: int = 100
-    max_train_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 500
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    use_8bit_adam: bool = False
+    output_dir: str = option(help="run folder: checkpoints, logs and the trained model")
+    seed: int = option(0, help="seed of the data order, noise and timesteps")
+    train_batch_size: int = option(16, help="per process")
+    num_train_epochs: int = option(100, help="passes over the data (unless --max_train_steps)")
+    max_train_steps: int | None = option(None, type=int, help="overrides --num_train_epochs")
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
+    learning_rate: float = option(1e-4, help="base learning rate")
+    scale_lr: bool = option(False, help="multiply the LR by accumulation x batch x processes")
+    lr_scheduler: str = option("constant", choices=LR_SCHEDULERS, help="diffusers' named LR schedule")
+    lr_warmup_steps: int = option(500, help="LR warm-up in optimizer steps")
+    adam_beta1: float = option(0.9, help="Adam beta1")
+    adam_beta2: float = option(0.999, help="Adam beta2")
+    adam_weight_decay: float = option(1e-2, help="weight decay")
+    adam_epsilon: float = option(1e-8, help="Adam epsilon")
+    max_grad_norm: float = option(1.0, help="0 disables clipping")
+    use_8bit_adam: bool = option(False, help="bitsandbytes 8-bit AdamW (needs the bnb extra and a GPU)")
     # adamw: decoupled weight decay; adam: torch Adam, weight decay as coupled L2 (EDM/DiffMemorize's
     # ``Adam(weight_decay=…)``); sgd: momentum SGD. adam_weight_decay is the weight decay of each of them.
-    optimizer: str = "adamw"
-    sgd_momentum: float = 0.9
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None
-    mixed_precision: str | None = None
-    report_to: str = "tensorboard"
-    tracker_project_name: str = "diffmem"
-    logging_dir: str = "logs"
-    dataloader_num_workers: int = 0
-    allow_tf32: bool = False
-    validation_steps: int | None = None
-    shuffle: bool = True
-    show_progress: bool = True
+    optimizer: str = option("adamw", choices=OPTIMIZERS, help="adamw: decoupled weight decay; adam: coupled L2; "
+                                                             "sgd: momentum SGD")
+    sgd_momentum: float = option(0.9, help="momentum of --optimizer sgd")
+    use_ema: bool = option(False, help="keep an EMA of the weights (saved as the model)")
+    ema_decay: float = option(0.9999, help="EMA decay")
+    checkpointing_steps: int = option(500, help="save a checkpoint every N optimizer steps")
+    checkpoints_total_limit: int | None = option(None, type=int, help="keep at most N checkpoints")
+    resume_from_checkpoint: str | None = option(None, type=str, help="'latest' or a checkpoint-N folder")
+    mixed_precision: str | None = option(None, choices=MIXED_PRECISIONS, help="None: the accelerate config's")
+    report_to: str = option("tensorboard", choices=REPORT_TO, help="experiment tracker")
+    tracker_project_name: str = option("diffmem", help="the tracker's project name")
+    logging_dir: str = option("logs", help="tracker folder, relative to --output_dir")
+    dataloader_num_workers: int = option(0, help="data loader worker processes")
+    allow_tf32: bool = option(False, help="TF32 matmuls on Ampere+ GPUs")
+    validation_steps: int | None = option(None, type=int,
+                                          help="run the validation every N steps (always at the end)")
+    shuffle: bool = option(True, help="reshuffle the data every epoch", flag="--no_shuffle")
+    show_progress: bool = option(True, help="hide the progress bar", flag="--no_progress")
 
 
 @dataclass
@@ -350,7 +358,6 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float):

@@ -18,41 +18,72 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from diffmem.common.cli import ArgumentParser
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, run_main, settings_from_args
+from diffmem.common.errors import ConfigError
 
 
 @dataclass
 class LabConfig:
-    out: str
-    work_dir: str
-    seed: int = 0
-    num_memorized: int = 12
-    repeats: int = 50
-    num_seen_once: int = 300
-    num_unmem_seen_once: int = 50
-    num_novel: int = 50
-    vae_steps: int = 1000
-    train_steps: int = 3000
-    mitigation_from_step: int = 500
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    caption_dropout: float = 0.0
-    detect_generations: int = 4
-    replication_generations: int = 2
-    replication_guidance: float = 7.5
-    contrast_guidances: tuple[float, ...] = (1.0,)
-    replication_steps: int = 50
-    threshold_quantile: float = 0.5
-    hard_threshold: float | None = None
-    skip_mitigation: bool = False
-    threads: int = 2
-    sscd: str = "default"
-    quiet: bool = False
+    out: str = option(help="output folder (replaced)")
+    work_dir: str | None = option(None, type=str, help="scratch folder for the training runs (None: OUT.build)")
+    seed: int = option(0, help="seed of the data split, captions, training runs and samples")
+    num_memorized: int = option(12, help="images duplicated --repeats times")
+    repeats: int = option(50, help="copies of each memorized image per pass")
+    num_seen_once: int = option(300, help="images seen once per pass")
+    num_unmem_seen_once: int = option(50, help="seen-once captions listed in unmemorized.jsonl")
+    num_novel: int = option(50, help="never-trained captions in unmemorized.jsonl")
+    vae_steps: int = option(1000, help="training steps of the VAE")
+    train_steps: int = option(3000, help="training steps of the pipeline")
+    mitigation_from_step: int = option(500, help="the mitigated run resumes the lab run's checkpoint of this step and "
+                                                 "trains on with --hard_threshold (0: from the random initialisation)")
+    batch_size: int = option(16, help="training batch size of the pipeline")
+    learning_rate: float = option(1e-3, help="learning rate of the pipeline")
+    caption_dropout: float = option(0.0, help="probability of training on the empty caption (0.1 measured worse: the "
+                                              "memorized images then dominate the unconditional branch too)")
+    detect_generations: int = option(4, help="generations per prompt of the detection scores")
+    replication_generations: int = option(2, help="generations per prompt of the replication figures")
+    replication_guidance: float = option(7.5, help="guidance of the replication samples")
+    contrast_guidances: tuple[float, ...] = option((1.0,), type=float, nargs="*",
+                                                   help="further guidances at which the memorized captions' "
+                                                        "replication is measured")
+    replication_steps: int = option(50, help="DDIM steps of the replication samples")
+    threshold_quantile: float = option(0.5, help="mitigation T = this quantile of the seen-once samples' training "
+                                                 "text-noise norms")
+    hard_threshold: float | None = option(None, type=float, help="mitigation T (overrides the quantile)")
+    skip_mitigation: bool = option(False, help="build the lab model only, not the mitigated one")
+    threads: int = option(2, help="torch threads of every stage (results are reproducible for a given count)")
+    sscd: str = option("default", help="SSCD model for the replication figures (see mitigate/inference_mem.py), or "
+                                        "'none'")
+    quiet: bool = option(False, help="no progress bars")
+
+    def __post_init__(self):
+        self.contrast_guidances = tuple(self.contrast_guidances)  # the option gives a list
+
+    @property
+    def work_folder(self) -> Path:
+        return Path(self.work_dir) if self.work_dir is not None else Path(self.out).with_suffix(".build")
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for settings out of range."""
+        for name in ("num_memorized", "repeats", "num_seen_once", "vae_steps", "train_steps", "batch_size",
+                     "detect_generations", "replication_generations", "replication_steps", "threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.mitigation_from_step < self.train_steps:
+            raise ConfigError("--mitigation_from_step must be in [0, --train_steps)")
+        if not 0 <= self.caption_dropout < 1:
+            raise ConfigError("--caption_dropout must be in [0, 1)")
+        if not 0 < self.threshold_quantile < 1:
+            raise ConfigError("--threshold_quantile must be in (0, 1)")
+        if self.num_unmem_seen_once > self.num_seen_once:
+            raise ConfigError("--num_unmem_seen_once must be <= --num_seen_once")
+        if self.num_unmem_seen_once + self.num_novel < 1:
+            raise ConfigError("unmemorized.jsonl needs at least one caption (--num_unmem_seen_once / --num_novel)")
 
 
 # --quick: every stage, tiny sizes; its figures mean nothing.
@@ -61,67 +92,23 @@ QUICK = dict(num_memorized=3, repeats=4, num_seen_once=12, num_unmem_seen_once=3
              replication_steps=4)
 
 
+@dataclass
+class BuildLabArgs:
+    """The command line: the LabConfig, or with --quick its QUICK sizes."""
+
+    lab: LabConfig
+    quick: bool = option(False, help="a few steps on a few images: exercises every stage in about a minute (tests)")
+
+    def config(self) -> LabConfig:
+        return replace(self.lab, **QUICK) if self.quick else self.lab
+
+
 def parse_args(argv=None) -> LabConfig:
     p = ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output folder (replaced)")
-    p.add_argument("--work_dir", default=None, help="scratch folder for the training runs (default: OUT.build)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_memorized", type=int, default=12, help="images duplicated --repeats times")
-    p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--num_seen_once", type=int, default=300, help="images seen once per pass")
-    p.add_argument("--num_unmem_seen_once", type=int, default=50,
-                   help="seen-once captions listed in unmemorized.jsonl")
-    p.add_argument("--num_novel", type=int, default=50, help="never-trained captions in unmemorized.jsonl")
-    p.add_argument("--vae_steps", type=int, default=1000)
-    p.add_argument("--train_steps", type=int, default=3000)
-    p.add_argument("--mitigation_from_step", type=int, default=500,
-                   help="the mitigated run resumes the lab run's checkpoint of this step and trains on with "
-                        "--hard_threshold (0: from the random initialisation)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--caption_dropout", type=float, default=0.0,
-                   help="probability of training on the empty caption (0.1 measured worse: the memorized images "
-                        "then dominate the unconditional branch too)")
-    p.add_argument("--sscd", default="default",
-                   help="SSCD model for the replication figures (see mitigate/inference_mem.py), or 'none'")
-    p.add_argument("--detect_generations", type=int, default=4)
-    p.add_argument("--replication_generations", type=int, default=2)
-    p.add_argument("--replication_guidance", type=float, default=7.5, help="guidance of the replication samples")
-    p.add_argument("--contrast_guidances", type=float, nargs="*", default=[1.0],
-                   help="further guidances at which the memorized captions' replication is measured")
-    p.add_argument("--replication_steps", type=int, default=50)
-    p.add_argument("--threshold_quantile", type=float, default=0.5,
-                   help="mitigation T = this quantile of the seen-once samples' training text-noise norms")
-    p.add_argument("--hard_threshold", type=float, default=None, help="mitigation T (overrides the quantile)")
-    p.add_argument("--skip_mitigation", action="store_true")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch threads of every stage (results are reproducible for a given count)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps on a few images: exercises every stage in about a minute (tests)")
+    add_settings_arguments(p, LabConfig)
+    add_settings_arguments(p, BuildLabArgs, exclude=("lab",))
     a = p.parse_args(argv)
-    if a.quick:
-        for k, v in QUICK.items():
-            setattr(a, k, v)
-    del a.quick
-    a.contrast_guidances = tuple(a.contrast_guidances)
-    cfg = LabConfig(**{k: v for k, v in vars(a).items() if k != "work_dir"},
-                    work_dir=a.work_dir or str(Path(a.out).with_suffix(".build")))
-    for name in ("num_memorized", "repeats", "num_seen_once", "vae_steps", "train_steps", "batch_size",
-                 "detect_generations", "replication_generations", "replication_steps", "threads"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name} must be >= 1")
-    if not 0 <= cfg.mitigation_from_step < cfg.train_steps:
-        p.error("--mitigation_from_step must be in [0, --train_steps)")
-    if not 0 <= cfg.caption_dropout < 1:
-        p.error("--caption_dropout must be in [0, 1)")
-    if not 0 < cfg.threshold_quantile < 1:
-        p.error("--threshold_quantile must be in (0, 1)")
-    if cfg.num_unmem_seen_once > cfg.num_seen_once:
-        p.error("--num_unmem_seen_once must be <= --num_seen_once")
-    if cfg.num_unmem_seen_once + cfg.num_novel < 1:
-        p.error("unmemorized.jsonl needs at least one caption (--num_unmem_seen_once / --num_novel)")
-    return cfg
+    return settings_from_args(BuildLabArgs, a, lab=settings_from_args(LabConfig, a)).config()
 
 
 def _run(cmd: list[str], quiet: bool, threads: int) -> None:
@@ -249,7 +236,7 @@ def build(cfg: LabConfig) -> dict:
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    out, work = Path(cfg.out), Path(cfg.work_dir)
+    out, work = Path(cfg.out), cfg.work_folder
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     timings = {}
@@ -360,15 +347,18 @@ def _summary(figures: dict, guidance: float) -> str:
             f"{rep['memorized']['own_image_rate']:.2f}" + ("" if sscd is None else f", SSCD > 0.5 {sscd:.2f}"))
 
 
-def main(argv=None) -> int:
-    cfg = parse_args(argv)
+def run(cfg: LabConfig) -> None:
+    cfg.validate()
     manifest = build(cfg)
     print(f"lab: {_summary(manifest['lab'], cfg.replication_guidance)}")
     mit = manifest["mitigated"]
     if mit is not None:
         print(f"mitigated (T={mit['hard_threshold']:.3f}): {_summary(mit, cfg.replication_guidance)}")
     print(f"total {manifest['timings']['total_s']} s -> {cfg.out}")
-    return 0
+
+
+def main(argv=None) -> int:
+    return run_main("build_lab", run, parse_args(argv))
 
 
 if __name__ == "__main__":

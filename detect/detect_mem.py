@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, quiet_hub_logging, run_main
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, quiet_hub_logging, run_main,
+                                 settings_from_args)
 from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS, DTYPE_NAMES, LATENT_MODES, SCHEDULERS
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 from diffmem.common.results import (append_results, bind_run_settings, merge_rows, read_results,
                             write_json_atomic)
@@ -34,31 +36,39 @@ DETECTOR_KEYS = {"wen": ("guidance_scale", "score_steps"), "anisotropy": ("aniso
 
 @dataclass
 class DetectConfig:
-    model_id: str
-    dataset: str
-    run_name: str
-    unet_id: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    split: str = "train"
-    column: str | None = None
-    output_dir: str = "det_outputs"
-    num_images_per_prompt: int = 4
-    gen_seed: int = 0
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    score_steps: str = "1"
-    batch_size: int = 32
-    latents: str = "per_prompt"
-    dtype: str = "fp32"
-    scheduler: str = "ddim"
-    detector: str = "wen"
-    anisotropy_weights: list[float] | None = None
-    start: int = 0
-    end: int | None = None
-    label: int | None = None
-    allow_empty: bool = False
-    overwrite: bool = False
+    model_id: str = option(help="Hub id or local StableDiffusionPipeline folder")
+    dataset: str = option(help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
+    run_name: str = option(help="name of the results files in --output_dir (a plain file name)")
+    unet_id: str | None = option(None, type=str,
+                                 help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
+    revision: str | None = option(None, type=str, help="Hub revision of --model_id")
+    variant: str | None = option(None, type=str, help="weights variant, e.g. fp16")
+    split: str = option("train", help="split of a Hugging Face dataset")
+    column: str | None = option(None, type=str,
+                                help="caption column of a Hugging Face dataset (None: caption/prompt/text)")
+    output_dir: str = option("det_outputs", help="folder of the results files")
+    num_images_per_prompt: int = option(4, help="generations G per prompt")
+    gen_seed: int = option(0, help="row i draws its latents from seed gen_seed + i")
+    num_inference_steps: int = option(50, help="DDIM steps of the trajectory")
+    guidance_scale: float = option(7.5, help="classifier-free guidance of the trajectory (wen)")
+    score_steps: str = option("1", help="score the first N DDIM steps, or 'all' (paper setting)")
+    batch_size: int = option(32, help="prompts per batch")
+    latents: str = option("per_prompt", choices=LATENT_MODES,
+                          help="shared: every prompt starts from seed gen_seed's latents")
+    dtype: str = option("fp32", choices=DTYPE_NAMES, help="weights of the diffusion model")
+    scheduler: str = option("ddim", choices=SCHEDULERS,
+                            help="ddim: the pipeline's scheduler config as DDIM (Wen et al.); pipeline: as is")
+    detector: str = option("wen", choices=DETECTORS,
+                           help="wen: noise magnitude along the trajectory; anisotropy / sharpness: zero-step scores")
+    anisotropy_weights: list[float] | None = option(
+        None, type=float, nargs=2, metavar=("GAMMA_N", "GAMMA_C"),
+        help="anisotropy score = GAMMA_N·N + GAMMA_C·C (None: " + ", ".join(
+            f"{gn:g} {gc:g} for {kind} models" for kind, (gn, gc) in ANISOTROPY_WEIGHTS.items()) + ")")
+    start: int = option(0, help="first dataset row")
+    end: int | None = option(None, type=int, help="one past the last dataset row")
+    label: int | None = option(None, type=int, choices=(0, 1), help="label for rows that carry none")
+    allow_empty: bool = option(False, help="score empty captions instead of rejecting them")
+    overwrite: bool = option(False, help="discard earlier results of this run_name")
 
     @property
     def num_score_steps(self) -> int:
@@ -91,40 +101,12 @@ class DetectConfig:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Score prompts for memorization: Wen et al.'s noise magnitude, anisotropy "
                                    "or sharpness.")
-    p.add_argument("--model_id", required=True, help="Hub id or local StableDiffusionPipeline folder")
-    p.add_argument("--unet_id", help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
-    p.add_argument("--revision")
-    p.add_argument("--variant", help="weights variant, e.g. fp16")
-    p.add_argument("--dataset", required=True, help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
-    p.add_argument("--split", default="train", help="split of a Hugging Face dataset")
-    p.add_argument("--column", help="caption column of a Hugging Face dataset (default: caption/prompt/text)")
-    p.add_argument("--run_name", required=True)
-    p.add_argument("--output_dir", default="det_outputs")
-    p.add_argument("--num_images_per_prompt", type=int, default=4, help="generations G per prompt")
-    p.add_argument("--gen_seed", type=int, default=0, help="row i draws its latents from seed gen_seed + i")
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--score_steps", default="1", help="score the first N DDIM steps, or 'all' (paper setting)")
-    p.add_argument("--batch_size", type=int, default=32, help="prompts per batch")
-    p.add_argument("--latents", choices=("per_prompt", "shared"), default="per_prompt",
-                   help="shared: every prompt starts from seed gen_seed's latents")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--scheduler", choices=("ddim", "pipeline"), default="ddim")
-    p.add_argument("--detector", choices=("wen", "anisotropy", "sharpness"), default="wen",
-                   help="wen: noise magnitude along the trajectory; anisotropy / sharpness: zero-step scores")
-    p.add_argument("--anisotropy_weights", type=float, nargs=2, metavar=("GAMMA_N", "GAMMA_C"),
-                   help="anisotropy score = GAMMA_N·N + GAMMA_C·C (default 1 2 for ε-, 1 0.1 for v-prediction)")
-    p.add_argument("--start", type=int, default=0, help="first dataset row")
-    p.add_argument("--end", type=int, help="one past the last dataset row")
-    p.add_argument("--label", type=int, choices=(0, 1), help="label for rows that carry none")
-    p.add_argument("--allow_empty", action="store_true", help="score empty captions instead of rejecting them")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results of this run_name")
+    add_settings_arguments(p, DetectConfig)
     return p
 
 
 def parse_config(argv: list[str] | None) -> DetectConfig:
-    args = build_parser().parse_args(argv)
-    return DetectConfig(**{f.name: getattr(args, f.name) for f in fields(DetectConfig)})
+    return settings_from_args(DetectConfig, build_parser().parse_args(argv))
 
 
 def result_row(rec: PromptRecord, detector: str, terms: dict, score: float, truncated: bool) -> dict:

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, run_main
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, run_main, settings_from_args
 from diffmem.common.errors import ConfigError
 from diffmem.common.metrics import (
     DEFAULT_FPR_TARGETS,
@@ -47,74 +47,69 @@ from diffmem.common.metrics import (
 
 @dataclass
 class EvaluateConfig:
-    results: list[Path]
-    out: Path
-    positive: list[Path] = field(default_factory=list)
-    negative: list[Path] = field(default_factory=list)
-    fpr_targets: tuple[float, ...] = DEFAULT_FPR_TARGETS
-    tpr_rule: str = "strict"
-    compare: bool = False
-    names: list[str] = field(default_factory=list)
+    out: Path = option(type=Path, metavar="DIR", help="output folder for summary.json and plots")
+    results: list[Path] = option(default_factory=list, positional=True, nargs="*", type=Path, metavar="RESULTS.jsonl",
+                                 help="results files whose rows carry their own 'label' 0/1 (detect_mem writes it "
+                                      "when known)")
+    positive: list[Path] = option(default_factory=list, nargs="+", action="extend", type=Path, metavar="FILE",
+                                  help="results files whose rows are all memorized (label 1)")
+    negative: list[Path] = option(default_factory=list, nargs="+", action="extend", type=Path, metavar="FILE",
+                                  help="results files whose rows are all not memorized (label 0)")
+    fpr_targets: tuple[float, ...] = option(DEFAULT_FPR_TARGETS, nargs="+", type=float, metavar="FPR",
+                                            help="FPR levels for TPR@FPR (see --tpr_rule)")
+    tpr_rule: str = option("strict", choices=TPR_RULES,
+                           help="strict: largest TPR with FPR strictly below the target; closest: the ROC point "
+                                "nearest it")
+    compare: bool = option(False, help="each positional file (or --positive/--negative pair) is one detector on the "
+                                       "same prompts")
+    names: list[str] = option(default_factory=list, nargs="+", metavar="NAME",
+                              help="with --compare: one name per detector (empty: the file names)")
+
+    def __post_init__(self):
+        self.fpr_targets = tuple(self.fpr_targets)  # the options give a list
 
     def sources(self) -> list[tuple[Path, int | None, str]]:
         """(file, forced label or None, the option that gave it) for every input file."""
         return ([(p, None, "") for p in self.results] + [(p, 1, "--positive") for p in self.positive]
                 + [(p, 0, "--negative") for p in self.negative])
 
+    def validate(self) -> None:
+        """Argument-level checks; raises ConfigError or ResultsFileError with the one-line message."""
+        if not self.sources():
+            raise ConfigError("expected at least one results file (positional, --positive or --negative)")
+        seen = {}
+        for path, _, role in self.sources():
+            key = path.resolve()
+            if key in seen:
+                raise ResultsFileError(f"{path}: given more than once ({seen[key] or 'positional'} and "
+                                      f"{role or 'positional'}); each file may appear once")
+            seen[key] = role
+        bad = [t for t in self.fpr_targets if not 0 < t <= 1]
+        if bad:
+            raise ConfigError(f"expected --fpr_targets in (0, 1], got {bad[0]}")
+        if self.names and not self.compare:
+            raise ConfigError("--names applies to --compare only")
+        if self.compare:
+            if self.results and (self.positive or self.negative):
+                raise ConfigError("--compare takes either positional files or --positive/--negative pairs, not both")
+            if len(self.positive) != len(self.negative):
+                raise ConfigError(f"--compare pairs the i-th --positive with the i-th --negative file; got "
+                                  f"{len(self.positive)} and {len(self.negative)}")
+            n = len(self.results) or len(self.positive)
+            if self.names and len(self.names) != n:
+                raise ConfigError(f"--names gives {len(self.names)} names for {n} compared detectors")
+            names = self.names or method_names(self)
+            if len(set(names)) != len(names):
+                raise ConfigError(f"--compare needs a distinct name per detector, got {names}; pass --names")
+        if self.out.exists() and not self.out.is_dir():
+            raise ResultsFileError(f"{self.out}: expected --out to be a folder, it is a file")
+
 
 def parse_args(argv=None) -> EvaluateConfig:
     p = ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0],
                        epilog="Put positional files before --positive/--negative: those take every file after them.")
-    p.add_argument("results", nargs="*", type=Path, metavar="RESULTS.jsonl",
-                   help="results files whose rows carry their own 'label' 0/1 (detect_mem writes it when known)")
-    p.add_argument("--positive", nargs="+", action="extend", type=Path, default=[], metavar="FILE",
-                   help="results files whose rows are all memorized (label 1)")
-    p.add_argument("--negative", nargs="+", action="extend", type=Path, default=[], metavar="FILE",
-                   help="results files whose rows are all not memorized (label 0)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder for summary.json and plots")
-    p.add_argument("--fpr_targets", nargs="+", type=float, default=list(DEFAULT_FPR_TARGETS), metavar="FPR",
-                   help="FPR levels for TPR@FPR (see --tpr_rule)")
-    p.add_argument("--tpr_rule", choices=TPR_RULES, default="strict",
-                   help="strict: largest TPR with FPR strictly below the target; closest: the ROC point nearest it")
-    p.add_argument("--compare", action="store_true",
-                   help="each positional file (or --positive/--negative pair) is one detector on the same prompts")
-    p.add_argument("--names", nargs="+", default=[], metavar="NAME",
-                   help="with --compare: one name per detector (default: the file names)")
-    a = p.parse_args(argv)
-    return EvaluateConfig(results=a.results, out=a.out, positive=a.positive, negative=a.negative,
-                          fpr_targets=tuple(a.fpr_targets), tpr_rule=a.tpr_rule, compare=a.compare, names=a.names)
-
-
-def validate(cfg: EvaluateConfig) -> None:
-    """Argument-level checks; raises ConfigError or ResultsFileError with the one-line message."""
-    if not cfg.sources():
-        raise ConfigError("expected at least one results file (positional, --positive or --negative)")
-    seen = {}
-    for path, _, role in cfg.sources():
-        key = path.resolve()
-        if key in seen:
-            raise ResultsFileError(f"{path}: given more than once ({seen[key] or 'positional'} and "
-                                  f"{role or 'positional'}); each file may appear once")
-        seen[key] = role
-    bad = [t for t in cfg.fpr_targets if not 0 < t <= 1]
-    if bad:
-        raise ConfigError(f"expected --fpr_targets in (0, 1], got {bad[0]}")
-    if cfg.names and not cfg.compare:
-        raise ConfigError("--names applies to --compare only")
-    if cfg.compare:
-        if cfg.results and (cfg.positive or cfg.negative):
-            raise ConfigError("--compare takes either positional files or --positive/--negative pairs, not both")
-        if len(cfg.positive) != len(cfg.negative):
-            raise ConfigError(f"--compare pairs the i-th --positive with the i-th --negative file; got "
-                              f"{len(cfg.positive)} and {len(cfg.negative)}")
-        n = len(cfg.results) or len(cfg.positive)
-        if cfg.names and len(cfg.names) != n:
-            raise ConfigError(f"--names gives {len(cfg.names)} names for {n} compared detectors")
-        names = cfg.names or method_names(cfg)
-        if len(set(names)) != len(names):
-            raise ConfigError(f"--compare needs a distinct name per detector, got {names}; pass --names")
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise ResultsFileError(f"{cfg.out}: expected --out to be a folder, it is a file")
+    add_settings_arguments(p, EvaluateConfig)
+    return settings_from_args(EvaluateConfig, p.parse_args(argv))
 
 
 def method_names(cfg: EvaluateConfig) -> list[str]:
@@ -171,7 +166,7 @@ def check_same_prompts(rows_of: dict[str, list], groups: list[list]) -> None:
 
 def run(cfg: EvaluateConfig) -> dict:
     """Check every input, then write summary.json and the plots; returns the metrics per split."""
-    validate(cfg)
+    cfg.validate()
     if cfg.compare:
         return run_compare(cfg)
     rows, inputs = [], []

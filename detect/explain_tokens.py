@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, quiet_hub_logging, resolve_device, run_main
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, quiet_hub_logging,
+                                 resolve_device, run_main, settings_from_args)
 from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.options import DTYPE_NAMES, LATENT_MODES, WRT_CHOICES
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 from diffmem.common.results import (append_results, bind_run_settings, check_run_settings, read_results,
                             write_json_atomic)
 
-WRT_CHOICES = ("prompt_embeds", "token_embeds")  # common.t2i.explain.WRT_CHOICES; kept here so --help needs no torch
 # Arguments that change the numbers: a resumed run must use the values of the results already on disk.
 RESULT_KEYS = ("model_id", "unet_id", "revision", "variant", "target_steps", "num_images_per_prompt",
                "num_inference_steps", "guidance_scale", "gen_seed", "latents", "wrt", "dtype")
@@ -28,28 +29,33 @@ RESULT_KEYS = ("model_id", "unet_id", "revision", "variant", "target_steps", "nu
 
 @dataclass
 class ExplainConfig:
-    model_id: str
-    out: str
-    prompt: str | None = None
-    dataset: str | None = None
-    unet_id: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    split: str = "train"
-    column: str | None = None
-    start: int = 0
-    end: int | None = None
-    target_steps: str = "0"
-    num_images_per_prompt: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    gen_seed: int = 0
-    latents: str = "per_prompt"
-    batch_size: int = 4
-    wrt: str = "prompt_embeds"
-    dtype: str = "fp32"
-    device: str | None = None
-    overwrite: bool = False
+    model_id: str = option(help="Hub id or local StableDiffusionPipeline folder")
+    out: str = option(help="output folder")
+    prompt: str | None = option(None, type=str, help="one prompt to explain (row 0: it uses gen_seed's latents)")
+    dataset: str | None = option(None, type=str, help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
+    unet_id: str | None = option(None, type=str,
+                                 help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
+    revision: str | None = option(None, type=str, help="Hub revision of --model_id")
+    variant: str | None = option(None, type=str, help="weights variant, e.g. fp16")
+    split: str = option("train", help="split of a Hugging Face dataset")
+    column: str | None = option(None, type=str,
+                                help="caption column of a Hugging Face dataset (None: caption/prompt/text)")
+    start: int = option(0, help="first dataset row")
+    end: int | None = option(None, type=int, help="one past the last dataset row")
+    target_steps: str = option("0", help="DDIM steps to average over: 0, 0-9, 0,5,10-12 or all")
+    num_images_per_prompt: int = option(4, help="generations G per prompt")
+    num_inference_steps: int = option(50, help="DDIM steps of the trajectory")
+    guidance_scale: float = option(7.5, help="guidance of the trajectory to x_t")
+    gen_seed: int = option(0, help="row i draws its latents from seed gen_seed + i")
+    latents: str = option("per_prompt", choices=LATENT_MODES,
+                          help="shared: every prompt starts from seed gen_seed's latents")
+    batch_size: int = option(4, help="prompts per forward/backward (GPU memory grows with batch_size x "
+                                     "num_images_per_prompt)")
+    wrt: str = option("prompt_embeds", choices=WRT_CHOICES,
+                      help="differentiate w.r.t. the text encoder output or the token embeddings entering it")
+    dtype: str = option("fp32", choices=DTYPE_NAMES, help="weights of the diffusion model")
+    device: str | None = device_option(indexed=True)
+    overwrite: bool = option(False, help="discard earlier results in --out")
 
     @property
     def steps(self) -> list[int]:
@@ -89,38 +95,14 @@ def parse_target_steps(spec: str, num_inference_steps: int) -> list[int]:
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Token-wise significance of prompts for memorization (Wen et al. 2024).")
-    p.add_argument("--model_id", required=True, help="Hub id or local StableDiffusionPipeline folder")
-    p.add_argument("--unet_id", help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
-    p.add_argument("--revision")
-    p.add_argument("--variant", help="weights variant, e.g. fp16")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one prompt to explain (row 0: it uses gen_seed's latents)")
-    src.add_argument("--dataset", help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
-    p.add_argument("--split", default="train", help="split of a Hugging Face dataset")
-    p.add_argument("--column", help="caption column of a Hugging Face dataset (default: caption/prompt/text)")
-    p.add_argument("--start", type=int, default=0, help="first dataset row")
-    p.add_argument("--end", type=int, help="one past the last dataset row")
-    p.add_argument("--target_steps", default="0", help="DDIM steps to average over: 0, 0-9, 0,5,10-12 or all")
-    p.add_argument("--num_images_per_prompt", type=int, default=4, help="generations G per prompt")
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5, help="guidance of the trajectory to x_t")
-    p.add_argument("--gen_seed", type=int, default=0, help="row i draws its latents from seed gen_seed + i")
-    p.add_argument("--latents", choices=("per_prompt", "shared"), default="per_prompt",
-                   help="shared: every prompt starts from seed gen_seed's latents")
-    p.add_argument("--batch_size", type=int, default=4,
-                   help="prompts per forward/backward (GPU memory grows with batch_size x num_images_per_prompt)")
-    p.add_argument("--wrt", choices=WRT_CHOICES, default="prompt_embeds",
-                   help="differentiate w.r.t. the text encoder output or the token embeddings entering it")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    add_settings_arguments(src, ExplainConfig, only=("prompt", "dataset"))
+    add_settings_arguments(p, ExplainConfig, exclude=("prompt", "dataset"))
     return p
 
 
 def parse_config(argv: list[str] | None) -> ExplainConfig:
-    args = build_parser().parse_args(argv)
-    return ExplainConfig(**{f.name: getattr(args, f.name) for f in fields(ExplainConfig)})
+    return settings_from_args(ExplainConfig, build_parser().parse_args(argv))
 
 
 def load_records(cfg: ExplainConfig) -> list[PromptRecord]:

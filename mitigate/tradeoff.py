@@ -18,28 +18,37 @@ per method, seconds per image in the legend). Without --methods: none (unless --
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, quiet_hub_logging, resolve_device,
+                                 run_main, settings_from_args)
 from diffmem.common.errors import ConfigError
-from diffmem.common.t2i.mitigation_run import (BASELINES, METHOD_SETTINGS, METHODS, MitigationSettings,
-                                       RunOptions)
+from diffmem.common.t2i.mitigation_run import (BASELINES, METHODS, MitigationSettings, RunOptions,
+                                               add_mitigation_arguments, own_fields)
 
 
 @dataclass
 class TradeoffConfig(MitigationSettings, RunOptions):
     """RunOptions, the MitigationSettings every run shares (``method`` is set per run), then the sweep."""
 
-    methods: list[str] | None = None
-    target_losses: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0])
-    repeat_nums: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    baselines: list[str] = field(default_factory=lambda: ["rand_word_add"])
-    skip_none: bool = False
-    sweep: list[str] = field(default_factory=list)
-    general_dataset: str | None = None
-    general_start: int = 0
-    general_end: int | None = None
+    methods: list[str] | None = option(None, nargs="+", choices=METHODS,
+                                       help="the methods to compare (None: none, ours and --baselines)")
+    target_losses: list[float] = option(default_factory=lambda: [1.0, 2.0, 3.0, 4.0], type=float, nargs="*",
+                                        help="ours: one run per target loss")
+    repeat_nums: list[int] = option(default_factory=lambda: [1, 2, 4, 8], type=int, nargs="*",
+                                    help="baselines: one run per value")
+    baselines: list[str] = option(default_factory=lambda: ["rand_word_add"], nargs="*", choices=BASELINES,
+                                  help="without --methods: the baselines to run")
+    skip_none: bool = option(False, help="without --methods: leave out the unmitigated run")
+    sweep: list[str] = option(default_factory=list, nargs="*", metavar="KNOB=V1,V2",
+                              help="values of a method's knob, one run each (jain_tau, jain_early_scale, han_tau, "
+                                   "han_target_loss, ren_c, gni_scale)")
+    general_dataset: str | None = option(None, type=str,
+                                         help="general (unmemorized) prompts run with every method, CLIP only, e.g. "
+                                              "../shared/data/coco2014_val_10000.csv")
+    general_start: int = option(0, help="first general prompt")
+    general_end: int | None = option(None, type=int, help="one past the last general prompt")
 
     def base_settings(self) -> MitigationSettings:
         return MitigationSettings(**{f.name: getattr(self, f.name) for f in fields(MitigationSettings)})
@@ -66,7 +75,7 @@ class TradeoffConfig(MitigationSettings, RunOptions):
                               "--repeat_nums")
         for _, s in runs:
             s.validate()
-        self.validate_run()
+        RunOptions.validate(self)
         if self.sscd_model == "none":
             raise ConfigError("--sscd_model none: the trade-off plot needs SSCD similarities")
         if self.general_start < 0 or (self.general_end is not None and self.general_end <= self.general_start):
@@ -76,59 +85,13 @@ class TradeoffConfig(MitigationSettings, RunOptions):
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Sweep mitigation strength; plot SSCD vs CLIP score per method.")
-    p.add_argument("--model_id", required=True)
-    p.add_argument("--unet_id")
-    p.add_argument("--dataset", required=True, help="prompt file or Wen-style folder (see inference_mem.py)")
-    p.add_argument("--run_name", required=True)
-    p.add_argument("--methods", nargs="+", choices=METHODS,
-                   help="the methods to compare (default: none, ours and --baselines)")
-    p.add_argument("--target_losses", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0],
-                   help="ours: one run per target loss")
-    p.add_argument("--repeat_nums", type=int, nargs="*", default=[1, 2, 4, 8], help="baselines: one run per value")
-    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=["rand_word_add"],
-                   help="without --methods: the baselines to run")
-    p.add_argument("--skip_none", action="store_true", help="without --methods: leave out the unmitigated run")
-    p.add_argument("--sweep", nargs="*", default=[], metavar="KNOB=V1,V2",
-                   help="values of a method's knob, one run each (jain_tau, jain_early_scale, han_tau, "
-                        "han_target_loss, ren_c, gni_scale)")
-    p.add_argument("--general_dataset",
-                   help="general (unmemorized) prompts run with every method, CLIP only, e.g. "
-                        "../shared/data/coco2014_val_10000.csv")
-    p.add_argument("--general_start", type=int, default=0)
-    p.add_argument("--general_end", type=int, help="one past the last general prompt")
-    p.add_argument("--repeat_num", type=int, default=4, help="baselines: insertions when not swept")
-    p.add_argument("--optim_target_loss", type=float, default=3.0, help="ours: target loss when not swept")
-    p.add_argument("--optim_target_steps", type=int, nargs="+", default=[0])
-    p.add_argument("--optim_iters", type=int, default=10)
-    p.add_argument("--optim_lr", type=float, default=0.05)
-    p.add_argument("--optim_loss_reduction", choices=("mean", "joint"), default="mean")
-    p.add_argument("--freeze_padding", action="store_true")
-    p.add_argument("--be_mask", action="store_true", help="ours: Chen et al.'s bright-ending mask on the loss")
-    for settings_class in METHOD_SETTINGS:
-        add_settings_arguments(p, settings_class)
-    p.add_argument("--num_images_per_prompt", type=int, default=4)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--gen_seed", type=int, default=0)
-    p.add_argument("--gt_dir")
-    p.add_argument("--sscd_model", default="default")
-    p.add_argument("--sscd_preprocess", choices=("wen", "sscd", "zhang"), default="wen",
-                   help="wen: 256/crop 224 (Wen et al.); sscd: short side 288 (MemBench); zhang: 320x320 (Han et al.)")
-    p.add_argument("--reference_model", default="ViT-g-14")
-    p.add_argument("--reference_model_pretrain", default="laion2b_s12b_b42k")
-    p.add_argument("--start", type=int, default=0)
-    p.add_argument("--end", type=int)
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    p.add_argument("--out", default="mit_outputs")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier results of every swept run")
+    add_mitigation_arguments(p, exclude=("method",))  # set per run
+    add_settings_arguments(p, TradeoffConfig, only=own_fields(TradeoffConfig, MitigationSettings, RunOptions))
     return p
 
 
 def parse_config(argv: list[str] | None) -> TradeoffConfig:
-    args = build_parser().parse_args(argv)
-    return TradeoffConfig(**{f.name: getattr(args, f.name) for f in fields(TradeoffConfig) if hasattr(args, f.name)})
+    return settings_from_args(TradeoffConfig, build_parser().parse_args(argv))
 
 
 def run(cfg: TradeoffConfig) -> list[dict]:

@@ -65,3 +65,27 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+@dataclass
+class Lists:
+    out: str = option(help="run folder")
+    files: list[Path] = option(default_factory=list, positional=True, nargs="*", type=Path, help="inputs")
+    extra: list[Path] = option(default_factory=list, nargs="+", action="extend", type=Path, help="more inputs")
+    steps: list[int] = option(default_factory=lambda: [0], nargs="+", type=int, help="target steps")
+    pair: list[float] | None = option(None, nargs=2, type=float, metavar=("A", "B"), help="two weights")
+
+
+def test_list_fields_positional_and_a_cli_s_own_default(capsys):
+    p = ArgumentParser(prog="lists")
+    add_settings_arguments(p, Lists, defaults={"out": "runs"})
+    cfg = settings_from_args(Lists, p.parse_args(["a", "b", "--extra", "c", "--extra", "d", "e", "--steps", "1", "2",
+                                                  "--pair", "1", "0.5"]))
+    assert cfg == Lists("runs", [Path("a"), Path("b")], [Path("c"), Path("d"), Path("e")], [1, 2], [1.0, 0.5])
+    # defaults are fresh lists per parse, and the CLI's own default makes the field optional
+    assert settings_from_args(Lists, p.parse_args([])) == Lists("runs")
+    p.print_help()
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("run folder (default: runs)", "inputs (default: [])", "target steps (default: [0])",
+                  "two weights (default: None)"):
+        assert shown in text

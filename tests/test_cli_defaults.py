@@ -1,5 +1,5 @@
-"""Every option of the unconditional arm's CLIs shows its default in --help, and that default is the settings
-dataclass's (written once, there)."""
+"""Every option of every CLI (the unconditional and the text-to-image arm's) shows its default in --help, and that
+default is the settings dataclass's (written once, there)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,33 @@ CLIS = [
                                                   "--checkpoints_total_limit": "2"}),
     ("diffmem.detect.emm", [], {"--threshold": "0.9", "--launcher": "local", "--timeout_min": "1440",
                                 "--submitit_cluster": "slurm", "--max_parallel": "1"}),
+    # the text-to-image arm
+    ("diffmem.detect.detect_mem", [], {"--output_dir": "det_outputs", "--num_images_per_prompt": "4",
+                                       "--guidance_scale": "7.5", "--score_steps": "1", "--batch_size": "32",
+                                       "--latents": "per_prompt", "--dtype": "fp32", "--scheduler": "ddim",
+                                       "--detector": "wen", "--anisotropy_weights": "None", "--allow_empty": "False"}),
+    ("diffmem.detect.evaluate", [], {"--fpr_targets": "(0.001, 0.01, 0.03, 0.05)", "--tpr_rule": "strict",
+                                     "--positive": "[]", "--compare": "False"}),
+    ("diffmem.detect.explain_tokens", [], {"--target_steps": "0", "--num_inference_steps": "50", "--batch_size": "4",
+                                           "--wrt": "prompt_embeds", "--device": "None"}),
+    ("diffmem.mitigate.inference_mem", [], {"--method": "none", "--repeat_num": "4", "--optim_target_loss": "3.0",
+                                            "--optim_target_steps": "[0]", "--optim_lr": "0.05",
+                                            "--optim_loss_reduction": "mean", "--sscd_preprocess": "wen",
+                                            "--reference_model": "ViT-g-14", "--device": "auto",
+                                            "--out": "mit_outputs", "--jain_tau": "500.0", "--han_iters": "1000",
+                                            "--ren_c": "1.25", "--gni_scale": "0.1", "--split": "train"}),
+    ("diffmem.mitigate.tradeoff", [], {"--target_losses": "[1.0, 2.0, 3.0, 4.0]", "--repeat_nums": "[1, 2, 4, 8]",
+                                       "--baselines": "['rand_word_add']", "--methods": "None", "--sweep": "[]",
+                                       "--optim_target_loss": "3.0", "--batch_size": "4", "--han_tau": "900.0"}),
+    ("diffmem.finetune.train_text_to_image", [], {"--output_dir": "sd-model-finetuned",
+                                                  "--tracker_project_name": "diffmem-text2image",
+                                                  "--train_batch_size": "16", "--learning_rate": "0.0001",
+                                                  "--lr_scheduler": "constant", "--resolution": "512",
+                                                  "--report_to": "tensorboard", "--mixed_precision": "None",
+                                                  "--validation_inference_steps": "25", "--validation_prompts": "[]"}),
+    ("diffmem.data.build_lab", [], {"--num_memorized": "12", "--repeats": "50", "--train_steps": "3000",
+                                    "--contrast_guidances": "(1.0,)", "--threads": "2", "--sscd": "default",
+                                    "--quick": "False"}),
 ]
 
 
@@ -51,7 +78,8 @@ def help_entries(text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("module, head, expected", CLIS, ids=[f"{m.split('.')[-1]}{''.join(' ' + h for h in head)}"
                                                               for m, head, _ in CLIS])
-def test_help_shows_every_default(module, head, expected, capsys):
+def test_help_shows_every_default(module, head, expected, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: a default such as diffmem-text2image stays whole
     cli = importlib.import_module(module)
     with pytest.raises(SystemExit) as exc:
         cli.parse_args([*head, "--help"]) if hasattr(cli, "parse_args") else cli.build_parser().parse_args(["--help"])

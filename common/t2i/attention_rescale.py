@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from diffmem.common.cli import option
 from diffmem.common.errors import ConfigError
 
 
@@ -25,10 +26,10 @@ from diffmem.common.errors import ConfigError
 class RenSettings:
     """Settings of ren_attn (Ren et al., ECCV 2024)."""
 
-    ren_c: float = field(default=1.25, metadata={
-        "help": "ren_attn: factor C on the conditional beginning-token logit (their script 1.25, MemBench 1.1)"})
+    ren_c: float = option(1.25, help="ren_attn: factor C on the conditional beginning-token logit (their script "
+                                     "1.25, MemBench 1.1)")
 
-    def validate_ren(self) -> None:
+    def validate(self) -> None:
         """Raise ConfigError with a one-line reason for a bad Ren setting."""
         if not (math.isfinite(self.ren_c) and self.ren_c > 0):
             raise ConfigError(f"--ren_c must be a finite number > 0, got {self.ren_c}")

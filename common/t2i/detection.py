@@ -30,10 +30,7 @@ from diffmem.common.t2i.noise import (
     score_from_epsilon,
     text_noise_norm,
 )
-
-DETECTORS = ("wen", "anisotropy", "sharpness")
-# (γ_N, γ_C) of Asthana & Belagiannis's code: SD v1 (ε-prediction) and SD 2 (v-prediction).
-ANISOTROPY_WEIGHTS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1)}
+from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS
 
 
 @dataclass

@@ -21,8 +21,8 @@ import torch
 from diffmem.common.t2i.detection import iter_text_noise_objective
 from diffmem.common.t2i.models import DenoiserParts
 from diffmem.common.t2i.noise import initial_latents
+from diffmem.common.t2i.options import WRT_CHOICES
 
-WRT_CHOICES = ("prompt_embeds", "token_embeds")
 # fp16 gradients through a UNet can underflow; a fixed power-of-two scale on L is exact and undone after.
 FP16_GRAD_SCALE = 2.0**12
 

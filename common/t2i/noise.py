@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from diffmem.common.t2i.options import LATENT_MODES
+
 
 def text_noise_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
     """‖ε_θ(x_t, c) − ε_θ(x_t, ∅)‖₂ per sample over the whole latent (Wen et al. 2024, Sec. 3)."""
@@ -48,8 +50,8 @@ def initial_latents(rows: list[int], num_generations: int, shape: tuple[int, int
     the row and the seed, never on batch size, device or process count. In ``shared`` mode every row uses
     seed gen_seed, i.e. all prompts start from the same G latents.
     """
-    if mode not in ("per_prompt", "shared"):
-        raise ValueError(f"unknown latents mode {mode!r}; expected per_prompt or shared")
+    if mode not in LATENT_MODES:
+        raise ValueError(f"unknown latents mode {mode!r}; expected one of {', '.join(LATENT_MODES)}")
     out = []
     for row in rows:
         seed = gen_seed + row if mode == "per_prompt" else gen_seed
