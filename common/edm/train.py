@@ -27,7 +27,9 @@ from diffmem.common.edm.snapshot import list_snapshots, save_snapshot
 from diffmem.common.errors import ConfigError
 from diffmem.common.seeding import STREAM_NOISE, torch_generator
 from diffmem.common.trainer import (
+    MIXED_PRECISIONS,
     OPTIMIZERS,
+    REPORT_TO,
     LossTerms,
     StepSchedule,
     TrainConfig,
@@ -37,10 +39,6 @@ from diffmem.common.trainer import (
     launched_processes,
     make_accelerator,
 )
-
-
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 
 @dataclass
