@@ -22,7 +22,8 @@ from pathlib import Path
 from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, quiet_hub_logging, run_main,
                                  settings_from_args)
 from diffmem.common.errors import ConfigError
-from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS, DTYPE_NAMES, LATENT_MODES, SCHEDULERS
+from diffmem.common.t2i.options import (ANISOTROPY_WEIGHTS, DETECTORS, SCHEDULERS, batch_size_option,
+                                        shared_option)
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 from diffmem.common.results import (append_results, bind_run_settings, merge_rows, read_results,
                             write_json_atomic)
@@ -36,36 +37,34 @@ DETECTOR_KEYS = {"wen": ("guidance_scale", "score_steps"), "anisotropy": ("aniso
 
 @dataclass
 class DetectConfig:
-    model_id: str = option(help="Hub id or local StableDiffusionPipeline folder")
+    model_id: str = shared_option("model_id")
     dataset: str = option(help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
     run_name: str = option(help="name of the results files in --output_dir (a plain file name)")
-    unet_id: str | None = option(None, type=str,
-                                 help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
-    revision: str | None = option(None, type=str, help="Hub revision of --model_id")
-    variant: str | None = option(None, type=str, help="weights variant, e.g. fp16")
-    split: str = option("train", help="split of a Hugging Face dataset")
-    column: str | None = option(None, type=str,
-                                help="caption column of a Hugging Face dataset (None: caption/prompt/text)")
+    unet_id: str | None = shared_option("unet_id")
+    revision: str | None = shared_option("revision")
+    variant: str | None = shared_option("variant")
+    split: str = shared_option("split")
+    column: str | None = shared_option("column")
     output_dir: str = option("det_outputs", help="folder of the results files")
-    num_images_per_prompt: int = option(4, help="generations G per prompt")
-    gen_seed: int = option(0, help="row i draws its latents from seed gen_seed + i")
-    num_inference_steps: int = option(50, help="DDIM steps of the trajectory")
-    guidance_scale: float = option(7.5, help="classifier-free guidance of the trajectory (wen)")
+    num_images_per_prompt: int = shared_option("num_images_per_prompt")
+    gen_seed: int = shared_option("gen_seed")
+    num_inference_steps: int = shared_option("num_inference_steps")
+    guidance_scale: float = shared_option("guidance_scale")
     score_steps: str = option("1", help="score the first N DDIM steps, or 'all' (paper setting)")
-    batch_size: int = option(32, help="prompts per batch")
-    latents: str = option("per_prompt", choices=LATENT_MODES,
-                          help="shared: every prompt starts from seed gen_seed's latents")
-    dtype: str = option("fp32", choices=DTYPE_NAMES, help="weights of the diffusion model")
+    batch_size: int = batch_size_option(32)
+    latents: str = shared_option("latents")
+    dtype: str = shared_option("dtype")
     scheduler: str = option("ddim", choices=SCHEDULERS,
                             help="ddim: the pipeline's scheduler config as DDIM (Wen et al.); pipeline: as is")
     detector: str = option("wen", choices=DETECTORS,
-                           help="wen: noise magnitude along the trajectory; anisotropy / sharpness: zero-step scores")
+                           help="wen: noise magnitude along the trajectory (its --guidance_scale, --score_steps); "
+                                "anisotropy / sharpness: zero-step scores")
     anisotropy_weights: list[float] | None = option(
         None, type=float, nargs=2, metavar=("GAMMA_N", "GAMMA_C"),
         help="anisotropy score = GAMMA_N·N + GAMMA_C·C (None: " + ", ".join(
             f"{gn:g} {gc:g} for {kind} models" for kind, (gn, gc) in ANISOTROPY_WEIGHTS.items()) + ")")
-    start: int = option(0, help="first dataset row")
-    end: int | None = option(None, type=int, help="one past the last dataset row")
+    start: int = shared_option("start")
+    end: int | None = shared_option("end")
     label: int | None = option(None, type=int, choices=(0, 1), help="label for rows that carry none")
     allow_empty: bool = option(False, help="score empty captions instead of rejecting them")
     overwrite: bool = option(False, help="discard earlier results of this run_name")

@@ -17,7 +17,7 @@ from pathlib import Path
 from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, quiet_hub_logging,
                                  resolve_device, run_main, settings_from_args)
 from diffmem.common.errors import ConfigError
-from diffmem.common.t2i.options import DTYPE_NAMES, LATENT_MODES, WRT_CHOICES
+from diffmem.common.t2i.options import WRT_CHOICES, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 from diffmem.common.results import (append_results, bind_run_settings, check_run_settings, read_results,
                             write_json_atomic)
@@ -29,31 +29,27 @@ RESULT_KEYS = ("model_id", "unet_id", "revision", "variant", "target_steps", "nu
 
 @dataclass
 class ExplainConfig:
-    model_id: str = option(help="Hub id or local StableDiffusionPipeline folder")
+    model_id: str = shared_option("model_id")
     out: str = option(help="output folder")
     prompt: str | None = option(None, type=str, help="one prompt to explain (row 0: it uses gen_seed's latents)")
     dataset: str | None = option(None, type=str, help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
-    unet_id: str | None = option(None, type=str,
-                                 help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
-    revision: str | None = option(None, type=str, help="Hub revision of --model_id")
-    variant: str | None = option(None, type=str, help="weights variant, e.g. fp16")
-    split: str = option("train", help="split of a Hugging Face dataset")
-    column: str | None = option(None, type=str,
-                                help="caption column of a Hugging Face dataset (None: caption/prompt/text)")
-    start: int = option(0, help="first dataset row")
-    end: int | None = option(None, type=int, help="one past the last dataset row")
+    unet_id: str | None = shared_option("unet_id")
+    revision: str | None = shared_option("revision")
+    variant: str | None = shared_option("variant")
+    split: str = shared_option("split")
+    column: str | None = shared_option("column")
+    start: int = shared_option("start")
+    end: int | None = shared_option("end")
     target_steps: str = option("0", help="DDIM steps to average over: 0, 0-9, 0,5,10-12 or all")
-    num_images_per_prompt: int = option(4, help="generations G per prompt")
-    num_inference_steps: int = option(50, help="DDIM steps of the trajectory")
-    guidance_scale: float = option(7.5, help="guidance of the trajectory to x_t")
-    gen_seed: int = option(0, help="row i draws its latents from seed gen_seed + i")
-    latents: str = option("per_prompt", choices=LATENT_MODES,
-                          help="shared: every prompt starts from seed gen_seed's latents")
-    batch_size: int = option(4, help="prompts per forward/backward (GPU memory grows with batch_size x "
-                                     "num_images_per_prompt)")
+    num_images_per_prompt: int = shared_option("num_images_per_prompt")
+    num_inference_steps: int = shared_option("num_inference_steps")
+    guidance_scale: float = shared_option("guidance_scale")
+    gen_seed: int = shared_option("gen_seed")
+    latents: str = shared_option("latents")
+    batch_size: int = batch_size_option(4)
     wrt: str = option("prompt_embeds", choices=WRT_CHOICES,
                       help="differentiate w.r.t. the text encoder output or the token embeddings entering it")
-    dtype: str = option("fp32", choices=DTYPE_NAMES, help="weights of the diffusion model")
+    dtype: str = shared_option("dtype")
     device: str | None = device_option(indexed=True)
     overwrite: bool = option(False, help="discard earlier results in --out")
 

