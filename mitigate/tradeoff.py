@@ -9,8 +9,9 @@ Loads the model once and runs every method into {out}/{run_name}/{label}/ exactl
 ``mitigate/inference_mem.py --method`` would (resumable): ``ours`` once per --target_losses, the rand_* baselines
 once per --repeat_nums, every other method once per value of its knob given with --sweep (jain_stp: jain_tau,
 jain_dtp: jain_early_scale, han_batch: han_tau, han_sample: han_target_loss, ren_attn: ren_c, gni: gni_scale),
-else once at its --setting. With --general_dataset every run is repeated on that prompt set (CLIP only) into
-{label}/general/. Writes {out}/{run_name}/tradeoff.json and tradeoff.png (mean SSCD vs mean CLIP score, one curve
+else once at its --setting. An item METHOD:FIELD=V,... runs the method with those of its own settings
+(Jain et al.'s two static settings side by side: jain_stp jain_stp:jain_tau=650,jain_early_scale=-2). With
+--general_dataset every run is repeated on that prompt set (CLIP only) into {label}/general/. Writes {out}/{run_name}/tradeoff.json and tradeoff.png (mean SSCD vs mean CLIP score, one curve
 per method, seconds per image in the legend). Without --methods: none (unless --skip_none), ours per
 --target_losses and each of --baselines per --repeat_nums.
 """
@@ -32,8 +33,10 @@ from diffmem.common.t2i.mitigation_run import (BASELINES, METHODS, MitigationSet
 class TradeoffConfig(MitigationSettings, RunOptions):
     """RunOptions, the MitigationSettings every run shares (``method`` is set per run), then the sweep."""
 
-    methods: list[str] | None = option(None, nargs="+", choices=METHODS,
-                                       help="the methods to compare (None: none, ours and --baselines)")
+    methods: list[str] | None = option(None, nargs="+", metavar="METHOD[:FIELD=V,...]",
+                                       help=f"the methods to compare, of {', '.join(METHODS)}; an item may set the "
+                                            "method's own settings for its runs, e.g. jain_stp:jain_tau=650,"
+                                            "jain_early_scale=-2 or ours:be_mask=1 (None: none, ours and --baselines)")
     target_losses: list[float] = option(default_factory=lambda: [1.0, 2.0, 3.0, 4.0], type=float, nargs="*",
                                         help="ours: one run per target loss")
     repeat_nums: list[int] = option(default_factory=lambda: [1, 2, 4, 8], type=int, nargs="*",
@@ -73,8 +76,8 @@ class TradeoffConfig(MitigationSettings, RunOptions):
         if not runs:
             raise ConfigError("nothing to sweep: give --methods, or --target_losses and/or --baselines with "
                               "--repeat_nums")
-        for _, s in runs:
-            s.validate()
+        for r in runs:
+            r.settings.validate()
         RunOptions.validate(self)
         if self.sscd_model == "none":
             raise ConfigError("--sscd_model none: the trade-off plot needs SSCD similarities")
@@ -130,7 +133,8 @@ def run(cfg: TradeoffConfig) -> list[dict]:
     parts = denoiser_parts(pipe)
     root = Path(cfg.out) / cfg.run_name
     points = []
-    for label, settings in runs:
+    for planned in runs:
+        label, settings = planned.label, planned.settings
         summary = run_mitigation(parts, pipe.vae, records, settings, root / label, evaluators=evaluators,
                                  batch_size=cfg.batch_size, overwrite=cfg.overwrite,
                                  extra_summary={"run_name": f"{cfg.run_name}/{label}", "dataset": str(dataset)})
@@ -140,7 +144,7 @@ def run(cfg: TradeoffConfig) -> list[dict]:
                 parts, pipe.vae, general, settings, root / label / "general",
                 evaluators=Evaluators(clip=evaluators.clip), batch_size=cfg.batch_size, overwrite=cfg.overwrite,
                 extra_summary={"run_name": f"{cfg.run_name}/{label}/general", "dataset": cfg.general_dataset})
-        points.append(tradeoff_point(label, settings, summary, general_summary))
+        points.append(tradeoff_point(planned, summary, general_summary))
         p = points[-1]
         print(f"{label}: SSCD mean {p['sscd_mean']}, CLIP {p['clip_score_mean']}, "
               f"{p['seconds_per_image']} s/image", file=sys.stderr)

@@ -450,12 +450,29 @@ def test_plan_runs_and_sweeps():
     knobs = {"optim_target_loss": [1.0, 2.0], "repeat_num": [4], **parse_sweeps(["jain_tau=300,700", "ren_c=1.1"])}
     runs = plan_runs(_settings("none"), ["none", "ours", "jain_stp", "jain_dtp", "jain_og", "ren_attn", "gni",
                                          "rand_word_add"], knobs)
-    assert [label for label, _ in runs] == ["none", "ours_target1", "ours_target2", "jain_stp_tau300",
+    assert [r.label for r in runs] == ["none", "ours_target1", "ours_target2", "jain_stp_tau300",
                                             "jain_stp_tau700", "jain_dtp_early_scale1", "jain_og", "ren_attn_c1.1",
                                             "gni_scale0.1", "rand_word_add_repeat4"]
-    assert [s.jain_tau for label, s in runs if label.startswith("jain_stp")] == [300.0, 700.0]
-    assert [s.method for _, s in runs] == ["none", "ours", "ours", "jain_stp", "jain_stp", "jain_dtp", "jain_og",
+    assert [r.settings.jain_tau for r in runs if r.label.startswith("jain_stp")] == [300.0, 700.0]
+    assert [r.settings.method for r in runs] == ["none", "ours", "ours", "jain_stp", "jain_stp", "jain_dtp", "jain_og",
                                            "ren_attn", "gni", "rand_word_add"]
+    assert {r.series for r in runs if r.settings.method == "ours"} == {"ours"}
+    # an item with its own settings: Jain et al.'s two static settings and Wen's loss with and without Chen's mask
+    runs = plan_runs(_settings("none"), ["jain_stp", "jain_stp:jain_tau=650,jain_early_scale=-2", "ours",
+                                         "ours:be_mask=1"], {"optim_target_loss": [3.0], **parse_sweeps(["jain_tau=500"])})
+    assert [(r.label, r.series) for r in runs] == [
+        ("jain_stp_tau500", "jain_stp"), ("jain_stp_tau650_early_scale-2", "jain_stp_tau650_early_scale-2"),
+        ("ours_target3", "ours"), ("ours_mask1_target3", "ours_mask1")]
+    stp, og = runs[0].settings, runs[1].settings
+    assert (stp.jain_tau, stp.jain_early("jain_stp")) == (500.0, 0.0)
+    assert (og.jain_tau, og.jain_early("jain_stp"), og.be_mask) == (650.0, -2.0, False)
+    assert runs[3].settings.be_mask is True and runs[2].settings.be_mask is False
+    for bad, message in [("jain_stp:han_rho=3", "FIELD one of jain_tau, jain_early_scale"),
+                         ("jain_stp:jain_tau=x", "jain_tau expects a number"), ("ours:be_mask=2", "expects 0 or 1"),
+                         ("jain_og:jain_tau=3", "jain_og has no settings"), ("nope", "unknown method 'nope'"),
+                         ("gni:", "no FIELD=VALUE")]:
+        with pytest.raises(ConfigError, match=message):
+            plan_runs(_settings("none"), [bad], {})
     with pytest.raises(ConfigError, match="expected KNOB=V1,V2"):
         parse_sweeps(["han_rho=1,2"])
     with pytest.raises(ConfigError, match="must be numbers"):
@@ -488,14 +505,18 @@ def test_tradeoff_methods_sweep_general_and_resume(tmp_path, tiny_pipeline_dir, 
 
     args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(small_lab / "prompts.jsonl"), "--run_name", "t",
             "--out", str(tmp_path), "--num_images_per_prompt", "1", "--num_inference_steps", "2",
-            "--methods", "none", "jain_stp", "han_batch", "gni", "--sweep", "jain_tau=300,700",
+            "--methods", "none", "jain_stp", "jain_stp:jain_tau=650,jain_early_scale=-2", "han_batch", "gni",
+            "--sweep", "jain_tau=300,700",
             "--general_dataset", str(small_lab / "coco.csv"), "--general_end", "2",
             "--sscd_model", str(small_lab / "sscd.pt"), "--reference_model", "ViT-S-32",
             "--reference_model_pretrain", "none", "--batch_size", "2"]
     assert main(args) == 0, capsys.readouterr().err
     out = json.loads((tmp_path / "t" / "tradeoff.json").read_text())
     points = {p["label"]: p for p in out["points"]}
-    assert list(points) == ["none", "jain_stp_tau300", "jain_stp_tau700", "han_batch_tau900", "gni_scale0.1"]
+    assert list(points) == ["none", "jain_stp_tau300", "jain_stp_tau700", "jain_stp_tau650_early_scale-2",
+                            "han_batch_tau900", "gni_scale0.1"]
+    assert [p["series"] for p in points.values()] == ["none", "jain_stp", "jain_stp", "jain_stp_tau650_early_scale-2",
+                                                      "han_batch", "gni"]
     assert out["general_prompts"] == 2 and out["prompts"] == 2
     for p in points.values():
         for key in ("sscd_mean", "membench_sscd", "membench_top3_sscd", "membench_rate_gt_0.5", "clip_score_mean",

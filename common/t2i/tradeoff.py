@@ -1,47 +1,105 @@
 """The replication–alignment trade-off of mitigation methods: which runs a sweep makes, its points and its plot.
 
 Each method is swept over its knob (:class:`common.t2i.mitigation_methods.MethodSpec`) or run once at the given
-setting. A point carries MemBench's metrics (Hong et al.: per prompt the max SSCD over generations × ground-truth
-images, the mean of the top-3 generations, the share of generations above 0.5; averaged over prompts), the mean
-SSCD and CLIP score, the cost (seconds and extra UNet evaluations per image) and, when a general prompt set was
-run, the CLIP score on it (a mitigation must not hurt ordinary prompts).
+setting; an item ``METHOD:FIELD=V,...`` sets the method's own settings for its runs (a curve of its own). A point
+carries MemBench's metrics (Hong et al.: per prompt the max SSCD over generations × ground-truth images, the mean of
+the top-3 generations, the share of generations above 0.5; averaged over prompts), the mean SSCD and CLIP score,
+the cost (seconds and extra UNet evaluations per image) and, when a general prompt set was run, the CLIP score on
+it (a mitigation must not hurt ordinary prompts).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple, get_args, get_type_hints
 from pathlib import Path
 
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.mitigation_methods import METHOD_SPECS
 
 
-def run_label(method: str, knob: str | None, value) -> str:
-    """Folder name of one run: the method and its knob's value (``ours_target3``, ``jain_stp_tau500``)."""
-    if knob is None:
-        return method
-    short = {"optim_target_loss": "target", "repeat_num": "repeat"}.get(knob, knob.split("_", 1)[1])
-    return f"{method}_{short}{value:g}"
+def _short(field: str) -> str:
+    return {"optim_target_loss": "target", "repeat_num": "repeat"}.get(field, field.split("_", 1)[1])
 
 
-def plan_runs(base, methods: list[str], knob_values: dict[str, list]) -> list[tuple[str, object]]:
-    """(label, settings) of every run: each method once per value of its knob in knob_values, else once at the
-    base settings' value."""
+def _value_text(value) -> str:
+    return str(int(value)) if isinstance(value, bool) else f"{value:g}"
+
+
+def run_series(method: str, overrides: dict | None = None) -> str:
+    """Name of one curve of the plot: the method and the settings given with it (``jain_stp``,
+    ``jain_stp_early_scale-2_tau650``, ``ours_mask1``)."""
+    return "_".join([method, *(f"{_short(name)}{_value_text(v)}" for name, v in (overrides or {}).items())])
+
+
+def run_label(method: str, knob: str | None, value, overrides: dict | None = None) -> str:
+    """Folder name of one run: its series and its knob's value (``ours_target3``, ``jain_stp_tau500``,
+    ``ours_mask1_target3``)."""
+    series = run_series(method, overrides)
+    return series if knob is None or knob in (overrides or {}) else f"{series}_{_short(knob)}{_value_text(value)}"
+
+
+class PlannedRun(NamedTuple):
+    """One run of a comparison: its folder name, the plot curve it belongs to, and its settings."""
+
+    label: str
+    series: str
+    settings: object
+
+
+def _coerce(settings, item: str, name: str, text: str):
+    """The value of one ``FIELD=VALUE`` of a --methods item, typed as the settings field."""
+    hint = get_type_hints(type(settings))[name]
+    kind = next((t for t in (bool, int, float, str) if t is hint or t in get_args(hint)), str)
+    try:
+        if kind is bool:
+            return {"1": True, "true": True, "0": False, "false": False}[text.strip().lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        raise ConfigError(f"--methods {item!r}: {name} expects {'0 or 1' if kind is bool else 'a number'}, "
+                          f"got {text!r}") from None
+
+
+def parse_method(item: str, settings) -> tuple[str, dict]:
+    """(method, {field: value}) from ``METHOD`` or ``METHOD:FIELD=V,FIELD=V`` (fields the method reads), so that one
+    comparison holds one method at several of its papers' settings (Jain et al.'s τ 500 / scale 0 and opposite
+    guidance τ 650 / scale −2; ``ours`` with and without --be_mask)."""
+    method, colon, spec = item.partition(":")
+    if method not in METHOD_SPECS:
+        raise ConfigError(f"--methods: unknown method {method!r}; expected some of {', '.join(METHOD_SPECS)} "
+                          "(each optionally as METHOD:FIELD=VALUE,...)")
+    reads = METHOD_SPECS[method].reads
+    overrides: dict = {}
+    for pair in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, text = pair.partition("=")
+        if not sep or name not in reads:
+            raise ConfigError(f"--methods {item!r}: expected {method}:FIELD=VALUE,... with FIELD one of "
+                              f"{', '.join(reads) or '(none: ' + method + ' has no settings)'}")
+        overrides[name] = _coerce(settings, item, name, text)
+    if colon and not overrides:
+        raise ConfigError(f"--methods {item!r}: no FIELD=VALUE after the colon")
+    return method, overrides
+
+
+def plan_runs(base, methods: list[str], knob_values: dict[str, list]) -> list[PlannedRun]:
+    """Every run: each --methods item once per value of its knob in knob_values (unless the item sets the knob
+    itself), else once at the base settings' value; an item's own FIELD=VALUE apply to all its runs."""
     runs = []
-    for method in methods:
-        if method not in METHOD_SPECS:
-            raise ConfigError(f"--methods: unknown method {method!r}; expected some of {', '.join(METHOD_SPECS)}")
+    for item in methods:
+        method, overrides = parse_method(item, base)
         knob = METHOD_SPECS[method].knob
-        settings = replace(base, method=method)
-        if knob is None:
-            runs.append((method, settings))
+        settings = replace(base, method=method, **overrides)
+        series = run_series(method, overrides)
+        if knob is None or knob in overrides:
+            runs.append(PlannedRun(series, series, settings))
             continue
         values = knob_values.get(knob)
         if not values:
             value = settings.jain_early(method) if knob == "jain_early_scale" else getattr(settings, knob)
             values = [value]
-        runs += [(run_label(method, knob, v), replace(settings, **{knob: v})) for v in values]
-    labels = [label for label, _ in runs]
+        runs += [PlannedRun(run_label(method, knob, v, overrides), series, replace(settings, **{knob: v}))
+                 for v in values]
+    labels = [r.label for r in runs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"--methods/--sweep: runs with the same label ({', '.join(labels)})")
     return runs
@@ -65,14 +123,15 @@ def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
     return out
 
 
-def tradeoff_point(label: str, settings, summary: dict, general: dict | None = None) -> dict:
-    """One point: the knob's value, MemBench's SSCD metrics, mean SSCD and CLIP, cost, and the general set's CLIP."""
+def tradeoff_point(run: PlannedRun, summary: dict, general: dict | None = None) -> dict:
+    """One point of a run: the knob's value, MemBench's SSCD metrics, mean SSCD and CLIP, cost, and the general set's CLIP."""
+    label, settings = run.label, run.settings
     spec = METHOD_SPECS[settings.method]
     knob = spec.knob
     value = None if knob is None else (settings.jain_early(settings.method) if knob == "jain_early_scale"
                                        else getattr(settings, knob))
     sscd, clip, cost = summary.get("sscd") or {}, summary.get("clip") or {}, summary.get("cost") or {}
-    point = {"label": label, "method": settings.method, "knob_name": knob, "knob": value,
+    point = {"label": label, "method": settings.method, "series": run.series, "knob_name": knob, "knob": value,
              "sscd_mean": sscd.get("mean"), "sscd_rate_gt_0.5": sscd.get("rate_gt_0.5"),
              "membench_sscd": sscd.get("max_mean"), "membench_top3_sscd": sscd.get("top3_mean"),
              "membench_rate_gt_0.5": sscd.get("membench_rate_gt_0.5"),
@@ -97,23 +156,24 @@ def plot_tradeoff(points: list[dict], path: str | Path, title: str = "") -> Path
 
     general = any(p.get("general_clip_score_mean") is not None for p in points)
     fig, axes = plt.subplots(1, 2 if general else 1, figsize=(12.8 if general else 6.4, 4.8), squeeze=False)
-    by_method: dict = {}
+    by_series: dict = {}
     for p in points:
-        if p["sscd_mean"] is not None:
-            by_method.setdefault(p["method"], []).append(p)
+        if p["sscd_mean"] is not None:  # a curve per method and the settings given with it (older files: method)
+            by_series.setdefault(p.get("series") or p["method"], []).append(p)
     panels = [("clip_score_mean", "CLIP score on the mitigated prompts (mean)")]
     if general:
         panels.append(("general_clip_score_mean", "CLIP score on the general prompts (mean)"))
     for ax, (key, xlabel) in zip(axes[0], panels):
-        for method, pts in by_method.items():
+        for series, pts in by_series.items():
             pts = sorted((p for p in pts if p.get(key) is not None), key=lambda p: (p["knob"] is None, p["knob"] or 0))
             if not pts:
                 continue
             secs = [p["seconds_per_image"] for p in pts if p.get("seconds_per_image") is not None]
-            name = f"{method} ({sum(secs) / len(secs):.3g} s/image)" if secs else method
+            name = f"{series} ({sum(secs) / len(secs):.3g} s/image)" if secs else series
             xs, ys = [p[key] for p in pts], [p["sscd_mean"] for p in pts]
             single = len(pts) == 1
-            ax.plot(xs, ys, marker="*" if method == "none" else "o", markersize=12 if method == "none" else 6,
+            none = pts[0]["method"] == "none"
+            ax.plot(xs, ys, marker="*" if none else "o", markersize=12 if none else 6,
                     linestyle="none" if single else "-", label=name)
             for p, x, y in zip(pts, xs, ys):
                 if p["knob"] is not None:
