@@ -268,10 +268,19 @@ def test_han_sample_batched_equals_one_by_one_and_their_loop(tiny_parts):
 
 # --- Ren et al.: attention --------------------------------------------------------------------------------------
 
-def test_ren_processor_against_explicit_softmax(tiny_pipe, tiny_parts):
+@pytest.mark.parametrize("heads", [None, 1, 5])
+def test_ren_processor_against_explicit_softmax(tiny_pipe, tiny_parts, heads):
+    """The tiny UNet's own cross-attention (8 heads, as SD 1.x), and stand-alone ones with 1 and 5 heads (SD 2.x
+    has 5, 10 and 20 heads of 64 channels), against the masked, rescaled softmax written out per head."""
+    from diffusers.models.attention_processor import Attention
+
     from diffmem.common.t2i.attention_rescale import RenAttnProcessor, ren_key_mask
 
     attn = tiny_parts.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    if heads is not None:
+        torch.manual_seed(1)
+        attn = Attention(query_dim=attn.query_dim, cross_attention_dim=attn.cross_attention_dim, heads=heads,
+                         dim_head=6).eval()
     torch.manual_seed(0)
     hidden = torch.randn(4, 10, attn.query_dim)
     enc = torch.randn(4, 77, attn.cross_attention_dim)
