@@ -29,7 +29,7 @@ test: $(STAMP)
 
 # The memorization lab (data/lab, shipped): a tiny pipeline trained by finetune/train_text_to_image.py that
 # memorizes a known subset; `make lab` rebuilds it from scratch, byte-identical for a given --threads (2 by
-# default; 14.3–14.5 min measured on a quiet 2-core machine, see data/lab/manifest.json "timings").
+# default; its timings: data/lab/manifest.json and the README).
 lab: $(STAMP)
 	$(PY) data/build_lab.py --out $(LAB_DIR) --work_dir .cache/lab-build
 

@@ -49,7 +49,9 @@ RESUME_KEYS = ("seed", "train_batch_size", "num_processes", "gradient_accumulati
 TRAIN_FREE_FIELDS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
                      "report_to", "tracker_project_name", "logging_dir", "show_progress", "validation_steps",
                      "dataloader_num_workers", "max_train_steps", "num_train_epochs")
-RESUME_HINT = "resume with the recorded value, or train the new one in another output folder"
+def resume_hint(outdir_flag: str) -> str:
+    """What to do about a refused setting, naming the CLI's output-folder flag."""
+    return f"resume with the recorded value, or train the new one in another output folder ({outdir_flag} NEW_DIR)"
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -277,7 +279,8 @@ def _jsonable(settings: dict) -> dict:
     return json.loads(json.dumps(settings, default=str))
 
 
-def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool = False) -> Path | None:
+def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool = False,
+                           outdir_flag: str = "--output_dir") -> Path | None:
     """Bind the settings that change a run's result to its output folder; the checkpoint to resume from.
 
     Once the folder holds a complete checkpoint (or results_exist: an arm's own outputs such as snapshots),
@@ -291,10 +294,11 @@ def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool
     settings = _jsonable(settings)
     resume = resolve_resume(cfg.resume_from_checkpoint, out)
     results = results_exist or bool(list_checkpoints(out))
-    check_run_settings(out / TRAINING_OPTIONS, settings, results, RESUME_HINT, overwrite_flag=None)
+    hint = resume_hint(outdir_flag)
+    check_run_settings(out / TRAINING_OPTIONS, settings, results, hint, overwrite_flag=None)
     if os.environ.get("RANK", "0") == "0":
         out.mkdir(parents=True, exist_ok=True)
-        bind_run_settings(out / TRAINING_OPTIONS, settings, results, RESUME_HINT, overwrite_flag=None)
+        bind_run_settings(out / TRAINING_OPTIONS, settings, results, hint, overwrite_flag=None)
     return resume
 
 
@@ -781,7 +785,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             for i, (caption, image) in enumerate(images):
                 image.save(out / f"{i:03d}.png")
-            (out / "captions.json").write_text(json.dumps([c for c, _ in images], indent=1))
+            write_json_atomic(out / "captions.json", [c for c, _ in images])
             self._log_images(step, images)
         acc.wait_for_everyone()
 

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, run_main, settings_from_args
 from diffmem.common.errors import ConfigError
+from diffmem.common.trainer import CHECKPOINT_PREFIX
 
 
 @dataclass
@@ -310,7 +311,7 @@ def build(cfg: LabConfig) -> dict:
             np.quantile(norms["seen_once"], cfg.threshold_quantile))
         # Wen et al. threshold while fine-tuning a model that already denoises: the mitigated run shares the lab
         # run's first mitigation_from_step steps (same data order, exact resume) and thresholds from there on.
-        start = work / "train" / f"checkpoint-{cfg.mitigation_from_step}" if cfg.mitigation_from_step else None
+        start = work / "train" / f"{CHECKPOINT_PREFIX}{cfg.mitigation_from_step}" if cfg.mitigation_from_step else None
         timings["mitigated_train_s"] = round(_train(cfg, work / "init", work, work / "train_mitigated",
                                                     hard_threshold=T, resume_from=start), 1)
         mitigated = {"hard_threshold": T, **_measure(cfg, work / "train_mitigated", work, "mitigated", prompts,

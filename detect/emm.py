@@ -59,8 +59,8 @@ def build_parser() -> ArgumentParser:
 def build_plot_parser() -> ArgumentParser:
     p = ArgumentParser(prog="emm plot", description="Several sweeps' max ratio vs |D| on one figure.")
     p.add_argument("sweeps", nargs="+", type=Path, metavar="SWEEP", help="sweep folders holding emm.json")
-    p.add_argument("--out", required=True, type=Path, metavar="PNG")
-    p.add_argument("--title", default=None)
+    p.add_argument("--out", required=True, type=Path, metavar="PNG", help="the figure (PNG) to write")
+    p.add_argument("--title", default=None, help="figure title (None: \"Effective model memorization\")")
     return p
 
 

@@ -22,7 +22,6 @@ one line on stderr (``FILE:LINE: what was expected``) and exit code 2.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from diffmem.common.metrics import (
     roc_points,
     score_groups,
 )
+from diffmem.common.results import write_json_atomic
 
 
 @dataclass
@@ -142,7 +142,7 @@ def run_compare(cfg: EvaluateConfig) -> dict:
     summary = {"inputs": inputs, "fpr_targets": list(cfg.fpr_targets), "tpr_rule": cfg.tpr_rule,
                "score_direction": "higher score = more likely memorized", "methods": metrics,
                "plots": {"roc": "roc.png"}}
-    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(cfg.out / "summary.json", summary)
     plot_roc(curves, metrics, cfg.out / "roc.png", title="Memorization detectors, same prompts")
     print(format_table(metrics, first_column="method"))
     print(f"wrote {cfg.out / 'summary.json'}, roc.png")
@@ -183,7 +183,7 @@ def run(cfg: EvaluateConfig) -> dict:
     summary = {"inputs": inputs, "fpr_targets": list(cfg.fpr_targets), "tpr_rule": cfg.tpr_rule,
                "score_direction": "higher score = more likely memorized", "splits": metrics,
                "plots": {"roc": "roc.png", "scores_kde": "scores_kde.png"}}
-    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(cfg.out / "summary.json", summary)
     plot_roc(curves, metrics, cfg.out / "roc.png")
     plot_score_kde(score_groups(rows), cfg.out / "scores_kde.png")
     print(format_table(metrics))

@@ -153,7 +153,7 @@ def test_a_resume_with_a_changed_setting_is_refused_and_writes_nothing(data, hal
     res = run_cli(SCRIPT, *args(data, half_run, 10, 8, *change, "--resume_from_checkpoint", "latest"),
                   timeout=120, env=ONE_THREAD)
     line = one_line_error(res)
-    assert "training_options.json" in line and setting in line and "another output folder" in line, line
+    assert "training_options.json" in line and setting in line and "another output folder (--outdir" in line, line
     assert folder_state(half_run) == before  # training_options.json included
 
 

@@ -200,7 +200,7 @@ def test_resume_with_another_learning_rate_is_refused_before_anything_is_written
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "learning_rate=0.001 (now 0.002)" in err[0] and "another output folder" in err[0]
+    assert len(err) == 1 and "learning_rate=0.001 (now 0.002)" in err[0] and "another output folder (--output_dir" in err[0]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # A new folder started from this run's checkpoint is a new run (a fork, as the lab's mitigated run): its own
     # settings are recorded there.
@@ -406,3 +406,48 @@ def test_bad_arguments_are_rejected_with_one_line(data, tmp_path, capsys, extra,
     assert main(base_args(tmp_path / "no-such-model", mem, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_every_json_the_trainer_writes_lands_atomically(tiny_pipeline_dir, data, tmp_path, fresh_accelerate,
+                                                        monkeypatch):
+    """A kill mid-write must never leave a half JSON file that a reader takes as whole: the trainer's own files
+    (options, state, summary, data report, validation captions) are renamed into place after an fsync; what
+    diffusers and Accelerate write (model configs) is covered by a completion marker renamed into place after it:
+    a checkpoint counts once its trainer_state.json exists, the export once train_summary.json does.
+    train_log.jsonl is appended per step by design; its torn last line is dropped on resume."""
+    from diffmem.common.trainer import TRAIN_SUMMARY, TRAINER_STATE
+    from diffmem.finetune.train_text_to_image import main
+
+    synced, placed = set(), {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        placed[os.path.realpath(dst)] = os.path.realpath(src) in synced
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    mem, _ = data
+    out = tmp_path / "run"
+    assert main(base_args(tiny_pipeline_dir, mem, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                          "--validation_prompts", "a memorized picture", "--validation_steps", "1",
+                          "--validation_inference_steps", "2")) == 0
+    ours = {"training_options.json", TRAINER_STATE, TRAIN_SUMMARY, "data_report.json", "captions.json"}
+    files = sorted(out.rglob("*.json"))
+    assert {f.name for f in files} >= ours
+
+    def atomic(path: Path) -> bool:
+        return placed.get(os.path.realpath(path), False)
+
+    def covered(path: Path) -> bool:
+        """Written before a marker that was placed atomically: its checkpoint's state, else the run's summary."""
+        rel = path.relative_to(out)
+        marker = out / rel.parts[0] / TRAINER_STATE if rel.parts[0].startswith("checkpoint-") else out / TRAIN_SUMMARY
+        return atomic(marker) and path.stat().st_mtime_ns <= marker.stat().st_mtime_ns
+
+    assert [f.relative_to(out).as_posix() for f in files if f.name in ours and not atomic(f)] == []
+    assert [f.relative_to(out).as_posix() for f in files if not atomic(f) and not covered(f)] == []

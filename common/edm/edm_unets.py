@@ -200,7 +200,7 @@ class UNetBlock(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [n·heads, hw, c/heads]
         a = F.scaled_dot_product_attention(q, k, v)
         # With one head the reshape is a view in channels-last strides, which the 1×1 conv after it keeps and
-        # passes on: the rest of the net would run group norms and SiLUs on channels-last tensors (4× slower
+        # passes on: the rest of the net would run group norms and SiLUs on channels-last tensors (far slower
         # on CPU). One contiguous copy keeps every activation in NCHW, as EDM's.
         return a.transpose(1, 2).reshape(n, c, h, w).contiguous()
 

@@ -10,14 +10,14 @@ there, so J = Cov_w(y)/σ² → 0; ``optimal_jacobian``).
 How J is computed: reverse mode over chunks of basis vectors, not one backward pass per output.
 - ``method="vmap"``: ``torch.func.jacrev(chunk_size=…)``: one forward, then the VJPs of a chunk of unit rows in one
   vmapped backward. diffusers' attention runs through ``scaled_dot_product_attention``, whose CPU backward has no
-  batching rule (vmap falls back to a loop: 3× slower, measured), so ``math_attention`` swaps in diffusers' plain
-  ``AttnProcessor`` (same math, baddbmm + softmax) while J is taken.
+  batching rule (vmap falls back to a slow loop; figures in the README's Jacobian section), so ``math_attention``
+  swaps in diffusers' plain ``AttnProcessor`` (same math, baddbmm + softmax) while J is taken.
 - ``method="batch"``: the chunk's rows as a real batch: x repeated B times, one forward and one ``autograd.grad``
   with the unit rows as cotangents. Valid for any denoiser whose batch rows are independent (EDM's UNet has no
   batch norm; the optimal denoiser is per-sample). No vmap, so no batching rules: torch.func's vmapped backward of
   ``torch.cdist`` (the non-matmul mode the optimal denoiser uses for exact distances) is wrong in torch 2.14
-  (0.44 max error on a 5-image, 48-pixel example, measured against ``torch.autograd.functional.jacobian``), so the
-  optimal denoiser takes this path.
+  (against ``torch.autograd.functional.jacobian``; the README gives the error), so the optimal denoiser takes this
+  path.
 Either way ``check_jacobian`` compares one random cotangent vᵀJ against a plain autograd VJP (one more backward):
 a wrong batching rule cannot pass silently.
 

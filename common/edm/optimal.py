@@ -45,7 +45,7 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor, matmul: bool = False) ->
     """‖x_b − y_n‖² for x [B, D] and y [N, D], float64 (the exponent of Eq. 3): Σ_d (x_d − y_d)² per pair, or
     with matmul ‖x‖² + ‖y‖² − 2x·y by a float64 GEMM."""
     # Per pair (the default) there is no cancellation and a pair's value is the same whatever else is in its
-    # chunk. The GEMM is ~3× faster on a CPU (far more on a GPU); its rounding, ~1e-16·(‖x‖² + ‖y‖²), depends on
+    # chunk. The GEMM is faster (much more so on a GPU); its rounding, ~1e-16·(‖x‖² + ‖y‖²), depends on
     # the GEMM's blocking and so on the chunk: ~1e-10 in D at σ = 0.002 on 3×32×32 images, vs fp32's ~1e-2.
     mode = "use_mm_for_euclid_dist" if matmul else "donot_use_mm_for_euclid_dist"
     return torch.cdist(x.to(torch.float64), y.to(torch.float64), compute_mode=mode).square()

@@ -34,6 +34,7 @@ from diffmem.common.edm.launch import CLUSTERS, LAUNCHERS, REPO, LocalLauncher, 
 from diffmem.common.edm.sweep_state import (
     REPORT_FILE,
     REPORT_PLOT,
+    SIZE_PREFIX,
     STAGES,
     SizeState,
     SweepSettings,
@@ -244,13 +245,13 @@ def run_sweep(cfg: SweepConfig, launcher=None, say: Callable[[str], None] = prin
     say(launcher.note)
     if cfg.retry_failed:
         for n in clear_failed(cfg.outdir, cfg.sizes):
-            say(f"size-{n}: retrying (its failure record is cleared)")
+            say(f"{SIZE_PREFIX}{n}: retrying (its failure record is cleared)")
     _, states = write_report(cfg, k)
     for s in states.values():
         if s.status == "failed":
-            say(f"size-{s.size}: failed earlier, not counted: {s.failure()}")
+            say(f"{SIZE_PREFIX}{s.size}: failed earlier, not counted: {s.failure()}")
         elif s.status == "done":
-            say(f"size-{s.size}: max ratio {s.max_ratio:.1%} (reused)")
+            say(f"{SIZE_PREFIX}{s.size}: max ratio {s.max_ratio:.1%} (reused)")
 
     def measure(sizes: list[int]) -> dict[int, float | None]:
         current = scan_sweep(cfg.outdir, cfg.sizes)
@@ -258,17 +259,18 @@ def run_sweep(cfg: SweepConfig, launcher=None, say: Callable[[str], None] = prin
         if busy and not launcher.can_attach:
             n, s = next(iter(busy.items()))
             o = s.owner or {}
-            raise SweepBusyError(f"size-{n} is still running (pid {o.get('stage_pid') or o.get('pid')} on "
+            raise SweepBusyError(f"{SIZE_PREFIX}{n} is still running (pid {o.get('stage_pid') or o.get('pid')} on "
                                  f"{o.get('host')}, since {o.get('time')}): wait for it or stop it, then rerun")
         attach = {n: str(s.owner["job_id"]) for n, s in busy.items()}
         for n in sizes:
             why = current[n].message or f"from stage {current[n].stage}"
-            say(f"size-{n}: {'waiting for running job ' + attach[n] if n in attach else 'launching, ' + why}")
+            say(f"{SIZE_PREFIX}{n}: {'waiting for running job ' + attach[n] if n in attach else 'launching, ' + why}")
         jobs = [build_job(cfg, n, python or sys.executable) for n in sizes]
 
         def done(n: int) -> None:
             s = scan_size(cfg.outdir, n)
-            say(f"size-{n}: max ratio {s.max_ratio:.1%}" if s.status == "done" else f"size-{n}: {s.failure()}")
+            name = f"{SIZE_PREFIX}{n}"
+            say(f"{name}: max ratio {s.max_ratio:.1%}" if s.status == "done" else f"{name}: {s.failure()}")
             write_report(cfg, k)
 
         launcher.run(jobs, done, attach)

@@ -249,7 +249,7 @@ def train_unconditional(cfg: UnconditionalConfig):
     # Before the data is decoded or a model built: a refused resume writes nothing (one line, exit 2).
     bound = run_settings(cfg)
     train = cfg.loop.train_config(cfg.outdir)
-    bind_training_settings(train, bound, results_exist=bool(list_snapshots(train.output_dir)))
+    bind_training_settings(train, bound, results_exist=bool(list_snapshots(train.output_dir)), outdir_flag="--outdir")
     local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
     data = load_dataset_zip(cfg.data, progress=local_main and train.show_progress)
     base = ImageDataset(data, seed=train.seed)

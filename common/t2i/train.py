@@ -10,7 +10,6 @@ timesteps keep their shapes, and the dropped fraction is logged every step.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from diffmem.common.cli import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.results import write_json_atomic
 from diffmem.common.t2i.imagedata import (
     CaptionConfig,
     ImageDataError,
@@ -361,7 +361,7 @@ def train_text_to_image(cfg: TextToImageConfig):
     weight_dtype = weight_dtype_of(accelerator)
     if accelerator.is_main_process:
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.train.output_dir) / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        write_json_atomic(Path(cfg.train.output_dir) / "data_report.json", report.to_dict())
     for note in report.warnings:
         accelerator.print(f"warning: {note}")
 
