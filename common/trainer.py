@@ -49,9 +49,6 @@ RESUME_KEYS = ("seed", "train_batch_size", "num_processes", "gradient_accumulati
 TRAIN_FREE_FIELDS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
                      "report_to", "tracker_project_name", "logging_dir", "show_progress", "validation_steps",
                      "dataloader_num_workers", "max_train_steps", "num_train_epochs")
-def resume_hint(outdir_flag: str) -> str:
-    """What to do about a refused setting, naming the CLI's output-folder flag."""
-    return f"resume with the recorded value, or train the new one in another output folder ({outdir_flag} NEW_DIR)"
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -277,6 +274,11 @@ def bound_train_settings(cfg: TrainConfig) -> dict:
 def _jsonable(settings: dict) -> dict:
     # As they read back from JSON (tuples become lists), so that a recorded value compares equal to a new one.
     return json.loads(json.dumps(settings, default=str))
+
+
+def resume_hint(outdir_flag: str) -> str:
+    """What to do about a refused setting, naming the CLI's output-folder flag."""
+    return f"resume with the recorded value, or train the new one in another output folder ({outdir_flag} NEW_DIR)"
 
 
 def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool = False,

@@ -11,8 +11,8 @@ it (a mitigation must not hurt ordinary prompts).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import NamedTuple, get_args, get_type_hints
 from pathlib import Path
+from typing import NamedTuple, get_args, get_type_hints
 
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.mitigation_methods import METHOD_SPECS
@@ -37,6 +37,14 @@ def run_label(method: str, knob: str | None, value, overrides: dict | None = Non
     ``ours_mask1_target3``)."""
     series = run_series(method, overrides)
     return series if knob is None or knob in (overrides or {}) else f"{series}_{_short(knob)}{_value_text(value)}"
+
+
+def knob_value(settings):
+    """The value of the knob of ``settings.method`` (None for a method without one; jain's early scale resolved)."""
+    knob = METHOD_SPECS[settings.method].knob
+    if knob is None:
+        return None
+    return settings.jain_early(settings.method) if knob == "jain_early_scale" else getattr(settings, knob)
 
 
 class PlannedRun(NamedTuple):
@@ -93,10 +101,7 @@ def plan_runs(base, methods: list[str], knob_values: dict[str, list]) -> list[Pl
         if knob is None or knob in overrides:
             runs.append(PlannedRun(series, series, settings))
             continue
-        values = knob_values.get(knob)
-        if not values:
-            value = settings.jain_early(method) if knob == "jain_early_scale" else getattr(settings, knob)
-            values = [value]
+        values = knob_values.get(knob) or [knob_value(settings)]
         runs += [PlannedRun(run_label(method, knob, v, overrides), series, replace(settings, **{knob: v}))
                  for v in values]
     labels = [r.label for r in runs]
@@ -124,12 +129,10 @@ def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
 
 
 def tradeoff_point(run: PlannedRun, summary: dict, general: dict | None = None) -> dict:
-    """One point of a run: the knob's value, MemBench's SSCD metrics, mean SSCD and CLIP, cost, and the general set's CLIP."""
+    """One point of a run: the knob's value, MemBench's SSCD metrics, mean SSCD and CLIP, cost, and the general
+    set's CLIP."""
     label, settings = run.label, run.settings
-    spec = METHOD_SPECS[settings.method]
-    knob = spec.knob
-    value = None if knob is None else (settings.jain_early(settings.method) if knob == "jain_early_scale"
-                                       else getattr(settings, knob))
+    knob, value = METHOD_SPECS[settings.method].knob, knob_value(settings)
     sscd, clip, cost = summary.get("sscd") or {}, summary.get("clip") or {}, summary.get("cost") or {}
     point = {"label": label, "method": settings.method, "series": run.series, "knob_name": knob, "knob": value,
              "sscd_mean": sscd.get("mean"), "sscd_rate_gt_0.5": sscd.get("rate_gt_0.5"),
