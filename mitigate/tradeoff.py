@@ -11,8 +11,9 @@ once per --repeat_nums, every other method once per value of its knob given with
 jain_dtp: jain_early_scale, han_batch: han_tau, han_sample: han_target_loss, ren_attn: ren_c, gni: gni_scale),
 else once at its --setting. An item METHOD:FIELD=V,... runs the method with those of its own settings
 (Jain et al.'s two static settings side by side: jain_stp jain_stp:jain_tau=650,jain_early_scale=-2). With
---general_dataset every run is repeated on that prompt set (CLIP only) into {label}/general/. Writes {out}/{run_name}/tradeoff.json and tradeoff.png (mean SSCD vs mean CLIP score, one curve
-per method, seconds per image in the legend). Without --methods: none (unless --skip_none), ours per
+--general_dataset every run is repeated on that prompt set (CLIP only) into {label}/general/. Writes
+{out}/{run_name}/tradeoff.json and tradeoff.png (mean SSCD vs mean CLIP score, one curve per method and the settings
+given with it, seconds per image in the legend). Without --methods: none (unless --skip_none), ours per
 --target_losses and each of --baselines per --repeat_nums.
 """
 

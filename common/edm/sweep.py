@@ -34,7 +34,6 @@ from diffmem.common.edm.launch import CLUSTERS, LAUNCHERS, REPO, LocalLauncher, 
 from diffmem.common.edm.sweep_state import (
     REPORT_FILE,
     REPORT_PLOT,
-    SIZE_PREFIX,
     STAGES,
     SizeState,
     SweepSettings,
@@ -46,6 +45,7 @@ from diffmem.common.edm.sweep_state import (
     scan_size,
     scan_sweep,
     settings_record,
+    size_name,
     size_paths,
     write_status,
 )
@@ -245,13 +245,13 @@ def run_sweep(cfg: SweepConfig, launcher=None, say: Callable[[str], None] = prin
     say(launcher.note)
     if cfg.retry_failed:
         for n in clear_failed(cfg.outdir, cfg.sizes):
-            say(f"{SIZE_PREFIX}{n}: retrying (its failure record is cleared)")
+            say(f"{size_name(n)}: retrying (its failure record is cleared)")
     _, states = write_report(cfg, k)
     for s in states.values():
         if s.status == "failed":
-            say(f"{SIZE_PREFIX}{s.size}: failed earlier, not counted: {s.failure()}")
+            say(f"{size_name(s.size)}: failed earlier, not counted: {s.failure()}")
         elif s.status == "done":
-            say(f"{SIZE_PREFIX}{s.size}: max ratio {s.max_ratio:.1%} (reused)")
+            say(f"{size_name(s.size)}: max ratio {s.max_ratio:.1%} (reused)")
 
     def measure(sizes: list[int]) -> dict[int, float | None]:
         current = scan_sweep(cfg.outdir, cfg.sizes)
@@ -259,17 +259,17 @@ def run_sweep(cfg: SweepConfig, launcher=None, say: Callable[[str], None] = prin
         if busy and not launcher.can_attach:
             n, s = next(iter(busy.items()))
             o = s.owner or {}
-            raise SweepBusyError(f"{SIZE_PREFIX}{n} is still running (pid {o.get('stage_pid') or o.get('pid')} on "
+            raise SweepBusyError(f"{size_name(n)} is still running (pid {o.get('stage_pid') or o.get('pid')} on "
                                  f"{o.get('host')}, since {o.get('time')}): wait for it or stop it, then rerun")
         attach = {n: str(s.owner["job_id"]) for n, s in busy.items()}
         for n in sizes:
             why = current[n].message or f"from stage {current[n].stage}"
-            say(f"{SIZE_PREFIX}{n}: {'waiting for running job ' + attach[n] if n in attach else 'launching, ' + why}")
+            say(f"{size_name(n)}: {'waiting for running job ' + attach[n] if n in attach else 'launching, ' + why}")
         jobs = [build_job(cfg, n, python or sys.executable) for n in sizes]
 
         def done(n: int) -> None:
             s = scan_size(cfg.outdir, n)
-            name = f"{SIZE_PREFIX}{n}"
+            name = size_name(n)
             say(f"{name}: max ratio {s.max_ratio:.1%}" if s.status == "done" else f"{name}: {s.failure()}")
             write_report(cfg, k)
 

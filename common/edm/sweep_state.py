@@ -150,9 +150,14 @@ class SizePaths:
         return self.root / (f"{stage}.log" if node == 0 else f"{stage}.node{node}.log")
 
 
+def size_name(size: int) -> str:
+    """The folder name of size N in a sweep, which is also how progress lines name that size."""
+    return f"{SIZE_PREFIX}{size}"
+
+
 def size_paths(outdir: Path, size: int) -> SizePaths:
     """The folder of size N in a sweep."""
-    return SizePaths(Path(outdir) / f"{SIZE_PREFIX}{size}")
+    return SizePaths(Path(outdir) / size_name(size))
 
 
 def read_status(path: Path) -> dict:
