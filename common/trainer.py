@@ -21,7 +21,9 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import torch
 from diffmem.common.cli import option
 from diffmem.common.errors import DiffmemError
 from diffmem.common.results import bind_run_settings, check_run_settings, read_results, write_json_atomic
+from diffmem.common.safe_load import UnsafeFileError, safe_torch_load, verify_checkpoint_files
 from diffmem.common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
 from diffmem.common.train_loss import masked_mean
 
@@ -38,6 +41,12 @@ TRAIN_SUMMARY = "train_summary.json"  # written once a training has finished
 TRAINER_STATE = "trainer_state.json"
 TRAIN_LOG = "train_log.jsonl"
 TRAINING_OPTIONS = "training_options.json"
+# The EMA inside a checkpoint: the shadow weights (safetensors, keyed <model>.<parameter>) and the scalars (JSON).
+# Neither format can carry code, unlike the pickle Accelerate writes for a registered object, which its
+# load_custom_state reads with weights_only=False.
+EMA_WEIGHTS = "ema_shadow.safetensors"
+EMA_STATE = "ema_state.json"
+LEGACY_EMA_STATE = "custom_checkpoint_0.pkl"  # checkpoints written before EMA_STATE: read weights-only
 # Settings a resumed run must share with the checkpoint, or the data order / step arithmetic would differ.
 RESUME_KEYS = ("seed", "train_batch_size", "num_processes", "gradient_accumulation_steps", "num_samples",
                "shuffle", "use_ema", "model_names")
@@ -323,6 +332,68 @@ def _load_module(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(state)
 
 
+def save_ema_state(ema, named_params: list[tuple[str, torch.nn.Parameter]], folder: Path) -> None:
+    """The EMA's shadow weights as safetensors keyed by parameter name, its scalars as JSON."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    if len(shadow) != len(named_params):
+        raise TrainSetupError(f"the EMA holds {len(shadow)} tensors for {len(named_params)} trainable parameters")
+    save_file({name: s.detach().cpu().contiguous() for (name, _), s in zip(named_params, shadow)},
+              str(folder / EMA_WEIGHTS))
+    write_json_atomic(folder / EMA_STATE, state)
+
+
+def load_ema_state(ema, named_params: list[tuple[str, torch.nn.Parameter]], folder: Path) -> None:
+    """Restore the EMA from a checkpoint (its safetensors and JSON, or a legacy pickle read weights-only); a file
+    that is not what it should be is one line (UnsafeFileError / TrainSetupError)."""
+    weights, scalars = folder / EMA_WEIGHTS, folder / EMA_STATE
+    if scalars.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = json.loads(scalars.read_text())
+            tensors = load_file(str(weights))
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise UnsafeFileError(f"{folder}: unreadable EMA state ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EMA_STATE} and "
+                                  f"{EMA_WEIGHTS} as this trainer writes them") from None
+        names = [n for n, _ in named_params]
+        if not isinstance(state, dict) or sorted(tensors) != sorted(names):
+            raise UnsafeFileError(f"{weights}: holds other tensors than this run's {len(names)} trainable "
+                                  f"parameters; expected the EMA of this model")
+        state["shadow_params"] = [tensors[n] for n in names]
+    elif (folder / LEGACY_EMA_STATE).is_file():
+        state = safe_torch_load(folder / LEGACY_EMA_STATE)
+    else:
+        raise TrainSetupError(f"{folder}: no EMA state ({EMA_STATE}); the run uses --use_ema")
+    shadow = state.get("shadow_params") if isinstance(state, dict) else None
+    if not isinstance(shadow, list) or [tuple(t.shape) for t in shadow] != [tuple(p.shape) for _, p in named_params]:
+        raise UnsafeFileError(f"{folder}: the EMA state does not match this model's trainable parameters")
+    try:
+        ema.load_state_dict(state)
+    except ValueError as exc:
+        raise UnsafeFileError(f"{folder}: bad EMA state ({exc})") from None
+
+
+@contextmanager
+def accelerate_view(checkpoint: Path):
+    """The folder to hand Accelerate's load_state: the checkpoint itself, or for a legacy checkpoint (its EMA in
+    LEGACY_EMA_STATE) a temporary folder of links to every other file. Accelerate refuses a custom-state file
+    that no registered object claims, and would read it with weights_only=False; load_ema_state reads it
+    weights-only instead."""
+    if not (checkpoint / LEGACY_EMA_STATE).exists():
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="diffmem-resume-") as tmp:
+        for entry in checkpoint.iterdir():
+            if entry.name != LEGACY_EMA_STATE:
+                (Path(tmp) / entry.name).symlink_to(entry.resolve())
+        yield Path(tmp)
+
+
 def _sanitize_for_tracker(config: dict) -> dict:
     # TensorBoard hparams accept only scalars and strings.
     out = {}
@@ -560,8 +631,8 @@ class Trainer:
         self.optimizer, self.lr_scheduler = prepared[len(self.names):]
         self.grad_accum = acc.gradient_accumulation_steps  # DeepSpeed's config may set it
         if self.ema is not None:
+            # Saved and loaded by our own hooks, not register_for_checkpointing: see EMA_WEIGHTS.
             self.ema.to(acc.device)
-            acc.register_for_checkpointing(self.ema)
         self._register_hooks()
         self.train_params = self._params(self._unwrapped().values())
 
@@ -587,6 +658,8 @@ class Trainer:
                     for name, model in zip(self.names, unwrapped):
                         _save_module(model, out / f"{name}_ema")
                     self.ema.restore(params)
+                    # Named from the trainer's own models: under DeepSpeed the hook is given none.
+                    save_ema_state(self.ema, self._named_params(self._unwrapped().values()), out)
             # The models are saved above in their own format; Accelerate must not save them again.
             weights.clear()
 
@@ -611,9 +684,12 @@ class Trainer:
                 (self.output_dir / TRAIN_LOG).unlink()
             return 0, None
         state = self._check_resume(path)
-        acc.load_state(str(path))
+        verify_checkpoint_files(path)  # before Accelerate reads any of them
+        with accelerate_view(path) as view:
+            acc.load_state(str(view))
         if self.ema is not None:
-            self.ema.to(acc.device)  # Accelerate loads custom states on the CPU
+            load_ema_state(self.ema, self._named_params(self._unwrapped().values()), path)
+            self.ema.to(acc.device)
         step = int(state["global_step"])
         # Checkpoints written before these totals were recorded: every micro-batch is full, so seen is exact.
         seen = step * self.grad_accum * cfg.train_batch_size * acc.num_processes
@@ -832,6 +908,11 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def _params(self, modules) -> list[torch.nn.Parameter]:
         return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+    def _named_params(self, modules) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trainable parameters in _params' order, named <model>.<parameter> (the EMA file's keys)."""
+        return [(f"{name}.{n}", p) for name, m in zip(self.names, modules) for n, p in m.named_parameters()
+                if p.requires_grad]
 
     def _unwrapped(self) -> dict[str, torch.nn.Module]:
         return {n: self.accelerator.unwrap_model(m) for n, m in self.prepared.items()}

@@ -1,0 +1,80 @@
+"""Reading torch files without running code: ``torch.load(weights_only=True)`` with one-line refusals.
+
+A pickle can name any importable callable and have it called while loading (``builtins.eval`` in a REDUCE), so
+every torch/pickle file diffmem reads from a folder a user points it at goes through torch's weights-only
+unpickler: tensors, plain containers and numbers load, anything else is refused before it is called. What torch
+says when it refuses is a paragraph with terminal escape codes; :func:`refusal_line` keeps what a user needs: the
+file and the global that was refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+from diffmem.common.errors import DiffmemError
+
+# The files Accelerate writes into a checkpoint folder that are pickles (torch.save): optimizer, scheduler,
+# grad scaler, sampler and RNG states, and the legacy EMA state of checkpoints written before ema_state.json.
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
+
+
+class UnsafeFileError(DiffmemError, ValueError):
+    """A file that is not the plain tensors-and-numbers pickle it should be; str() is one line."""
+
+
+def refusal_line(path: str | Path, exc: BaseException) -> str:
+    """One line for a refused or unreadable torch file: the refused global when torch names one."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        name = found.group(1)
+        name = name if "." in name else f"builtins.{name}"  # torch prints builtins without their module
+        return (f"{path}: refused global {name} (a checkpoint file holds tensors and plain data; pickled code is "
+                f"never run)")
+    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    if detail:
+        return f"{path}: refused: {detail.group(1).strip().rstrip('.')} (pickled code is never run)"
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    return f"{path}: not a readable torch file ({first})"
+
+
+def safe_torch_load(path: str | Path, map_location="cpu", extra_globals=(), mmap: bool = False):
+    """``torch.load(path, weights_only=True)``; a refused global or an unreadable file is an UnsafeFileError.
+
+    extra_globals: classes or functions allowed beyond torch's defaults (numpy's RNG-state types for
+    Accelerate's random_states files). mmap maps a zip-format file's tensors instead of reading them, for a check.
+    """
+    import torch
+
+    path = Path(path)
+    mmap = mmap and zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped
+    try:
+        with torch.serialization.safe_globals(list(extra_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError,
+            ModuleNotFoundError, ImportError, KeyError, IndexError, zipfile.BadZipFile, OSError) as exc:
+        raise UnsafeFileError(refusal_line(path, exc)) from None
+
+
+def accelerate_safe_globals() -> tuple:
+    """What Accelerate itself allows when it loads its checkpoint files (numpy's types in the RNG states)."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    return tuple(TORCH_SAFE_GLOBALS)
+
+
+def verify_checkpoint_files(folder: str | Path) -> None:
+    """Check every pickle-format file of a checkpoint folder (and its model sub-folders) with the weights-only
+    unpickler, tensors mapped rather than read; the first refused file is an UnsafeFileError.
+
+    Accelerate loads these files itself (weights-only too, but a refusal surfaces as a traceback from deep inside
+    ``load_state``, and an RNG state it cannot read is skipped without a word): checking first turns either into
+    one line naming the file, before any state is touched.
+    """
+    allowed = accelerate_safe_globals()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+            safe_torch_load(path, extra_globals=allowed, mmap=True)
