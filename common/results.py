@@ -8,6 +8,7 @@ resume them with other settings.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -79,6 +80,44 @@ def merge_rows(row_lists: list[list[dict]], key: str = "row", keep: set | None =
     return [merged[k] for k in sorted(merged)]
 
 
+class _NotRecorded:
+    """A setting that a run's config predates (it was written before the setting was bound)."""
+
+    def __repr__(self) -> str:
+        return "<not recorded>"
+
+    __str__ = __repr__
+
+
+NOT_RECORDED = _NotRecorded()
+
+
+def digest_rows(rows) -> str:
+    """SHA-256 of rows (JSON-able dicts) in order: a dataset's identity, whatever file or folder holds it."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def check_rows_match(path: str | Path, done: list[dict], expected: dict[int, dict], retry_hint: str) -> None:
+    """Raise ConfigError when a stored result row holds other values (its prompt, its label) than the dataset
+    row it is matched to by position: a resume on another dataset would keep the old rows under the new labels.
+
+    expected maps a row number to the fields its stored row must repeat (None: the row carries no such field).
+    """
+    for r in done:
+        want = expected.get(r.get("row"))
+        if want is None:
+            continue
+        for key, value in want.items():
+            if r.get(key) != value:
+                got = str(r.get(key))[:40]
+                raise ConfigError(f"{path}: row {r['row']} holds another {key} ({got!r}; the dataset's is "
+                                  f"{str(value)[:40]!r}); pass --overwrite or {retry_hint}")
+
+
 def check_run_settings(config_file: str | Path, settings: dict, results_exist: bool, retry_hint: str,
                        overwrite_flag: str | None = "--overwrite") -> None:
     """Raise ConfigError when results exist and config_file records settings other than these.
@@ -92,9 +131,10 @@ def check_run_settings(config_file: str | Path, settings: dict, results_exist: b
     if not results_exist or not config_file.exists():
         return
     old = json.loads(config_file.read_text())
-    diff = {k: (old.get(k), settings.get(k)) for k in {**old, **settings} if old.get(k) != settings.get(k)}
+    diff = {k: (old.get(k, NOT_RECORDED), settings.get(k)) for k in {**old, **settings}
+            if old.get(k, NOT_RECORDED) != settings.get(k)}
     if diff:
-        what = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+        what = ", ".join(f"{k}={a if a is NOT_RECORDED else repr(a)} (now {b!r})" for k, (a, b) in diff.items())
         way_out = f"pass {overwrite_flag} or {retry_hint}" if overwrite_flag else retry_hint
         raise ConfigError(f"{config_file}: earlier results of this run used {what}; {way_out}")
 

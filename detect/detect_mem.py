@@ -25,8 +25,8 @@ from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.options import (ANISOTROPY_WEIGHTS, DETECTORS, SCHEDULERS, batch_size_option,
                                         shared_option)
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
-from diffmem.common.results import (append_results, bind_run_settings, merge_rows, read_results,
-                            write_json_atomic)
+from diffmem.common.results import (append_results, bind_run_settings, check_rows_match, digest_rows, merge_rows,
+                                    read_results, write_json_atomic)
 
 # Arguments that change the numbers: a resumed run must use the same values as the results on disk.
 SCORE_KEYS = ("model_id", "unet_id", "revision", "variant", "num_images_per_prompt", "gen_seed",
@@ -108,6 +108,12 @@ def parse_config(argv: list[str] | None) -> DetectConfig:
     return settings_from_args(DetectConfig, build_parser().parse_args(argv))
 
 
+def row_identity(rec: PromptRecord, with_row: bool = True) -> dict:
+    """What a stored result row must repeat of its dataset row: the prompt and the label."""
+    ident = {"prompt": rec.prompt, "label": rec.label}
+    return {"row": rec.row, **ident} if with_row else ident
+
+
 def result_row(rec: PromptRecord, detector: str, terms: dict, score: float, truncated: bool) -> dict:
     """A results row: the prompt, its score and the detector's terms (so a notebook can re-weight them)."""
     row = {"row": rec.row, "index": rec.index if rec.index is not None else rec.row, "prompt": rec.prompt}
@@ -122,19 +128,22 @@ def result_row(rec: PromptRecord, detector: str, terms: dict, score: float, trun
 class RunState:
     """The files of one run: parts/{part-RANK.jsonl, config.json}, the merged jsonl and the summary."""
 
-    def __init__(self, cfg: DetectConfig):
+    def __init__(self, cfg: DetectConfig, dataset_rows: list[PromptRecord]):
         self.out = Path(cfg.output_dir)
         self.parts = self.out / f"{cfg.run_name}.parts"
         self.final = self.out / f"{cfg.run_name}.jsonl"
         self.summary = self.out / f"{cfg.run_name}.summary.json"
         self.config_file = self.parts / "config.json"
         self.score_config = {k: getattr(cfg, k) for k in SCORE_KEYS + DETECTOR_KEYS[cfg.detector]}
+        # The dataset is bound by its content (every row's prompt and label), not its path: a moved file still
+        # resumes, another file under the same name does not.
+        self.score_config["dataset_sha256"] = digest_rows(row_identity(r) for r in dataset_rows)
 
     def part(self, rank: int) -> Path:
         return self.parts / f"part-{rank}.jsonl"
 
-    def prepare(self, overwrite: bool) -> None:
-        """Create or check the run folder (main process only)."""
+    def prepare(self, overwrite: bool, records: list[PromptRecord]) -> None:
+        """Create or check the run folder against the settings and the selected records (main process only)."""
         if overwrite:
             shutil.rmtree(self.parts, ignore_errors=True)
             for f in (self.final, self.summary):
@@ -143,9 +152,15 @@ class RunState:
         if self.config_file.exists():
             old = json.loads(self.config_file.read_text())
             if "detector" not in old:  # written before --detector existed, so by a wen run: it still resumes
-                write_json_atomic(self.config_file, {**old, "detector": "wen"})
-        has_results = any(read_results(p) for p in self.parts.glob("part-*.jsonl"))
-        bind_run_settings(self.config_file, self.score_config, has_results, "a new --run_name")
+                old = {**old, "detector": "wen"}
+                write_json_atomic(self.config_file, old)
+        done = [r for p in sorted(self.parts.glob("part-*.jsonl")) for r in read_results(p)]
+        check_rows_match(self.final if self.final.exists() else self.parts, done,
+                         {r.row: row_identity(r, with_row=False) for r in records}, "a new --run_name")
+        if self.config_file.exists() and "dataset_sha256" not in old:
+            # Written before the dataset was bound: its rows match (checked above), so the run is this dataset's.
+            write_json_atomic(self.config_file, {**old, "dataset_sha256": self.score_config["dataset_sha256"]})
+        bind_run_settings(self.config_file, self.score_config, bool(done), "a new --run_name")
 
     def done_rows(self, own_rank: int) -> list[list[dict]]:
         """Rows of every part file; this process's own part is repaired (torn tail cut)."""
@@ -156,8 +171,9 @@ def run(cfg: DetectConfig) -> int:
     """Score the selected rows, resuming earlier work; returns the number of prompts scored now."""
     cfg.validate()
     # Validate the whole input before torch is even imported, let alone a model loaded.
-    records = select_rows(read_prompts(cfg.dataset, split=cfg.split, column=cfg.column,
-                                       allow_empty=cfg.allow_empty), cfg.start, cfg.end, cfg.label)
+    dataset_rows = select_rows(read_prompts(cfg.dataset, split=cfg.split, column=cfg.column,
+                                            allow_empty=cfg.allow_empty), 0, None, cfg.label)
+    records = select_rows(dataset_rows, cfg.start, cfg.end)
     if not records:
         raise PromptFileError(f"{cfg.dataset}: no rows in --start {cfg.start} --end {cfg.end}")
 
@@ -171,9 +187,9 @@ def run(cfg: DetectConfig) -> int:
     quiet_hub_logging()
     # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
-    run_state = RunState(cfg)
+    run_state = RunState(cfg, dataset_rows)
     if state.is_main_process:
-        run_state.prepare(cfg.overwrite)
+        run_state.prepare(cfg.overwrite, records)
     state.wait_for_everyone()
 
     t0 = time.perf_counter()

@@ -62,12 +62,13 @@ def run(cfg: InferenceMemConfig) -> dict:
     cfg.validate()
     from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
     from diffmem.common.t2i.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators,
-                                       run_mitigation)
+                                       run_binding, run_mitigation)
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
     # Everything the user typed is checked before any model is loaded.
     dataset = resolve_dataset_path(cfg.dataset)
-    records = select_rows(read_prompts(dataset, split=cfg.split, column=cfg.column), cfg.start, cfg.end)
+    dataset_rows = read_prompts(dataset, split=cfg.split, column=cfg.column)
+    records = select_rows(dataset_rows, cfg.start, cfg.end)
     if not records:
         raise PromptFileError(f"{cfg.dataset}: no rows in --start {cfg.start} --end {cfg.end}")
     gt_root = resolve_gt_root(dataset, cfg.gt_dir) if Path(str(dataset)).is_file() or cfg.gt_dir else None
@@ -98,7 +99,9 @@ def run(cfg: InferenceMemConfig) -> dict:
     try:
         summary = run_mitigation(parts, pipe.vae, records, settings, out_dir, evaluators=evaluators,
                                  batch_size=cfg.batch_size, overwrite=cfg.overwrite, tracker=tracker,
-                                 extra_summary=extra)
+                                 extra_summary=extra,
+                                 binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
+                                                     cfg.sscd_preprocess, dataset_rows))
     finally:
         if tracker is not None:
             tracker.close()

@@ -101,13 +101,15 @@ def parse_config(argv: list[str] | None) -> TradeoffConfig:
 def run(cfg: TradeoffConfig) -> list[dict]:
     cfg.validate()
     from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from diffmem.common.t2i.mitigation_run import Evaluators, check_evaluators, load_evaluators, run_mitigation
+    from diffmem.common.t2i.mitigation_run import (Evaluators, check_evaluators, load_evaluators, run_binding,
+                                                   run_mitigation)
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
     from diffmem.common.t2i.tradeoff import plot_tradeoff, tradeoff_point
     from diffmem.common.results import write_json_atomic
 
     dataset = resolve_dataset_path(cfg.dataset)
-    records = select_rows(read_prompts(dataset), cfg.start, cfg.end)
+    dataset_rows = read_prompts(dataset)
+    records = select_rows(dataset_rows, cfg.start, cfg.end)
     if not records:
         raise PromptFileError(f"{cfg.dataset}: no rows in --start {cfg.start} --end {cfg.end}")
     gt_root = resolve_gt_root(dataset, cfg.gt_dir) if Path(str(dataset)).is_file() or cfg.gt_dir else None
@@ -116,8 +118,8 @@ def run(cfg: TradeoffConfig) -> list[dict]:
                           f"--gt_dir); the trade-off needs SSCD similarities to ground truth")
     general = None
     if cfg.general_dataset:
-        general = select_rows(read_prompts(resolve_dataset_path(cfg.general_dataset)), cfg.general_start,
-                              cfg.general_end)
+        general_rows = read_prompts(resolve_dataset_path(cfg.general_dataset))
+        general = select_rows(general_rows, cfg.general_start, cfg.general_end)
         if not general:
             raise PromptFileError(f"{cfg.general_dataset}: no rows in --general_start {cfg.general_start} "
                                   f"--general_end {cfg.general_end}")
@@ -138,13 +140,17 @@ def run(cfg: TradeoffConfig) -> list[dict]:
         label, settings = planned.label, planned.settings
         summary = run_mitigation(parts, pipe.vae, records, settings, root / label, evaluators=evaluators,
                                  batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                                 extra_summary={"run_name": f"{cfg.run_name}/{label}", "dataset": str(dataset)})
+                                 extra_summary={"run_name": f"{cfg.run_name}/{label}", "dataset": str(dataset)},
+                                 binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
+                                                     cfg.sscd_preprocess, dataset_rows))
         general_summary = None
         if general is not None:
             general_summary = run_mitigation(
                 parts, pipe.vae, general, settings, root / label / "general",
                 evaluators=Evaluators(clip=evaluators.clip), batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                extra_summary={"run_name": f"{cfg.run_name}/{label}/general", "dataset": cfg.general_dataset})
+                extra_summary={"run_name": f"{cfg.run_name}/{label}/general", "dataset": cfg.general_dataset},
+                binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, Evaluators(clip=evaluators.clip),
+                                    cfg.sscd_preprocess, general_rows))
         points.append(tradeoff_point(planned, summary, general_summary))
         p = points[-1]
         print(f"{label}: SSCD mean {p['sscd_mean']}, CLIP {p['clip_score_mean']}, "

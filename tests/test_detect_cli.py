@@ -225,3 +225,36 @@ def test_two_processes_shard_and_merge(tiny_pipeline_dir, tiny_parts, dataset, t
     expected = library_scores(tiny_parts, PROMPTS + [LONG], list(range(len(rows))), num_images_per_prompt=2,
                               detector=detector)
     assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_resume_on_another_dataset_is_refused_row_by_row(tiny_pipeline_dir, dataset, tmp_path, capsys):
+    from diffmem.detect.detect_mem import main
+
+    def last_line():
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    out = tmp_path / "out"
+    args = ["--model_id", str(tiny_pipeline_dir), "--run_name", "r", "--output_dir", str(out), "--end", "2",
+            "--num_images_per_prompt", "1", "--num_inference_steps", "3"]
+    assert main([*args, "--dataset", str(dataset)]) == 0
+    before = (out / "r.jsonl").read_bytes()
+    capsys.readouterr()
+    unmemorized = tmp_path / "unmemorized.jsonl"
+    unmemorized.write_text("".join(json.dumps({"caption": f"an ordinary photo {i}", "label": 0}) + "\n"
+                                   for i in range(4)))
+    assert main([*args, "--dataset", str(unmemorized)]) == 2
+    line = last_line()
+    assert "r.jsonl: row 0 holds another prompt ('prompt number 0 about a cat'" in line, line
+    assert "pass --overwrite or a new --run_name" in line
+    relabelled = tmp_path / "relabelled.jsonl"
+    relabelled.write_text("".join(json.dumps({"caption": p, "label": 1 - i % 2, "index": 1000 + i}) + "\n"
+                                  for i, p in enumerate(PROMPTS)))
+    assert main([*args, "--dataset", str(relabelled)]) == 2
+    assert "row 0 holds another label ('0'; the dataset's is '1')" in last_line()
+    # The same first rows, another row further on: the dataset's content is bound, not only the rows done.
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(dataset.read_text().replace("about a moon", "about a comet"))
+    assert main([*args, "--dataset", str(edited)]) == 2
+    assert "dataset_sha256=" in last_line()
+    assert (out / "r.jsonl").read_bytes() == before
+    assert main([*args, "--dataset", str(dataset), "--end", "3"]) == 0  # the same dataset extends the run

@@ -90,7 +90,7 @@ def test_inference_mem_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd
     assert list((tmp_path / "ours" / "tb").glob("events.out.tfevents.*"))
 
     # the same command resumes: nothing is recomputed, nothing duplicated
-    res = run_cli("mitigate/inference_mem.py", *ours, "--skip_clip", "--sscd_model", "none")
+    res = run_cli("mitigate/inference_mem.py", *ours, "--skip_clip")
     assert res.returncode == 0, res.stderr
     assert "0 now, 3 resumed" in res.stdout
     assert _rows(tmp_path / "ours" / "results.jsonl") == rows
@@ -201,3 +201,75 @@ def test_tradeoff_failed_first_batch_does_not_bind_the_retry(tmp_path, tiny_pipe
     points = json.loads((tmp_path / "sweep" / "tradeoff.json").read_text())["points"]
     assert [p["label"] for p in points] == ["none", "rand_word_repeat_repeat1"]
     assert main([*args, "--num_images_per_prompt", "2"]) == 2
+
+
+# ------------------------------------------------------------------- a resume is the same run, or refused
+
+
+def one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_a_resume_binds_model_dtype_evaluators_and_dataset(tmp_path, tiny_pipeline_dir, lab_dataset, sscd_spec,
+                                                           capsys):
+    from diffmem.mitigate.inference_mem import main
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"caption": f"another prompt {i}", "index": i}) + "\n" for i in range(3)))
+    base = ["--dataset", str(lab_dataset / "prompts.jsonl"), "--end", "2", "--run_name", "r", "--method", "none",
+            *GEN, "--sscd_model", sscd_spec, "--skip_clip", "--gt_dir", str(lab_dataset), "--out", str(tmp_path)]
+    model = ["--model_id", str(tiny_pipeline_dir)]
+    assert main([*model, *base]) == 0
+    capsys.readouterr()
+    results = tmp_path / "r" / "results.jsonl"
+    before = results.read_bytes()
+    for change, expected in [
+        (["--dtype", "bf16"], "dtype='fp32' (now 'bf16')"),
+        (["--sscd_preprocess", "zhang"], "(now 'zhang')"),
+        (["--sscd_model", "none"], "sscd_model="),
+        (["--reference_model", "ViT-S-32", "--reference_model_pretrain", "none"], "clip_model=None (now 'ViT-S-32:none')"),
+        (["--unet_id", str(tiny_pipeline_dir / "unet")], "unet_id=None"),
+    ]:
+        args = [*model, *base, *change]
+        if "--reference_model" in change:
+            args.remove("--skip_clip")
+        assert main(args) == 2, change
+        line = one_line_error(capsys)
+        assert "earlier results of this run used" in line and expected in line, line
+    # Another prompt file under the run: the stored rows hold other prompts.
+    args = [*model, *base]
+    args[args.index("--dataset") + 1] = str(other)
+    assert main(args) == 2
+    line = one_line_error(capsys)
+    assert "results.jsonl: row 0 holds another prompt ('The No Limits Business Woman Podcast'" in line, line
+    assert "pass --overwrite or another --out/--run_name" in line
+    # The same rows in a file whose other rows changed: the dataset's content is bound.
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps({"caption": p if i < 2 else "changed", "index": i}) + "\n"
+                              for i, p in enumerate(PROMPTS)))
+    args[args.index("--dataset") + 1] = str(edited)
+    assert main(args) == 2
+    assert "dataset_sha256=" in one_line_error(capsys)
+    assert results.read_bytes() == before
+    # A moved copy of the same file resumes.
+    moved = tmp_path / "moved" / "prompts.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes((lab_dataset / "prompts.jsonl").read_bytes())
+    args[args.index("--dataset") + 1] = str(moved)
+    assert main(args) == 0
+    assert results.read_bytes() == before
+
+
+def test_tradeoff_binds_the_dtype_of_each_run(tmp_path, tiny_pipeline_dir, lab_dataset, sscd_spec, capsys):
+    from diffmem.mitigate.tradeoff import main
+
+    args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(lab_dataset / "prompts.jsonl"), "--end", "1",
+            "--run_name", "sweep", *GEN, "--target_losses", "--baselines", "--sscd_model", sscd_spec,
+            "--reference_model", "ViT-S-32", "--reference_model_pretrain", "none", "--out", str(tmp_path)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--dtype", "bf16"]) == 2
+    line = one_line_error(capsys)
+    assert "sweep/none/config.json: earlier results of this run used dtype='fp32' (now 'bf16')" in line, line

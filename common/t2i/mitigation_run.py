@@ -29,7 +29,8 @@ import torch
 from diffmem.common.cli import add_settings_arguments, device_option, option
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
-from diffmem.common.results import append_results, bind_run_settings, read_results, write_json_atomic
+from diffmem.common.results import (append_results, bind_run_settings, check_rows_match, digest_rows, read_results,
+                                    write_json_atomic)
 from diffmem.common.similarity import (REPLICATION_THRESHOLDS, SSCD_PRESETS, clip_score, finite_mean, similarity_stats,
                                sscd_to_ground_truth, top_k_mean)
 
@@ -281,8 +282,9 @@ class RunFiles:
         self.images = self.out / "images"
         self.tensorboard = self.out / "tb"
 
-    def prepare(self, fingerprint: dict, overwrite: bool = False) -> list[dict]:
-        """Create or check the folder; returns the rows already done (torn last line cut)."""
+    def prepare(self, fingerprint: dict, overwrite: bool = False, records: list | None = None) -> list[dict]:
+        """Create or check the folder (settings, and each stored row's prompt against records); returns the rows
+        already done (torn last line cut)."""
         if overwrite and self.out.exists():
             for p in (self.config, self.results, self.summary):
                 p.unlink(missing_ok=True)
@@ -290,7 +292,11 @@ class RunFiles:
             shutil.rmtree(self.tensorboard, ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
         # Settings are checked before the torn tail is cut, so a refused run leaves the folder as it was.
-        bind_run_settings(self.config, fingerprint, bool(read_results(self.results)), "another --out/--run_name")
+        done = read_results(self.results)
+        if records is not None:
+            check_rows_match(self.results, done, {r.row: {"prompt": r.prompt} for r in records},
+                             "another --out/--run_name")
+        bind_run_settings(self.config, fingerprint, bool(done), "another --out/--run_name")
         return read_results(self.results, repair=True)
 
 
@@ -329,8 +335,11 @@ class TensorboardTracker:
 def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_dir: str | Path, *,
                    evaluators: Evaluators | None = None, batch_size: int = 4, overwrite: bool = False,
                    tracker: TensorboardTracker | None = None, extra_summary: dict | None = None,
-                   progress: bool = True) -> dict:
-    """Run one method over the records (resuming earlier rows in out_dir); returns the summary dict."""
+                   progress: bool = True, binding: dict | None = None) -> dict:
+    """Run one method over the records (resuming earlier rows in out_dir); returns the summary dict.
+
+    binding: what else changes a row's numbers besides the settings (the model, dtype, evaluators and dataset:
+    :func:`run_binding`), bound to the folder with them."""
     from tqdm.auto import tqdm
 
     from diffmem.common.t2i.detection import encode_prompts
@@ -340,7 +349,7 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
     settings.validate()
     evaluators = evaluators or Evaluators()
     files = RunFiles(out_dir)
-    done = files.prepare(settings.fingerprint(), overwrite)
+    done = files.prepare({**settings.fingerprint(), **(binding or {})}, overwrite, records)
     selected = {r.row for r in records}
     done_rows = {r["row"] for r in done} & selected
     todo = [r for r in records if r.row not in done_rows]
@@ -486,6 +495,18 @@ def summarize(rows: list[dict], selected: set, settings: MitigationSettings, eva
     if extra:
         summary.update(extra)
     return summary
+
+
+def run_binding(model_id: str, unet_id: str | None, dtype: str, evaluators: Evaluators, sscd_preprocess: str,
+                dataset_rows: list) -> dict:
+    """The settings outside MitigationSettings that change a row's numbers: the model and its dtype, the SSCD
+    model and preset and the CLIP model actually used (None where one is skipped), and the dataset's content."""
+    sscd, clip = evaluators.sscd, evaluators.clip
+    return {"model_id": model_id, "unet_id": unet_id, "dtype": dtype,
+            "sscd_model": sscd.description if sscd is not None else None,
+            "sscd_preprocess": sscd_preprocess if sscd is not None else None,
+            "clip_model": f"{clip.model_name}:{clip.pretrained}" if clip is not None else None,
+            "dataset_sha256": digest_rows({"row": r.row, "prompt": r.prompt} for r in dataset_rows)}
 
 
 # --- evaluators from command-line style specs ----------------------------------------------------------------
