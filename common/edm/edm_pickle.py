@@ -14,11 +14,15 @@ classes (``common.edm.edm_nets.build_from_edm``) and given the pickled state dic
 
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import io
 import json
+import os
 import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,22 @@ import torch
 from diffmem.common.errors import DiffmemError
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every released EDM/DiffMemorize pickle
+
+# Bytes of tensor storage allowed per byte of the file, over all storages the file creates (and over all tensors its
+# state dict names). torch writes every storage's bytes raw into the file (the legacy record's tail, or a ZIP_STORED
+# member), so a genuine file always holds fewer storage bytes than file bytes (EDM's: ~0.75 of the size, the rest
+# pickle): 1 needs no slack. More can only come from compression, a storage record loaded twice or one tensor
+# named many times: amplification a hostile file uses to turn kilobytes into gigabytes on load or conversion.
+MAX_STORAGE_BYTES_PER_FILE_BYTE = 1
+
+# The storage classes torch.save names in a storage record's persistent id (``torch.FloatStorage`` …), with their
+# dtypes written out (reading them off torch's classes warns of TypedStorage's deprecation); nothing else is
+# needed in a storage record.
+_STORAGE_CLASSES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+_VIEW_RULE = "EDM's parameters and buffers are contiguous tensors, each over its own storage"
 
 
 class EDMPickleError(DiffmemError, ValueError):
@@ -87,7 +107,6 @@ _TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", 
 ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
     ("numpy", "dtype"): np.dtype,
@@ -100,6 +119,108 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
 }
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as ``Type: first line``, terminal escape codes removed (torch's messages carry some)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _refused_nested(qualname: str) -> EDMPickleError:
+    return EDMPickleError(f"refused global {qualname} in a nested tensor storage (pickled code is never run)")
+
+
+def _damaged_record(why: str) -> EDMPickleError:
+    return EDMPickleError(f"a damaged nested tensor storage ({why}); expected torch.save's record of one storage")
+
+
+class _Marker:
+    """What the storage-record scan puts for a storage class or a persistent id: a name, never resolved or run."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        # torch.save's records only name their storage class; a call (torch.FloatStorage(10**12)) would allocate.
+        raise _damaged_record(f"its pickle calls torch.{self.name}")
+
+
+class _RecordScan(pickle.Unpickler):
+    """A nested storage record's pickles read before torch reads them: globals refused by name, persistent ids kept."""
+
+    # Why: torch's own refusal is a multi-line message without the global's name, and torch allocates a declared
+    # storage before it reads the bytes; this scan names the global and lets the size be checked first. It
+    # resolves nothing (storage classes become _Marker names), so the fast C unpickler is safe here.
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.pids: list[tuple] = []
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and name in _STORAGE_CLASSES:
+            return _Marker(name)
+        raise _refused_nested(f"{module}.{name}")
+
+    def persistent_load(self, pid):
+        self.pids.append(pid)
+        return _Marker("<persistent id>")
+
+
+def _declared_storage(scan: _RecordScan, result, pid_len: int) -> tuple[str, torch.dtype, int]:
+    """(key, dtype, bytes) of the one storage a record's pickle declares; refused unless it is exactly that."""
+    if len(scan.pids) != 1 or not isinstance(result, _Marker) or result.name != "<persistent id>":
+        raise _damaged_record(f"its pickle holds {len(scan.pids)} storages and a {type(result).__name__}")
+    pid = scan.pids[0]
+    ok = (isinstance(pid, tuple) and len(pid) == pid_len and pid[0] in ("storage", b"storage")
+          and isinstance(pid[1], _Marker) and pid[1].name in _STORAGE_CLASSES
+          and type(pid[4]) is int and pid[4] >= 0 and (pid_len == 5 or pid[5] is None))
+    if not ok:
+        raise _damaged_record(f"persistent id {pid!r:.80}")
+    dtype = _STORAGE_CLASSES[pid[1].name]
+    return str(pid[2]), dtype, pid[4] * torch._utils._element_size(dtype)
+
+
+def _scan_legacy_record(blob: bytes) -> tuple[torch.dtype, int, int]:
+    """(dtype, declared bytes, raw bytes present) of a legacy ``torch.save`` record of one storage."""
+    # Layout: magic, version and system-info pickles, the storage's pickle, its key list, then per key an int64
+    # element count and the raw bytes.
+    f = io.BytesIO(blob)  # shares the bytes: no copy
+    for _ in range(3):
+        _RecordScan(f).load()
+    scan = _RecordScan(f)
+    key, dtype, nbytes = _declared_storage(scan, scan.load(), 6)
+    keys = _RecordScan(f).load()
+    if keys != [key]:
+        raise _damaged_record(f"storage keys {keys!r:.80}, expected [{key!r}]")
+    return dtype, nbytes, max(0, len(blob) - f.tell() - 8)
+
+
+def _scan_zip_record(blob: bytes) -> tuple[torch.dtype, int, int]:
+    """(dtype, declared bytes, raw bytes present) of a zip ``torch.save`` record, read without inflating anything."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        # The central directory first: torch.save writes ZIP_STORED members only, and a compressed one (a few kB
+        # that inflate to gigabytes) is refused before torch or zipfile inflates a byte of it.
+        infos = z.infolist()
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+                method = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+                          zipfile.ZIP_LZMA: "lzma"}.get(info.compress_type, f"method {info.compress_type}")
+                raise EDMPickleError(f"a nested tensor storage with a compressed record {info.filename} ({method}, "
+                                     f"{info.file_size} bytes when inflated); torch.save writes ZIP_STORED only")
+        if not infos:
+            raise _damaged_record("an empty zip")
+        prefix = infos[0].filename.split("/", 1)[0]  # torch's reader takes the first member's folder
+        members = {info.filename: info for info in infos}
+        if f"{prefix}/data.pkl" not in members:
+            raise _damaged_record(f"no {prefix}/data.pkl")
+        scan = _RecordScan(io.BytesIO(z.read(f"{prefix}/data.pkl")))
+        key, dtype, nbytes = _declared_storage(scan, scan.load(), 5)
+        record = members.get(f"{prefix}/data/{key}")
+        return dtype, nbytes, (min(record.file_size, len(blob)) if record is not None else 0)
+
+
 class RestrictedUnpickler(pickle._Unpickler):
     """An unpickler that resolves only ``ALLOWED_GLOBALS``; anything else is refused before it runs.
 
@@ -108,9 +229,26 @@ class RestrictedUnpickler(pickle._Unpickler):
     both held to the end (peak memory about one file size, not two). Its opcode loop costs little: the bulk of
     an EDM pickle is those few hundred blobs."""
 
+    def __init__(self, file, *, max_storage_bytes: int | None = None):
+        super().__init__(file)
+        # Storages and tensor views are checked as they are built, so a hostile file is refused before it costs
+        # memory: all storages together hold at most max_storage_bytes (default: the file's size times
+        # MAX_STORAGE_BYTES_PER_FILE_BYTE), every view lies within its storage, reads each element once, and
+        # keeps apart from the other views of the same storage.
+        if max_storage_bytes is None:
+            size = _file_size(file)
+            max_storage_bytes = None if size is None else size * MAX_STORAGE_BYTES_PER_FILE_BYTE
+        self.max_storage_bytes = max_storage_bytes
+        self.storage_bytes = 0  # bytes of all storages made so far
+        # id(storage) -> (storage, sorted [(start, end)] element spans of its views); the storage is kept so its id
+        # cannot be reused by another while this unpickler runs.
+        self._views: dict[int, tuple[object, list[tuple[int, int]]]] = {}
+
     def find_class(self, module: str, name: str):
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return self._storage_from_bytes
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._tensor_view
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
@@ -119,10 +257,32 @@ class RestrictedUnpickler(pickle._Unpickler):
                                  "persistence record; nothing was run") from None
 
     def _storage_from_bytes(self, blob: bytes):
-        """Stands in for ``torch.storage._load_from_bytes``: the nested ``torch.save`` blob, weights only."""
+        """Stands in for ``torch.storage._load_from_bytes``: one nested storage record, scanned, then weights only."""
         if not isinstance(blob, (bytes, bytearray)):
             raise EDMPickleError(f"a storage given as {type(blob).__name__}, not bytes")
-        storage = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+        blob = bytes(blob)  # bytes stay as they are; a bytearray is copied once
+        try:
+            dtype, nbytes, present = (_scan_zip_record if blob[:4] == b"PK\x03\x04" else _scan_legacy_record)(blob)
+        except EDMPickleError:
+            raise
+        except Exception as exc:  # any damage the scan meets (it builds nothing, so nothing else can happen)
+            raise _damaged_record(_one_line(exc)) from None
+        if nbytes > present:
+            raise EDMPickleError(f"a nested tensor storage that declares {nbytes} bytes of "
+                                 f"{str(dtype).removeprefix('torch.')} storage but holds {present}")
+        if self.max_storage_bytes is not None and self.storage_bytes + nbytes > self.max_storage_bytes:
+            raise EDMPickleError(f"its tensor storages hold more than the file's {self.max_storage_bytes} bytes "
+                                 f"(at {self.storage_bytes + nbytes}): torch stores every storage byte in the "
+                                 "file, so the excess is a storage record loaded twice")
+        try:
+            storage = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+        except Exception as exc:  # torch's weights-only refusals and damage, as one line without escape codes
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise (_refused_nested(found.group(1)) if found else _damaged_record(_one_line(exc))) from None
+        if not isinstance(storage, torch.storage.TypedStorage) or storage.dtype != dtype \
+                or storage._untyped_storage.nbytes() != nbytes:
+            raise _damaged_record(f"torch read a {type(storage).__name__}, not the {nbytes}-byte storage declared")
+        self.storage_bytes += nbytes
         # The blob and its argument tuple (blob,) were memoized just before this call: let both go now.
         top = len(self.memo)
         for key in range(top - 1, max(top - 6, -1), -1):
@@ -131,8 +291,67 @@ class RestrictedUnpickler(pickle._Unpickler):
                 self.memo[key] = None
         return storage
 
+    def _tensor_view(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+        """Stands in for ``torch._utils._rebuild_tensor_v2``: a view that reads its own part of its storage once."""
+        # Why: torch grows a storage too small for the view with uninitialised heap memory (which would end up
+        # in the weights), and stride 0 or overlapping views turn a few stored bytes into a large network.
+        if not isinstance(storage, torch.storage.TypedStorage):
+            raise EDMPickleError(f"a tensor view of a {type(storage).__name__}, not a storage")
+        if type(storage_offset) is not int or storage_offset < 0:
+            raise EDMPickleError(f"a tensor view with offset {storage_offset!r:.40}, not an integer >= 0")
+        if not (isinstance(size, tuple) and all(type(n) is int and n >= 0 for n in size)):
+            raise EDMPickleError(f"a tensor view with size {size!r:.80}, not integers >= 0")
+        if not (isinstance(stride, tuple) and len(stride) == len(size) and all(type(n) is int and n >= 0
+                                                                              for n in stride)):
+            raise EDMPickleError(f"a tensor view with stride {stride!r:.80} for size {size}, not one integer >= 0 "
+                                 "per dimension")
+        elements = storage._untyped_storage.nbytes() // torch._utils._element_size(storage.dtype)
+        extent = 0  # elements from the first to one past the last the view reads
+        if all(size):
+            # Ascending strides: each must step past everything the smaller ones reach, so no element is read
+            # twice (size-1 dims read nothing twice whatever their stride).
+            reach = 0
+            for n, s in sorted(((n, s) for n, s in zip(size, stride) if n > 1), key=lambda d: d[1]):
+                if s == 0:
+                    raise EDMPickleError(f"a tensor view with stride 0 (size {size}, stride {stride}): it repeats "
+                                         f"one stored element; {_VIEW_RULE}")
+                if s <= reach:
+                    raise EDMPickleError(f"a tensor view whose elements overlap (size {size}, stride {stride}); "
+                                         f"{_VIEW_RULE}")
+                reach += (n - 1) * s
+            extent = reach + 1
+        if storage_offset + extent > elements or storage_offset > elements:
+            raise EDMPickleError(f"a tensor view past the end of its storage (offset {storage_offset} + extent "
+                                 f"{extent} > {elements} elements); {_VIEW_RULE}")
+        if extent:
+            # Sorted disjoint spans: a new one is checked against its two neighbours only (many views of one
+            # storage cost n log n, not n²).
+            _, spans = self._views.setdefault(id(storage), (storage, []))
+            start, end = storage_offset, storage_offset + extent
+            i = bisect.bisect_left(spans, (start, end))
+            for a, b in spans[max(i - 1, 0):i + 1]:
+                if start < b and a < end:
+                    raise EDMPickleError(f"two tensor views over the same storage elements ({max(a, start)} to "
+                                         f"{min(b, end) - 1}); {_VIEW_RULE}")
+            spans.insert(i, (start, end))
+        return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
+                                               backward_hooks, metadata)
+
     def persistent_load(self, pid):
         raise EDMPickleError(f"refused persistent id {pid!r}: an EDM network pickle has none")
+
+
+def _file_size(file) -> int | None:
+    """The size of an open file (or of the file a ``_HashingReader`` reads), None when it has none."""
+    inner = getattr(file, "file", file)
+    try:
+        return os.fstat(inner.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    try:
+        return inner.getbuffer().nbytes
+    except (AttributeError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -229,15 +448,14 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
             raise EDMPickleError(f"{path}: not a pickle file (expected an EDM network-snapshot-*.pkl)")
         f.seek(0)
         reader = _HashingReader(f)
+        budget = path.stat().st_size * MAX_STORAGE_BYTES_PER_FILE_BYTE
         try:
-            top = RestrictedUnpickler(reader).load()
+            top = RestrictedUnpickler(reader, max_storage_bytes=budget).load()
         except EDMPickleError as exc:
             raise EDMPickleError(f"{path}: {exc}") from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError, AttributeError,
                 IndexError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise EDMPickleError(f"{path}: not a complete EDM network pickle ({type(exc).__name__}: {first})") \
-                from None
+            raise EDMPickleError(f"{path}: not a complete EDM network pickle ({_one_line(exc)})") from None
         sha256 = reader.hexdigest()
     net, dataset_kwargs, extras = top, None, {}
     if isinstance(top, dict):
@@ -253,6 +471,11 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
         state_dict = collect_state_dict(net)
     except EDMPickleError as exc:
         raise EDMPickleError(f"{path}: {exc}") from None
+    # One stored tensor may be named under many keys (pickle's memo): bound the named bytes as the stored ones.
+    named = sum(t.numel() * t.element_size() for t in state_dict.values())
+    if named > budget:
+        raise EDMPickleError(f"{path}: its state dict holds {named} bytes of tensors, more than the file's {budget} "
+                             "bytes (a stored tensor named more than once); EDM names each tensor once")
     return EDMPickle(path=path, sha256=sha256, class_name=net.class_name, init_kwargs=net.init_kwargs,
                      state_dict=state_dict, dataset_kwargs=dataset_kwargs, extras=extras)
 
