@@ -378,6 +378,19 @@ def load_ema_state(ema, named_params: list[tuple[str, torch.nn.Parameter]], fold
         raise UnsafeFileError(f"{folder}: bad EMA state ({exc})") from None
 
 
+def architecture_mismatch(text: str) -> str:
+    """The first size mismatch, missing or unexpected key of torch's load_state_dict error, in a few words."""
+    size = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                     r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
+    if size:
+        return f"{size.group(1)}: {size.group(2)} in the checkpoint, {size.group(3)} here"
+    keys = re.search(r"(Missing|Unexpected) key\(s\) in state_dict: \"([^\"]+)\"", text)
+    if keys:
+        return f"{'missing' if keys.group(1) == 'Missing' else 'unexpected'} parameter {keys.group(2)}"
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else "load_state_dict failed"
+
+
 @contextmanager
 def accelerate_view(checkpoint: Path):
     """The folder to hand Accelerate's load_state: the checkpoint itself, or for a legacy checkpoint (its EMA in
@@ -571,6 +584,7 @@ class Trainer:
         self.totals = {"seen": 0, "kept": 0}  # samples since step 0, whatever the resumes
         self.grad_norm = None  # of the last clipped step
         self.last_snapshot: int | None = None
+        self.resume_path: Path | None = None
 
     # ------------------------------------------------------------------ main entry
     def train(self) -> TrainSummary:
@@ -666,7 +680,10 @@ class Trainer:
         def load_hook(models, input_dir):
             # Under DeepSpeed ``models`` is empty: the engine restores its own weights.
             for name, model in zip(self.names, models):
-                _load_module(acc.unwrap_model(model), Path(input_dir) / name)
+                try:
+                    _load_module(acc.unwrap_model(model), Path(input_dir) / name)
+                except RuntimeError as exc:
+                    raise TrainSetupError(self._mismatch_line(name, exc)) from None
             models.clear()
 
         acc.register_save_state_pre_hook(save_hook)
@@ -684,6 +701,7 @@ class Trainer:
                 (self.output_dir / TRAIN_LOG).unlink()
             return 0, None
         state = self._check_resume(path)
+        self.resume_path = path
         verify_checkpoint_files(path)  # before Accelerate reads any of them
         with accelerate_view(path) as view:
             acc.load_state(str(view))
@@ -697,6 +715,23 @@ class Trainer:
         self._trim_log(step)
         acc.print(f"resumed from {path} at step {step}")
         return step, path
+
+    def _mismatch_line(self, name: str, exc: RuntimeError) -> str:
+        """One line for a checkpoint whose network does not fit this run's (a fork with another architecture):
+        the first differing parameter, and the settings the checkpoint's run recorded otherwise."""
+        path = self.resume_path
+        detail = architecture_mismatch(str(exc))
+        recorded = path.parent / TRAINING_OPTIONS
+        ours = self.output_dir / TRAINING_OPTIONS
+        differing = ""
+        if recorded.is_file() and ours.is_file() and recorded.resolve() != ours.resolve():
+            old, new = json.loads(recorded.read_text()), json.loads(ours.read_text())
+            changed = [f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in sorted({**old, **new})
+                       if old.get(k) != new.get(k) and k not in TRAIN_FREE_FIELDS]
+            if changed:
+                differing = f"; its run used {', '.join(changed)}"
+        return (f"{path}: its {name} network does not fit this run's ({detail}){differing}; fork with the "
+                f"checkpoint's architecture, or train the new one from scratch")
 
     def _check_resume(self, path: Path) -> dict:
         state = json.loads((path / TRAINER_STATE).read_text())

@@ -27,6 +27,7 @@ from diffmem.common.t2i.options import (ANISOTROPY_WEIGHTS, DETECTORS, SCHEDULER
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 from diffmem.common.results import (append_results, bind_run_settings, check_rows_match, digest_rows, merge_rows,
                                     read_results, write_json_atomic)
+from diffmem.common.runlock import lock_run_folder
 
 # Arguments that change the numbers: a resumed run must use the same values as the results on disk.
 SCORE_KEYS = ("model_id", "unet_id", "revision", "variant", "num_images_per_prompt", "gen_seed",
@@ -75,14 +76,15 @@ class DetectConfig:
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
+        # Each setting on its own first: a bad --num_inference_steps is not blamed on --score_steps.
+        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.score_steps != "all" and not self.score_steps.isdigit():
             raise ConfigError(f"--score_steps must be a positive integer or 'all', got {self.score_steps!r}")
         if not 1 <= self.num_score_steps <= self.num_inference_steps:
             raise ConfigError(f"--score_steps must be in 1..{self.num_inference_steps} (--num_inference_steps), "
                              f"got {self.score_steps}")
-        for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.start < 0 or (self.end is not None and self.end <= self.start):
             raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
         if self.detector != "wen" and self.score_steps != "1":
@@ -184,59 +186,60 @@ def run(cfg: DetectConfig) -> int:
     from diffmem.common.t2i.detection import encode_prompts, score_prompts
     from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
-    quiet_hub_logging()
-    # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    run_state = RunState(cfg, dataset_rows)
-    if state.is_main_process:
-        run_state.prepare(cfg.overwrite, records)
-    state.wait_for_everyone()
+    with lock_run_folder(cfg.output_dir, "--output_dir", f".{cfg.run_name}.lock"):
+        quiet_hub_logging()
+        # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
+        state = PartialState(cpu=not torch.cuda.is_available())
+        run_state = RunState(cfg, dataset_rows)
+        if state.is_main_process:
+            run_state.prepare(cfg.overwrite, records)
+        state.wait_for_everyone()
 
-    t0 = time.perf_counter()
-    selected = {r.row for r in records}
-    done_before = {r["row"] for rows in run_state.done_rows(state.process_index) for r in rows} & selected
-    todo = [r for r in records if r.row not in done_before][state.process_index :: state.num_processes]
-    own_part = run_state.part(state.process_index)
-    scoring_time = 0.0
-    if todo:
-        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), state.device,
-                             cfg.revision, cfg.variant)
-        parts = denoiser_parts(pipe, cfg.scheduler)
-        uncond = encode_prompts(parts, [""]).embeds
-        t_score = time.perf_counter()
-        batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
-        bar = tqdm(total=len(todo), desc=f"detect[{state.process_index}]", unit="prompt",
-                   position=state.process_index)
-        for batch in batches:
-            trace, truncated = score_prompts(
-                parts, [r.prompt for r in batch], [r.row for r in batch],
-                num_images_per_prompt=cfg.num_images_per_prompt, gen_seed=cfg.gen_seed,
-                num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                score_steps=cfg.num_score_steps, latents_mode=cfg.latents, uncond_embed=uncond,
-                detector=cfg.detector, anisotropy_weights=cfg.anisotropy_weights)
-            scores = trace.score.tolist()
-            append_results(own_part, [result_row(rec, cfg.detector, trace.row_terms(b), scores[b], truncated[b])
-                                      for b, rec in enumerate(batch)])
-            bar.update(len(batch))
-        bar.close()
-        scoring_time = time.perf_counter() - t_score
-        del pipe
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    state.wait_for_everyone()
+        t0 = time.perf_counter()
+        selected = {r.row for r in records}
+        done_before = {r["row"] for rows in run_state.done_rows(state.process_index) for r in rows} & selected
+        todo = [r for r in records if r.row not in done_before][state.process_index :: state.num_processes]
+        own_part = run_state.part(state.process_index)
+        scoring_time = 0.0
+        if todo:
+            pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), state.device,
+                                 cfg.revision, cfg.variant)
+            parts = denoiser_parts(pipe, cfg.scheduler)
+            uncond = encode_prompts(parts, [""]).embeds
+            t_score = time.perf_counter()
+            batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
+            bar = tqdm(total=len(todo), desc=f"detect[{state.process_index}]", unit="prompt",
+                       position=state.process_index)
+            for batch in batches:
+                trace, truncated = score_prompts(
+                    parts, [r.prompt for r in batch], [r.row for r in batch],
+                    num_images_per_prompt=cfg.num_images_per_prompt, gen_seed=cfg.gen_seed,
+                    num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                    score_steps=cfg.num_score_steps, latents_mode=cfg.latents, uncond_embed=uncond,
+                    detector=cfg.detector, anisotropy_weights=cfg.anisotropy_weights)
+                scores = trace.score.tolist()
+                append_results(own_part, [result_row(rec, cfg.detector, trace.row_terms(b), scores[b], truncated[b])
+                                          for b, rec in enumerate(batch)])
+                bar.update(len(batch))
+            bar.close()
+            scoring_time = time.perf_counter() - t_score
+            del pipe
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        state.wait_for_everyone()
 
-    if state.is_main_process:
-        rows = merge_rows(run_state.done_rows(-1), keep=selected)
-        write_json_atomic(run_state.final, rows, jsonl=True)
-        elapsed = time.perf_counter() - t0
-        scored_now = len(rows) - len(done_before)
-        write_json_atomic(run_state.summary, summarize(cfg, rows, scored_now, len(done_before), elapsed,
-                                                       scoring_time, state.num_processes))
-        missing = len(selected) - len(rows)
-        print(f"{run_state.final}: {len(rows)} prompts ({scored_now} scored now, {len(done_before)} resumed"
-              f"{f', {missing} MISSING' if missing else ''}) in {elapsed:.1f}s "
-              f"(scoring {scored_now / max(scoring_time, 1e-9):.2f} prompts/s on process 0's share)")
-    return len(todo)
+        if state.is_main_process:
+            rows = merge_rows(run_state.done_rows(-1), keep=selected)
+            write_json_atomic(run_state.final, rows, jsonl=True)
+            elapsed = time.perf_counter() - t0
+            scored_now = len(rows) - len(done_before)
+            write_json_atomic(run_state.summary, summarize(cfg, rows, scored_now, len(done_before), elapsed,
+                                                           scoring_time, state.num_processes))
+            missing = len(selected) - len(rows)
+            print(f"{run_state.final}: {len(rows)} prompts ({scored_now} scored now, {len(done_before)} resumed"
+                  f"{f', {missing} MISSING' if missing else ''}) in {elapsed:.1f}s "
+                  f"(scoring {scored_now / max(scoring_time, 1e-9):.2f} prompts/s on process 0's share)")
+        return len(todo)
 
 
 def summarize(cfg: DetectConfig, rows: list[dict], scored_now: int, resumed: int, elapsed: float,

@@ -32,6 +32,7 @@ from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_o
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.sampler import SamplerError, SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
+from diffmem.common.runlock import lock_run_folder
 
 
 @dataclass
@@ -121,89 +122,90 @@ def run(cfg: GenerateConfig) -> int:
     from diffmem.common.edm import sampler as S
     from diffmem.common.edm.snapshot import load_network, resolve_snapshot
 
-    device = resolve_device(cfg.device)
-    if cfg.optimal_denoiser:
-        from diffmem.common.edm.optimal import OptimalDenoiser
+    with lock_run_folder(cfg.outdir, "--outdir", ".generate.lock"):
+        device = resolve_device(cfg.device)
+        if cfg.optimal_denoiser:
+            from diffmem.common.edm.optimal import OptimalDenoiser
 
-        reference = resolve_snapshot(cfg.network) if cfg.network is not None else None
-        rank, world, device, barrier = process_state(device)
-        net = OptimalDenoiser.from_dataset_zip(cfg.dataset, cond=cfg.cond, chunk_size=cfg.chunk).to(device)
-        net.check_classes(cfg.class_idx)  # an empty class fails here, not after some images are written
-        source = {"network": None, "dataset": str(cfg.dataset.resolve()), "cond": cfg.cond}
-        if reference is not None:
-            ref_net = load_network(reference)
-            if tuple(ref_net.image_shape) != tuple(net.image_shape):
-                raise ConfigError(f"--network {cfg.network} makes {'x'.join(map(str, ref_net.image_shape))} images"
-                                  f" but --dataset {cfg.dataset} holds {'x'.join(map(str, net.image_shape))}")
-            # The ideal denoiser is defined for every σ > 0: the reference network's range fixes the steps.
-            net.sigma_min, net.sigma_max = ref_net.sigma_min, ref_net.sigma_max
-            source["sigma_range_of"] = str(reference.resolve())
-    else:
-        snapshot = resolve_snapshot(cfg.network)  # SnapshotError before any process group is set up
-        rank, world, device, barrier = process_state(device)
-        net = load_network(snapshot, device)
-        source = {"network": str(snapshot.resolve())}
-    S.check_class_idx(cfg.class_idx, net.label_dim)
-    settings = cfg.sampler.for_network(net)
+            reference = resolve_snapshot(cfg.network) if cfg.network is not None else None
+            rank, world, device, barrier = process_state(device)
+            net = OptimalDenoiser.from_dataset_zip(cfg.dataset, cond=cfg.cond, chunk_size=cfg.chunk).to(device)
+            net.check_classes(cfg.class_idx)  # an empty class fails here, not after some images are written
+            source = {"network": None, "dataset": str(cfg.dataset.resolve()), "cond": cfg.cond}
+            if reference is not None:
+                ref_net = load_network(reference)
+                if tuple(ref_net.image_shape) != tuple(net.image_shape):
+                    raise ConfigError(f"--network {cfg.network} makes {'x'.join(map(str, ref_net.image_shape))} images"
+                                      f" but --dataset {cfg.dataset} holds {'x'.join(map(str, net.image_shape))}")
+                # The ideal denoiser is defined for every σ > 0: the reference network's range fixes the steps.
+                net.sigma_min, net.sigma_max = ref_net.sigma_min, ref_net.sigma_max
+                source["sigma_range_of"] = str(reference.resolve())
+        else:
+            snapshot = resolve_snapshot(cfg.network)  # SnapshotError before any process group is set up
+            rank, world, device, barrier = process_state(device)
+            net = load_network(snapshot, device)
+            source = {"network": str(snapshot.resolve())}
+        S.check_class_idx(cfg.class_idx, net.label_dim)
+        settings = cfg.sampler.for_network(net)
 
-    # The images depend on these (not on the batch or the process count): a resume must not mix others in.
-    folder_settings = {**source, **settings.to_dict(), "class_idx": cfg.class_idx,
-                       "device": device.type, "subdirs": cfg.subdirs}
-    if rank == 0:
-        cfg.outdir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    S.bind_folder_settings(cfg.outdir, folder_settings, write=rank == 0)
-    damaged = []
-    if rank == 0:
-        # A rerun skips the seeds whose PNG exists: check those decode to the network's image shape first, and
-        # sample again the ones that do not.
-        damaged = S.damaged_images(cfg.outdir, seeds, net.image_shape, cfg.subdirs)
-        for seed in damaged:
-            S.image_path(cfg.outdir, seed, cfg.subdirs).unlink()
-        if damaged:
-            print(f"generate: {len(damaged)} damaged PNG{'s' if len(damaged) > 1 else ''} in {cfg.outdir} "
-                  f"(not decodable, or not {'×'.join(map(str, net.image_shape))}; first: seed {damaged[0]}) "
-                  f"removed; sampling them again", file=sys.stderr)
-    already = len(seeds) - len(S.missing_seeds(cfg.outdir, seeds, cfg.subdirs)) if rank == 0 else 0
-    barrier()
+        # The images depend on these (not on the batch or the process count): a resume must not mix others in.
+        folder_settings = {**source, **settings.to_dict(), "class_idx": cfg.class_idx,
+                           "device": device.type, "subdirs": cfg.subdirs}
+        if rank == 0:
+            cfg.outdir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        S.bind_folder_settings(cfg.outdir, folder_settings, write=rank == 0)
+        damaged = []
+        if rank == 0:
+            # A rerun skips the seeds whose PNG exists: check those decode to the network's image shape first, and
+            # sample again the ones that do not.
+            damaged = S.damaged_images(cfg.outdir, seeds, net.image_shape, cfg.subdirs)
+            for seed in damaged:
+                S.image_path(cfg.outdir, seed, cfg.subdirs).unlink()
+            if damaged:
+                print(f"generate: {len(damaged)} damaged PNG{'s' if len(damaged) > 1 else ''} in {cfg.outdir} "
+                      f"(not decodable, or not {'×'.join(map(str, net.image_shape))}; first: seed {damaged[0]}) "
+                      f"removed; sampling them again", file=sys.stderr)
+        already = len(seeds) - len(S.missing_seeds(cfg.outdir, seeds, cfg.subdirs)) if rank == 0 else 0
+        barrier()
 
-    # Shard the requested seeds before looking at the disk: each seed has one owner, so no two processes write
-    # the same file and none skips a seed another one has not finished.
-    todo = S.missing_seeds(cfg.outdir, seeds[rank::world], cfg.subdirs)
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"generate[{rank}]", unit="img", position=rank, disable=not todo)
-    for batch in S.generate_images(net, todo, cfg.batch, settings, cfg.class_idx, device):
-        for seed, image in zip(batch.seeds, batch.images):
-            S.save_png(S.image_path(cfg.outdir, seed, cfg.subdirs), image)
-        bar.update(len(batch.seeds))
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    barrier()
+        # Shard the requested seeds before looking at the disk: each seed has one owner, so no two processes write
+        # the same file and none skips a seed another one has not finished.
+        todo = S.missing_seeds(cfg.outdir, seeds[rank::world], cfg.subdirs)
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(todo), desc=f"generate[{rank}]", unit="img", position=rank, disable=not todo)
+        for batch in S.generate_images(net, todo, cfg.batch, settings, cfg.class_idx, device):
+            for seed, image in zip(batch.seeds, batch.images):
+                S.save_png(S.image_path(cfg.outdir, seed, cfg.subdirs), image)
+            bar.update(len(batch.seeds))
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        barrier()
 
-    if rank == 0:
-        missing = S.missing_seeds(cfg.outdir, seeds, cfg.subdirs)
-        if missing:
-            raise SamplerError(f"{cfg.outdir}: {len(missing)} of the requested images are missing "
-                               f"(first: seed {missing[0]}); run the command again")
-        note = ""
-        if cfg.npz or cfg.grid:
-            import numpy as np
+        if rank == 0:
+            missing = S.missing_seeds(cfg.outdir, seeds, cfg.subdirs)
+            if missing:
+                raise SamplerError(f"{cfg.outdir}: {len(missing)} of the requested images are missing "
+                                   f"(first: seed {missing[0]}); run the command again")
+            note = ""
+            if cfg.npz or cfg.grid:
+                import numpy as np
 
-            images = np.stack([S.load_png(S.image_path(cfg.outdir, s, cfg.subdirs)) for s in seeds])
-        if cfg.grid:
-            # One source pixel of black between tiles, at any scale.
-            S.save_png(cfg.grid, S.image_grid(images, padding=cfg.grid_scale, scale=cfg.grid_scale))
-            note += f", {cfg.grid}"
-        if cfg.npz:
-            labels = (S.seed_labels(seeds, net.image_shape, net.label_dim, cfg.class_idx, device)
-                      if net.label_dim else None)
-            S.write_images_npz(cfg.outdir / "images.npz", images, seeds, labels)
-            note += ", images.npz"
-        rate = f" ({len(todo) / elapsed:.2f} images/s on process 0)" if todo else ""
-        fixed = f" ({len(damaged)} of them to replace damaged PNGs)" if damaged else ""
-        print(f"{cfg.outdir}: {len(seeds)} images{note}; {len(seeds) - already} sampled now{fixed} on {world} "
-              f"process{'es' if world > 1 else ''}, {already} there already; {elapsed:.1f}s{rate}")
-    return len(todo)
+                images = np.stack([S.load_png(S.image_path(cfg.outdir, s, cfg.subdirs)) for s in seeds])
+            if cfg.grid:
+                # One source pixel of black between tiles, at any scale.
+                S.save_png(cfg.grid, S.image_grid(images, padding=cfg.grid_scale, scale=cfg.grid_scale))
+                note += f", {cfg.grid}"
+            if cfg.npz:
+                labels = (S.seed_labels(seeds, net.image_shape, net.label_dim, cfg.class_idx, device)
+                          if net.label_dim else None)
+                S.write_images_npz(cfg.outdir / "images.npz", images, seeds, labels)
+                note += ", images.npz"
+            rate = f" ({len(todo) / elapsed:.2f} images/s on process 0)" if todo else ""
+            fixed = f" ({len(damaged)} of them to replace damaged PNGs)" if damaged else ""
+            print(f"{cfg.outdir}: {len(seeds)} images{note}; {len(seeds) - already} sampled now{fixed} on {world} "
+                  f"process{'es' if world > 1 else ''}, {already} there already; {elapsed:.1f}s{rate}")
+        return len(todo)
 
 
 def main(argv=None) -> int:

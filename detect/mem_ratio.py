@@ -31,6 +31,7 @@ from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_o
 from diffmem.common.edm.memratio import MemRatioError
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
+from diffmem.common.runlock import lock_run_folder
 
 DEFAULT_SEEDS = "0-9999"  # DiffMemorize's 10k samples per snapshot
 
@@ -128,26 +129,27 @@ def run(cfg: MemRatioConfig) -> dict | None:
     from diffmem.common.edm import memratio as M
     from diffmem.common.edm.dataset import load_dataset_zip
 
-    device = resolve_device(cfg.device)
-    # Input errors before any process group is set up (every process would raise the same one).
-    source = M.open_images(cfg.images) if cfg.images is not None else None
-    if source is None:
-        M.select_snapshots(cfg.expdir, cfg.snapshots or "all")
-    shard, device = process_state(device)
-    train = load_dataset_zip(cfg.knn_ref, progress=shard.rank == 0).images
-    paths = M.OutputPaths.at(cfg.root, cfg.log)
-    if source is not None:
-        summary = M.measure_images(source, train, cfg.knn_ref, paths, device, shard, cfg.overwrite, cfg.batch)
-    else:
-        summary = M.measure_run(cfg.expdir, train, cfg.knn_ref, cfg.seed_list(), paths, cfg.snapshots or "all",
-                                cfg.batch, cfg.sampler, device, shard, cfg.save_images, cfg.overwrite)
-    if shard.rank == 0 and summary is not None:
-        where = summary["max_snapshot"] if summary["max_images_seen"] is None else (
-            f"{summary['max_snapshot']}, {summary['max_images_seen']} images seen")
-        print(f"{paths.root}: max memorization ratio {summary['max_ratio']:.4f} ({where}) over "
-              f"{summary['snapshots']} snapshot{'s' if summary['snapshots'] != 1 else ''}, {summary['n']} samples "
-              f"each; on {shard.world} process{'es' if shard.world > 1 else ''}")
-    return summary
+    with lock_run_folder(cfg.root, "--outdir" if cfg.outdir is not None else "--expdir", ".mem_ratio.lock"):
+        device = resolve_device(cfg.device)
+        # Input errors before any process group is set up (every process would raise the same one).
+        source = M.open_images(cfg.images) if cfg.images is not None else None
+        if source is None:
+            M.select_snapshots(cfg.expdir, cfg.snapshots or "all")
+        shard, device = process_state(device)
+        train = load_dataset_zip(cfg.knn_ref, progress=shard.rank == 0).images
+        paths = M.OutputPaths.at(cfg.root, cfg.log)
+        if source is not None:
+            summary = M.measure_images(source, train, cfg.knn_ref, paths, device, shard, cfg.overwrite, cfg.batch)
+        else:
+            summary = M.measure_run(cfg.expdir, train, cfg.knn_ref, cfg.seed_list(), paths, cfg.snapshots or "all",
+                                    cfg.batch, cfg.sampler, device, shard, cfg.save_images, cfg.overwrite)
+        if shard.rank == 0 and summary is not None:
+            where = summary["max_snapshot"] if summary["max_images_seen"] is None else (
+                f"{summary['max_snapshot']}, {summary['max_images_seen']} images seen")
+            print(f"{paths.root}: max memorization ratio {summary['max_ratio']:.4f} ({where}) over "
+                  f"{summary['snapshots']} snapshot{'s' if summary['snapshots'] != 1 else ''}, {summary['n']} samples "
+                  f"each; on {shard.world} process{'es' if shard.world > 1 else ''}")
+        return summary
 
 
 def main(argv=None) -> int:

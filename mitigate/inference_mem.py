@@ -25,6 +25,7 @@ from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, 
                                  run_main, settings_from_args)
 from diffmem.common.t2i.mitigation_run import MitigationSettings, RunOptions, add_mitigation_arguments, own_fields
 from diffmem.common.t2i.options import shared_option
+from diffmem.common.runlock import lock_run_folder
 
 
 @dataclass
@@ -87,36 +88,38 @@ def run(cfg: InferenceMemConfig) -> dict:
 
     from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
-    quiet_hub_logging()
-    # Evaluators first: a CLIP tag that cannot be downloaded fails before minutes of generation.
-    evaluators = load_evaluators(sscd_model, cfg.sscd_preprocess, reference_model, cfg.reference_model_pretrain,
-                                 gt_root, device)
-    pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
-    parts = denoiser_parts(pipe)
-    tracker = TensorboardTracker(out_dir / "tb") if cfg.with_tracking else None
-    extra = {"run_name": cfg.run_name, "dataset": str(dataset), "gt_root": str(gt_root) if gt_root else None,
-             "model": {"model_id": cfg.model_id, "unet_id": cfg.unet_id, "dtype": cfg.dtype, "device": device}}
-    try:
-        summary = run_mitigation(parts, pipe.vae, records, settings, out_dir, evaluators=evaluators,
-                                 batch_size=cfg.batch_size, overwrite=cfg.overwrite, tracker=tracker,
-                                 extra_summary=extra,
-                                 binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
-                                                     cfg.sscd_preprocess, dataset_rows))
-    finally:
-        if tracker is not None:
-            tracker.close()
-    del pipe
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    sscd = summary.get("sscd") or {}
-    clip = summary.get("clip") or {}
-    fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
-    print(f"{out_dir}: {summary['counts']['prompts']} prompts ({summary['counts']['this_run']} now, "
-          f"{summary['counts']['resumed']} resumed), method {cfg.method}: loss {fmt(summary['loss']['final_mean'])}, "
-          f"SSCD mean {fmt(sscd.get('mean'))}, >0.5 {fmt(sscd.get('rate_gt_0.5'))}, "
-          f"CLIP {fmt(clip.get('mean'))}{'' if clip.get('calibrated', True) else ' (UNCALIBRATED)'}, "
-          f"{summary['counts']['without_ground_truth']} without ground truth")
-    return summary
+    with lock_run_folder(out_dir, "--out"):
+        quiet_hub_logging()
+        # Evaluators first: a CLIP tag that cannot be downloaded fails before minutes of generation.
+        evaluators = load_evaluators(sscd_model, cfg.sscd_preprocess, reference_model, cfg.reference_model_pretrain,
+                                     gt_root, device)
+        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
+        parts = denoiser_parts(pipe)
+        tracker = TensorboardTracker(out_dir / "tb") if cfg.with_tracking else None
+        extra = {"run_name": cfg.run_name, "dataset": str(dataset), "gt_root": str(gt_root) if gt_root else None,
+                 "model": {"model_id": cfg.model_id, "unet_id": cfg.unet_id, "dtype": cfg.dtype, "device": device}}
+        try:
+            summary = run_mitigation(parts, pipe.vae, records, settings, out_dir, evaluators=evaluators,
+                                     batch_size=cfg.batch_size, overwrite=cfg.overwrite, tracker=tracker,
+                                     extra_summary=extra,
+                                     binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
+                                                         cfg.sscd_preprocess, dataset_rows))
+        finally:
+            if tracker is not None:
+                tracker.close()
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        sscd = summary.get("sscd") or {}
+        clip = summary.get("clip") or {}
+        fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
+        print(f"{out_dir}: {summary['counts']['prompts']} prompts ({summary['counts']['this_run']} now, "
+              f"{summary['counts']['resumed']} resumed), method {cfg.method}: "
+              f"loss {fmt(summary['loss']['final_mean'])}, "
+              f"SSCD mean {fmt(sscd.get('mean'))}, >0.5 {fmt(sscd.get('rate_gt_0.5'))}, "
+              f"CLIP {fmt(clip.get('mean'))}{'' if clip.get('calibrated', True) else ' (UNCALIBRATED)'}, "
+              f"{summary['counts']['without_ground_truth']} without ground truth")
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:

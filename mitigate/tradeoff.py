@@ -28,6 +28,7 @@ from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, 
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.mitigation_run import (BASELINES, METHODS, MitigationSettings, RunOptions,
                                                add_mitigation_arguments, own_fields)
+from diffmem.common.runlock import lock_run_folder
 
 
 @dataclass
@@ -129,43 +130,45 @@ def run(cfg: TradeoffConfig) -> list[dict]:
 
     from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
 
-    quiet_hub_logging()
-    evaluators = load_evaluators(cfg.sscd_model, cfg.sscd_preprocess, cfg.reference_model,
-                                 cfg.reference_model_pretrain, gt_root, device)
-    pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
-    parts = denoiser_parts(pipe)
-    root = Path(cfg.out) / cfg.run_name
-    points = []
-    for planned in runs:
-        label, settings = planned.label, planned.settings
-        summary = run_mitigation(parts, pipe.vae, records, settings, root / label, evaluators=evaluators,
-                                 batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                                 extra_summary={"run_name": f"{cfg.run_name}/{label}", "dataset": str(dataset)},
-                                 binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
-                                                     cfg.sscd_preprocess, dataset_rows))
-        general_summary = None
-        if general is not None:
-            general_summary = run_mitigation(
-                parts, pipe.vae, general, settings, root / label / "general",
-                evaluators=Evaluators(clip=evaluators.clip), batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                extra_summary={"run_name": f"{cfg.run_name}/{label}/general", "dataset": cfg.general_dataset},
-                binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, Evaluators(clip=evaluators.clip),
-                                    cfg.sscd_preprocess, general_rows))
-        points.append(tradeoff_point(planned, summary, general_summary))
-        p = points[-1]
-        print(f"{label}: SSCD mean {p['sscd_mean']}, CLIP {p['clip_score_mean']}, "
-              f"{p['seconds_per_image']} s/image", file=sys.stderr)
-    write_json_atomic(root / "tradeoff.json", {
-        "points": points, "sscd_model": evaluators.sscd.description,
-        "clip_model": f"{cfg.reference_model}:{cfg.reference_model_pretrain}", "dataset": str(dataset),
-        "general_dataset": cfg.general_dataset, "prompts": len(records),
-        "general_prompts": len(general) if general is not None else 0,
-        "num_images_per_prompt": cfg.num_images_per_prompt, "num_inference_steps": cfg.num_inference_steps,
-        "guidance_scale": cfg.guidance_scale, "gen_seed": cfg.gen_seed, "device": device, "dtype": cfg.dtype})
-    png = plot_tradeoff(points, root / "tradeoff.png",
-                        title=f"{cfg.run_name}: {len(records)} prompts, {cfg.num_images_per_prompt} generations each")
-    print(f"{root / 'tradeoff.json'}, {png}: {len(points)} runs")
-    return points
+    with lock_run_folder(Path(cfg.out) / cfg.run_name, "--out"):
+        quiet_hub_logging()
+        evaluators = load_evaluators(cfg.sscd_model, cfg.sscd_preprocess, cfg.reference_model,
+                                     cfg.reference_model_pretrain, gt_root, device)
+        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
+        parts = denoiser_parts(pipe)
+        root = Path(cfg.out) / cfg.run_name
+        points = []
+        for planned in runs:
+            label, settings = planned.label, planned.settings
+            summary = run_mitigation(parts, pipe.vae, records, settings, root / label, evaluators=evaluators,
+                                     batch_size=cfg.batch_size, overwrite=cfg.overwrite,
+                                     extra_summary={"run_name": f"{cfg.run_name}/{label}", "dataset": str(dataset)},
+                                     binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
+                                                         cfg.sscd_preprocess, dataset_rows))
+            general_summary = None
+            if general is not None:
+                general_summary = run_mitigation(
+                    parts, pipe.vae, general, settings, root / label / "general",
+                    evaluators=Evaluators(clip=evaluators.clip), batch_size=cfg.batch_size, overwrite=cfg.overwrite,
+                    extra_summary={"run_name": f"{cfg.run_name}/{label}/general", "dataset": cfg.general_dataset},
+                    binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, Evaluators(clip=evaluators.clip),
+                                        cfg.sscd_preprocess, general_rows))
+            points.append(tradeoff_point(planned, summary, general_summary))
+            p = points[-1]
+            print(f"{label}: SSCD mean {p['sscd_mean']}, CLIP {p['clip_score_mean']}, "
+                  f"{p['seconds_per_image']} s/image", file=sys.stderr)
+        write_json_atomic(root / "tradeoff.json", {
+            "points": points, "sscd_model": evaluators.sscd.description,
+            "clip_model": f"{cfg.reference_model}:{cfg.reference_model_pretrain}", "dataset": str(dataset),
+            "general_dataset": cfg.general_dataset, "prompts": len(records),
+            "general_prompts": len(general) if general is not None else 0,
+            "num_images_per_prompt": cfg.num_images_per_prompt, "num_inference_steps": cfg.num_inference_steps,
+            "guidance_scale": cfg.guidance_scale, "gen_seed": cfg.gen_seed, "device": device, "dtype": cfg.dtype})
+        png = plot_tradeoff(points, root / "tradeoff.png",
+                            title=f"{cfg.run_name}: {len(records)} prompts, "
+                                  f"{cfg.num_images_per_prompt} generations each")
+        print(f"{root / 'tradeoff.json'}, {png}: {len(points)} runs")
+        return points
 
 
 def main(argv: list[str] | None = None) -> int:

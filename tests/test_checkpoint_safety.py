@@ -145,3 +145,13 @@ def test_refusal_line_names_the_global_without_escape_codes(tmp_path):
     with pytest.raises(UnsafeFileError, match="not a readable torch file"):
         safe_torch_load(path)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_fork_with_another_architecture_names_the_setting(data, half_run, tmp_path):
+    out = tmp_path / "fork-4"
+    res = run_cli(SCRIPT, *edm_train_args(data, out, 10, 8, "--num_channels", "4",
+                                          "--resume_from_checkpoint", half_run / "checkpoint-5"),
+                  timeout=120, env=ONE_THREAD)
+    line = one_line(res)  # was a 142-line size-mismatch traceback
+    assert f"{half_run / 'checkpoint-5'}: its net network does not fit this run's (" in line, line
+    assert "in the checkpoint," in line and "num_channels=8 (now 4)" in line, line

@@ -87,6 +87,7 @@ def test_latin1_dataset_is_one_line_before_any_model_is_loaded(tmp_path):
     (["--score_steps", "0"], "--score_steps must be in 1..50"),
     (["--score_steps", "first"], "positive integer or 'all'"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0"),  # not --score_steps'
     (["--latents", "random"], "invalid choice"),
     (["--detector", "oracle"], "invalid choice"),
     (["--detector", "sharpness", "--score_steps", "2"], "--score_steps applies to --detector wen only"),

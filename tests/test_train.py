@@ -453,3 +453,27 @@ def test_every_json_the_trainer_writes_lands_atomically(tiny_pipeline_dir, data,
 
     assert [f.relative_to(out).as_posix() for f in files if f.name in ours and not atomic(f)] == []
     assert [f.relative_to(out).as_posix() for f in files if not atomic(f) and not covered(f)] == []
+
+
+def test_a_tampered_ema_pickle_in_a_text_to_image_checkpoint_runs_no_code(tiny_pipeline_dir, data, tmp_path,
+                                                                          fresh_accelerate, capsys):
+    from diffmem.finetune.train_text_to_image import main
+
+    class Payload:
+        def __reduce__(self):
+            return eval, (f"open({str(tmp_path / 'PWNED')!r}, 'w').write('ran')",)
+
+    mem, _ = data
+    out = tmp_path / "run"
+    common = ["--checkpointing_steps", "1", "--use_ema", "--learning_rate", "1e-3"]
+    assert main(base_args(tiny_pipeline_dir, mem, out, *common, "--max_train_steps", "1")) == 0
+    ckpt = out / "checkpoint-1"
+    torch.save({"x": Payload()}, ckpt / "custom_checkpoint_0.pkl")  # where Accelerate kept the EMA before
+    fresh_accelerate()
+    capsys.readouterr()
+    assert main(base_args(tiny_pipeline_dir, mem, out, *common, "--max_train_steps", "2",
+                          "--resume_from_checkpoint", "latest")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("custom_checkpoint_0.pkl: refused global builtins.eval (a checkpoint file holds "
+                            "tensors and plain data; pickled code is never run)"), err
+    assert not (tmp_path / "PWNED").exists() and not (out / "checkpoint-2").exists()

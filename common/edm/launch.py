@@ -431,11 +431,21 @@ class SubmititLauncher:
     def _collect(self, job: SizeJob, handle) -> None:
         """Wait for one job; record a crash (not a stage failure, which the job records itself) as failed."""
         paths = size_paths(job.outdir, job.size)
-        try:
-            handle.results()
-            return
-        except Exception as exc:  # submitit re-raises whatever ended the job: the status must say so
-            first = crash_line(exc)
+        if self.cluster == "debug":
+            # The debug executor runs the job in this process, inside results(): nothing is read from disk.
+            try:
+                handle.results()
+                return
+            except Exception as exc:  # whatever ended the job: the status must say so
+                first = crash_line(exc)
+        else:
+            # Wait on the job's state and never unpickle its result file: a pickle in a sweep folder runs code in
+            # whoever reads it (a sweep re-attached from a folder someone else wrote), and the job records its
+            # outcome in the size's status file anyway. A crash is read from the job's error log, as text.
+            handle.wait()
+            if scan_size(job.outdir, job.size).status in ("done", "failed"):
+                return
+            first = crash_line(RuntimeError(handle.stderr() or f"no error log ({handle.state})"))
         if scan_size(job.outdir, job.size).status not in ("done", "failed"):
             write_status(paths.status, status="failed", stage="job", log=str(handle.paths.stderr),
                          job_id=str(handle.job_id),

@@ -26,6 +26,7 @@ from diffmem.common.edm.scores import file_sha256
 from diffmem.common.edm.snapshot import list_snapshots, save_snapshot
 from diffmem.common.errors import ConfigError
 from diffmem.common.seeding import STREAM_NOISE, torch_generator
+from diffmem.common.runlock import lock_run_folder
 from diffmem.common.trainer import (
     MIXED_PRECISIONS,
     OPTIMIZERS,
@@ -249,55 +250,57 @@ def train_unconditional(cfg: UnconditionalConfig):
     # Before the data is decoded or a model built: a refused resume writes nothing (one line, exit 2).
     bound = run_settings(cfg)
     train = cfg.loop.train_config(cfg.outdir)
-    bind_training_settings(train, bound, results_exist=bool(list_snapshots(train.output_dir)), outdir_flag="--outdir")
-    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    data = load_dataset_zip(cfg.data, progress=local_main and train.show_progress)
-    base = ImageDataset(data, seed=train.seed)
-    if cfg.cond and not base.has_labels:
-        raise ConfigError(f"{cfg.data}: --cond needs labels in dataset.json (this dataset has none)")
-    if cfg.xflip and base.is_float:
-        # A mirrored MoLRG sample is not in the mixture (mirroring leaves its subspaces): augmentation stays off.
-        raise ConfigError(f"{cfg.data}: holds float data (MoLRG); --xflip would leave its distribution, omit it")
-    dataset = XFlipDataset(base) if cfg.xflip else base
-    channels, height, width = base.shape
-    if height != width:
-        raise ConfigError(f"{cfg.data}: images are {height}×{width}; the network needs square images")
-    arch = replace(cfg.arch, resolution=height, channels=channels,
-                   label_dim=base.num_classes if cfg.cond else 0).resolved()
-    # The same initial weights on every process (and for every process count): seed the global RNG. Built
-    # before the accelerator, so that a skip mask of the wrong length is refused before anything is written.
-    torch.manual_seed(cfg.loop.seed)
-    pre = Preconditioning(cfg.precond)
-    net = build_training_network(arch, pre, cfg.skip_connections).train()
-    schedule = resolve_schedule(cfg.schedule, duration_mimg=cfg.duration, ema_mimg=cfg.ema,
-                                dataset_size=len(dataset), batch=cfg.batch, lr_rampup_kimg=cfg.lr_rampup,
-                                ema_mode=cfg.ema_mode, ema_beta=cfg.ema_beta)
+    with lock_run_folder(train.output_dir, "--outdir"):
+        bind_training_settings(train, bound, results_exist=bool(list_snapshots(train.output_dir)),
+                               outdir_flag="--outdir")
+        local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        data = load_dataset_zip(cfg.data, progress=local_main and train.show_progress)
+        base = ImageDataset(data, seed=train.seed)
+        if cfg.cond and not base.has_labels:
+            raise ConfigError(f"{cfg.data}: --cond needs labels in dataset.json (this dataset has none)")
+        if cfg.xflip and base.is_float:
+            # A mirrored MoLRG sample is not in the mixture (mirroring leaves its subspaces): augmentation stays off.
+            raise ConfigError(f"{cfg.data}: holds float data (MoLRG); --xflip would leave its distribution, omit it")
+        dataset = XFlipDataset(base) if cfg.xflip else base
+        channels, height, width = base.shape
+        if height != width:
+            raise ConfigError(f"{cfg.data}: images are {height}×{width}; the network needs square images")
+        arch = replace(cfg.arch, resolution=height, channels=channels,
+                       label_dim=base.num_classes if cfg.cond else 0).resolved()
+        # The same initial weights on every process (and for every process count): seed the global RNG. Built
+        # before the accelerator, so that a skip mask of the wrong length is refused before anything is written.
+        torch.manual_seed(cfg.loop.seed)
+        pre = Preconditioning(cfg.precond)
+        net = build_training_network(arch, pre, cfg.skip_connections).train()
+        schedule = resolve_schedule(cfg.schedule, duration_mimg=cfg.duration, ema_mimg=cfg.ema,
+                                    dataset_size=len(dataset), batch=cfg.batch, lr_rampup_kimg=cfg.lr_rampup,
+                                    ema_mode=cfg.ema_mode, ema_beta=cfg.ema_beta)
 
-    # --batch is global (EDM's rule): split it over the launched processes and accumulation rounds.
-    micro, accum = micro_batch_size(cfg.batch, cfg.batch_gpu, int(os.environ.get("WORLD_SIZE", "1")))
-    train.train_batch_size, train.gradient_accumulation_steps = micro, accum
-    train.max_train_steps = schedule.total_steps
-    train.checkpointing_steps = checkpoint_every(schedule, cfg.snap)
-    accelerator = make_accelerator(train)
-    # snapshot.json: the bound settings (training_options.json) and what follows from them and the data.
-    settings = {**bound, "data": str(Path(cfg.data).resolve()), "duration": cfg.duration, "snap": cfg.snap,
-                "arch_resolved": describe(arch), "dataset_size": len(dataset), "parameters": count_parameters(net),
-                "schedule_resolved": asdict(schedule)}
-    out = Path(train.output_dir)
+        # --batch is global (EDM's rule): split it over the launched processes and accumulation rounds.
+        micro, accum = micro_batch_size(cfg.batch, cfg.batch_gpu, int(os.environ.get("WORLD_SIZE", "1")))
+        train.train_batch_size, train.gradient_accumulation_steps = micro, accum
+        train.max_train_steps = schedule.total_steps
+        train.checkpointing_steps = checkpoint_every(schedule, cfg.snap)
+        accelerator = make_accelerator(train)
+        # snapshot.json: the bound settings (training_options.json) and what follows from them and the data.
+        settings = {**bound, "data": str(Path(cfg.data).resolve()), "duration": cfg.duration, "snap": cfg.snap,
+                    "arch_resolved": describe(arch), "dataset_size": len(dataset), "parameters": count_parameters(net),
+                    "schedule_resolved": asdict(schedule)}
+        out = Path(train.output_dir)
 
-    def snapshot(step: int, models: dict) -> None:
-        images = step * schedule.batch
-        save_snapshot(models["net"], out, images, {
-            "step": step, "sampler": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "steps": 18},
-            "training": settings,
-        })
+        def snapshot(step: int, models: dict) -> None:
+            images = step * schedule.batch
+            save_snapshot(models["net"], out, images, {
+                "step": step, "sampler": {"sigma_min": 0.002, "sigma_max": 80.0, "rho": 7.0, "steps": 18},
+                "training": settings,
+            })
 
-    trainer = Trainer(
-        accelerator, train, {"net": net},
-        EDMTrainingLoss(pre, accelerator.device, conditional=cfg.cond), dataset, collate_image_batch,
-        tracker_config={k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))},
-        extra_state={"schedule": asdict(schedule)},
-        schedule=StepSchedule(lr=schedule.lr, ema_beta=schedule.ema, snapshot=snapshot,
-                              snapshot_due=snapshot_steps(schedule, cfg.snap)),
-    )
-    return trainer.train()
+        trainer = Trainer(
+            accelerator, train, {"net": net},
+            EDMTrainingLoss(pre, accelerator.device, conditional=cfg.cond), dataset, collate_image_batch,
+            tracker_config={k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool))},
+            extra_state={"schedule": asdict(schedule)},
+            schedule=StepSchedule(lr=schedule.lr, ema_beta=schedule.ema, snapshot=snapshot,
+                                  snapshot_due=snapshot_steps(schedule, cfg.snap)),
+        )
+        return trainer.train()
