@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from collections.abc import Callable
 
 from diffmem.common.errors import ConfigError, DiffmemError
+from diffmem.common.textfile import surrogate_problem
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -22,15 +24,55 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def finite_float(text: str) -> float:
+    """An option type: a float that is finite. NaN compares unequal to itself (an identical rerun would be refused
+    as different settings) and is not JSON; an infinity is no usable scale, weight or rate."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def extended_float(text: str) -> float:
+    """An option type for the few fields where an infinity is documented to mean something (``option(finite=False)``,
+    e.g. the sampler's S_max = inf: no upper bound): any float but NaN, which means nothing anywhere."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number or inf, got {text!r}")
+    return value
+
+
+def prompt_text(text: str) -> str:
+    """An option type for a prompt given on the command line: a byte that is not UTF-8 reaches Python as a lone
+    surrogate (the surrogateescape of argv), which the tokenizer fails on only after the model has loaded."""
+    escaped = next((ord(c) - 0xDC00 for c in text if 0xDC80 <= ord(c) <= 0xDCFF), None)
+    if escaped is not None:  # what surrogateescape makes of the byte
+        raise argparse.ArgumentTypeError(f"the text holds the byte 0x{escaped:02x}, which is not UTF-8; expected UTF-8 "
+                                         f"text")
+    problem = surrogate_problem(text, "the text")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def option(default=dataclasses.MISSING, *, help: str, choices=None, type=None, metavar=None, flag: str | None = None,
-           default_factory=dataclasses.MISSING, nargs=None, action: str | None = None, positional: bool = False):
+           default_factory=dataclasses.MISSING, nargs=None, action: str | None = None, positional: bool = False,
+           finite: bool = True):
     """A settings-dataclass field that is also a command-line option: the default is written here once, and
     ``add_settings_arguments`` reads the help, choices, type (needed where the default cannot tell it: None,
     lists) and metavar from the field. ``flag`` renames the option (``--no_progress`` for a True boolean);
     ``nargs`` and ``action`` (e.g. ``extend``) are argparse's, for list fields; ``positional`` makes the field a
-    positional argument instead of ``--FIELD``."""
+    positional argument instead of ``--FIELD``. A float option must be finite (``finite_float``); ``finite=False``
+    lets it take ±inf too, for a field whose help says what an infinity means."""
     metadata = {k: v for k, v in dict(help=help, choices=choices, type=type, metavar=metavar, flag=flag, nargs=nargs,
-                                      action=action, positional=positional or None).items()
+                                      action=action, positional=positional or None,
+                                      finite=None if finite else False).items()
                 if v is not None}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
@@ -40,8 +82,9 @@ def add_settings_arguments(parser, settings_class, exclude=(), only=None, defaul
     alone, e.g. the two of a mutually exclusive group), with the dataclass's default,
     so defaults are written once: a field without a default is a required option, a boolean a switch (its
     ``flag``, e.g. ``--no_progress``, turns a True default off), the type from the field's metadata or else its
-    default's. ``defaults`` gives a CLI's own default for a field of a library dataclass whose default suits its
-    other callers (or that has none)."""
+    default's (a float one parsed by ``finite_float``, or ``extended_float`` for ``finite=False``). ``defaults``
+    gives a CLI's own default for a field of a library dataclass whose default suits its other callers (or that
+    has none)."""
     defaults = defaults or {}
     for f in dataclasses.fields(settings_class):
         if f.name in exclude or (only is not None and f.name not in only):
@@ -70,6 +113,8 @@ def add_settings_arguments(parser, settings_class, exclude=(), only=None, defaul
                       else None)
         if kind is None and (default is not None or required):
             kind = str
+        if kind is float:  # nan/inf would pass float() and reach the run (NaN scores, a refused identical rerun)
+            kind = extended_float if md.get("finite") is False else finite_float
         extra = {k: md[k] for k in ("nargs", "action") if k in md}
         if not md.get("positional"):
             extra["required"] = required

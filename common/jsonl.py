@@ -6,7 +6,25 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from diffmem.common.textfile import read_utf8_lines
+from diffmem.common.textfile import read_utf8_lines, surrogate_problem
+
+
+def _surrogate_in(value, field: str) -> str | None:
+    """The problem of the first string in a parsed JSON value (keys too) with a lone surrogate, else None."""
+    if isinstance(value, str):
+        return surrogate_problem(value, field)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = key if not field else f"{field}.{key}"
+            problem = surrogate_problem(key, f"a key of {field}" if field else "a key") or _surrogate_in(item, name)
+            if problem:
+                return problem
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            problem = _surrogate_in(item, f"{field}[{i}]")
+            if problem:
+                return problem
+    return None
 
 
 def iter_json_objects(path: str | Path, error: type[Exception]) -> Iterator[tuple[str, int, dict]]:
@@ -22,6 +40,10 @@ def iter_json_objects(path: str | Path, error: type[Exception]) -> Iterator[tupl
             raise error(f"{where}: expected a JSON object, got invalid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
             raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        # A "\ud800" escape parses to a str no UTF-8 writer or tokenizer takes: refuse it here, at its line.
+        problem = _surrogate_in(obj, "")
+        if problem:
+            raise error(f"{where}: {problem}")
         yield where, lineno, obj
 
 

@@ -28,7 +28,9 @@ class UnsafeFileError(DiffmemError, ValueError):
 def refusal_line(path: str | Path, exc: BaseException) -> str:
     """One line for a refused or unreadable torch file: the refused global when torch names one."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    # torch says "Unsupported global: GLOBAL m.f" for a global it does not allow, and "Trying to load unsupported
+    # GLOBAL posix.system whose module posix is blocked" for one of a module it never allows (os, subprocess...).
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
     if found:
         name = found.group(1)
         name = name if "." in name else f"builtins.{name}"  # torch prints builtins without their module

@@ -7,9 +7,14 @@ column are 1-based, the column counts bytes of the raw line (a BOM counts on lin
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 BOM = "\ufeff"
+# A code point U+D800..U+DFFF in a str is half of a UTF-16 pair with no other half: JSON's "\ud800" escape gives
+# one (json.loads joins a complete pair into one code point), as does a bad byte in a command-line argument. It is no
+# Unicode text: it cannot be encoded as UTF-8, so a tokenizer or a results file fails on it far from its source.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def read_utf8_text(path: str | Path, error: type[Exception]) -> str:
@@ -32,3 +37,17 @@ def read_utf8_lines(path: str | Path, error: type[Exception]) -> list[str]:
     """Lines of a UTF-8 file (see read_utf8_text), endings kept, split at \\n, \\r\\n or a lone \\r."""
     # Untranslated endings, as open(newline="") gives them, let the csv module read quoted line breaks.
     return io.StringIO(read_utf8_text(path, error), newline="").readlines()
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate of ``text`` as its escape (``\\ud800``), or None when it is valid Unicode text."""
+    m = _SURROGATE.search(text)
+    return None if m is None else f"\\u{ord(m.group()):04x}"
+
+
+def surrogate_problem(text: str, what: str) -> str | None:
+    """``WHAT holds a lone surrogate \\ud800 (…); expected UTF-8 text`` when ``text`` has one, else None."""
+    found = lone_surrogate(text)
+    if found is None:
+        return None
+    return f"{what} holds a lone surrogate {found} (not valid Unicode text); expected UTF-8 text"

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, quiet_hub_logging,
-                                 resolve_device, run_main, settings_from_args)
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, prompt_text,
+                                 quiet_hub_logging, resolve_device, run_main, settings_from_args)
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.options import WRT_CHOICES, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
@@ -31,7 +31,8 @@ RESULT_KEYS = ("model_id", "unet_id", "revision", "variant", "target_steps", "nu
 class ExplainConfig:
     model_id: str = shared_option("model_id")
     out: str = option(help="output folder")
-    prompt: str | None = option(None, type=str, help="one prompt to explain (row 0: it uses gen_seed's latents)")
+    prompt: str | None = option(None, type=prompt_text,
+                                help="one prompt to explain (row 0: it uses gen_seed's latents)")
     dataset: str | None = option(None, type=str, help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
     unet_id: str | None = shared_option("unet_id")
     revision: str | None = shared_option("revision")

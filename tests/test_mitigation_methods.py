@@ -407,7 +407,7 @@ def test_binding_settings_per_method(tmp_path):
     (["--method", "gni", "--gni_scale", "-0.1"], "--gni_scale must be a finite number >= 0, got -0.1"),
     (["--method", "han_batch", "--han_gamma", "-0.7"], "--han_gamma must be a finite number > 0"),
     (["--method", "han_sample", "--han_iters", "-1"], "--han_iters must be >= 0"),
-    (["--method", "han_batch", "--han_tau", "nan"], "--han_tau must be a timestep >= 0"),
+    (["--method", "han_batch", "--han_tau", "nan"], "argument --han_tau: expected a finite number, got 'nan'"),
     (["--method", "jain_dtp", "--jain_dtp_rule", "fall"], "argument --jain_dtp_rule: invalid choice: 'fall'"),
 ])
 def test_bad_settings_one_line_exit_2(tmp_path, capsys, extra, expected):

@@ -384,10 +384,16 @@ def test_zhang_features_only_files_pair_by_row_and_score_as_their_script(tmp_pat
 def test_cli_thresholds_outside_the_cosine_range_and_text_files_are_one_line(tmp_path, capsys):
     rng = np.random.default_rng(8)
     _their_features(tmp_path / "a.npz", _unit(rng, 4, 8))
-    for t in ("1.5", "-1.01", "nan"):
+    for t in ("1.5", "-1.01"):
         for score in ("rpscore", "mscore"):
             rc, _, err = _main(capsys, score, "--source", tmp_path / "a.npz", "--target", tmp_path / "a.npz", "--t", t)
             _one_line_error(rc, err, "--t in [-1, 1]")
+    for score in ("rpscore", "mscore"):  # a non-finite float is refused by the option itself (common.cli)
+        with pytest.raises(SystemExit) as exc:
+            _main(capsys, score, "--source", tmp_path / "a.npz", "--target", tmp_path / "a.npz", "--t", "nan")
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert "argument --t: expected a finite number, got 'nan'" in err
     (tmp_path / "notes.npz").write_text("features, by hand\n")
     rc, _, err = _main(capsys, "mscore", "--source", tmp_path / "notes.npz", "--target", tmp_path / "a.npz")
     _one_line_error(rc, err, "not an npz file")

@@ -24,6 +24,11 @@ with one member ``data.npy`` (float32 N×C×H×W, already in the model's range) 
 ``data.npy[i]`` in ``dataset.json``, plus ``source.json`` (how it was made). ``load_dataset_zip`` returns its
 images as float32 and ``ImageDataset`` feeds them unscaled; such a zip cannot be an image ``--source``.
 
+Every zip member read here (and every npz member ``open_npz`` hands to numpy) is first checked against the sizes
+the zip declares: at most ``MAX_JSON_MEMBER_BYTES`` / ``MAX_IMAGE_MEMBER_BYTES`` / ``MAX_ARRAY_MEMBER_BYTES``
+uncompressed and, past ``RATIO_FLOOR_BYTES``, compressed at most ``MAX_COMPRESSION_RATIO``:1, so a deflate bomb is
+refused on one line before it is inflated.
+
 The selection rules (DiffMemorize's by default) are the pure functions below; ``build_dataset`` applies them in
 this order: subset (source indices, output in source order) → intra-class mix (replacements take the slot and the
 true label of the image they replace) → labels → images (channels, center crop, Lanczos resize). Seeded draws use
@@ -74,6 +79,24 @@ CHANNELS = (1, 3)
 STREAM_SUBSET = 0
 STREAM_MIX = 1
 STREAM_LABELS = 2
+
+# Bounds on what one zip member may inflate to. A deflate bomb (a 1 MB zip whose dataset.json inflates to 1 GiB) is
+# refused from the sizes its central directory declares, before a byte is inflated; as those sizes are the zip
+# writer's word, a member is then read no further than its declared size (``read_zip_member``).
+# dataset.json: ~33 bytes per image, so ImageNet's 1.28M images take ~42 MB and CIFAR-10's 50k 1.6 MB.
+MAX_JSON_MEMBER_BYTES = 64 << 20
+# One image: a PNG as this module and EDM write them (uncompressed) of 4096×4096 RGB is 48 MiB.
+MAX_IMAGE_MEMBER_BYTES = 64 << 20
+# data.npy of a float zip or an array of an npz (generated images, features): memory the machine must hold anyway,
+# so a bound against absurd sizes only (50k float32 3×256×256 images are 37 GiB; this project's sets are far smaller).
+MAX_ARRAY_MEMBER_BYTES = 64 << 30
+# The most a member over RATIO_FLOOR_BYTES may have been compressed (uncompressed / compressed size). Genuine members
+# stay far below (measured: PNGs and float arrays ~1:1, dataset.json deflated ~10:1, a smooth synthetic 1024²
+# uncompressed PNG deflated 223:1; our zips and EDM's store members, 1:1), while a bomb's member approaches deflate's
+# ceiling of ~1030:1 (bzip2/lzma go far past it); a milder one that still inflates past the size bounds meets those.
+# Members up to the floor are exempt: a flat image may compress 700:1, and inflating 1 MiB harms nothing.
+MAX_COMPRESSION_RATIO = 300
+RATIO_FLOOR_BYTES = 1 << 20
 
 
 def draw_generator(seed: int, stream: int) -> np.random.Generator:
@@ -433,11 +456,56 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
                            f"({_reason(exc)})") from None
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, where: str) -> bytes:
+def member_limit(name: str) -> int:
+    """The most bytes member ``name`` may inflate to, by its kind (the ``MAX_*_MEMBER_BYTES`` above)."""
+    if name.lower().endswith(".json"):
+        return MAX_JSON_MEMBER_BYTES
+    if name.lower().endswith(".npy"):
+        return MAX_ARRAY_MEMBER_BYTES
+    return MAX_IMAGE_MEMBER_BYTES
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+
+
+def check_zip_member(info: zipfile.ZipInfo, where: str, error: type[Exception] = None) -> None:
+    """Refuse (``error``, one line) a member whose declared uncompressed size or compression ratio is past the
+    bounds above, before it is read."""
+    error = error or DatasetError
+    limit = member_limit(info.filename)
+    if info.file_size > limit:
+        raise error(f"{where}: the zip declares it inflates to {_size(info.file_size)}, more than the {_size(limit)} "
+                    f"such a member may hold (a zip bomb?); refusing to read it")
+    if info.file_size > RATIO_FLOOR_BYTES and info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, 1):
+        raise error(f"{where}: compressed {info.file_size / max(info.compress_size, 1):.0f}:1 "
+                    f"({info.compress_size} -> {info.file_size} bytes), past the {MAX_COMPRESSION_RATIO}:1 genuine "
+                    f"dataset members stay under (a zip bomb?); expected stored or lightly compressed members")
+
+
+def read_bounded(stream, declared: int, where: str, error: type[Exception] = None) -> bytes:
+    """Exactly ``declared`` bytes of ``stream`` (a member's declared size, already checked): fewer, or any byte
+    after them, is refused, so a lying size cannot make the read inflate past it."""
+    error = error or DatasetError
+    data = stream.read(declared)
+    if len(data) != declared:
+        raise error(f"{where}: holds {len(data)} bytes, not the {declared} its zip entry declares; expected an "
+                    f"intact zip")
+    if stream.read(1):
+        raise error(f"{where}: inflates past the {declared} bytes its zip entry declares; refusing to read it")
+    return data
+
+
+def read_zip_member(zf: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """Member ``name``, checked against the bounds (``check_zip_member``) and read no further than its size."""
     try:
-        return zf.read(name)
+        info = zf.getinfo(name)
+        check_zip_member(info, where)
+        with zf.open(info) as stream:
+            return read_bounded(stream, info.file_size, where)
     except (zipfile.BadZipFile, OSError, zlib.error, EOFError, NotImplementedError) as exc:
         raise DatasetError(f"{where}: cannot read the zip member ({_reason(exc)})") from None
+
 
 
 def _zip_contents(zf: zipfile.ZipFile, path: Path) -> tuple[list[str], np.ndarray | None, str]:
@@ -448,10 +516,13 @@ def _zip_contents(zf: zipfile.ZipFile, path: Path) -> tuple[list[str], np.ndarra
                            f"is read as it is, but cannot be an image source")
     if not names:
         raise DatasetError(f"{path}: expected an EDM dataset zip of images, it holds none")
+    # Every image's declared size at once: a bomb among them fails here, before a model loads or hours of reading.
+    for name in names:
+        check_zip_member(zf.getinfo(name), f"{path}:{name}")
     if LABELS_FILE not in zf.namelist():
         return names, None, f" (no {LABELS_FILE} in the zip)"
     where = f"{path}:{LABELS_FILE}"
-    return names, parse_labels_json(_read_member(zf, LABELS_FILE, where), where, names), \
+    return names, parse_labels_json(read_zip_member(zf, LABELS_FILE, where), where, names), \
         f" ({where} has \"labels\": null)"
 
 
@@ -467,7 +538,7 @@ def _zip_source(path: Path) -> Source:
 
     def load(i: int) -> np.ndarray:
         where = f"{path}:{names[i]}"
-        return decode_image(_read_member(zf, names[i], where), where)
+        return decode_image(read_zip_member(zf, names[i], where), where)
 
     return Source("zip", str(path), names, labels, load, lambda i: f"{path}:{names[i]}",
                   no_labels_reason=reason, _stack=stack)
@@ -683,6 +754,14 @@ def open_npz(path: str | Path, error: type[Exception] = None):
         raise error(f"{path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     if not is_zip:
         raise error(f"{path}: not an npz file (expected a zip of .npy arrays, as numpy's savez writes)")
+    # numpy inflates a member when it is indexed; zipfile stops that read at the declared size (and checks the CRC),
+    # so checking the declared sizes here bounds it.
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                check_zip_member(info, f"{path}:{info.filename}", error)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise error(f"{path}: cannot read the npz ({_reason(exc)})") from None
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises OSError, ValueError, BadZipFile, EOFError for damaged files
@@ -804,7 +883,7 @@ def _load_float_zip(zf: zipfile.ZipFile, path: Path) -> DatasetArrays:
     """A float zip's data.npy (float32 N×C×H×W, finite), its labels and row names."""
     where = f"{path}:{FLOAT_MEMBER}"
     try:
-        images = np.load(io.BytesIO(_read_member(zf, FLOAT_MEMBER, where)), allow_pickle=False)
+        images = np.load(io.BytesIO(read_zip_member(zf, FLOAT_MEMBER, where)), allow_pickle=False)
     except DatasetError:
         raise
     except Exception as exc:  # a truncated or non-npy member raises ValueError, EOFError...
@@ -817,7 +896,7 @@ def _load_float_zip(zf: zipfile.ZipFile, path: Path) -> DatasetArrays:
     labels = None
     if LABELS_FILE in zf.namelist():
         meta = f"{path}:{LABELS_FILE}"
-        labels = parse_labels_json(_read_member(zf, LABELS_FILE, meta), meta, names)
+        labels = parse_labels_json(read_zip_member(zf, LABELS_FILE, meta), meta, names)
     return DatasetArrays(images, labels, names)
 
 
@@ -836,7 +915,7 @@ def load_dataset_zip(path: str | Path, progress: bool = True) -> DatasetArrays:
         images, shape0 = None, None
         for j, name in enumerate(_tqdm(names, len(names), "reading", progress)):
             where = f"{path}:{name}"
-            image = decode_image(_read_member(zf, name, where), where).transpose(2, 0, 1)
+            image = decode_image(read_zip_member(zf, name, where), where).transpose(2, 0, 1)
             if images is None:
                 shape0 = image.shape
                 images = np.empty((len(names), *shape0), dtype=np.uint8)

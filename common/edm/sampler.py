@@ -136,7 +136,8 @@ class SamplerSettings:
     rho: float = option(7.0, help="schedule exponent ρ (Eq. 5)")
     S_churn: float = option(0.0, help="stochasticity S_churn (0: deterministic)")
     S_min: float = option(0.0, help="churn only for σ >= S_min")
-    S_max: float = option(math.inf, help="churn only for σ <= S_max")
+    # inf is EDM's own default (churn at every σ), so this one float option takes an infinity.
+    S_max: float = option(math.inf, finite=False, help="churn only for σ <= S_max (inf: no upper bound)")
     S_noise: float = option(1.0, help="churn noise scale S_noise")
     solver: str = option("heun", choices=SOLVERS,
                          help="heun: EDM's Algorithm 2; euler: the same steps without the correction")

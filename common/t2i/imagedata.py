@@ -27,7 +27,7 @@ from diffmem.common.errors import DiffmemError
 from diffmem.common.jsonl import iter_json_objects
 from diffmem.common.t2i.prompt_aug import augment_prompt
 from diffmem.common.seeding import STREAM_CAPTION, STREAM_IMAGE, derive_seed, numpy_generator
-from diffmem.common.textfile import read_utf8_text
+from diffmem.common.textfile import read_utf8_text, surrogate_problem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -116,6 +116,12 @@ def hf_dataset_records(dataset, image_column: str, caption_column: str, name: st
             caption = caption.strip()
         else:
             raise ImageDataError(f"{name}[{row}]: expected a caption string or list of strings in {caption_column!r}")
+        # metadata.jsonl rows are checked as read (common.jsonl), .txt captions decoded as UTF-8; a 🤗 dataset's
+        # strings are not, and the tokenizer would fail on a lone surrogate mid-training.
+        problem = next(filter(None, (surrogate_problem(c, "caption") for c in
+                                     ((caption,) if isinstance(caption, str) else caption))), None)
+        if problem:
+            raise ImageDataError(f"{name}[{row}]: {problem}")
         records.append(ImageRecord(key=f"{name}[{row}]", caption=caption, row=row))
     return records
 

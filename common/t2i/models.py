@@ -8,12 +8,17 @@ real CLIP tokenizer, a PNDM scheduler) with random weights.
 
 from __future__ import annotations
 
+import logging
+import pickle
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from diffmem.common.errors import DiffmemError
+from diffmem.common.safe_load import refusal_line
 from diffmem.common.t2i.options import DTYPE_NAMES, SCHEDULERS
 from diffmem.common.t2i.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
 
@@ -144,6 +149,77 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
+# What StableDiffusionPipeline loads from a folder, each part from its own subfolder with this config file (the
+# tokenizer's files vary: vocab.json and merges.txt, or tokenizer.json).
+PIPELINE_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "tokenizer": None,
+                  "scheduler": "scheduler_config.json"}
+PIPELINE_LAYOUT = ("a diffusers pipeline folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and "
+                   "scheduler/")
+
+
+def check_pipeline_folder(folder: Path, name: str, unet_id: str | None = None) -> None:
+    """A local pipeline folder's parts, checked before diffusers reads it: diffusers reports a missing unet/ as a
+    missing config.json of the pipeline folder itself."""
+    for part, config in PIPELINE_PARTS.items():
+        if part == "unet" and unet_id is not None:
+            continue  # the UNet comes from --unet_id
+        if not (folder / part).is_dir():
+            raise ModelLoadError(f"{name}: no {part}/ folder; {PIPELINE_LAYOUT}"
+                                 + (" (or pass --unet_id)" if part == "unet" else ""))
+        if config is not None and not (folder / part / config).is_file():
+            raise ModelLoadError(f"{name}: no {part}/{config}; {PIPELINE_LAYOUT}, each part with its config and "
+                                 f"weights as save_pretrained writes them")
+
+
+def _loaded_file(exc: BaseException) -> str | None:
+    """The file torch.load was reading when exc was raised (its ``f`` argument, from the traceback), if a path."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "load" and frame.f_globals.get("__name__") == "torch.serialization":
+            f = frame.f_locals.get("f")
+            found = str(f) if isinstance(f, (str, Path)) else found
+        tb = tb.tb_next
+    return found
+
+
+def _refused_pickle(exc: BaseException) -> str | None:
+    """One line (common.safe_load's) for a pickled weights file that torch.load(weights_only=True) refused somewhere
+    in exc's chain: the file and the refused global; None when no refusal is in the chain. torch's own message spans
+    paragraphs, among them the advice to load with weights_only=False, which would run the pickle's code."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    refusal = next((e for e in chain if isinstance(e, pickle.UnpicklingError)), None)
+    if refusal is None:
+        return None
+    # diffusers names the file in its own message; transformers does not, but torch.load's frame holds it.
+    file = _loaded_file(refusal) or next(
+        (m.group(1) for e in chain for m in [re.search(r"checkpoint file for '([^']+)'", str(e))] if m), None)
+    return refusal_line(file or "a weights file", refusal)
+
+
+class _DropLoggedFetchError(logging.Filter):
+    """diffusers logs "An error occurred while trying to fetch DIR" when a part has .bin weights but no safetensors,
+    then loads the .bin (or fails, and we report that on one line): the logged line is noise either way."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("An error occurred while trying to fetch")
+
+
+@contextmanager
+def _quiet_fetch_errors():
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    drop = _DropLoggedFetchError()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def load_pipeline(
     model_id: str,
     unet_id: str | None = None,
@@ -165,16 +241,22 @@ def load_pipeline(
         raise ModelLoadError(f"{model_id}: not a diffusers pipeline folder (no model_index.json)")
     if not path.exists() and not is_hub_id:
         raise ModelLoadError(f"{model_id}: no such model folder (expected a local folder or a Hub id owner/name)")
+    if path.is_dir():
+        check_pipeline_folder(path, model_id, unet_id)
     kwargs = dict(dtype=dtype, revision=revision, variant=variant, safety_checker=None,
                   requires_safety_checker=False)
     try:
-        if unet_id is not None:
-            # Accept a bare UNet folder or any folder holding one under unet/ (pipelines, trainer checkpoints).
-            sub = "unet" if (Path(unet_id) / "unet" / "config.json").is_file() else None
-            kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_id, subfolder=sub, dtype=dtype)
-        pipe = StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else model_id, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+        with _quiet_fetch_errors():
+            if unet_id is not None:
+                # Accept a bare UNet folder or any folder holding one under unet/ (pipelines, trainer checkpoints).
+                sub = "unet" if (Path(unet_id) / "unet" / "config.json").is_file() else None
+                kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_id, subfolder=sub, dtype=dtype)
+            pipe = StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else model_id, **kwargs)
+    except (OSError, ValueError, EnvironmentError, pickle.UnpicklingError) as exc:
         which = unet_id if unet_id is not None and "unet" not in kwargs else model_id
+        refused = _refused_pickle(exc)
+        if refused is not None:
+            raise ModelLoadError(refused) from exc
         raise ModelLoadError(f"{which}: cannot load model ({_first_line(exc)})") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from diffmem.common.errors import DiffmemError
 from diffmem.common.jsonl import iter_json_objects, parse_label
-from diffmem.common.textfile import read_utf8_lines
+from diffmem.common.textfile import read_utf8_lines, surrogate_problem
 
 CAPTION_KEYS = ("caption", "prompt", "text", "Prompt", "TEXT", "Caption")
 LABEL_KEYS = ("label", "memorized")
@@ -47,6 +47,10 @@ def _parse_index(value):
 def _make_record(row, caption, where, *, index=None, label=None, type_=None, line=None, allow_empty=False):
     if not isinstance(caption, str):
         raise PromptFileError(f"{where}: expected the caption to be a string, got {type(caption).__name__}")
+    # jsonl rows are checked as they are read (common.jsonl); a 🤗 dataset's strings come here unchecked.
+    problem = surrogate_problem(caption, "caption")
+    if problem:
+        raise PromptFileError(f"{where}: {problem}")
     if not caption.strip() and not allow_empty:
         raise PromptFileError(f"{where}: empty caption (pass --allow_empty to score the empty prompt)")
     label = parse_label(label, where, PromptFileError)

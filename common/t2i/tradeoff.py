@@ -10,6 +10,7 @@ it (a mitigation must not hurt ordinary prompts).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, get_args, get_type_hints
@@ -62,10 +63,14 @@ def _coerce(settings, item: str, name: str, text: str):
     try:
         if kind is bool:
             return {"1": True, "true": True, "0": False, "false": False}[text.strip().lower()]
-        return kind(text)
+        value = kind(text)
     except (KeyError, ValueError):
         raise ConfigError(f"--methods {item!r}: {name} expects {'0 or 1' if kind is bool else 'a number'}, "
                           f"got {text!r}") from None
+    # float() takes nan/inf: a NaN setting runs, writes NaN into the points and makes an identical rerun differ.
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"--methods {item!r}: {name} expects a finite number, got {text!r}")
+    return value
 
 
 def parse_method(item: str, settings) -> tuple[str, dict]:
@@ -124,6 +129,9 @@ def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
             raise ConfigError(f"--sweep {item!r}: the values must be numbers separated by commas") from None
         if not parsed:
             raise ConfigError(f"--sweep {item!r}: no values")
+        bad = next((v for v in parsed if not math.isfinite(v)), None)
+        if bad is not None:  # float() takes nan/inf, which no knob can be set to (NaN points, a NaN-named run)
+            raise ConfigError(f"--sweep {item!r}: expected finite numbers, got {bad!r}")
         out[name] = [int(v) if name == "repeat_num" else v for v in parsed]
     return out
 

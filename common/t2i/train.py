@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffmem.common.cli import option
+from diffmem.common.cli import option, prompt_text
 from diffmem.common.errors import ConfigError
 from diffmem.common.results import write_json_atomic
 from diffmem.common.t2i.imagedata import (
@@ -43,6 +43,7 @@ from diffmem.common.seeding import (
     randn_per_sample,
 )
 from diffmem.common.train_loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
+from diffmem.common.runlock import lock_run_folder
 from diffmem.common.trainer import (
     LossTerms,
     TrainConfig,
@@ -97,7 +98,8 @@ class TextToImageConfig:
     hard_threshold: float | None = option(None, type=float, help="drop samples with ||eps(x_t,c) - eps(x_t,empty)||_2 "
                                                                  ">= T from the loss (Wen et al.)")
     # validation images
-    validation_prompts: list[str] = option(default_factory=list, nargs="+", help="prompts of the validation images")
+    validation_prompts: list[str] = option(default_factory=list, nargs="+", type=prompt_text,
+                                           help="prompts of the validation images")
     validation_inference_steps: int = option(25, help="sampling steps of the validation images")
     validation_guidance_scale: float = option(7.5, help="guidance of the validation images")
 
@@ -353,67 +355,69 @@ def train_text_to_image(cfg: TextToImageConfig):
 
     check_optional_features(cfg)
     # Before any data is read or model loaded: a refused resume writes nothing (one line, exit 2).
-    bind_training_settings(cfg.train, run_settings(cfg))
-    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    records, report, hf = load_training_records(cfg, progress=local_main and cfg.train.show_progress)
+    with lock_run_folder(cfg.train.output_dir, "--output_dir"):
+        bind_training_settings(cfg.train, run_settings(cfg))
+        local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        records, report, hf = load_training_records(cfg, progress=local_main and cfg.train.show_progress)
 
-    accelerator = make_accelerator(cfg.train)
-    weight_dtype = weight_dtype_of(accelerator)
-    if accelerator.is_main_process:
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(cfg.train.output_dir) / "data_report.json", report.to_dict())
-    for note in report.warnings:
-        accelerator.print(f"warning: {note}")
+        accelerator = make_accelerator(cfg.train)
+        weight_dtype = weight_dtype_of(accelerator)
+        if accelerator.is_main_process:
+            Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(cfg.train.output_dir) / "data_report.json", report.to_dict())
+        for note in report.warnings:
+            accelerator.print(f"warning: {note}")
 
-    pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if cfg.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
-    del pipe
+        pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
+        unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if cfg.prediction_type is not None:
+            noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+        del pipe
 
-    def to_frozen(module):
-        # dtype only when it changes: diffusers warns on every .to(dtype=...) of a VAE.
-        module.requires_grad_(False).to(accelerator.device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
+        def to_frozen(module):
+            # dtype only when it changes: diffusers warns on every .to(dtype=...) of a VAE.
+            module.requires_grad_(False).to(accelerator.device)
+            if weight_dtype != torch.float32:
+                module.to(dtype=weight_dtype)
 
-    to_frozen(vae)
-    models = {"unet": unet}
-    if cfg.train_text_encoder:
-        text_encoder.requires_grad_(True).train()
-        models["text_encoder"] = text_encoder
-    else:
-        to_frozen(text_encoder)
-    unet.train()
-    if cfg.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        to_frozen(vae)
+        models = {"unet": unet}
         if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            text_encoder.requires_grad_(True).train()
+            models["text_encoder"] = text_encoder
+        else:
+            to_frozen(text_encoder)
+        unet.train()
+        if cfg.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                text_encoder.gradient_checkpointing_enable()
 
-    dataset = TextImageDataset(
-        records,
-        ImageTransformConfig(cfg.resolution, cfg.center_crop, cfg.random_flip),
-        CaptionConfig(cfg.prompt_aug_style, cfg.repeat_num, cfg.caption_dropout),
-        seed=cfg.train.seed, tokenizer=tokenizer, hf_dataset=hf, image_column=cfg.image_column,
-    )
-    loss_fn = TextToImageLoss(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
-        weight_dtype=weight_dtype, device=accelerator.device, unwrap=accelerator.unwrap_model,
-        snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset, hard_threshold=cfg.hard_threshold,
-        train_text_encoder=cfg.train_text_encoder,
-    )
-    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": noise_scheduler}
-    tracker_config = {k: v for k, v in asdict(cfg).items() if k != "train"}
-    trainer = Trainer(
-        accelerator, cfg.train, models, loss_fn, dataset, TextImageCollator(tokenizer),
-        validate_fn=_validation_images(cfg, accelerator, parts) if cfg.validation_prompts else None,
-        export_fn=_exporter(cfg), tracker_config=tracker_config,
-        extra_state={"data": {"total": report.total, "mem_used": report.mem_used, "non_mem_used": report.non_mem_used}},
-    )
-    return trainer.train()
+        dataset = TextImageDataset(
+            records,
+            ImageTransformConfig(cfg.resolution, cfg.center_crop, cfg.random_flip),
+            CaptionConfig(cfg.prompt_aug_style, cfg.repeat_num, cfg.caption_dropout),
+            seed=cfg.train.seed, tokenizer=tokenizer, hf_dataset=hf, image_column=cfg.image_column,
+        )
+        loss_fn = TextToImageLoss(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
+            weight_dtype=weight_dtype, device=accelerator.device, unwrap=accelerator.unwrap_model,
+            snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset, hard_threshold=cfg.hard_threshold,
+            train_text_encoder=cfg.train_text_encoder,
+        )
+        parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": noise_scheduler}
+        tracker_config = {k: v for k, v in asdict(cfg).items() if k != "train"}
+        trainer = Trainer(
+            accelerator, cfg.train, models, loss_fn, dataset, TextImageCollator(tokenizer),
+            validate_fn=_validation_images(cfg, accelerator, parts) if cfg.validation_prompts else None,
+            export_fn=_exporter(cfg), tracker_config=tracker_config,
+            extra_state={"data": {"total": report.total, "mem_used": report.mem_used,
+                                  "non_mem_used": report.non_mem_used}},
+        )
+        return trainer.train()
 
 
 __all__ = [
