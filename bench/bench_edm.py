@@ -8,7 +8,7 @@ Both training variants train the same randomly initialised EDMNetwork (VP precon
 ramp-up) on the same random images, in one process, interleaved over --rounds (best round reported):
   plain   - a loop as NVlabs/edm's training_loop writes it: torch.rand/randn_like noise for the whole batch, the
             VP loss summed over pixels, backward, per-step LR, Adam, EMA by lerp; no Accelerate, no trainer;
-  trainer - common.trainer.Trainer with common.edm.train.EDMTrainingLoss (per-sample seeded draws, masked
+  trainer - common.training.loop.Trainer with common.edm.train.EDMTrainingLoss (per-sample seeded draws, masked
             mean, one all-reduce per micro-batch, the EMA through diffusers' EMAModel).
 images/s is the batch over the median step time. Prints both, trainer/plain (target >= 0.95), sampler
 images/s (Heun, --sample_steps) and, on a GPU, peak memory of each. No timing is asserted.
@@ -61,7 +61,7 @@ def parse_args(argv):
 
 
 def build(args):
-    from diffmem.common.edm.network import ArchConfig, build_network
+    from diffmem.common.edm.networks.unet2d import ArchConfig, build_network
     from diffmem.common.edm.precond import Preconditioning
 
     preset = {k: v for k, v in PRESETS[args.preset].items() if k != "batch"}
@@ -107,10 +107,10 @@ def run_trainer(args, master, images, batch, device, workdir):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from diffmem.common.edm.dataset import DatasetArrays, ImageDataset, collate_image_batch
+    from diffmem.common.edm.dataset.edm_zip import DatasetArrays, ImageDataset, collate_image_batch
     from diffmem.common.edm.schedule import resolve_schedule
     from diffmem.common.edm.train import EDMTrainingLoss
-    from diffmem.common.trainer import StepSchedule, TrainConfig, Trainer
+    from diffmem.common.training.loop import StepSchedule, TrainConfig, Trainer
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

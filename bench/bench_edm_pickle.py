@@ -35,8 +35,8 @@ import json, resource, sys, time
 mode, path = sys.argv[1], sys.argv[2]
 import torch
 if mode == "ours":
-    from diffmem.common.edm.edm_pickle import load_edm_pickle
-    import accelerate, common.edm.edm_precond  # noqa: F401  (imported first: the load alone is measured)
+    from diffmem.common.edm.networks.edm_pickle import load_edm_pickle
+    import accelerate, common.edm.networks.edm_preconditioners  # noqa: F401  (imported first: the load alone is measured)
     load = lambda: load_edm_pickle(path)[0]
 else:
     import pickle
@@ -70,8 +70,8 @@ def write_pickle(path: Path, edm_repo: str | None) -> Path:
         return path
     import torch
 
-    from diffmem.common.edm.edm_pickle import write_edm_pickle
-    from diffmem.common.edm.edm_precond import build_from_edm
+    from diffmem.common.edm.networks.edm_pickle import write_edm_pickle
+    from diffmem.common.edm.networks.edm_preconditioners import build_from_edm
 
     torch.manual_seed(0)
     return write_edm_pickle(build_from_edm("VPPrecond", DDPMPP_CIFAR), path)

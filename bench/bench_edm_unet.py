@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.common.edm.edm_precond import build_from_edm
+from diffmem.common.edm.networks.edm_preconditioners import build_from_edm
 
 # NVlabs/edm train.py's network_kwargs: --arch=ddpmpp / ncsnpp / adm, dropout 0.13 (0.10 for ImageNet), the
 # augment pipe on (augment_dim 9) for CIFAR-10 and off for ImageNet; use_fp16 False (fp32 is benchmarked).

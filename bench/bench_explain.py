@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.explain import WRT_CHOICES, explain_prompts
-from diffmem.common.t2i.models import denoiser_parts
+from diffmem.common.t2i.pipeline import denoiser_parts
 
 
 

@@ -1,4 +1,4 @@
-"""Seconds per denoiser Jacobian: common.edm.jacobian against torch.autograd.functional.jacobian's default.
+"""Seconds per denoiser Jacobian: common.edm.measure.jacobian against torch.autograd.functional.jacobian's default.
 
     python bench/bench_jacobian.py                                  # 3×8×8 and 3×32×32, small DDPM++-like net, CPU
     python bench/bench_jacobian.py --preset ddpmpp --device cuda    # DiffMemorize's basic DDPM++ network
@@ -53,7 +53,7 @@ def parse_args(argv):
 
 def build(resolution: int, preset: str, device):
     """A seeded random EDMNetwork for 3×R×R with attention at R/2, eval mode, on device."""
-    from diffmem.common.edm.network import ArchConfig, build_network
+    from diffmem.common.edm.networks.unet2d import ArchConfig, build_network
     from diffmem.common.edm.precond import Preconditioning
 
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def best(fn, device, rounds: int):
 
 def bench_resolution(resolution: int, args) -> dict:
     """Seconds per Jacobian of the three ways at one resolution, and how far their rows are apart."""
-    from diffmem.common.edm import jacobian as J
+    from diffmem.common.edm.measure import jacobian as J
 
     device = torch.device(args.device)
     net = build(resolution, args.preset, device)

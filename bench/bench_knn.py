@@ -1,4 +1,4 @@
-"""Nearest training images: common.edm.knn.exact_knn vs DiffMemorize's torch.cdist + topk(k=2), on planted data.
+"""Nearest training images: common.edm.measure.knn.exact_knn vs DiffMemorize's torch.cdist + topk(k=2), on planted data.
 
     python bench/bench_knn.py                                              # 1000 × 5000 × 3072, CPU, seconds
     OMP_NUM_THREADS=2 python bench/bench_knn.py --n_queries 10000 --n_train 50000    # CIFAR-sized, 2 cores
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.common.edm.knn import exact_knn
+from diffmem.common.edm.measure.knn import exact_knn
 
 GIB = 1 << 30
 

@@ -26,9 +26,9 @@ import torch
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 
 from diffmem.common.t2i.detection import encode_prompts
-from diffmem.common.t2i.mitigation import optimise_prompt_embeds, prompt_losses
-from diffmem.common.t2i.models import denoiser_parts
-from diffmem.common.t2i.noise import initial_latents
+from diffmem.common.t2i.mitigation.prompt_embedding import optimise_prompt_embeds, prompt_losses
+from diffmem.common.t2i.pipeline import denoiser_parts
+from diffmem.common.t2i.text_noise import initial_latents
 
 
 def generation_throughput(pipe, parts, embeds, uncond, latents, args, device) -> dict:
@@ -40,7 +40,7 @@ def generation_throughput(pipe, parts, embeds, uncond, latents, args, device) ->
     few hundred kernels of a UNet call is an OpenMP region whose threads wait for one another, and a thread that
     another process has descheduled stalls them all.
     """
-    from diffmem.common.t2i.generation import decode_latents, sample_latents
+    from diffmem.common.t2i.sampler import decode_latents, sample_latents
 
     B = min(args.batch_size, len(embeds))
     G = latents.shape[1]
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         result["generation"] = generation_throughput(pipe, parts, embeds, uncond, latents, args, device)
 
     if args.sscd_model != "none":
-        from diffmem.common.t2i.generation import decode_latents, to_pil
+        from diffmem.common.t2i.sampler import decode_latents, to_pil
         from diffmem.common.similarity import SimilarityModelError, SSCDModel
 
         try:

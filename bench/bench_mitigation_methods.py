@@ -23,11 +23,11 @@ import torch
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 
 from diffmem.common.t2i.detection import encode_prompts
-from diffmem.common.t2i.generation import decode_latents
-from diffmem.common.t2i.mitigation import prompt_losses
-from diffmem.common.t2i.mitigation_methods import METHODS, generate_batch
-from diffmem.common.t2i.mitigation_run import MitigationSettings, condition_batch
-from diffmem.common.t2i.models import denoiser_parts
+from diffmem.common.t2i.sampler import decode_latents
+from diffmem.common.t2i.mitigation.prompt_embedding import prompt_losses
+from diffmem.common.t2i.mitigation.methods import METHODS, generate_batch
+from diffmem.common.t2i.mitigation.run import MitigationSettings, condition_batch
+from diffmem.common.t2i.pipeline import denoiser_parts
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python bench/bench_optimal.py                       # CIFAR-shaped 3×32×32, N = 1024, batch 16, CPU: seconds
     python bench/bench_optimal.py --device cuda --n 50000 --batch 64 --no_broadcast
 
-  ours       - common.edm.optimal.OptimalDenoiser: float64 per-pair distances, chunked online softmax
+  ours       - common.edm.networks.optimal.OptimalDenoiser: float64 per-pair distances, chunked online softmax
                (memory B × chunk);
   ours_mm    - the same with matmul=True: float64 ‖x‖² + ‖y‖² − 2x·y by GEMM;
   optimedm   - Gu et al.'s OptimEDM style: fp32 torch.cdist² / 2σ² over the whole set, softmax, weighted sum
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.common.edm.optimal import OptimalDenoiser
+from diffmem.common.edm.networks.optimal import OptimalDenoiser
 
 METHODS = ("ours", "ours_mm", "optimedm", "broadcast")
 SIGMAS = (0.002, 0.05, 1.0)

@@ -8,7 +8,7 @@ Three variants train the same randomly initialised model on the same images, in 
 --rounds (the best round of each is reported, which damps noise from other jobs on the machine):
   example   - the diffusers text-to-image example's loop (torchvision transforms, shuffled DataLoader,
               randn_like noise, accelerator.accumulate/backward/clip, loss gathered for logging every step);
-  trainer   - common.trainer.Trainer with common.t2i.train.TextToImageLoss (per-sample seeded draws, masked
+  trainer   - common.training.loop.Trainer with common.t2i.train.TextToImageLoss (per-sample seeded draws, masked
               mean, one all-reduce per micro-batch);
   threshold - the same with --hard_threshold (one extra no-grad UNet forward per batch).
 samples/s is batch size over the median optimizer-step time. Prints samples/s, peak GPU memory, trainer/example (target >= 0.95), threshold/trainer, and the threshold
@@ -100,7 +100,7 @@ def run_example(args, parts, master_unet, folder, res):
             transforms.RandomCrop(res), transforms.ToTensor(), transforms.Normalize([0.5], [0.5]),
         ])
     except ImportError:  # a torch-only environment: the same operations through PIL
-        from diffmem.common.t2i.imagedata import ImageTransformConfig, transform_image
+        from diffmem.common.t2i.train_data import ImageTransformConfig, transform_image
 
         rng = np.random.default_rng(0)
 
@@ -160,9 +160,9 @@ def run_example(args, parts, master_unet, folder, res):
 
 
 def run_trainer(args, parts, master_unet, records, res, workdir, threshold):
-    from diffmem.common.t2i.imagedata import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
+    from diffmem.common.t2i.train_data import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
     from diffmem.common.t2i.train import TextToImageLoss
-    from diffmem.common.trainer import TrainConfig, Trainer
+    from diffmem.common.training.loop import TrainConfig, Trainer
 
     acc = fresh_accelerator(args)
     wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -209,8 +209,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from diffusers import DDPMScheduler
 
-    from diffmem.common.t2i.imagedata import read_image_folder
-    from diffmem.common.t2i.models import build_components
+    from diffmem.common.t2i.train_data import read_image_folder
+    from diffmem.common.t2i.pipeline import build_components
 
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
     if threads is not None:

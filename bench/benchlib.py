@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from diffmem.common.cli import quiet_hub_logging
-from diffmem.common.t2i.models import assemble_pipeline, build_components, load_pipeline, parse_dtype
+from diffmem.common.t2i.pipeline import assemble_pipeline, build_components, load_pipeline, parse_dtype
 from diffmem.common.t2i.prompts import read_prompts
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sdv1_500_memorized.jsonl"

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from diffmem.common.jsonl import iter_json_objects, parse_label
+from diffmem.common.textfiles import iter_json_objects, parse_label
 from diffmem.common.plotting import new_axes
 from diffmem.common.results import ResultsFileError
 

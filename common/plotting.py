@@ -3,7 +3,7 @@
 Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so writing a plot never switches the
 global backend or leaks figures: the same functions work in scripts, headless CI and notebooks (where
 ``IPython.display`` can show the returned figure). The EMM curve lives here because both a sweep's report
-(``common.edm.sweep``) and the comparison of several sweeps (``detect/emm.py plot``) draw it.
+(``common.edm.emm.sweep``) and the comparison of several sweeps (``detect/emm.py plot``) draw it.
 """
 
 from __future__ import annotations

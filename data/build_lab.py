@@ -1,7 +1,7 @@
 """Build the memorization lab: a tiny StableDiffusionPipeline that memorizes a known subset of captioned digits.
 
 Stages (each a real diffmem component): captioned images (common.t2i.lab) -> a small VAE trained with
-common.trainer.Trainer -> a random pipeline of arch "lab" with that VAE -> finetune/train_text_to_image.py with
+common.training.loop.Trainer -> a random pipeline of arch "lab" with that VAE -> finetune/train_text_to_image.py with
 --train_text_encoder (memorized images repeated, seen-once images mixed in) -> detect/detect_mem.py first-step
 scores, pixel and SSCD replication rates -> the same training with --hard_threshold (Wen et al.'s mitigation; T a
 quantile of the trained model's seen-once training norms), continued from the lab run's early checkpoint and
@@ -23,9 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, run_main, settings_from_args
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
+
+from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
-from diffmem.common.trainer import CHECKPOINT_PREFIX
+from diffmem.common.training.loop import CHECKPOINT_PREFIX
 
 
 @dataclass
@@ -149,11 +151,11 @@ def _train(cfg: LabConfig, init_dir: Path, work: Path, out_dir: Path, *, hard_th
 
 def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir: Path, train_images, train_index,
              split, sscd=None, train_sscd=None) -> dict:
-    from diffmem.common.t2i.generation import save_grid, to_pil
+    from diffmem.common.t2i.sampler import save_grid, to_pil
     from diffmem.common.t2i.lab import generate_images, replication_figures, sscd_replication_figures
     from diffmem.common.t2i.detection import score_prompts
     from diffmem.common.metrics import detection_metrics, fpr_key
-    from diffmem.common.t2i.models import denoiser_parts, load_pipeline
+    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline
     from diffmem.common.t2i.prompts import read_prompts
 
     figures = {}
@@ -233,7 +235,7 @@ def build(cfg: LabConfig) -> dict:
     import torch
 
     from diffmem.common.t2i.lab import digit_images, lab_split, train_vae, training_text_noise_norms, write_imagefolder
-    from diffmem.common.t2i.models import assemble_pipeline, build_components, load_pipeline, strip_build_paths
+    from diffmem.common.t2i.pipeline import assemble_pipeline, build_components, load_pipeline, strip_build_paths
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
@@ -293,7 +295,7 @@ def build(cfg: LabConfig) -> dict:
     # 5. the shipped model's figures (what every CLI will load)
     sscd = train_sscd = None
     if cfg.sscd != "none":
-        from diffmem.common.t2i.generation import to_pil
+        from diffmem.common.t2i.sampler import to_pil
         from diffmem.common.similarity import SSCDModel
 
         sscd = SSCDModel(cfg.sscd)

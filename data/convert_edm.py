@@ -2,7 +2,7 @@
 
     python data/convert_edm.py --network edm-cifar10-32x32-uncond-vp.pkl --out nets/edm-uncond-vp
 
-The pickle's ``ema`` network is read by a restricted unpickler (``common.edm.edm_pickle``: only the globals a
+The pickle's ``ema`` network is read by a restricted unpickler (``common.edm.networks.edm_pickle``: only the globals a
 snapshot needs; the module source EDM embeds is never executed) and rebuilt as our ``SongUNet`` / ``DhariwalUNet``
 with its preconditioning. OUT is a snapshot folder (``save_pretrained`` + ``snapshot.json`` with the source file and
 its SHA-256, the architecture, the preconditioning and the sampler defaults) that every unconditional CLI takes as
@@ -16,7 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, run_main, settings_from_args
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
+
+from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
 
 
@@ -43,8 +45,8 @@ def parse_args(argv=None) -> ConvertConfig:
 
 def run(cfg: ConvertConfig) -> None:
     cfg.validate()
-    from diffmem.common.edm.edm_pickle import convert_edm_pickle
-    from diffmem.common.edm.snapshot import load_network
+    from diffmem.common.edm.networks.edm_pickle import convert_edm_pickle
+    from diffmem.common.edm.networks.snapshot import load_network
 
     out, info = convert_edm_pickle(cfg.network, cfg.out, overwrite=cfg.overwrite)
     net = load_network(out)

@@ -19,8 +19,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, quiet_hub_logging, run_main,
-                                 settings_from_args)
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main, settings_from_args
+
+from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.options import (ANISOTROPY_WEIGHTS, DETECTORS, SCHEDULERS, batch_size_option,
                                         shared_option)
@@ -184,7 +185,7 @@ def run(cfg: DetectConfig) -> int:
     from tqdm.auto import tqdm
 
     from diffmem.common.t2i.detection import encode_prompts, score_prompts
-    from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
 
     with lock_run_folder(cfg.output_dir, "--output_dir", f".{cfg.run_name}.lock"):
         quiet_hub_logging()

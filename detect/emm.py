@@ -23,15 +23,15 @@ import sys
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-from diffmem.common.edm.launch import CLUSTERS, LAUNCHERS
-from diffmem.common.edm.sweep import (
+from diffmem.common.edm.emm.launch import CLUSTERS, LAUNCHERS
+from diffmem.common.edm.emm.sweep import (
     DEFAULT_SCRIPTS,
     LaunchConfig,
     SweepConfig,
     check_stage_args,
     run_sweep,
 )
-from diffmem.common.edm.sweep_state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve
+from diffmem.common.edm.emm.state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve
 from diffmem.common.errors import ConfigError
 from diffmem.common.plotting import plot_emm_curves
 

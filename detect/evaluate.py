@@ -26,7 +26,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, add_settings_arguments, option, run_main, settings_from_args
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
+
+from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
 from diffmem.common.metrics import (
     DEFAULT_FPR_TARGETS,

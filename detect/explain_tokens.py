@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, prompt_text,
-                                 quiet_hub_logging, resolve_device, run_main, settings_from_args)
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main,
+                                 settings_from_args)
+
+from diffmem.common.settings import device_option, option, prompt_text
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.options import WRT_CHOICES, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
@@ -176,7 +178,7 @@ def run(cfg: ExplainConfig) -> int:
 
     from diffmem.common.t2i.detection import encode_prompts
     from diffmem.common.t2i.explain import TokenSignificance, explain_prompts, heatmap_html, plot_token_bars
-    from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
 
     explain_time = 0.0
     if todo:

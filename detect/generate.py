@@ -7,7 +7,7 @@
     accelerate launch detect/generate.py ...        # shards the seeds across processes
 
 --optimal_denoiser samples with the ideal denoiser of the zip's images in place of a network (Karras et al. 2022,
-Eq. 3; common/edm/optimal.py; with --cond, of each class's images): the same sampler, seed rule, outputs and
+Eq. 3; common/edm/networks/optimal.py; with --cond, of each class's images): the same sampler, seed rule, outputs and
 sharding. --solver heun is Gu et al.'s OptimEDM sampler (EDM's Heun), --solver euler Zhang et al.'s (the same σ
 steps without the 2nd-order correction: the last output is D(x; σ_min)).
 
@@ -27,8 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
-                                 run_main, settings_from_args)
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
+
+from diffmem.common.settings import device_option, option
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.sampler import SamplerError, SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
@@ -120,12 +121,12 @@ def run(cfg: GenerateConfig) -> int:
     from tqdm.auto import tqdm
 
     from diffmem.common.edm import sampler as S
-    from diffmem.common.edm.snapshot import load_network, resolve_snapshot
+    from diffmem.common.edm.networks.snapshot import load_network, resolve_snapshot
 
     with lock_run_folder(cfg.outdir, "--outdir", ".generate.lock"):
         device = resolve_device(cfg.device)
         if cfg.optimal_denoiser:
-            from diffmem.common.edm.optimal import OptimalDenoiser
+            from diffmem.common.edm.networks.optimal import OptimalDenoiser
 
             reference = resolve_snapshot(cfg.network) if cfg.network is not None else None
             rank, world, device, barrier = process_state(device)

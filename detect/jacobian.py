@@ -24,8 +24,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
-                                 run_main, settings_from_args)
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
+
+from diffmem.common.settings import device_option, option
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds, rounded_sigmas
 from diffmem.common.errors import ConfigError
 
@@ -120,11 +121,11 @@ def parse_args(argv=None) -> JacobianConfig:
 def load_denoiser(cfg: JacobianConfig, device):
     """(denoiser, its description for the settings, Jacobian method): a snapshot's network or the optimal denoiser."""
     if cfg.optimal_denoiser:
-        from diffmem.common.edm.optimal import OptimalDenoiser
+        from diffmem.common.edm.networks.optimal import OptimalDenoiser
 
-        # torch.func's vmapped cdist backward is wrong (common.edm.jacobian): the batch method needs no vmap.
+        # torch.func's vmapped cdist backward is wrong (common.edm.measure.jacobian): the batch method needs no vmap.
         return OptimalDenoiser.from_dataset_zip(cfg.dataset).to(device), f"optimal:{cfg.dataset.resolve()}", "batch"
-    from diffmem.common.edm.snapshot import load_network, resolve_snapshot
+    from diffmem.common.edm.networks.snapshot import load_network, resolve_snapshot
 
     snapshot = resolve_snapshot(cfg.network)
     return load_network(snapshot, device), f"network:{snapshot.resolve()}", "vmap"
@@ -160,7 +161,7 @@ def run(cfg: JacobianConfig) -> int:
     seeds = cfg.seed_list()
 
 
-    from diffmem.common.edm import jacobian as J
+    from diffmem.common.edm.measure import jacobian as J
     from diffmem.common.results import append_results, bind_run_settings, read_results, write_json_atomic
 
     device = resolve_device(cfg.device)

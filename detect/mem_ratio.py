@@ -26,9 +26,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, device_option, option, resolve_device,
-                                 run_main, settings_from_args)
-from diffmem.common.edm.memratio import MemRatioError
+from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
+
+from diffmem.common.settings import device_option, option
+from diffmem.common.edm.measure.mem_ratio import MemRatioError
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
 from diffmem.common.runlock import lock_run_folder
@@ -108,7 +109,7 @@ def process_state(device: str):
     """This process's Shard and device: Accelerate's when launched on several processes."""
     import torch
 
-    from diffmem.common.edm.memratio import Shard
+    from diffmem.common.edm.measure.mem_ratio import Shard
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
@@ -126,8 +127,8 @@ def run(cfg: MemRatioConfig) -> dict | None:
         return None
 
 
-    from diffmem.common.edm import memratio as M
-    from diffmem.common.edm.dataset import load_dataset_zip
+    from diffmem.common.edm.measure import mem_ratio as M
+    from diffmem.common.edm.dataset.edm_zip import load_dataset_zip
 
     with lock_run_folder(cfg.root, "--outdir" if cfg.outdir is not None else "--expdir", ".mem_ratio.lock"):
         device = resolve_device(cfg.device)

@@ -5,7 +5,7 @@
         --schedule diffmemorize --num_blocks 2 --num_channels 128 --lr 2e-4 --dropout 0.13 --seed 1024
 
 The network is EDM's own SongUNet / DhariwalUNet in EDM's preconditioner (``--arch edm-ddpmpp | edm-ncsnpp |
-edm-adm``, ``common.edm.edm_archs``) or diffusers' ``UNet2DModel`` inside ``common.edm.network.EDMNetwork``
+edm-adm``, ``common.edm.networks.build``) or diffusers' ``UNet2DModel`` inside ``common.edm.networks.unet2d.EDMNetwork``
 (``--arch ddpmpp | ncsnpp``). Every --snap kimg and at the end the EMA network goes to
 ``OUTDIR/snapshot-{images_seen:09d}/`` (what ``detect/generate.py --network`` loads); resume checkpoints are the
 trainer's ``OUTDIR/checkpoint-N/``. Runs without ``accelerate launch`` too (one process).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-from diffmem.common.edm.network import ArchConfig
+from diffmem.common.edm.networks.unet2d import ArchConfig
 from diffmem.common.edm.train import LoopSettings, UnconditionalConfig
 
 CHECK_ARGS_HELP = ("parse and check the arguments, then exit without reading --data or writing anything "
@@ -61,7 +61,7 @@ def run(cfg: UnconditionalConfig, check_only: bool = False) -> None:
     if check_only:
         return
     from diffmem.common.edm.train import train_unconditional
-    from diffmem.common.trainer import resolve_resume
+    from diffmem.common.training.loop import resolve_resume
 
     resolve_resume(cfg.loop.resume_from_checkpoint, cfg.outdir)
     summary = train_unconditional(cfg)

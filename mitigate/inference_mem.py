@@ -8,7 +8,7 @@
 --optim_target_steps is ≤ --optim_target_loss; the baselines insert --repeat_num random tokens / numbers /
 own words; jain_* schedule the guidance (Jain et al. 2025), han_* adjust the initial noise (Han et al. 2025),
 ren_attn masks and rescales cross-attention (Ren et al. 2024), gni adds noise to the text embedding (Somepalli
-et al. 2023); see common/t2i/mitigation_methods.py. Every method starts prompt i from the same noise (seed
+et al. 2023); see common/t2i/mitigation/methods.py. Every method starts prompt i from the same noise (seed
 gen_seed + i) and records per prompt its extra UNet evaluations and seconds per image. Writes
 {out}/{run_name}/: images/{row}.png (grid of the prompt's generations), results.jsonl (one row per prompt,
 appended per batch; re-running the same command resumes), summary.json, config.json and, with
@@ -21,9 +21,11 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, quiet_hub_logging, resolve_device,
-                                 run_main, settings_from_args)
-from diffmem.common.t2i.mitigation_run import MitigationSettings, RunOptions, add_mitigation_arguments, own_fields
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, add_settings_groups, quiet_hub_logging, resolve_device, run_main,
+                                 settings_from_args)
+
+from diffmem.common.settings import option
+from diffmem.common.t2i.mitigation.run import MitigationSettings, RunOptions, argument_groups, own_fields
 from diffmem.common.t2i.options import shared_option
 from diffmem.common.runlock import lock_run_folder
 
@@ -49,7 +51,7 @@ class InferenceMemConfig(MitigationSettings, RunOptions):
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Inference-time memorization mitigation with SSCD/CLIP tracking "
                                    "(Wen et al. 2024).")
-    add_mitigation_arguments(p)
+    add_settings_groups(p, argument_groups())
     add_settings_arguments(p, InferenceMemConfig, only=own_fields(InferenceMemConfig, MitigationSettings, RunOptions))
     return p
 
@@ -62,7 +64,7 @@ def run(cfg: InferenceMemConfig) -> dict:
     """Validate inputs, load models, run the method and return the summary."""
     cfg.validate()
     from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from diffmem.common.t2i.mitigation_run import (TensorboardTracker, check_evaluators, load_evaluators,
+    from diffmem.common.t2i.mitigation.run import (TensorboardTracker, check_evaluators, load_evaluators,
                                        run_binding, run_mitigation)
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
@@ -86,7 +88,7 @@ def run(cfg: InferenceMemConfig) -> dict:
 
     import torch
 
-    from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
 
     with lock_run_folder(out_dir, "--out"):
         quiet_hub_logging()

@@ -23,11 +23,13 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, option, quiet_hub_logging, resolve_device,
-                                 run_main, settings_from_args)
+from diffmem.common.cli import (ArgumentParser, add_settings_arguments, add_settings_groups, quiet_hub_logging, resolve_device, run_main,
+                                 settings_from_args)
+
+from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
-from diffmem.common.t2i.mitigation_run import (BASELINES, METHODS, MitigationSettings, RunOptions,
-                                               add_mitigation_arguments, own_fields)
+from diffmem.common.t2i.mitigation.run import (BASELINES, METHODS, MitigationSettings, RunOptions,
+                                               argument_groups, own_fields)
 from diffmem.common.runlock import lock_run_folder
 
 
@@ -66,7 +68,7 @@ class TradeoffConfig(MitigationSettings, RunOptions):
         return legacy + (list(self.baselines) if self.repeat_nums else [])
 
     def runs(self) -> list:
-        from diffmem.common.t2i.tradeoff import parse_sweeps, plan_runs
+        from diffmem.common.t2i.mitigation.tradeoff import parse_sweeps, plan_runs
 
         knob_values = {"optim_target_loss": self.target_losses, "repeat_num": self.repeat_nums,
                        **parse_sweeps(self.sweep)}
@@ -90,7 +92,7 @@ class TradeoffConfig(MitigationSettings, RunOptions):
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description="Sweep mitigation strength; plot SSCD vs CLIP score per method.")
-    add_mitigation_arguments(p, exclude=("method",))  # set per run
+    add_settings_groups(p, argument_groups(), exclude=("method",))  # set per run
     add_settings_arguments(p, TradeoffConfig, only=own_fields(TradeoffConfig, MitigationSettings, RunOptions))
     return p
 
@@ -102,10 +104,10 @@ def parse_config(argv: list[str] | None) -> TradeoffConfig:
 def run(cfg: TradeoffConfig) -> list[dict]:
     cfg.validate()
     from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from diffmem.common.t2i.mitigation_run import (Evaluators, check_evaluators, load_evaluators, run_binding,
+    from diffmem.common.t2i.mitigation.run import (Evaluators, check_evaluators, load_evaluators, run_binding,
                                                    run_mitigation)
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
-    from diffmem.common.t2i.tradeoff import plot_tradeoff, tradeoff_point
+    from diffmem.common.t2i.mitigation.tradeoff import plot_tradeoff, tradeoff_point
     from diffmem.common.results import write_json_atomic
 
     dataset = resolve_dataset_path(cfg.dataset)
@@ -128,7 +130,7 @@ def run(cfg: TradeoffConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     runs = cfg.runs()
 
-    from diffmem.common.t2i.models import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
 
     with lock_run_folder(Path(cfg.out) / cfg.run_name, "--out"):
         quiet_hub_logging()

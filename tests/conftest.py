@@ -18,7 +18,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A saved tiny SD-shaped pipeline (random weights, real CLIP tokenizer) that from_pretrained loads."""
-    from diffmem.common.t2i.models import build_pipeline
+    from diffmem.common.t2i.pipeline import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("tiny-sd"), arch="tiny", seed=0)
 
@@ -26,7 +26,7 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_pipeline_dir):
     """The tiny pipeline loaded through the real loading path, fp32 on CPU."""
-    from diffmem.common.t2i.models import load_pipeline
+    from diffmem.common.t2i.pipeline import load_pipeline
 
     return load_pipeline(str(tiny_pipeline_dir))
 
@@ -34,7 +34,7 @@ def tiny_pipe(tiny_pipeline_dir):
 @pytest.fixture(scope="session")
 def tiny_parts(tiny_pipe):
     """Scoring parts (UNet, text side, DDIM scheduler, latent shape) of the tiny pipeline."""
-    from diffmem.common.t2i.models import denoiser_parts
+    from diffmem.common.t2i.pipeline import denoiser_parts
 
     return denoiser_parts(tiny_pipe)
 

@@ -1,6 +1,17 @@
 """The text-to-image wing: Stable Diffusion pipelines, prompts, Wen et al.'s detection, explanation and
 mitigation, text-to-image training data and the memorization lab.
 
-It imports only from ``common`` itself (trainer, seeding, results, metrics, SSCD, errors, CLI helpers), never
-from ``common.edm``; what both wings need lives in ``common``.
+- ``pipeline``: loading a pipeline from a Hub id or folder, and the denoiser parts the detectors use.
+- ``tokenizer``, ``prompts``, ``groundtruth``: CLIP tokens, prompt files, ground-truth image folders.
+- ``text_noise``: Wen et al.'s text-conditional noise magnitude ‖ε(x, c) − ε(x, ∅)‖ (ICLR 2024, Sec. 3).
+- ``detection``: the batched detectors (Wen et al.; Asthana & Belagiannis's anisotropy, ICLR 2026; Jeon et al.'s
+  sharpness, ICML 2025).
+- ``explain``: token significance (Wen et al., Sec. 4). ``prompt_aug``: the random-token baselines.
+- ``sampler``: classifier-free-guided DDIM sampling and decoding.
+- ``train_data``, ``train``: fine-tuning data and the text-to-image arm of the trainer. ``lab``: the lab's recipe.
+- ``options``: the CLIs' shared choice lists and option fields.
+- ``mitigation/``: every inference-time mitigation, one module per paper, and the harness (its ``__init__``).
+
+It imports only from ``common`` itself (training, seeding, results, metrics, SSCD, errors, settings), never from
+``common.edm``; what both wings need lives in ``common``.
 """

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.common.t2i.models import DenoiserParts
-from diffmem.common.t2i.noise import (
+from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.t2i.text_noise import (
     anisotropy_score,
     channel_cosine,
     classifier_free_guidance,
@@ -315,7 +315,7 @@ def text_noise_objective(
     unconditional embedding is a constant. This is the objective of Wen et al.'s token-wise significance
     (Sec. 4) and inference-time mitigation (Sec. 5). ``cond_embeds`` [B, L, D] may require grad; latents as
     in :func:`trace_noise_norms`. ``mask`` [B, G, 1, H, W] weights the difference elementwise before the norm
-    (Chen et al. 2025's bright-ending mask, :mod:`common.t2i.bright_ending`).
+    (Chen et al. 2025's bright-ending mask, :mod:`common.t2i.mitigation.bright_ending`).
     """
     norms = dict(iter_text_noise_objective(
         parts, cond_embeds, uncond_embed, latents, num_inference_steps=num_inference_steps,

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from diffmem.common.t2i.detection import iter_text_noise_objective
-from diffmem.common.t2i.models import DenoiserParts
-from diffmem.common.t2i.noise import initial_latents
+from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.t2i.text_noise import initial_latents
 from diffmem.common.t2i.options import WRT_CHOICES
 
 # fp16 gradients through a UNet can underflow; a fixed power-of-two scale on L is exact and undone after.

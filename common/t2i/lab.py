@@ -92,7 +92,7 @@ def lab_split(num_images: int, num_memorized: int, num_seen_once: int, num_novel
 
 
 def write_imagefolder(folder: str | Path, images: np.ndarray, indices: list[int], captions: list[str]) -> Path:
-    """An imagefolder (``{index}.png`` + metadata.jsonl with "text") that common.t2i.imagedata reads in this order."""
+    """An imagefolder (``{index}.png`` + metadata.jsonl with "text") that common.t2i.train_data reads in this order."""
     from PIL import Image
 
     folder = Path(folder)
@@ -147,7 +147,7 @@ class VAELoss:
         self.kl_weight = kl_weight
 
     def __call__(self, batch: dict, models: dict):
-        from diffmem.common.trainer import LossTerms
+        from diffmem.common.training.loop import LossTerms
 
         vae = models["vae"]
         x = batch["pixel_values"]
@@ -160,10 +160,10 @@ class VAELoss:
 
 
 def lab_vae(arch: str = "lab", seed: int = 0):
-    """A randomly initialised AutoencoderKL of the lab's architecture (common.t2i.models.ARCHS[arch]["vae"])."""
+    """A randomly initialised AutoencoderKL of the lab's architecture (common.t2i.pipeline.ARCHS[arch]["vae"])."""
     from diffusers import AutoencoderKL
 
-    from diffmem.common.t2i.models import ARCHS
+    from diffmem.common.t2i.pipeline import ARCHS
 
     spec = ARCHS[arch]["vae"]
     n_blocks = len(spec["block_out_channels"])
@@ -193,7 +193,7 @@ def train_vae(images: np.ndarray, output_dir: str | Path, *, steps: int, seed: i
     The saved VAE's ``scaling_factor`` is 1 / latent std, so scaled latents have unit variance (Rombach et al.
     2022, Sec. 4.3.2).
     """
-    from diffmem.common.trainer import TrainConfig, Trainer, make_accelerator
+    from diffmem.common.training.loop import TrainConfig, Trainer, make_accelerator
 
     out = Path(output_dir)
     cfg = TrainConfig(output_dir=str(out), seed=seed, train_batch_size=batch_size, max_train_steps=steps,
@@ -231,9 +231,9 @@ def generate_images(pipe, prompts: list[str], *, num_images: int, gen_seed: int,
                     guidance_scale: float) -> torch.Tensor:
     """[B, G, 3, H, W] images in [0, 1] from a DDIM trajectory; row i starts from seed gen_seed + i."""
     from diffmem.common.t2i.detection import encode_prompts
-    from diffmem.common.t2i.generation import decode_latents, sample_latents
-    from diffmem.common.t2i.models import denoiser_parts
-    from diffmem.common.t2i.noise import initial_latents
+    from diffmem.common.t2i.sampler import decode_latents, sample_latents
+    from diffmem.common.t2i.pipeline import denoiser_parts
+    from diffmem.common.t2i.text_noise import initial_latents
 
     parts = denoiser_parts(pipe)
     cond = encode_prompts(parts, prompts).embeds
@@ -293,8 +293,8 @@ def training_text_noise_norms(pipe, images: np.ndarray, split: LabSplit, *, seed
     from diffusers import DDPMScheduler
 
     from diffmem.common.t2i.detection import encode_prompts
-    from diffmem.common.t2i.models import denoiser_parts
-    from diffmem.common.t2i.noise import text_noise_norm
+    from diffmem.common.t2i.pipeline import denoiser_parts
+    from diffmem.common.t2i.text_noise import text_noise_norm
     from diffmem.common.seeding import torch_generator
 
     parts = denoiser_parts(pipe)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.common.errors import DiffmemError
-from diffmem.common.jsonl import iter_json_objects, parse_label
-from diffmem.common.textfile import read_utf8_lines, surrogate_problem
+from diffmem.common.textfiles import iter_json_objects, parse_label
+from diffmem.common.textfiles import read_utf8_lines, surrogate_problem
 
 CAPTION_KEYS = ("caption", "prompt", "text", "Prompt", "TEXT", "Caption")
 LABEL_KEYS = ("label", "memorized")
@@ -47,7 +47,7 @@ def _parse_index(value):
 def _make_record(row, caption, where, *, index=None, label=None, type_=None, line=None, allow_empty=False):
     if not isinstance(caption, str):
         raise PromptFileError(f"{where}: expected the caption to be a string, got {type(caption).__name__}")
-    # jsonl rows are checked as they are read (common.jsonl); a 🤗 dataset's strings come here unchecked.
+    # jsonl rows are checked as they are read (common.textfiles); a 🤗 dataset's strings come here unchecked.
     problem = surrogate_problem(caption, "caption")
     if problem:
         raise PromptFileError(f"{where}: {problem}")

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffmem.common.cli import option, prompt_text
+from diffmem.common.settings import option, prompt_text
 from diffmem.common.errors import ConfigError
 from diffmem.common.results import write_json_atomic
-from diffmem.common.t2i.imagedata import (
+from diffmem.common.t2i.train_data import (
     CaptionConfig,
     ImageDataError,
     ImageTransformConfig,
@@ -31,7 +31,7 @@ from diffmem.common.t2i.imagedata import (
     hf_dataset_records,
     read_image_folder,
 )
-from diffmem.common.t2i.noise import epsilon_from_output, text_noise_norm
+from diffmem.common.t2i.text_noise import epsilon_from_output, text_noise_norm
 from diffmem.common.t2i.options import PREDICTION_TYPES
 from diffmem.common.t2i.prompt_aug import STYLES
 from diffmem.common.seeding import (
@@ -42,9 +42,9 @@ from diffmem.common.seeding import (
     randint_per_sample,
     randn_per_sample,
 )
-from diffmem.common.train_loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
+from diffmem.common.training.loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
 from diffmem.common.runlock import lock_run_folder
-from diffmem.common.trainer import (
+from diffmem.common.training.loop import (
     LossTerms,
     TrainConfig,
     Trainer,
@@ -327,7 +327,7 @@ def _validation_images(cfg: TextToImageConfig, accelerator, parts: dict):
 
 def _exporter(cfg: TextToImageConfig):
     def export(models: dict, output_dir: Path) -> None:
-        from diffmem.common.t2i.models import load_pipeline
+        from diffmem.common.t2i.pipeline import load_pipeline
 
         # Reload the frozen parts from disk: the in-memory copies may have been cast to fp16/bf16.
         pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
@@ -351,7 +351,7 @@ def train_text_to_image(cfg: TextToImageConfig):
     checked before any model is loaded."""
     from diffusers import DDPMScheduler
 
-    from diffmem.common.t2i.models import load_pipeline
+    from diffmem.common.t2i.pipeline import load_pipeline
 
     check_optional_features(cfg)
     # Before any data is read or model loaded: a refused resume writes nothing (one line, exit 2).

@@ -1,0 +1,153 @@
+"""Network snapshots of a training run: ``RUN/snapshot-{images_seen:09d}/``, each loadable on its own.
+
+Every function here also takes the field's own snapshots: an EDM / DiffMemorize / Zhang et al. network pickle
+(``X.pkl``), or a run folder of ``network-snapshot-NNNNNN.pkl`` (EDM names them by kimg), read without running
+their code (``common.edm.networks.edm_pickle``).
+
+A snapshot holds the EMA network in ``save_pretrained`` format (its config carries the UNet layout, the
+preconditioning constants, the skip mask and the embedding kind) and ``snapshot.json`` (images seen, kimg,
+optimizer step, the training settings and the sampler defaults). EDM names snapshots by kimg; short runs need
+the finer unit, so ours count images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from diffmem.common.errors import DiffmemError
+from diffmem.common.results import write_json_atomic
+
+SNAPSHOT_PREFIX = "snapshot-"
+SNAPSHOT_INFO = "snapshot.json"
+PICKLE_SUFFIX = ".pkl"
+EDM_SNAPSHOT_RE = re.compile(r"network-snapshot-(\d+)\.pkl")  # EDM names its snapshots by kimg
+
+
+class SnapshotError(DiffmemError, ValueError):
+    """A path that is no snapshot or run folder; str() is the one-line message."""
+
+
+def snapshot_name(images_seen: int) -> str:
+    """``snapshot-{images_seen:09d}``: numeric order and string order agree up to a billion images."""
+    return f"{SNAPSHOT_PREFIX}{images_seen:09d}"
+
+
+def is_edm_pickle_path(path: str | Path) -> bool:
+    """A path naming a network pickle (by its suffix), as opposed to one of our snapshot folders."""
+    path = Path(path)
+    return path.suffix == PICKLE_SUFFIX and not path.is_dir()
+
+
+def edm_snapshot_images(path: str | Path) -> int | None:
+    """Images seen of ``network-snapshot-NNNNNN.pkl`` (NNNNNN is kimg); None for any other name."""
+    m = EDM_SNAPSHOT_RE.fullmatch(Path(path).name)
+    return int(m.group(1)) * 1000 if m else None
+
+
+def list_snapshots(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(images seen, path) of the complete snapshots of a run, in numeric order: our snapshot folders and EDM's
+    ``network-snapshot-NNNNNN.pkl`` (numeric order, not DiffMemorize's string order, which 7-digit kimg breaks)."""
+    root = Path(run_dir)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = re.fullmatch(rf"{SNAPSHOT_PREFIX}(\d+)", p.name)
+            if m and (p / SNAPSHOT_INFO).is_file():
+                found.append((int(m.group(1)), p))
+            elif p.is_file() and (images := edm_snapshot_images(p)) is not None:
+                found.append((images, p))
+    return sorted(found)
+
+
+def snapshot_label(path: str | Path) -> str:
+    """A snapshot's name in reports: the folder name, or the pickle's name without ``.pkl``."""
+    path = Path(path)
+    return path.stem if is_edm_pickle_path(path) else path.name
+
+
+def resolve_snapshot(path: str | Path) -> Path:
+    """A snapshot folder, an EDM network pickle, or a run folder's newest snapshot; SnapshotError otherwise."""
+    path = Path(path)
+    if is_edm_pickle_path(path):
+        if not path.is_file():
+            raise SnapshotError(f"{path}: no such network pickle")
+        return path
+    if (path / SNAPSHOT_INFO).is_file():
+        return path
+    found = list_snapshots(path)
+    if found:
+        return found[-1][1]
+    if not path.exists():
+        raise SnapshotError(f"{path}: no such snapshot or run folder")
+    if path.is_file():
+        raise SnapshotError(f"{path}: expected a snapshot folder, a run folder or an EDM network pickle (*.pkl)")
+    raise SnapshotError(f"{path}: not a snapshot (no {SNAPSHOT_INFO}) and no {SNAPSHOT_PREFIX}* folder or "
+                        "network-snapshot-*.pkl in it")
+
+
+def read_snapshot_info(path: str | Path) -> dict:
+    """The snapshot's ``snapshot.json``; for an EDM pickle, what its name tells (images seen, kimg) and its path."""
+    snap = resolve_snapshot(path)
+    if is_edm_pickle_path(snap):
+        images = edm_snapshot_images(snap)
+        return {"images_seen": images, "kimg": None if images is None else images / 1000, "source": str(snap)}
+    return json.loads((snap / SNAPSHOT_INFO).read_text())
+
+
+def saved_class_name(snap: Path) -> str:
+    """The ``_class_name`` of the network config saved in a snapshot folder (EDMNetwork when absent)."""
+    try:
+        return json.loads((snap / "config.json").read_text()).get("_class_name") or "EDMNetwork"
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SnapshotError(f"{snap}: cannot read the network config ({first})") from None
+
+
+def load_network(path: str | Path, device=None):
+    """The network of a snapshot folder, of an EDM network pickle (converted in memory), or of a run's newest
+    snapshot, in eval mode: an ``EDMNetwork`` or one of EDM's preconditioned networks (``common.edm.networks.edm_preconditioners``),
+    as its saved config's ``_class_name`` says."""
+    from diffmem.common.edm.networks.edm_preconditioners import PRECONDS
+    from diffmem.common.edm.networks.unet2d import EDMNetwork
+
+    snap = resolve_snapshot(path)
+    if is_edm_pickle_path(snap):
+        from diffmem.common.edm.networks.edm_pickle import load_edm_pickle
+
+        return load_edm_pickle(snap, device)[0]
+    name = saved_class_name(snap)
+    classes = {"EDMNetwork": EDMNetwork, **PRECONDS}
+    if name not in classes:
+        raise SnapshotError(f"{snap}: unknown network class {name!r} in config.json; expected one of "
+                            f"{', '.join(classes)}")
+    try:
+        net = classes[name].from_pretrained(snap)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SnapshotError(f"{snap}: cannot load the network ({first})") from None
+    net.eval().requires_grad_(False)
+    return net.to(device) if device is not None else net
+
+
+def write_snapshot_folder(network, final: str | Path, info: dict) -> Path:
+    """Write the network and ``snapshot.json`` into a temporary folder beside ``final``, then rename it into
+    place (replacing an older one): a reader never sees half a snapshot."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    network.save_pretrained(tmp)
+    write_json_atomic(tmp / SNAPSHOT_INFO, info)
+    if final.exists():
+        shutil.rmtree(final)  # a resumed run re-writes the snapshot it had reached when it was stopped
+    os.replace(tmp, final)
+    return final
+
+
+def save_snapshot(network, run_dir: str | Path, images_seen: int, info: dict) -> Path:
+    """A training run's snapshot ``RUN/snapshot-{images_seen:09d}/``, written atomically."""
+    return write_snapshot_folder(network, Path(run_dir) / snapshot_name(images_seen),
+                                 {"images_seen": images_seen, "kimg": images_seen / 1000, **info})

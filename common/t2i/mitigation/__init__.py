@@ -1,0 +1,13 @@
+"""The mitigation room: every inference-time mitigation of memorization, one module per paper, and the harness.
+
+- ``methods``: the registry — what each ``--method`` reads and how it generates a batch.
+- ``run``: a mitigation run over a prompt set (generate, SSCD to ground truth, CLIP score, resume).
+- ``tradeoff``: the replication–alignment trade-off: which runs a sweep makes, its points and its plot.
+- ``prompt_embedding``: Wen et al., ICLR 2024, Sec. 5 (``--method ours``): the prompt embedding optimised against
+  the text-conditional noise magnitude.
+- ``guidance_schedule``: Jain et al., CVPR 2025 (``jain_stp``, ``jain_dtp``, ``jain_og``).
+- ``init_noise``: Han et al., NeurIPS 2025 (``han_batch``, ``han_sample``).
+- ``attention_rescale``: Ren et al., ECCV 2024 (``ren_attn``).
+- ``embedding_noise``: Somepalli et al., NeurIPS 2023 (``gni``).
+- ``bright_ending``: Chen et al., ICLR 2025 (``ours --be_mask``).
+"""

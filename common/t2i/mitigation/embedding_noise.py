@@ -1,0 +1,45 @@
+"""Gaussian noise injection into the text embedding at inference (GNI; Somepalli et al., NeurIPS 2023).
+
+Each generation g of dataset row i is conditioned on c + λ·n_{i,g}, n ~ N(0, I) of the text encoder's output
+shape. The noise of row i is drawn as one [G, L, D] tensor from its own CPU generator, seeded
+``derive_seed(gen_seed + i, STREAM_GNI)`` (:func:`common.seeding.torch_generator`), so it depends only on the row
+and the seed (never on batch size or device) and is independent of the starting noise (seed gen_seed + i).
+λ = 0 gives exactly the unmitigated embedding. Somepalli et al.'s inference script uses λ = 0.1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from diffmem.common.settings import option
+from diffmem.common.errors import ConfigError
+from diffmem.common.seeding import torch_generator
+
+STREAM_GNI = 301  # a stream id of its own (the training streams of common.seeding are 0-7)
+
+
+@dataclass
+class GniSettings:
+    """Settings of gni (Somepalli et al., NeurIPS 2023)."""
+
+    gni_scale: float = option(0.1, help="gni: lambda, the standard deviation of the Gaussian noise added to the text "
+                                        "embedding")
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for a bad GNI setting."""
+        if not (math.isfinite(self.gni_scale) and self.gni_scale >= 0):
+            raise ConfigError(f"--gni_scale must be a finite number >= 0, got {self.gni_scale}")
+
+
+def gni_noise(rows: list[int], num_generations: int, shape: tuple[int, int], gen_seed: int) -> torch.Tensor:
+    """[B, G, L, D] standard normal fp32 on CPU: row i from the generator seeded derive_seed(gen_seed + i, STREAM_GNI)."""
+    return torch.stack([torch.randn((num_generations, *shape), generator=torch_generator(gen_seed + r, STREAM_GNI))
+                        for r in rows])
+
+
+def gni_embeddings(embeds: torch.Tensor, noise: torch.Tensor, scale: float) -> torch.Tensor:
+    """c̃_g = c + λ·n_g per generation: embeds [B, L, D], noise [B, G, L, D] -> [B, G, L, D] (Somepalli et al. 2023, GNI)."""
+    return embeds.float().unsqueeze(1) + scale * noise.to(embeds.device)

@@ -1,0 +1,120 @@
+"""Batched classifier-free-guided DDIM sampling from given text embeddings and starting latents, and decoding.
+
+Mitigation generates from *embeddings* (an optimised conditional embedding, or an augmented prompt's), so the
+sampler takes embeddings and the exact starting latents (see :func:`common.t2i.text_noise.initial_latents`) instead of
+prompts and a generator: every method then starts row i, generation g from the same noise. The loop is the
+one of ``StableDiffusionPipeline.__call__`` (guidance on the raw model output, then ``scheduler.step``), but
+keeps the latents in fp32 between steps whatever the UNet's dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.t2i.text_noise import classifier_free_guidance, epsilon_from_output, text_noise_norm
+
+
+@torch.no_grad()
+def sample_latents(
+    parts: DenoiserParts,
+    cond_embeds: torch.Tensor,
+    uncond_embed: torch.Tensor,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    guidance=None,
+    observer=None,
+    norms_out: list | None = None,
+) -> torch.Tensor:
+    """Final latents [B, G, C, H, W] (fp32) of the guided trajectory of B prompts × G generations.
+
+    cond_embeds: [B, L, D] (one per prompt) or [B, G, L, D] (one per generation); uncond_embed: [1, L, D];
+    latents: [B, G, C, H, W], already scaled by the scheduler's init_noise_sigma. All steps of the scheduler run
+    (DDIM with eta = 0 for ``denoiser_parts``). ``guidance(step, t, text_norm) -> [B·G]`` gives a per-trajectory
+    guidance scale from ‖ε_c − ε_u‖ (ε units, whole latent; see :mod:`common.t2i.mitigation.guidance_schedule`); default
+    guidance_scale at every step. ``observer(step, x_before, x_after)`` sees each update; ``norms_out`` (a list)
+    receives the per-step text norms [B·G] when given.
+    """
+    unet, dtype, device = parts.unet, parts.dtype, parts.device
+    scheduler = copy.deepcopy(parts.scheduler)  # per-trajectory state stays out of the shared scheduler
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    pred_type = scheduler.config.get("prediction_type", "epsilon")
+    B, G = latents.shape[:2]
+    x = latents.reshape(B * G, *latents.shape[2:]).to(device=device, dtype=torch.float32)
+    if cond_embeds.dim() == 4:  # one embedding per generation, already prompt-major
+        cond = cond_embeds.reshape(B * G, *cond_embeds.shape[2:]).to(device=device, dtype=dtype)
+    else:
+        cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)  # prompt-major, like x
+    emb = torch.cat([uncond_embed.to(device=device, dtype=dtype).expand(B * G, -1, -1), cond])
+    for step, t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+        out_u, out_c = unet(x_in.to(dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float().chunk(2)
+        if guidance is None and norms_out is None:
+            guided = classifier_free_guidance(out_u, out_c, guidance_scale)
+        else:
+            a_bar = scheduler.alphas_cumprod[int(t)].float()
+            x_half = x_in[:B * G]
+            norm = text_noise_norm(epsilon_from_output(out_c, x_half, a_bar, pred_type),
+                                   epsilon_from_output(out_u, x_half, a_bar, pred_type))
+            if norms_out is not None:
+                norms_out.append(norm.cpu())
+            scale = guidance_scale if guidance is None else guidance(step, float(t), norm).view(-1, 1, 1, 1)
+            guided = classifier_free_guidance(out_u, out_c, scale)
+        x_next = scheduler.step(guided, t, x, return_dict=False)[0].float()
+        if observer is not None:
+            observer(step, x, x_next)
+        x = x_next
+    return x.view(B, G, *x.shape[1:])
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Images in [0, 1], fp32 on CPU, shape [..., 3, H, W], from latents [..., C, h, w] (SD's VAE decode)."""
+    lead = latents.shape[:-3]
+    flat = latents.reshape(-1, *latents.shape[-3:])
+    vae_dtype = next(vae.parameters()).dtype
+    device = next(vae.parameters()).device
+    scale = vae.config.scaling_factor
+    out = []
+    for chunk in flat.split(batch_size):
+        img = vae.decode((chunk / scale).to(device=device, dtype=vae_dtype), return_dict=False)[0]
+        out.append((img.float() / 2 + 0.5).clamp(0, 1).cpu())
+    images = torch.cat(out)
+    return images.view(*lead, *images.shape[1:])
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """PIL RGB images from a [N, 3, H, W] tensor in [0, 1], rounded the way diffusers' numpy_to_pil does."""
+    from PIL import Image
+
+    arr = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_grid(images: list, cols: int | None = None):
+    """One PIL image with the given equally sized images laid out row by row (cols ≈ √N by default)."""
+    from PIL import Image
+
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def save_grid(images: list, path: str | Path) -> Path:
+    """Write a PNG grid of PIL images to path (parents created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(path)
+    return path
