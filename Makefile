@@ -9,7 +9,7 @@ DEMO_OUT ?= demo_outputs
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo lab bench clean
+.PHONY: venv test demo lab bench docs clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,10 @@ demo: $(STAMP)
 		--run_name unmemorized --output_dir $(DEMO_OUT) --num_inference_steps 50 --score_steps 1 \
 		--num_images_per_prompt 4 --overwrite
 	$(PY) detect/evaluate.py $(DEMO_OUT)/memorized.jsonl $(DEMO_OUT)/unmemorized.jsonl --out $(DEMO_OUT)/eval
+
+# docs/cli/<script>.txt: each CLI's verbatim --help (tests/cli/test_cli_help_docs.py fails when one is stale).
+docs: $(STAMP)
+	$(PY) docs/write_cli_help.py
 
 bench: $(STAMP)
 	$(PY) bench/bench_detect.py

@@ -30,7 +30,7 @@ import torch
 from benchlib import Timer, sync
 
 PRESETS = {
-    # The CPU toy of shared/notes/edm-findings.md (digits-sized, 231 k parameters).
+    # The digits-sized CPU toy of docs/edm-training.md (231 k parameters).
     "tiny": dict(resolution=8, channels=1, num_channels=16, channel_mult=(1, 2), num_blocks=2, attn_resolutions=(),
                  batch=64),
     # DiffMemorize's basic setup: DDPM++, 128 channels, mult 2,2,2, 2 blocks, attention at 16, CIFAR 32×32.
@@ -61,7 +61,7 @@ def parse_args(argv):
 
 
 def build(args):
-    from diffmem.common.edm.networks.unet2d import ArchConfig, build_network
+    from diffmem.common.edm.networks.build import ArchConfig, build_network
     from diffmem.common.edm.precond import Preconditioning
 
     preset = {k: v for k, v in PRESETS[args.preset].items() if k != "batch"}

@@ -53,7 +53,7 @@ def parse_args(argv):
 
 def build(resolution: int, preset: str, device):
     """A seeded random EDMNetwork for 3×R×R with attention at R/2, eval mode, on device."""
-    from diffmem.common.edm.networks.unet2d import ArchConfig, build_network
+    from diffmem.common.edm.networks.build import ArchConfig, build_network
     from diffmem.common.edm.precond import Preconditioning
 
     torch.manual_seed(0)

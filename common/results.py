@@ -146,3 +146,33 @@ def bind_run_settings(config_file: str | Path, settings: dict, results_exist: bo
     check_run_settings(config_file, settings, results_exist, retry_hint, overwrite_flag)
     if not (results_exist and Path(config_file).exists()):
         write_json_atomic(config_file, settings)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: a data file or model's identity, whatever path or spec named it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def jsonable(value):
+    """value as it reads back from JSON (tuples become lists, numpy scalars numbers, other objects their str), so
+    a recorded setting compares equal to a new one."""
+    def default(obj):
+        item = getattr(obj, "item", None)  # numpy scalars (and 0-d arrays) without importing numpy
+        return item() if callable(item) and getattr(obj, "shape", None) == () else str(obj)
+
+    return json.loads(json.dumps(value, default=default))

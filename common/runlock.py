@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from diffmem.common.errors import DiffmemError
+from diffmem.common.results import pid_alive
 
 LOCK_NAME = ".diffmem.lock"
 
@@ -46,12 +47,8 @@ def _start_time(pid: int) -> str | None:
 
 def _alive(pid: int, start: str | None) -> bool:
     """Whether pid runs on this host and, where its start time was recorded, is the same process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        pass  # another user's live process
     now = _start_time(pid)
     return start is None or now is None or now == start
 

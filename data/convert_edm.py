@@ -45,7 +45,7 @@ def parse_args(argv=None) -> ConvertConfig:
 
 def run(cfg: ConvertConfig) -> None:
     cfg.validate()
-    from diffmem.common.edm.networks.edm_pickle import convert_edm_pickle
+    from diffmem.common.edm.networks.snapshot import convert_edm_pickle
     from diffmem.common.edm.networks.snapshot import load_network
 
     out, info = convert_edm_pickle(cfg.network, cfg.out, overwrite=cfg.overwrite)

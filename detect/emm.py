@@ -33,7 +33,7 @@ from diffmem.common.edm.emm.sweep import (
 )
 from diffmem.common.edm.emm.state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve
 from diffmem.common.errors import ConfigError
-from diffmem.common.plotting import plot_emm_curves
+from diffmem.common.edm.emm.plot import plot_emm_curves
 
 
 def build_parser() -> ArgumentParser:

@@ -133,7 +133,7 @@ def run(cfg: MemRatioConfig) -> dict | None:
     with lock_run_folder(cfg.root, "--outdir" if cfg.outdir is not None else "--expdir", ".mem_ratio.lock"):
         device = resolve_device(cfg.device)
         # Input errors before any process group is set up (every process would raise the same one).
-        source = M.open_images(cfg.images) if cfg.images is not None else None
+        source = M.load_measured_images(cfg.images) if cfg.images is not None else None
         if source is None:
             M.select_snapshots(cfg.expdir, cfg.snapshots or "all")
         shard, device = process_state(device)

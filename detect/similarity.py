@@ -61,7 +61,7 @@ class ScoreConfig:
     source: Path = option(help="features of the samples (rpscore: one model's)", type=Path, metavar="A.npz")
     target: Path = option(help="features of the training set (rpscore: of the other model's samples)", type=Path,
                           metavar="B.npz")
-    t: float = option(S.THRESHOLD, help="SSCD cosine threshold, strict >")
+    t: float = option(S.SSCD_THRESHOLD, help="SSCD cosine threshold, strict >")
     chunk: int = option(S.TARGET_CHUNK, metavar="N", help="training rows per block of the max-cosine search")
     out: Path | None = option(None, type=Path, metavar="FILE.json",
                               help="also write the summary with per-pair/per-sample columns here")

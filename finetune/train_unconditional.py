@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-from diffmem.common.edm.networks.unet2d import ArchConfig
+from diffmem.common.edm.networks.build import ArchConfig
 from diffmem.common.edm.train import LoopSettings, UnconditionalConfig
 
 CHECK_ARGS_HELP = ("parse and check the arguments, then exit without reading --data or writing anything "

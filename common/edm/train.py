@@ -18,13 +18,13 @@ import torch
 
 from diffmem.common.edm.dataset.edm_zip import ImageDataset, collate_image_batch, load_dataset_zip
 from diffmem.common.settings import int_list, option
-from diffmem.common.edm.networks.build import EDM_PRECONDS, build_edm_network, describe, is_edm_arch
-from diffmem.common.edm.networks.unet2d import ArchConfig, build_network, count_parameters
+from diffmem.common.edm.networks.build import (EDM_PRECONDS, ArchConfig, build_network, count_parameters, describe,
+                                               is_edm_arch)
 from diffmem.common.edm.precond import PRECONDS, Preconditioning, denoising_loss
 from diffmem.common.edm.schedule import EMA_MODES, SCHEDULES, Schedule, resolve_schedule
-from diffmem.common.edm.measure.reproducibility import file_sha256
 from diffmem.common.edm.networks.snapshot import list_snapshots, save_snapshot
 from diffmem.common.errors import ConfigError
+from diffmem.common.results import file_sha256
 from diffmem.common.seeding import STREAM_NOISE, torch_generator
 from diffmem.common.runlock import lock_run_folder
 from diffmem.common.training.loop import (
@@ -238,13 +238,6 @@ def run_settings(cfg: UnconditionalConfig) -> dict:
     return settings
 
 
-def build_training_network(arch: ArchConfig, pre: Preconditioning, skip_connections=None):
-    """A fresh network of ``arch``: EDM's own (``edm-*``) or our ``EDMNetwork`` on ``UNet2DModel``."""
-    if is_edm_arch(arch.arch):
-        return build_edm_network(arch, pre, skip_connections)
-    return build_network(arch, pre, skip_connections)
-
-
 def train_unconditional(cfg: UnconditionalConfig):
     """Train an EDM denoiser on an EDM dataset zip; returns the trainer's TrainSummary."""
     # Before the data is decoded or a model built: a refused resume writes nothing (one line, exit 2).
@@ -271,7 +264,7 @@ def train_unconditional(cfg: UnconditionalConfig):
         # before the accelerator, so that a skip mask of the wrong length is refused before anything is written.
         torch.manual_seed(cfg.loop.seed)
         pre = Preconditioning(cfg.precond)
-        net = build_training_network(arch, pre, cfg.skip_connections).train()
+        net = build_network(arch, pre, cfg.skip_connections).train()
         schedule = resolve_schedule(cfg.schedule, duration_mimg=cfg.duration, ema_mimg=cfg.ema,
                                     dataset_size=len(dataset), batch=cfg.batch, lr_rampup_kimg=cfg.lr_rampup,
                                     ema_mode=cfg.ema_mode, ema_beta=cfg.ema_beta)

@@ -22,6 +22,8 @@ from diffmem.common.t2i.detection import iter_text_noise_objective
 from diffmem.common.t2i.pipeline import DenoiserParts
 from diffmem.common.t2i.text_noise import initial_latents
 from diffmem.common.t2i.options import WRT_CHOICES
+from diffmem.common.t2i.tokenizer import bytes_to_unicode
+from diffmem.common.t2i.detection import encode_prompts
 
 # fp16 gradients through a UNet can underflow; a fixed power-of-two scale on L is exact and undone after.
 FP16_GRAD_SCALE = 2.0**12
@@ -74,7 +76,6 @@ def token_kinds(input_ids: list[int], attention_mask: list[int], bos_id: int | N
 
 def display_token(token: str) -> str:
     """A CLIP BPE token as text: the byte-level symbols decoded, the end-of-word marker '</w>' as a space."""
-    from diffmem.common.t2i.tokenizer import bytes_to_unicode
 
     word_end = token.endswith("</w>")
     body = token[: -len("</w>")] if word_end else token
@@ -215,7 +216,6 @@ def explain_prompts(
     uncond_embed: torch.Tensor | None = None,
 ) -> list[TokenSignificance]:
     """Token-wise significance of a batch of prompts; ``rows`` (dataset positions) seed their latents."""
-    from diffmem.common.t2i.detection import encode_prompts
 
     if len(prompts) != len(rows):
         raise ValueError(f"got {len(prompts)} prompts for {len(rows)} rows")

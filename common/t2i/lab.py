@@ -1,6 +1,6 @@
 """The memorization lab: a tiny text-to-image set with a known memorized subset, its VAE, and replication checks.
 
-The recipe follows what was measured to make a tiny model memorize (notes/findings.md): every image carries its
+The recipe follows what was measured to make a tiny model memorize (docs/lab.md): every image carries its
 own random caption ("a {adjective} {noun} near the {place}", LAION-like), a small subset is duplicated many
 times, the rest is seen once, and the text encoder is trained jointly. Images are scikit-learn's bundled 8×8
 digits upsampled to 16×16 RGB, so nothing is downloaded. Everything here is a pure function of a seed.
@@ -17,6 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.common.seeding import STREAM_VAE, derive_seed, numpy_generator, randn_per_sample
+from diffmem.common.t2i.pipeline import ARCHS
+from diffmem.common.training.loop import TrainConfig, Trainer, make_accelerator
+from diffmem.common.t2i.detection import encode_prompts
+from diffmem.common.t2i.sampler import decode_latents, sample_latents
+from diffmem.common.t2i.pipeline import denoiser_parts
+from diffmem.common.t2i.text_noise import initial_latents
+from diffmem.common.similarity import cosine_similarity_matrix
+from diffmem.common.t2i.text_noise import text_noise_norm
+from diffmem.common.seeding import torch_generator
+from diffmem.common.training.loop import LossTerms
 
 ADJECTIVES = (
     "red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "tiny", "giant", "old", "young",
@@ -147,7 +157,6 @@ class VAELoss:
         self.kl_weight = kl_weight
 
     def __call__(self, batch: dict, models: dict):
-        from diffmem.common.training.loop import LossTerms
 
         vae = models["vae"]
         x = batch["pixel_values"]
@@ -163,7 +172,6 @@ def lab_vae(arch: str = "lab", seed: int = 0):
     """A randomly initialised AutoencoderKL of the lab's architecture (common.t2i.pipeline.ARCHS[arch]["vae"])."""
     from diffusers import AutoencoderKL
 
-    from diffmem.common.t2i.pipeline import ARCHS
 
     spec = ARCHS[arch]["vae"]
     n_blocks = len(spec["block_out_channels"])
@@ -193,7 +201,6 @@ def train_vae(images: np.ndarray, output_dir: str | Path, *, steps: int, seed: i
     The saved VAE's ``scaling_factor`` is 1 / latent std, so scaled latents have unit variance (Rombach et al.
     2022, Sec. 4.3.2).
     """
-    from diffmem.common.training.loop import TrainConfig, Trainer, make_accelerator
 
     out = Path(output_dir)
     cfg = TrainConfig(output_dir=str(out), seed=seed, train_batch_size=batch_size, max_train_steps=steps,
@@ -230,10 +237,6 @@ def nearest_ratio(generated: torch.Tensor, training: torch.Tensor) -> tuple[torc
 def generate_images(pipe, prompts: list[str], *, num_images: int, gen_seed: int, num_inference_steps: int,
                     guidance_scale: float) -> torch.Tensor:
     """[B, G, 3, H, W] images in [0, 1] from a DDIM trajectory; row i starts from seed gen_seed + i."""
-    from diffmem.common.t2i.detection import encode_prompts
-    from diffmem.common.t2i.sampler import decode_latents, sample_latents
-    from diffmem.common.t2i.pipeline import denoiser_parts
-    from diffmem.common.t2i.text_noise import initial_latents
 
     parts = denoiser_parts(pipe)
     cond = encode_prompts(parts, prompts).embeds
@@ -272,7 +275,6 @@ def sscd_replication_figures(generated: torch.Tensor, training: torch.Tensor, ow
     L2-normalised): per generation the top-1 similarity over the training set (Somepalli et al. 2023, Sec. 4),
     the rate above each threshold, and for captions with an own image (row k // group_size) the rate whose
     top-1 match above the threshold is that image."""
-    from diffmem.common.similarity import cosine_similarity_matrix
 
     top, nearest = cosine_similarity_matrix(generated, training).max(dim=1)
     nearest = [training_index[j] for j in nearest.tolist()]
@@ -292,10 +294,6 @@ def training_text_noise_norms(pipe, images: np.ndarray, split: LabSplit, *, seed
     pairs per image, drawn from seed and the image index. Returns {"memorized": [...], "seen_once": [...]}."""
     from diffusers import DDPMScheduler
 
-    from diffmem.common.t2i.detection import encode_prompts
-    from diffmem.common.t2i.pipeline import denoiser_parts
-    from diffmem.common.t2i.text_noise import text_noise_norm
-    from diffmem.common.seeding import torch_generator
 
     parts = denoiser_parts(pipe)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)

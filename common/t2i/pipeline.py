@@ -55,7 +55,7 @@ ARCHS = {
     # Smallest model with every SD block type: 16x16 RGB images, 4x8x8 latents, 32-wide cross-attention.
     "tiny": _TINY,
     # The memorization lab (common.t2i.lab): the tiny UNet and VAE with a 64-wide text encoder and cross-attention,
-    # wide enough that jointly trained caption embeddings separate (notes/findings.md).
+    # wide enough that jointly trained caption embeddings separate (measured: docs/lab.md).
     "lab": dict(
         unet={**_TINY["unet"], "cross_attention_dim": 64},
         vae=_TINY["vae"],

@@ -54,6 +54,7 @@ from diffmem.common.training.loop import (
     make_accelerator,
     weight_dtype_of,
 )
+from diffmem.common.t2i.pipeline import load_pipeline
 
 
 @dataclass
@@ -327,7 +328,6 @@ def _validation_images(cfg: TextToImageConfig, accelerator, parts: dict):
 
 def _exporter(cfg: TextToImageConfig):
     def export(models: dict, output_dir: Path) -> None:
-        from diffmem.common.t2i.pipeline import load_pipeline
 
         # Reload the frozen parts from disk: the in-memory copies may have been cast to fp16/bf16.
         pipe = load_pipeline(cfg.pretrained_model_name_or_path, revision=cfg.revision, variant=cfg.variant)
@@ -351,7 +351,6 @@ def train_text_to_image(cfg: TextToImageConfig):
     checked before any model is loaded."""
     from diffusers import DDPMScheduler
 
-    from diffmem.common.t2i.pipeline import load_pipeline
 
     check_optional_features(cfg)
     # Before any data is read or model loaded: a refused resume writes nothing (one line, exit 2).

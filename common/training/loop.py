@@ -31,7 +31,7 @@ import torch
 
 from diffmem.common.settings import option
 from diffmem.common.errors import DiffmemError
-from diffmem.common.results import bind_run_settings, check_run_settings, read_results, write_json_atomic
+from diffmem.common.results import bind_run_settings, check_run_settings, jsonable, read_results, write_json_atomic
 from diffmem.common.safe_load import UnsafeFileError, safe_torch_load, verify_checkpoint_files
 from diffmem.common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
 from diffmem.common.training.loss import masked_mean
@@ -280,11 +280,6 @@ def bound_train_settings(cfg: TrainConfig) -> dict:
     return settings
 
 
-def _jsonable(settings: dict) -> dict:
-    # As they read back from JSON (tuples become lists), so that a recorded value compares equal to a new one.
-    return json.loads(json.dumps(settings, default=str))
-
-
 def resume_hint(outdir_flag: str) -> str:
     """What to do about a refused setting, naming the CLI's output-folder flag."""
     return f"resume with the recorded value, or train the new one in another output folder ({outdir_flag} NEW_DIR)"
@@ -302,7 +297,7 @@ def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool
     with a loss threshold), bound to its own settings from then on.
     """
     out = Path(cfg.output_dir)
-    settings = _jsonable(settings)
+    settings = jsonable(settings)
     resume = resolve_resume(cfg.resume_from_checkpoint, out)
     results = results_exist or bool(list_checkpoints(out))
     hint = resume_hint(outdir_flag)

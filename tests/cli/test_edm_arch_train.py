@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
 from diffmem.common.edm.networks.build import EDM_ARCHS, build_edm_network, edm_backbone
-from diffmem.common.edm.networks.unet2d import ARCH_WIDTHS, EDM_ARCH_NAMES, ArchConfig, count_parameters
+from diffmem.common.edm.networks.build import ARCH_WIDTHS, EDM_ARCH_NAMES, ArchConfig, count_parameters
 from diffmem.common.edm.precond import Preconditioning
 from conftest import ONE_THREAD, accelerate_launch, edm_train_args, run_cli
 

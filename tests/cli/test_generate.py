@@ -51,7 +51,7 @@ def gaussian_denoiser(x, sigma, class_labels=None):
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory):
     """Tiny saved EDM snapshots (8×8, 1 channel): an unconditional and a 3-class one."""
-    from diffmem.common.edm.networks.unet2d import ArchConfig, build_network
+    from diffmem.common.edm.networks.build import ArchConfig, build_network
     from diffmem.common.edm.precond import Preconditioning
     from diffmem.common.edm.networks.snapshot import save_snapshot
 

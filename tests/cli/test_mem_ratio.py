@@ -205,7 +205,7 @@ def test_every_seed_in_exactly_one_shard_and_the_merge_restores_the_order():
 
 
 def tiny_net(seed: int):
-    from diffmem.common.edm.networks.unet2d import ArchConfig, build_network
+    from diffmem.common.edm.networks.build import ArchConfig, build_network
     from diffmem.common.edm.precond import Preconditioning
 
     torch.manual_seed(seed)

@@ -1,5 +1,5 @@
 """EDM preconditioning, losses and schedules against values worked out by hand (Karras et al. 2022, Table 1;
-DiffMemorize's train.py / training_loop.py as stated in shared/notes/edm-findings.md)."""
+DiffMemorize's train.py / training_loop.py)."""
 
 from __future__ import annotations
 

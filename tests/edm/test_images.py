@@ -36,8 +36,8 @@ def test_folder_zip_and_npz_read_alike(tmp_path):
     assert all(np.array_equal(z.load(i), x[i]) for i in range(3))
     z.close()
     # Both callers see those seeds: mem_ratio keys its rows by them, similarity writes them with the features.
-    assert memratio.open_images(folder).seeds == memratio.open_images(npz).seeds == [3, 7, 11]
-    assert memratio.open_images(zip_path).seeds == [0, 1, 2]  # no seeds: positions
+    assert memratio.load_measured_images(folder).seeds == memratio.load_measured_images(npz).seeds == [3, 7, 11]
+    assert memratio.load_measured_images(zip_path).seeds == [0, 1, 2]  # no seeds: positions
     assert scores.open_images is open_images and scores.seed_from_name is seed_from_name
 
 
@@ -59,7 +59,7 @@ def test_bad_npz_is_one_line(tmp_path, arrays, needle):
     with pytest.raises(ImagesError, match=needle):
         open_images(path)
     with pytest.raises(memratio.MemRatioError, match=needle):
-        memratio.open_images(path)
+        memratio.load_measured_images(path)
 
 
 def test_missing_path_and_other_files(tmp_path):

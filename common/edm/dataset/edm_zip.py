@@ -56,6 +56,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffmem.common.results import pid_alive
 from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError, DiffmemError
 
@@ -780,16 +781,6 @@ def _temporary_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}@{_host()}.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary zips in folder that a killed write left (written on this host by a process that is
     gone); a write still running, or one of another host, is left alone. The paths removed."""
@@ -800,7 +791,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     host = _host()
     for p in folder.iterdir():
         m = re.fullmatch(r"\..+\.(\d+)@([A-Za-z0-9_-]+)\.tmp", p.name)
-        if m and m.group(2) == host and p.is_file() and not _pid_alive(int(m.group(1))):
+        if m and m.group(2) == host and p.is_file() and not pid_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -4,4 +4,5 @@
 - ``sweep``: the orchestration of a sweep's stages (dataset, train, mem).
 - ``state``: a sweep folder's files and what they say.
 - ``launch``: running the stage jobs, locally or through submitit (Slurm).
+- ``plot``: the EMM curve of one or several sweeps.
 """

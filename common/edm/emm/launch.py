@@ -37,7 +37,7 @@ from diffmem.common.edm.emm.state import JOBS_FILE, SUBMITIT_DIR, now, read_stat
 from diffmem.common.errors import ConfigError
 from diffmem.common.results import append_results
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # common/edm/emm/launch.py: the repository (the diffmem package)
 LAUNCHERS = ("local", "submitit")
 CLUSTERS = ("slurm", "local", "debug")
 

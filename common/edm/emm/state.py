@@ -35,11 +35,11 @@ from diffmem.common.edm.measure.mem_ratio import SUMMARY_FILE as MEM_SUMMARY
 from diffmem.common.edm.measure.mem_ratio import MemRatioError, read_summary
 from diffmem.common.edm.networks.snapshot import SNAPSHOT_PREFIX
 from diffmem.common.errors import ConfigError, DiffmemError
-from diffmem.common.plotting import EMMCurve
-from diffmem.common.results import write_json_atomic
+from diffmem.common.edm.emm.plot import EMMCurve
+from diffmem.common.results import pid_alive, write_json_atomic
 
 STAGES = ("data", "train", "mem")
-SETTINGS_FILE = "sweep.json"
+SWEEP_SETTINGS_FILE = "sweep.json"
 JOBS_FILE = "jobs.jsonl"
 REPORT_FILE = "emm.json"
 REPORT_PLOT = "emm.png"
@@ -100,7 +100,7 @@ def stage_output_exists(outdir: Path, stage: str) -> bool:
 
 def bind_settings(outdir: Path, settings: SweepSettings) -> None:
     """Record the settings in sweep.json; refuse ones that differ from a record whose outputs exist."""
-    path = outdir / SETTINGS_FILE
+    path = outdir / SWEEP_SETTINGS_FILE
     new = settings_record(settings)
     if path.exists():
         old = json.loads(path.read_text())
@@ -177,17 +177,6 @@ def write_status(path: Path, **fields) -> None:
 def now() -> str:
     """Local time, ISO format to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def owner_active(status: dict, outdir: Path) -> bool:

@@ -50,7 +50,7 @@ from diffmem.common.edm.emm.state import (
     write_status,
 )
 from diffmem.common.errors import ConfigError, DiffmemError
-from diffmem.common.plotting import plot_emm_curves
+from diffmem.common.edm.emm.plot import plot_emm_curves
 from diffmem.common.results import write_json_atomic
 
 DEFAULT_SCRIPTS = {"data": str(REPO / "data" / "dataset_tool.py"),

@@ -36,6 +36,9 @@ from typing import NamedTuple
 import torch
 
 from diffmem.common.errors import DiffmemError
+from diffmem.common.edm.sampler import heun_step
+from diffmem.common.edm.sampler import draw_labels, draw_latents, seed_generators
+from diffmem.common.plotting import new_axes
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 METHODS = ("vmap", "batch")
@@ -167,7 +170,6 @@ def denoiser_jacobian(denoise: Denoiser, x: torch.Tensor, sigma, class_labels: t
 def heun_trajectory(denoise: Denoiser, latent: torch.Tensor, sigmas: torch.Tensor,
                     class_labels: torch.Tensor | None = None) -> list[tuple[float, torch.Tensor]]:
     """(σ_i, x_i) for i < N along EDM's deterministic Heun sampler from x_0 = σ_0·z (float64), σ_max first."""
-    from diffmem.common.edm.sampler import heun_step
 
     sigmas = sigmas.to(device=latent.device, dtype=torch.float64)
     x = latent.to(torch.float64)[None] * sigmas[0]
@@ -208,7 +210,6 @@ def evaluation_points(denoise: Denoiser, seed: int, image_shape: Sequence[int], 
                       sigmas: Sequence[float] | torch.Tensor, label_dim: int = 0,
                       device="cpu") -> tuple[list[tuple[float, torch.Tensor]], torch.Tensor | None]:
     """The (σ, x) points of one seed (``noise`` or ``trajectory``) and its class label (EDM's seed rule)."""
-    from diffmem.common.edm.sampler import draw_labels, draw_latents, seed_generators
 
     gens = seed_generators([seed], device)
     latent = draw_latents(gens, image_shape, device)[0]
@@ -271,7 +272,6 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
 
 def plot_rank_curve(rows: Sequence[dict], path, title: str = "") -> None:
     """PNG of rank/dim against SNR 1/σ (log x): the mean over seeds, ±1 std shaded, min and max dotted."""
-    from diffmem.common.plotting import new_axes
 
     stats = sorted(summarize(rows), key=lambda r: r["snr"])
     snr = [r["snr"] for r in stats]

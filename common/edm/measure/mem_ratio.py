@@ -36,17 +36,18 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffmem.common.edm.images import ImagesError, open_images
 from diffmem.common.errors import DiffmemError
 from diffmem.common.results import check_run_settings, read_results, write_json_atomic
 
-THRESHOLD = 1 / 3  # memorized ⇔ d1/d2 < THRESHOLD (Gu et al., DiffMemorize's mem_ratio.py)
+MEM_RATIO_THRESHOLD = 1 / 3  # memorized ⇔ d1/d2 < MEM_RATIO_THRESHOLD (Gu et al., DiffMemorize's mem_ratio.py)
 K = 2
 KNN_DIR = "knn-dist"
 ROWS_FILE = "mem_ratio.jsonl"
 SUMMARY_FILE = "mem_ratio_summary.json"
 PLOT_FILE = "mem_ratio.png"
 LOG_FILE = "mem_traj.log"
-SETTINGS_FILE = "mem_ratio_settings.json"
+MEM_RATIO_SETTINGS_FILE = "mem_ratio_settings.json"
 IMAGES_DIR = "mem-images"
 
 
@@ -65,7 +66,7 @@ def normalized_l2(sqdist, dim: int) -> np.ndarray:
 def memorized(d1, d2) -> np.ndarray:
     """Per sample: d1/d2 < 1/3 (strict); 0/0 is not memorized (NaN compares false, as in DiffMemorize)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(d1, dtype=np.float64) / np.asarray(d2, dtype=np.float64) < THRESHOLD
+        return np.asarray(d1, dtype=np.float64) / np.asarray(d2, dtype=np.float64) < MEM_RATIO_THRESHOLD
 
 
 def memorization_ratio(d1, d2) -> float:
@@ -121,7 +122,7 @@ def summarize(rows: Sequence[dict]) -> dict:
     latest = ordered[-1]
     return {"max_ratio": best["ratio"], "max_snapshot": best["snapshot"], "max_images_seen": best["images_seen"],
             "max_kimg": best["kimg"], "n": best["n"], "max_memorized": best["memorized"],
-            "max_zero_zero": best["zero_zero"], "snapshots": len(ordered), "threshold": THRESHOLD,
+            "max_zero_zero": best["zero_zero"], "snapshots": len(ordered), "threshold": MEM_RATIO_THRESHOLD,
             "latest_snapshot": latest["snapshot"], "latest_ratio": latest["ratio"],
             "per_snapshot": [{k: r[k] for k in ("snapshot", "images_seen", "kimg", "ratio", "n", "zero_zero")}
                              for r in ordered]}
@@ -226,18 +227,16 @@ class ImageSource(NamedTuple):
     load: Callable[[Sequence[int]], np.ndarray]  # positions → uint8 N×H×W×C
 
 
-def open_images(path: str | Path, progress: bool = False) -> ImageSource:
+def load_measured_images(path: str | Path, progress: bool = False) -> ImageSource:
     """Generated images to measure, read by common.edm.images (a folder of PNGs, an EDM zip or an images.npz), all
     decoded up front, in every process: an unreadable file stops all of them alike, not one at a barrier. Their
     seeds are the set's (generate.py's names, the npz's seeds) when every image has its own, else positions."""
     from tqdm.auto import tqdm
 
-    from diffmem.common.edm.images import ImagesError
-    from diffmem.common.edm.images import open_images as open_image_set
 
     path = Path(path)
     try:
-        found = open_image_set(path)
+        found = open_images(path)
         try:
             images = None
             for i in tqdm(range(len(found.names)), desc="reading", unit="img", disable=not progress, leave=False,
@@ -291,7 +290,7 @@ class OutputPaths:
 
     @property
     def settings(self) -> Path:
-        return self.root / SETTINGS_FILE
+        return self.root / MEM_RATIO_SETTINGS_FILE
 
     def knn_npz(self, name: str) -> Path:
         return self.knn_dir / f"{name}.npz"

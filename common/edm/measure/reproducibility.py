@@ -37,10 +37,11 @@ import numpy as np
 
 # The images reader is common.edm.images' (shared with mem_ratio); seed_from_name and IMAGES_HINT are part of
 # what this module offers its callers (detect/similarity.py's help, the tests).
+from diffmem.common.results import file_sha256
 from diffmem.common.edm.images import IMAGES_HINT, open_images, seed_from_name  # noqa: F401
 from diffmem.common.errors import DiffmemError
 
-THRESHOLD = 0.6  # Zhang et al.'s SSCD threshold for both scores
+SSCD_THRESHOLD = 0.6  # Zhang et al.'s SSCD threshold for both scores
 PREPROCESS = ("zhang", "sscd", "wen")  # presets of common.similarity.SSCD_PRESETS usable here; zhang is theirs
 SOURCE_CHUNK = 2048  # generated rows per block of the max-cosine search
 TARGET_CHUNK = 8192  # training rows per block: a block is SOURCE_CHUNK × TARGET_CHUNK float32 (64 MiB)
@@ -80,7 +81,7 @@ def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("nd,nd->n", np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-def rpscore(same_seed_cosines: np.ndarray, t: float = THRESHOLD) -> float:
+def rpscore(same_seed_cosines: np.ndarray, t: float = SSCD_THRESHOLD) -> float:
     """Reproducibility score: fraction of same-seed pairs with SSCD cosine > t (Zhang et al. 2024, Sec. 2)."""
     return float(above(same_seed_cosines, t).mean())
 
@@ -115,12 +116,12 @@ def max_cosine(source: np.ndarray, target: np.ndarray, source_chunk: int = SOURC
     return best, best_idx
 
 
-def memorized_fraction(max_cosines: np.ndarray, t: float = THRESHOLD) -> float:
+def memorized_fraction(max_cosines: np.ndarray, t: float = SSCD_THRESHOLD) -> float:
     """Fraction of samples whose best training match has SSCD cosine > t (Zhang et al. 2024's mscore.py)."""
     return float(above(max_cosines, t).mean())
 
 
-def generalization_score(max_cosines: np.ndarray, t: float = THRESHOLD) -> float:
+def generalization_score(max_cosines: np.ndarray, t: float = SSCD_THRESHOLD) -> float:
     """1 − the memorized fraction: what Zhang et al. (2024) plot as generalization and print as "M score"."""
     return 1.0 - memorized_fraction(max_cosines, t)
 
@@ -160,15 +161,6 @@ class FeatureSet:
     @property
     def n_seeded(self) -> int:
         return int((self.seeds >= 0).sum())
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: identifies the SSCD model, whatever path or spec named it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def batches(n: int, size: int) -> Iterator[range]:
@@ -304,7 +296,7 @@ def _common_fields(a: FeatureSet, b: FeatureSet, t: float) -> dict:
                 sscd_model=a.sscd_model, sscd_sha256=a.sscd_sha256, preprocess=a.preprocess, dim=a.dim)
 
 
-def rpscore_report(a: FeatureSet, b: FeatureSet, t: float = THRESHOLD) -> tuple[dict, dict]:
+def rpscore_report(a: FeatureSet, b: FeatureSet, t: float = SSCD_THRESHOLD) -> tuple[dict, dict]:
     """(summary, per-pair columns) of the reproducibility score between two models' samples, paired by seed
     (by row order when either file is features-only, as Zhang et al.'s rpscore)."""
     check_comparable(a, b)
@@ -330,7 +322,7 @@ def rpscore_report(a: FeatureSet, b: FeatureSet, t: float = THRESHOLD) -> tuple[
     return summary, dict(seed=seeds.tolist(), cosine=cos.tolist())
 
 
-def mscore_report(gen: FeatureSet, train: FeatureSet, t: float = THRESHOLD, source_chunk: int = SOURCE_CHUNK,
+def mscore_report(gen: FeatureSet, train: FeatureSet, t: float = SSCD_THRESHOLD, source_chunk: int = SOURCE_CHUNK,
                   target_chunk: int = TARGET_CHUNK, progress: bool = True) -> tuple[dict, dict]:
     """(summary, per-sample columns) of the memorized fraction and generalization score of gen against train."""
     check_comparable(gen, train)

@@ -1,4 +1,6 @@
-"""EDM's own training architectures (its ``train.py --arch ddpmpp | ncsnpp | adm``) as our trainable networks.
+"""The one builder of the unconditional wing's trainable networks: ``--arch`` and its widths (``ArchConfig``), our
+``UNet2DModel`` layouts (``ddpmpp``, ``ncsnpp``: :mod:`common.edm.networks.unet2d`) and EDM's own training
+architectures (its ``train.py --arch ddpmpp | ncsnpp | adm``).
 
 ``finetune/train_unconditional.py --arch edm-ddpmpp | edm-ncsnpp | edm-adm`` trains EDM's exact networks
 (``common.edm.networks.edm_unets``) inside EDM's preconditioners (``common.edm.networks.edm_preconditioners``): the same module tree,
@@ -13,12 +15,86 @@ there, 1 152 parameters more; a network without them computes what theirs does f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
+
+import torch
 
 from diffmem.common.edm.networks.edm_preconditioners import EDMPrecond, VEPrecond, VPPrecond
-from diffmem.common.edm.networks.unet2d import ArchConfig
+from diffmem.common.edm.networks.unet2d import ARCHS, EMBEDDINGS, build_unet2d_network
 from diffmem.common.edm.precond import Preconditioning
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import int_list, option
+
+# --arch: our UNet2DModel layouts (unet2d.ARCHS), then EDM's own networks.
+EDM_ARCH_NAMES = ("edm-ddpmpp", "edm-ncsnpp", "edm-adm")
+# The widths each --arch starts from (num_channels, channel_mult, num_blocks, attn_resolutions): ours are
+# DiffMemorize's basic setup; EDM's are what its train.py gives each --arch (CIFAR-10 DDPM++/NCSN++, ImageNet ADM).
+ARCH_WIDTHS = {
+    "ddpmpp": (128, (2, 2, 2), 2, (16,)),
+    "ncsnpp": (128, (2, 2, 2), 2, (16,)),
+    "edm-ddpmpp": (128, (2, 2, 2), 4, (16,)),
+    "edm-ncsnpp": (128, (2, 2, 2), 4, (16,)),
+    "edm-adm": (192, (1, 2, 3, 4), 3, (32, 16, 8)),
+}
+_WIDTH_FIELDS = ("num_channels", "channel_mult", "num_blocks", "attn_resolutions")
+
+
+@dataclass
+class ArchConfig:
+    """Width, depth and layout of the network, in EDM's / DiffMemorize's terms; a width left None is the
+    architecture's own (``ARCH_WIDTHS``), filled in by ``resolved()``."""
+
+    arch: str = option("ddpmpp", choices=ARCHS + EDM_ARCH_NAMES,
+                       help="ddpmpp/ncsnpp: diffusers' UNet2DModel with EDM's embeddings; edm-*: EDM's own "
+                            "SongUNet (DDPM++, NCSN++) and DhariwalUNet (ADM)")
+    num_channels: int | None = option(None, type=int, metavar="C",
+                                      help="EDM's model_channels (None: the arch's, 128; 192 for edm-adm)")
+    channel_mult: tuple[int, ...] | None = option(None, type=int_list, metavar="M1,M2,..",
+                                                  help="width multiplier per level (None: the arch's, 2,2,2; "
+                                                       "1,2,3,4 for edm-adm)")
+    num_blocks: int | None = option(None, type=int, metavar="N",
+                                    help="residual blocks per level (None: the arch's, 2 for ours as DiffMemorize's "
+                                         "basic setup; 4 for edm-ddpmpp/edm-ncsnpp; 3 for edm-adm)")
+    attn_resolutions: tuple[int, ...] | None = option(None, type=int_list, metavar="R1,R2,..",
+                                                      help="resolutions with attention (None: the arch's, 16; "
+                                                           "32,16,8 for edm-adm)")
+    dropout: float = option(0.13, help="dropout probability of the residual blocks")
+    embed: str | None = option(None, choices=EMBEDDINGS,
+                               help="noise embedding (None: the arch's: fourier for the ncsnpp ones, else positional)")
+    resolution: int = 32  # set from the data
+    channels: int = 3  # set from the data
+    label_dim: int = 0  # 0: unconditional; set from the data with --cond
+
+    def resolved(self) -> ArchConfig:
+        """A copy with every width given (the architecture's own where None); ValueError for an unknown arch."""
+        if self.arch not in ARCH_WIDTHS:
+            raise ValueError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCH_WIDTHS)}")
+        own = dict(zip(_WIDTH_FIELDS, ARCH_WIDTHS[self.arch]))
+        given = {k: getattr(self, k) for k in _WIDTH_FIELDS if getattr(self, k) is not None}
+        values = {**own, **given}
+        values["channel_mult"] = tuple(values["channel_mult"])
+        values["attn_resolutions"] = tuple(values["attn_resolutions"])
+        return replace(self, **values)
+
+    def validate(self) -> None:
+        """Argument-level checks; raises ConfigError (one line)."""
+        for name in ("num_channels", "num_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {value}")
+        if self.channel_mult is not None and (not self.channel_mult or min(self.channel_mult) < 1):
+            raise ConfigError(f"--channel_mult needs positive integers, got {list(self.channel_mult)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.arch == "edm-adm" and self.embed is not None:
+            raise ConfigError("--embed applies to ddpmpp, ncsnpp, edm-ddpmpp and edm-ncsnpp; edm-adm's noise "
+                              "embedding is fixed (positional)")
+
+    @property
+    def noise_embedding(self) -> str:
+        return self.embed or ("fourier" if self.arch in ("ncsnpp", "edm-ncsnpp") else "positional")
+
+
 
 # What EDM's train.py sets for each --arch beyond the widths: the SongUNet variant (DDPM++ / NCSN++ of Song et
 # al. 2021) or Dhariwal & Nichol's ADM.
@@ -80,3 +156,16 @@ def describe(arch: ArchConfig) -> dict:
     if is_edm_arch(arch.arch):
         record["model_type"], record["backbone_kwargs"] = edm_backbone(arch)
     return record
+
+
+def build_network(arch: ArchConfig, pre: Preconditioning, skip_connections: Sequence[int] | None = None):
+    """A freshly initialised network of ``arch`` (the caller seeds torch's global RNG): EDM's own for ``edm-*``,
+    else ours on ``UNet2DModel``; DiffMemorize's skip mask applied."""
+    if is_edm_arch(arch.arch):
+        return build_edm_network(arch, pre, skip_connections)
+    return build_unet2d_network(arch, pre, skip_connections)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -29,7 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from accelerate import init_empty_weights
+
+from diffmem.common.edm.networks.edm_preconditioners import build_from_edm
 from diffmem.common.errors import DiffmemError
+from diffmem.common.results import jsonable
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every released EDM/DiffMemorize pickle
 
@@ -373,19 +377,8 @@ class EDMPickle:
         """JSON-able provenance: the file, its SHA-256, the classes and init kwargs, the dataset kwargs."""
         return {"source": str(self.path), "sha256": self.sha256, "class_name": self.class_name,
                 "model_type": self.init_kwargs.get("model_type", "SongUNet"),
-                "init_kwargs": _jsonable(self.init_kwargs), "dataset_kwargs": _jsonable(self.dataset_kwargs),
+                "init_kwargs": jsonable(self.init_kwargs), "dataset_kwargs": jsonable(self.dataset_kwargs),
                 "extras": self.extras}
-
-
-def _jsonable(value):
-    """Init kwargs as JSON: numpy scalars to Python numbers, tuples to lists."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def collect_state_dict(obj, where: str = "ema") -> dict[str, torch.Tensor]:
@@ -483,14 +476,10 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
 def load_edm_pickle(path: str | Path, device=None):
     """(our network, the pickle's record) for an EDM pickle's ``ema``: the network rebuilt from its class name and
     init kwargs with our classes, its pickled state loaded (the record keeps no tensors), eval mode, no grads."""
-    from diffmem.common.edm.networks.edm_preconditioners import build_from_edm
-
     snap = read_edm_pickle(path)
     try:
         # Parameters made on the meta device and then given the unpickled tensors (assign=True): one copy of
         # the weights in memory. Buffers (small: filters, σ tables) are built for real.
-        from accelerate import init_empty_weights
-
         with init_empty_weights(include_buffers=False):
             net = build_from_edm(snap.class_name, snap.init_kwargs)
     except DiffmemError as exc:
@@ -511,36 +500,6 @@ def load_edm_pickle(path: str | Path, device=None):
 
 def _key_mismatch(ours: dict, theirs: dict) -> tuple[list[str], list[str]]:
     return sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-
-
-def convert_edm_pickle(path: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, dict]:
-    """Write an EDM pickle's network as one of our snapshot folders (``load_network`` reads it); returns the
-    folder and its ``snapshot.json``. An existing folder converted from the same file (same SHA-256) is kept;
-    any other existing ``out`` is refused unless ``overwrite``."""
-    from diffmem.common.edm.sampler import SamplerSettings
-    from diffmem.common.edm.networks.snapshot import SNAPSHOT_INFO, edm_snapshot_images, write_snapshot_folder
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EDMPickleError(f"{out}: expected --out to be a folder, it is a file")
-    info_file = out / SNAPSHOT_INFO
-    net, snap = load_edm_pickle(path)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        try:
-            earlier = json.loads(info_file.read_text()).get("converted_from", {}).get("sha256")
-        except (OSError, ValueError, AttributeError):
-            earlier = None
-        if earlier == snap.sha256:
-            return out, json.loads(info_file.read_text())
-        raise EDMPickleError(f"{out}: exists and holds something else (not a conversion of {snap.path.name}); "
-                             "choose another --out or pass --overwrite")
-    images = edm_snapshot_images(snap.path)
-    info = {"images_seen": images, "kimg": None if images is None else images / 1000,
-            "converted_from": snap.metadata(), "architecture": snap.init_kwargs.get("model_type", "SongUNet"),
-            "preconditioning": snap.class_name,
-            "sampler_defaults": SamplerSettings().for_network(net).to_dict()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return write_snapshot_folder(net, out, info), info
 
 
 # ------------------------------------------------------------------------------------ writing

@@ -212,26 +212,26 @@ class EDMPrecond(_Preconditioned):
         return c_skip(sigma, "edm", sd), c_out(sigma, "edm", sd), c_in(sigma, "edm", sd), c_noise(sigma, "edm")
 
 
-PRECONDS = {cls.__name__: cls for cls in (VPPrecond, VEPrecond, iDDPMPrecond, EDMPrecond)}
+PRECOND_CLASSES = {cls.__name__: cls for cls in (VPPrecond, VEPrecond, iDDPMPrecond, EDMPrecond)}
 
 
 def build_from_edm(class_name: str, init_kwargs: dict) -> _Preconditioned:
     """Our freshly initialised network for an EDM preconditioner class name and the ``_init_kwargs`` stored in an
     EDM pickle (model_type and the backbone's keywords included, DiffMemorize's skip_connections too), ready
     for ``load_state_dict`` of that pickle's state; EDMNetworkError names an unknown class or keyword."""
-    if class_name not in PRECONDS:
-        raise EDMNetworkError(f"unknown EDM network class {class_name!r}; expected one of {', '.join(PRECONDS)}")
+    if class_name not in PRECOND_CLASSES:
+        raise EDMNetworkError(f"unknown EDM network class {class_name!r}; expected one of {', '.join(PRECOND_CLASSES)}")
     kwargs = dict(init_kwargs)
     if "model_kwargs" in kwargs:
         raise EDMNetworkError(f"{class_name}: unknown keyword argument 'model_kwargs'")
     for key in ("img_resolution", "img_channels"):
         if key not in kwargs:
             raise EDMNetworkError(f"{class_name}: missing keyword argument {key!r}")
-    return PRECONDS[class_name](**kwargs)
+    return PRECOND_CLASSES[class_name](**kwargs)
 
 
 def load_pretrained(path, class_name: str) -> _Preconditioned:
     """``from_pretrained`` of the named preconditioner class (a saved config's ``_class_name``)."""
-    if class_name not in PRECONDS:
-        raise EDMNetworkError(f"unknown network class {class_name!r}; expected one of {', '.join(PRECONDS)}")
-    return PRECONDS[class_name].from_pretrained(path)
+    if class_name not in PRECOND_CLASSES:
+        raise EDMNetworkError(f"unknown network class {class_name!r}; expected one of {', '.join(PRECOND_CLASSES)}")
+    return PRECOND_CLASSES[class_name].from_pretrained(path)

@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from diffmem.common.errors import DiffmemError
+from diffmem.common.edm.dataset.edm_zip import DatasetError, load_dataset_zip
 
 
 class OptimalDenoiserError(DiffmemError, ValueError):
@@ -155,7 +156,6 @@ class OptimalDenoiser(torch.nn.Module):
     def from_dataset_zip(cls, path: str | Path, cond: bool = False, chunk_size: int = 4096,
                          matmul: bool = False) -> OptimalDenoiser:
         """The optimal denoiser of an EDM dataset zip's images (class-conditional on its labels if cond)."""
-        from diffmem.common.edm.dataset.edm_zip import DatasetError, load_dataset_zip
 
         data = load_dataset_zip(path, progress=False)
         if cond and data.labels is None:

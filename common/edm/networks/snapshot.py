@@ -111,7 +111,7 @@ def load_network(path: str | Path, device=None):
     """The network of a snapshot folder, of an EDM network pickle (converted in memory), or of a run's newest
     snapshot, in eval mode: an ``EDMNetwork`` or one of EDM's preconditioned networks (``common.edm.networks.edm_preconditioners``),
     as its saved config's ``_class_name`` says."""
-    from diffmem.common.edm.networks.edm_preconditioners import PRECONDS
+    from diffmem.common.edm.networks.edm_preconditioners import PRECOND_CLASSES
     from diffmem.common.edm.networks.unet2d import EDMNetwork
 
     snap = resolve_snapshot(path)
@@ -120,7 +120,7 @@ def load_network(path: str | Path, device=None):
 
         return load_edm_pickle(snap, device)[0]
     name = saved_class_name(snap)
-    classes = {"EDMNetwork": EDMNetwork, **PRECONDS}
+    classes = {"EDMNetwork": EDMNetwork, **PRECOND_CLASSES}
     if name not in classes:
         raise SnapshotError(f"{snap}: unknown network class {name!r} in config.json; expected one of "
                             f"{', '.join(classes)}")
@@ -151,3 +151,34 @@ def save_snapshot(network, run_dir: str | Path, images_seen: int, info: dict) ->
     """A training run's snapshot ``RUN/snapshot-{images_seen:09d}/``, written atomically."""
     return write_snapshot_folder(network, Path(run_dir) / snapshot_name(images_seen),
                                  {"images_seen": images_seen, "kimg": images_seen / 1000, **info})
+
+
+def convert_edm_pickle(path: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, dict]:
+    """Write an EDM pickle's network as one of our snapshot folders (``load_network`` reads it); returns the
+    folder and its ``snapshot.json``. An existing folder converted from the same file (same SHA-256) is kept;
+    any other existing ``out`` is refused unless ``overwrite``."""
+    # Local imports: this module stays torch-free for the sweep, which reads snapshot names only.
+    from diffmem.common.edm.networks.edm_pickle import EDMPickleError, load_edm_pickle
+    from diffmem.common.edm.sampler import SamplerSettings
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EDMPickleError(f"{out}: expected --out to be a folder, it is a file")
+    info_file = out / SNAPSHOT_INFO
+    net, snap = load_edm_pickle(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        try:
+            earlier = json.loads(info_file.read_text()).get("converted_from", {}).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+        if earlier == snap.sha256:
+            return out, json.loads(info_file.read_text())
+        raise EDMPickleError(f"{out}: exists and holds something else (not a conversion of {snap.path.name}); "
+                             "choose another --out or pass --overwrite")
+    images = edm_snapshot_images(snap.path)
+    info = {"images_seen": images, "kimg": None if images is None else images / 1000,
+            "converted_from": snap.metadata(), "architecture": snap.init_kwargs.get("model_type", "SongUNet"),
+            "preconditioning": snap.class_name,
+            "sampler_defaults": SamplerSettings().for_network(net).to_dict()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_snapshot_folder(net, out, info), info

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from diffmem.common.edm.precond import Preconditioning
-from diffmem.common.settings import int_list, option
-from diffmem.common.errors import ConfigError, DiffmemError
+from diffmem.common.errors import DiffmemError
+
+if TYPE_CHECKING:  # the settings live with the one builder, which imports this module
+    from diffmem.common.edm.networks.build import ArchConfig
 
 EMBEDDINGS = ("positional", "fourier")
 
@@ -67,75 +69,8 @@ class FourierNoiseEmbedding(torch.nn.Module):
 # ------------------------------------------------------------------------------------ architecture
 
 
-# --arch: our UNet2DModel layouts, then EDM's own networks (common.edm.networks.build).
+# The --arch layouts this module builds (build.py adds EDM's own networks).
 ARCHS = ("ddpmpp", "ncsnpp")
-EDM_ARCH_NAMES = ("edm-ddpmpp", "edm-ncsnpp", "edm-adm")
-# The widths each --arch starts from (num_channels, channel_mult, num_blocks, attn_resolutions): ours are
-# DiffMemorize's basic setup; EDM's are what its train.py gives each --arch (CIFAR-10 DDPM++/NCSN++, ImageNet ADM).
-ARCH_WIDTHS = {
-    "ddpmpp": (128, (2, 2, 2), 2, (16,)),
-    "ncsnpp": (128, (2, 2, 2), 2, (16,)),
-    "edm-ddpmpp": (128, (2, 2, 2), 4, (16,)),
-    "edm-ncsnpp": (128, (2, 2, 2), 4, (16,)),
-    "edm-adm": (192, (1, 2, 3, 4), 3, (32, 16, 8)),
-}
-_WIDTH_FIELDS = ("num_channels", "channel_mult", "num_blocks", "attn_resolutions")
-
-
-@dataclass
-class ArchConfig:
-    """Width, depth and layout of the network, in EDM's / DiffMemorize's terms; a width left None is the
-    architecture's own (``ARCH_WIDTHS``), filled in by ``resolved()``."""
-
-    arch: str = option("ddpmpp", choices=ARCHS + EDM_ARCH_NAMES,
-                       help="ddpmpp/ncsnpp: diffusers' UNet2DModel with EDM's embeddings; edm-*: EDM's own "
-                            "SongUNet (DDPM++, NCSN++) and DhariwalUNet (ADM)")
-    num_channels: int | None = option(None, type=int, metavar="C",
-                                      help="EDM's model_channels (None: the arch's, 128; 192 for edm-adm)")
-    channel_mult: tuple[int, ...] | None = option(None, type=int_list, metavar="M1,M2,..",
-                                                  help="width multiplier per level (None: the arch's, 2,2,2; "
-                                                       "1,2,3,4 for edm-adm)")
-    num_blocks: int | None = option(None, type=int, metavar="N",
-                                    help="residual blocks per level (None: the arch's, 2 for ours as DiffMemorize's "
-                                         "basic setup; 4 for edm-ddpmpp/edm-ncsnpp; 3 for edm-adm)")
-    attn_resolutions: tuple[int, ...] | None = option(None, type=int_list, metavar="R1,R2,..",
-                                                      help="resolutions with attention (None: the arch's, 16; "
-                                                           "32,16,8 for edm-adm)")
-    dropout: float = option(0.13, help="dropout probability of the residual blocks")
-    embed: str | None = option(None, choices=EMBEDDINGS,
-                               help="noise embedding (None: the arch's: fourier for the ncsnpp ones, else positional)")
-    resolution: int = 32  # set from the data
-    channels: int = 3  # set from the data
-    label_dim: int = 0  # 0: unconditional; set from the data with --cond
-
-    def resolved(self) -> ArchConfig:
-        """A copy with every width given (the architecture's own where None); ValueError for an unknown arch."""
-        if self.arch not in ARCH_WIDTHS:
-            raise ValueError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCH_WIDTHS)}")
-        own = dict(zip(_WIDTH_FIELDS, ARCH_WIDTHS[self.arch]))
-        given = {k: getattr(self, k) for k in _WIDTH_FIELDS if getattr(self, k) is not None}
-        values = {**own, **given}
-        values["channel_mult"] = tuple(values["channel_mult"])
-        values["attn_resolutions"] = tuple(values["attn_resolutions"])
-        return replace(self, **values)
-
-    def validate(self) -> None:
-        """Argument-level checks; raises ConfigError (one line)."""
-        for name in ("num_channels", "num_blocks"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {value}")
-        if self.channel_mult is not None and (not self.channel_mult or min(self.channel_mult) < 1):
-            raise ConfigError(f"--channel_mult needs positive integers, got {list(self.channel_mult)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.arch == "edm-adm" and self.embed is not None:
-            raise ConfigError("--embed applies to ddpmpp, ncsnpp, edm-ddpmpp and edm-ncsnpp; edm-adm's noise "
-                              "embedding is fixed (positional)")
-
-    @property
-    def noise_embedding(self) -> str:
-        return self.embed or ("fourier" if self.arch in ("ncsnpp", "edm-ncsnpp") else "positional")
 
 
 def group_count(channels: Sequence[int], max_groups: int = 32, min_per_group: int = 4) -> int:
@@ -265,15 +200,11 @@ class EDMNetwork(ModelMixin, ConfigMixin):
         return k_skip * x + k_out * F_x.float()
 
 
-def build_network(arch: ArchConfig, pre: Preconditioning, skip_connections: Sequence[int] | None = None,
-                  fourier_scale: float = 16.0) -> EDMNetwork:
-    """A freshly initialised network (the caller seeds torch's global RNG for a reproducible init)."""
+def build_unet2d_network(arch: ArchConfig, pre: Preconditioning, skip_connections: Sequence[int] | None = None,
+                         fourier_scale: float = 16.0) -> EDMNetwork:
+    """A freshly initialised ``UNet2DModel`` network (the caller seeds torch's global RNG for a reproducible
+    init); ``common.edm.networks.build.build_network`` is the one builder callers use."""
     config = unet_config(arch)
     mask = check_skip_mask(skip_connections, config) if skip_connections is not None else None
     return EDMNetwork(unet_config=config, preconditioning=pre.to_dict(), skip_connections=mask,
                       noise_embedding=arch.noise_embedding, fourier_scale=fourier_scale)
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -128,3 +128,11 @@ def ren_batch_rows(keep: torch.Tensor, num_generations: int, c: float) -> tuple[
     n = rows.shape[0]
     scale = torch.cat([torch.ones(n), torch.full((n,), float(c))])
     return torch.cat([rows, rows]), scale
+
+
+# --- the method's hook (common.t2i.mitigation.methods) -------------------------------------------------------
+
+def ren_attn_setup(batch) -> None:
+    """``ren_attn``: sampling runs with the padding-and-summary keys masked and the beginning token rescaled."""
+    keep, scale = ren_batch_rows(ren_key_mask(batch.parts.tokenizer, batch.prompts_used), batch.G, batch.settings.ren_c)
+    batch.sampling_context = ren_attention(batch.parts.unet, keep, scale)

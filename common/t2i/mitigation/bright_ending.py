@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.common.t2i.mitigation.attention_rescale import explicit_attention
+from diffmem.common.t2i.sampler import sample_latents
 
 
 def be_mask(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -77,7 +78,6 @@ def bright_ending_masks(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Te
                         prompts: list[str], *, num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
     """[B, G, 1, H, W] BE masks: the unmitigated generation of latents [B, G, C, H, W] (CFG, all steps), recording
     the end token's cross-attention in the conditional half at its last step."""
-    from diffmem.common.t2i.sampler import sample_latents
 
     B, G = latents.shape[:2]
     eos = end_token_positions(parts.tokenizer, prompts).repeat_interleave(G)

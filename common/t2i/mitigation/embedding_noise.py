@@ -43,3 +43,11 @@ def gni_noise(rows: list[int], num_generations: int, shape: tuple[int, int], gen
 def gni_embeddings(embeds: torch.Tensor, noise: torch.Tensor, scale: float) -> torch.Tensor:
     """c̃_g = c + λ·n_g per generation: embeds [B, L, D], noise [B, G, L, D] -> [B, G, L, D] (Somepalli et al. 2023, GNI)."""
     return embeds.float().unsqueeze(1) + scale * noise.to(embeds.device)
+
+
+# --- the method's hook (common.t2i.mitigation.methods) -------------------------------------------------------
+
+def gni_setup(batch) -> None:
+    """``gni``: the conditioning with seeded Gaussian noise added (one draw per row and generation)."""
+    noise = gni_noise(batch.rows, batch.G, tuple(batch.cond_embeds.shape[1:]), batch.settings.gen_seed)
+    batch.cond = gni_embeddings(batch.cond_embeds, noise, batch.settings.gni_scale)

@@ -30,6 +30,7 @@ import torch
 
 from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.t2i.sampler import sample_latents
 
 # Their opposite-guidance script falls back to step 5 when the cosine distances have no interior minimum.
 JAIN_OG_FALLBACK_STEP = 5
@@ -176,3 +177,36 @@ class StepDistanceRecorder:
 
     def as_tensor(self) -> torch.Tensor:
         return torch.stack(self.distances, dim=-1)
+
+
+# --- the methods' hooks (common.t2i.mitigation.methods) ------------------------------------------------------
+
+def jain_stp_setup(batch) -> None:
+    """``jain_stp``: the early scale while t > τ, the run's scale after."""
+    s = batch.settings
+    batch.guidance = StaticTransition(s.jain_tau, s.jain_early(s.method), s.guidance_scale)
+
+
+def jain_dtp_setup(batch) -> None:
+    """``jain_dtp``: the early scale until the step whose noise magnitude rises (or reaches its minimum)."""
+    s = batch.settings
+    batch.guidance = DynamicTransition(s.jain_early(s.method), s.guidance_scale, s.jain_dtp_rule)
+
+
+def jain_dtp_finish(batch) -> None:
+    """Each generation's transition step (None where it never came)."""
+    for b, v in enumerate(batch.guidance.transition_step.view(batch.B, batch.G).tolist()):
+        batch.details[b]["transition_step"] = [s if s >= 0 else None for s in v]
+
+
+def jain_og_setup(batch) -> None:
+    """``jain_og``: an opposite-guidance pass finds each generation's transition; then −w before it, w after."""
+    w = batch.settings.guidance_scale
+    recorder = StepDistanceRecorder()
+    sample_latents(batch.parts, batch.cond_embeds, batch.uncond_embed, batch.latents, observer=recorder,
+                   guidance=ConstantGuidance(-w), **batch.sample)
+    switch = jain_og_transition(recorder.as_tensor())
+    batch.guidance = StepSwitch(switch, -w, w)
+    batch.extra += 2 * batch.steps
+    for b, v in enumerate(switch.view(batch.B, batch.G).tolist()):
+        batch.details[b]["transition_step"] = v

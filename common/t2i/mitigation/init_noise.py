@@ -26,6 +26,7 @@ import torch
 from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
 from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.t2i.mitigation.guidance_schedule import StaticTransition
 from diffmem.common.t2i.text_noise import epsilon_from_output
 
 
@@ -164,3 +165,30 @@ def han_sample_optimise(parts: DenoiserParts, cond: torch.Tensor, uncond: torch.
         for n in active.nonzero().flatten().tolist():
             updates[n] += 1
     return NoiseOptimisation(param.detach(), updates, initial, final, reached, evaluations)
+
+
+# --- the methods' hooks (common.t2i.mitigation.methods) ------------------------------------------------------
+
+def han_batch_setup(batch) -> None:
+    """``han_batch``: x_T adjusted batch-wise, then the unconditional prediction alone while t > τ."""
+    s = batch.settings
+    c, u = batch.flat_embeds()
+    flat = han_batch_adjust(batch.parts, c, u, batch.latents.flatten(0, 1), num_inference_steps=batch.steps,
+                            rho=s.han_rho, gamma=s.han_gamma, steps=s.han_m)
+    batch.x_T = flat.view(batch.latents.shape)
+    batch.extra += 4 * s.han_m
+    batch.guidance = StaticTransition(s.han_tau, 0.0, s.guidance_scale)
+
+
+def han_sample_setup(batch) -> None:
+    """``han_sample``: each generation's x_T optimised until its noise magnitude at T reaches the target."""
+    s, B, G = batch.settings, batch.B, batch.G
+    c, u = batch.flat_embeds()
+    res = han_sample_optimise(batch.parts, c, u, batch.latents.flatten(0, 1), num_inference_steps=batch.steps,
+                              lr=s.han_lr, target_loss=s.han_target_loss, iters=s.han_iters)
+    batch.x_T = res.latents.view(batch.latents.shape)
+    batch.extra += 2 * torch.tensor(res.evaluations)
+    for b in range(B):
+        sl = slice(b * G, (b + 1) * G)
+        batch.details[b].update(han_iterations=res.iterations[sl], han_loss_initial=res.initial_loss[sl],
+                                han_loss_final=res.final_loss[sl], han_reached_target=res.reached_target[sl])

@@ -15,21 +15,35 @@ pass each, which the seconds per image include.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+
+from diffmem.common.t2i.mitigation.attention_rescale import ren_attn_setup
+from diffmem.common.t2i.mitigation.embedding_noise import gni_setup
+from diffmem.common.t2i.mitigation.guidance_schedule import (jain_dtp_finish, jain_dtp_setup, jain_og_setup,
+                                                             jain_stp_setup)
+from diffmem.common.t2i.mitigation.init_noise import han_batch_setup, han_sample_setup
+from diffmem.common.t2i.sampler import sample_latents
 
 BASELINES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method: the settings fields it reads (they bind a resumed run) and the one its trade-off sweeps."""
+    """A method: the settings fields it reads (they bind a resumed run), the one its trade-off sweeps, and its
+    hooks on a batch (:class:`MethodBatch`): ``setup`` before sampling (the conditioning, x_T, the guidance
+    schedule, a context to sample in), ``finish`` after it (details read off the sampler). A method at the
+    conditioning only (``none``, ``ours``, the baselines) has neither: :func:`condition_batch` did its work."""
 
     name: str
     reads: tuple[str, ...] = ()
     knob: str | None = None
     paper: str = ""
+    setup: Callable[[MethodBatch], None] | None = None
+    finish: Callable[[MethodBatch], None] | None = None
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in [
@@ -40,16 +54,19 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in [
     *[MethodSpec(b, ("repeat_num",), "repeat_num", "Somepalli et al. 2023 / Wen et al. 2024: prompt augmentation")
       for b in BASELINES],
     MethodSpec("jain_stp", ("jain_tau", "jain_early_scale"), "jain_tau",
-               "Jain et al., CVPR 2025: static transition point"),
+               "Jain et al., CVPR 2025: static transition point", jain_stp_setup),
     MethodSpec("jain_dtp", ("jain_early_scale", "jain_dtp_rule"), "jain_early_scale",
-               "Jain et al., CVPR 2025: dynamic transition point"),
-    MethodSpec("jain_og", (), None, "Jain et al., CVPR 2025: opposite guidance, transition from an extra pass"),
+               "Jain et al., CVPR 2025: dynamic transition point", jain_dtp_setup, jain_dtp_finish),
+    MethodSpec("jain_og", (), None, "Jain et al., CVPR 2025: opposite guidance, transition from an extra pass",
+               jain_og_setup),
     MethodSpec("han_batch", ("han_rho", "han_gamma", "han_m", "han_tau"), "han_tau",
-               "Han et al., NeurIPS 2025: batch-wise initial-noise adjustment"),
+               "Han et al., NeurIPS 2025: batch-wise initial-noise adjustment", han_batch_setup),
     MethodSpec("han_sample", ("han_lr", "han_target_loss", "han_iters"), "han_target_loss",
-               "Han et al., NeurIPS 2025: per-sample initial-noise optimisation"),
-    MethodSpec("ren_attn", ("ren_c",), "ren_c", "Ren et al., ECCV 2024: cross-attention masking and BOS rescaling"),
-    MethodSpec("gni", ("gni_scale",), "gni_scale", "Somepalli et al., NeurIPS 2023: Gaussian noise on the embedding"),
+               "Han et al., NeurIPS 2025: per-sample initial-noise optimisation", han_sample_setup),
+    MethodSpec("ren_attn", ("ren_c",), "ren_c", "Ren et al., ECCV 2024: cross-attention masking and BOS rescaling",
+               ren_attn_setup),
+    MethodSpec("gni", ("gni_scale",), "gni_scale", "Somepalli et al., NeurIPS 2023: Gaussian noise on the embedding",
+               gni_setup),
 ]}
 METHODS = tuple(METHOD_SPECS)
 METHOD_FIELDS = tuple(sorted({f for s in METHOD_SPECS.values() for f in s.reads}))
@@ -65,89 +82,72 @@ class BatchGeneration:
     details: list[dict] = field(default_factory=list)
 
 
-def _per_row(values: torch.Tensor, B: int, G: int) -> list[list]:
-    return values.view(B, G).tolist()
+@dataclass
+class MethodBatch:
+    """One batch as a method's hooks see it: the inputs (read only) and what the sampler is given (theirs to set)."""
+
+    parts: object
+    cond_embeds: torch.Tensor  # [B, L, D]: condition_batch's conditioning
+    uncond_embed: torch.Tensor
+    latents: torch.Tensor  # [B, G, C, H, W]: x_T of each row, the same for every method
+    rows: list[int]
+    prompts_used: list[str]
+    settings: object
+    cond: torch.Tensor | None = None  # what the sampler is conditioned on (default: cond_embeds)
+    x_T: torch.Tensor | None = None  # where it starts (default: latents)
+    guidance: object | None = None  # a guidance schedule (None: constant CFG at the run's scale)
+    sampling_context: object | None = None  # a context manager the sampling runs in (attention processors)
+    extra: torch.Tensor | None = None  # extra UNet evaluations per generation [B·G]
+    details: list[dict] = field(default_factory=list)  # per row, the method's own record
+
+    def __post_init__(self):
+        self.cond = self.cond_embeds if self.cond is None else self.cond
+        self.x_T = self.latents if self.x_T is None else self.x_T
+        self.extra = torch.zeros(self.B * self.G, dtype=torch.int64) if self.extra is None else self.extra
+        self.details = self.details or [{} for _ in range(self.B)]
+
+    @property
+    def B(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def G(self) -> int:
+        return self.latents.shape[1]
+
+    @property
+    def steps(self) -> int:
+        return self.settings.num_inference_steps
+
+    @property
+    def sample(self) -> dict:
+        """The sampler's keywords shared by every pass."""
+        return dict(num_inference_steps=self.steps, guidance_scale=self.settings.guidance_scale)
+
+    def flat_embeds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, unconditional) embeddings per generation [B·G, L, D], in the model's dtype."""
+        dtype, device = self.parts.dtype, self.parts.device
+        c = self.cond_embeds.to(device=device, dtype=dtype).repeat_interleave(self.G, dim=0)
+        u = self.uncond_embed.to(device=device, dtype=dtype).expand(self.B * self.G, -1, -1)
+        return c, u
 
 
 def generate_batch(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor, latents: torch.Tensor,
                    rows: list[int], prompts_used: list[str], settings) -> BatchGeneration:
-    """Generate B prompts × G generations with ``settings.method`` from latents [B, G, C, H, W] (x_T of each row).
+    """Generate B prompts × G generations with ``settings.method`` from latents [B, G, C, H, W] (x_T of each row):
+    the method's hooks (its :class:`MethodSpec`), then classifier-free-guided sampling.
 
     cond_embeds [B, L, D]: the conditioning chosen by :func:`common.t2i.mitigation.run.condition_batch` (the
     optimised embedding for ``ours``, the augmented prompt's for the baselines, the prompt's otherwise).
     """
-    from diffmem.common.t2i.sampler import sample_latents
-    from diffmem.common.t2i.mitigation.guidance_schedule import (ConstantGuidance, DynamicTransition, StaticTransition, StepDistanceRecorder, StepSwitch,
-                                              jain_og_transition)
-
-    method, w = settings.method, settings.guidance_scale
-    B, G = latents.shape[:2]
-    steps = settings.num_inference_steps
-    extra = torch.zeros(B * G, dtype=torch.int64)
-    details: list[dict] = [{} for _ in range(B)]
-    x_T = latents
-    cond = cond_embeds
-    guidance = None
+    spec = METHOD_SPECS[settings.method]
+    batch = MethodBatch(parts, cond_embeds, uncond_embed, latents, rows, prompts_used, settings)
+    if spec.setup is not None:
+        spec.setup(batch)
     norms: list = []
-    sample = dict(num_inference_steps=steps, guidance_scale=w)
-
-    def flat_embeds():
-        dtype, device = parts.dtype, parts.device
-        c = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)
-        u = uncond_embed.to(device=device, dtype=dtype).expand(B * G, -1, -1)
-        return c, u
-
-    if method == "gni":
-        from diffmem.common.t2i.mitigation.embedding_noise import gni_embeddings, gni_noise
-
-        noise = gni_noise(rows, G, tuple(cond_embeds.shape[1:]), settings.gen_seed)
-        cond = gni_embeddings(cond_embeds, noise, settings.gni_scale)
-    elif method == "jain_stp":
-        guidance = StaticTransition(settings.jain_tau, settings.jain_early(method), w)
-    elif method == "jain_dtp":
-        guidance = DynamicTransition(settings.jain_early(method), w, settings.jain_dtp_rule)
-    elif method == "jain_og":
-        recorder = StepDistanceRecorder()
-        sample_latents(parts, cond_embeds, uncond_embed, latents, observer=recorder,
-                       guidance=ConstantGuidance(-w), **sample)
-        switch = jain_og_transition(recorder.as_tensor())
-        guidance = StepSwitch(switch, -w, w)
-        extra += 2 * steps
-        for b, v in enumerate(_per_row(switch, B, G)):
-            details[b]["transition_step"] = v
-    elif method == "han_batch":
-        from diffmem.common.t2i.mitigation.init_noise import han_batch_adjust
-
-        c, u = flat_embeds()
-        flat = han_batch_adjust(parts, c, u, latents.flatten(0, 1), num_inference_steps=steps, rho=settings.han_rho,
-                                gamma=settings.han_gamma, steps=settings.han_m)
-        x_T = flat.view(latents.shape)
-        extra += 4 * settings.han_m
-        guidance = StaticTransition(settings.han_tau, 0.0, w)
-    elif method == "han_sample":
-        from diffmem.common.t2i.mitigation.init_noise import han_sample_optimise
-
-        c, u = flat_embeds()
-        res = han_sample_optimise(parts, c, u, latents.flatten(0, 1), num_inference_steps=steps, lr=settings.han_lr,
-                                  target_loss=settings.han_target_loss, iters=settings.han_iters)
-        x_T = res.latents.view(latents.shape)
-        evals = torch.tensor(res.evaluations)
-        extra += 2 * evals
-        for b in range(B):
-            sl = slice(b * G, (b + 1) * G)
-            details[b].update(han_iterations=res.iterations[sl], han_loss_initial=res.initial_loss[sl],
-                              han_loss_final=res.final_loss[sl], han_reached_target=res.reached_target[sl])
-
-    if method == "ren_attn":
-        from diffmem.common.t2i.mitigation.attention_rescale import ren_attention, ren_batch_rows, ren_key_mask
-
-        keep, scale = ren_batch_rows(ren_key_mask(parts.tokenizer, prompts_used), G, settings.ren_c)
-        with ren_attention(parts.unet, keep, scale):
-            final = sample_latents(parts, cond, uncond_embed, x_T, norms_out=norms, **sample)
-    else:
-        final = sample_latents(parts, cond, uncond_embed, x_T, guidance=guidance, norms_out=norms, **sample)
-    if method == "jain_dtp":
-        for b, v in enumerate(_per_row(guidance.transition_step, B, G)):
-            details[b]["transition_step"] = [s if s >= 0 else None for s in v]
-    first = norms[0].view(B, G).mean(dim=1).tolist()
-    return BatchGeneration(final, _per_row(extra, B, G), first, details)
+    with batch.sampling_context or nullcontext():
+        final = sample_latents(parts, batch.cond, uncond_embed, batch.x_T, guidance=batch.guidance, norms_out=norms,
+                               **batch.sample)
+    if spec.finish is not None:
+        spec.finish(batch)
+    first = norms[0].view(batch.B, batch.G).mean(dim=1).tolist()
+    return BatchGeneration(final, batch.extra.view(batch.B, batch.G).tolist(), first, batch.details)

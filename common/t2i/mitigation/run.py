@@ -42,6 +42,15 @@ from diffmem.common.t2i.mitigation.init_noise import HanSettings
 from diffmem.common.t2i.mitigation.prompt_embedding import LOSS_REDUCTIONS
 from diffmem.common.t2i.mitigation.methods import BASELINES, METHOD_FIELDS, METHOD_SPECS, METHODS  # noqa: F401
 from diffmem.common.t2i.options import batch_size_option, shared_option
+from diffmem.common.t2i.prompt_aug import augment_prompt
+from diffmem.common.t2i.detection import encode_prompts
+from diffmem.common.t2i.mitigation.prompt_embedding import learnable_positions, optimise_prompt_embeds, prompt_attention_mask, prompt_losses
+from diffmem.common.t2i.text_noise import initial_latents
+from diffmem.common.t2i.mitigation.bright_ending import bright_ending_masks
+from diffmem.common.t2i.sampler import decode_latents, save_grid, to_pil
+from diffmem.common.t2i.mitigation.methods import generate_batch
+from diffmem.common.similarity import check_clip_spec, resolve_sscd_spec, SimilarityModelError
+from diffmem.common.similarity import SSCDModel, load_clip_scorer
 
 # The settings dataclasses of the methods beyond Wen et al.'s (their fields are command-line options).
 METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings)
@@ -179,7 +188,6 @@ def used_prompts(prompts: list[str], rows: list[int], settings: MitigationSettin
     """The prompt each row is generated from: the original, or its seeded random augmentation (baselines)."""
     if settings.method not in BASELINES:
         return list(prompts)
-    from diffmem.common.t2i.prompt_aug import augment_prompt
 
     return [augment_prompt(p, settings.method, settings.repeat_num, aug_generator(settings.gen_seed + r),
                            tokenizer=tokenizer)
@@ -195,10 +203,6 @@ def aug_generator(seed: int):
 
 def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], settings: MitigationSettings) -> dict:
     """Embeddings to generate from, the prompts actually used and the mitigation loss before/after, per row."""
-    from diffmem.common.t2i.detection import encode_prompts
-    from diffmem.common.t2i.mitigation.prompt_embedding import (learnable_positions, optimise_prompt_embeds, prompt_attention_mask,
-                                   prompt_losses)
-    from diffmem.common.t2i.text_noise import initial_latents
 
     used = used_prompts(prompts, rows, settings, parts.tokenizer)
     encoded = encode_prompts(parts, used)
@@ -212,7 +216,6 @@ def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], se
         t0 = time.perf_counter()
         mask, mask_calls = None, 0
         if settings.be_mask:
-            from diffmem.common.t2i.mitigation.bright_ending import bright_ending_masks
 
             mask = bright_ending_masks(parts, encoded.embeds, uncond_embed, latents, used,
                                        num_inference_steps=settings.num_inference_steps,
@@ -341,9 +344,6 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
     :func:`run_binding`), bound to the folder with them."""
     from tqdm.auto import tqdm
 
-    from diffmem.common.t2i.detection import encode_prompts
-    from diffmem.common.t2i.sampler import decode_latents, save_grid, to_pil
-    from diffmem.common.t2i.mitigation.methods import generate_batch
 
     settings.validate()
     evaluators = evaluators or Evaluators()
@@ -515,7 +515,6 @@ def check_evaluators(sscd_model: str | None, reference_model: str | None, refere
 
     sscd_model None skips SSCD; reference_model None skips the CLIP score.
     """
-    from diffmem.common.similarity import check_clip_spec, resolve_sscd_spec, SimilarityModelError
 
     if sscd_model is not None:
         resolve_sscd_spec(sscd_model)
@@ -528,7 +527,6 @@ def check_evaluators(sscd_model: str | None, reference_model: str | None, refere
 def load_evaluators(sscd_model: str | None, sscd_preprocess: str, reference_model: str | None,
                     reference_model_pretrain: str, gt_root: Path | None, device) -> Evaluators:
     """SSCD model (None when skipped or when there is no ground truth to compare with) and CLIP scorer."""
-    from diffmem.common.similarity import SSCDModel, load_clip_scorer
 
     sscd = SSCDModel(sscd_model, device=device, preset=sscd_preprocess) if sscd_model and gt_root else None
     clip = load_clip_scorer(reference_model, reference_model_pretrain, device=device) if reference_model else None

@@ -20,7 +20,7 @@ SHAPE = (3, 4, 4)
 
 
 def tiny_net(label_dim=0, attn=()):
-    from diffmem.common.edm.networks.unet2d import ArchConfig, build_network
+    from diffmem.common.edm.networks.build import ArchConfig, build_network
     from diffmem.common.edm.precond import Preconditioning
 
     torch.manual_seed(0)

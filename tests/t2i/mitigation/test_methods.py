@@ -343,13 +343,14 @@ def test_gni_zero_is_none_and_noise_is_per_row(tiny_parts):
 
 
 def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch):
-    import diffmem.common.t2i.sampler as generation
+    import diffmem.common.t2i.mitigation.guidance_schedule as guidance_schedule
     import diffmem.common.t2i.mitigation.init_noise as init_noise
+    import diffmem.common.t2i.mitigation.methods as methods
     from diffmem.common.t2i.mitigation.methods import METHODS
     from diffmem.common.t2i.mitigation.run import condition_batch
 
     seen: dict = {}
-    real = {"sample": generation.sample_latents, "batch": init_noise.han_batch_adjust,
+    real = {"sample": methods.sample_latents, "batch": init_noise.han_batch_adjust,
             "per_sample": init_noise.han_sample_optimise}
 
     def spy(kind):
@@ -358,7 +359,8 @@ def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch):
             return real[kind](parts, cond, uncond, latents, *a, **kw)
         return f
 
-    monkeypatch.setattr(generation, "sample_latents", spy("sample"))
+    monkeypatch.setattr(methods, "sample_latents", spy("sample"))
+    monkeypatch.setattr(guidance_schedule, "sample_latents", spy("sample"))  # jain_og's opposite-guidance pass
     monkeypatch.setattr(init_noise, "han_batch_adjust", spy("batch"))
     monkeypatch.setattr(init_noise, "han_sample_optimise", spy("per_sample"))
     from diffmem.common.t2i.mitigation.methods import generate_batch
