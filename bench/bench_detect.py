@@ -20,7 +20,6 @@ import argparse
 import json
 from pathlib import Path
 
-
 import torch
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 from tqdm.auto import tqdm
@@ -28,10 +27,6 @@ from tqdm.auto import tqdm
 from diffmem.common.t2i.detection import DETECTORS, encode_prompts, score_prompts
 from diffmem.common.t2i.pipeline import denoiser_parts
 from diffmem.common.t2i.text_noise import classifier_free_guidance, text_noise_norm
-
-
-
-
 
 
 @torch.no_grad()

@@ -23,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import numpy as np
 import torch
-
 from benchlib import Timer, sync
 
 PRESETS = {

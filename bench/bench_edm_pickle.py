@@ -36,7 +36,8 @@ mode, path = sys.argv[1], sys.argv[2]
 import torch
 if mode == "ours":
     from diffmem.common.edm.networks.edm_pickle import load_edm_pickle
-    import accelerate, common.edm.networks.edm_preconditioners  # noqa: F401  (imported first: the load alone is measured)
+    import accelerate, common.edm.networks.edm_preconditioners  # noqa: F401  (imported first: the load alone is
+    measured)
     load = lambda: load_edm_pickle(path)[0]
 else:
     import pickle

@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-
 import torch
 from benchlib import add_model_args, bench_pipeline, load_prompts
 from tqdm.auto import tqdm
@@ -22,9 +21,6 @@ from tqdm.auto import tqdm
 from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.explain import WRT_CHOICES, explain_prompts
 from diffmem.common.t2i.pipeline import denoiser_parts
-
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

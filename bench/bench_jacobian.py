@@ -21,9 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-
 import torch
-
 from benchlib import timed
 
 PRESETS = {

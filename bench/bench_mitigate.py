@@ -21,7 +21,6 @@ import json
 import statistics
 from pathlib import Path
 
-
 import torch
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 
@@ -167,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         result["generation"] = generation_throughput(pipe, parts, embeds, uncond, latents, args, device)
 
     if args.sscd_model != "none":
-        from diffmem.common.t2i.sampler import decode_latents, to_pil
         from diffmem.common.similarity import SimilarityModelError, SSCDModel
+        from diffmem.common.t2i.sampler import decode_latents, to_pil
 
         try:
             sscd = SSCDModel(args.sscd_model, device=device)

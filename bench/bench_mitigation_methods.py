@@ -18,16 +18,15 @@ import json
 import statistics
 from pathlib import Path
 
-
 import torch
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 
 from diffmem.common.t2i.detection import encode_prompts
-from diffmem.common.t2i.sampler import decode_latents
-from diffmem.common.t2i.mitigation.prompt_embedding import prompt_losses
 from diffmem.common.t2i.mitigation.methods import METHODS, generate_batch
+from diffmem.common.t2i.mitigation.prompt_embedding import prompt_losses
 from diffmem.common.t2i.mitigation.run import MitigationSettings, condition_batch
 from diffmem.common.t2i.pipeline import denoiser_parts
+from diffmem.common.t2i.sampler import decode_latents
 
 
 def main() -> None:

@@ -11,7 +11,8 @@ Three variants train the same randomly initialised model on the same images, in 
   trainer   - common.training.loop.Trainer with common.t2i.train.TextToImageLoss (per-sample seeded draws, masked
               mean, one all-reduce per micro-batch);
   threshold - the same with --hard_threshold (one extra no-grad UNet forward per batch).
-samples/s is batch size over the median optimizer-step time. Prints samples/s, peak GPU memory, trainer/example (target >= 0.95), threshold/trainer, and the threshold
+samples/s is batch size over the median optimizer-step time. Prints samples/s, peak GPU memory, trainer/example
+(target >= 0.95), threshold/trainer, and the threshold
 overhead in units of one no-grad UNet forward on the batch (target <= 1). No timing is asserted.
 """
 
@@ -27,11 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from benchlib import Timer, sync
 
 RESOLUTION = {"tiny": 16, "sd-v1": 512}
@@ -160,8 +159,8 @@ def run_example(args, parts, master_unet, folder, res):
 
 
 def run_trainer(args, parts, master_unet, records, res, workdir, threshold):
-    from diffmem.common.t2i.train_data import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
     from diffmem.common.t2i.train import TextToImageLoss
+    from diffmem.common.t2i.train_data import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
     from diffmem.common.training.loop import TrainConfig, Trainer
 
     acc = fresh_accelerator(args)
@@ -172,7 +171,8 @@ def run_trainer(args, parts, master_unet, records, res, workdir, threshold):
     cfg = TrainConfig(output_dir=str(workdir), train_batch_size=args.batch_size,
                       max_train_steps=args.warmup + args.steps, learning_rate=1e-5, lr_warmup_steps=0,
                       checkpointing_steps=10 ** 9, report_to="none", show_progress=False)
-    dataset = TextImageDataset(records, ImageTransformConfig(res), CaptionConfig(), seed=0, tokenizer=parts["tokenizer"])
+    dataset = TextImageDataset(records, ImageTransformConfig(res), CaptionConfig(), seed=0,
+                               tokenizer=parts["tokenizer"])
     loss_fn = TextToImageLoss(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                               noise_scheduler=parts["scheduler"], weight_dtype=wdt, device=acc.device,
                               unwrap=acc.unwrap_model, hard_threshold=threshold)
@@ -209,8 +209,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from diffusers import DDPMScheduler
 
-    from diffmem.common.t2i.train_data import read_image_folder
     from diffmem.common.t2i.pipeline import build_components
+    from diffmem.common.t2i.train_data import read_image_folder
 
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
     if threads is not None:
@@ -259,7 +259,8 @@ def main(argv=None) -> int:
         "arch": args.arch, "unet_params_M": round(n_params / 1e6, 1), "device": args.device,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-        "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+        "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
+        "torch_threads": torch.get_num_threads(),
         "samples_per_s": {k: round(v, 3) for k, v in best.items()},
         "samples_per_s_all_rounds": {k: [round(x, 3) for x in v] for k, v in results.items()},
         "median_samples_per_s": {k: round(statistics.median(v), 3) for k, v in results.items()},

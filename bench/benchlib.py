@@ -8,7 +8,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import torch
 
 from diffmem.common.cli import quiet_hub_logging

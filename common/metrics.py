@@ -17,9 +17,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from diffmem.common.textfiles import iter_json_objects, parse_label
 from diffmem.common.plotting import new_axes
 from diffmem.common.results import ResultsFileError
+from diffmem.common.textfiles import iter_json_objects, parse_label
 
 DEFAULT_FPR_TARGETS = (0.001, 0.01, 0.03, 0.05)
 TPR_RULES = ("strict", "closest")

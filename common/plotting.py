@@ -9,7 +9,6 @@ global backend or leaks figures: the same functions work in scripts, headless CI
 from __future__ import annotations
 
 
-
 def new_axes(figsize: tuple[float, float]):
     """(figure, axes) of a standalone figure that needs no pyplot and no display."""
     from matplotlib.figure import Figure

@@ -73,12 +73,14 @@ def replication_rate(similarities: torch.Tensor, threshold: float) -> float:
 
 
 def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """Cosine of each image's CLIP features with the prompt's, [N, D] × [1, D] -> [N] (Wen et al. 2024, Sec. 5; Radford et al. 2021)."""
+    """Cosine of each image's CLIP features with the prompt's, [N, D] × [1, D] -> [N] (Wen et al. 2024, Sec. 5;
+    Radford et al. 2021)."""
     return cosine_similarity_matrix(image_features, text_features)[:, 0]
 
 
 def top_k_mean(per_generation: torch.Tensor, k: int = 3) -> float:
-    """Mean of the k largest per-generation similarities (all of them when fewer) (MemBench, Hong et al.: top-3 SSCD)."""
+    """Mean of the k largest per-generation similarities (all of them when fewer) (MemBench, Hong et al.: top-3
+    SSCD)."""
     return float(per_generation.float().topk(min(k, per_generation.numel())).values.mean())
 
 
@@ -146,7 +148,8 @@ def resolve_sscd_spec(spec: str) -> tuple[str, Path]:
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            raise SimilarityModelError(f"{path}: ONNX SSCD models need onnxruntime (`pip install onnxruntime`)") from None
+            raise SimilarityModelError(f"{path}: ONNX SSCD models need onnxruntime "
+                                       f"(`pip install onnxruntime`)") from None
         return "onnx", path
     return "torchscript", path
 

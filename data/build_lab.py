@@ -21,13 +21,12 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 from diffmem.common.training.loop import CHECKPOINT_PREFIX
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -134,7 +133,8 @@ def _train(cfg: LabConfig, init_dir: Path, work: Path, out_dir: Path, *, hard_th
            checkpoint_at: int = 0, resume_from: Path | None = None) -> float:
     cmd = [sys.executable, "finetune/train_text_to_image.py", "--pretrained_model_name_or_path", str(init_dir),
            "--train_data_dir", str(work / "mem"), "--repeats", str(cfg.repeats),
-           "--non_mem_dataset", str(work / "non_mem"), "--non_mem_ratio", str(cfg.num_seen_once / (cfg.num_memorized * cfg.repeats)),
+           "--non_mem_dataset", str(work / "non_mem"),
+           "--non_mem_ratio", str(cfg.num_seen_once / (cfg.num_memorized * cfg.repeats)),
            "--resolution", "16", "--train_text_encoder", "--train_batch_size", str(cfg.batch_size),
            "--max_train_steps", str(cfg.train_steps), "--learning_rate", str(cfg.learning_rate),
            "--caption_dropout", repr(cfg.caption_dropout), "--lr_warmup_steps", "0",
@@ -151,12 +151,12 @@ def _train(cfg: LabConfig, init_dir: Path, work: Path, out_dir: Path, *, hard_th
 
 def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir: Path, train_images, train_index,
              split, sscd=None, train_sscd=None) -> dict:
-    from diffmem.common.t2i.sampler import save_grid, to_pil
-    from diffmem.common.t2i.lab import generate_images, replication_figures, sscd_replication_figures
-    from diffmem.common.t2i.detection import score_prompts
     from diffmem.common.metrics import detection_metrics, fpr_key
+    from diffmem.common.t2i.detection import score_prompts
+    from diffmem.common.t2i.lab import generate_images, replication_figures, sscd_replication_figures
     from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline
     from diffmem.common.t2i.prompts import read_prompts
+    from diffmem.common.t2i.sampler import save_grid, to_pil
 
     figures = {}
     t0 = time.perf_counter()
@@ -186,7 +186,8 @@ def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir:
     t0 = time.perf_counter()
     groups = {
         "memorized": (split.memorized_captions, list(split.memorized)),
-        "seen_once": (split.seen_once_captions[:cfg.num_unmem_seen_once], list(split.seen_once[:cfg.num_unmem_seen_once])),
+        "seen_once": (split.seen_once_captions[:cfg.num_unmem_seen_once],
+                      list(split.seen_once[:cfg.num_unmem_seen_once])),
         "novel": (split.novel_captions, [None] * len(split.novel_captions)),
     }
     rep = {"guidance_scale": cfg.replication_guidance, "num_inference_steps": cfg.replication_steps,
@@ -295,8 +296,8 @@ def build(cfg: LabConfig) -> dict:
     # 5. the shipped model's figures (what every CLI will load)
     sscd = train_sscd = None
     if cfg.sscd != "none":
-        from diffmem.common.t2i.sampler import to_pil
         from diffmem.common.similarity import SSCDModel
+        from diffmem.common.t2i.sampler import to_pil
 
         sscd = SSCDModel(cfg.sscd)
         train_sscd = sscd.embed(to_pil(train_images))
@@ -345,7 +346,8 @@ def build(cfg: LabConfig) -> dict:
 def _summary(figures: dict, guidance: float) -> str:
     rep = figures["replication"]
     sscd = rep["memorized"].get("sscd", {}).get("own_image_rate_gt_0.5")
-    return (f"first-step AUC {figures['detection']['auc']:.3f}, TPR@1%FPR {figures['detection']['tpr_at_1pct_fpr']:.2f}; "
+    return (f"first-step AUC {figures['detection']['auc']:.3f}, "
+            f"TPR@1%FPR {figures['detection']['tpr_at_1pct_fpr']:.2f}; "
             f"memorized captions replicating their image at guidance {guidance}: pixel "
             f"{rep['memorized']['own_image_rate']:.2f}" + ("" if sscd is None else f", SSCD > 0.5 {sscd:.2f}"))
 

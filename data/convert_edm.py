@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 
 
 @dataclass
@@ -45,14 +44,14 @@ def parse_args(argv=None) -> ConvertConfig:
 
 def run(cfg: ConvertConfig) -> None:
     cfg.validate()
-    from diffmem.common.edm.networks.snapshot import convert_edm_pickle
-    from diffmem.common.edm.networks.snapshot import load_network
+    from diffmem.common.edm.networks.snapshot import convert_edm_pickle, load_network
 
     out, info = convert_edm_pickle(cfg.network, cfg.out, overwrite=cfg.overwrite)
     net = load_network(out)
     shape = "x".join(map(str, net.image_shape))
     cond = f", {net.label_dim} classes" if net.label_dim else ", unconditional"
-    print(f"{out}: {info['preconditioning']} + {info['architecture']} ({sum(p.numel() for p in net.parameters()):,} parameters, "
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"{out}: {info['preconditioning']} + {info['architecture']} ({n_params:,} parameters, "
           f"{shape}{cond}, σ in [{net.sigma_min:g}, {net.sigma_max:g}]) from {cfg.network} "
           f"(sha256 {info['converted_from']['sha256'][:12]}…)")
 

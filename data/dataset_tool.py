@@ -8,7 +8,8 @@
 
 SRC is the CIFAR-10 python tarball (cifar-10-python.tar.gz), a folder of images (labels from its dataset.json),
 an EDM dataset zip, or ``digits`` (scikit-learn's bundled 8×8 digits; needs no download). ``molrg`` writes Zhang et
-al.'s mixture of low-rank Gaussians instead (``common.edm.dataset.molrg``): float data in a zip with ``data.npy``, labels =
+al.'s mixture of low-rank Gaussians instead (``common.edm.dataset.molrg``): float data in a zip with ``data.npy``,
+labels =
 class; it takes only the --molrg_* options and --seed. The rules (class-balanced
 first N/C, seeded draws, label rules, Lanczos resizing, intra-class mixing) are those of ``common.edm.dataset.edm_zip``.
 The zip is written under a temporary name beside OUT.zip and renamed when complete (a temporary left by a killed
@@ -24,14 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-
-from diffmem.common.settings import option
 from diffmem.common.edm.dataset.edm_zip import (
-    CHANNELS,
-    CIFAR_SPLITS,
-    LABEL_RULES,
-    SUBSETS,
-    TRANSFORMS,
     DatasetRecipe,
     build_dataset,
     mix_count,
@@ -40,6 +34,7 @@ from diffmem.common.edm.dataset.edm_zip import (
 )
 from diffmem.common.edm.dataset.molrg import MoLRGRecipe, molrg_dataset
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 
 MOLRG = "molrg"
 

@@ -20,15 +20,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main, settings_from_args
-
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
-from diffmem.common.t2i.options import (ANISOTROPY_WEIGHTS, DETECTORS, SCHEDULERS, batch_size_option,
-                                        shared_option)
-from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
-from diffmem.common.results import (append_results, bind_run_settings, check_rows_match, digest_rows, merge_rows,
-                                    read_results, write_json_atomic)
+from diffmem.common.results import (
+    append_results,
+    bind_run_settings,
+    check_rows_match,
+    digest_rows,
+    merge_rows,
+    read_results,
+    write_json_atomic,
+)
 from diffmem.common.runlock import lock_run_folder
+from diffmem.common.settings import option
+from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS, SCHEDULERS, batch_size_option, shared_option
+from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 
 # Arguments that change the numbers: a resumed run must use the same values as the results on disk.
 SCORE_KEYS = ("model_id", "unet_id", "revision", "variant", "num_images_per_prompt", "gen_seed",

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-from diffmem.common.edm.emm.launch import CLUSTERS, LAUNCHERS
+from diffmem.common.edm.emm.plot import plot_emm_curves
+from diffmem.common.edm.emm.state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve
 from diffmem.common.edm.emm.sweep import (
     DEFAULT_SCRIPTS,
     LaunchConfig,
@@ -31,9 +32,7 @@ from diffmem.common.edm.emm.sweep import (
     check_stage_args,
     run_sweep,
 )
-from diffmem.common.edm.emm.state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve
 from diffmem.common.errors import ConfigError
-from diffmem.common.edm.emm.plot import plot_emm_curves
 
 
 def build_parser() -> ArgumentParser:

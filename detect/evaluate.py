@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
 from diffmem.common.metrics import (
     DEFAULT_FPR_TARGETS,
@@ -45,6 +43,7 @@ from diffmem.common.metrics import (
     score_groups,
 )
 from diffmem.common.results import write_json_atomic
+from diffmem.common.settings import option
 
 
 @dataclass

@@ -14,15 +14,25 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, quiet_hub_logging, resolve_device, run_main,
-                                 settings_from_args)
-
-from diffmem.common.settings import device_option, option, prompt_text
+from diffmem.common.cli import (
+    ArgumentParser,
+    add_settings_arguments,
+    quiet_hub_logging,
+    resolve_device,
+    run_main,
+    settings_from_args,
+)
 from diffmem.common.errors import ConfigError
+from diffmem.common.results import (
+    append_results,
+    bind_run_settings,
+    check_run_settings,
+    read_results,
+    write_json_atomic,
+)
+from diffmem.common.settings import device_option, option, prompt_text
 from diffmem.common.t2i.options import WRT_CHOICES, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
-from diffmem.common.results import (append_results, bind_run_settings, check_run_settings, read_results,
-                            write_json_atomic)
 
 # Arguments that change the numbers: a resumed run must use the values of the results already on disk.
 RESULT_KEYS = ("model_id", "unet_id", "revision", "variant", "target_steps", "num_images_per_prompt",

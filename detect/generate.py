@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
-
-from diffmem.common.settings import device_option, option
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.sampler import SamplerError, SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
 from diffmem.common.runlock import lock_run_folder
+from diffmem.common.settings import device_option, option
 
 
 @dataclass
@@ -120,7 +119,6 @@ def run(cfg: GenerateConfig) -> int:
 
     from tqdm.auto import tqdm
 
-    from diffmem.common.edm import sampler as S
     from diffmem.common.edm.networks.snapshot import load_network, resolve_snapshot
 
     with lock_run_folder(cfg.outdir, "--outdir", ".generate.lock"):

@@ -1,4 +1,5 @@
-"""The rank of the denoiser's Jacobian ∂D(x; σ)/∂x per seed and σ (Zhang et al.), for a snapshot or the optimal denoiser.
+"""The rank of the denoiser's Jacobian ∂D(x; σ)/∂x per seed and σ (Zhang et al.), for a snapshot or the optimal
+denoiser.
 
     python detect/jacobian.py --network SNAPSHOT_OR_RUN --seeds 0-15 --out DIR [--trajectory] [--steps 18]
     python detect/jacobian.py --network SNAPSHOT_OR_RUN --seeds 0-15 --sigmas 0.002,0.01,0.05,0.2,1,5 --out DIR
@@ -25,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
-
-from diffmem.common.settings import device_option, option
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds, rounded_sigmas
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import device_option, option
 
 RESULTS = "jacobian.jsonl"
 SETTINGS = "jacobian.json"

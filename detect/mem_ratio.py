@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
-
-from diffmem.common.settings import device_option, option
 from diffmem.common.edm.measure.mem_ratio import MemRatioError
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
 from diffmem.common.runlock import lock_run_folder
+from diffmem.common.settings import device_option, option
 
 DEFAULT_SEEDS = "0-9999"  # DiffMemorize's 10k samples per snapshot
 
@@ -127,8 +126,8 @@ def run(cfg: MemRatioConfig) -> dict | None:
         return None
 
 
-    from diffmem.common.edm.measure import mem_ratio as M
     from diffmem.common.edm.dataset.edm_zip import load_dataset_zip
+    from diffmem.common.edm.measure import mem_ratio as M
 
     with lock_run_folder(cfg.root, "--outdir" if cfg.outdir is not None else "--expdir", ".mem_ratio.lock"):
         device = resolve_device(cfg.device)

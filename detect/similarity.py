@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
-
-from diffmem.common.settings import device_option, option
 from diffmem.common.edm.measure import reproducibility as S
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import device_option, option
 
 
 @dataclass

@@ -17,9 +17,8 @@ import os
 from dataclasses import dataclass, replace
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 from diffmem.common.t2i.train import TextToImageConfig
 from diffmem.common.training.loop import TrainConfig
 

@@ -21,13 +21,19 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, add_settings_groups, quiet_hub_logging, resolve_device, run_main,
-                                 settings_from_args)
-
+from diffmem.common.cli import (
+    ArgumentParser,
+    add_settings_arguments,
+    add_settings_groups,
+    quiet_hub_logging,
+    resolve_device,
+    run_main,
+    settings_from_args,
+)
+from diffmem.common.runlock import lock_run_folder
 from diffmem.common.settings import option
 from diffmem.common.t2i.mitigation.run import MitigationSettings, RunOptions, argument_groups, own_fields
 from diffmem.common.t2i.options import shared_option
-from diffmem.common.runlock import lock_run_folder
 
 
 @dataclass
@@ -64,8 +70,13 @@ def run(cfg: InferenceMemConfig) -> dict:
     """Validate inputs, load models, run the method and return the summary."""
     cfg.validate()
     from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from diffmem.common.t2i.mitigation.run import (TensorboardTracker, check_evaluators, load_evaluators,
-                                       run_binding, run_mitigation)
+    from diffmem.common.t2i.mitigation.run import (
+        TensorboardTracker,
+        check_evaluators,
+        load_evaluators,
+        run_binding,
+        run_mitigation,
+    )
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
     # Everything the user typed is checked before any model is loaded.
@@ -114,7 +125,10 @@ def run(cfg: InferenceMemConfig) -> dict:
             torch.cuda.empty_cache()
         sscd = summary.get("sscd") or {}
         clip = summary.get("clip") or {}
-        fmt = (lambda v: "n/a" if v is None else f"{v:.3f}")
+
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.3f}"
+
         print(f"{out_dir}: {summary['counts']['prompts']} prompts ({summary['counts']['this_run']} now, "
               f"{summary['counts']['resumed']} resumed), method {cfg.method}: "
               f"loss {fmt(summary['loss']['final_mean'])}, "

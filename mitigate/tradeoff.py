@@ -23,14 +23,26 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from diffmem.common.cli import (ArgumentParser, add_settings_arguments, add_settings_groups, quiet_hub_logging, resolve_device, run_main,
-                                 settings_from_args)
-
-from diffmem.common.settings import option
+from diffmem.common.cli import (
+    ArgumentParser,
+    add_settings_arguments,
+    add_settings_groups,
+    quiet_hub_logging,
+    resolve_device,
+    run_main,
+    settings_from_args,
+)
 from diffmem.common.errors import ConfigError
-from diffmem.common.t2i.mitigation.run import (BASELINES, METHODS, MitigationSettings, RunOptions,
-                                               argument_groups, own_fields)
 from diffmem.common.runlock import lock_run_folder
+from diffmem.common.settings import option
+from diffmem.common.t2i.mitigation.run import (
+    BASELINES,
+    METHODS,
+    MitigationSettings,
+    RunOptions,
+    argument_groups,
+    own_fields,
+)
 
 
 @dataclass
@@ -103,12 +115,17 @@ def parse_config(argv: list[str] | None) -> TradeoffConfig:
 
 def run(cfg: TradeoffConfig) -> list[dict]:
     cfg.validate()
-    from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
-    from diffmem.common.t2i.mitigation.run import (Evaluators, check_evaluators, load_evaluators, run_binding,
-                                                   run_mitigation)
-    from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
-    from diffmem.common.t2i.mitigation.tradeoff import plot_tradeoff, tradeoff_point
     from diffmem.common.results import write_json_atomic
+    from diffmem.common.t2i.groundtruth import resolve_dataset_path, resolve_gt_root
+    from diffmem.common.t2i.mitigation.run import (
+        Evaluators,
+        check_evaluators,
+        load_evaluators,
+        run_binding,
+        run_mitigation,
+    )
+    from diffmem.common.t2i.mitigation.tradeoff import plot_tradeoff, tradeoff_point
+    from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
     dataset = resolve_dataset_path(cfg.dataset)
     dataset_rows = read_prompts(dataset)

@@ -33,8 +33,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 
 SEED_LIMIT = 1 << 32  # EDM seeds its generators with seed % 2**32; larger seeds would alias smaller ones
 FOLDER_SETTINGS = "generate.json"

@@ -21,7 +21,8 @@ def lr_multiplier(step: int, batch: int, rampup_kimg: float) -> float:
     return min(step * batch / max(rampup_kimg * 1000, 1e-8), 1.0)
 
 
-def ema_halflife_nimg(step: int, batch: int, halflife_kimg: float, rampup_ratio: float | None = EMA_RAMPUP_RATIO) -> float:
+def ema_halflife_nimg(step: int, batch: int, halflife_kimg: float,
+                      rampup_ratio: float | None = EMA_RAMPUP_RATIO) -> float:
     """min(halflife_kimg · 1000, cur_nimg · rampup_ratio) (EDM training_loop, EMA ramp-up)."""
     h = halflife_kimg * 1000
     return min(h, step * batch * rampup_ratio) if rampup_ratio is not None else h

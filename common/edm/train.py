@@ -3,7 +3,8 @@ and the snapshots of ``finetune/train_unconditional.py``.
 
 The network is one trainable denoiser ("net"): our ``EDMNetwork`` on diffusers' ``UNet2DModel`` (``--arch ddpmpp |
 ncsnpp``) or EDM's own SongUNet / DhariwalUNet in EDM's preconditioner (``--arch edm-*``,
-``common.edm.networks.build``); both take ``net(x, σ, class_labels)``. The loss draws σ and the noise of sample (epoch, position)
+``common.edm.networks.build``); both take ``net(x, σ, class_labels)``. The loss draws σ and the noise of sample
+(epoch, position)
 from that sample's own seeded stream (``common.seeding``), so one process and several processes with the same
 global batch see the same draws, and a resumed run continues exactly.
 """
@@ -17,16 +18,22 @@ from pathlib import Path
 import torch
 
 from diffmem.common.edm.dataset.edm_zip import ImageDataset, collate_image_batch, load_dataset_zip
-from diffmem.common.settings import int_list, option
-from diffmem.common.edm.networks.build import (EDM_PRECONDS, ArchConfig, build_network, count_parameters, describe,
-                                               is_edm_arch)
+from diffmem.common.edm.networks.build import (
+    EDM_PRECONDS,
+    ArchConfig,
+    build_network,
+    count_parameters,
+    describe,
+    is_edm_arch,
+)
+from diffmem.common.edm.networks.snapshot import list_snapshots, save_snapshot
 from diffmem.common.edm.precond import PRECONDS, Preconditioning, denoising_loss
 from diffmem.common.edm.schedule import EMA_MODES, SCHEDULES, Schedule, resolve_schedule
-from diffmem.common.edm.networks.snapshot import list_snapshots, save_snapshot
 from diffmem.common.errors import ConfigError
 from diffmem.common.results import file_sha256
-from diffmem.common.seeding import STREAM_NOISE, torch_generator
 from diffmem.common.runlock import lock_run_folder
+from diffmem.common.seeding import STREAM_NOISE, torch_generator
+from diffmem.common.settings import int_list, option
 from diffmem.common.training.loop import (
     MIXED_PRECISIONS,
     OPTIMIZERS,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS
 from diffmem.common.t2i.pipeline import DenoiserParts
 from diffmem.common.t2i.text_noise import (
     anisotropy_score,
@@ -30,7 +31,6 @@ from diffmem.common.t2i.text_noise import (
     score_from_epsilon,
     text_noise_norm,
 )
-from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS
 
 
 @dataclass

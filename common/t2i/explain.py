@@ -18,12 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from diffmem.common.t2i.detection import iter_text_noise_objective
+from diffmem.common.t2i.detection import encode_prompts, iter_text_noise_objective
+from diffmem.common.t2i.options import WRT_CHOICES
 from diffmem.common.t2i.pipeline import DenoiserParts
 from diffmem.common.t2i.text_noise import initial_latents
-from diffmem.common.t2i.options import WRT_CHOICES
 from diffmem.common.t2i.tokenizer import bytes_to_unicode
-from diffmem.common.t2i.detection import encode_prompts
 
 # fp16 gradients through a UNet can underflow; a fixed power-of-two scale on L is exact and undone after.
 FP16_GRAD_SCALE = 2.0**12

@@ -16,17 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffmem.common.seeding import STREAM_VAE, derive_seed, numpy_generator, randn_per_sample
-from diffmem.common.t2i.pipeline import ARCHS
-from diffmem.common.training.loop import TrainConfig, Trainer, make_accelerator
-from diffmem.common.t2i.detection import encode_prompts
-from diffmem.common.t2i.sampler import decode_latents, sample_latents
-from diffmem.common.t2i.pipeline import denoiser_parts
-from diffmem.common.t2i.text_noise import initial_latents
+from diffmem.common.seeding import STREAM_VAE, derive_seed, numpy_generator, randn_per_sample, torch_generator
 from diffmem.common.similarity import cosine_similarity_matrix
-from diffmem.common.t2i.text_noise import text_noise_norm
-from diffmem.common.seeding import torch_generator
-from diffmem.common.training.loop import LossTerms
+from diffmem.common.t2i.detection import encode_prompts
+from diffmem.common.t2i.pipeline import ARCHS, denoiser_parts
+from diffmem.common.t2i.sampler import decode_latents, sample_latents
+from diffmem.common.t2i.text_noise import initial_latents, text_noise_norm
+from diffmem.common.training.loop import LossTerms, TrainConfig, Trainer, make_accelerator
 
 ADJECTIVES = (
     "red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "tiny", "giant", "old", "young",

@@ -20,7 +20,8 @@ RANDOM_NUMBER_LIMIT = 100000
 
 
 def insert_word(prompt: str, word: str, generator: np.random.Generator) -> str:
-    """Insert ``word`` between two space-separated words, at one of the len+1 gaps uniformly (Somepalli et al., Sec. 5)."""
+    """Insert ``word`` between two space-separated words, at one of the len+1 gaps uniformly (Somepalli et al., Sec.
+    5)."""
     words = prompt.split(" ")
     words.insert(int(generator.integers(0, len(words) + 1)), word)
     return " ".join(words)

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.common.errors import DiffmemError
-from diffmem.common.textfiles import iter_json_objects, parse_label
-from diffmem.common.textfiles import read_utf8_lines, surrogate_problem
+from diffmem.common.textfiles import iter_json_objects, parse_label, read_utf8_lines, surrogate_problem
 
 CAPTION_KEYS = ("caption", "prompt", "text", "Prompt", "TEXT", "Caption")
 LABEL_KEYS = ("label", "memorized")

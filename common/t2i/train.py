@@ -17,9 +17,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffmem.common.settings import option, prompt_text
 from diffmem.common.errors import ConfigError
 from diffmem.common.results import write_json_atomic
+from diffmem.common.runlock import lock_run_folder
+from diffmem.common.seeding import (
+    STREAM_NOISE,
+    STREAM_NOISE_OFFSET,
+    STREAM_TIMESTEP,
+    STREAM_VAE,
+    randint_per_sample,
+    randn_per_sample,
+)
+from diffmem.common.settings import option, prompt_text
+from diffmem.common.t2i.options import PREDICTION_TYPES
+from diffmem.common.t2i.pipeline import load_pipeline
+from diffmem.common.t2i.prompt_aug import STYLES
+from diffmem.common.t2i.text_noise import epsilon_from_output, text_noise_norm
 from diffmem.common.t2i.train_data import (
     CaptionConfig,
     ImageDataError,
@@ -31,19 +44,6 @@ from diffmem.common.t2i.train_data import (
     hf_dataset_records,
     read_image_folder,
 )
-from diffmem.common.t2i.text_noise import epsilon_from_output, text_noise_norm
-from diffmem.common.t2i.options import PREDICTION_TYPES
-from diffmem.common.t2i.prompt_aug import STYLES
-from diffmem.common.seeding import (
-    STREAM_NOISE,
-    STREAM_NOISE_OFFSET,
-    STREAM_TIMESTEP,
-    STREAM_VAE,
-    randint_per_sample,
-    randn_per_sample,
-)
-from diffmem.common.training.loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
-from diffmem.common.runlock import lock_run_folder
 from diffmem.common.training.loop import (
     LossTerms,
     TrainConfig,
@@ -54,7 +54,7 @@ from diffmem.common.training.loop import (
     make_accelerator,
     weight_dtype_of,
 )
-from diffmem.common.t2i.pipeline import load_pipeline
+from diffmem.common.training.loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
 
 
 @dataclass

@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from diffmem.common.errors import DiffmemError
-from diffmem.common.textfiles import iter_json_objects
-from diffmem.common.t2i.prompt_aug import augment_prompt
 from diffmem.common.seeding import STREAM_CAPTION, STREAM_IMAGE, derive_seed, numpy_generator
-from diffmem.common.textfiles import read_utf8_text, surrogate_problem
+from diffmem.common.t2i.prompt_aug import augment_prompt
+from diffmem.common.textfiles import iter_json_objects, read_utf8_text, surrogate_problem
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -168,7 +167,8 @@ def take_readable(records: list[ImageRecord], limit: int | None, on_corrupt: str
             bar.update(1)
         elif on_corrupt == "error":
             bar.close()
-            raise ImageDataError(f"{rec.path}: cannot read image ({reason}); pass --skip_corrupt_images to leave it out")
+            raise ImageDataError(f"{rec.path}: cannot read image ({reason}); pass --skip_corrupt_images to leave "
+                                 f"it out")
         else:
             skipped.append({"image": rec.path, "reason": reason})
     bar.close()
@@ -199,7 +199,8 @@ class MixtureReport:
 
 
 def mixture_sizes(num_mem: int, repeats: int, non_mem_ratio: float) -> tuple[int, int]:
-    """(memorized samples, non-memorized wanted) = (N·R, ⌊N·R·(1 + K)⌋ − N·R) (Wen et al. 2024, Sec. 5 fine-tuning mix)."""
+    """(memorized samples, non-memorized wanted) = (N·R, ⌊N·R·(1 + K)⌋ − N·R) (Wen et al. 2024, Sec. 5 fine-tuning
+    mix)."""
     mem_samples = num_mem * repeats
     return mem_samples, int(mem_samples * (1 + non_mem_ratio)) - mem_samples
 
@@ -237,7 +238,8 @@ def build_mixture(mem: list[ImageRecord], non_mem: list[ImageRecord] | None = No
         notes.append(msg)
         warnings.warn(msg, stacklevel=2)
     if skipped:
-        msg = f"skipped {len(skipped)} unreadable image(s): " + "; ".join(f"{s['image']} ({s['reason']})" for s in skipped)
+        msg = (f"skipped {len(skipped)} unreadable image(s): "
+               + "; ".join(f"{s['image']} ({s['reason']})" for s in skipped))
         notes.append(msg)
         warnings.warn(msg, stacklevel=2)
     records = mem_good * repeats + non_mem_good

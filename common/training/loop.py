@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from diffmem.common.settings import option
 from diffmem.common.errors import DiffmemError
 from diffmem.common.results import bind_run_settings, check_run_settings, jsonable, read_results, write_json_atomic
 from diffmem.common.safe_load import UnsafeFileError, safe_torch_load, verify_checkpoint_files
 from diffmem.common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
+from diffmem.common.settings import option
 from diffmem.common.training.loss import masked_mean
 
 CHECKPOINT_PREFIX = "checkpoint-"

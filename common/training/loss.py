@@ -15,7 +15,8 @@ def snr_from_alphas_cumprod(alphas_cumprod: torch.Tensor, timesteps: torch.Tenso
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-γ loss weight: min(SNR, γ)/SNR for ε-, min(SNR, γ)/(SNR+1) for v-prediction (Hang et al. 2023, Sec. 3.4, 4.2)."""
+    """Min-SNR-γ loss weight: min(SNR, γ)/SNR for ε-, min(SNR, γ)/(SNR+1) for v-prediction (Hang et al. 2023, Sec.
+    3.4, 4.2)."""
     clipped = torch.clamp(snr, max=gamma)
     if prediction_type == "epsilon":
         return clipped / snr
@@ -25,7 +26,8 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> tor
 
 
 def hard_threshold_keep(text_noise_norms: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep a sample iff ‖ε(x_t, c) − ε(x_t, ∅)‖₂ < T; samples at or above T leave the loss (Wen et al. 2024, Sec. 5)."""
+    """Keep a sample iff ‖ε(x_t, c) − ε(x_t, ∅)‖₂ < T; samples at or above T leave the loss (Wen et al. 2024, Sec.
+    5)."""
     return text_noise_norms < threshold
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script, run_cli
 from PIL import Image
 
 from diffmem.common.edm.dataset.edm_zip import (
@@ -37,7 +38,6 @@ from diffmem.common.edm.dataset.edm_zip import (
     mix_plan,
     write_dataset_zip,
 )
-from conftest import load_script, run_cli
 
 SCRIPT = "data/dataset_tool.py"
 PER_BATCH = 20

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, run_cli
 
 PROMPTS = [f"prompt number {i} about a {w}" for i, w in enumerate(

@@ -8,13 +8,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_THREAD, accelerate_launch, edm_train_args, run_cli
 from safetensors.torch import load_file
 
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
-from diffmem.common.edm.networks.build import EDM_ARCHS, build_edm_network, edm_backbone
-from diffmem.common.edm.networks.build import ARCH_WIDTHS, EDM_ARCH_NAMES, ArchConfig, count_parameters
+from diffmem.common.edm.networks.build import (
+    ARCH_WIDTHS,
+    EDM_ARCH_NAMES,
+    EDM_ARCHS,
+    ArchConfig,
+    build_edm_network,
+    count_parameters,
+    edm_backbone,
+)
 from diffmem.common.edm.precond import Preconditioning
-from conftest import ONE_THREAD, accelerate_launch, edm_train_args, run_cli
 
 SCRIPT = "finetune/train_unconditional.py"
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from conftest import REPO, ONE_THREAD, load_script, run_cli
+from conftest import ONE_THREAD, REPO, load_script, run_cli
 
 from diffmem.common.edm.networks.edm_pickle import EDMPickleError, load_edm_pickle
 
@@ -153,7 +151,6 @@ def test_teacher_workflow_generate_then_take_the_first_n(tmp_path):
     assert cli("dataset_tool", "--source", tmp_path / "teacher", "--dest", tmp_path / "t4.zip",
                "--max_images", "4") == 0
     from diffmem.common.edm.dataset.edm_zip import load_dataset_zip
-
     from diffmem.common.edm.sampler import image_path, load_png
 
     images = load_dataset_zip(tmp_path / "t4.zip", progress=False).images

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_THREAD, TINY_EDM_TRAIN, accelerate_launch, edm_train_args, free_port, run_cli
 from safetensors.torch import load_file
 
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
-from conftest import ONE_THREAD, TINY_EDM_TRAIN, accelerate_launch, edm_train_args, free_port, run_cli
 
 SCRIPT = "finetune/train_unconditional.py"
 
@@ -88,7 +88,8 @@ def test_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
                             timeout=300, env={"ACCELERATE_USE_CPU": "true"})
     assert res.returncode == 0, res.stderr[-3000:]
     # Same samples, same per-sample noise: the same losses step by step; only the order of float sums differs.
-    loss = [[json.loads(ln)["train_loss"] for ln in (o / "train_log.jsonl").read_text().splitlines()] for o in (one, two)]
+    loss = [[json.loads(ln)["train_loss"] for ln in (o / "train_log.jsonl").read_text().splitlines()]
+            for o in (one, two)]
     assert len(loss[0]) == 4 and loss[0] == pytest.approx(loss[1], rel=1e-5)
     a, b = weights(one / "snapshot-000000032"), weights(two / "snapshot-000000032")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

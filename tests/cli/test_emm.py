@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ONE_THREAD, REPO, run_cli
 
+from diffmem.common.edm.emm.launch import LocalLauncher, NodeInfo, SizeJob, Stage, stage_command
 from diffmem.common.edm.emm.search import (
     EXIT_BRACKETED,
     EXIT_FAILED,
@@ -23,11 +25,9 @@ from diffmem.common.edm.emm.search import (
     plan_round,
     spread,
 )
-from diffmem.common.edm.emm.launch import LocalLauncher, NodeInfo, SizeJob, Stage, stage_command
-from diffmem.common.edm.emm.sweep import LaunchConfig, SweepBusyError, SweepConfig, build_job, run_sweep
 from diffmem.common.edm.emm.state import SweepSettings, bind_settings, scan_size, size_paths
+from diffmem.common.edm.emm.sweep import LaunchConfig, SweepBusyError, SweepConfig, build_job, run_sweep
 from diffmem.common.errors import ConfigError
-from conftest import ONE_THREAD, REPO, run_cli
 
 GRID = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -464,7 +464,8 @@ def test_cli_failure_exit_code_names_the_log_and_grid_extension(tmp_path, fake_s
     # Each stage's own parser, before anything starts (no dataset built, no model trained first).
     (["--train_args", "--bogus 3"], "--train_args: the train stage (train_unconditional.py) refuses its arguments: "
                                     "train_unconditional.py: error: unrecognized arguments: --bogus 3"),
-    (["--mem_args", "--seeds 5-2"], "--mem_args: the mem stage (mem_ratio.py) refuses its arguments: mem_ratio: error:"),
+    (["--mem_args", "--seeds 5-2"],
+     "--mem_args: the mem stage (mem_ratio.py) refuses its arguments: mem_ratio: error:"),
     (["--dataset_args", "--resolution x"], "--dataset_args: the data stage (dataset_tool.py) refuses its arguments"),
     (["--train_args", "--dropout 1.5"], "--dropout must be in [0, 1)"),
 ])

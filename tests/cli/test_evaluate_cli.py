@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
 
 SCRIPT = "detect/evaluate.py"
@@ -121,7 +120,8 @@ def test_bad_input_one_line_and_exit_2(tmp_path, name):
 
 def test_missing_file_duplicate_file_and_bad_option(tmp_path, files):
     pos, neg = files
-    cases = [([tmp_path / "nope.jsonl", "--negative", neg], f"evaluate: error: {tmp_path / 'nope.jsonl'}: no such file"),
+    cases = [([tmp_path / "nope.jsonl", "--negative", neg],
+              f"evaluate: error: {tmp_path / 'nope.jsonl'}: no such file"),
              (["--positive", pos, "--negative", pos], f"evaluate: error: {pos}: given more than once"),
              (["--positive", pos, "--negative", neg, "--fpr_targets", "5"], "evaluate: error: expected --fpr_targets"),
              ([pos, "--bogus"], "evaluate: error: unrecognized arguments: --bogus")]

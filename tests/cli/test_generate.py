@@ -11,9 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.sampler import SamplerError, SamplerSettings
@@ -52,8 +51,8 @@ def gaussian_denoiser(x, sigma, class_labels=None):
 def snapshots(tmp_path_factory):
     """Tiny saved EDM snapshots (8×8, 1 channel): an unconditional and a 3-class one."""
     from diffmem.common.edm.networks.build import ArchConfig, build_network
-    from diffmem.common.edm.precond import Preconditioning
     from diffmem.common.edm.networks.snapshot import save_snapshot
+    from diffmem.common.edm.precond import Preconditioning
 
     root = tmp_path_factory.mktemp("edm-snapshots")
     out = {}

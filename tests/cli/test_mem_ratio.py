@@ -1,5 +1,6 @@
 """Gu et al.'s memorization ratio: exact nearest neighbours (common/edm/measure/knn.py), the metric and the per-snapshot
-driver (common/edm/measure/mem_ratio.py) and detect/mem_ratio.py (max over snapshots, resume, --images, two processes)."""
+driver (common/edm/measure/mem_ratio.py) and detect/mem_ratio.py (max over snapshots, resume, --images, two
+processes)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import accelerate_launch, free_port, run_cli
+from PIL import Image
 
 from diffmem.common.edm.measure import mem_ratio as M
 from diffmem.common.edm.measure.knn import exact_knn, fp32_error_bound
@@ -218,8 +218,8 @@ def run(tmp_path_factory):
     """A run folder with 3 tiny snapshots and a training zip holding every sample of snapshot 1500 and half of
     snapshot 3000's (seeds 0-3), plus 6 random images: ratios 1 and 1/2 there."""
     from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
-    from diffmem.common.edm.sampler import SamplerSettings, generate_images
     from diffmem.common.edm.networks.snapshot import save_snapshot
+    from diffmem.common.edm.sampler import SamplerSettings, generate_images
 
     root = tmp_path_factory.mktemp("memratio")
     samples = {}

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli as _run_cli
 from sscd_standins import HAS_ONNX_DEFAULT, TinyDescriptor
 
@@ -229,7 +228,8 @@ def test_a_resume_binds_model_dtype_evaluators_and_dataset(tmp_path, tiny_pipeli
         (["--dtype", "bf16"], "dtype='fp32' (now 'bf16')"),
         (["--sscd_preprocess", "zhang"], "(now 'zhang')"),
         (["--sscd_model", "none"], "sscd_model="),
-        (["--reference_model", "ViT-S-32", "--reference_model_pretrain", "none"], "clip_model=None (now 'ViT-S-32:none')"),
+        (["--reference_model", "ViT-S-32", "--reference_model_pretrain", "none"],
+         "clip_model=None (now 'ViT-S-32:none')"),
         (["--unet_id", str(tiny_pipeline_dir / "unet")], "unet_id=None"),
     ]:
         args = [*model, *base, *change]

@@ -11,7 +11,6 @@ from html import escape
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 NOTEBOOKS = REPO / "notebooks"

@@ -1,4 +1,5 @@
-"""Zhang et al.'s SSCD scores (common/edm/measure/reproducibility.py) by hand, and detect/similarity.py end to end (offline)."""
+"""Zhang et al.'s SSCD scores (common/edm/measure/reproducibility.py) by hand, and detect/similarity.py end to end
+(offline)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,12 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-
-from diffmem.common.edm.measure import reproducibility as S
-from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
-from diffmem.common.edm.sampler import write_images_npz
 from conftest import run_cli
 from sscd_standins import HAS_ONNX_DEFAULT, Probe, TinyDescriptor
 
-
+from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
+from diffmem.common.edm.measure import reproducibility as S
+from diffmem.common.edm.sampler import write_images_npz
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 

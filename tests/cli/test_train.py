@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_THREAD, accelerate_launch, free_port, run_cli
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import ONE_THREAD, accelerate_launch, free_port, run_cli
 
 SCRIPT = "finetune/train_text_to_image.py"
 UNET_FILE = "diffusion_pytorch_model.safetensors"
@@ -130,7 +130,8 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_pipeline_dir, data, 
     common = ["--non_mem_dataset", non_mem, "--non_mem_ratio", "0.5", "--gradient_accumulation_steps", "2",
               "--max_train_steps", "4", "--checkpointing_steps", "2", "--use_ema", "--ema_decay", "0.9",
               "--hard_threshold", "0.9", "--snr_gamma", "5", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
-              "--learning_rate", "1e-3", "--random_flip", "--prompt_aug_style", "rand_numb_add", "--noise_offset", "0.1"]
+              "--learning_rate", "1e-3", "--random_flip", "--prompt_aug_style", "rand_numb_add",
+              "--noise_offset", "0.1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(base_args(tiny_pipeline_dir, mem, straight, *common)) == 0
     fresh_accelerate()
@@ -202,7 +203,8 @@ def test_resume_with_another_learning_rate_is_refused_before_anything_is_written
     capsys.readouterr()
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "learning_rate=0.001 (now 0.002)" in err[0] and "another output folder (--output_dir" in err[0]
+    assert len(err) == 1 and "learning_rate=0.001 (now 0.002)" in err[0]
+    assert "another output folder (--output_dir" in err[0]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # A new folder started from this run's checkpoint is a new run (a fork, as the lab's mitigated run): its own
     # settings are recorded there.
@@ -228,9 +230,8 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_pipeline_dir, data, tmp_path
 
 
 def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):
-    from diffmem.finetune.train_text_to_image import main
-
     from diffmem.common.t2i.pipeline import load_pipeline
+    from diffmem.finetune.train_text_to_image import main
 
     mem, _ = data
     out = tmp_path / "run"
@@ -240,7 +241,8 @@ def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_di
     assert (out / "checkpoint-2" / "text_encoder").is_dir()
     base, tuned = load_pipeline(str(tiny_pipeline_dir)), load_pipeline(str(out))
     assert tuned.scheduler.config.prediction_type == "v_prediction"
-    te_diff = [(a - b).abs().max().item() for a, b in zip(base.text_encoder.parameters(), tuned.text_encoder.parameters())]
+    te_diff = [(a - b).abs().max().item()
+               for a, b in zip(base.text_encoder.parameters(), tuned.text_encoder.parameters())]
     assert max(te_diff) > 0
     vae_diff = [(a - b).abs().max().item() for a, b in zip(base.vae.parameters(), tuned.vae.parameters())]
     assert max(vae_diff) == 0
@@ -253,10 +255,15 @@ def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_di
 def test_threshold_mask_and_loss_against_a_hand_computation(tiny_pipe, data, tmp_path, prediction_type, snr_gamma):
     from diffusers import DDPMScheduler
 
-    from diffmem.common.t2i.train_data import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
-    from diffmem.common.t2i.train_data import read_image_folder
     from diffmem.common.seeding import STREAM_NOISE, STREAM_TIMESTEP, STREAM_VAE, randint_per_sample, randn_per_sample
     from diffmem.common.t2i.train import TextToImageLoss
+    from diffmem.common.t2i.train_data import (
+        CaptionConfig,
+        ImageTransformConfig,
+        TextImageCollator,
+        TextImageDataset,
+        read_image_folder,
+    )
     from diffmem.common.training.loss import masked_mean
 
     mem, non_mem = data

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, settings_from_args
-
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 
 
 @dataclass

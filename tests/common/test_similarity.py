@@ -7,12 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from diffmem.common.similarity import (SSCDModel, SimilarityModelError, check_clip_spec, clip_score,
-                               cosine_similarity_matrix, replication_rate, similarity_stats, sscd_to_ground_truth)
 from sscd_standins import HAS_ONNX_DEFAULT, Probe, TinyDescriptor
 
-
+from diffmem.common.similarity import (
+    SimilarityModelError,
+    SSCDModel,
+    check_clip_spec,
+    clip_score,
+    cosine_similarity_matrix,
+    replication_rate,
+    similarity_stats,
+    sscd_to_ground_truth,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
@@ -61,7 +67,8 @@ def test_onnx_default_identical_is_one_different_is_lower():
     model = SSCDModel("default", preset="wen")
     assert model.kind == "onnx" and model.onnx_layout == "uint8_nhwc"
     a, b = _image(0), _image(1)
-    sim = model.similarity([a], [a, b, a.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])  # a, another image, a mirrored copy
+    # a, another image, a mirrored copy
+    sim = model.similarity([a], [a, b, a.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
     assert sim[0, 0].item() == pytest.approx(1.0, abs=1e-5)
     assert sim[0, 1].item() < 0.9
     assert sim[0, 1].item() < sim[0, 2].item()  # a flipped copy is closer than an unrelated image

@@ -7,9 +7,8 @@ import re
 import pytest
 
 from diffmem.common.errors import DiffmemError
-from diffmem.common.textfiles import iter_json_objects
 from diffmem.common.t2i.prompts import PromptFileError, read_prompts
-from diffmem.common.textfiles import read_utf8_lines, read_utf8_text
+from diffmem.common.textfiles import iter_json_objects, read_utf8_lines, read_utf8_text
 
 
 class TextError(DiffmemError):

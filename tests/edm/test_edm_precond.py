@@ -8,8 +8,17 @@ import math
 import pytest
 import torch
 
-from diffmem.common.edm.precond import (Preconditioning, c_in, c_noise, c_out, c_skip, denoising_loss, loss_weight,
-                                vp_sigma, vp_sigma_inv)
+from diffmem.common.edm.precond import (
+    Preconditioning,
+    c_in,
+    c_noise,
+    c_out,
+    c_skip,
+    denoising_loss,
+    loss_weight,
+    vp_sigma,
+    vp_sigma_inv,
+)
 from diffmem.common.edm.schedule import resolve_schedule
 
 F64 = dict(dtype=torch.float64)

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmem.common.edm.measure import mem_ratio as memratio
-
-from diffmem.common.edm.measure import reproducibility as scores
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
 from diffmem.common.edm.images import ImagesError, open_images, seed_from_name
+from diffmem.common.edm.measure import mem_ratio as memratio
+from diffmem.common.edm.measure import reproducibility as scores
 
 
 def images(n=3, h=4, w=4):

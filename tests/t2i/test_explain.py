@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from diffmem.common.t2i.detection import encode_prompts, iter_text_noise_objective, text_noise_objective
 from diffmem.common.t2i.explain import (
@@ -23,7 +24,6 @@ from diffmem.common.t2i.explain import (
     tokenize,
 )
 from diffmem.common.t2i.text_noise import initial_latents
-from conftest import run_cli
 
 PROMPTS = ["a photo of a castle at night", "emma watson as belle in beauty and the beast",
            "an oil painting of a quiet harbor"]

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, run_cli
-from diffmem.common.t2i.lab import (lab_captions, lab_split, nearest_ratio, replication_figures, sscd_replication_figures,
-                        vae_loss)
+
+from diffmem.common.t2i.lab import (
+    lab_captions,
+    lab_split,
+    nearest_ratio,
+    replication_figures,
+    sscd_replication_figures,
+    vae_loss,
+)
 
 ROOT = REPO
 LAB = ROOT / "data" / "lab"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SHARED_DATA
 
 from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
-from conftest import SHARED_DATA
 
 
 def write(path, text):

@@ -6,9 +6,16 @@ import html
 import json
 
 import pytest
-
-from diffmem.common.t2i.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer, bytes_to_unicode
 from conftest import SHARED_DATA
+
+from diffmem.common.t2i.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    MODEL_MAX_LENGTH,
+    VOCAB_SIZE,
+    build_clip_tokenizer,
+    bytes_to_unicode,
+)
 
 PROMPTS = [
     "a photo of an astronaut riding a horse on mars",

@@ -147,7 +147,8 @@ def test_mixture_matches_wen_et_al_counts_and_order(tmp_path, n_mem, n_pool, end
 def test_small_non_memorized_pool_warns_and_reports(tmp_path):
     mem = read_image_folder(write_flat(tmp_path / "mem", 2, "m"), memorized=True)
     pool = read_image_folder(write_flat(tmp_path / "pool", 3, "p", start=100))
-    with pytest.warns(UserWarning, match="non-memorized pool has 3 readable images but --non_mem_ratio 1.0 asks for 10"):
+    expected = "non-memorized pool has 3 readable images but --non_mem_ratio 1.0 asks for 10"
+    with pytest.warns(UserWarning, match=expected):
         records, report = build_mixture(mem, pool, repeats=5, non_mem_ratio=1.0)
     assert len(records) == 13 and report.non_mem_requested == 10 and report.non_mem_used == 3
     assert report.warnings and "asks for 10" in report.warnings[0]
@@ -255,7 +256,8 @@ def test_dataset_reads_rows_of_a_hf_dataset(tmp_path):
     import datasets
 
     img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
-    hf = datasets.Dataset.from_dict({"image": [img, img], "text": ["one", "two"]}).cast_column("image", datasets.Image())
+    hf = datasets.Dataset.from_dict({"image": [img, img], "text": ["one", "two"]})
+    hf = hf.cast_column("image", datasets.Image())
     from diffmem.common.t2i.train_data import hf_dataset_records
 
     recs = hf_dataset_records(hf, "image", "text", "local")

@@ -19,7 +19,8 @@ Sources (``open_source``):
 File images other than 8-bit grayscale (L, LA, 1) are converted to RGB by PIL (alpha dropped); 16-bit and float
 images are refused. Only the images that end up in the output are decoded.
 
-Float data (MoLRG, ``common.edm.dataset.molrg``: real values that 8-bit PNGs would quantise) goes in the same kind of zip
+Float data (MoLRG, ``common.edm.dataset.molrg``: real values that 8-bit PNGs would quantise) goes in the same kind of
+zip
 with one member ``data.npy`` (float32 N×C×H×W, already in the model's range) in place of the PNGs, named
 ``data.npy[i]`` in ``dataset.json``, plus ``source.json`` (how it was made). ``load_dataset_zip`` returns its
 images as float32 and ``ImageDataset`` feeds them unscaled; such a zip cannot be an image ``--source``.
@@ -56,9 +57,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from diffmem.common.errors import ConfigError, DiffmemError
 from diffmem.common.results import pid_alive
 from diffmem.common.settings import option
-from diffmem.common.errors import ConfigError, DiffmemError
 
 CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_SPLITS = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
@@ -924,7 +925,8 @@ class ImageDataset:
     """Map-style torch dataset over a decoded EDM zip: item i is (float32 C×H×W in [−1, 1], int64 label); float
     data (``is_float``, MoLRG) is fed as it is, unscaled.
 
-    The label is −1 when the dataset has none. Keyed by ``common.training.loop``'s (epoch, position, index), an item is a
+    The label is −1 when the dataset has none. Keyed by ``common.training.loop``'s (epoch, position, index), an item
+    is a
     dict (``pixel_values`` as uint8, ``label``, ``index``, ``sample_seed`` = derive_seed(seed, epoch, position)) for
     ``collate_image_batch``, which scales the stacked batch. Images live decoded in memory as uint8.
     """

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from diffmem.common.settings import option
 from diffmem.common.edm.dataset.edm_zip import DatasetArrays, draw_generator, float_names
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 
 CHANNELS = 3
 STREAM_BASIS = 10  # apart from common.edm.dataset.edm_zip's STREAM_* (0, 1, 2)

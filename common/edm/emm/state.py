@@ -21,7 +21,6 @@ that write them (``common.edm.measure.mem_ratio``, ``common.edm.networks.snapsho
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import socket
 import time
@@ -30,13 +29,13 @@ from pathlib import Path
 
 import submitit
 
-from diffmem.common.settings import option
+from diffmem.common.edm.emm.plot import EMMCurve
 from diffmem.common.edm.measure.mem_ratio import SUMMARY_FILE as MEM_SUMMARY
 from diffmem.common.edm.measure.mem_ratio import MemRatioError, read_summary
 from diffmem.common.edm.networks.snapshot import SNAPSHOT_PREFIX
 from diffmem.common.errors import ConfigError, DiffmemError
-from diffmem.common.edm.emm.plot import EMMCurve
 from diffmem.common.results import pid_alive, write_json_atomic
+from diffmem.common.settings import option
 
 STAGES = ("data", "train", "mem")
 SWEEP_SETTINGS_FILE = "sweep.json"
@@ -141,7 +140,9 @@ class SizePaths:
 
     def output(self, stage: str) -> Path:
         """The file whose existence marks the stage done."""
-        from diffmem.common.training.loop import TRAIN_SUMMARY  # lazily: the trainer loads torch, the sweep's checks need not
+        from diffmem.common.training.loop import (
+            TRAIN_SUMMARY,  # lazily: the trainer loads torch, the sweep's checks need not
+        )
 
         return {"data": self.data, "train": self.run / TRAIN_SUMMARY, "mem": self.run / MEM_SUMMARY}[stage]
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.common.settings import option
-from diffmem.common.edm.emm.search import Estimate, bisect_sizes, estimate
 from diffmem.common.edm.emm.launch import CLUSTERS, LAUNCHERS, REPO, LocalLauncher, SizeJob, Stage, SubmititLauncher
+from diffmem.common.edm.emm.plot import plot_emm_curves
+from diffmem.common.edm.emm.search import Estimate, bisect_sizes, estimate
 from diffmem.common.edm.emm.state import (
     REPORT_FILE,
     REPORT_PLOT,
@@ -50,8 +50,8 @@ from diffmem.common.edm.emm.state import (
     write_status,
 )
 from diffmem.common.errors import ConfigError, DiffmemError
-from diffmem.common.edm.emm.plot import plot_emm_curves
 from diffmem.common.results import write_json_atomic
+from diffmem.common.settings import option
 
 DEFAULT_SCRIPTS = {"data": str(REPO / "data" / "dataset_tool.py"),
                    "train": str(REPO / "finetune" / "train_unconditional.py"),
@@ -165,7 +165,8 @@ def check_stage_args(cfg: SweepConfig, python: str = sys.executable, timeout_s: 
                 _, err = proc.communicate(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 raise ConfigError(f"{ARGS_FLAG[stage.name]}: the {stage.name} stage's argument check "
-                                  f"({Path(stage.argv[0]).name} {CHECK_ARGS}) did not end in {timeout_s:.0f}s") from None
+                                  f"({Path(stage.argv[0]).name} {CHECK_ARGS}) did not end in "
+                                  f"{timeout_s:.0f}s") from None
             if proc.returncode != 0:
                 lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
                 said = lines[-1] if lines else f"exit code {proc.returncode}"

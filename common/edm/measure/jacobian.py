@@ -3,7 +3,8 @@
 Zhang et al. (huijieZH/Diffusion-Model-Generalizability, ``edm/jacobian.py``) measure how many directions a
 denoiser keeps: J = ∂D(x; σ)/∂x (D×D with D = C·H·W, x flattened C×H×W row-major), its singular values
 s_1 ≥ … ≥ s_D, and the rank = the smallest k with √(Σ_{j≤k} s_j²) > 0.99·‖J‖_F. A model that generalises on a
-mixture of low-rank Gaussians (``common.edm.dataset.molrg``) keeps about d directions at small σ (the subspace its sample
+mixture of low-rank Gaussians (``common.edm.dataset.molrg``) keeps about d directions at small σ (the subspace its
+sample
 lies on); the optimal denoiser of a finite training set keeps none near a training image (the softmax is one-hot
 there, so J = Cov_w(y)/σ² → 0; ``optimal_jacobian``).
 
@@ -35,9 +36,8 @@ from typing import NamedTuple
 
 import torch
 
+from diffmem.common.edm.sampler import draw_labels, draw_latents, heun_step, seed_generators
 from diffmem.common.errors import DiffmemError
-from diffmem.common.edm.sampler import heun_step
-from diffmem.common.edm.sampler import draw_labels, draw_latents, seed_generators
 from diffmem.common.plotting import new_axes
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]

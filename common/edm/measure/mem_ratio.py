@@ -7,7 +7,8 @@ DiffMemorize (its NaN ratio fails the comparison); such samples are counted and 
 the fraction of memorized samples; Gu et al. take the highest ratio over the training snapshots.
 
 Samples are those of ``common.edm.sampler.generate_images`` (the per-seed rule of ``detect/generate.py``), uint8 as
-its PNGs hold them. Nearest neighbours come from ``common.edm.measure.knn.exact_knn``: exact (float64, ties to the lowest
+its PNGs hold them. Nearest neighbours come from ``common.edm.measure.knn.exact_knn``: exact (float64, ties to the
+lowest
 training index), where DiffMemorize's fp32 ``torch.cdist`` picks wrong neighbours for near-duplicates.
 
 Outputs, in an output folder (the run folder by default): ``knn-dist/<name>.npz`` (``knn_distance`` N×2 normalised,
@@ -490,8 +491,8 @@ def check_shape(what: str, shape: Sequence[int], train_nchw: np.ndarray, knn_ref
 def snapshot_unit(images_seen: int, path: Path, seeds: list[int], train_nchw: np.ndarray, knn_ref: str | Path,
                   batch: int, settings, device) -> Unit:
     """A snapshot's EMA network (the snapshot is the EMA network), its samples by generate_images."""
-    from diffmem.common.edm.sampler import generate_images
     from diffmem.common.edm.networks.snapshot import load_network, read_snapshot_info, snapshot_label
+    from diffmem.common.edm.sampler import generate_images
 
     net = load_network(path, device)
     check_shape(f"the images of {path.name}", net.image_shape, train_nchw, knn_ref)

@@ -27,7 +27,6 @@ cosine that rounds to float32(0.6) is not above 0.6.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,11 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.common.edm.images import IMAGES_HINT, open_images, seed_from_name  # noqa: F401
+from diffmem.common.errors import DiffmemError
+
 # The images reader is common.edm.images' (shared with mem_ratio); seed_from_name and IMAGES_HINT are part of
 # what this module offers its callers (detect/similarity.py's help, the tests).
 from diffmem.common.results import file_sha256
-from diffmem.common.edm.images import IMAGES_HINT, open_images, seed_from_name  # noqa: F401
-from diffmem.common.errors import DiffmemError
 
 SSCD_THRESHOLD = 0.6  # Zhang et al.'s SSCD threshold for both scores
 PREPROCESS = ("zhang", "sscd", "wen")  # presets of common.similarity.SSCD_PRESETS usable here; zhang is theirs

@@ -3,7 +3,8 @@
 architectures (its ``train.py --arch ddpmpp | ncsnpp | adm``).
 
 ``finetune/train_unconditional.py --arch edm-ddpmpp | edm-ncsnpp | edm-adm`` trains EDM's exact networks
-(``common.edm.networks.edm_unets``) inside EDM's preconditioners (``common.edm.networks.edm_preconditioners``): the same module tree,
+(``common.edm.networks.edm_unets``) inside EDM's preconditioners (``common.edm.networks.edm_preconditioners``): the
+same module tree,
 parameter names and initialisation as NVlabs/edm, so a snapshot is what EDM would have written and a published
 EDM pickle of the same settings has the same parameter count. The widths come from ``ArchConfig`` (our flags
 ``--num_channels``, ``--channel_mult``, ``--num_blocks``, ``--attn_resolutions``, ``--dropout``); what each

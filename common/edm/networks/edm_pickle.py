@@ -18,7 +18,6 @@ import bisect
 import collections
 import hashlib
 import io
-import json
 import os
 import pickle
 import re
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from accelerate import init_empty_weights
 
 from diffmem.common.edm.networks.edm_preconditioners import build_from_edm

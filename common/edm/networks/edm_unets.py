@@ -340,7 +340,8 @@ class SongUNet(nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
                 if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, 0, down=True,
+                                                               resample_filter=resample_filter)
                     self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, 1, **init)
                 if encoder_type == "residual":
                     self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, 3, down=True,

@@ -31,8 +31,8 @@ from typing import NamedTuple
 
 import torch
 
-from diffmem.common.errors import DiffmemError
 from diffmem.common.edm.dataset.edm_zip import DatasetError, load_dataset_zip
+from diffmem.common.errors import DiffmemError
 
 
 class OptimalDenoiserError(DiffmemError, ValueError):

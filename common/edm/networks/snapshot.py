@@ -109,7 +109,8 @@ def saved_class_name(snap: Path) -> str:
 
 def load_network(path: str | Path, device=None):
     """The network of a snapshot folder, of an EDM network pickle (converted in memory), or of a run's newest
-    snapshot, in eval mode: an ``EDMNetwork`` or one of EDM's preconditioned networks (``common.edm.networks.edm_preconditioners``),
+    snapshot, in eval mode: an ``EDMNetwork`` or one of EDM's preconditioned networks
+    (``common.edm.networks.edm_preconditioners``),
     as its saved config's ``_class_name`` says."""
     from diffmem.common.edm.networks.edm_preconditioners import PRECOND_CLASSES
     from diffmem.common.edm.networks.unet2d import EDMNetwork

@@ -144,7 +144,8 @@ def _zero_trailing_channels(count: int):
 
 
 class EDMNetwork(ModelMixin, ConfigMixin):
-    """D(x; σ, class) = c_skip x + c_out F(c_in x; c_noise, class) with F a ``UNet2DModel`` (Karras et al. 2022, Eq. 7)."""
+    """D(x; σ, class) = c_skip x + c_out F(c_in x; c_noise, class) with F a ``UNet2DModel`` (Karras et al. 2022, Eq.
+    7)."""
 
     config_name = "config.json"
 

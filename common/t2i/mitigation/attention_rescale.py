@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 
 
 @dataclass
@@ -36,7 +36,8 @@ class RenSettings:
 
 
 def ren_attention_logits(logits: torch.Tensor, keep: torch.Tensor, bos_scale: torch.Tensor) -> torch.Tensor:
-    """s_{·,0} ← C·s_{·,0}, s_{·,j} ← −∞ for masked keys j; logits [b, h, q, L], keep [b, L], C per row [b] (Ren et al. 2024, Sec. 5)."""
+    """s_{·,0} ← C·s_{·,0}, s_{·,j} ← −∞ for masked keys j; logits [b, h, q, L], keep [b, L], C per row [b] (Ren et
+    al. 2024, Sec. 5)."""
     out = logits.clone()
     out[..., 0] = out[..., 0] * bos_scale.view(-1, 1, 1).to(out.dtype)
     return out.masked_fill(~keep.view(keep.shape[0], 1, 1, -1), float("-inf"))

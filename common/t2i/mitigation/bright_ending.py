@@ -22,7 +22,8 @@ from diffmem.common.t2i.sampler import sample_latents
 
 
 def be_mask(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    """M = mean over layers of the end token's attention maps [N, q_l] upsampled to size, ÷ max per sample (Chen et al. 2025, BE mask)."""
+    """M = mean over layers of the end token's attention maps [N, q_l] upsampled to size, ÷ max per sample (Chen et
+    al. 2025, BE mask)."""
     H, W = size
     up = []
     for m in maps:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
 from diffmem.common.seeding import torch_generator
+from diffmem.common.settings import option
 
 STREAM_GNI = 301  # a stream id of its own (the training streams of common.seeding are 0-7)
 
@@ -35,13 +35,15 @@ class GniSettings:
 
 
 def gni_noise(rows: list[int], num_generations: int, shape: tuple[int, int], gen_seed: int) -> torch.Tensor:
-    """[B, G, L, D] standard normal fp32 on CPU: row i from the generator seeded derive_seed(gen_seed + i, STREAM_GNI)."""
+    """[B, G, L, D] standard normal fp32 on CPU: row i from the generator seeded derive_seed(gen_seed + i,
+    STREAM_GNI)."""
     return torch.stack([torch.randn((num_generations, *shape), generator=torch_generator(gen_seed + r, STREAM_GNI))
                         for r in rows])
 
 
 def gni_embeddings(embeds: torch.Tensor, noise: torch.Tensor, scale: float) -> torch.Tensor:
-    """c̃_g = c + λ·n_g per generation: embeds [B, L, D], noise [B, G, L, D] -> [B, G, L, D] (Somepalli et al. 2023, GNI)."""
+    """c̃_g = c + λ·n_g per generation: embeds [B, L, D], noise [B, G, L, D] -> [B, G, L, D] (Somepalli et al. 2023,
+    GNI)."""
     return embeds.float().unsqueeze(1) + scale * noise.to(embeds.device)
 
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import option
 from diffmem.common.t2i.sampler import sample_latents
 
 # Their opposite-guidance script falls back to step 5 when the cosine distances have no interior minimum.
@@ -78,7 +78,8 @@ def jain_static_scale(t: float, tau: float, early_scale: float, guidance_scale: 
 
 
 def jain_transition_step(norms: torch.Tensor, rule: str = "rise") -> torch.Tensor:
-    """First step i ≥ 1 with d_i > d_{i−1} (rule minimum: and d_{i−2} > d_{i−1}) of norms [..., S], or S if none (Jain et al. 2025, DTP)."""
+    """First step i ≥ 1 with d_i > d_{i−1} (rule minimum: and d_{i−2} > d_{i−1}) of norms [..., S], or S if none
+    (Jain et al. 2025, DTP)."""
     S = norms.shape[-1]
     rise = norms[..., 1:] > norms[..., :-1]
     if rule == "minimum":

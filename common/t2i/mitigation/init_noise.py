@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.common.settings import option
 from diffmem.common.errors import ConfigError
-from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.settings import option
 from diffmem.common.t2i.mitigation.guidance_schedule import StaticTransition
+from diffmem.common.t2i.pipeline import DenoiserParts
 from diffmem.common.t2i.text_noise import epsilon_from_output
 
 

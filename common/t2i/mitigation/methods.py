@@ -6,7 +6,8 @@ A method acts at one (or more) of three places, all from the same starting noise
   the embedding), see :func:`common.t2i.mitigation.run.condition_batch` and :func:`generate_batch` here;
 * the starting point x_T itself (``han_batch``, ``han_sample``: :mod:`common.t2i.mitigation.init_noise`);
 * the sampler (``jain_stp``, ``jain_dtp``, ``jain_og``, the CFG schedule of ``han_batch``:
-  :mod:`common.t2i.mitigation.guidance_schedule`; ``ren_attn``'s attention processor: :mod:`common.t2i.mitigation.attention_rescale`).
+  :mod:`common.t2i.mitigation.guidance_schedule`; ``ren_attn``'s attention processor:
+  :mod:`common.t2i.mitigation.attention_rescale`).
 
 Cost is reported per image as *extra UNet evaluations*: forward passes of the UNet on one latent (ε_u and ε_c
 count one each) beyond the sampler's two per step. Gradient steps (``ours``, ``han_sample``) also cost a backward
@@ -23,8 +24,12 @@ import torch
 
 from diffmem.common.t2i.mitigation.attention_rescale import ren_attn_setup
 from diffmem.common.t2i.mitigation.embedding_noise import gni_setup
-from diffmem.common.t2i.mitigation.guidance_schedule import (jain_dtp_finish, jain_dtp_setup, jain_og_setup,
-                                                             jain_stp_setup)
+from diffmem.common.t2i.mitigation.guidance_schedule import (
+    jain_dtp_finish,
+    jain_dtp_setup,
+    jain_og_setup,
+    jain_stp_setup,
+)
 from diffmem.common.t2i.mitigation.init_noise import han_batch_setup, han_sample_setup
 from diffmem.common.t2i.sampler import sample_latents
 

@@ -5,7 +5,8 @@ Per prompt (dataset row i) and method:
 
 1. the conditioning: the original prompt (``none``), a randomly augmented prompt (``rand_word_add``,
    ``rand_numb_add``, ``rand_word_repeat``; seeded by gen_seed + i, so reproducible and batch-independent), or
-   the original prompt's embedding optimised by :func:`common.t2i.mitigation.prompt_embedding.optimise_prompt_embeds` (``ours``);
+   the original prompt's embedding optimised by :func:`common.t2i.mitigation.prompt_embedding.optimise_prompt_embeds`
+   (``ours``);
 2. G generations from the same starting noise for every method (:func:`common.t2i.text_noise.initial_latents`, seed
    gen_seed + i), classifier-free-guided DDIM, VAE decode; a PNG grid per prompt;
 3. SSCD similarity of each generation to the prompt's ground-truth images (max over them) and the CLIP score
@@ -26,31 +27,49 @@ from pathlib import Path
 
 import torch
 
-
-from diffmem.common.settings import device_option, option
 from diffmem.common.errors import ConfigError
+from diffmem.common.results import (
+    append_results,
+    bind_run_settings,
+    check_rows_match,
+    digest_rows,
+    read_results,
+    write_json_atomic,
+)
+from diffmem.common.settings import device_option, option
+from diffmem.common.similarity import (
+    REPLICATION_THRESHOLDS,
+    SSCD_PRESETS,
+    SimilarityModelError,
+    SSCDModel,
+    check_clip_spec,
+    clip_score,
+    finite_mean,
+    load_clip_scorer,
+    resolve_sscd_spec,
+    similarity_stats,
+    sscd_to_ground_truth,
+    top_k_mean,
+)
+from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
-from diffmem.common.results import (append_results, bind_run_settings, check_rows_match, digest_rows, read_results,
-                                    write_json_atomic)
-from diffmem.common.similarity import (REPLICATION_THRESHOLDS, SSCD_PRESETS, clip_score, finite_mean, similarity_stats,
-                               sscd_to_ground_truth, top_k_mean)
-
 from diffmem.common.t2i.mitigation.attention_rescale import RenSettings
+from diffmem.common.t2i.mitigation.bright_ending import bright_ending_masks
 from diffmem.common.t2i.mitigation.embedding_noise import GniSettings
 from diffmem.common.t2i.mitigation.guidance_schedule import JainSettings
 from diffmem.common.t2i.mitigation.init_noise import HanSettings
-from diffmem.common.t2i.mitigation.prompt_embedding import LOSS_REDUCTIONS
-from diffmem.common.t2i.mitigation.methods import BASELINES, METHOD_FIELDS, METHOD_SPECS, METHODS  # noqa: F401
+from diffmem.common.t2i.mitigation.methods import BASELINES, METHOD_FIELDS, METHOD_SPECS, METHODS, generate_batch  # noqa: F401
+from diffmem.common.t2i.mitigation.prompt_embedding import (
+    LOSS_REDUCTIONS,
+    learnable_positions,
+    optimise_prompt_embeds,
+    prompt_attention_mask,
+    prompt_losses,
+)
 from diffmem.common.t2i.options import batch_size_option, shared_option
 from diffmem.common.t2i.prompt_aug import augment_prompt
-from diffmem.common.t2i.detection import encode_prompts
-from diffmem.common.t2i.mitigation.prompt_embedding import learnable_positions, optimise_prompt_embeds, prompt_attention_mask, prompt_losses
-from diffmem.common.t2i.text_noise import initial_latents
-from diffmem.common.t2i.mitigation.bright_ending import bright_ending_masks
 from diffmem.common.t2i.sampler import decode_latents, save_grid, to_pil
-from diffmem.common.t2i.mitigation.methods import generate_batch
-from diffmem.common.similarity import check_clip_spec, resolve_sscd_spec, SimilarityModelError
-from diffmem.common.similarity import SSCDModel, load_clip_scorer
+from diffmem.common.t2i.text_noise import initial_latents
 
 # The settings dataclasses of the methods beyond Wen et al.'s (their fields are command-line options).
 METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings)

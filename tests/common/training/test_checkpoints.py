@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_THREAD, edm_train_args, run_cli
 from safetensors.torch import load_file
 
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
-from conftest import ONE_THREAD, edm_train_args, run_cli
 
 SCRIPT = "finetune/train_unconditional.py"
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffmem.common.seeding import STREAM_NOISE, STREAM_TIMESTEP, derive_seed, randint_per_sample, randn_per_sample
-from diffmem.common.training.loss import hard_threshold_keep, masked_mean, min_snr_weight, snr_from_alphas_cumprod
 from diffmem.common.training.loop import EpochBatchSampler, StepSums, epoch_permutation, micro_batches_per_epoch
+from diffmem.common.training.loss import hard_threshold_keep, masked_mean, min_snr_weight, snr_from_alphas_cumprod
 
 
 def test_snr_matches_diffusers_compute_snr_on_the_sd_schedule():

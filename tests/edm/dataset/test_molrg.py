@@ -1,4 +1,5 @@
-"""MoLRG data (common.edm.dataset.molrg, data/dataset_tool.py --source molrg): orthonormal, mutually orthogonal class bases,
+"""MoLRG data (common.edm.dataset.molrg, data/dataset_tool.py --source molrg): orthonormal, mutually orthogonal class
+bases,
 samples on their class's subspace with covariance U_kU_kᵀ, seeded, stored exactly as float32, fed to training
 unscaled and trained on through finetune/train_unconditional.py; the ideal MoLRG denoiser's Jacobian."""
 
@@ -10,6 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import ONE_THREAD, run_cli
 
 from diffmem.common.edm.dataset import molrg as M
 from diffmem.common.edm.dataset.edm_zip import (
@@ -20,7 +22,6 @@ from diffmem.common.edm.dataset.edm_zip import (
     to_model_range,
     write_float_dataset_zip,
 )
-from conftest import ONE_THREAD, run_cli
 
 RECIPE = M.MoLRGRecipe(res=4, classes=2, dim=7, per_class=350, seed=0)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 from PIL import Image
 
 from diffmem.common.edm.dataset import edm_zip as D
 from diffmem.common.edm.images import ImagesError, open_images
-from conftest import load_script
 
 DATASET_TOOL = load_script("data/dataset_tool.py", "dataset_tool_cli_bounds")
 # Inflates ~1000:1 under deflate, like every deflate bomb; 8 MiB is past RATIO_FLOOR_BYTES and quick to build.

@@ -1,4 +1,5 @@
-"""The denoiser's Jacobian (common.edm.measure.jacobian, detect/jacobian.py): equal to torch.autograd.functional.jacobian on
+"""The denoiser's Jacobian (common.edm.measure.jacobian, detect/jacobian.py): equal to
+torch.autograd.functional.jacobian on
 tiny networks, equal to the closed form Cov_w(y)/σ² for the optimal denoiser, the rank rule, the evaluation points
 (x = σ·z, the Heun states), and the CLI's rows, resume, plot and one-line errors."""
 
@@ -9,10 +10,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from diffmem.common.edm.measure import jacobian as J
-from diffmem.common.edm import sampler as S
 from conftest import run_cli
+
+from diffmem.common.edm import sampler as S
+from diffmem.common.edm.measure import jacobian as J
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import pickle
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from diffmem.common.edm.networks.edm_pickle import EDMPickleError, PersistentObject, read_edm_pickle
 from diffmem.common.edm.networks.snapshot import edm_snapshot_images, is_edm_pickle_path, list_snapshots, snapshot_label
-
-from conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "edm_pickles"
 CASES = ("edm_vp_ddpmpp", "dm_vp_ddpmpp_masked", "edm_ve_ncsnpp_cond", "edm_edm_adm_cond", "edm_iddpm_adm")

@@ -16,12 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, load_script
 
 from diffmem.common.edm.networks import edm_pickle
-from diffmem.common.edm.networks.edm_pickle import (_EDMPickler, _HOOK, PERSISTENCE_VERSION, EDMPickleError,
-                                           RestrictedUnpickler, read_edm_pickle)
+from diffmem.common.edm.networks.edm_pickle import (
+    _HOOK,
+    PERSISTENCE_VERSION,
+    EDMPickleError,
+    RestrictedUnpickler,
+    _EDMPickler,
+    read_edm_pickle,
+)
 
 FIXTURES = REPO / "tests" / "fixtures" / "edm_pickles"
 TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's legacy serialization format

@@ -10,19 +10,24 @@ emb) and EDM's fp32 output (``expected``). No EDM code is in the repo.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from diffmem.common.edm.networks.edm_preconditioners import (EDMNetworkError, EDMPrecond, VEPrecond, VPPrecond, build_from_edm,
-                                    iDDPMPrecond, iddpm_sigma_table)
+from diffmem.common.edm.networks.edm_preconditioners import (
+    EDMNetworkError,
+    EDMPrecond,
+    VEPrecond,
+    VPPrecond,
+    build_from_edm,
+    iddpm_sigma_table,
+    iDDPMPrecond,
+)
 from diffmem.common.edm.networks.edm_unets import EDMArchitectureError, UNetBlock
 from diffmem.common.errors import DiffmemError
-
-from conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "edm_nets"
 CASES = sorted(p.stem for p in FIXTURES.glob("*.safetensors"))

@@ -1,4 +1,5 @@
-"""The optimal denoiser (common/edm/networks/optimal.py) and detect/generate.py --optimal_denoiser: Eq. 3 exactly, in chunks."""
+"""The optimal denoiser (common/edm/networks/optimal.py) and detect/generate.py --optimal_denoiser: Eq. 3 exactly, in
+chunks."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import ONE_THREAD, run_cli
 
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
-from diffmem.common.edm.networks.optimal import (OptimalDenoiser, OptimalDenoiserError, empty_state, ideal_denoiser, log_weights,
-                                merge_chunk, squared_distances)
+from diffmem.common.edm.networks.optimal import (
+    OptimalDenoiser,
+    OptimalDenoiserError,
+    empty_state,
+    ideal_denoiser,
+    log_weights,
+    merge_chunk,
+    squared_distances,
+)
 from diffmem.common.edm.sampler import SamplerError, SamplerSettings
 
 SIGMAS = (0.002, 0.02, 0.3, 2.0, 80.0)

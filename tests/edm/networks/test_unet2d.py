@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from diffmem.common.edm.networks.unet2d import EDMNetwork, SkipMaskError, skip_channels, unet_config
-
 from diffmem.common.edm.networks.build import ArchConfig, build_network, count_parameters
+from diffmem.common.edm.networks.unet2d import EDMNetwork, SkipMaskError, skip_channels, unet_config
 from diffmem.common.edm.precond import Preconditioning
 
 TINY = dict(resolution=8, channels=1, num_channels=8, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(4,),

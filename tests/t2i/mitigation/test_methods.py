@@ -104,7 +104,11 @@ def test_jain_transition_step_on_hand_made_norms():
 
 
 def test_jain_og_transition_and_static_scale_by_hand():
-    from diffmem.common.t2i.mitigation.guidance_schedule import jain_og_transition, jain_static_scale, latent_step_distance
+    from diffmem.common.t2i.mitigation.guidance_schedule import (
+        jain_og_transition,
+        jain_static_scale,
+        latent_step_distance,
+    )
 
     d = torch.tensor([[0.9, 0.5, 0.6, 0.4, 0.7, 0.8],   # minima at 1 and 3: the first is step 1, so 3
                       [0.9, 0.8, 0.3, 0.5, 0.6, 0.7],   # minimum at 2
@@ -236,7 +240,7 @@ def hand_han_sample(parts, cond, uncond, x, lr, target, iters):
 
 
 def test_han_sample_batched_equals_one_by_one_and_their_loop(tiny_parts):
-    from diffmem.common.t2i.mitigation.init_noise import han_sample_loss, han_sample_optimise, guidance_direction
+    from diffmem.common.t2i.mitigation.init_noise import guidance_direction, han_sample_loss, han_sample_optimise
 
     emb, uncond, lat = _inputs(tiny_parts)
     cond, x = _flat_cond(emb), lat.flatten(0, 1)
@@ -470,7 +474,8 @@ def test_plan_runs_and_sweeps():
     assert {r.series for r in runs if r.settings.method == "ours"} == {"ours"}
     # an item with its own settings: Jain et al.'s two static settings and Wen's loss with and without Chen's mask
     runs = plan_runs(_settings("none"), ["jain_stp", "jain_stp:jain_tau=650,jain_early_scale=-2", "ours",
-                                         "ours:be_mask=1"], {"optim_target_loss": [3.0], **parse_sweeps(["jain_tau=500"])})
+                                         "ours:be_mask=1"],
+                     {"optim_target_loss": [3.0], **parse_sweeps(["jain_tau=500"])})
     assert [(r.label, r.series) for r in runs] == [
         ("jain_stp_tau500", "jain_stp"), ("jain_stp_tau650_early_scale-2", "jain_stp_tau650_early_scale-2"),
         ("ours_target3", "ours"), ("ours_mask1_target3", "ours_mask1")]
@@ -494,7 +499,6 @@ def test_plan_runs_and_sweeps():
 def small_lab(tmp_path_factory):
     """Two captions with a ground-truth image each, a COCO-format general set and a stand-in SSCD model."""
     from PIL import Image
-
     from sscd_standins import TinyDescriptor
 
     d = tmp_path_factory.mktemp("small-lab")
@@ -606,8 +610,8 @@ def test_end_token_recorder_against_explicit_softmax(tiny_parts):
 
 
 def test_ours_with_be_mask_optimises_the_masked_loss(tiny_parts):
-    from diffmem.common.t2i.mitigation.bright_ending import bright_ending_masks
     from diffmem.common.t2i.detection import text_noise_objective
+    from diffmem.common.t2i.mitigation.bright_ending import bright_ending_masks
     from diffmem.common.t2i.mitigation.run import condition_batch
 
     emb, uncond, lat = _inputs(tiny_parts)

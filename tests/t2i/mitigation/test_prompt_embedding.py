@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from diffmem.common.t2i.detection import encode_prompts
-from diffmem.common.t2i.mitigation.prompt_embedding import (learnable_positions, mitigation_loss, optimise_prompt_embeds, prompt_attention_mask,
-                               prompt_losses)
+from diffmem.common.t2i.mitigation.prompt_embedding import (
+    learnable_positions,
+    mitigation_loss,
+    optimise_prompt_embeds,
+    prompt_attention_mask,
+    prompt_losses,
+)
 from diffmem.common.t2i.text_noise import initial_latents
 
 PROMPTS = ["The No Limits Business Woman Podcast", "Mothers influence on her young hippo", "a photo of a cat"]
