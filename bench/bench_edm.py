@@ -108,7 +108,8 @@ def run_trainer(args, master, images, batch, device, workdir):
     from diffmem.common.edm.dataset.edm_zip import DatasetArrays, ImageDataset, collate_image_batch
     from diffmem.common.edm.schedule import resolve_schedule
     from diffmem.common.edm.train import EDMTrainingLoss
-    from diffmem.common.training.loop import StepSchedule, TrainConfig, Trainer
+    from diffmem.common.training.config import TrainConfig
+    from diffmem.common.training.loop import StepSchedule, Trainer
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -161,7 +161,8 @@ def run_example(args, parts, master_unet, folder, res):
 def run_trainer(args, parts, master_unet, records, res, workdir, threshold):
     from diffmem.common.t2i.train import TextToImageLoss
     from diffmem.common.t2i.train_data import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
-    from diffmem.common.training.loop import TrainConfig, Trainer
+    from diffmem.common.training.config import TrainConfig
+    from diffmem.common.training.loop import Trainer
 
     acc = fresh_accelerator(args)
     wdt = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)

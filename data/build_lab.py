@@ -24,7 +24,7 @@ from pathlib import Path
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
 from diffmem.common.errors import ConfigError
 from diffmem.common.settings import option
-from diffmem.common.training.loop import CHECKPOINT_PREFIX
+from diffmem.common.training.checkpoints import CHECKPOINT_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 

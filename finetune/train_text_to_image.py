@@ -20,7 +20,7 @@ from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main,
 from diffmem.common.errors import ConfigError
 from diffmem.common.settings import option
 from diffmem.common.t2i.train import TextToImageConfig
-from diffmem.common.training.loop import TrainConfig
+from diffmem.common.training.config import TrainConfig
 
 # This CLI's own defaults for TrainConfig fields (the library's suit its other callers; output_dir has none).
 TRAIN_DEFAULTS = {"output_dir": "sd-model-finetuned", "tracker_project_name": "diffmem-text2image"}
@@ -89,7 +89,7 @@ def run(args: TrainTextToImageArgs) -> None:
     """Validate the arguments, train, and save the pipeline (one line of summary from the main process)."""
     args.validate()
     from diffmem.common.t2i.train import train_text_to_image
-    from diffmem.common.training.loop import resolve_resume
+    from diffmem.common.training.checkpoints import resolve_resume
 
     cfg = args.config()
     resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)

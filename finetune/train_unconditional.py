@@ -61,7 +61,7 @@ def run(cfg: UnconditionalConfig, check_only: bool = False) -> None:
     if check_only:
         return
     from diffmem.common.edm.train import train_unconditional
-    from diffmem.common.training.loop import resolve_resume
+    from diffmem.common.training.checkpoints import resolve_resume
 
     resolve_resume(cfg.loop.resume_from_checkpoint, cfg.outdir)
     summary = train_unconditional(cfg)

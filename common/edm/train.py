@@ -34,19 +34,10 @@ from diffmem.common.results import file_sha256
 from diffmem.common.runlock import lock_run_folder
 from diffmem.common.seeding import STREAM_NOISE, torch_generator
 from diffmem.common.settings import int_list, option
-from diffmem.common.training.loop import (
-    MIXED_PRECISIONS,
-    OPTIMIZERS,
-    REPORT_TO,
-    LossTerms,
-    StepSchedule,
-    TrainConfig,
-    Trainer,
-    bind_training_settings,
-    bound_train_settings,
-    launched_processes,
-    make_accelerator,
-)
+from diffmem.common.training.builders import make_accelerator
+from diffmem.common.training.checkpoints import bind_training_settings, bound_train_settings
+from diffmem.common.training.config import MIXED_PRECISIONS, OPTIMIZERS, REPORT_TO, TrainConfig, launched_processes
+from diffmem.common.training.loop import LossTerms, StepSchedule, Trainer
 
 
 @dataclass

@@ -22,7 +22,9 @@ from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.pipeline import ARCHS, denoiser_parts
 from diffmem.common.t2i.sampler import decode_latents, sample_latents
 from diffmem.common.t2i.text_noise import initial_latents, text_noise_norm
-from diffmem.common.training.loop import LossTerms, TrainConfig, Trainer, make_accelerator
+from diffmem.common.training.builders import make_accelerator
+from diffmem.common.training.config import TrainConfig
+from diffmem.common.training.loop import LossTerms, Trainer
 
 ADJECTIVES = (
     "red", "blue", "green", "yellow", "purple", "orange", "silver", "golden", "tiny", "giant", "old", "young",

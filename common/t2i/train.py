@@ -44,16 +44,10 @@ from diffmem.common.t2i.train_data import (
     hf_dataset_records,
     read_image_folder,
 )
-from diffmem.common.training.loop import (
-    LossTerms,
-    TrainConfig,
-    Trainer,
-    TrainSetupError,
-    bind_training_settings,
-    bound_train_settings,
-    make_accelerator,
-    weight_dtype_of,
-)
+from diffmem.common.training.builders import make_accelerator, weight_dtype_of
+from diffmem.common.training.checkpoints import bind_training_settings, bound_train_settings
+from diffmem.common.training.config import TrainConfig, TrainSetupError
+from diffmem.common.training.loop import LossTerms, Trainer
 from diffmem.common.training.loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
 
 

@@ -1,5 +1,9 @@
 """The training room: the one Accelerate loop both wings train with.
 
-- ``loop``: the loop, its settings, checkpoints and exact resume (``Trainer``, ``TrainConfig``).
+- ``config``: the loop's settings (``TrainConfig``) and the choices they take; torch-free.
+- ``checkpoints``: a run folder's files (torch-free names the EMM sweep reads), finding the checkpoint to resume,
+  binding a run's settings, and a checkpoint's files read and written without running code.
+- ``builders``: the Accelerator, optimizer, LR schedule and EMA the loop is built from.
+- ``loop``: the loop itself (``Trainer``): data order, micro-steps, logging, checkpoints, snapshots, the export.
 - ``loss``: per-sample loss math: Min-SNR weights (Hang et al. 2023) and Wen et al.'s thresholded loss.
 """

@@ -19,96 +19,41 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
-import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from diffmem.common.errors import DiffmemError
-from diffmem.common.results import bind_run_settings, check_run_settings, jsonable, read_results, write_json_atomic
-from diffmem.common.safe_load import UnsafeFileError, safe_torch_load, verify_checkpoint_files
+from diffmem.common.results import read_results, write_json_atomic
+from diffmem.common.safe_load import verify_checkpoint_files
 from diffmem.common.seeding import STREAM_LOADER, STREAM_PERMUTATION, derive_seed, torch_generator
-from diffmem.common.settings import option
+from diffmem.common.training.builders import (
+    base_learning_rate,
+    build_ema,
+    build_lr_scheduler,
+    build_optimizer,
+    configure_deepspeed,
+    total_train_steps,
+)
+from diffmem.common.training.checkpoints import (
+    CHECKPOINT_PREFIX,
+    TRAIN_LOG,
+    TRAIN_SUMMARY,
+    TRAINER_STATE,
+    TRAINING_OPTIONS,
+    accelerate_view,
+    architecture_mismatch,
+    list_checkpoints,
+    load_ema_state,
+    load_module,
+    resolve_resume,
+    save_ema_state,
+    save_module,
+)
+from diffmem.common.training.config import RESUME_KEYS, TRAIN_FREE_FIELDS, TrainConfig, TrainSetupError
 from diffmem.common.training.loss import masked_mean
-
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAIN_SUMMARY = "train_summary.json"  # written once a training has finished
-TRAINER_STATE = "trainer_state.json"
-TRAIN_LOG = "train_log.jsonl"
-TRAINING_OPTIONS = "training_options.json"
-# The EMA inside a checkpoint: the shadow weights (safetensors, keyed <model>.<parameter>) and the scalars (JSON).
-# Neither format can carry code, unlike the pickle Accelerate writes for a registered object, which its
-# load_custom_state reads with weights_only=False.
-EMA_WEIGHTS = "ema_shadow.safetensors"
-EMA_STATE = "ema_state.json"
-LEGACY_EMA_STATE = "custom_checkpoint_0.pkl"  # checkpoints written before EMA_STATE: read weights-only
-# Settings a resumed run must share with the checkpoint, or the data order / step arithmetic would differ.
-RESUME_KEYS = ("seed", "train_batch_size", "num_processes", "gradient_accumulation_steps", "num_samples",
-               "shuffle", "use_ema", "model_names")
-
-
-# TrainConfig fields that change no trained weight: where files go and how often, what is logged or shown, and
-# the run's length (a run may be extended; its steps so far stay the same, unless an LR schedule's shape depends
-# on the length, which the arm then binds itself). Every other field is bound to a run once it has a checkpoint.
-TRAIN_FREE_FIELDS = ("output_dir", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
-                     "report_to", "tracker_project_name", "logging_dir", "show_progress", "validation_steps",
-                     "dataloader_num_workers", "max_train_steps", "num_train_epochs")
-
-OPTIMIZERS = ("adamw", "adam", "sgd")
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-REPORT_TO = ("tensorboard", "wandb", "all", "none")
-
-
-class TrainSetupError(DiffmemError, ValueError):
-    """A training setup that cannot run; str() is the one-line message for the user."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of the generic loop (model- and data-independent)."""
-
-    output_dir: str = option(help="run folder: checkpoints, logs and the trained model")
-    seed: int = option(0, help="seed of the data order, noise and timesteps")
-    train_batch_size: int = option(16, help="per process")
-    num_train_epochs: int = option(100, help="passes over the data (unless --max_train_steps)")
-    max_train_steps: int | None = option(None, type=int, help="overrides --num_train_epochs")
-    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
-    learning_rate: float = option(1e-4, help="base learning rate")
-    scale_lr: bool = option(False, help="multiply the LR by accumulation x batch x processes")
-    lr_scheduler: str = option("constant", choices=LR_SCHEDULERS, help="diffusers' named LR schedule")
-    lr_warmup_steps: int = option(500, help="LR warm-up in optimizer steps")
-    adam_beta1: float = option(0.9, help="Adam beta1")
-    adam_beta2: float = option(0.999, help="Adam beta2")
-    adam_weight_decay: float = option(1e-2, help="weight decay")
-    adam_epsilon: float = option(1e-8, help="Adam epsilon")
-    max_grad_norm: float = option(1.0, help="0 disables clipping")
-    use_8bit_adam: bool = option(False, help="bitsandbytes 8-bit AdamW (needs the bnb extra and a GPU)")
-    # adamw: decoupled weight decay; adam: torch Adam, weight decay as coupled L2 (EDM/DiffMemorize's
-    # ``Adam(weight_decay=…)``); sgd: momentum SGD. adam_weight_decay is the weight decay of each of them.
-    optimizer: str = option("adamw", choices=OPTIMIZERS, help="adamw: decoupled weight decay; adam: coupled L2; "
-                                                             "sgd: momentum SGD")
-    sgd_momentum: float = option(0.9, help="momentum of --optimizer sgd")
-    use_ema: bool = option(False, help="keep an EMA of the weights (saved as the model)")
-    ema_decay: float = option(0.9999, help="EMA decay")
-    checkpointing_steps: int = option(500, help="save a checkpoint every N optimizer steps")
-    checkpoints_total_limit: int | None = option(None, type=int, help="keep at most N checkpoints")
-    resume_from_checkpoint: str | None = option(None, type=str, help="'latest' or a checkpoint-N folder")
-    mixed_precision: str | None = option(None, choices=MIXED_PRECISIONS, help="None: the accelerate config's")
-    report_to: str = option("tensorboard", choices=REPORT_TO, help="experiment tracker")
-    tracker_project_name: str = option("diffmem", help="the tracker's project name")
-    logging_dir: str = option("logs", help="tracker folder, relative to --output_dir")
-    dataloader_num_workers: int = option(0, help="data loader worker processes")
-    allow_tf32: bool = option(False, help="TF32 matmuls on Ampere+ GPUs")
-    validation_steps: int | None = option(None, type=int,
-                                          help="run the validation every N steps (always at the end)")
-    shuffle: bool = option(True, help="reshuffle the data every epoch", flag="--no_shuffle")
-    show_progress: bool = option(True, help="hide the progress bar", flag="--no_progress")
 
 
 @dataclass
@@ -186,9 +131,6 @@ class StepSums:
         return StepSums(loss, kept, seen, dict(zip(self.stats, stats)))
 
 
-# ------------------------------------------------------------------------------------- data order
-
-
 def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     """The sample order of an epoch: a permutation seeded by (seed, epoch), or 0..n-1 without shuffling."""
     if not shuffle:
@@ -227,318 +169,12 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             yield [(self.epoch, p, perm[p % self.n]) for p in range(first, first + self.batch_size)]
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def list_checkpoints(output_dir: str | Path, complete_only: bool = True) -> list[tuple[int, Path]]:
-    """(step, path) of ``checkpoint-N`` folders in step order; complete ones have trainer_state.json."""
-    out = []
-    root = Path(output_dir)
-    if not root.is_dir():
-        return out
-    for p in root.iterdir():
-        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-        if m and p.is_dir() and (not complete_only or (p / TRAINER_STATE).is_file()):
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint folder to resume from: ``latest`` (None when there is none yet) or an explicit path."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(resume).expanduser()
-    if not path.is_dir() and (Path(output_dir) / resume).is_dir():
-        path = Path(output_dir) / resume  # the diffusers example accepts a bare checkpoint-N name
-    if not (path / TRAINER_STATE).is_file():
-        raise TrainSetupError(f"{resume}: not a complete diffmem checkpoint (no {TRAINER_STATE})")
-    return path
-
-
-def resolved_mixed_precision(value: str | None) -> str:
-    """The mixed precision a run gets: the flag, else the one ``accelerate launch`` passes on, else no."""
-    return value or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-
-
-def launched_processes() -> int:
-    """The number of processes of this launch (1 without ``accelerate launch``)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def bound_train_settings(cfg: TrainConfig) -> dict:
-    """The generic loop's settings that change the trained weights (all but TRAIN_FREE_FIELDS), resolved.
-
-    The process count and micro-batch are bound too: the same global batch split otherwise sums the gradient in
-    another order, so the weights differ in the last bits and drift apart, and exact resume is lost.
-    """
-    settings = {k: v for k, v in asdict(cfg).items() if k not in TRAIN_FREE_FIELDS}
-    settings["mixed_precision"] = resolved_mixed_precision(cfg.mixed_precision)
-    settings["num_processes"] = launched_processes()
-    return settings
-
-
-def resume_hint(outdir_flag: str) -> str:
-    """What to do about a refused setting, naming the CLI's output-folder flag."""
-    return f"resume with the recorded value, or train the new one in another output folder ({outdir_flag} NEW_DIR)"
-
-
-def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool = False,
-                           outdir_flag: str = "--output_dir") -> Path | None:
-    """Bind the settings that change a run's result to its output folder; the checkpoint to resume from.
-
-    Once the folder holds a complete checkpoint (or results_exist: an arm's own outputs such as snapshots),
-    settings that differ from its ``training_options.json`` are refused with one line naming each setting, the
-    recorded and the new value (ConfigError). Call it before any model is built: on refusal nothing is written.
-    Accepted settings are recorded by the main process when the folder has no result yet. A run started in a new
-    folder from another run's checkpoint is a new run (a fork: the lab's mitigated run continues the lab run
-    with a loss threshold), bound to its own settings from then on.
-    """
-    out = Path(cfg.output_dir)
-    settings = jsonable(settings)
-    resume = resolve_resume(cfg.resume_from_checkpoint, out)
-    results = results_exist or bool(list_checkpoints(out))
-    hint = resume_hint(outdir_flag)
-    check_run_settings(out / TRAINING_OPTIONS, settings, results, hint, overwrite_flag=None)
-    if os.environ.get("RANK", "0") == "0":
-        out.mkdir(parents=True, exist_ok=True)
-        bind_run_settings(out / TRAINING_OPTIONS, settings, results, hint, overwrite_flag=None)
-    return resume
-
-
-def _save_module(module: torch.nn.Module, path: Path) -> None:
-    if hasattr(module, "save_pretrained"):
-        module.save_pretrained(path)
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(module.state_dict(), path / "model.pt")
-
-
-def _load_module(module: torch.nn.Module, path: Path) -> None:
-    # from_pretrained handles each library's key layout (e.g. transformers 5 drops the text_model. prefix).
-    if hasattr(module, "save_pretrained") and hasattr(type(module), "from_pretrained"):
-        loaded = type(module).from_pretrained(path)
-        state = loaded.state_dict()
-        del loaded
-    else:
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    module.load_state_dict(state)
-
-
-def save_ema_state(ema, named_params: list[tuple[str, torch.nn.Parameter]], folder: Path) -> None:
-    """The EMA's shadow weights as safetensors keyed by parameter name, its scalars as JSON."""
-    from safetensors.torch import save_file
-
-    state = ema.state_dict()
-    shadow = state.pop("shadow_params")
-    if len(shadow) != len(named_params):
-        raise TrainSetupError(f"the EMA holds {len(shadow)} tensors for {len(named_params)} trainable parameters")
-    save_file({name: s.detach().cpu().contiguous() for (name, _), s in zip(named_params, shadow)},
-              str(folder / EMA_WEIGHTS))
-    write_json_atomic(folder / EMA_STATE, state)
-
-
-def load_ema_state(ema, named_params: list[tuple[str, torch.nn.Parameter]], folder: Path) -> None:
-    """Restore the EMA from a checkpoint (its safetensors and JSON, or a legacy pickle read weights-only); a file
-    that is not what it should be is one line (UnsafeFileError / TrainSetupError)."""
-    weights, scalars = folder / EMA_WEIGHTS, folder / EMA_STATE
-    if scalars.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = json.loads(scalars.read_text())
-            tensors = load_file(str(weights))
-        except (OSError, ValueError, SafetensorError) as exc:
-            raise UnsafeFileError(f"{folder}: unreadable EMA state ({type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); expected {EMA_STATE} and "
-                                  f"{EMA_WEIGHTS} as this trainer writes them") from None
-        names = [n for n, _ in named_params]
-        if not isinstance(state, dict) or sorted(tensors) != sorted(names):
-            raise UnsafeFileError(f"{weights}: holds other tensors than this run's {len(names)} trainable "
-                                  f"parameters; expected the EMA of this model")
-        state["shadow_params"] = [tensors[n] for n in names]
-    elif (folder / LEGACY_EMA_STATE).is_file():
-        state = safe_torch_load(folder / LEGACY_EMA_STATE)
-    else:
-        raise TrainSetupError(f"{folder}: no EMA state ({EMA_STATE}); the run uses --use_ema")
-    shadow = state.get("shadow_params") if isinstance(state, dict) else None
-    if not isinstance(shadow, list) or [tuple(t.shape) for t in shadow] != [tuple(p.shape) for _, p in named_params]:
-        raise UnsafeFileError(f"{folder}: the EMA state does not match this model's trainable parameters")
-    try:
-        ema.load_state_dict(state)
-    except ValueError as exc:
-        raise UnsafeFileError(f"{folder}: bad EMA state ({exc})") from None
-
-
-def architecture_mismatch(text: str) -> str:
-    """The first size mismatch, missing or unexpected key of torch's load_state_dict error, in a few words."""
-    size = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
-                     r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)", text)
-    if size:
-        return f"{size.group(1)}: {size.group(2)} in the checkpoint, {size.group(3)} here"
-    keys = re.search(r"(Missing|Unexpected) key\(s\) in state_dict: \"([^\"]+)\"", text)
-    if keys:
-        return f"{'missing' if keys.group(1) == 'Missing' else 'unexpected'} parameter {keys.group(2)}"
-    lines = text.strip().splitlines()
-    return lines[0][:200] if lines else "load_state_dict failed"
-
-
-@contextmanager
-def accelerate_view(checkpoint: Path):
-    """The folder to hand Accelerate's load_state: the checkpoint itself, or for a legacy checkpoint (its EMA in
-    LEGACY_EMA_STATE) a temporary folder of links to every other file. Accelerate refuses a custom-state file
-    that no registered object claims, and would read it with weights_only=False; load_ema_state reads it
-    weights-only instead."""
-    if not (checkpoint / LEGACY_EMA_STATE).exists():
-        yield checkpoint
-        return
-    with tempfile.TemporaryDirectory(prefix="diffmem-resume-") as tmp:
-        for entry in checkpoint.iterdir():
-            if entry.name != LEGACY_EMA_STATE:
-                (Path(tmp) / entry.name).symlink_to(entry.resolve())
-        yield Path(tmp)
-
-
 def _sanitize_for_tracker(config: dict) -> dict:
     # TensorBoard hparams accept only scalars and strings.
     out = {}
     for k, v in config.items():
         out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
-
-
-# ----------------------------------------------------------------------------------- accelerator
-
-
-def make_accelerator(cfg: TrainConfig):
-    """An Accelerator for ``cfg`` (mixed precision from cfg, else from the accelerate config / launch flags)."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir))
-    try:
-        accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            mixed_precision=cfg.mixed_precision,
-            log_with=None if cfg.report_to in (None, "none") else cfg.report_to,
-            project_config=project,
-        )
-    except (ValueError, RuntimeError, ImportError) as exc:
-        first = str(exc).strip().splitlines()
-        raise TrainSetupError(f"cannot set up Accelerate: {first[0] if first else type(exc).__name__}") from exc
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and accelerator.num_processes == 1:
-        raise TrainSetupError(
-            f"{world} processes were launched but Accelerate runs each alone (no GPU: launch with "
-            "ACCELERATE_USE_CPU=true for multi-process CPU training)"
-        )
-    return accelerator
-
-
-def weight_dtype_of(accelerator) -> torch.dtype:
-    """The dtype frozen modules are kept in: fp16/bf16 under mixed precision, else fp32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-
-
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float):
-    """Fused AdamW (or Adam with coupled L2, or momentum SGD, by ``cfg.optimizer``), or bitsandbytes' 8-bit
-    AdamW with ``use_8bit_adam``."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise TrainSetupError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as exc:
-            raise TrainSetupError("--use_8bit_adam needs bitsandbytes (pip install 'diffmem[bnb]')") from exc
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.sgd_momentum, weight_decay=cfg.adam_weight_decay,
-                               foreach=True)
-    # The fused kernel (CPU and CUDA) updates every tensor in one call: on small models the per-tensor Python
-    # loop of the default CPU path was a fifth of a training step (a 49408-row token embedding included).
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=True)
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=True)
-
-
-def scheduled_ema(params, decay_fn: Callable[[int], float], foreach: bool):
-    """A diffusers ``EMAModel`` whose β at optimizer step k (0-based) is ``decay_fn(k)``: EDM's half-life EMA
-    and DiffMemorize's modes change β every step, which EMAModel's warm-up formula cannot express."""
-    from diffusers.training_utils import EMAModel
-
-    class ScheduledEMAModel(EMAModel):
-        def get_decay(self, optimization_step: int) -> float:
-            # EMAModel.step increments optimization_step before asking, so the first update asks for 1.
-            return float(decay_fn(optimization_step - 1))
-
-    return ScheduledEMAModel(params, foreach=foreach)
-
-
-def configure_deepspeed(accelerator, cfg: TrainConfig, names: list[str]) -> bool:
-    """Fit DeepSpeed's config to the loop (micro-batch, clipping); whether DeepSpeed runs."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return False
-    if len(names) > 1:
-        raise TrainSetupError(
-            f"DeepSpeed trains one model per optimizer; got {', '.join(names)} (train one at a time)"
-        )
-    # Without a prepared DataLoader, Accelerate cannot infer DeepSpeed's micro-batch size.
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
-    if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
-        # DeepSpeed clips inside its step; --max_grad_norm is honoured through its config.
-        plugin.deepspeed_config["gradient_clipping"] = float(cfg.max_grad_norm or 0.0)
-    return True
-
-
-def base_learning_rate(cfg: TrainConfig, num_processes: int) -> float:
-    """cfg.learning_rate, times the global batch per optimizer step with ``scale_lr``."""
-    if cfg.scale_lr:
-        return cfg.learning_rate * cfg.gradient_accumulation_steps * cfg.train_batch_size * num_processes
-    return cfg.learning_rate
-
-
-def total_train_steps(cfg: TrainConfig, micro_batches: int) -> int:
-    """cfg.max_train_steps, else the optimizer steps of num_train_epochs epochs of ``micro_batches`` each."""
-    if cfg.max_train_steps is not None:
-        return cfg.max_train_steps
-    return math.ceil(cfg.num_train_epochs * micro_batches / cfg.gradient_accumulation_steps)
-
-
-def build_lr_scheduler(optimizer, cfg: TrainConfig, max_train_steps: int, num_processes: int,
-                       schedule: StepSchedule | None = None):
-    """The schedule's per-step LR multiplier, else cfg's named diffusers schedule, in the steps it will be
-    stepped in: a prepared scheduler steps once per process per optimizer step (Accelerate, split_batches=False)."""
-    P = num_processes
-    if schedule is not None:
-        lr = schedule.lr
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr(s // P))
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps * P,
-                         num_training_steps=max_train_steps * P)
-
-
-def build_ema(params: list[torch.nn.Parameter], cfg: TrainConfig, schedule: StepSchedule | None, foreach: bool):
-    """fp32 shadow weights with the schedule's per-step β, else cfg.ema_decay; None without ``use_ema``."""
-    if not cfg.use_ema:
-        return None
-    if schedule is not None and schedule.ema_beta is not None:
-        return scheduled_ema(params, schedule.ema_beta, foreach=foreach)
-    from diffusers.training_utils import EMAModel
-
-    return EMAModel(params, decay=cfg.ema_decay, foreach=foreach)
-
-
-# ------------------------------------------------------------------------------------------- loop
 
 
 class Trainer:
@@ -658,14 +294,14 @@ class Trainer:
             if acc.is_main_process:
                 out = Path(output_dir)
                 for name, model in zip(self.names, models):
-                    _save_module(acc.unwrap_model(model), out / name)
+                    save_module(acc.unwrap_model(model), out / name)
                 if self.ema is not None:
                     unwrapped = [acc.unwrap_model(m) for m in models]
                     params = self._params(unwrapped)
                     self.ema.store(params)
                     self.ema.copy_to(params)
                     for name, model in zip(self.names, unwrapped):
-                        _save_module(model, out / f"{name}_ema")
+                        save_module(model, out / f"{name}_ema")
                     self.ema.restore(params)
                     # Named from the trainer's own models: under DeepSpeed the hook is given none.
                     save_ema_state(self.ema, self._named_params(self._unwrapped().values()), out)
@@ -676,7 +312,7 @@ class Trainer:
             # Under DeepSpeed ``models`` is empty: the engine restores its own weights.
             for name, model in zip(self.names, models):
                 try:
-                    _load_module(acc.unwrap_model(model), Path(input_dir) / name)
+                    load_module(acc.unwrap_model(model), Path(input_dir) / name)
                 except RuntimeError as exc:
                     raise TrainSetupError(self._mismatch_line(name, exc)) from None
             models.clear()

@@ -159,7 +159,8 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tiny_pipeline_dir, data, 
 
 
 def test_resume_latest_picks_the_newest_complete_checkpoint(tmp_path):
-    from diffmem.common.training.loop import TRAINER_STATE, TrainSetupError, resolve_resume
+    from diffmem.common.training.checkpoints import TRAINER_STATE, resolve_resume
+    from diffmem.common.training.config import TrainSetupError
 
     for step, complete in ((2, True), (10, True), (12, False)):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -424,7 +425,7 @@ def test_every_json_the_trainer_writes_lands_atomically(tiny_pipeline_dir, data,
     diffusers and Accelerate write (model configs) is covered by a completion marker renamed into place after it:
     a checkpoint counts once its trainer_state.json exists, the export once train_summary.json does.
     train_log.jsonl is appended per step by design; its torn last line is dropped on resume."""
-    from diffmem.common.training.loop import TRAIN_SUMMARY, TRAINER_STATE
+    from diffmem.common.training.checkpoints import TRAIN_SUMMARY, TRAINER_STATE
     from diffmem.finetune.train_text_to_image import main
 
     synced, placed = set(), {}

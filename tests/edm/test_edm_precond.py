@@ -128,7 +128,7 @@ def test_diffmemorize_truncates_small_sets_and_edm_schedule_is_in_mimg():
 
 
 def test_scheduled_ema_applies_the_per_step_beta():
-    from diffmem.common.training.loop import scheduled_ema
+    from diffmem.common.training.builders import scheduled_ema
 
     p = torch.nn.Parameter(torch.zeros(3))
     betas = [0.0, 0.5, 0.9]

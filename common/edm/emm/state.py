@@ -15,7 +15,8 @@ failed, still running (their process or Slurm job alive) or to resume. Its layou
 
 A measurement on disk wins over any recorded status; a failure is recorded and never counts as a result; a
 "running" status whose process or job is gone is pending again. The stages' own files are named by the modules
-that write them (``common.edm.measure.mem_ratio``, ``common.edm.networks.snapshot``, ``common.training.loop``).
+that write them (``common.edm.measure.mem_ratio``, ``common.edm.networks.snapshot``,
+``common.training.checkpoints``: torch-free, as this module is).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from diffmem.common.edm.networks.snapshot import SNAPSHOT_PREFIX
 from diffmem.common.errors import ConfigError, DiffmemError
 from diffmem.common.results import pid_alive, write_json_atomic
 from diffmem.common.settings import option
+from diffmem.common.training.checkpoints import CHECKPOINT_PREFIX, TRAIN_SUMMARY
 
 STAGES = ("data", "train", "mem")
 SWEEP_SETTINGS_FILE = "sweep.json"
@@ -55,9 +57,7 @@ SLURM_ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "
 
 
 def checkpoint_glob() -> str:
-    """The pattern of a run's trainer checkpoints (common.training.loop, imported late: it loads torch)."""
-    from diffmem.common.training.loop import CHECKPOINT_PREFIX
-
+    """The pattern of a run's trainer checkpoints (common.training.checkpoints)."""
     return f"{CHECKPOINT_PREFIX}*"
 
 
@@ -140,10 +140,6 @@ class SizePaths:
 
     def output(self, stage: str) -> Path:
         """The file whose existence marks the stage done."""
-        from diffmem.common.training.loop import (
-            TRAIN_SUMMARY,  # lazily: the trainer loads torch, the sweep's checks need not
-        )
-
         return {"data": self.data, "train": self.run / TRAIN_SUMMARY, "mem": self.run / MEM_SUMMARY}[stage]
 
     def log(self, stage: str, node: int = 0) -> Path:
