@@ -99,7 +99,7 @@ def run_example(args, parts, master_unet, folder, res):
             transforms.RandomCrop(res), transforms.ToTensor(), transforms.Normalize([0.5], [0.5]),
         ])
     except ImportError:  # a torch-only environment: the same operations through PIL
-        from diffmem.common.t2i.train_data import ImageTransformConfig, transform_image
+        from diffmem.common.t2i.text_image_data import ImageTransformConfig, transform_image
 
         rng = np.random.default_rng(0)
 
@@ -159,8 +159,13 @@ def run_example(args, parts, master_unet, folder, res):
 
 
 def run_trainer(args, parts, master_unet, records, res, workdir, threshold):
+    from diffmem.common.t2i.text_image_data import (
+        CaptionConfig,
+        ImageTransformConfig,
+        TextImageCollator,
+        TextImageDataset,
+    )
     from diffmem.common.t2i.train import TextToImageLoss
-    from diffmem.common.t2i.train_data import CaptionConfig, ImageTransformConfig, TextImageCollator, TextImageDataset
     from diffmem.common.training.config import TrainConfig
     from diffmem.common.training.loop import Trainer
 
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
     from diffusers import DDPMScheduler
 
     from diffmem.common.t2i.pipeline import build_components
-    from diffmem.common.t2i.train_data import read_image_folder
+    from diffmem.common.t2i.text_image_data import read_image_folder
 
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
     if threads is not None:

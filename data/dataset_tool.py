@@ -25,14 +25,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-from diffmem.common.edm.dataset.edm_zip import (
-    DatasetRecipe,
-    build_dataset,
-    mix_count,
-    write_dataset_zip,
-    write_float_dataset_zip,
-)
+from diffmem.common.edm.dataset.edm_zip import write_dataset_zip, write_float_dataset_zip
 from diffmem.common.edm.dataset.molrg import MoLRGRecipe, molrg_dataset
+from diffmem.common.edm.dataset.recipe import DatasetRecipe, build_dataset, mix_count
 from diffmem.common.errors import ConfigError
 from diffmem.common.settings import option
 

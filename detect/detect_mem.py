@@ -133,7 +133,7 @@ def result_row(rec: PromptRecord, detector: str, terms: dict, score: float, trun
     return row
 
 
-class RunState:
+class DetectFiles:
     """The files of one run: parts/{part-RANK.jsonl, config.json}, the merged jsonl and the summary."""
 
     def __init__(self, cfg: DetectConfig, dataset_rows: list[PromptRecord]):
@@ -196,7 +196,7 @@ def run(cfg: DetectConfig) -> int:
         quiet_hub_logging()
         # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
         state = PartialState(cpu=not torch.cuda.is_available())
-        run_state = RunState(cfg, dataset_rows)
+        run_state = DetectFiles(cfg, dataset_rows)
         if state.is_main_process:
             run_state.prepare(cfg.overwrite, records)
         state.wait_for_everyone()

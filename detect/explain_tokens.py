@@ -124,7 +124,7 @@ def load_records(cfg: ExplainConfig) -> list[PromptRecord]:
     return records
 
 
-class OutDir:
+class ExplainFiles:
     """The files of one explanation run and the check that a resumed run computes the same numbers."""
 
     def __init__(self, cfg: ExplainConfig):
@@ -179,7 +179,7 @@ def run(cfg: ExplainConfig) -> int:
     """Explain the selected prompts, resuming earlier work; returns the number explained now."""
     cfg.validate()
     records = load_records(cfg)
-    out = OutDir(cfg)
+    out = ExplainFiles(cfg)
     out.prepare(cfg.overwrite)
     done = out.done(records)
     todo = [r for r in records if r.row not in done]

@@ -137,7 +137,7 @@ def run(cfg: MemRatioConfig) -> dict | None:
             M.select_snapshots(cfg.expdir, cfg.snapshots or "all")
         shard, device = process_state(device)
         train = load_dataset_zip(cfg.knn_ref, progress=shard.rank == 0).images
-        paths = M.OutputPaths.at(cfg.root, cfg.log)
+        paths = M.MemRatioFiles.at(cfg.root, cfg.log)
         if source is not None:
             summary = M.measure_images(source, train, cfg.knn_ref, paths, device, shard, cfg.overwrite, cfg.batch)
         else:

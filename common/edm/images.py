@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from diffmem.common.edm.dataset.edm_zip import DatasetError, open_npz, open_source
+from diffmem.common.edm.dataset.edm_zip import DatasetError, open_npz
+from diffmem.common.edm.dataset.sources import open_source
 from diffmem.common.errors import DiffmemError
 
 IMAGES_HINT = "a folder of PNGs, an EDM dataset zip or a detect/generate.py images.npz"

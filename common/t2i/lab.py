@@ -100,7 +100,8 @@ def lab_split(num_images: int, num_memorized: int, num_seen_once: int, num_novel
 
 
 def write_imagefolder(folder: str | Path, images: np.ndarray, indices: list[int], captions: list[str]) -> Path:
-    """An imagefolder (``{index}.png`` + metadata.jsonl with "text") that common.t2i.train_data reads in this order."""
+    """An imagefolder (``{index}.png`` + metadata.jsonl with "text") that common.t2i.text_image_data reads in this
+    order."""
     from PIL import Image
 
     folder = Path(folder)

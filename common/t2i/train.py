@@ -32,8 +32,7 @@ from diffmem.common.settings import option, prompt_text
 from diffmem.common.t2i.options import PREDICTION_TYPES
 from diffmem.common.t2i.pipeline import load_pipeline
 from diffmem.common.t2i.prompt_aug import STYLES
-from diffmem.common.t2i.text_noise import epsilon_from_output, text_noise_norm
-from diffmem.common.t2i.train_data import (
+from diffmem.common.t2i.text_image_data import (
     CaptionConfig,
     ImageDataError,
     ImageTransformConfig,
@@ -44,6 +43,7 @@ from diffmem.common.t2i.train_data import (
     hf_dataset_records,
     read_image_folder,
 )
+from diffmem.common.t2i.text_noise import epsilon_from_output, text_noise_norm
 from diffmem.common.training.builders import make_accelerator, weight_dtype_of
 from diffmem.common.training.checkpoints import bind_training_settings, bound_train_settings
 from diffmem.common.training.config import TrainConfig, TrainSetupError

@@ -20,24 +20,26 @@ from conftest import load_script, run_cli
 from PIL import Image
 
 from diffmem.common.edm.dataset.edm_zip import (
-    STREAM_LABELS,
-    STREAM_SUBSET,
     DatasetArrays,
-    DatasetRecipe,
     ImageDataset,
     archive_name,
+    collate_image_batch,
+    load_dataset_zip,
+    write_dataset_zip,
+)
+from diffmem.common.edm.dataset.recipe import (
+    STREAM_LABELS,
+    STREAM_SUBSET,
+    DatasetRecipe,
     balanced_counts,
     build_dataset,
     center_crop_box,
     classes_counts,
-    collate_image_batch,
-    digits_to_uint8,
     draw_generator,
-    load_dataset_zip,
     mix_count,
     mix_plan,
-    write_dataset_zip,
 )
+from diffmem.common.edm.dataset.sources import digits_to_uint8
 
 SCRIPT = "data/dataset_tool.py"
 PER_BATCH = 20

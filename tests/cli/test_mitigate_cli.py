@@ -97,9 +97,9 @@ def test_inference_mem_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd
 
 def test_resume_refuses_other_settings_and_cuts_torn_line(tmp_path):
     from diffmem.common.errors import ConfigError
-    from diffmem.common.t2i.mitigation.run import MitigationSettings, RunFiles
+    from diffmem.common.t2i.mitigation.run import MitigationFiles, MitigationSettings
 
-    files = RunFiles(tmp_path / "run")
+    files = MitigationFiles(tmp_path / "run")
     settings = MitigationSettings(method="ours", optim_iters=3)
     assert files.prepare(settings.fingerprint()) == []
     files.results.write_text('{"row": 0}\n{"row": 1, "trunc')  # killed mid-write

@@ -257,14 +257,14 @@ def test_threshold_mask_and_loss_against_a_hand_computation(tiny_pipe, data, tmp
     from diffusers import DDPMScheduler
 
     from diffmem.common.seeding import STREAM_NOISE, STREAM_TIMESTEP, STREAM_VAE, randint_per_sample, randn_per_sample
-    from diffmem.common.t2i.train import TextToImageLoss
-    from diffmem.common.t2i.train_data import (
+    from diffmem.common.t2i.text_image_data import (
         CaptionConfig,
         ImageTransformConfig,
         TextImageCollator,
         TextImageDataset,
         read_image_folder,
     )
+    from diffmem.common.t2i.train import TextToImageLoss
     from diffmem.common.training.loss import masked_mean
 
     mem, non_mem = data

@@ -13,7 +13,7 @@ import pytest
 from conftest import ONE_THREAD, REPO, run_cli
 
 from diffmem.common.t2i.prompts import PromptFileError, read_prompts
-from diffmem.common.t2i.train_data import ImageDataError, hf_dataset_records, read_image_folder
+from diffmem.common.t2i.text_image_data import ImageDataError, hf_dataset_records, read_image_folder
 
 SURROGATE_LINE = '{"caption": "a cat \\ud800 on a mat"}\n'  # the JSON escape, as a hostile file holds it
 EXPECTED = "caption holds a lone surrogate \\ud800 (not valid Unicode text); expected UTF-8 text"

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from diffmem.common.edm.dataset.edm_zip import DatasetArrays, draw_generator, float_names
+from diffmem.common.edm.dataset.edm_zip import DatasetArrays, float_names
+from diffmem.common.edm.dataset.recipe import draw_generator
 from diffmem.common.errors import ConfigError
 from diffmem.common.settings import option
 

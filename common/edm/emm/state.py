@@ -86,7 +86,7 @@ def settings_record(settings: SweepSettings) -> dict:
 def stage_output_exists(outdir: Path, stage: str) -> bool:
     """Whether any size folder of the sweep holds output of this stage (a started training counts)."""
     for folder in outdir.glob(f"{SIZE_PREFIX}*"):
-        p = SizePaths(folder)
+        p = SizeFiles(folder)
         if stage == "data" and p.data.exists():
             return True
         if stage == "train" and p.run.is_dir() and (any(p.run.glob(checkpoint_glob()))
@@ -122,7 +122,7 @@ def show_setting(value) -> str:
 # ---------------------------------------------------------------------------------------------------- size folders
 
 @dataclass(frozen=True)
-class SizePaths:
+class SizeFiles:
     """Where one size's files lie: SWEEP/size-N/{data.zip, run/, status.json, <stage>.log}."""
     root: Path
 
@@ -152,9 +152,9 @@ def size_name(size: int) -> str:
     return f"{SIZE_PREFIX}{size}"
 
 
-def size_paths(outdir: Path, size: int) -> SizePaths:
+def size_paths(outdir: Path, size: int) -> SizeFiles:
     """The folder of size N in a sweep."""
-    return SizePaths(Path(outdir) / size_name(size))
+    return SizeFiles(Path(outdir) / size_name(size))
 
 
 def read_status(path: Path) -> dict:

@@ -264,12 +264,12 @@ def load_measured_images(path: str | Path, progress: bool = False) -> ImageSourc
 
 
 @dataclass(frozen=True)
-class OutputPaths:
+class MemRatioFiles:
     root: Path
     log: Path  # mem_traj.log; RUN/mem_traj.log unless chosen
 
     @classmethod
-    def at(cls, root: str | Path, log: str | Path | None = None) -> OutputPaths:
+    def at(cls, root: str | Path, log: str | Path | None = None) -> MemRatioFiles:
         root = Path(root)
         return cls(root, Path(log) if log is not None else root / LOG_FILE)
 
@@ -318,19 +318,19 @@ def write_knn_npz(path: Path, neighbours: Neighbours, seeds: Sequence[int]) -> N
                      seeds=np.asarray(seeds, dtype=np.int64))
 
 
-def finished(paths: OutputPaths, rows: Iterable[dict]) -> set[str]:
+def finished(paths: MemRatioFiles, rows: Iterable[dict]) -> set[str]:
     """Names with both a row and their knn npz: the snapshots a resumed run skips."""
     return {r["snapshot"] for r in rows if paths.knn_npz(r["snapshot"]).is_file()}
 
 
-def store_row(paths: OutputPaths, row: dict) -> list[dict]:
+def store_row(paths: MemRatioFiles, row: dict) -> list[dict]:
     """Rewrite mem_ratio.jsonl atomically with row in place of any earlier row of its name; all rows."""
     rows = [r for r in read_results(paths.rows, repair=True) if r["snapshot"] != row["snapshot"]] + [row]
     write_json_atomic(paths.rows, rows, jsonl=True)
     return rows
 
 
-def write_reports(paths: OutputPaths, rows: Sequence[dict]) -> dict | None:
+def write_reports(paths: MemRatioFiles, rows: Sequence[dict]) -> dict | None:
     """Summary, log and plot from the rows (rewritten whole each time); the summary, or None without rows."""
     if not rows:
         return None
@@ -345,7 +345,7 @@ def write_reports(paths: OutputPaths, rows: Sequence[dict]) -> dict | None:
     return summary
 
 
-def clear_outputs(paths: OutputPaths) -> None:
+def clear_outputs(paths: MemRatioFiles) -> None:
     """Remove this tool's results (for a fresh start); generated images are kept."""
     for p in (paths.rows, paths.summary, paths.plot, paths.log, paths.settings):
         p.unlink(missing_ok=True)
@@ -415,7 +415,7 @@ def seed_ranges(seeds: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def prepare_outputs(paths: OutputPaths, settings: dict, shard: Shard, overwrite: bool = False) -> list[dict]:
+def prepare_outputs(paths: MemRatioFiles, settings: dict, shard: Shard, overwrite: bool = False) -> list[dict]:
     """Set up the output folder (fresh with overwrite), refuse results made with other settings; the rows."""
     if shard.rank == 0:
         paths.knn_dir.mkdir(parents=True, exist_ok=True)
@@ -436,7 +436,7 @@ def prepare_outputs(paths: OutputPaths, settings: dict, shard: Shard, overwrite:
     return rows
 
 
-def measure_unit(unit: Unit, train_nchw: np.ndarray, paths: OutputPaths, shard: Shard = Shard(), device="cpu",
+def measure_unit(unit: Unit, train_nchw: np.ndarray, paths: MemRatioFiles, shard: Shard = Shard(), device="cpu",
                  save_images: bool = False, progress: bool = True) -> dict | None:
     """Sample (or load) this process's share of the unit's images, find their neighbours, merge on process 0;
     the row on process 0, None elsewhere."""
@@ -517,7 +517,7 @@ def image_unit(source: ImageSource, batch: int = 512) -> Unit:
 
 
 def measure_run(run_dir: str | Path, train_nchw: np.ndarray, knn_ref: str | Path, seeds: list[int],
-                paths: OutputPaths, snapshots: str = "all", batch: int = 512, settings=None, device="cpu",
+                paths: MemRatioFiles, snapshots: str = "all", batch: int = 512, settings=None, device="cpu",
                 shard: Shard = Shard(), save_images: bool = False, overwrite: bool = False,
                 progress: bool = True) -> dict | None:
     """Memorization ratio of every chosen snapshot of a run, newest first, skipping finished ones; the summary
@@ -544,7 +544,7 @@ def measure_run(run_dir: str | Path, train_nchw: np.ndarray, knn_ref: str | Path
     return write_reports(paths, read_results(paths.rows)) if shard.rank == 0 else None
 
 
-def measure_images(source: ImageSource, train_nchw: np.ndarray, knn_ref: str | Path, paths: OutputPaths,
+def measure_images(source: ImageSource, train_nchw: np.ndarray, knn_ref: str | Path, paths: MemRatioFiles,
                    device="cpu", shard: Shard = Shard(), overwrite: bool = False, batch: int = 512,
                    progress: bool = True) -> dict | None:
     """Memorization ratio of one set of generated images (one row named after it); the summary on process 0."""

@@ -292,7 +292,7 @@ def measure_prompt(generated: list, prompt: str, gt: GroundTruth, evaluators: Ev
 
 # --- the run -------------------------------------------------------------------------------------------------
 
-class RunFiles:
+class MitigationFiles:
     """The files of one run folder: config.json, results.jsonl, summary.json, images/, tb/."""
 
     def __init__(self, out_dir: str | Path):
@@ -366,7 +366,7 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
 
     settings.validate()
     evaluators = evaluators or Evaluators()
-    files = RunFiles(out_dir)
+    files = MitigationFiles(out_dir)
     done = files.prepare({**settings.fingerprint(), **(binding or {})}, overwrite, records)
     selected = {r.row for r in records}
     done_rows = {r["row"] for r in done} & selected

@@ -15,6 +15,7 @@ from conftest import load_script
 from PIL import Image
 
 from diffmem.common.edm.dataset import edm_zip as D
+from diffmem.common.edm.dataset.sources import open_source
 from diffmem.common.edm.images import ImagesError, open_images
 
 DATASET_TOOL = load_script("data/dataset_tool.py", "dataset_tool_cli_bounds")
@@ -73,7 +74,7 @@ def test_a_bomb_image_member_is_refused_before_any_is_read(tmp_path):
         zf.writestr(D.archive_name(0), png(0))
         zf.writestr(D.archive_name(1), SPACES)  # named as an image, a bomb inside
     with pytest.raises(D.DatasetError, match=rf"{D.archive_name(1)}: compressed \d+:1"):
-        D.open_source(path)
+        open_source(path)
     with pytest.raises(ImagesError, match=rf"{path}:{D.archive_name(1)}: compressed"):
         open_images(path)
 

@@ -389,9 +389,9 @@ def test_top3_is_membench_top3():
 
 def test_binding_settings_per_method(tmp_path):
     from diffmem.common.errors import ConfigError
-    from diffmem.common.t2i.mitigation.run import RunFiles
+    from diffmem.common.t2i.mitigation.run import MitigationFiles
 
-    files = RunFiles(tmp_path / "run")
+    files = MitigationFiles(tmp_path / "run")
     fp = _settings("jain_stp", jain_tau=400.0).fingerprint()
     assert fp["jain_tau"] == 400.0 and fp["jain_early_scale"] == 0.0
     assert not {"han_rho", "ren_c", "gni_scale", "optim_iters", "repeat_num"} & fp.keys()

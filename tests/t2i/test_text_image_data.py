@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmem.common.t2i.train_data import (
+from diffmem.common.t2i.text_image_data import (
     CaptionConfig,
     ImageDataError,
     ImageTransformConfig,
@@ -258,7 +258,7 @@ def test_dataset_reads_rows_of_a_hf_dataset(tmp_path):
     img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
     hf = datasets.Dataset.from_dict({"image": [img, img], "text": ["one", "two"]})
     hf = hf.cast_column("image", datasets.Image())
-    from diffmem.common.t2i.train_data import hf_dataset_records
+    from diffmem.common.t2i.text_image_data import hf_dataset_records
 
     recs = hf_dataset_records(hf, "image", "text", "local")
     assert [r.key for r in recs] == ["local[0]", "local[1]"]
