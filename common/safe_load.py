@@ -25,15 +25,26 @@ class UnsafeFileError(DiffmemError, ValueError):
     """A file that is not the plain tensors-and-numbers pickle it should be; str() is one line."""
 
 
-def refusal_line(path: str | Path, exc: BaseException) -> str:
-    """One line for a refused or unreadable torch file: the refused global when torch names one."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+# Terminal escape codes: torch's weights-only refusal prints its advice in bold.
+ESCAPE_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def refused_global(exc: BaseException) -> str | None:
+    """The global torch's weights-only unpickler refused in ``exc`` (``module.name``), or None."""
     # torch says "Unsupported global: GLOBAL m.f" for a global it does not allow, and "Trying to load unsupported
     # GLOBAL posix.system whose module posix is blocked" for one of a module it never allows (os, subprocess...).
-    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", text)
-    if found:
-        name = found.group(1)
-        name = name if "." in name else f"builtins.{name}"  # torch prints builtins without their module
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", ESCAPE_CODES.sub("", str(exc)))
+    if not found:
+        return None
+    name = found.group(1)
+    return name if "." in name else f"builtins.{name}"  # torch prints builtins without their module
+
+
+def refusal_line(path: str | Path, exc: BaseException) -> str:
+    """One line for a refused or unreadable torch file: the refused global when torch names one."""
+    text = ESCAPE_CODES.sub("", str(exc))
+    name = refused_global(exc)
+    if name:
         return (f"{path}: refused global {name} (a checkpoint file holds tensors and plain data; pickled code is "
                 f"never run)")
     detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)

@@ -116,10 +116,9 @@ def parse_config(argv: list[str] | None) -> DetectConfig:
     return settings_from_args(DetectConfig, build_parser().parse_args(argv))
 
 
-def row_identity(rec: PromptRecord, with_row: bool = True) -> dict:
+def row_identity(rec: PromptRecord) -> dict:
     """What a stored result row must repeat of its dataset row: the prompt and the label."""
-    ident = {"prompt": rec.prompt, "label": rec.label}
-    return {"row": rec.row, **ident} if with_row else ident
+    return {"prompt": rec.prompt, "label": rec.label}
 
 
 def result_row(rec: PromptRecord, detector: str, terms: dict, score: float, truncated: bool) -> dict:
@@ -145,7 +144,7 @@ class DetectFiles:
         self.score_config = {k: getattr(cfg, k) for k in SCORE_KEYS + DETECTOR_KEYS[cfg.detector]}
         # The dataset is bound by its content (every row's prompt and label), not its path: a moved file still
         # resumes, another file under the same name does not.
-        self.score_config["dataset_sha256"] = digest_rows(row_identity(r) for r in dataset_rows)
+        self.score_config["dataset_sha256"] = digest_rows({"row": r.row, **row_identity(r)} for r in dataset_rows)
 
     def part(self, rank: int) -> Path:
         return self.parts / f"part-{rank}.jsonl"
@@ -164,7 +163,7 @@ class DetectFiles:
                 write_json_atomic(self.config_file, old)
         done = [r for p in sorted(self.parts.glob("part-*.jsonl")) for r in read_results(p)]
         check_rows_match(self.final if self.final.exists() else self.parts, done,
-                         {r.row: row_identity(r, with_row=False) for r in records}, "a new --run_name")
+                         {r.row: row_identity(r) for r in records}, "a new --run_name")
         if self.config_file.exists() and "dataset_sha256" not in old:
             # Written before the dataset was bound: its rows match (checked above), so the run is this dataset's.
             write_json_atomic(self.config_file, {**old, "dataset_sha256": self.score_config["dataset_sha256"]})

@@ -26,6 +26,7 @@ from diffmem.common.errors import ConfigError
 from diffmem.common.results import (
     append_results,
     bind_run_settings,
+    check_rows_match,
     check_run_settings,
     read_results,
     write_json_atomic,
@@ -154,12 +155,9 @@ class ExplainFiles:
 
     def done(self, records: list[PromptRecord]) -> dict[int, dict]:
         """Rows already explained (torn tail of an interrupted write cut); a changed prompt is an error."""
-        rows = {r["row"]: r for r in read_results(self.tokens, repair=True)}
-        for rec in records:
-            if rec.row in rows and rows[rec.row]["prompt"] != rec.prompt:
-                raise ConfigError(f"{self.tokens}: row {rec.row} holds another prompt "
-                                  f"({rows[rec.row]['prompt'][:40]!r}); pass --overwrite or another --out")
-        return rows
+        done = read_results(self.tokens, repair=True)
+        check_rows_match(self.tokens, done, {rec.row: {"prompt": rec.prompt} for rec in records}, "another --out")
+        return {r["row"]: r for r in done}
 
     def bar_path(self, row: int) -> Path:
         return self.bars / f"row{row:06d}.png"

@@ -20,7 +20,6 @@ import hashlib
 import io
 import os
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from accelerate import init_empty_weights
 from diffmem.common.edm.networks.edm_preconditioners import build_from_edm
 from diffmem.common.errors import DiffmemError
 from diffmem.common.results import jsonable
+from diffmem.common.safe_load import ESCAPE_CODES, refused_global
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every released EDM/DiffMemorize pickle
 
@@ -123,7 +123,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
 
 def _one_line(exc: BaseException) -> str:
     """An exception as ``Type: first line``, terminal escape codes removed (torch's messages carry some)."""
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))
+    text = ESCAPE_CODES.sub("", str(exc))
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
@@ -279,8 +279,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         try:
             storage = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
         except Exception as exc:  # torch's weights-only refusals and damage, as one line without escape codes
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            raise (_refused_nested(found.group(1)) if found else _damaged_record(_one_line(exc))) from None
+            name = refused_global(exc)
+            raise (_refused_nested(name) if name else _damaged_record(_one_line(exc))) from None
         if not isinstance(storage, torch.storage.TypedStorage) or storage.dtype != dtype \
                 or storage._untyped_storage.nbytes() != nbytes:
             raise _damaged_record(f"torch read a {type(storage).__name__}, not the {nbytes}-byte storage declared")
