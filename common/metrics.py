@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from diffmem.common.plotting import new_axes
+from diffmem.common.plotting import new_axes, save_figure_atomic
 from diffmem.common.results import ResultsFileError
 from diffmem.common.textfiles import iter_json_objects, parse_label
 
@@ -201,7 +201,12 @@ def score_groups(rows: Sequence[ScoredRow]) -> dict[str, np.ndarray]:
     """Scores per class for distribution plots, plus positives per Webster type when there are types."""
     groups = {"not memorized (0)": np.array([r.score for r in rows if r.label == 0]),
               "memorized (1)": np.array([r.score for r in rows if r.label == 1])}
-    for type_ in sorted({r.type for r in rows if r.label == 1 and r.type}):
+    types = sorted({r.type for r in rows if r.label == 1 and r.type})
+    if len(types) == 1 and all(r.type == types[0] for r in rows if r.label == 1):
+        # One type holding every positive is the memorized group again: named, not drawn twice.
+        groups[f"memorized (1), all {types[0]}"] = groups.pop("memorized (1)")
+        return groups
+    for type_ in types:
         groups[f"memorized, {type_}"] = np.array([r.score for r in rows if r.label == 1 and r.type == type_])
     return groups
 
@@ -234,18 +239,89 @@ def format_table(metrics: dict[str, dict], first_column: str = "split") -> str:
 # Plots (off-screen figures, see common.plotting)
 # ----------------------------------------------------------------------------------------------------------
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, dict], path: Path | str,
-             title: str = "Memorization detection ROC") -> None:
-    """One ROC curve per split (or per compared method), AUC in the legend, chance diagonal dashed."""
-    fig, ax = new_axes((5, 5))
+ROC_MIN_FPR = 1e-3  # the log FPR axis starts at 0.1 % (lower when an FPR target or the data's smallest FPR is)
+ROC_LABEL_GAP = 0.04  # TPR units between the annotated values at one FPR target (7-pt text on a 5-inch axis)
+
+
+def spread_labels(values: Sequence[float], gap: float) -> list[float]:
+    """Label positions for values on one axis, in the values' order: each at its value, moved up just enough to be
+    at least gap above the label below it."""
+    out = [float(v) for v in values]
+    last = -math.inf
+    for i in sorted(range(len(out)), key=lambda i: out[i]):
+        out[i] = max(out[i], last + gap)
+        last = out[i]
+    return out
+
+
+def fpr_from_key(key: str) -> float:
+    """The FPR target of a summary key (:func:`fpr_key`'s inverse): "0.1%" -> 0.001."""
+    return float(key.rstrip("%")) / 100
+
+
+def distinct_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple[list[str], np.ndarray,
+                                                                                     np.ndarray]]:
+    """(names, fpr, tpr) of each different curve, in order: a curve equal to an earlier one is not drawn again but
+    joins its names (a Webster type that holds every positive is the ``all`` split over again)."""
+    out: list[tuple[list[str], np.ndarray, np.ndarray]] = []
     for name, (fpr, tpr) in curves.items():
-        ax.plot(fpr, tpr, label=f"{name} (AUC {metrics[name]['auc']:.3f})")
-    ax.plot([0, 1], [0, 1], "k--", linewidth=0.8, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+        fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+        same = next((c for c in out if np.array_equal(c[1], fpr) and np.array_equal(c[2], tpr)), None)
+        if same is not None:
+            same[0].append(name)
+        else:
+            out.append(([name], fpr, tpr))
+    return out
+
+
+def roc_axis_min(curves: dict[str, tuple[np.ndarray, np.ndarray]], fpr_targets: Sequence[float]) -> float:
+    """The left end of the log FPR axis: a power of ten at or below ROC_MIN_FPR, every target and the smallest
+    non-zero FPR of the curves."""
+    low = min([ROC_MIN_FPR, *fpr_targets])
+    for fpr, _ in curves.values():
+        positive = np.asarray(fpr, dtype=np.float64)
+        positive = positive[positive > 0]
+        if positive.size:
+            low = min(low, float(positive.min()))
+    return 10.0 ** math.floor(math.log10(low))
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], metrics: dict[str, dict], path: Path | str,
+             title: str = "Memorization detection ROC", fpr_targets: Sequence[float] | None = None):
+    """ROC curves on a log FPR axis (where TPR at 0.1–5 % FPR is read), AUC in the legend, each curve's TPR at the
+    FPR targets marked and annotated (targets None: those of the metrics), chance dashed; a curve that repeats an
+    earlier one (another split or method with the same points) is drawn once, its names joined in the legend.
+    ROC points at FPR 0 sit on the axis' left edge. Written atomically; returns the figure."""
+    if fpr_targets is None:
+        fpr_targets = [fpr_from_key(k) for k in next(iter(metrics.values()))["tpr_at_fpr"]]
+    low = roc_axis_min(curves, fpr_targets)
+    fig, ax = new_axes((6, 5))
+    targets = list(dict.fromkeys(fpr_targets))
+    for t in targets:
+        ax.axvline(t, color="0.6", linestyle=":", linewidth=0.8)
+    marks = []  # (target, TPR, colour) of every marked point
+    for names, fpr, tpr in distinct_curves(curves):
+        m = metrics[names[0]]
+        (line,) = ax.plot(np.maximum(fpr, low), tpr, label=f"{' = '.join(names)} (AUC {m['auc']:.3f})")
+        ys = [m["tpr_at_fpr"][fpr_key(t)] for t in targets]
+        ax.plot(targets, ys, marker="o", markersize=5, linestyle="none", color=line.get_color())
+        marks += [(t, y, line.get_color()) for t, y in zip(targets, ys)]
+    for t in targets:  # each target's values right of its line, moved apart where curves meet
+        here = [(y, colour) for x, y, colour in marks if x == t]
+        for (y, colour), at in zip(here, spread_labels([y for y, _ in here], ROC_LABEL_GAP)):
+            ax.annotate(f"{y:.2f}", (t, y), xytext=(t * 1.1, at), fontsize=7, color=colour, va="center")
+    chance = np.logspace(math.log10(low), 0, 200)
+    ax.plot(chance, chance, "k--", linewidth=0.8, label="chance")
+    ax.plot([], [], marker="o", linestyle="none", color="0.4",
+            label="TPR at " + ", ".join(fpr_key(t) for t in fpr_targets) + " FPR (dotted)")
+    ax.set_xscale("log")
+    ax.set(xlabel="false positive rate (log scale)", ylabel="true positive rate", xlim=(low, 1), ylim=(0, 1.01),
            title=title)
-    ax.legend(loc="lower right", fontsize="small")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path)
+    return fig
 
 
 def plot_score_kde(groups: dict[str, np.ndarray], path: Path | str, xlabel: str = "score") -> None:

@@ -112,6 +112,15 @@ def image_grid(images: list, cols: int | None = None):
     return grid
 
 
+def grid_cell(grid, index: int, count: int):
+    """The index-th of the count equally sized images that :func:`image_grid` laid out (default columns) in grid."""
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    w, h = grid.size[0] // cols, grid.size[1] // rows
+    x, y = (index % cols) * w, (index // cols) * h
+    return grid.crop((x, y, x + w, y + h))
+
+
 def save_grid(images: list, path: str | Path) -> Path:
     """Write a PNG grid of PIL images to path (parents created); returns the path."""
     path = Path(path)

@@ -72,6 +72,41 @@ def test_labels_from_rows_and_custom_targets(tmp_path, files):
     assert (splits["all"]["n_pos"], splits["all"]["n_neg"]) == (2, 5)
     assert splits["all"]["auc"] == 1.0
     assert set(splits["all"]["tpr_at_fpr"]) == {"1%", "30%"}
+    for png in ("roc.png", "scores_kde.png"):  # VM is the 'all' split again: drawn once (next test)
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roc_has_a_log_fpr_axis_the_targets_marked_and_no_split_twice(tmp_path, files):
+    from diffmem.common.metrics import (
+        evaluate_splits,
+        plot_roc,
+        read_scored_rows,
+        roc_axis_min,
+        score_groups,
+        spread_labels,
+    )
+
+    _, neg = files
+    vm = _write(tmp_path / "vm.jsonl", POSITIVES[:2])  # every positive is VM: the VM split is 'all' again
+    rows = read_scored_rows(vm, 1, "--positive") + read_scored_rows(neg, 0, "--negative")
+    metrics, curves = evaluate_splits(rows, (0.01, 0.3))
+    assert list(curves) == ["all", "VM"]
+    fig = plot_roc(curves, metrics, tmp_path / "roc.png", fpr_targets=(0.01, 0.3))
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log" and ax.get_xlim() == pytest.approx((1e-3, 1))
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["all = VM (AUC 1.000)", "chance", "TPR at 1%, 30% FPR (dotted)"]
+    # one curve, its TPR@1% and @30% marked at the targets and annotated (a perfect split: 1 at FPR 0)
+    marked = [line for line in ax.get_lines() if line.get_marker() == "o" and len(line.get_xdata())]
+    assert len(marked) == 1 and list(marked[0].get_xdata()) == [0.01, 0.3] and list(marked[0].get_ydata()) == [1, 1]
+    assert [t.get_text() for t in ax.texts] == ["1.00", "1.00"]
+    assert list(score_groups(rows)) == ["not memorized (0)", "memorized (1), all VM"]
+    # the axis reaches below 0.1 % when a target or the data's smallest FPR does
+    assert roc_axis_min({"x": ([0.0, 0.0004, 1.0], [0.0, 1.0, 1.0])}, (0.01,)) == pytest.approx(1e-4)
+    assert roc_axis_min({"x": ([0.0, 0.5, 1.0], [0.0, 1.0, 1.0])}, (0.002, 0.05)) == pytest.approx(1e-3)
+    # two curves' values at one target, close together: their labels are moved apart, in place otherwise
+    assert spread_labels([0.5, 0.49, 0.9], 0.04) == pytest.approx([0.53, 0.49, 0.9])
 
 
 def _bad_case(tmp_path, name):
@@ -124,7 +159,7 @@ def test_missing_file_duplicate_file_and_bad_option(tmp_path, files):
               f"evaluate: error: {tmp_path / 'nope.jsonl'}: no such file"),
              (["--positive", pos, "--negative", pos], f"evaluate: error: {pos}: given more than once"),
              (["--positive", pos, "--negative", neg, "--fpr_targets", "5"], "evaluate: error: expected --fpr_targets"),
-             ([pos, "--bogus"], "evaluate: error: unrecognized arguments: --bogus")]
+             ([pos, "--bogus"], "evaluate: error: unrecognized argument --bogus (see --help)")]
     for argv, start in cases:
         r = run_cli(SCRIPT, *argv, "--out", tmp_path / "eval")
         assert r.returncode == 2, (argv, r.stderr)

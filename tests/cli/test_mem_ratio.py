@@ -15,6 +15,7 @@ from PIL import Image
 
 from diffmem.common.edm.measure import mem_ratio as M
 from diffmem.common.edm.measure.knn import exact_knn, fp32_error_bound
+from diffmem.common.plotting import GRID_GAP
 
 SCRIPT = "detect/mem_ratio.py"
 STEPS = 3
@@ -166,6 +167,22 @@ def test_metric_pure_functions():
     assert M.memorization_ratio(d1, d2) == pytest.approx(2 / 6)
     assert M.zero_zero_count(d1, d2) == 1
     assert math.isnan(M.memorization_ratio(np.zeros(0), np.zeros(0)))
+    ratio = M.d1_d2(d1, d2)
+    assert math.isnan(ratio[0]) and ratio[1:].tolist() == [0.0, 1 / 3, 0.33, 0.5, 1.0]
+    # the most memorized first, ties to the earlier position, 0/0 last
+    assert M.most_memorized(d1, d2, 3).tolist() == [1, 3, 2]
+    assert M.most_memorized(d1, d2).tolist() == [1, 3, 2, 4, 5, 0]
+    assert M.most_memorized(np.array([0.0, 1.0, 0.0]), np.array([1.0, 2.0, 1.0]), 2).tolist() == [0, 2]
+
+
+def test_ratio_histogram_marks_the_threshold(tmp_path):
+    d1, d2 = np.array([0.0, 0.1, 0.5, 0.0]), np.array([1.0, 1.0, 1.0, 0.0])
+    fig = M.plot_ratio_histogram(d1, d2, tmp_path / "h.png", "t")
+    (ax,) = fig.axes
+    assert [line.get_xdata()[0] for line in ax.get_lines()] == [M.MEM_RATIO_THRESHOLD]
+    assert ax.get_legend().get_texts()[0].get_text() == "d1/d2 = 1/3: memorized below (2 of 4); 1 at 0/0"
+    assert sum(bar.get_height() for bar in ax.containers[0]) == 3  # 0/0 has no ratio to draw
+    assert Image.open(tmp_path / "h.png").size == (720, 480)
 
 
 def test_summary_takes_the_maximum_earliest_on_ties():
@@ -234,13 +251,30 @@ def run(tmp_path_factory):
             "train": train.transpose(0, 3, 1, 2)}
 
 
-def base_args(run, outdir, *extra):
-    return ["--expdir", run["dir"], "--knn_ref", run["zip"], "--seeds", SEEDS, "--steps", STEPS, "--batch", 8,
+def base_args(run, outdir, *extra, seeds=SEEDS):
+    # seeds is a parameter: a second --seeds would add to the list (docs/vocabulary.md), not replace it.
+    return ["--expdir", run["dir"], "--knn_ref", run["zip"], "--seeds", seeds, "--steps", STEPS, "--batch", 8,
             "--device", "cpu", "--outdir", outdir, *extra]
 
 
 def rows_of(folder):
     return [json.loads(line) for line in (folder / M.ROWS_FILE).read_text().splitlines()]
+
+
+def grid_tiles(path, n_rows: int, n_cols: int, tile: int = 256):
+    """A labelled grid's tiles (rows × columns of uint8 RGB arrays), found from its bottom-right corner: labels only
+    widen the picture on the left and the top."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    height, width = pixels.shape[:2]
+    step = tile + GRID_GAP  # each tile is followed by a gap
+    return [[pixels[height - (n_rows - r) * step:][:tile, width - (n_cols - c) * step:][:, :tile]
+             for c in range(n_cols)] for r in range(n_rows)]
+
+
+def enlarged(image_hwc, k: int):
+    """A uint8 H×W×C image as its RGB grid tile: every pixel a k×k block (nearest neighbour)."""
+    rgb = np.repeat(image_hwc, 3, axis=2) if image_hwc.shape[2] == 1 else image_hwc
+    return np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
 
 
 def test_max_over_snapshots_with_exact_neighbours(run, tmp_path):
@@ -267,6 +301,20 @@ def test_max_over_snapshots_with_exact_neighbours(run, tmp_path):
     assert len(log) == 3 and "mem_ratio 1.0000 (8/8)" in log[1]
     assert (out / M.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((out / "knn-dist").glob(".*"))  # no shard or temporary files left
+    # mem_ratio.png: the ratio against images seen beside the histogram of the maximum's snapshot
+    assert Image.open(out / M.PLOT_FILE).size == (1440, 480)
+    for seen, samples in run["samples"].items():
+        name = f"snapshot-{seen:09d}"
+        assert Image.open(out / "mem-plots" / f"{name}-d1d2.png").size == (720, 480)
+        # the 8 samples, the most memorized (smallest d1/d2) first, each beside its nearest training image; the 8-px
+        # images are 256-px tiles of 32×32 blocks
+        sq, idx = brute_force(samples.transpose(0, 3, 1, 2), run["train"])
+        order = np.argsort(np.sqrt(sq[:, 0]) / np.sqrt(sq[:, 1]), kind="stable")
+        tiles = grid_tiles(out / "mem-plots" / f"{name}-nearest.png", 8, 2)
+        for (generated, nearest), i in zip(tiles, order):
+            assert np.array_equal(generated, enlarged(samples[i], 32))
+            assert np.array_equal(nearest, enlarged(run["train"][idx[i, 0]].transpose(1, 2, 0), 32))
+    assert not list((out / "mem-plots").glob(".*"))
 
 
 def test_save_images_are_generate_pys_images(run, tmp_path):
@@ -296,6 +344,7 @@ def test_resume_skips_finished_snapshots_and_redoes_a_partial_one(run, tmp_path)
     (out / M.ROWS_FILE).write_text(json.dumps(keep) + "\n" + '{"snapshot": "torn')
     (out / "knn-dist" / "snapshot-000000000.npz").unlink()
     (out / "knn-dist" / ".snapshot-000000000.part-0-of-1.npz").write_bytes(b"garbage")
+    (out / "mem-plots" / "snapshot-000003000-d1d2.png").unlink()  # a run from before the histograms
     assert mem_ratio(*base_args(run, out)) == 0
     rows = rows_of(out)
     assert sorted(r["snapshot"] for r in rows) == sorted(first)  # nothing duplicated
@@ -308,9 +357,10 @@ def test_resume_skips_finished_snapshots_and_redoes_a_partial_one(run, tmp_path)
     assert not list((out / "knn-dist").glob(".*"))
     assert json.loads((out / M.SUMMARY_FILE).read_text())["snapshots"] == 3
     assert len((out / M.LOG_FILE).read_text().splitlines()) == 3
+    assert (out / "mem-plots" / "snapshot-000003000-d1d2.png").is_file()  # redrawn from its npz
     # A resumed run with other seeds would mix samples: refused, unless --overwrite.
-    assert mem_ratio(*base_args(run, out)[:-2], "--outdir", out, "--seeds", "0-3") == 2
-    assert mem_ratio(*base_args(run, out, "--seeds", "0-3", "--snapshots", "latest", "--overwrite")) == 0
+    assert mem_ratio(*base_args(run, out, seeds="0-3")) == 2
+    assert mem_ratio(*base_args(run, out, "--snapshots", "latest", "--overwrite", seeds="0-3")) == 0
     assert [(r["snapshot"], r["n"]) for r in rows_of(out)] == [("snapshot-000003000", 4)]
 
 
@@ -325,6 +375,12 @@ def test_images_mode_on_a_png_folder_and_an_npz(run, tmp_path):
     assert mem_ratio("--images", folder, "--knn_ref", run["zip"], "--outdir", out, "--device", "cpu") == 0
     (row,) = rows_of(out)
     assert (row["snapshot"], row["ratio"], row["n"], row["images_seen"]) == ("pngs", 1.0, n, None)
+    # one image set: mem_ratio.png is its d1/d2 histogram (no one-point trajectory); the 8 most memorized (all are
+    # copies, d1/d2 = 0: the first 8 in order) beside their nearest training images, themselves
+    assert Image.open(out / M.PLOT_FILE).size == Image.open(out / "mem-plots" / "pngs-d1d2.png").size == (720, 480)
+    for i, (generated, nearest) in enumerate(grid_tiles(out / "mem-plots" / "pngs-nearest.png", 8, 2)):
+        assert np.array_equal(generated, enlarged(train[i].transpose(1, 2, 0), 32))
+        assert np.array_equal(nearest, generated)
     with np.load(out / "knn-dist" / "pngs.npz") as z:
         assert z["seeds"].tolist() == list(range(100, 100 + n))
         assert z["knn_index"][:, 0].tolist() == list(range(n)) and (z["knn_distance"][:, 0] == 0).all()
@@ -337,6 +393,8 @@ def test_images_mode_on_a_png_folder_and_an_npz(run, tmp_path):
         assert z["knn_index"][:, 0].tolist() == list(range(n - 1, -1, -1))
     summary = json.loads((out / M.SUMMARY_FILE).read_text())
     assert summary["snapshots"] == 2 and summary["max_ratio"] == 1.0 and summary["max_images_seen"] is None
+    assert Image.open(out / M.PLOT_FILE).size == (1440, 480)  # two image sets: their ratios beside a histogram
+    assert (out / "mem-plots" / "samples-nearest.png").is_file()
 
 
 def test_two_processes_give_the_same_results_as_one(run, tmp_path):
@@ -381,17 +439,17 @@ def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys):
     out = tmp_path / "out"
     cases = {
         "no snapshot-* folder": ["--expdir", empty, "--knn_ref", run["zip"]],
-        "(C×H×W) but the --knn_ref images": [*base_args(run, out)[:-2], "--knn_ref", rgb, "--outdir", out],
+        "(C×H×W) but the --data images": [*base_args(run, out)[:-2], "--knn_ref", rgb, "--outdir", out],
         "is not a snapshot of": base_args(run, out, "--snapshots", "1500,777"),
         "listed more than once": base_args(run, out, "--snapshots", "1500,snapshot-000001500"),
         "cannot read image": ["--images", broken, "--knn_ref", run["zip"], "--outdir", out],
         "no 'images' array": ["--images", no_images, "--knn_ref", run["zip"], "--outdir", out],
         "text.npz: not an npz file": ["--images", text, "--knn_ref", run["zip"], "--outdir", out],
-        "needs --outdir": ["--images", broken, "--knn_ref", run["zip"]],
-        "only apply to --expdir": ["--images", broken, "--knn_ref", run["zip"], "--outdir", out, "--seeds", "0-3"],
+        "needs --out ": ["--images", broken, "--knn_ref", run["zip"]],
+        "only apply to --model": ["--images", broken, "--knn_ref", run["zip"], "--outdir", out, "--seeds", "0-3"],
         "no such file": ["--expdir", run["dir"], "--knn_ref", tmp_path / "missing.zip"],
         "needs at least 2": base_args(run, out)[:2] + ["--knn_ref", one] + base_args(run, out)[4:],
-        "bad --seeds": base_args(run, out, "--seeds", "5-1"),
+        "bad --seeds": base_args(run, out, seeds="5-1"),
     }
     for needle, args in cases.items():
         assert mem_ratio(*args) == 2, needle

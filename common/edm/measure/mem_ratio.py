@@ -13,10 +13,15 @@ training index), where DiffMemorize's fp32 ``torch.cdist`` picks wrong neighbour
 
 Outputs, in an output folder (the run folder by default): ``knn-dist/<name>.npz`` (``knn_distance`` N×2 normalised,
 ``knn_index`` N×2, ``seeds``), ``mem_ratio.jsonl`` (one row per snapshot), ``mem_traj.log`` (one readable line per
-snapshot), ``mem_ratio_summary.json`` (the maximum and its snapshot), ``mem_ratio.png`` (ratio vs images seen) and
-``mem_ratio_settings.json`` (what the numbers depend on; a resumed run must match it). A snapshot is finished when
-it has its row and its npz; the summary, log and plot are rewritten from the rows after each snapshot, and every
-file is written to a temporary name and renamed, so a killed run resumes by redoing only the unfinished snapshot.
+snapshot), ``mem_ratio_summary.json`` (the maximum and its snapshot), ``mem_ratio.png`` (ratio vs images seen
+beside the d1/d2 histogram of the snapshot of the maximum; for a single snapshot or image set, that histogram
+alone), ``mem-plots/<name>-d1d2.png`` (each one's d1/d2 histogram, the 1/3 line drawn), ``mem-plots/<name>-nearest.png``
+(its SHOWN most memorized samples, smallest d1/d2 first, each beside its nearest training image, labelled with the
+ratio; tiny images enlarged with nearest neighbour to 256-px tiles) and ``mem_ratio_settings.json`` (what the
+numbers depend on; a resumed run must match it). A snapshot is finished when it has its row and its npz (its
+pictures are written before them); the summary, log and plot are rewritten from the rows after each snapshot (a
+missing histogram is redrawn from its npz), and every file is written to a temporary name and renamed, so a
+killed run resumes by redoing only the unfinished snapshot.
 
 Processes: each process measures the seeds ``seeds[rank::world]`` (every seed exactly once, any process count),
 writes its shard to ``knn-dist/.<name>.part-<rank>-of-<world>.npz``; after a barrier process 0 merges the shards in
@@ -39,6 +44,7 @@ import numpy as np
 
 from diffmem.common.edm.images import ImagesError, open_images
 from diffmem.common.errors import DiffmemError
+from diffmem.common.plotting import labelled_grid, new_axes, save_figure_atomic, save_png_atomic
 from diffmem.common.results import check_run_settings, read_results, write_json_atomic
 
 MEM_RATIO_THRESHOLD = 1 / 3  # memorized ⇔ d1/d2 < MEM_RATIO_THRESHOLD (Gu et al., DiffMemorize's mem_ratio.py)
@@ -50,6 +56,9 @@ PLOT_FILE = "mem_ratio.png"
 LOG_FILE = "mem_traj.log"
 MEM_RATIO_SETTINGS_FILE = "mem_ratio_settings.json"
 IMAGES_DIR = "mem-images"
+PLOTS_DIR = "mem-plots"
+SHOWN = 8  # the most memorized samples drawn beside their nearest training images
+HIST_BINS = 50  # d1/d2 lies in [0, 1]: bins 0.02 wide
 
 
 class MemRatioError(DiffmemError, ValueError):
@@ -64,10 +73,22 @@ def normalized_l2(sqdist, dim: int) -> np.ndarray:
     return np.sqrt(np.asarray(sqdist, dtype=np.float64)) / math.sqrt(dim)
 
 
+def d1_d2(d1, d2) -> np.ndarray:
+    """Per sample the ratio d1/d2 (float64; NaN for 0/0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(d1, dtype=np.float64) / np.asarray(d2, dtype=np.float64)
+
+
 def memorized(d1, d2) -> np.ndarray:
     """Per sample: d1/d2 < 1/3 (strict); 0/0 is not memorized (NaN compares false, as in DiffMemorize)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.asarray(d1, dtype=np.float64) / np.asarray(d2, dtype=np.float64) < MEM_RATIO_THRESHOLD
+    with np.errstate(invalid="ignore"):
+        return d1_d2(d1, d2) < MEM_RATIO_THRESHOLD
+
+
+def most_memorized(d1, d2, n: int = SHOWN) -> np.ndarray:
+    """Positions of the n samples with the smallest d1/d2 (the most memorized first; ties to the earlier position,
+    0/0 after every other sample, as it is not memorized)."""
+    return np.argsort(d1_d2(d1, d2), kind="stable")[:n]
 
 
 def memorization_ratio(d1, d2) -> float:
@@ -156,17 +177,67 @@ def log_line(row: dict) -> str:
             f"mean_d1 {d1}  zero_zero {row['zero_zero']}  knn_fallbacks {row['knn_fallbacks']}")
 
 
-def plot_mem_ratio(rows: Sequence[dict], path: str | Path) -> None:
-    """PNG of the memorization ratio (%) against training images seen, the maximum marked; written atomically."""
-    from diffmem.common.plotting import new_axes
+def draw_ratio_histogram(ax, d1, d2, title: str) -> None:
+    """The histogram of d1/d2 on ax, with the 1/3 line below which a sample is memorized (0/0 samples counted in
+    the legend: they have no ratio)."""
+    r = d1_d2(d1, d2)
+    finite = r[np.isfinite(r)]
+    flags = memorized(d1, d2)
+    ax.hist(finite, bins=np.linspace(0, 1, HIST_BINS + 1), color="tab:blue", alpha=0.8)
+    ax.axvspan(0, MEM_RATIO_THRESHOLD, color="tab:red", alpha=0.08)
+    zero_zero = zero_zero_count(d1, d2)
+    ax.axvline(MEM_RATIO_THRESHOLD, color="tab:red", linestyle="--",
+               label=f"d1/d2 = 1/3: memorized below ({int(flags.sum())} of {len(r)})"
+                     + (f"; {zero_zero} at 0/0" if zero_zero else ""))
+    ax.set(xlabel="d1/d2 (nearest / second-nearest training image)", ylabel="samples", xlim=(0, 1), title=title)
+    ax.legend(fontsize="small")
+
+
+def plot_ratio_histogram(d1, d2, path: str | Path, title: str):
+    """PNG of one snapshot's (or image set's) d1/d2 histogram with the 1/3 line; written atomically; the figure."""
+    fig, ax = new_axes((6, 4))
+    draw_ratio_histogram(ax, d1, d2, title)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+    return fig
+
+
+def nearest_pairs_grid(samples_nhwc: np.ndarray, seeds: Sequence[int], neighbours: Neighbours,
+                       train_nchw: np.ndarray, title: str):
+    """The labelled grid of samples (one per row, the most memorized first) beside their nearest training images,
+    each row labelled with its seed, d1/d2 and the training image's index (``common.plotting.labelled_grid``)."""
+    ratio = d1_d2(neighbours.distance[:, 0], neighbours.distance[:, 1])
+    nearest = neighbours.index[:, 0]
+    rows = [[samples_nhwc[i], np.ascontiguousarray(train_nchw[nearest[i]].transpose(1, 2, 0))]
+            for i in range(len(samples_nhwc))]
+    labels = [f"seed {seeds[i]}\nd1/d2 {ratio[i]:.3f}" + (" (memorized)" if ratio[i] < MEM_RATIO_THRESHOLD else "")
+              + f"\ntraining image #{nearest[i]}" for i in range(len(samples_nhwc))]
+    return labelled_grid(rows, row_labels=labels, col_labels=["generated", "nearest training image"], title=title)
+
+
+def plot_mem_ratio(rows: Sequence[dict], path: str | Path, d1=None, d2=None) -> None:
+    """PNG of the memorization ratio (%) against training images seen, the maximum marked, beside the d1/d2
+    histogram of the snapshot of the maximum (when its d1, d2 are given); one row (one image set, one snapshot):
+    its histogram alone. Written atomically."""
+    from matplotlib.figure import Figure
 
     ordered = sorted(rows, key=_training_order)
-    fig, ax = new_axes((6, 4))
+    best = max(range(len(ordered)), key=lambda i: ordered[i]["ratio"])
+    hist = d1 is not None and d2 is not None
+    panels = int(len(ordered) > 1 or not hist) + int(hist)
+    fig = Figure(figsize=(6 * panels, 4))
+    if hist:
+        ax = fig.add_subplot(1, panels, panels)
+        draw_ratio_histogram(ax, d1, d2, f"{ordered[best]['snapshot']}: d1/d2 of {len(d1)} samples")
+    if panels == 1 and hist:
+        fig.tight_layout()
+        save_figure_atomic(fig, path)
+        return
+    ax = fig.add_subplot(1, panels, 1)
     by_images = all(r["images_seen"] is not None for r in ordered)
     xs = [r["images_seen"] for r in ordered] if by_images else list(range(len(ordered)))
     ys = [100 * r["ratio"] for r in ordered]
     ax.plot(xs, ys, marker="o", markersize=4, label="memorization ratio")
-    best = max(range(len(ordered)), key=lambda i: ordered[i]["ratio"])
     ax.plot([xs[best]], [ys[best]], marker="*", markersize=14, color="tab:red", linestyle="none",
             label=f"max {ys[best]:.1f} % ({ordered[best]['snapshot']})")
     if not by_images:
@@ -176,10 +247,7 @@ def plot_mem_ratio(rows: Sequence[dict], path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------- snapshots
@@ -302,6 +370,18 @@ class MemRatioFiles:
     def images(self, name: str) -> Path:
         return self.root / IMAGES_DIR / name
 
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / PLOTS_DIR
+
+    def histogram(self, name: str) -> Path:
+        """The d1/d2 histogram of one snapshot (or image set)."""
+        return self.plots_dir / f"{name}-d1d2.png"
+
+    def nearest(self, name: str) -> Path:
+        """Its most memorized samples beside their nearest training images."""
+        return self.plots_dir / f"{name}-nearest.png"
+
 
 def write_npz_atomic(path: Path, **arrays) -> None:
     """np.savez to a temporary name beside path, then rename it into place."""
@@ -341,18 +421,53 @@ def write_reports(paths: MemRatioFiles, rows: Sequence[dict]) -> dict | None:
     tmp = paths.log.with_name(f".{paths.log.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, paths.log)
-    plot_mem_ratio(rows, paths.plot)
+    for r in rows:  # a snapshot measured before the histograms were written gets its own from its npz
+        if not paths.histogram(r["snapshot"]).is_file() and (d := knn_distances(paths, r["snapshot"])) is not None:
+            plot_ratio_histogram(*d, paths.histogram(r["snapshot"]), histogram_title(r["snapshot"], *d))
+    plot_mem_ratio(rows, paths.plot, *(knn_distances(paths, summary["max_snapshot"]) or (None, None)))
     return summary
+
+
+def knn_distances(paths: MemRatioFiles, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(d1, d2) of a measured snapshot from its knn npz; None when it has none."""
+    try:
+        with np.load(paths.knn_npz(name)) as z:
+            d = z["knn_distance"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return d[:, 0], d[:, 1]
+
+
+def histogram_title(name: str, d1, d2) -> str:
+    return f"{name}: d1/d2 of {len(d1)} samples, {100 * memorization_ratio(d1, d2):.1f} % memorized"
+
+
+def write_pictures(paths: MemRatioFiles, name: str, neighbours: Neighbours, seeds: Sequence[int],
+                   shown: dict[int, np.ndarray], train_nchw: np.ndarray) -> None:
+    """One measured unit's d1/d2 histogram and its SHOWN most memorized samples (among shown: seed → uint8 H×W×C,
+    the samples the processes kept) beside their nearest training images."""
+    d1, d2 = neighbours.distance[:, 0], neighbours.distance[:, 1]
+    plot_ratio_histogram(d1, d2, paths.histogram(name), histogram_title(name, d1, d2))
+    kept = np.asarray([i for i, s in enumerate(seeds) if int(s) in shown], dtype=np.int64)
+    if not len(kept):
+        return
+    top = kept[most_memorized(d1[kept], d2[kept], SHOWN)]
+    picked = Neighbours(neighbours.distance[top], neighbours.index[top], 0)
+    grid = nearest_pairs_grid(np.stack([shown[int(seeds[i])] for i in top]), [int(seeds[i]) for i in top], picked,
+                              train_nchw, f"{name}: the {len(top)} most memorized of {len(seeds)} samples "
+                                          f"(smallest d1/d2) and their nearest training images")
+    save_png_atomic(grid.image, paths.nearest(name))
 
 
 def clear_outputs(paths: MemRatioFiles) -> None:
     """Remove this tool's results (for a fresh start); generated images are kept."""
     for p in (paths.rows, paths.summary, paths.plot, paths.log, paths.settings):
         p.unlink(missing_ok=True)
-    if paths.knn_dir.is_dir():
-        for p in paths.knn_dir.iterdir():
-            if p.suffix == ".npz" or p.name.endswith(".tmp"):
-                p.unlink()
+    for folder in (paths.knn_dir, paths.plots_dir):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.suffix in (".npz", ".png") or p.name.endswith(".tmp"):
+                    p.unlink()
 
 
 # --------------------------------------------------------------------------------------------------- sharding
@@ -425,7 +540,7 @@ def prepare_outputs(paths: MemRatioFiles, settings: dict, shard: Shard, overwrit
     shard.barrier()
     rows = read_results(paths.rows)
     # Every process checks, so that all of them stop with the same error instead of waiting at a barrier.
-    check_run_settings(paths.settings, settings, bool(rows), "another --outdir")
+    check_run_settings(paths.settings, settings, bool(rows), "another --out")
     shard.barrier()
     if shard.rank == 0:
         if not (rows and paths.settings.exists()):
@@ -460,8 +575,11 @@ def measure_unit(unit: Unit, train_nchw: np.ndarray, paths: MemRatioFiles, shard
     c, h, w = train_nchw.shape[1:]
     samples = np.concatenate(images) if images else np.zeros((0, h, w, c), dtype=np.uint8)
     found = nearest_training_images(samples, train_nchw, device, progress)
+    # Each process keeps its own most memorized samples: the unit's SHOWN most memorized are among them.
+    keep = most_memorized(found.distance[:, 0], found.distance[:, 1], SHOWN)
     write_npz_atomic(paths.part_npz(unit.name, shard.rank, shard.world), seeds=np.asarray(seeds, dtype=np.int64),
-                     knn_distance=found.distance, knn_index=found.index, knn_fallbacks=np.int64(found.fallbacks))
+                     knn_distance=found.distance, knn_index=found.index, knn_fallbacks=np.int64(found.fallbacks),
+                     shown_seeds=np.asarray(seeds, dtype=np.int64)[keep], shown_images=samples[keep])
     shard.barrier()
     row = None
     if shard.rank == 0:
@@ -470,6 +588,8 @@ def measure_unit(unit: Unit, train_nchw: np.ndarray, paths: MemRatioFiles, shard
             with np.load(paths.part_npz(unit.name, r, shard.world)) as z:
                 parts.append({k: z[k] for k in z.files})
         merged, ordered = merge_shards(parts, unit.seeds)
+        shown = {int(s): image for p in parts for s, image in zip(p["shown_seeds"], p["shown_images"])}
+        write_pictures(paths, unit.name, merged, ordered, shown, train_nchw)
         write_knn_npz(paths.knn_npz(unit.name), merged, ordered)  # before the row: a row means a complete npz
         row = ratio_row(unit.name, unit.images_seen, unit.kimg, merged, time.perf_counter() - t0)
         rows = store_row(paths, row)
@@ -484,7 +604,7 @@ def check_shape(what: str, shape: Sequence[int], train_nchw: np.ndarray, knn_ref
     """Samples and training images must have the same C×H×W."""
     if tuple(shape) != tuple(train_nchw.shape[1:]):
         fmt = "×".join
-        raise MemRatioError(f"{what} are {fmt(map(str, shape))} (C×H×W) but the --knn_ref images of {knn_ref} are "
+        raise MemRatioError(f"{what} are {fmt(map(str, shape))} (C×H×W) but the --data images of {knn_ref} are "
                             f"{fmt(map(str, train_nchw.shape[1:]))}")
 
 

@@ -3,6 +3,7 @@
 - ``methods``: the registry — what each ``--method`` reads and how it generates a batch.
 - ``run``: a mitigation run over a prompt set (generate, SSCD to ground truth, CLIP score, resume).
 - ``tradeoff``: the replication–alignment trade-off: which runs a sweep makes, its points and its plot.
+- ``side_by_side``: the picture of runs × prompts (each prompt's first generation, ground truth first).
 - ``prompt_embedding``: Wen et al., ICLR 2024, Sec. 5 (``--method ours``): the prompt embedding optimised against
   the text-conditional noise magnitude.
 - ``guidance_schedule``: Jain et al., CVPR 2025 (``jain_stp``, ``jain_dtp``, ``jain_og``).

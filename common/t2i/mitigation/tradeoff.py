@@ -48,6 +48,12 @@ def knob_value(settings):
     return settings.jain_early(settings.method) if knob == "jain_early_scale" else getattr(settings, knob)
 
 
+def run_label_of(settings) -> str:
+    """The label a sweep would give a run at these settings: its method and its knob's value (``ours_target3``)."""
+    value = knob_value(settings)
+    return run_label(settings.method, None if value is None else METHOD_SPECS[settings.method].knob, value)
+
+
 class PlannedRun(NamedTuple):
     """One run of a comparison: its folder name, the plot curve it belongs to, and its settings."""
 

@@ -170,6 +170,11 @@ def test_image_grid_layout():
     grid = image_grid(ims)  # 3 images -> 2 columns, 2 rows
     assert grid.size == (8, 6)
     assert grid.getpixel((5, 0)) == (50, 0, 0) and grid.getpixel((0, 4)) == (100, 0, 0)
+    from diffmem.common.t2i.sampler import grid_cell
+
+    for i in range(3):  # each image comes back out of the grid
+        cell = grid_cell(grid, i, 3)
+        assert cell.size == (4, 3) and cell.getpixel((0, 0)) == (i * 50, 0, 0)
 
 
 # --- baselines -----------------------------------------------------------------------------------------------
