@@ -73,6 +73,24 @@ def edm_train_args(data_zip, out, steps: int, batch: int, *extra) -> list:
             *TINY_EDM_TRAIN, *extra]
 
 
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory) -> Path:
+    """This checkout's wheel installed (without dependencies) into a folder of its own, as ``pip install .`` would
+    lay it out; with that folder first on PYTHONPATH, ``import diffmem`` is the wheel's copy, not the checkout's
+    editable install (whose finder comes after PYTHONPATH)."""
+    import subprocess
+
+    wheels = tmp_path_factory.mktemp("wheel")
+    # --no-build-isolation: build with this environment's setuptools, offline.
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(REPO)], check=True, capture_output=True, text=True)
+    (wheel,) = wheels.glob("diffmem-*.whl")
+    site = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True, text=True)
+    return site
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a multi-process launch's rendezvous."""
     import socket

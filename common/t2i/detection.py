@@ -20,6 +20,7 @@ import torch
 
 from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS
 from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.t2i.prompts import PromptRecord
 from diffmem.common.t2i.text_noise import (
     anisotropy_score,
     channel_cosine,
@@ -295,6 +296,18 @@ def score_prompts(
         shared_latents=latents_mode == "shared",
     )
     return trace, encoded.truncated
+
+
+def result_row(rec: PromptRecord, detector: str, terms: dict, score: float, truncated: bool) -> dict:
+    """A results row of ``detect/detect_mem.py`` (and ``common.api.score_prompts``): the prompt, its score and the
+    detector's terms (so a notebook can re-weight them)."""
+    row = {"row": rec.row, "index": rec.index if rec.index is not None else rec.row, "prompt": rec.prompt}
+    if rec.label is not None:
+        row["label"] = rec.label
+    if rec.type is not None:
+        row["type"] = rec.type
+    row.update(score=score, detector=detector, **terms, truncated=truncated)
+    return row
 
 
 def text_noise_objective(

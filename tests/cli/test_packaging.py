@@ -36,6 +36,18 @@ def test_wheel_holds_only_the_diffmem_package(tmp_path):
                    "diffmem/mitigate/inference_mem.py", "diffmem/finetune/train_unconditional.py"):
         assert module in names  # the import path mirrors the repository path
     assert not any("/tests/" in n or n.startswith("diffmem/bench/") for n in names)
+    # Package data (diffmem.common.resources finds it): the whole lab, the accelerate configs, the notebooks.
+    lab = sorted(n for n in names if n.startswith("diffmem/data/lab/"))
+    tracked = subprocess.run(["git", "ls-files", "data/lab"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert lab == sorted(f"diffmem/{f}" for f in tracked)
+    for data in ("diffmem/data/lab/model_index.json", "diffmem/data/lab/memorized.jsonl",
+                 "diffmem/data/lab/unmemorized.jsonl", "diffmem/data/lab/manifest.json",
+                 "diffmem/data/lab/unet/config.json", "diffmem/accelerate_configs/cpu.yaml",
+                 "diffmem/notebooks/token_significance.ipynb", "diffmem/notebooks/detection_report.ipynb"):
+        assert data in names, data
+    assert {n for n in names if n.startswith("diffmem/accelerate_configs/")} == {
+        f"diffmem/{p.relative_to(REPO)}" for p in (REPO / "accelerate_configs").glob("*.yaml")}
 
 
 def test_every_cli_has_its_console_script_and_it_resolves():
