@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffmem.common.errors import DiffmemError
+from diffmem.common.hub import failure_cause
 from diffmem.common.safe_load import refusal_line
 from diffmem.common.t2i.options import DTYPE_NAMES, SCHEDULERS
 from diffmem.common.t2i.tokenizer import BOS_ID, EOS_ID, MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
@@ -145,11 +146,6 @@ def build_pipeline(out_dir: str | Path, arch: str = "tiny", seed: int = 0) -> Pa
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-
-
 # What StableDiffusionPipeline loads from a folder, each part from its own subfolder with this config file (the
 # tokenizer's files vary: vocab.json and merges.txt, or tokenizer.json).
 PIPELINE_PARTS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json", "tokenizer": None,
@@ -231,9 +227,11 @@ def load_pipeline(
 ):
     """StableDiffusionPipeline from a Hub id or local folder; optionally with the UNet of another folder.
 
-    Raises ModelLoadError with a one-line reason when the model cannot be found or read.
+    Raises ModelLoadError with a one-line reason when the model cannot be found or read: the model and the
+    cause (a Hub error's own first line, never a pointer at a stack trace the user does not see).
     """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from huggingface_hub.errors import EntryNotFoundError
 
     # A Hub id is "owner/name"; anything else (absolute, relative with dots, deeper) is a local folder.
     is_hub_id = model_id.count("/") == 1 and not model_id.startswith((".", "/", "~"))
@@ -253,12 +251,12 @@ def load_pipeline(
                 sub = "unet" if (Path(unet_id) / "unet" / "config.json").is_file() else None
                 kwargs["unet"] = UNet2DConditionModel.from_pretrained(unet_id, subfolder=sub, dtype=dtype)
             pipe = StableDiffusionPipeline.from_pretrained(str(path) if path.exists() else model_id, **kwargs)
-    except (OSError, ValueError, EnvironmentError, pickle.UnpicklingError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError, EntryNotFoundError) as exc:  # Hub errors are OSErrors
         which = unet_id if unet_id is not None and "unet" not in kwargs else model_id
         refused = _refused_pickle(exc)
         if refused is not None:
             raise ModelLoadError(refused) from exc
-        raise ModelLoadError(f"{which}: cannot load model ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{which}: cannot load model ({failure_cause(exc)})") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

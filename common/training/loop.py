@@ -70,6 +70,7 @@ class TrainSummary:
     global_step: int
     samples_seen: int
     samples_kept: int
+    dropped_fraction: float  # of every sample seen since step 0, left out of the loss by its keep mask
     resumed_from: str | None
     final_logs: dict
 
@@ -186,6 +187,8 @@ class Trainer:
     process with the final (EMA when use_ema) weights. on_step_end(step, logs) runs on every process after
     each optimizer step (benchmarks, custom logging). schedule (a StepSchedule) paces LR, EMA β and snapshots
     per optimizer step in place of cfg's named LR schedule and constant β (the EDM wing's; the t2i wing has none).
+    The first optimizer step whose every sample the keep mask drops prints one warning line (naming drop_rule,
+    e.g. ``--hard_threshold 2``): the loss gives that step no gradient; the run's dropped fraction is in the summary.
     """
 
     def __init__(self, accelerator, cfg: TrainConfig, models: dict[str, torch.nn.Module],
@@ -193,7 +196,7 @@ class Trainer:
                  validate_fn: Callable | None = None, export_fn: Callable | None = None,
                  tracker_config: dict | None = None, extra_state: dict | None = None,
                  on_step_end: Callable[[int, dict], None] | None = None,
-                 schedule: StepSchedule | None = None):
+                 schedule: StepSchedule | None = None, drop_rule: str | None = None):
         if not models:
             raise ValueError("no trainable models")
         self.accelerator = accelerator
@@ -213,6 +216,8 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.ema = None
         self.totals = {"seen": 0, "kept": 0}  # samples since step 0, whatever the resumes
+        self.drop_rule = drop_rule  # what the loss's keep mask is, in the user's words (the warning names it)
+        self.warned_all_dropped = False
         self.grad_norm = None  # of the last clipped step
         self.last_snapshot: int | None = None
         self.resume_path: Path | None = None
@@ -432,6 +437,12 @@ class Trainer:
         """Count the step's samples and log its values (trackers and train_log.jsonl); the logged row."""
         self.totals["seen"] += int(sums.seen)
         self.totals["kept"] += int(sums.kept)
+        if sums.seen and not sums.kept and not self.warned_all_dropped:
+            self.warned_all_dropped = True
+            by = f" by {self.drop_rule}" if self.drop_rule else " by the loss's keep mask"
+            self.accelerator.print(f"warning: step {step}: all {int(sums.seen)} samples of the step were dropped{by}: "
+                                   f"the loss gives it no gradient (said once; {TRAIN_LOG} has each step's "
+                                   f"dropped_fraction, {TRAIN_SUMMARY} the run's)")
         logs = {
             "train_loss": sums.loss / max(sums.kept, 1.0),
             "dropped_fraction": 1.0 - sums.kept / sums.seen,
@@ -558,7 +569,9 @@ class Trainer:
                 self.ema.copy_to(self._params(final.values()))
             if self.export_fn is not None:
                 self.export_fn(final, self.output_dir)
-        summary = TrainSummary(global_step=step, samples_seen=self.totals["seen"], samples_kept=self.totals["kept"],
+        seen, kept = self.totals["seen"], self.totals["kept"]
+        summary = TrainSummary(global_step=step, samples_seen=seen, samples_kept=kept,
+                               dropped_fraction=1.0 - kept / seen if seen else 0.0,
                                resumed_from=str(resume_path) if resume_path else None, final_logs=logs)
         if self.validate_fn is not None and (not cfg.validation_steps or step % cfg.validation_steps):
             # The final weights are already in place (EMA copied), so validate without swapping.

@@ -4,7 +4,9 @@ Gu et al. define EMM as the largest |D| at which the maximum memorization ratio 
 is still >= a threshold (90 % in the paper), all else fixed, and find it by hand. The ratio falls with |D|, so on
 an increasing grid of sizes EMM lies between adjacent sizes a < b with ratio(a) >= threshold > ratio(b); the
 functions here pick which sizes to measure next so that as few as possible are measured (``plan_round``), and
-turn the measurements so far into an answer with the line a sweep ends on (``estimate``).
+turn the measurements so far into an answer with the line a sweep ends on (``estimate``). When even the smallest
+size is below the threshold, that size's own trajectory over its snapshots (``ratio_trend``) tells an under-trained
+run — memorizing nothing yet, or still rising at its last snapshot — from a grid that starts too high.
 
 Everything here is pure: a measurement is a ``{size: max ratio}`` dict, with None for a size whose run failed
 (it never counts as a result). Running the runs is ``common.edm.emm.sweep``'s job.
@@ -12,7 +14,7 @@ Everything here is pure: a measurement is a ``{size: max ratio}`` dict, with Non
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 EXIT_BRACKETED, EXIT_FAILED, EXIT_NOT_BRACKETED = 0, 1, 3  # detect/emm.py's exit codes by outcome
@@ -83,9 +85,55 @@ def order_warnings(sizes: list[int], results: dict[int, float | None], threshold
     return out
 
 
+RISE_MIN = 0.01  # one percentage point: a last-snapshot rise at least this large counts as "still rising"
+TRAIN_LONGER = 'train longer (--train_args "--duration ...", in a new sweep folder)'
+
+
+def ratio_trend(ratios: Sequence[float], rise_min: float = RISE_MIN) -> str | None:
+    """How one run's memorization ratio moved over its snapshots (ratios in training order), for the line a sweep
+    ends on when no size reaches the threshold. A deliberately simple rule on the trajectory alone:
+
+    * ``"never"``: at least one snapshot and every ratio is 0 — no sample was memorized at any point of the run.
+      At the smallest size of the grid, where Gu et al.'s ratio is highest, that is the mark of a run too short to
+      memorize anything (under-trained), not of a grid that starts too high;
+    * ``"rising"``: at least two snapshots, the last one is the run's maximum and it is at least ``rise_min`` above
+      the snapshot before — the maximum came at the very end of training while still climbing, so a longer run
+      would likely raise it;
+    * None otherwise (a single snapshot, or a ratio that levelled off or fell: the maximum is the run's own).
+    """
+    ratios = [float(r) for r in ratios]
+    if ratios and all(r == 0 for r in ratios):
+        return "never"
+    if len(ratios) >= 2 and ratios[-1] >= max(ratios) and ratios[-1] - ratios[-2] >= rise_min:
+        return "rising"
+    return None
+
+
+def below_grid_message(size: int, ratio: float, threshold_text: str, measured: str,
+                       trajectory: Sequence[float] = ()) -> str:
+    """The line of a grid whose smallest size is already below the threshold: extend --sizes downwards, unless that
+    size's own run says it was under-trained (``ratio_trend``), where training longer comes first."""
+    head = "the grid does not bracket EMM:"
+    trend = ratio_trend(trajectory)
+    if trend == "rising":
+        return (f"{head} the smallest size |D|={size} is below {threshold_text} ({ratio:.1%}), but its ratio was still "
+                f"rising at its last snapshot (from {trajectory[-2]:.1%} to {trajectory[-1]:.1%}): {TRAIN_LONGER} "
+                f"before extending --sizes downwards ({measured})")
+    if trend == "never":
+        return (f"{head} no sample of the smallest size |D|={size} was memorized at any of its {len(trajectory)} "
+                f"snapshots (0.0%), so its run looks under-trained: {TRAIN_LONGER} before extending --sizes "
+                f"downwards (e.g. {max(size // 2, 1)}) ({measured})")
+    return (f"{head} the smallest size |D|={size} is already below {threshold_text} ({ratio:.1%}); extend --sizes "
+            f"downwards (e.g. {max(size // 2, 1)}) ({measured})")
+
+
 def estimate(sizes: list[int], results: dict[int, float | None], threshold: float, k: int = 1,
-             failures: dict[int, str] | None = None) -> Estimate:
-    """EMM (Gu et al. 2023) from the measurements so far, its bracket on the grid and the line a sweep ends on."""
+             failures: dict[int, str] | None = None,
+             trajectories: dict[int, Sequence[float]] | None = None) -> Estimate:
+    """EMM (Gu et al. 2023) from the measurements so far, its bracket on the grid and the line a sweep ends on.
+
+    trajectories: per measured size, its ratio at each snapshot in training order (``ratio_trend`` reads the
+    smallest size's when no size reaches the threshold)."""
     lo, hi = bracket_indices(sizes, results, threshold)
     plan = plan_round(sizes, results, threshold, k)
     a = sizes[lo] if lo >= 0 else None
@@ -101,10 +149,8 @@ def estimate(sizes: list[int], results: dict[int, float | None], threshold: floa
                         f", which failed: {why}; fix it and rerun with --retry_failed", warnings)
     t = f"{threshold:.0%}"
     if a is None:
-        r = results[sizes[0]]
-        return Estimate("below_grid", None, (None, b), f"the grid does not bracket EMM: the smallest size "
-                        f"|D|={b} is already below {t} ({r:.1%}); extend --sizes downwards (e.g. {max(b // 2, 1)}) "
-                        f"({measured})", warnings)
+        return Estimate("below_grid", None, (None, b),
+                        below_grid_message(b, results[b], t, measured, (trajectories or {}).get(b, ())), warnings)
     if b is None:
         return Estimate("above_grid", a, (a, None), f"the grid does not bracket EMM: the largest size |D|={a} is "
                         f"still at or above {t} ({results[a]:.1%}), so EMM >= {a}; extend --sizes upwards "
