@@ -39,15 +39,10 @@ lab: $(STAMP)
 	$(PY) data/build_lab.py --out $(LAB_DIR) --work_dir .cache/lab-build
 
 # The demo scores the lab's memorized and unmemorized captions at the first DDIM step (4 generations each)
-# and prints AUC and TPR@1%FPR; the figures match data/lab/manifest.json.
+# and prints AUC and TPR@1%FPR; the figures match data/lab/manifest.json. detect/demo.py (`diffmem demo` once
+# installed) runs detect/detect_mem.py on each caption file and detect/evaluate.py, printing their output.
 demo: $(STAMP)
-	$(PY) detect/detect_mem.py --model_id $(DEMO_MODEL) --dataset $(DEMO_MODEL)/memorized.jsonl \
-		--run_name memorized --output_dir $(DEMO_OUT) --num_inference_steps 50 --score_steps 1 \
-		--num_images_per_prompt 4 --overwrite
-	$(PY) detect/detect_mem.py --model_id $(DEMO_MODEL) --dataset $(DEMO_MODEL)/unmemorized.jsonl \
-		--run_name unmemorized --output_dir $(DEMO_OUT) --num_inference_steps 50 --score_steps 1 \
-		--num_images_per_prompt 4 --overwrite
-	$(PY) detect/evaluate.py $(DEMO_OUT)/memorized.jsonl $(DEMO_OUT)/unmemorized.jsonl --out $(DEMO_OUT)/eval
+	$(PY) -m diffmem demo --model $(DEMO_MODEL) --out $(DEMO_OUT)
 
 # docs/cli/<script>.txt: each CLI's verbatim --help (tests/cli/test_cli_help_docs.py fails when one is stale).
 docs: $(STAMP)

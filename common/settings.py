@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import math
 
+from diffmem.common.errors import ConfigError
 from diffmem.common.textfiles import surrogate_problem
 
 
@@ -50,17 +51,24 @@ def prompt_text(text: str) -> str:
 
 
 def option(default=dataclasses.MISSING, *, help: str, choices=None, type=None, metavar=None, flag: str | None = None,
-           default_factory=dataclasses.MISSING, nargs=None, action: str | None = None, positional: bool = False,
-           finite: bool = True):
+           aliases: tuple[str, ...] = (), legacy: dict | None = None, legacy_metavar: str | None = None,
+           joined: bool = False, default_factory=dataclasses.MISSING, nargs=None, action: str | None = None,
+           positional: bool = False, finite: bool = True):
     """A settings-dataclass field that is also a command-line option: the default is written here once, and
     ``add_settings_arguments`` reads the help, choices, type (needed where the default cannot tell it: None,
-    lists) and metavar from the field. ``flag`` renames the option (``--no_progress`` for a True boolean);
-    ``nargs`` and ``action`` (e.g. ``extend``) are argparse's, for list fields; ``positional`` makes the field a
-    positional argument instead of ``--FIELD``. A float option must be finite (``finite_float``); ``finite=False``
-    lets it take ±inf too, for a field whose help says what an infinity means."""
-    metadata = {k: v for k, v in dict(help=help, choices=choices, type=type, metavar=metavar, flag=flag, nargs=nargs,
-                                      action=action, positional=positional or None,
-                                      finite=None if finite else False).items()
+    lists) and metavar from the field. ``flag`` is the option's canonical name where it is not ``--FIELD`` (the
+    house vocabulary: ``--model``, ``--data``, ``--out``, ``--batch_size``, ``--seed``; ``--no_progress`` for a
+    True boolean); ``aliases`` are the other spellings it answers to (the anchors' and our earlier ones), listed
+    by ``--help``; ``legacy`` maps an old spelling whose value reads differently to (converter to this field's
+    value, help). A list field takes ``nargs="+"`` (space-separated values, repeats extend; the type may split
+    commas); ``joined`` keeps a comma-spec string field (``--seeds 0-9,20``) whose space-separated parts are
+    joined with commas. ``positional`` makes the field a positional argument instead of ``--FIELD``. A float
+    option must be finite (``finite_float``); ``finite=False`` lets it take ±inf too, for a field whose help says
+    what an infinity means."""
+    metadata = {k: v for k, v in dict(help=help, choices=choices, type=type, metavar=metavar, flag=flag,
+                                      aliases=tuple(aliases) or None, legacy=legacy, legacy_metavar=legacy_metavar,
+                                      joined=joined or None, nargs=nargs, action=action,
+                                      positional=positional or None, finite=None if finite else False).items()
                 if v is not None}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
@@ -80,3 +88,61 @@ def int_list(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_list(text: str) -> list[float]:
+    """An option type: '1,2.5' or '3' -> [1.0, 2.5] / [3.0], each finite."""
+    return [finite_float(t) for t in text.split(",") if t.strip()]
+
+
+def step_indices(text: str) -> list[int]:
+    """The one step syntax's index part: 'K', 'A-B' (inclusive) or a comma list of those -> the indices in order."""
+    steps: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise argparse.ArgumentTypeError(f"expected step indices K, A-B or a comma list of those, got {text!r}")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if a > b:
+            raise argparse.ArgumentTypeError(f"the step range {part.strip()!r} runs backwards")
+        steps.extend(range(a, b + 1))
+    return steps
+
+
+def first_steps(text: str) -> str:
+    """The old ``--score_steps N`` (the first N steps, or all) in the one step syntax: '3' -> '0-2'."""
+    if text.strip() == "all":
+        return "all"
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive step count or 'all', got {text!r}")
+    return f"0-{int(text) - 1}" if int(text) > 1 else "0"
+
+
+def step_indices_or_none(text: str) -> list[int] | None:
+    """``step_indices`` for a config's validate(): None where the text is not in the step syntax."""
+    try:
+        return step_indices(text)
+    except argparse.ArgumentTypeError:
+        return None
+
+
+def prefix_step_count(spec: str, num_steps: int, flag: str = "--target_steps") -> int:
+    """How many steps from the first a step spec names, for the detectors that score a prefix of the trajectory
+    (``0`` -> 1, ``0-9`` -> 10, ``all`` -> num_steps); ConfigError (one line) for any other set."""
+    if spec == "all":
+        return num_steps
+    steps = step_indices_or_none(spec)
+    if not steps or steps != list(range(len(steps))):
+        raise ConfigError(f"{flag} must be a prefix of the trajectory (0, 0-K or all): the noise magnitude averages "
+                          f"the first steps, got {spec!r}")
+    if len(steps) > num_steps:
+        raise ConfigError(f"{flag} must lie in 0..{num_steps - 1} (--num_inference_steps), got {spec}")
+    return len(steps)
+
+
+def option_flag(settings_class, name: str) -> str:
+    """The command-line flag of a settings dataclass's field: its ``option(flag=...)``, else ``--FIELD``."""
+    for f in dataclasses.fields(settings_class):
+        if f.name == name:
+            return f.metadata.get("flag") or f"--{name}"
+    raise KeyError(f"{settings_class.__name__} has no field {name!r}")

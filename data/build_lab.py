@@ -23,7 +23,7 @@ from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
 from diffmem.common.errors import ConfigError
-from diffmem.common.settings import option
+from diffmem.common.settings import float_list, option
 from diffmem.common.training.checkpoints import CHECKPOINT_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ class LabConfig:
     detect_generations: int = option(4, help="generations per prompt of the detection scores")
     replication_generations: int = option(2, help="generations per prompt of the replication figures")
     replication_guidance: float = option(7.5, help="guidance of the replication samples")
-    contrast_guidances: tuple[float, ...] = option((1.0,), type=float, nargs="*",
+    contrast_guidances: tuple[float, ...] = option((1.0,), type=float_list, nargs="*",
                                                    help="further guidances at which the memorized captions' "
                                                         "replication is measured")
     replication_steps: int = option(50, help="DDIM steps of the replication samples")

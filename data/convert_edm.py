@@ -1,12 +1,12 @@
 """Convert an EDM / DiffMemorize / Zhang et al. network pickle into a diffmem snapshot folder, running none of its code.
 
-    python data/convert_edm.py --network edm-cifar10-32x32-uncond-vp.pkl --out nets/edm-uncond-vp
+    python data/convert_edm.py --model edm-cifar10-32x32-uncond-vp.pkl --out nets/edm-uncond-vp
 
 The pickle's ``ema`` network is read by a restricted unpickler (``common.edm.networks.edm_pickle``: only the globals a
 snapshot needs; the module source EDM embeds is never executed) and rebuilt as our ``SongUNet`` / ``DhariwalUNet``
 with its preconditioning. OUT is a snapshot folder (``save_pretrained`` + ``snapshot.json`` with the source file and
 its SHA-256, the architecture, the preconditioning and the sampler defaults) that every unconditional CLI takes as
-``--network OUT``. The CLIs also take the pickle itself (converted in memory, the same network). The folder is
+``--model OUT``. The CLIs also take the pickle itself (converted in memory, the same network). The folder is
 written under a temporary name and renamed. Bad input: one line on stderr and exit code 2.
 """
 
@@ -23,8 +23,8 @@ from diffmem.common.settings import option
 
 @dataclass
 class ConvertConfig:
-    network: Path = option(help="EDM network pickle (network-snapshot-NNNNNN.pkl, edm-cifar10-32x32-*.pkl, …)",
-                           type=Path, metavar="PKL")
+    network: Path = option(flag="--model", aliases=("--network",), type=Path, metavar="PKL",
+                           help="EDM network pickle (network-snapshot-NNNNNN.pkl, edm-cifar10-32x32-*.pkl, …)")
     out: Path = option(help="the snapshot folder to write", type=Path, metavar="DIR")
     overwrite: bool = option(False, help="replace an existing --out that holds something else")
 

@@ -1,9 +1,9 @@
 """Build an EDM dataset zip (NVlabs/edm's and DiffMemorize's format) with DiffMemorize's subset rules.
 
-    python data/dataset_tool.py --source SRC --dest OUT.zip [--max_images N] [--subset first|random] [--seed S]
+    python data/dataset_tool.py --data SRC --out OUT.zip [--max_images N] [--subset first|random] [--seed S]
         [--classes C] [--labels true|random|unique|none] [--num_classes K] [--resolution R]
         [--transform center-crop] [--mix_source SRC2 --mix_alpha A] [--split train|test] [--channels 1|3]
-    python data/dataset_tool.py --source molrg --dest OUT.zip [--molrg_res 4] [--molrg_classes 2] [--molrg_dim 7]
+    python data/dataset_tool.py --data molrg --out OUT.zip [--molrg_res 4] [--molrg_classes 2] [--molrg_dim 7]
         [--molrg_per_class 350] [--seed S]
 
 SRC is the CIFAR-10 python tarball (cifar-10-python.tar.gz), a folder of images (labels from its dataset.json),
@@ -37,12 +37,13 @@ MOLRG = "molrg"
 @dataclass
 class DatasetToolConfig:
     recipe: DatasetRecipe
-    dest: Path = option(help="the EDM dataset zip to write", type=Path, metavar="OUT.zip")
-    molrg: MoLRGRecipe | None = None  # set for --source molrg (then recipe only names the source)
-    molrg_flags: tuple[str, ...] = ()  # the --molrg_* options given (refused without --source molrg)
-    overwrite: bool = option(False, help="replace --dest if it exists (refused otherwise)")
+    dest: Path = option(flag="--out", aliases=("--dest",), type=Path, metavar="OUT.zip",
+                        help="the EDM dataset zip to write (this command's one product)")
+    molrg: MoLRGRecipe | None = None  # set for --data molrg (then recipe only names the source)
+    molrg_flags: tuple[str, ...] = ()  # the --molrg_* options given (refused without --data molrg)
+    overwrite: bool = option(False, help="replace --out if it exists (refused otherwise)")
     # Validate only (a sweep checks its stage arguments before the stages run).
-    check_args: bool = option(False, help="parse and check the arguments, then exit without reading --source or "
+    check_args: bool = option(False, help="parse and check the arguments, then exit without reading --data or "
                                           "writing anything (detect/emm.py checks a sweep's stage arguments so)")
 
     def validate(self) -> None:
@@ -50,20 +51,20 @@ class DatasetToolConfig:
         self._validate_molrg()
         self.recipe.validate()
         if self.dest.suffix.lower() != ".zip":
-            raise ConfigError(f"--dest must name a .zip file (an EDM dataset zip), got {self.dest}")
+            raise ConfigError(f"--out must name a .zip file (an EDM dataset zip), got {self.dest}")
         if self.dest.is_dir():
-            raise ConfigError(f"--dest {self.dest} is a folder; expected a .zip file name")
+            raise ConfigError(f"--out {self.dest} is a folder; expected a .zip file name")
         if self.dest.exists() and not self.overwrite and not self.check_args:
-            raise ConfigError(f"--dest {self.dest} exists; pass --overwrite to replace it, or write another file")
-        for flag, src in (("--source", self.recipe.source), ("--mix_source", self.recipe.mix_source)):
+            raise ConfigError(f"--out {self.dest} exists; pass --overwrite to replace it, or write another file")
+        for flag, src in (("--data", self.recipe.source), ("--mix_source", self.recipe.mix_source)):
             if src is not None and Path(src).resolve() == self.dest.resolve():
-                raise ConfigError(f"--dest {self.dest} is also {flag}; write the new dataset elsewhere")
+                raise ConfigError(f"--out {self.dest} is also {flag}; write the new dataset elsewhere")
 
     def _validate_molrg(self) -> None:
-        """--molrg_* only with --source molrg, and none of the image-selection options with it (ConfigError)."""
+        """--molrg_* only with --data molrg, and none of the image-selection options with it (ConfigError)."""
         if self.molrg is None:
             if self.molrg_flags:
-                raise ConfigError(f"{self.molrg_flags[0]} applies to --source molrg only")
+                raise ConfigError(f"{self.molrg_flags[0]} applies to --data molrg only")
             return
         r = self.recipe
         image_only = {"--max_images": r.max_images, "--subset": r.subset != "first" or None, "--classes": r.classes,
@@ -72,7 +73,7 @@ class DatasetToolConfig:
                       "--split": r.split != "train" or None, "--channels": r.channels}
         for flag, value in image_only.items():
             if value is not None:
-                raise ConfigError(f"{flag} selects images and does not apply to --source molrg (float data; it takes "
+                raise ConfigError(f"{flag} selects images and does not apply to --data molrg (float data; it takes "
                                   f"--molrg_res, --molrg_classes, --molrg_dim, --molrg_per_class and --seed)")
         self.molrg.validate()
 
@@ -85,9 +86,9 @@ def parse_args(argv=None) -> DatasetToolConfig:
     p = ArgumentParser(prog="dataset_tool", description=__doc__.split("\n\n")[0])
     add_settings_arguments(p, DatasetRecipe)
     add_settings_arguments(p, DatasetToolConfig, exclude=("recipe", "molrg", "molrg_flags"))
-    g = p.add_argument_group("MoLRG (--source molrg)")
+    g = p.add_argument_group("MoLRG (--data molrg)")
     for f in MOLRG_OPTIONS:
-        # Not given, an option is absent from the namespace (SUPPRESS), so one given without --source molrg is
+        # Not given, an option is absent from the namespace (SUPPRESS), so one given without --data molrg is
         # refused; MoLRGRecipe fills in its own default.
         g.add_argument(f"--molrg_{f.name}", type=int, metavar=f.metadata["metavar"], default=argparse.SUPPRESS,
                        help=f"{f.metadata['help']} (default: {f.default})")

@@ -4,7 +4,7 @@
     --detector anisotropy   zero-step norm + channel-cosine score (Asthana & Belagiannis, ICLR 2026)
     --detector sharpness    score-Jacobian JVP norm at the first step (Jeon, Kim & No, ICML 2025)
 
-    python detect/detect_mem.py --model_id ID_OR_DIR --dataset FILE|HF_NAME --run_name NAME [options]
+    python detect/detect_mem.py --model ID_OR_DIR --data FILE|HF_NAME --run_name NAME [options]
     accelerate launch detect/detect_mem.py ...        # shards prompts across processes
 
 Writes {output_dir}/{run_name}.jsonl (one row per prompt, dataset order) and {run_name}.summary.json.
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main, settings_from_args
 from diffmem.common.errors import ConfigError
+from diffmem.common.hub import check_model_reference
 from diffmem.common.results import (
     append_results,
     bind_run_settings,
@@ -31,7 +32,7 @@ from diffmem.common.results import (
     write_json_atomic,
 )
 from diffmem.common.runlock import lock_run_folder
-from diffmem.common.settings import option
+from diffmem.common.settings import first_steps, option, option_flag, prefix_step_count
 from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS, SCHEDULERS, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 
@@ -45,26 +46,32 @@ DETECTOR_KEYS = {"wen": ("guidance_scale", "score_steps"), "anisotropy": ("aniso
 @dataclass
 class DetectConfig:
     model_id: str = shared_option("model_id")
-    dataset: str = option(help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
-    run_name: str = option(help="name of the results files in --output_dir (a plain file name)")
+    dataset: str = option(flag="--data", aliases=("--dataset",),
+                          help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
+    run_name: str = option(help="name of the results files in --out (a plain file name)")
     unet_id: str | None = shared_option("unet_id")
     revision: str | None = shared_option("revision")
     variant: str | None = shared_option("variant")
     split: str = shared_option("split")
     column: str | None = shared_option("column")
-    output_dir: str = option("det_outputs", help="folder of the results files")
+    output_dir: str = option("det_outputs", flag="--out", aliases=("--output_dir",),
+                             help="the folder the run writes (RUN_NAME.jsonl and RUN_NAME.json)")
     num_images_per_prompt: int = shared_option("num_images_per_prompt")
     gen_seed: int = shared_option("gen_seed")
     num_inference_steps: int = shared_option("num_inference_steps")
     guidance_scale: float = shared_option("guidance_scale")
-    score_steps: str = option("1", help="score the first N DDIM steps, or 'all' (paper setting)")
+    score_steps: str = option("0", flag="--target_steps", joined=True, metavar="STEPS",
+                              legacy={"--score_steps": (first_steps, "old spelling: the first N steps (1: step 0)")},
+                              legacy_metavar="N",
+                              help="DDIM steps scored (a prefix of the trajectory): 0 (the first), 0-9 (the first "
+                                   "ten) or all (paper setting)")
     batch_size: int = batch_size_option(32)
     latents: str = shared_option("latents")
     dtype: str = shared_option("dtype")
     scheduler: str = option("ddim", choices=SCHEDULERS,
                             help="ddim: the pipeline's scheduler config as DDIM (Wen et al.); pipeline: as is")
     detector: str = option("wen", choices=DETECTORS,
-                           help="wen: noise magnitude along the trajectory (its --guidance_scale, --score_steps); "
+                           help="wen: noise magnitude along the trajectory (its --guidance_scale, --target_steps); "
                                 "anisotropy / sharpness: zero-step scores")
     anisotropy_weights: list[float] | None = option(
         None, type=float, nargs=2, metavar=("GAMMA_N", "GAMMA_C"),
@@ -78,7 +85,15 @@ class DetectConfig:
 
     @property
     def num_score_steps(self) -> int:
-        return self.num_inference_steps if self.score_steps == "all" else int(self.score_steps)
+        """How many steps from the first are scored (--target_steps; ConfigError unless a prefix)."""
+        return prefix_step_count(self.score_steps, self.num_inference_steps)
+
+    def bound_score_setting(self, key: str):
+        """A score setting as a run's config records it: the step count for --target_steps (as before issue 27,
+        so earlier runs resume), the field's value otherwise."""
+        if key == "score_steps" and self.score_steps != "all":
+            return str(self.num_score_steps)
+        return getattr(self, key)
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
@@ -86,15 +101,11 @@ class DetectConfig:
         for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.score_steps != "all" and not self.score_steps.isdigit():
-            raise ConfigError(f"--score_steps must be a positive integer or 'all', got {self.score_steps!r}")
-        if not 1 <= self.num_score_steps <= self.num_inference_steps:
-            raise ConfigError(f"--score_steps must be in 1..{self.num_inference_steps} (--num_inference_steps), "
-                             f"got {self.score_steps}")
+        self.num_score_steps  # noqa: B018  (parses and range-checks --target_steps)
         if self.start < 0 or (self.end is not None and self.end <= self.start):
             raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
-        if self.detector != "wen" and self.score_steps != "1":
-            raise ConfigError(f"--score_steps applies to --detector wen only; {self.detector} scores x_T "
+        if self.detector != "wen" and self.score_steps != "0":
+            raise ConfigError(f"--target_steps applies to --detector wen only; {self.detector} scores x_T "
                               f"with zero denoising steps")
         if self.anisotropy_weights is not None and self.detector != "anisotropy":
             raise ConfigError(f"--anisotropy_weights applies to --detector anisotropy only, not {self.detector}")
@@ -103,6 +114,7 @@ class DetectConfig:
                               f"timesteps[-3]), got {self.num_inference_steps}")
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"--run_name must be a plain file name, got {self.run_name!r}")
+        check_model_reference(self.model_id, option_flag(DetectConfig, "model_id"), self.revision)
 
 
 def build_parser() -> ArgumentParser:
@@ -121,17 +133,6 @@ def row_identity(rec: PromptRecord) -> dict:
     return {"prompt": rec.prompt, "label": rec.label}
 
 
-def result_row(rec: PromptRecord, detector: str, terms: dict, score: float, truncated: bool) -> dict:
-    """A results row: the prompt, its score and the detector's terms (so a notebook can re-weight them)."""
-    row = {"row": rec.row, "index": rec.index if rec.index is not None else rec.row, "prompt": rec.prompt}
-    if rec.label is not None:
-        row["label"] = rec.label
-    if rec.type is not None:
-        row["type"] = rec.type
-    row.update(score=score, detector=detector, **terms, truncated=truncated)
-    return row
-
-
 class DetectFiles:
     """The files of one run: parts/{part-RANK.jsonl, config.json}, the merged jsonl and the summary."""
 
@@ -141,7 +142,7 @@ class DetectFiles:
         self.final = self.out / f"{cfg.run_name}.jsonl"
         self.summary = self.out / f"{cfg.run_name}.summary.json"
         self.config_file = self.parts / "config.json"
-        self.score_config = {k: getattr(cfg, k) for k in SCORE_KEYS + DETECTOR_KEYS[cfg.detector]}
+        self.score_config = {k: cfg.bound_score_setting(k) for k in SCORE_KEYS + DETECTOR_KEYS[cfg.detector]}
         # The dataset is bound by its content (every row's prompt and label), not its path: a moved file still
         # resumes, another file under the same name does not.
         self.score_config["dataset_sha256"] = digest_rows({"row": r.row, **row_identity(r)} for r in dataset_rows)
@@ -188,10 +189,10 @@ def run(cfg: DetectConfig) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from diffmem.common.t2i.detection import encode_prompts, score_prompts
+    from diffmem.common.t2i.detection import encode_prompts, result_row, score_prompts
     from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
 
-    with lock_run_folder(cfg.output_dir, "--output_dir", f".{cfg.run_name}.lock"):
+    with lock_run_folder(cfg.output_dir, "--out", f".{cfg.run_name}.lock"):
         quiet_hub_logging()
         # On a machine without CUDA, accelerate only honours a multi-process launch when told it is on CPU.
         state = PartialState(cpu=not torch.cuda.is_available())

@@ -1,8 +1,8 @@
 """Search Effective Model Memorization (EMM, Gu et al.): the largest |D| whose max memorization ratio is >= 90 %.
 
-    python detect/emm.py --source digits --sizes 16,32,64,128,256 --outdir SWEEP \\
+    python detect/emm.py --data digits --sizes 16 32 64 128 256 --out SWEEP \\
         [--dataset_args "--resolution 8 --labels none"] [--train_args "--duration 2 --num_channels 16"] \\
-        [--mem_args "--seeds 0-255"] [--threshold 0.9] [--launcher local|submitit] [--max_parallel K] \\
+        [--mem_args "--seeds 0-255"] [--mem_ratio_threshold 0.9] [--launcher local|submitit] [--max_parallel K] \\
         [--submitit_cluster slurm|local|debug] [--slurm_partition P] [--gpus_per_job G] [--nodes_per_job N]
     python detect/emm.py plot SWEEP_A SWEEP_B ... --out emm.png
 
@@ -10,8 +10,9 @@ For each size N chosen by bisection on the grid it builds SWEEP/size-N/data.zip 
 SWEEP/size-N/run (finetune/train_unconditional.py) and measures it (detect/mem_ratio.py, max over snapshots).
 Each stage's arguments are checked by that stage's own parser (its --check_args) before anything starts.
 Writes SWEEP/emm.json, SWEEP/emm.png, SWEEP/jobs.jsonl and SWEEP/sweep.json; re-running the command resumes.
-Exit codes: 0 EMM bracketed; 3 the grid does not bracket it (the message says which way to extend --sizes);
-1 a size the bisection needs failed (its log is named); 2 bad input.
+Exit codes: 0 EMM bracketed; 3 the grid does not bracket it (the message says which way to extend --sizes, or, when
+the smallest size memorized nothing or was still rising at its last snapshot, to train longer first); 1 a size the
+bisection needs failed (its log is named); 2 bad input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
+from diffmem.common.cli import ArgumentParser, ListAction, add_settings_arguments, run_main, settings_from_args
 from diffmem.common.edm.emm.plot import plot_emm_curves
 from diffmem.common.edm.emm.state import REPORT_FILE, REPORT_PLOT, STAGES, SweepSettings, read_curve
 from diffmem.common.edm.emm.sweep import (
@@ -33,6 +34,7 @@ from diffmem.common.edm.emm.sweep import (
     run_sweep,
 )
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import int_list
 
 
 def build_parser() -> ArgumentParser:
@@ -40,7 +42,8 @@ def build_parser() -> ArgumentParser:
                        epilog="Values of the *_args options are shell-quoted argument strings; one that is a "
                               "single flag needs the = form: --train_args=--no_progress")
     add_settings_arguments(p, SweepSettings, only=("source",))
-    p.add_argument("--sizes", required=True, metavar="N,N,...", help="the grid of |D|, increasing")
+    p.add_argument("--sizes", required=True, nargs="+", type=int_list, action=ListAction, metavar="N",
+                   help="the grid of |D|, increasing: 16 32 64 or 16,32,64")
     add_settings_arguments(p, SweepConfig, only=("outdir",))
     # SweepSettings holds these as argument lists; here each is one shell-quoted string, split by split_args.
     p.add_argument("--dataset_args", default="", metavar="ARGS", help="more data/dataset_tool.py arguments")
@@ -71,14 +74,6 @@ def split_args(flag: str, text: str) -> list[str]:
         raise ConfigError(f"{flag} {text!r}: {exc}") from None
 
 
-def parse_sizes(text: str) -> list[int]:
-    """'16,32,64' -> [16, 32, 64]."""
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"--sizes: expected comma-separated integers, got {text!r}") from None
-
-
 def parse_scripts(text: str) -> dict[str, str]:
     """The real stage scripts, with 'stage=PATH' replacements."""
     scripts = dict(DEFAULT_SCRIPTS)
@@ -94,7 +89,7 @@ def config_from_args(a) -> SweepConfig:
     settings = settings_from_args(SweepSettings, a, **{name: split_args(f"--{name}", getattr(a, name))
                                                         for name in ("dataset_args", "train_args", "mem_args")})
     launch = settings_from_args(LaunchConfig, a, scripts=parse_scripts(a.stage_scripts))
-    return settings_from_args(SweepConfig, a, sizes=parse_sizes(a.sizes), settings=settings, launch=launch)
+    return settings_from_args(SweepConfig, a, sizes=a.sizes, settings=settings, launch=launch)
 
 
 def sweep(a) -> int:

@@ -16,7 +16,9 @@ Each positional file is one detector's results, or the i-th --positive file pair
 ``--tpr_rule strict`` (default) reads TPR@x as the largest TPR with FPR strictly below x; ``closest`` takes the
 ROC point whose FPR is nearest x, so figures compare with papers that read it that way.
 
-Writes DIR/summary.json, DIR/roc.png, DIR/scores_kde.png (not with --compare) and prints a table. Bad input:
+Writes DIR/summary.json, DIR/roc.png (one curve per split or detector on a log FPR axis from 0.1 % or lower, each
+curve's TPR at the --fpr_targets marked and annotated; a curve equal to another, such as a Webster type holding every
+positive, is drawn once with both names), DIR/scores_kde.png (not with --compare) and prints a table. Bad input:
 one line on stderr (``FILE:LINE: what was expected``) and exit code 2.
 """
 
@@ -43,20 +45,21 @@ from diffmem.common.metrics import (
     score_groups,
 )
 from diffmem.common.results import write_json_atomic
-from diffmem.common.settings import option
+from diffmem.common.settings import float_list, option
 
 
 @dataclass
 class EvaluateConfig:
-    out: Path = option(type=Path, metavar="DIR", help="output folder for summary.json and plots")
+    out: Path = option(type=Path, metavar="DIR", aliases=("--output_dir",),
+                       help="the folder the run writes (summary.json and plots)")
     results: list[Path] = option(default_factory=list, positional=True, nargs="*", type=Path, metavar="RESULTS.jsonl",
                                  help="results files whose rows carry their own 'label' 0/1 (detect_mem writes it "
                                       "when known)")
-    positive: list[Path] = option(default_factory=list, nargs="+", action="extend", type=Path, metavar="FILE",
+    positive: list[Path] = option(default_factory=list, nargs="+", type=Path, metavar="FILE",
                                   help="results files whose rows are all memorized (label 1)")
-    negative: list[Path] = option(default_factory=list, nargs="+", action="extend", type=Path, metavar="FILE",
+    negative: list[Path] = option(default_factory=list, nargs="+", type=Path, metavar="FILE",
                                   help="results files whose rows are all not memorized (label 0)")
-    fpr_targets: tuple[float, ...] = option(DEFAULT_FPR_TARGETS, nargs="+", type=float, metavar="FPR",
+    fpr_targets: tuple[float, ...] = option(DEFAULT_FPR_TARGETS, nargs="+", type=float_list, metavar="FPR",
                                             help="FPR levels for TPR@FPR (see --tpr_rule)")
     tpr_rule: str = option("strict", choices=TPR_RULES,
                            help="strict: largest TPR with FPR strictly below the target; closest: the ROC point "
@@ -144,7 +147,8 @@ def run_compare(cfg: EvaluateConfig) -> dict:
                "score_direction": "higher score = more likely memorized", "methods": metrics,
                "plots": {"roc": "roc.png"}}
     write_json_atomic(cfg.out / "summary.json", summary)
-    plot_roc(curves, metrics, cfg.out / "roc.png", title="Memorization detectors, same prompts")
+    plot_roc(curves, metrics, cfg.out / "roc.png", title="Memorization detectors, same prompts",
+             fpr_targets=cfg.fpr_targets)
     print(format_table(metrics, first_column="method"))
     print(f"wrote {cfg.out / 'summary.json'}, roc.png")
     return metrics
@@ -185,7 +189,7 @@ def run(cfg: EvaluateConfig) -> dict:
                "score_direction": "higher score = more likely memorized", "splits": metrics,
                "plots": {"roc": "roc.png", "scores_kde": "scores_kde.png"}}
     write_json_atomic(cfg.out / "summary.json", summary)
-    plot_roc(curves, metrics, cfg.out / "roc.png")
+    plot_roc(curves, metrics, cfg.out / "roc.png", fpr_targets=cfg.fpr_targets)
     plot_score_kde(score_groups(rows), cfg.out / "scores_kde.png")
     print(format_table(metrics))
     print(f"wrote {cfg.out / 'summary.json'}, roc.png, scores_kde.png")

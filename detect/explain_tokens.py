@@ -1,6 +1,6 @@
 """Explain memorization token by token: the significance of each prompt token (Wen et al., ICLR 2024, Sec. 4).
 
-    python detect/explain_tokens.py --model_id ID_OR_DIR (--prompt "..." | --dataset FILE) --out DIR [options]
+    python detect/explain_tokens.py --model ID_OR_DIR (--prompt "..." | --data FILE) --out DIR [options]
 
 Writes DIR/tokens.jsonl (one row per prompt: every token position as a string, raw and normalised scores,
 BOS/EOS/padding flagged), DIR/heatmap.html (tokens shaded by significance, specials hidden) and one bar chart
@@ -23,6 +23,7 @@ from diffmem.common.cli import (
     settings_from_args,
 )
 from diffmem.common.errors import ConfigError
+from diffmem.common.hub import check_model_reference
 from diffmem.common.results import (
     append_results,
     bind_run_settings,
@@ -31,7 +32,7 @@ from diffmem.common.results import (
     read_results,
     write_json_atomic,
 )
-from diffmem.common.settings import device_option, option, prompt_text
+from diffmem.common.settings import device_option, option, option_flag, prompt_text
 from diffmem.common.t2i.options import WRT_CHOICES, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 
@@ -43,10 +44,11 @@ RESULT_KEYS = ("model_id", "unet_id", "revision", "variant", "target_steps", "nu
 @dataclass
 class ExplainConfig:
     model_id: str = shared_option("model_id")
-    out: str = option(help="output folder")
+    out: str = option(aliases=("--output_dir",), help="the folder the run writes")
     prompt: str | None = option(None, type=prompt_text,
-                                help="one prompt to explain (row 0: it uses gen_seed's latents)")
-    dataset: str | None = option(None, type=str, help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
+                                help="one prompt to explain (row 0: it uses --seed's latents)")
+    dataset: str | None = option(None, type=str, flag="--data", aliases=("--dataset",),
+                                 help=".jsonl / ;-separated .csv file, or Hugging Face dataset")
     unet_id: str | None = shared_option("unet_id")
     revision: str | None = shared_option("revision")
     variant: str | None = shared_option("variant")
@@ -54,7 +56,8 @@ class ExplainConfig:
     column: str | None = shared_option("column")
     start: int = shared_option("start")
     end: int | None = shared_option("end")
-    target_steps: str = option("0", help="DDIM steps to average over: 0, 0-9, 0,5,10-12 or all")
+    target_steps: str = option("0", joined=True, metavar="STEPS",
+                               help="DDIM steps to average over: 0, 0-9, 0,5,10-12 (or 0 5 10-12) or all")
     num_images_per_prompt: int = shared_option("num_images_per_prompt")
     num_inference_steps: int = shared_option("num_inference_steps")
     guidance_scale: float = shared_option("guidance_scale")
@@ -81,6 +84,7 @@ class ExplainConfig:
             raise ConfigError("--prompt must not be empty")
         if self.start < 0 or (self.end is not None and self.end <= self.start):
             raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
+        check_model_reference(self.model_id, option_flag(ExplainConfig, "model_id"), self.revision)
 
 
 def parse_target_steps(spec: str, num_inference_steps: int) -> list[int]:

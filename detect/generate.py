@@ -1,6 +1,6 @@
 """Sample images from an EDM snapshot with EDM's Heun sampler (Karras et al. 2022, Algorithm 2), one PNG per seed.
 
-    python detect/generate.py --network SNAPSHOT_OR_RUN --seeds 0-9999 --batch 512 --outdir DIR [--steps 18]
+    python detect/generate.py --model SNAPSHOT_OR_RUN --seeds 0-9999 --batch_size 512 --out DIR [--steps 18]
         [--sigma_min 0.002] [--sigma_max 80] [--rho 7] [--S_churn 0 --S_min 0 --S_max inf --S_noise 1]
         [--class_idx K] [--solver heun|euler] [--subdirs] [--npz] [--device cpu|cuda]
     python detect/generate.py --optimal_denoiser --dataset DATASET.zip [--cond] [--solver heun|euler] ...
@@ -37,24 +37,25 @@ from diffmem.common.settings import device_option, option
 
 @dataclass
 class GenerateConfig:
-    seeds: str = option(help="seeds, e.g. 0-9999 or 1,5,7-9 (one image each)", metavar="LIST")
-    outdir: Path = option(help="output folder for the PNGs", type=Path, metavar="DIR")
+    seeds: str = option(joined=True, help="seeds, e.g. 0-9999 or 1,5,7-9 (one image each)", metavar="LIST")
+    outdir: Path = option(flag="--out", aliases=("--outdir",), help="the folder the run writes (one PNG per seed)",
+                          type=Path, metavar="DIR")
     # With optimal_denoiser: optional, the network whose σ range the sampler takes.
-    network: str | None = option(None, type=str, metavar="SNAPSHOT",
+    network: str | None = option(None, type=str, metavar="SNAPSHOT", flag="--model", aliases=("--network",),
                                  help="a snapshot folder, a training run folder (its newest snapshot) or an EDM "
                                       "network pickle (*.pkl, read without running its code); with "
                                       "--optimal_denoiser, the network whose σ range the sampler takes, so both "
                                       "sample on the same steps")
-    optimal_denoiser: bool = option(False, help="sample with the ideal denoiser of --dataset's images (Karras et "
+    optimal_denoiser: bool = option(False, help="sample with the ideal denoiser of --data's images (Karras et "
                                                 "al. 2022, Eq. 3)")
-    dataset: Path | None = option(None, type=Path, metavar="ZIP",
+    dataset: Path | None = option(None, type=Path, metavar="ZIP", flag="--data", aliases=("--dataset",),
                                   help="EDM dataset zip of the training images (with --optimal_denoiser)")
     cond: bool = option(False, help="class-conditional optimal denoiser: each sample sees its class's images only")
     chunk: int = option(4096, metavar="N", help="training images per distance chunk of the optimal denoiser "
                                                 "(memory)")
-    batch: int = option(64, metavar="N", help="images per network call")
+    batch: int = option(64, metavar="N", flag="--batch_size", aliases=("--batch",), help="images per network call")
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
-    class_idx: int | None = option(None, type=int, metavar="K",
+    class_idx: int | None = option(None, type=int, metavar="K", aliases=("--class",),
                                    help="class of every image (conditional networks; None: each seed draws its "
                                         "own)")
     subdirs: bool = option(False, help="put seed s in the subfolder {s - s %% 1000:06d}/")
@@ -72,15 +73,15 @@ class GenerateConfig:
         self.seed_list()
         self.sampler.validate()
         if self.batch < 1:
-            raise ConfigError(f"expected --batch >= 1, got {self.batch}")
+            raise ConfigError(f"expected --batch_size >= 1, got {self.batch}")
         if self.grid_scale < 1:
             raise ConfigError(f"expected --grid_scale >= 1, got {self.grid_scale}")
         if self.class_idx is not None and self.class_idx < 0:
             raise SamplerError(f"expected --class_idx >= 0, got {self.class_idx}")
         if self.outdir.exists() and not self.outdir.is_dir():
-            raise ConfigError(f"{self.outdir}: expected --outdir to be a folder, it is a file")
+            raise ConfigError(f"{self.outdir}: expected --out to be a folder, it is a file")
         if not self.optimal_denoiser and self.network is None:
-            raise ConfigError("expected --network SNAPSHOT (or --optimal_denoiser with --dataset)")
+            raise ConfigError("expected --model SNAPSHOT (or --optimal_denoiser with --data)")
         if not self.optimal_denoiser and (self.dataset is not None or self.cond):
             raise ConfigError("--dataset and --cond go with --optimal_denoiser")
         if self.optimal_denoiser and self.dataset is None:
@@ -121,7 +122,7 @@ def run(cfg: GenerateConfig) -> int:
 
     from diffmem.common.edm.networks.snapshot import load_network, resolve_snapshot
 
-    with lock_run_folder(cfg.outdir, "--outdir", ".generate.lock"):
+    with lock_run_folder(cfg.outdir, "--out", ".generate.lock"):
         device = resolve_device(cfg.device)
         if cfg.optimal_denoiser:
             from diffmem.common.edm.networks.optimal import OptimalDenoiser
@@ -134,7 +135,7 @@ def run(cfg: GenerateConfig) -> int:
             if reference is not None:
                 ref_net = load_network(reference)
                 if tuple(ref_net.image_shape) != tuple(net.image_shape):
-                    raise ConfigError(f"--network {cfg.network} makes {'x'.join(map(str, ref_net.image_shape))} images"
+                    raise ConfigError(f"--model {cfg.network} makes {'x'.join(map(str, ref_net.image_shape))} images"
                                       f" but --dataset {cfg.dataset} holds {'x'.join(map(str, net.image_shape))}")
                 # The ideal denoiser is defined for every σ > 0: the reference network's range fixes the steps.
                 net.sigma_min, net.sigma_max = ref_net.sigma_min, ref_net.sigma_max

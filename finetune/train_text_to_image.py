@@ -1,47 +1,26 @@
 """Fine-tune a Stable Diffusion pipeline on captioned images, optionally with Wen et al.'s thresholded loss.
 
     accelerate launch --config_file accelerate_configs/single_gpu_fp16.yaml finetune/train_text_to_image.py \\
-        --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \\
+        --model CompVis/stable-diffusion-v1-4 \\
         --dataset mem_images/ --non_mem_dataset laion_images/ --end 200 --repeats 200 --non_mem_ratio 3 \\
-        --hard_threshold 2 --output_dir out/sd-mitigated
+        --hard_threshold 2 --out out/sd-mitigated
 
 Accepts the diffusers text-to-image example's flags plus Wen et al.'s (--dataset, --non_mem_dataset, --end,
 --repeats, --non_mem_ratio, --hard_threshold, --prompt_aug_style, --repeat_num). The output folder is a full
-pipeline (EMA weights with --use_ema) that ``detect/detect_mem.py --model_id`` loads; ``checkpoint-N/unet`` (and
+pipeline (EMA weights with --use_ema) that ``detect/detect_mem.py --model`` loads; ``checkpoint-N/unet`` (and
 ``unet_ema``) can be passed as ``--unet_id``. Runs without ``accelerate launch`` too (one process).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-from diffmem.common.errors import ConfigError
-from diffmem.common.settings import option
 from diffmem.common.t2i.train import TextToImageConfig
 from diffmem.common.training.config import TrainConfig
 
 # This CLI's own defaults for TrainConfig fields (the library's suit its other callers; output_dir has none).
 TRAIN_DEFAULTS = {"output_dir": "sd-model-finetuned", "tracker_project_name": "diffmem-text2image"}
-
-
-@dataclass
-class TrainTextToImageArgs:
-    """What the command line gives: the TextToImageConfig (its ``train`` the TrainConfig) and Wen et al.'s name
-    for --train_data_dir."""
-
-    settings: TextToImageConfig
-    dataset: str | None = option(None, type=str, help="Wen et al.'s name for --train_data_dir (the memorized images)")
-
-    def config(self) -> TextToImageConfig:
-        return replace(self.settings, train_data_dir=self.settings.train_data_dir or self.dataset)
-
-    def validate(self) -> None:
-        """Raise ConfigError with a one-line reason for inconsistent arguments."""
-        if self.dataset and self.settings.train_data_dir and self.dataset != self.settings.train_data_dir:
-            raise ConfigError("--dataset and --train_data_dir name the same thing; pass one")
-        self.config().validate()
 
 
 def build_parser() -> ArgumentParser:
@@ -53,7 +32,6 @@ def build_parser() -> ArgumentParser:
 
     g = p.add_argument_group("data")
     add_settings_arguments(g, TextToImageConfig, only=("train_data_dir",))
-    add_settings_arguments(g, TrainTextToImageArgs, only=("dataset",))
     add_settings_arguments(g, TextToImageConfig, only=(
         "non_mem_dataset", "dataset_name", "dataset_config_name", "cache_dir", "image_column", "caption_column", "end",
         "repeats", "non_mem_ratio", "skip_corrupt_images", "resolution", "center_crop", "random_flip",
@@ -79,24 +57,23 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> TrainTextToImageArgs:
+def parse_args(argv: list[str] | None = None) -> TextToImageConfig:
     a = build_parser().parse_args(argv)
-    settings = settings_from_args(TextToImageConfig, a, train=settings_from_args(TrainConfig, a))
-    return settings_from_args(TrainTextToImageArgs, a, settings=settings)
+    return settings_from_args(TextToImageConfig, a, train=settings_from_args(TrainConfig, a))
 
 
-def run(args: TrainTextToImageArgs) -> None:
+def run(cfg: TextToImageConfig) -> None:
     """Validate the arguments, train, and save the pipeline (one line of summary from the main process)."""
-    args.validate()
+    cfg.validate()
     from diffmem.common.t2i.train import train_text_to_image
     from diffmem.common.training.checkpoints import resolve_resume
 
-    cfg = args.config()
     resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
     summary = train_text_to_image(cfg)
     if os.environ.get("RANK", "0") == "0":
-        print(f"trained {summary.global_step} steps ({summary.samples_kept}/{summary.samples_seen} samples kept); "
-              f"pipeline saved to {cfg.train.output_dir}")
+        dropped = "" if cfg.hard_threshold is None else f", {summary.dropped_fraction:.1%} dropped by the threshold"
+        print(f"trained {summary.global_step} steps ({summary.samples_kept}/{summary.samples_seen} samples kept"
+              f"{dropped}); pipeline saved to {cfg.train.output_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,13 @@
 """Train an EDM diffusion model (Karras et al. 2022) on an EDM dataset zip, with DiffMemorize's experiment knobs.
 
     accelerate launch --config_file accelerate_configs/multi_gpu_8_fp32.yaml finetune/train_unconditional.py \\
-        --data datasets/cifar10-1k.zip --outdir runs/cifar10-1k --arch edm-ddpmpp --precond vp --duration 2000 \\
+        --data datasets/cifar10-1k.zip --out runs/cifar10-1k --arch edm-ddpmpp --precond vp --duration 2000 \\
         --schedule diffmemorize --num_blocks 2 --num_channels 128 --lr 2e-4 --dropout 0.13 --seed 1024
 
 The network is EDM's own SongUNet / DhariwalUNet in EDM's preconditioner (``--arch edm-ddpmpp | edm-ncsnpp |
 edm-adm``, ``common.edm.networks.build``) or diffusers' ``UNet2DModel`` inside ``common.edm.networks.unet2d.EDMNetwork``
 (``--arch ddpmpp | ncsnpp``). Every --snap kimg and at the end the EMA network goes to
-``OUTDIR/snapshot-{images_seen:09d}/`` (what ``detect/generate.py --network`` loads); resume checkpoints are the
+``OUTDIR/snapshot-{images_seen:09d}/`` (what ``detect/generate.py --model`` loads); resume checkpoints are the
 trainer's ``OUTDIR/checkpoint-N/``. Runs without ``accelerate launch`` too (one process).
 The settings the weights depend on are recorded in ``OUTDIR/training_options.json`` and bound to the run once it has
 a checkpoint or snapshot: a rerun with another value is refused with one line before anything is built or written.

@@ -1,6 +1,6 @@
 """Mitigate memorization at inference time and measure replication (Wen et al., ICLR 2024, Sec. 5).
 
-    python mitigate/inference_mem.py --model_id ID_OR_DIR --dataset FILE_OR_DIR --run_name NAME
+    python mitigate/inference_mem.py --model ID_OR_DIR --data FILE_OR_DIR --out RUN_DIR
         --method none|ours|rand_word_add|rand_numb_add|rand_word_repeat|jain_stp|jain_dtp|jain_og|han_batch|
                  han_sample|ren_attn|gni [options]
 
@@ -10,9 +10,11 @@ own words; jain_* schedule the guidance (Jain et al. 2025), han_* adjust the ini
 ren_attn masks and rescales cross-attention (Ren et al. 2024), gni adds noise to the text embedding (Somepalli
 et al. 2023); see common/t2i/mitigation/methods.py. Every method starts prompt i from the same noise (seed
 gen_seed + i) and records per prompt its extra UNet evaluations and seconds per image. Writes
-{out}/{run_name}/: images/{row}.png (grid of the prompt's generations), results.jsonl (one row per prompt,
-appended per batch; re-running the same command resumes), summary.json, config.json and, with
---with_tracking, a tensorboard log in tb/.
+{out}/: images/{row}.png (grid of the prompt's generations), results.jsonl (one row per prompt,
+appended per batch; re-running the same command resumes), summary.json, config.json, side_by_side.png (the
+first generation of each of the first 8 prompts, under a row of their first ground-truth images when there are
+any; tiles of at least 256 px, tiny images enlarged with nearest neighbour; rebuilt from the images on disk at the
+end of every run, a resumed one included) and, with --with_tracking, a tensorboard log in tb/.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class InferenceMemConfig(MitigationSettings, RunOptions):
     split: str = shared_option("split")
     column: str | None = shared_option("column")
     skip_clip: bool = option(False, help="do not compute CLIP scores")
-    with_tracking: bool = option(False, help="tensorboard log in {out}/{run_name}/tb")
+    with_tracking: bool = option(False, help="tensorboard log in {out}/tb")
 
     def settings(self) -> MitigationSettings:
         return MitigationSettings(**{f.name: getattr(self, f.name) for f in fields(MitigationSettings)})
@@ -77,6 +79,8 @@ def run(cfg: InferenceMemConfig) -> dict:
         run_binding,
         run_mitigation,
     )
+    from diffmem.common.t2i.mitigation.side_by_side import SIDE_BY_SIDE_FILE, write_side_by_side
+    from diffmem.common.t2i.mitigation.tradeoff import run_label_of
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
     # Everything the user typed is checked before any model is loaded.
@@ -95,7 +99,7 @@ def run(cfg: InferenceMemConfig) -> dict:
     check_evaluators(sscd_model, reference_model, cfg.reference_model_pretrain)
     device = resolve_device(cfg.device)
     settings = cfg.settings()
-    out_dir = Path(cfg.out) / cfg.run_name
+    out_dir = cfg.run_dir
 
     import torch
 
@@ -109,7 +113,7 @@ def run(cfg: InferenceMemConfig) -> dict:
         pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
         parts = denoiser_parts(pipe)
         tracker = TensorboardTracker(out_dir / "tb") if cfg.with_tracking else None
-        extra = {"run_name": cfg.run_name, "dataset": str(dataset), "gt_root": str(gt_root) if gt_root else None,
+        extra = {"run_name": cfg.name, "dataset": str(dataset), "gt_root": str(gt_root) if gt_root else None,
                  "model": {"model_id": cfg.model_id, "unet_id": cfg.unet_id, "dtype": cfg.dtype, "device": device}}
         try:
             summary = run_mitigation(parts, pipe.vae, records, settings, out_dir, evaluators=evaluators,
@@ -120,6 +124,10 @@ def run(cfg: InferenceMemConfig) -> dict:
         finally:
             if tracker is not None:
                 tracker.close()
+        # From the files on disk, after the last row: a resumed run's picture holds every prompt.
+        picture = write_side_by_side(out_dir / SIDE_BY_SIDE_FILE, records, [(run_label_of(settings), out_dir)],
+                                     settings.num_images_per_prompt, gt_root,
+                                     title=f"{cfg.name}: first generation of each prompt")
         del pipe
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -135,6 +143,8 @@ def run(cfg: InferenceMemConfig) -> dict:
               f"SSCD mean {fmt(sscd.get('mean'))}, >0.5 {fmt(sscd.get('rate_gt_0.5'))}, "
               f"CLIP {fmt(clip.get('mean'))}{'' if clip.get('calibrated', True) else ' (UNCALIBRATED)'}, "
               f"{summary['counts']['without_ground_truth']} without ground truth")
+        if picture is not None:
+            print(f"{picture}: the first generations side by side")
         return summary
 
 

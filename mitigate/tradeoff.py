@@ -1,20 +1,22 @@
 """Sweep mitigation methods and plot replication (SSCD) against prompt alignment (CLIP score).
 
-    python mitigate/tradeoff.py --model_id ID_OR_DIR --dataset FILE_OR_DIR --run_name NAME
+    python mitigate/tradeoff.py --model ID_OR_DIR --data FILE_OR_DIR --out RUN_DIR
         [--methods none ours jain_stp jain_dtp jain_og han_batch han_sample ren_attn gni rand_word_add ...]
         [--target_losses 1 2 3 4] [--repeat_nums 1 2 4 8] [--sweep jain_tau=300,500,700 ren_c=1.1,1.25 ...]
         [--general_dataset FILE [--general_end N]] [options]
 
-Loads the model once and runs every method into {out}/{run_name}/{label}/ exactly as
+Loads the model once and runs every method into {out}/{label}/ exactly as
 ``mitigate/inference_mem.py --method`` would (resumable): ``ours`` once per --target_losses, the rand_* baselines
 once per --repeat_nums, every other method once per value of its knob given with --sweep (jain_stp: jain_tau,
 jain_dtp: jain_early_scale, han_batch: han_tau, han_sample: han_target_loss, ren_attn: ren_c, gni: gni_scale),
 else once at its --setting. An item METHOD:FIELD=V,... runs the method with those of its own settings
 (Jain et al.'s two static settings side by side: jain_stp jain_stp:jain_tau=650,jain_early_scale=-2). With
 --general_dataset every run is repeated on that prompt set (CLIP only) into {label}/general/. Writes
-{out}/{run_name}/tradeoff.json and tradeoff.png (mean SSCD vs mean CLIP score, one curve per method and the settings
-given with it, seconds per image in the legend). Without --methods: none (unless --skip_none), ours per
---target_losses and each of --baselines per --repeat_nums.
+{out}/tradeoff.json and tradeoff.png (mean SSCD vs mean CLIP score, one curve per method and the settings
+given with it, seconds per image in the legend) and side_by_side.png (one row per run, labelled as its folder,
+under a row of ground-truth images; one column per prompt, the first 8; each tile a prompt's first generation, at
+least 256 px, tiny images enlarged with nearest neighbour; the --general_dataset runs are not shown). Without
+--methods: none (unless --skip_none), ours per --target_losses and each of --baselines per --repeat_nums.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from diffmem.common.cli import (
 )
 from diffmem.common.errors import ConfigError
 from diffmem.common.runlock import lock_run_folder
-from diffmem.common.settings import option
+from diffmem.common.settings import float_list, int_list, option
 from diffmem.common.t2i.mitigation.run import (
     BASELINES,
     METHODS,
@@ -53,9 +55,9 @@ class TradeoffConfig(MitigationSettings, RunOptions):
                                        help=f"the methods to compare, of {', '.join(METHODS)}; an item may set the "
                                             "method's own settings for its runs, e.g. jain_stp:jain_tau=650,"
                                             "jain_early_scale=-2 or ours:be_mask=1 (None: none, ours and --baselines)")
-    target_losses: list[float] = option(default_factory=lambda: [1.0, 2.0, 3.0, 4.0], type=float, nargs="*",
+    target_losses: list[float] = option(default_factory=lambda: [1.0, 2.0, 3.0, 4.0], type=float_list, nargs="*",
                                         help="ours: one run per target loss")
-    repeat_nums: list[int] = option(default_factory=lambda: [1, 2, 4, 8], type=int, nargs="*",
+    repeat_nums: list[int] = option(default_factory=lambda: [1, 2, 4, 8], type=int_list, nargs="*",
                                     help="baselines: one run per value")
     baselines: list[str] = option(default_factory=lambda: ["rand_word_add"], nargs="*", choices=BASELINES,
                                   help="without --methods: the baselines to run")
@@ -124,6 +126,7 @@ def run(cfg: TradeoffConfig) -> list[dict]:
         run_binding,
         run_mitigation,
     )
+    from diffmem.common.t2i.mitigation.side_by_side import SIDE_BY_SIDE_FILE, write_side_by_side
     from diffmem.common.t2i.mitigation.tradeoff import plot_tradeoff, tradeoff_point
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
@@ -149,19 +152,19 @@ def run(cfg: TradeoffConfig) -> list[dict]:
 
     from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
 
-    with lock_run_folder(Path(cfg.out) / cfg.run_name, "--out"):
+    with lock_run_folder(cfg.run_dir, "--out"):
         quiet_hub_logging()
         evaluators = load_evaluators(cfg.sscd_model, cfg.sscd_preprocess, cfg.reference_model,
                                      cfg.reference_model_pretrain, gt_root, device)
         pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
         parts = denoiser_parts(pipe)
-        root = Path(cfg.out) / cfg.run_name
+        root = cfg.run_dir
         points = []
         for planned in runs:
             label, settings = planned.label, planned.settings
             summary = run_mitigation(parts, pipe.vae, records, settings, root / label, evaluators=evaluators,
                                      batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                                     extra_summary={"run_name": f"{cfg.run_name}/{label}", "dataset": str(dataset)},
+                                     extra_summary={"run_name": f"{cfg.name}/{label}", "dataset": str(dataset)},
                                      binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
                                                          cfg.sscd_preprocess, dataset_rows))
             general_summary = None
@@ -169,7 +172,7 @@ def run(cfg: TradeoffConfig) -> list[dict]:
                 general_summary = run_mitigation(
                     parts, pipe.vae, general, settings, root / label / "general",
                     evaluators=Evaluators(clip=evaluators.clip), batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                    extra_summary={"run_name": f"{cfg.run_name}/{label}/general", "dataset": cfg.general_dataset},
+                    extra_summary={"run_name": f"{cfg.name}/{label}/general", "dataset": cfg.general_dataset},
                     binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, Evaluators(clip=evaluators.clip),
                                         cfg.sscd_preprocess, general_rows))
             points.append(tradeoff_point(planned, summary, general_summary))
@@ -184,9 +187,12 @@ def run(cfg: TradeoffConfig) -> list[dict]:
             "num_images_per_prompt": cfg.num_images_per_prompt, "num_inference_steps": cfg.num_inference_steps,
             "guidance_scale": cfg.guidance_scale, "gen_seed": cfg.gen_seed, "device": device, "dtype": cfg.dtype})
         png = plot_tradeoff(points, root / "tradeoff.png",
-                            title=f"{cfg.run_name}: {len(records)} prompts, "
+                            title=f"{cfg.name}: {len(records)} prompts, "
                                   f"{cfg.num_images_per_prompt} generations each")
-        print(f"{root / 'tradeoff.json'}, {png}: {len(points)} runs")
+        picture = write_side_by_side(root / SIDE_BY_SIDE_FILE, records, [(r.label, root / r.label) for r in runs],
+                                     cfg.num_images_per_prompt, gt_root,
+                                     title=f"{cfg.name}: first generation of each prompt, one row per run")
+        print(f"{root / 'tradeoff.json'}, {png}{f', {picture}' if picture else ''}: {len(points)} runs")
         return points
 
 

@@ -360,7 +360,7 @@ def bind_folder_settings(outdir: str | Path, settings: dict, write: bool = True)
                 if old.get(k) != settings.get(k)]
         if diff:
             raise SamplerError(f"{record}: the images here were made with {', '.join(diff)}; "
-                               f"use another --outdir")
+                               f"use another --out")
         return
     if write:
         tmp = record.with_name(record.name + ".tmp")

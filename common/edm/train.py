@@ -76,19 +76,20 @@ class UnconditionalConfig:
     widths (``arch``) and the generic loop's settings (``loop``)."""
 
     data: str = option(help="EDM dataset zip (data/dataset_tool.py writes one)", metavar="ZIP")
-    outdir: str = option(help="run folder: snapshots, checkpoints, logs", metavar="DIR")
+    outdir: str = option(flag="--out", aliases=("--outdir",), help="run folder: snapshots, checkpoints, logs",
+                         metavar="DIR")
     cond: bool = option(False, help="class-conditional on the dataset's labels")
     xflip: bool = option(False, help="EDM's x-flips: the dataset doubled with mirrored copies")
     arch: ArchConfig = field(default_factory=ArchConfig)
     precond: str = option("vp", choices=PRECONDS, help="preconditioning and loss (Karras et al. 2022, Table 1)")
-    skip_connections: list[int] | None = option(None, type=int_list, metavar="0/1,..",
+    skip_connections: list[int] | None = option(None, type=int_list, nargs="+", metavar="0/1",
                                                 help="one 0/1 per encoder output, stem first (DiffMemorize's "
                                                      "format); None: all 1")
     duration: float = option(200.0, help="training length, Mimg (fractions allowed); with --schedule diffmemorize "
                                          "rescaled by |D|")
     schedule: str = option("edm", choices=SCHEDULES,
                            help="diffmemorize: rescale duration, EMA half-life and LR ramp-up by |D| as Gu et al.")
-    batch: int = option(512, help="global batch per optimizer step")
+    batch: int = option(512, flag="--batch_size", aliases=("--batch",), help="global batch per optimizer step")
     batch_gpu: int | None = option(None, type=int, metavar="N",
                                    help="per-process micro-batch (accumulation makes up the rest; None: all)")
     lr_rampup: float | None = option(None, type=float, metavar="KIMG", help="LR ramp-up, kimg (None: the "
@@ -106,7 +107,7 @@ class UnconditionalConfig:
         self.arch.validate()
         for name in ("batch",):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"--batch_size must be >= 1, got {getattr(self, name)}")
         if self.batch_gpu is not None and self.batch_gpu < 1:
             raise ConfigError(f"--batch_gpu must be >= 1, got {self.batch_gpu}")
         for name, value in (("duration", self.duration), ("snap", self.snap), ("lr", self.loop.lr)):
@@ -126,7 +127,7 @@ class UnconditionalConfig:
             raise ConfigError(f"--arch {self.arch.arch} trains with --precond {' | '.join(EDM_PRECONDS)}")
         out = Path(self.outdir)
         if out.exists() and not out.is_dir():
-            raise ConfigError(f"--outdir {out} is a file; expected a run folder (new or one to resume)")
+            raise ConfigError(f"--out {out} is a file; expected a run folder (new or one to resume)")
         if data_must_exist and not Path(self.data).is_file():
             raise ConfigError(f"--data {self.data}: no such file (expected an EDM dataset zip; see "
                               "data/dataset_tool.py)")
@@ -186,7 +187,7 @@ class EDMTrainingLoss:
 def micro_batch_size(batch: int, batch_gpu: int | None, num_processes: int) -> tuple[int, int]:
     """(per-process micro-batch, accumulation rounds) for a global batch, as EDM's --batch-gpu splits it."""
     if batch % num_processes:
-        raise ConfigError(f"--batch {batch} is not divisible by the {num_processes} processes")
+        raise ConfigError(f"--batch_size {batch} is not divisible by the {num_processes} processes")
     per_process = batch // num_processes
     micro = min(batch_gpu or per_process, per_process)
     if per_process % micro:
@@ -241,9 +242,9 @@ def train_unconditional(cfg: UnconditionalConfig):
     # Before the data is decoded or a model built: a refused resume writes nothing (one line, exit 2).
     bound = run_settings(cfg)
     train = cfg.loop.train_config(cfg.outdir)
-    with lock_run_folder(train.output_dir, "--outdir"):
+    with lock_run_folder(train.output_dir, "--out"):
         bind_training_settings(train, bound, results_exist=bool(list_snapshots(train.output_dir)),
-                               outdir_flag="--outdir")
+                               outdir_flag="--out")
         local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
         data = load_dataset_zip(cfg.data, progress=local_main and train.show_progress)
         base = ImageDataset(data, seed=train.seed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STYLES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
+from diffmem.common.t2i.options import PROMPT_AUG_STYLES as STYLES
 
 # Wen et al. draw random words as single CLIP token ids below 49400 (the vocabulary without its special ids).
 RANDOM_TOKEN_ID_LIMIT = 49400

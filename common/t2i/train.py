@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.common.errors import ConfigError
+from diffmem.common.hub import check_model_reference
 from diffmem.common.results import write_json_atomic
 from diffmem.common.runlock import lock_run_folder
 from diffmem.common.seeding import (
@@ -28,7 +29,7 @@ from diffmem.common.seeding import (
     randint_per_sample,
     randn_per_sample,
 )
-from diffmem.common.settings import option, prompt_text
+from diffmem.common.settings import option, option_flag, prompt_text
 from diffmem.common.t2i.options import PREDICTION_TYPES
 from diffmem.common.t2i.pipeline import load_pipeline
 from diffmem.common.t2i.prompt_aug import STYLES
@@ -55,13 +56,16 @@ from diffmem.common.training.loss import hard_threshold_keep, min_snr_weight, sn
 class TextToImageConfig:
     """Everything ``finetune/train_text_to_image.py`` needs; ``train`` holds the generic loop settings."""
 
-    pretrained_model_name_or_path: str = option(help="Hub id or local pipeline folder")
+    pretrained_model_name_or_path: str = option(flag="--model", aliases=("--pretrained_model_name_or_path",
+                                                                         "--model_id"),
+                                                help="Hub id or local pipeline folder")
     train: TrainConfig
     revision: str | None = option(None, type=str, help="Hub revision of the pipeline")
     variant: str | None = option(None, type=str, help="weights variant, e.g. fp16 or non_ema")
     # data: a folder (flat or imagefolder) with Wen et al.'s mixture, or a 🤗 dataset
-    train_data_dir: str | None = option(None, type=str, help="folder of xxx.jpg + xxx.txt pairs, or an imagefolder "
-                                                             "with metadata.jsonl")
+    train_data_dir: str | None = option(None, type=str, flag="--data", aliases=("--train_data_dir", "--dataset"),
+                                        help="folder of xxx.jpg + xxx.txt pairs, or an imagefolder with metadata.jsonl "
+                                             "(--dataset: Wen et al.'s name for it, the memorized images)")
     non_mem_dataset: str | None = option(None, type=str,
                                          help="folder of non-memorized images mixed in (same layouts)")
     dataset_name: str | None = option(None, type=str, help="a 🤗 dataset (Hub name or local) instead of a folder")
@@ -103,7 +107,7 @@ class TextToImageConfig:
         or model is read."""
         t = self.train
         if (self.train_data_dir is None) == (self.dataset_name is None):
-            raise ConfigError("expected exactly one data source: --train_data_dir/--dataset (folder) or --dataset_name")
+            raise ConfigError("expected exactly one data source: --data (a folder) or --dataset_name (a 🤗 dataset)")
         positive = {"train_batch_size": t.train_batch_size,
                     "gradient_accumulation_steps": t.gradient_accumulation_steps, "resolution": self.resolution,
                     "checkpointing_steps": t.checkpointing_steps, "num_train_epochs": t.num_train_epochs,
@@ -132,9 +136,11 @@ class TextToImageConfig:
         if t.learning_rate <= 0:
             raise ConfigError(f"--learning_rate must be > 0, got {t.learning_rate}")
         if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
-            raise ConfigError(f"--output_dir {t.output_dir} is a file; expected a run folder (new or one to resume)")
+            raise ConfigError(f"--out {t.output_dir} is a file; expected a run folder (new or one to resume)")
         if t.validation_steps is not None and not self.validation_prompts:
             raise ConfigError("--validation_steps needs --validation_prompts")
+        check_model_reference(self.pretrained_model_name_or_path,
+                              option_flag(TextToImageConfig, "pretrained_model_name_or_path"), self.revision)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -348,7 +354,7 @@ def train_text_to_image(cfg: TextToImageConfig):
 
     check_optional_features(cfg)
     # Before any data is read or model loaded: a refused resume writes nothing (one line, exit 2).
-    with lock_run_folder(cfg.train.output_dir, "--output_dir"):
+    with lock_run_folder(cfg.train.output_dir, "--out"):
         bind_training_settings(cfg.train, run_settings(cfg))
         local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
         records, report, hf = load_training_records(cfg, progress=local_main and cfg.train.show_progress)
@@ -409,8 +415,30 @@ def train_text_to_image(cfg: TextToImageConfig):
             export_fn=_exporter(cfg), tracker_config=tracker_config,
             extra_state={"data": {"total": report.total, "mem_used": report.mem_used,
                                   "non_mem_used": report.non_mem_used}},
+            drop_rule=None if cfg.hard_threshold is None else f"{threshold_flag()} {cfg.hard_threshold:g} "
+                                                             f"(text-noise norm >= T)",
         )
-        return trainer.train()
+        summary = trainer.train()
+    check_samples_kept(summary, cfg)
+    return summary
+
+
+def threshold_flag() -> str:
+    """The flag of Wen et al.'s thresholded loss, as the CLI spells it."""
+    return option_flag(TextToImageConfig, "hard_threshold")
+
+
+def check_samples_kept(summary, cfg: TextToImageConfig) -> None:
+    """TrainSetupError (one line) when the thresholded loss dropped every sample of the whole run: the loss never
+    gave the model a gradient. Raised after the run has finished, so its checkpoints and files stay as written."""
+    if cfg.hard_threshold is None or not summary.samples_seen or summary.samples_kept:
+        return
+    norm = summary.final_logs.get("text_noise_norm")
+    last = f", mean {norm:.3g} at the last step" if norm is not None else ""
+    raise TrainSetupError(
+        f"{threshold_flag()} {cfg.hard_threshold:g} dropped every one of the run's {summary.samples_seen} samples "
+        f"(their text-noise norm >= T{last}): the model was never updated (weight decay aside); raise "
+        f"{threshold_flag()} above the samples' norms (the files in {cfg.train.output_dir} are kept)")
 
 
 __all__ = [

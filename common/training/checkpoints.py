@@ -202,7 +202,7 @@ def resume_hint(outdir_flag: str) -> str:
 
 
 def bind_training_settings(cfg: TrainConfig, settings: dict, results_exist: bool = False,
-                           outdir_flag: str = "--output_dir") -> Path | None:
+                           outdir_flag: str = "--out") -> Path | None:
     """Bind the settings that change a run's result to its output folder; the checkpoint to resume from.
 
     Once the folder holds a complete checkpoint (or results_exist: an arm's own outputs such as snapshots),

@@ -41,9 +41,10 @@ class TrainSetupError(DiffmemError, ValueError):
 class TrainConfig:
     """Settings of the generic loop (model- and data-independent)."""
 
-    output_dir: str = option(help="run folder: checkpoints, logs and the trained model")
+    output_dir: str = option(flag="--out", aliases=("--output_dir",),
+                             help="run folder: checkpoints, logs and the trained model")
     seed: int = option(0, help="seed of the data order, noise and timesteps")
-    train_batch_size: int = option(16, help="per process")
+    train_batch_size: int = option(16, flag="--batch_size", aliases=("--train_batch_size",), help="per process")
     num_train_epochs: int = option(100, help="passes over the data (unless --max_train_steps)")
     max_train_steps: int | None = option(None, type=int, help="overrides --num_train_epochs")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
@@ -70,7 +71,7 @@ class TrainConfig:
     mixed_precision: str | None = option(None, choices=MIXED_PRECISIONS, help="None: the accelerate config's")
     report_to: str = option("tensorboard", choices=REPORT_TO, help="experiment tracker")
     tracker_project_name: str = option("diffmem", help="the tracker's project name")
-    logging_dir: str = option("logs", help="tracker folder, relative to --output_dir")
+    logging_dir: str = option("logs", help="tracker folder, relative to --out")
     dataloader_num_workers: int = option(0, help="data loader worker processes")
     allow_tf32: bool = option(False, help="TF32 matmuls on Ampere+ GPUs")
     validation_steps: int | None = option(None, type=int,

@@ -13,6 +13,7 @@ import pytest
 
 from diffmem.common import cli
 from diffmem.common.errors import ConfigError
+from diffmem.common.settings import float_list
 
 PACKAGES = ("diffmem.detect", "diffmem.data", "diffmem.finetune", "diffmem.mitigate")
 BUILDERS = ("build_parser", "build_plot_parser", "parse_args", "parse_config")
@@ -60,7 +61,7 @@ def parsers_of(module_name: str, monkeypatch) -> list[argparse.ArgumentParser]:
 def is_float_option(action: argparse.Action) -> bool:
     default = action.default
     listed = isinstance(default, (list, tuple)) and default and all(isinstance(v, float) for v in default)
-    return (action.type in (float, cli.finite_float, cli.extended_float) or isinstance(default, float)
+    return (action.type in (float, cli.finite_float, cli.extended_float, float_list) or isinstance(default, float)
             or bool(listed)) and not isinstance(default, bool)
 
 
@@ -98,7 +99,7 @@ def test_every_float_option_refuses_nan_and_inf(module_name, capsys, monkeypatch
     opted_out = set()
     for parser, action in float_options(module_name, monkeypatch):
         flag = action.option_strings[0]
-        assert action.type in (cli.finite_float, cli.extended_float), \
+        assert action.type in (cli.finite_float, cli.extended_float, float_list), \
             f"{module_name} {flag}: a float option not built through common.cli.option (type {action.type})"
         nan = refusal(parser, action, "nan", capsys)
         assert nan is not None and len(nan.splitlines()) == 1, f"{module_name} {flag} took nan"

@@ -12,4 +12,6 @@ def test_every_cli_has_its_help_page_and_each_page_is_current():
     assert scripts <= {module.rsplit(".", 1)[1] for _, module, _ in tool.PAGES}, "a CLI without a help page"
     assert tool.stale_pages() == [], "docs/cli is stale: run make docs"
     text = (REPO / "docs" / "cli" / "detect_mem.txt").read_text()
-    assert text.startswith("usage: detect_mem.py") and "--model_id MODEL_ID" in text and "(required)" in text
+    assert text.startswith("usage: detect_mem.py")
+    assert "--model, --model_id, --pretrained_model_name_or_path MODEL" in text
+    assert "(required)" in text and (REPO / "docs" / "vocabulary.md").is_file()

@@ -525,7 +525,7 @@ def test_bad_input_names_the_file_through_the_real_entry_point(tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"dataset_tool: error: {bad}: expected a CIFAR-10")
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz"]
     r = run_cli(SCRIPT, "--source", "digits", "--dest", tmp_path / "out.txt")
-    assert r.returncode == 2 and "--dest must name a .zip file" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and "--out must name a .zip file" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_an_existing_dest_is_replaced_only_with_overwrite(tmp_path, capsys):

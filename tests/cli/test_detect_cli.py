@@ -64,7 +64,8 @@ def test_end_to_end(tiny_pipeline_dir, tiny_parts, dataset, tmp_path):
 def test_bad_row_is_reported_before_any_model_is_loaded(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"caption": "fine"}\n{"caption": "broken"\n')
-    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "no-model", "--dataset", bad, "--run_name", "x",
+    # An existing folder, though no pipeline: a model reference that does not exist is refused first.
+    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path, "--dataset", bad, "--run_name", "x",
                   "--output_dir", tmp_path / "out")
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and f"{bad}:2:" in res.stderr and "expected a JSON object" in res.stderr
@@ -74,7 +75,7 @@ def test_bad_row_is_reported_before_any_model_is_loaded(tmp_path):
 def test_latin1_dataset_is_one_line_before_any_model_is_loaded(tmp_path):
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"caption": "fine"}\n{"caption": "café"}\n'.encode("latin-1"))
-    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "no-model", "--dataset", latin1,
+    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path, "--dataset", latin1,
                   "--run_name", "x", "--output_dir", tmp_path / "out")
     assert res.returncode == 2, res.stderr
     assert res.stderr.splitlines() == [f"detect_mem: error: {latin1}:2: not UTF-8 text (byte 0xe9 at column 17); "
@@ -83,13 +84,17 @@ def test_latin1_dataset_is_one_line_before_any_model_is_loaded(tmp_path):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--score_steps", "0"], "--score_steps must be in 1..50"),
-    (["--score_steps", "first"], "positive integer or 'all'"),
+    (["--score_steps", "0"], "expected a positive step count or 'all', got '0'"),
+    (["--score_steps", "first"], "expected a positive step count or 'all'"),
+    (["--target_steps", "50"], "--target_steps must be a prefix of the trajectory"),
+    (["--target_steps", "0-50"], "--target_steps must lie in 0..49"),
+    (["--target_steps", "first"], "--target_steps must be a prefix"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
-    (["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0"),  # not --score_steps'
+    (["--num_inference_steps", "0"], "--num_inference_steps must be at least 1, got 0"),  # not --target_steps'
     (["--latents", "random"], "invalid choice"),
     (["--detector", "oracle"], "invalid choice"),
-    (["--detector", "sharpness", "--score_steps", "2"], "--score_steps applies to --detector wen only"),
+    (["--detector", "sharpness", "--score_steps", "2"], "--target_steps applies to --detector wen only"),
+    (["--detector", "sharpness", "--target_steps", "0-1"], "--target_steps applies to --detector wen only"),
     (["--anisotropy_weights", "1", "2"], "--anisotropy_weights applies to --detector anisotropy only"),
     (["--detector", "anisotropy", "--num_inference_steps", "2"], "needs --num_inference_steps of at least 3"),
 ])
@@ -102,7 +107,7 @@ def test_bad_settings_are_one_line(dataset, tmp_path, args, expected):
 def test_unknown_model_is_one_line(dataset, tmp_path):
     res = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "missing-model", "--dataset", dataset,
                   "--run_name", "x", "--output_dir", tmp_path / "out")
-    assert res.returncode == 2 and "missing-model: no such model folder" in res.stderr
+    assert res.returncode == 2 and "missing-model: no such folder, and not a Hub id (owner/name)" in res.stderr
     assert "Traceback" not in res.stderr
 
 
@@ -111,13 +116,13 @@ def test_failed_run_does_not_block_its_corrected_retry(tiny_pipeline_dir, datase
     args = ["--dataset", dataset, "--run_name", "p", "--output_dir", out, "--end", 2,
             "--num_images_per_prompt", 1, "--num_inference_steps", 3, "--score_steps", 1]
     failed = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "nope", *args)
-    assert failed.returncode == 2 and "nope: no such model folder" in failed.stderr
+    assert failed.returncode == 2 and "nope: no such folder" in failed.stderr
 
     fixed = run_cli("detect/detect_mem.py", "--model_id", tiny_pipeline_dir, *args)
     assert fixed.returncode == 0, fixed.stderr
     assert [r["row"] for r in read_jsonl(out / "p.jsonl")] == [0, 1]
     # Now that results exist, their settings bind the run.
-    other = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "nope", *args)
+    other = run_cli("detect/detect_mem.py", "--model_id", tmp_path, *args)  # another folder (no pipeline)
     assert other.returncode == 2 and f"model_id={str(tiny_pipeline_dir)!r}" in other.stderr
 
 

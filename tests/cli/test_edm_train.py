@@ -154,7 +154,7 @@ def test_a_resume_with_a_changed_setting_is_refused_and_writes_nothing(data, hal
     res = run_cli(SCRIPT, *args(data, half_run, 10, 8, *change, "--resume_from_checkpoint", "latest"),
                   timeout=120, env=ONE_THREAD)
     line = one_line_error(res)
-    assert "training_options.json" in line and setting in line and "another output folder (--outdir" in line, line
+    assert "training_options.json" in line and setting in line and "another output folder (--out " in line, line
     assert folder_state(half_run) == before  # training_options.json included
 
 
@@ -181,7 +181,7 @@ def test_another_data_file_with_the_same_name_is_refused(data, half_run, tmp_pat
 def test_outdir_that_is_a_file_is_one_line(data, tmp_path):
     (tmp_path / "f").write_text("x")
     line = one_line_error(run_cli(SCRIPT, *args(data, tmp_path / "f", 2, 8), timeout=60))
-    assert "--outdir" in line and "is a file" in line, line
+    assert "--out " in line and "is a file" in line, line
 
 
 def test_resume_counts_images_since_step_0_and_continues_lr_and_ema_step_by_step(data, tmp_path):

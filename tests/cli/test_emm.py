@@ -374,6 +374,22 @@ def test_job_commands_carry_the_sweep_settings(tmp_path):
     assert mem == ["--expdir", str(p.run), "--knn_ref", str(p.data), "--seeds", "0-7"]
 
 
+def test_accelerate_config_is_a_file_or_a_shipped_configs_name(tmp_path):
+    from diffmem.common.resources import accelerate_configs_dir
+
+    cfg = sweep_cfg(tmp_path, [8], accelerate_config="cpu")  # found in the installation, from any folder
+    cfg.validate()
+    assert build_job(cfg, 8, "py").accelerate_config == str(accelerate_configs_dir() / "cpu.yaml")
+    own = tmp_path / "mine.yaml"
+    own.write_text("compute_environment: LOCAL_MACHINE\n")
+    cfg = sweep_cfg(tmp_path, [8], accelerate_config=str(own))
+    cfg.validate()
+    assert build_job(cfg, 8, "py").accelerate_config == str(own)
+    with pytest.raises(ConfigError, match=r"^--accelerate_config gpu9: no such accelerate config file, nor a "
+                                          r"shipped one \(shipped: cpu, deepspeed_zero2, "):
+        sweep_cfg(tmp_path, [8], accelerate_config="gpu9").validate()
+
+
 # ------------------------------------------------------------------------------------------------ the CLI
 
 def emm(*args, env=None, timeout=300):
@@ -463,7 +479,7 @@ def test_cli_failure_exit_code_names_the_log_and_grid_extension(tmp_path, fake_s
     (["--stage_scripts", "eval=x.py"], "--stage_scripts"),
     # Each stage's own parser, before anything starts (no dataset built, no model trained first).
     (["--train_args", "--bogus 3"], "--train_args: the train stage (train_unconditional.py) refuses its arguments: "
-                                    "train_unconditional.py: error: unrecognized arguments: --bogus 3"),
+                                    "train_unconditional.py: error: unrecognized argument --bogus (see --help)"),
     (["--mem_args", "--seeds 5-2"],
      "--mem_args: the mem stage (mem_ratio.py) refuses its arguments: mem_ratio: error:"),
     (["--dataset_args", "--resolution x"], "--dataset_args: the data stage (dataset_tool.py) refuses its arguments"),

@@ -409,7 +409,7 @@ def test_cli_class_idx_fixes_the_label(snapshots, tmp_path):
     (["--seeds", "9-1"], "runs backwards"),
     (["--seeds", "x"], "bad --seeds"),
     (["--steps", "0"], "--steps >= 1"),
-    (["--batch", "0"], "--batch >= 1"),
+    (["--batch", "0"], "--batch_size >= 1"),
     (["--sigma_min", "-1"], "--sigma_min"),
     (["--S_churn", "-1"], "--S_churn"),
     (["--class_idx", "0"], "unconditional"),

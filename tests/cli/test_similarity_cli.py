@@ -319,7 +319,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, sscd, inputs):
         (("rpscore", "--source", a, "--target", tmp_path / "sscd.npz"), "different preprocessing"),
         (("rpscore", "--source", a, "--target", tmp_path / "zip.npz"), "have no seeds"),
         (("mscore", "--source", a, "--target", a, "--chunk", "0"), "--chunk >= 1"),
-        (("features", "--images", inputs / "png", "--out", tmp_path / "x.npz", "--batch", "0"), "--batch >= 1"),
+        (("features", "--images", inputs / "png", "--out", tmp_path / "x.npz", "--batch", "0"), "--batch_size >= 1"),
     ]
     for args, match in cases:
         _one_line_error(*_main(capsys, *args)[::2], match)
@@ -386,13 +386,13 @@ def test_cli_thresholds_outside_the_cosine_range_and_text_files_are_one_line(tmp
     for t in ("1.5", "-1.01"):
         for score in ("rpscore", "mscore"):
             rc, _, err = _main(capsys, score, "--source", tmp_path / "a.npz", "--target", tmp_path / "a.npz", "--t", t)
-            _one_line_error(rc, err, "--t in [-1, 1]")
+            _one_line_error(rc, err, "--sscd_threshold in [-1, 1]")
     for score in ("rpscore", "mscore"):  # a non-finite float is refused by the option itself (common.cli)
         with pytest.raises(SystemExit) as exc:
             _main(capsys, score, "--source", tmp_path / "a.npz", "--target", tmp_path / "a.npz", "--t", "nan")
         err = capsys.readouterr().err
         assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
-        assert "argument --t: expected a finite number, got 'nan'" in err
+        assert "argument --sscd_threshold: expected a finite number, got 'nan'" in err
     (tmp_path / "notes.npz").write_text("features, by hand\n")
     rc, _, err = _main(capsys, "mscore", "--source", tmp_path / "notes.npz", "--target", tmp_path / "a.npz")
     _one_line_error(rc, err, "not an npz file")

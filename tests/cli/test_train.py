@@ -55,6 +55,14 @@ def base_args(model_dir, mem, out, *extra):
             "--train_batch_size", "2", "--report_to", "none", "--output_dir", str(out), *map(str, extra)]
 
 
+def no_pipeline(tmp_path):
+    """A model folder that exists but holds no pipeline: for checks that must answer before any model is loaded (a
+    model reference that does not exist at all is refused before them)."""
+    folder = tmp_path / "no-such-model"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 def unet_weights(folder):
     return load_file(os.path.join(folder, UNET_FILE))
 
@@ -116,7 +124,8 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
     assert list((out / "validation" / "step-4").glob("*.png"))
     assert list((out / "logs").rglob("events.out.tfevents*"))
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["global_step"] == 4 and summary["samples_seen"] == 8
+    assert summary["global_step"] == 4 and summary["samples_seen"] == 8 and summary["dropped_fraction"] == 0.0
+    assert "samples kept, 0.0% dropped by the threshold); pipeline saved to" in res.stdout
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -205,7 +214,7 @@ def test_resume_with_another_learning_rate_is_refused_before_anything_is_written
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "learning_rate=0.001 (now 0.002)" in err[0]
-    assert "another output folder (--output_dir" in err[0]
+    assert "another output folder (--out NEW_DIR)" in err[0]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # A new folder started from this run's checkpoint is a new run (a fork, as the lab's mitigated run): its own
     # settings are recorded there.
@@ -227,7 +236,7 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_pipeline_dir, data, tmp_path
     (tmp_path / "f").write_text("x")
     assert main(base_args(tiny_pipeline_dir, data[0], tmp_path / "f", "--max_train_steps", "1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--output_dir" in err[0] and "is a file" in err[0]
+    assert len(err) == 1 and "--out " in err[0] and "is a file" in err[0]
 
 
 def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):
@@ -319,16 +328,29 @@ def test_threshold_mask_and_loss_against_a_hand_computation(tiny_pipe, data, tmp
 
 @pytest.mark.parametrize("snr_gamma, weight_decay", [(None, 0.0), (5.0, 0.1)])
 def test_fully_dropped_batches_keep_the_loss_finite_and_weights_unchanged(
-        tiny_pipeline_dir, data, tmp_path, fresh_accelerate, snr_gamma, weight_decay):
+        tiny_pipeline_dir, data, tmp_path, fresh_accelerate, capsys, snr_gamma, weight_decay):
     from diffmem.finetune.train_text_to_image import main
 
     mem, _ = data
     out = tmp_path / "run"
     extra = ["--hard_threshold", "0", "--max_train_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
-             "--adam_weight_decay", weight_decay]
+             "--adam_weight_decay", weight_decay, "--checkpointing_steps", "1"]
     if snr_gamma is not None:
         extra += ["--snr_gamma", snr_gamma]
-    assert main(base_args(tiny_pipeline_dir, mem, out, *extra)) == 0
+    # A run whose every sample was dropped is no silent success: one warning line at the first such step, then
+    # one error line and exit 2 once it has finished; what it wrote stays.
+    assert main(base_args(tiny_pipeline_dir, mem, out, *extra)) == 2
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.out.splitlines() if line.startswith("warning: step")]
+    assert warnings == ["warning: step 1: all 2 samples of the step were dropped by --hard_threshold 0 (text-noise "
+                        "norm >= T): the loss gives it no gradient (said once; train_log.jsonl has each step's "
+                        "dropped_fraction, train_summary.json the run's)"]
+    [error] = [line for line in captured.err.splitlines() if "error" in line]  # beside the progress bars
+    assert error.startswith("train_text_to_image: error: --hard_threshold 0 dropped every one of the run's 4 samples "
+                            "(their text-noise norm >= T, mean ")
+    assert error.endswith(f"): the model was never updated (weight decay aside); raise --hard_threshold above the "
+                          f"samples' norms (the files in {out} are kept)")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     for row in read_log(out):
         assert row["train_loss"] == 0.0 and row["dropped_fraction"] == 1.0 and row["grad_norm"] == 0.0
     before, after = unet_weights(tiny_pipeline_dir / "unet"), unet_weights(out / "unet")
@@ -336,7 +358,7 @@ def test_fully_dropped_batches_keep_the_loss_finite_and_weights_unchanged(
     for k in before:
         torch.testing.assert_close(after[k], before[k] * decay, rtol=1e-6, atol=0)
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["samples_kept"] == 0 and summary["samples_seen"] == 4
+    assert summary["samples_kept"] == 0 and summary["samples_seen"] == 4 and summary["dropped_fraction"] == 1.0
 
 
 def test_two_processes_with_one_rank_fully_dropped_do_not_hang(tiny_pipeline_dir, tmp_path):
@@ -369,7 +391,7 @@ def test_two_processes_with_one_rank_fully_dropped_do_not_hang(tiny_pipeline_dir
 def test_corrupt_image_is_one_line_before_any_model_is_loaded(data, tmp_path):
     mem, _ = data
     (mem / "002.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    res = run_cli(SCRIPT, *base_args(tmp_path / "no-such-model", mem, tmp_path / "out"), timeout=120, env=ONE_THREAD)
+    res = run_cli(SCRIPT, *base_args(no_pipeline(tmp_path), mem, tmp_path / "out"), timeout=120, env=ONE_THREAD)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "002.jpg: cannot read image" in err[0] and "--skip_corrupt_images" in err[0]
@@ -380,7 +402,7 @@ def test_latin1_caption_is_one_line_before_any_model_is_loaded(data, tmp_path, c
 
     mem, _ = data
     (mem / "001.txt").write_bytes("un café".encode("latin-1"))
-    assert main(base_args(tmp_path / "no-such-model", mem, tmp_path / "out")) == 2
+    assert main(base_args(no_pipeline(tmp_path), mem, tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"train_text_to_image: error: {mem / '001.txt'}:1: not UTF-8 text (byte 0xe9 at column 7); "
                    f"re-save the file as UTF-8"]
@@ -392,7 +414,7 @@ def test_missing_extras_fail_with_one_line(data, tmp_path):
     mem, _ = data
     if importlib.util.find_spec("xformers") is not None and torch.cuda.is_available():
         pytest.skip("xformers and a GPU are present")
-    res = run_cli(SCRIPT, *base_args(tmp_path / "no-such-model", mem, tmp_path / "out",
+    res = run_cli(SCRIPT, *base_args(no_pipeline(tmp_path), mem, tmp_path / "out",
                                      "--enable_xformers_memory_efficient_attention"), timeout=120)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
@@ -413,7 +435,7 @@ def test_bad_arguments_are_rejected_with_one_line(data, tmp_path, capsys, extra,
     if extra == ["--use_8bit_adam"] and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     mem, _ = data
-    assert main(base_args(tmp_path / "no-such-model", mem, tmp_path / "out", *extra)) == 2
+    assert main(base_args(no_pipeline(tmp_path), mem, tmp_path / "out", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
 

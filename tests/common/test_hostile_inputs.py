@@ -90,7 +90,7 @@ def test_detect_mem_refuses_the_caption_before_loading_a_model(tmp_path, capsys)
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"caption": "one"}\n{"caption": "two"}\n' + SURROGATE_LINE)
-    rc = detect_mem.main(["--model_id", str(tmp_path / "no-model"), "--dataset", str(path),
+    rc = detect_mem.main(["--model_id", str(tmp_path), "--dataset", str(path),  # a folder, though no pipeline
                           "--output_dir", str(tmp_path / "out"), "--run_name", "r"])
     assert rc == 2
     assert one_line(capsys.readouterr().err) == f"detect_mem: error: {path}:3: {EXPECTED}"

@@ -82,6 +82,7 @@ def inputs(tmp_path_factory):
     (root / "p.jsonl").write_text('{"caption": "a cat"}\n')
     write_dataset_zip(root / "d.zip", np.zeros((4, 1, 8, 8), dtype=np.uint8), None, progress=False)
     (root / "img").mkdir()
+    (root / "no-model").mkdir()  # exists (a model reference that does not is refused before the lock), no pipeline
     return root
 
 
@@ -90,11 +91,11 @@ CLIS = {
     "detect_mem": ("detect/detect_mem.py", lambda i, o: ["--model_id", i / "no-model", "--dataset", i / "p.jsonl",
                                                          "--run_name", "r", "--output_dir", o], ".r.lock"),
     "inference_mem": ("mitigate/inference_mem.py", lambda i, o: [
-        "--model_id", i / "no-model", "--dataset", i / "p.jsonl", "--run_name", "r", "--out", o.parent,
+        "--model_id", i / "no-model", "--dataset", i / "p.jsonl", "--run_name", "r", "--out", o,
         "--sscd_model", "none", "--skip_clip"], ".diffmem.lock"),
     "tradeoff": ("mitigate/tradeoff.py", lambda i, o: [
         "--model_id", i / "no-model", "--dataset", i / "p.jsonl", "--gt_dir", i, "--run_name", "r",
-        "--out", o.parent, "--sscd_model", "default", "--reference_model", "ViT-S-32", "--reference_model_pretrain",
+        "--out", o, "--sscd_model", "default", "--reference_model", "ViT-S-32", "--reference_model_pretrain",
         "none"], ".diffmem.lock"),
     "generate": ("detect/generate.py", lambda i, o: ["--network", i / "no-network", "--seeds", "0-1",
                                                       "--outdir", o], ".generate.lock"),
@@ -109,8 +110,7 @@ CLIS = {
 
 
 def out_folder(tmp_path, name):
-    # inference_mem and tradeoff take the parent (--out) and a run name; the run folder is OUT/r.
-    return tmp_path / "out" / "r" if name in ("inference_mem", "tradeoff") else tmp_path / "out"
+    return tmp_path / "out"  # --out: the folder the run writes (docs/vocabulary.md)
 
 
 @pytest.mark.parametrize("name", list(CLIS))

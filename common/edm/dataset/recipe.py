@@ -9,6 +9,7 @@ subset, the mix and the random labels are independent and each reproducible from
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -126,12 +127,20 @@ def prepare_image(image: np.ndarray, where: str, channels: int | None = None, re
     return image
 
 
+def square_resolution(text: str) -> int:
+    """An option type: ``32`` or EDM's ``32x32`` -> 32 (the zips hold square images)."""
+    width, _, height = text.lower().partition("x")
+    if not width.strip().isdigit() or (height and height.strip() != width.strip()):
+        raise argparse.ArgumentTypeError(f"expected R or RxR (square), got {text!r}")
+    return int(width)
+
+
 @dataclass(frozen=True)
 class DatasetRecipe:
     """What to take from which source (see the module docstring for the rules); ``validate`` checks it; each field
     is also a dataset_tool option."""
 
-    source: str = option(metavar="SRC",
+    source: str = option(metavar="SRC", flag="--data", aliases=("--source",),
                          help="cifar-10-python.tar.gz, a folder of images, an EDM dataset zip, 'digits', or 'molrg' "
                               "(float MoLRG data; see the --molrg_* options)")
     max_images: int | None = option(None, type=int, metavar="N",
@@ -148,7 +157,8 @@ class DatasetRecipe:
                                 help="true (None: true when the source has labels, else none), random (needs "
                                      "--num_classes), unique (label = output index) or none")
     num_classes: int | None = option(None, type=int, metavar="K", help="random labels are drawn in 0..K-1")
-    resolution: int | None = option(None, type=int, metavar="R", help="resize to R×R with PIL's Lanczos filter")
+    resolution: int | None = option(None, type=square_resolution, metavar="R",
+                                    help="resize to R×R with PIL's Lanczos filter (EDM's RxR form too: 32x32)")
     transform: str | None = option(None, choices=TRANSFORMS,
                                    help="center-crop: crop to the centred square before resizing (non-square "
                                         "images)")

@@ -66,13 +66,14 @@ def checkpoint_glob() -> str:
 @dataclass
 class SweepSettings:
     """What every result of a sweep depends on; recorded in SWEEP/sweep.json."""
-    source: str = option(metavar="SRC",
+    source: str = option(metavar="SRC", flag="--data", aliases=("--source",),
                          help="digits, cifar-10-python.tar.gz, an image folder or an EDM zip (data/dataset_tool.py)")
     # The stages' extra arguments; on the command line each is one shell-quoted string (detect/emm.py splits it).
     dataset_args: list[str] = field(default_factory=list)
     train_args: list[str] = field(default_factory=list)
     mem_args: list[str] = field(default_factory=list)
-    threshold: float = option(0.9, help="max memorization ratio defining EMM (fraction)")
+    threshold: float = option(0.9, flag="--mem_ratio_threshold", aliases=("--threshold",),
+                              help="max memorization ratio defining EMM (fraction)")
 
 
 def settings_record(settings: SweepSettings) -> dict:
@@ -107,7 +108,7 @@ def bind_settings(outdir: Path, settings: SweepSettings) -> None:
         bound = [k for k in changed if stage_output_exists(outdir, SETTING_OUTPUT[k])]
         if bound:
             what = ", ".join(f"{k}={show_setting(old.get(k))} (now {show_setting(new[k])})" for k in bound)
-            raise ConfigError(f"{path}: this sweep has results made with {what}; use another --outdir")
+            raise ConfigError(f"{path}: this sweep has results made with {what}; use another --out")
         if not changed:
             return
     outdir.mkdir(parents=True, exist_ok=True)
@@ -199,6 +200,7 @@ class SizeState:
     log: str | None = None
     message: str | None = None
     owner: dict | None = None
+    trajectory: list[float] | None = None  # a done size's ratio at each snapshot, in training order
 
     def failure(self) -> str:
         """One line naming the failed stage, exit code and log."""
@@ -216,7 +218,7 @@ def scan_size(outdir: Path, size: int) -> SizeState:
             return SizeState(size, "failed", stage="mem", log=str(p.log("mem")),
                              message=f"|D|={size}: {summary_path} is unreadable or has no max_ratio")
         return SizeState(size, "done", summary.max_ratio, summary.max_snapshot, summary.max_images_seen,
-                         summary.n, log=str(p.log("mem")))
+                         summary.n, log=str(p.log("mem")), trajectory=ratio_trajectory(summary_path))
     status = read_status(p.status)
     if status.get("status") == "failed":
         return SizeState(size, "failed", stage=status.get("stage"), log=status.get("log"),
@@ -228,6 +230,16 @@ def scan_size(outdir: Path, size: int) -> SizeState:
     if stage == "train" and p.run.is_dir() and any(p.run.glob(checkpoint_glob())):
         message = f"|D|={size}: training unfinished, resumes from its latest checkpoint"
     return SizeState(size, "pending", stage=stage, log=str(p.log(stage)), message=message)
+
+
+def ratio_trajectory(path: Path) -> list[float]:
+    """A run's memorization ratio at each snapshot in training order: the ``per_snapshot`` table of its
+    mem_ratio_summary.json ([] when the file has none or is unreadable; the maximum alone is read elsewhere)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        return [float(row["ratio"]) for row in doc.get("per_snapshot") or []]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def scan_sweep(outdir: Path, sizes: list[int]) -> dict[int, SizeState]:
@@ -271,6 +283,6 @@ def read_curve(sweep_dir: str | Path) -> EMMCurve:
         doc = json.loads(path.read_text())
         return curve_from_report(doc, Path(sweep_dir).resolve().name)
     except FileNotFoundError:
-        raise SweepFileError(f"{path}: no such file (run detect/emm.py with --outdir {sweep_dir} first)") from None
+        raise SweepFileError(f"{path}: no such file (run detect/emm.py with --out {sweep_dir} first)") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise SweepFileError(f"{path}: not an emm.json written by detect/emm.py") from None

@@ -50,6 +50,7 @@ from diffmem.common.edm.emm.state import (
     write_status,
 )
 from diffmem.common.errors import ConfigError, DiffmemError
+from diffmem.common.resources import accelerate_config
 from diffmem.common.results import write_json_atomic
 from diffmem.common.settings import option
 
@@ -67,6 +68,10 @@ STAGE_FLAGS = {"data": (SOURCE, DEST, MAX_IMAGES), "train": (DATA, OUTDIR, RESUM
 ARGS_FLAG = {"data": "--dataset_args", "train": "--train_args", "mem": "--mem_args"}  # detect/emm.py's options
 # Flags the sweep sets itself for each stage, by the setting that must not set them: a user value would fight it.
 RESERVED_FLAGS = {ARGS_FLAG[stage][2:]: STAGE_FLAGS[stage] for stage in STAGES}
+# The other spellings the stage CLIs take for those flags (their canonical names and aliases, docs/vocabulary.md):
+# "--out X" in --train_args fights the sweep's --outdir as much as "--outdir X" does.
+FLAG_SPELLINGS = {SOURCE: ("--data",), DEST: ("--out",), OUTDIR: ("--out",), EXPDIR: ("--model",),
+                  KNN_REF: ("--data",)}
 
 
 class SweepBusyError(DiffmemError):
@@ -99,7 +104,7 @@ class LaunchConfig:
 @dataclass
 class SweepConfig:
     """One factor setting's EMM search: the grid of sizes, the settings, the launch and the output folder."""
-    outdir: Path = option(help="the sweep folder", type=Path, metavar="SWEEP")
+    outdir: Path = option(flag="--out", aliases=("--outdir",), help="the sweep folder", type=Path, metavar="SWEEP")
     sizes: list[int]  # on the command line, one comma-separated string (detect/emm.py)
     settings: SweepSettings
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -114,7 +119,7 @@ class SweepConfig:
         if min(sizes) < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
             raise ConfigError(f"--sizes must be positive and strictly increasing, got {','.join(map(str, sizes))}")
         if not 0.0 < s.threshold <= 1.0:
-            raise ConfigError(f"--threshold is a fraction in (0, 1] (0.9 = 90 %), got {s.threshold:g}")
+            raise ConfigError(f"--mem_ratio_threshold is a fraction in (0, 1] (0.9 = 90 %), got {s.threshold:g}")
         if s.source != "digits" and not Path(s.source).exists():
             raise ConfigError(f"--source {s.source}: unknown source (expected 'digits', a CIFAR-10 tarball, "
                               f"an image folder or an EDM zip)")
@@ -132,18 +137,23 @@ class SweepConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(launch, name)}")
         if launch.nodes_per_job > 1 and (launch.launcher, launch.submitit_cluster) != ("submitit", "slurm"):
             raise ConfigError("--nodes_per_job > 1 needs --launcher submitit --submitit_cluster slurm")
-        if launch.accelerate_config is not None and not Path(launch.accelerate_config).is_file():
-            raise ConfigError(f"--accelerate_config {launch.accelerate_config}: no such file")
+        if launch.accelerate_config is not None:
+            try:  # a file, or the name of a config shipped with diffmem (cpu, single_gpu_fp16, ...)
+                accelerate_config(launch.accelerate_config)
+            except ConfigError as exc:
+                raise ConfigError(f"--accelerate_config {exc}") from None
         for stage in STAGES:
             if not Path(launch.scripts[stage]).is_file():
                 raise ConfigError(f"{launch.scripts[stage]}: the {stage} stage's script is missing")
         if self.outdir.exists() and not self.outdir.is_dir():
-            raise ConfigError(f"--outdir {self.outdir} is a file; expected a sweep folder")
+            raise ConfigError(f"--out {self.outdir} is a file; expected a sweep folder")
 
 
 def flag_present(args: list[str], flag: str) -> bool:
-    """Whether an argument list sets flag (``--flag V`` or ``--flag=V``)."""
-    return any(a == flag or a.startswith(flag + "=") for a in args)
+    """Whether an argument list sets flag (``--flag V`` or ``--flag=V``) in any of its spellings (FLAG_SPELLINGS,
+    and ``--a-b`` for ``--a_b``, which the stage CLIs take alike)."""
+    wanted = {f.replace("-", "_") for f in (flag, *FLAG_SPELLINGS.get(flag, ()))}
+    return any(a.partition("=")[0].replace("-", "_") in wanted for a in args if a.startswith("--"))
 
 
 def check_stage_args(cfg: SweepConfig, python: str = sys.executable, timeout_s: float = 300.0) -> None:
@@ -196,7 +206,8 @@ def build_job(cfg: SweepConfig, size: int, python: str) -> SizeJob:
     ]
     return SizeJob(size=size, outdir=cfg.outdir, stages=stages, python=python, cwd=cfg.cwd,
                    launcher=cfg.launch.launcher, nodes=cfg.launch.nodes_per_job,
-                   accelerate_config=cfg.launch.accelerate_config)
+                   accelerate_config=None if cfg.launch.accelerate_config is None
+                   else str(accelerate_config(cfg.launch.accelerate_config)))
 
 
 def make_launcher(cfg: SweepConfig):
@@ -218,7 +229,7 @@ def report(cfg: SweepConfig, states: dict[int, SizeState], est: Estimate) -> dic
         sizes.append({"size": n, "data": str(p.data), "run": str(p.run), "status": s.status,
                       "max_ratio": s.max_ratio, "max_snapshot": s.max_snapshot,
                       "max_images_seen": s.max_images_seen, "n": s.n, "stage": s.stage, "log": s.log,
-                      "message": s.message})
+                      "message": s.message, "ratio_trajectory": s.trajectory})
     return {"settings": settings_record(cfg.settings), "threshold": cfg.settings.threshold,
             "grid": list(cfg.sizes), "sizes": sizes, "emm": est.emm, "bracket": list(est.bracket),
             "outcome": est.outcome, "message": est.message, "warnings": est.warnings, "updated": now()}
@@ -228,7 +239,8 @@ def write_report(cfg: SweepConfig, k: int) -> tuple[Estimate, dict[int, SizeStat
     """Scan the sweep, write emm.json and emm.png; the estimate and the states."""
     states = scan_sweep(cfg.outdir, cfg.sizes)
     failures = {n: s.failure() for n, s in states.items() if s.status == "failed"}
-    est = estimate(cfg.sizes, results_of(states), cfg.settings.threshold, k, failures)
+    trajectories = {n: s.trajectory for n, s in states.items() if s.trajectory}
+    est = estimate(cfg.sizes, results_of(states), cfg.settings.threshold, k, failures, trajectories)
     doc = report(cfg, states, est)
     write_json_atomic(cfg.outdir / REPORT_FILE, doc)
     plot_emm_curves([curve_from_report(doc, cfg.outdir.name)], cfg.outdir / REPORT_PLOT)

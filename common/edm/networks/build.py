@@ -48,15 +48,15 @@ class ArchConfig:
     arch: str = option("ddpmpp", choices=ARCHS + EDM_ARCH_NAMES,
                        help="ddpmpp/ncsnpp: diffusers' UNet2DModel with EDM's embeddings; edm-*: EDM's own "
                             "SongUNet (DDPM++, NCSN++) and DhariwalUNet (ADM)")
-    num_channels: int | None = option(None, type=int, metavar="C",
+    num_channels: int | None = option(None, type=int, metavar="C", aliases=("--cbase",),
                                       help="EDM's model_channels (None: the arch's, 128; 192 for edm-adm)")
-    channel_mult: tuple[int, ...] | None = option(None, type=int_list, metavar="M1,M2,..",
+    channel_mult: tuple[int, ...] | None = option(None, type=int_list, nargs="+", metavar="M", aliases=("--cres",),
                                                   help="width multiplier per level (None: the arch's, 2,2,2; "
                                                        "1,2,3,4 for edm-adm)")
     num_blocks: int | None = option(None, type=int, metavar="N",
                                     help="residual blocks per level (None: the arch's, 2 for ours as DiffMemorize's "
                                          "basic setup; 4 for edm-ddpmpp/edm-ncsnpp; 3 for edm-adm)")
-    attn_resolutions: tuple[int, ...] | None = option(None, type=int_list, metavar="R1,R2,..",
+    attn_resolutions: tuple[int, ...] | None = option(None, type=int_list, nargs="+", metavar="R",
                                                       help="resolutions with attention (None: the arch's, 16; "
                                                            "32,16,8 for edm-adm)")
     dropout: float = option(0.13, help="dropout probability of the residual blocks")

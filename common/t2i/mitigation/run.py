@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from diffmem.common.errors import ConfigError
+from diffmem.common.hub import check_model_reference
 from diffmem.common.results import (
     append_results,
     bind_run_settings,
@@ -36,7 +38,7 @@ from diffmem.common.results import (
     read_results,
     write_json_atomic,
 )
-from diffmem.common.settings import device_option, option
+from diffmem.common.settings import device_option, option, option_flag, step_indices
 from diffmem.common.similarity import (
     REPLICATION_THRESHOLDS,
     SSCD_PRESETS,
@@ -66,13 +68,14 @@ from diffmem.common.t2i.mitigation.prompt_embedding import (
     prompt_attention_mask,
     prompt_losses,
 )
-from diffmem.common.t2i.options import batch_size_option, shared_option
+from diffmem.common.t2i.options import batch_size_option, prompt_aug_method, shared_option
 from diffmem.common.t2i.prompt_aug import augment_prompt
 from diffmem.common.t2i.sampler import decode_latents, save_grid, to_pil
 from diffmem.common.t2i.text_noise import initial_latents
 
 # The settings dataclasses of the methods beyond Wen et al.'s (their fields are command-line options).
 METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings)
+DEFAULT_RUNS_DIR = "mit_outputs"  # where a run named by --run_name alone writes (the folder Wen et al.'s runs share)
 
 
 @dataclass
@@ -81,9 +84,12 @@ class RunOptions:
     none of it changes a prompt's numbers."""
 
     model_id: str = shared_option("model_id")
-    dataset: str = option(help=".jsonl/.csv prompt file, a Wen-style folder DIR holding DIR/DIR.jsonl + gt_images/, "
+    dataset: str = option(flag="--data", aliases=("--dataset",),
+                          help=".jsonl/.csv prompt file, a Wen-style folder DIR holding DIR/DIR.jsonl + gt_images/, "
                                "or a Hugging Face dataset")
-    run_name: str = option(help="the run's folder under --out (a plain folder name)")
+    run_name: str | None = option(None, type=str, help="the run's name in its summary and plots (None: the --out "
+                                                       "folder's name); without --out the run folder is "
+                                                       f"{DEFAULT_RUNS_DIR}/RUN_NAME")
     unet_id: str | None = shared_option("unet_id")
     gt_dir: str | None = option(None, type=str, help="ground-truth folder (holding gt_images/, or the {index}/ "
                                                      "folders); None: gt_images/ next to the prompt file")
@@ -100,19 +106,40 @@ class RunOptions:
     batch_size: int = batch_size_option(4)
     device: str = device_option("auto", indexed=True)
     dtype: str = shared_option("dtype")
-    out: str = option("mit_outputs", help="parent folder of the run folder")
+    out: str | None = option(None, type=str, aliases=("--output_dir",),
+                             help=f"the run folder (None: {DEFAULT_RUNS_DIR}/RUN_NAME)")
     overwrite: bool = option(False, help="discard earlier results of the run folder(s)")
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder the run writes."""
+        return Path(self.out) if self.out is not None else Path(DEFAULT_RUNS_DIR) / self.run_name
+
+    @property
+    def name(self) -> str:
+        """The run's name in its summary and plots."""
+        return self.run_name or self.run_dir.resolve().name
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for bad run options."""
+        if self.out is None and self.run_name is None:
+            raise ConfigError(f"pass --out DIR (the run folder) or --run_name NAME ({DEFAULT_RUNS_DIR}/NAME)")
+        if self.out is not None and self.run_name is not None:
+            # Before issue 27, --out was the parent of the run folder: an old command must not start afresh beside
+            # the results it already has.
+            old = Path(self.out) / self.run_name
+            if (old / "config.json").is_file() and not (Path(self.out) / "config.json").is_file():
+                raise ConfigError(f"{old} holds this run's earlier results and --out is now the run folder itself; "
+                                  f"pass --out {old}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
         if self.start < 0 or (self.end is not None and self.end <= self.start):
             raise ConfigError(f"--start/--end must satisfy 0 <= start < end, got {self.start}/{self.end}")
-        if not self.run_name or "/" in self.run_name or self.run_name in (".", ".."):
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name in (".", "..")):
             raise ConfigError(f"--run_name must be a plain folder name, got {self.run_name!r}")
         if self.gt_dir is not None and not Path(self.gt_dir).expanduser().is_dir():
             raise ConfigError(f"{self.gt_dir}: --gt_dir is not a folder")
+        check_model_reference(self.model_id, option_flag(RunOptions, "model_id"))
 
 
 @dataclass
@@ -120,10 +147,18 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
     """Everything that changes a run's numbers (a resumed run must match the results on disk): the shared
     generation settings, Wen et al.'s and the baselines' here, each other method's in its own dataclass."""
 
-    method: str = option("none", choices=METHODS, help="the mitigation (see common/t2i/mitigation/methods.py)")
+    method: str = option("none", choices=METHODS, help="the mitigation (see common/t2i/mitigation/methods.py)",
+                         legacy={"--prompt_aug_style": (prompt_aug_method, "Wen et al.'s spelling of --method "
+                                                                           "rand_word_add|rand_numb_add|rand_word_repeat")},
+                         legacy_metavar="STYLE")
     repeat_num: int = option(4, help="rand_* baselines: random insertions per prompt")
-    optim_target_loss: float | None = option(3.0, help="ours: a prompt stops once its loss is <= this")
-    optim_target_steps: list[int] = option(default_factory=lambda: [0], type=int, nargs="+",
+    optim_target_loss: float | None = option(
+        3.0, help="ours: a prompt stops once its loss is <= this (> 0; a prompt already there gets no update). Wen "
+                  "et al.'s script default: none (their inference_mem.py optimises only when given one); their "
+                  "paper's setting (the README's reproduction command, the notebook): 3, with their joint norm over "
+                  "4 generations, about 1.5 in this default mean loss (3 here equals theirs with "
+                  "--optim_loss_reduction joint)")
+    optim_target_steps: list[int] = option(default_factory=lambda: [0], type=step_indices, nargs="+",
                                            help="ours: DDIM step(s) (0 = first) whose noise magnitude is minimised")
     optim_iters: int = option(10, help="ours: at most this many AdamW updates")
     optim_lr: float = option(0.05, help="ours: AdamW learning rate on the text embedding")
@@ -151,6 +186,10 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
             raise ConfigError(f"--optim_lr must be > 0, got {self.optim_lr}")
         if self.optim_target_loss is not None and not math.isfinite(self.optim_target_loss):
             raise ConfigError(f"--optim_target_loss must be a finite number, got {self.optim_target_loss}")
+        if self.optim_target_loss is not None and self.optim_target_loss <= 0:
+            raise ConfigError(f"--optim_target_loss must be > 0, got {self.optim_target_loss:g}: the loss is a norm, "
+                              f"so a target at or below 0 is never reached and every prompt would run all "
+                              f"--optim_iters updates")
         bad = [s for s in self.optim_target_steps if not 0 <= s < self.num_inference_steps]
         if not self.optim_target_steps or bad:
             raise ConfigError(f"--optim_target_steps must lie in 0..{self.num_inference_steps - 1} "
@@ -316,8 +355,8 @@ class MitigationFiles:
         done = read_results(self.results)
         if records is not None:
             check_rows_match(self.results, done, {r.row: {"prompt": r.prompt} for r in records},
-                             "another --out/--run_name")
-        bind_run_settings(self.config, fingerprint, bool(done), "another --out/--run_name")
+                             "another --out")
+        bind_run_settings(self.config, fingerprint, bool(done), "another --out")
         return read_results(self.results, repair=True)
 
 
@@ -434,7 +473,22 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
     write_json_atomic(files.summary, summary)
     if tracker is not None:
         tracker.log_summary(summary)
+    warning = not_updated_warning(summary)
+    if warning:
+        print(f"warning: {files.out}: {warning}", file=sys.stderr)
     return summary
+
+
+def not_updated_warning(summary: dict) -> str | None:
+    """One line when ``ours`` left prompts unoptimised because their loss was already at or below the target: legit
+    (Wen et al. stop at the target, checked before each update), but their images are the unmitigated ones."""
+    loss = summary.get("loss") or {}
+    n = loss.get("prompts_not_updated")
+    if summary.get("method") != "ours" or not n:
+        return None
+    return (f"--method ours made no update for {n} of {summary['counts']['prompts']} prompts: their loss was already "
+            f"<= --optim_target_loss {loss['target']:g} (Wen et al. stop at the target), so their images are "
+            f"unmitigated; a lower target moves them (summary.json loss.prompts_not_updated)")
 
 
 def pil_grid(path: Path):
@@ -470,6 +524,9 @@ def summarize(rows: list[dict], selected: set, settings: MitigationSettings, eva
     if settings.method == "ours":
         summary["loss"]["target"] = settings.optim_target_loss
         summary["loss"]["reached_target"] = sum(bool(r.get("reached_target")) for r in rows)
+        # Already at or below the target before any update: Wen et al. stop there, so these images are unmitigated.
+        summary["loss"]["prompts_not_updated"] = sum(bool(r.get("reached_target")) and r.get("iterations") == 0
+                                                     for r in rows)
     scored = [r for r in rows if "sscd" in r]
     if evaluators.sscd is None:
         summary["sscd"] = None

@@ -152,10 +152,10 @@ def test_bad_float_zips_are_one_line_errors(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--source", "molrg", "--max_images", "3"], "--max_images selects images and does not apply to --source molrg"),
+    (["--source", "molrg", "--max_images", "3"], "--max_images selects images and does not apply to --data molrg"),
     (["--source", "molrg", "--channels", "1"], "--channels selects images"),
     (["--source", "molrg", "--molrg_dim", "30"], "do not fit in D = 3·4² = 48"),
-    (["--source", "digits", "--molrg_dim", "3"], "--molrg_dim applies to --source molrg only"),
+    (["--source", "digits", "--molrg_dim", "3"], "--molrg_dim applies to --data molrg only"),
     (["--source", "{tmp}/m.zip"], "holds float data (data.npy, e.g. MoLRG), not images"),
 ])
 def test_dataset_tool_refusals_are_one_line_and_exit_2(tmp_path, capsys, args, message):

@@ -256,13 +256,13 @@ def test_cli_optimal_denoiser_of_a_dataset_zip(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--optimal_denoiser"], "needs --dataset"),
-    (["--dataset", "{tmp}/d.zip"], "--dataset is the training set of --optimal_denoiser"),
+    (["--dataset", "{tmp}/d.zip"], "--data is the training set of --optimal_denoiser"),
     (["--sigmas", "0.1,x"], "bad --sigmas"),
     (["--sigmas", "0.1,-1"], "finite and > 0"),
     (["--sigmas", "0.1,0.1"], "more than once"),
     (["--sigmas", "0.1", "--steps", "4"], "does not apply with --sigmas"),
     (["--sigmas", "0.1", "--trajectory"], "not allowed with argument"),
-    (["--threshold", "1"], "0 < --threshold < 1"),
+    (["--threshold", "1"], "0 < --energy_threshold < 1"),
     (["--chunk", "0"], "--chunk >= 1"),
     (["--seeds", "3-1"], "runs backwards"),
     (["--network", "{tmp}/missing"], "no such snapshot"),

@@ -390,7 +390,7 @@ def test_cli_end_to_end_samples_are_training_images(data, tmp_path):
 @pytest.mark.parametrize("args, message", [
     # With --optimal_denoiser, --network names the network whose σ range the sampler takes: it must exist.
     (["--network", "{tmp}/snap", "--optimal_denoiser", "--dataset", "{zip}"], "no such snapshot"),
-    (["--seeds", "0"], "expected --network SNAPSHOT (or --optimal_denoiser with --dataset)"),
+    (["--seeds", "0"], "expected --model SNAPSHOT (or --optimal_denoiser with --data)"),
     (["--optimal_denoiser"], "needs --dataset"),
     (["--optimal_denoiser", "--dataset", "{tmp}/missing.zip"], "no such file"),
     (["--optimal_denoiser", "--dataset", "{tmp}/notazip.zip"], "notazip.zip"),

@@ -415,6 +415,9 @@ def test_binding_settings_per_method(tmp_path):
     (["--method", "han_sample", "--han_iters", "-1"], "--han_iters must be >= 0"),
     (["--method", "han_batch", "--han_tau", "nan"], "argument --han_tau: expected a finite number, got 'nan'"),
     (["--method", "jain_dtp", "--jain_dtp_rule", "fall"], "argument --jain_dtp_rule: invalid choice: 'fall'"),
+    # a norm never gets below 0: such a target would silently run every update
+    (["--method", "ours", "--optim_target_loss", "-1"], "--optim_target_loss must be > 0, got -1: the loss is a norm"),
+    (["--method", "ours", "--optim_target_loss", "0"], "--optim_target_loss must be > 0, got 0: the loss is a norm"),
 ])
 def test_bad_settings_one_line_exit_2(tmp_path, capsys, extra, expected):
     from diffmem.mitigate.inference_mem import main
@@ -423,7 +426,7 @@ def test_bad_settings_one_line_exit_2(tmp_path, capsys, extra, expected):
     prompts.write_text(json.dumps({"caption": "a cat"}) + "\n")
     try:
         rc = main(["--model_id", str(tmp_path / "no-model"), "--dataset", str(prompts), "--run_name", "x",
-                   "--sscd_model", "none", "--skip_clip", "--out", str(tmp_path), *extra])
+                   "--sscd_model", "none", "--skip_clip", "--out", str(tmp_path / "x"), *extra])
     except SystemExit as exc:  # argparse's own checks (choices, types) exit while parsing
         rc = exc.code
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -438,7 +441,7 @@ def test_inference_mem_new_method_resumes_and_binds(tmp_path, tiny_pipeline_dir,
     prompts.write_text("".join(json.dumps({"caption": p}) + "\n" for p in PROMPTS))
     args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(prompts), "--run_name", "r", "--method",
             "jain_dtp", "--num_inference_steps", "2", "--num_images_per_prompt", "1", "--sscd_model", "none",
-            "--skip_clip", "--out", str(tmp_path), "--batch_size", "1"]
+            "--skip_clip", "--out", str(tmp_path / "r"), "--batch_size", "1"]
     assert main([*args, "--end", "1"]) == 0
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -454,6 +457,31 @@ def test_inference_mem_new_method_resumes_and_binds(tmp_path, tiny_pipeline_dir,
     assert "jain_early_scale=1.0 (now 0.5)" in capsys.readouterr().err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["cost"]["extra_unet_calls_per_image"] == 0
+
+
+def test_ours_with_prompts_already_at_the_target_says_so(tmp_path, tiny_pipeline_dir, capsys):
+    """Wen et al. stop at the target, so a prompt whose loss is already below it gets no update: legitimate, but
+    said once in the output and counted in summary.json, never a silent unmitigated run."""
+    from diffmem.mitigate.inference_mem import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"caption": p}) + "\n" for p in PROMPTS))
+    args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(prompts), "--run_name", "r", "--method", "ours",
+            "--num_inference_steps", "2", "--num_images_per_prompt", "1", "--sscd_model", "none", "--skip_clip",
+            "--batch_size", "2"]
+    assert main([*args, "--out", str(tmp_path / "high"), "--optim_target_loss", "1e6"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    n = len(PROMPTS)
+    assert warnings == [f"warning: {tmp_path / 'high'}: --method ours made no update for {n} of {n} prompts: their "
+                        f"loss was already <= --optim_target_loss 1e+06 (Wen et al. stop at the target), so their "
+                        f"images are unmitigated; a lower target moves them (summary.json loss.prompts_not_updated)"]
+    summary = json.loads((tmp_path / "high" / "summary.json").read_text())
+    assert summary["loss"]["prompts_not_updated"] == n and summary["loss"]["iterations_mean"] == 0
+    # A target below every loss: every prompt is updated, and nothing is said.
+    assert main([*args, "--out", str(tmp_path / "low"), "--optim_target_loss", "1e-6", "--optim_iters", "1"]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    summary = json.loads((tmp_path / "low" / "summary.json").read_text())
+    assert summary["loss"]["prompts_not_updated"] == 0 and summary["loss"]["iterations_mean"] == 1
 
 
 # --- the trade-off harness -------------------------------------------------------------------------------------
@@ -519,7 +547,7 @@ def test_tradeoff_methods_sweep_general_and_resume(tmp_path, tiny_pipeline_dir, 
     from diffmem.mitigate.tradeoff import main
 
     args = ["--model_id", str(tiny_pipeline_dir), "--dataset", str(small_lab / "prompts.jsonl"), "--run_name", "t",
-            "--out", str(tmp_path), "--num_images_per_prompt", "1", "--num_inference_steps", "2",
+            "--out", str(tmp_path / "t"), "--num_images_per_prompt", "1", "--num_inference_steps", "2",
             "--methods", "none", "jain_stp", "jain_stp:jain_tau=650,jain_early_scale=-2", "han_batch", "gni",
             "--sweep", "jain_tau=300,700",
             "--general_dataset", str(small_lab / "coco.csv"), "--general_end", "2",
@@ -558,7 +586,7 @@ def test_tradeoff_bad_sweep_one_line_exit_2(tmp_path, small_lab, capsys):
     from diffmem.mitigate.tradeoff import main
 
     rc = main(["--model_id", str(tmp_path / "none"), "--dataset", str(small_lab / "prompts.jsonl"), "--run_name",
-               "t", "--out", str(tmp_path), "--methods", "ren_attn", "--sweep", "ren_c=1.1,-1"])
+               "t", "--out", str(tmp_path / "t"), "--methods", "ren_attn", "--sweep", "ren_c=1.1,-1"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and err == ["tradeoff: error: --ren_c must be a finite number > 0, got -1.0"]
     assert not (tmp_path / "t").exists()
