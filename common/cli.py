@@ -129,6 +129,14 @@ class ArgumentParser(argparse.ArgumentParser):
         return f"unrecognized argument {flag}{hint}"
 
 
+def given_settings(parser: ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The settings (argparse dests) an argv sets explicitly, in any spelling: what a value equal to its default
+    cannot tell (a CLI refuses an option that its other choices make inert)."""
+    args = parser._underscored(sys.argv[1:] if argv is None else list(argv))
+    actions = parser._option_string_actions
+    return {actions[t.partition("=")[0]].dest for t in args if t.startswith("--") and t.partition("=")[0] in actions}
+
+
 def option_strings(parser: argparse.ArgumentParser) -> list[str]:
     """Every option string of a parser and of its subcommands' parsers."""
     found = list(parser._option_string_actions)

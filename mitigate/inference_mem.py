@@ -27,6 +27,7 @@ from diffmem.common.cli import (
     ArgumentParser,
     add_settings_arguments,
     add_settings_groups,
+    given_settings,
     quiet_hub_logging,
     resolve_device,
     run_main,
@@ -34,6 +35,7 @@ from diffmem.common.cli import (
 )
 from diffmem.common.runlock import lock_run_folder
 from diffmem.common.settings import option
+from diffmem.common.t2i.mitigation.methods import settings_unread_by
 from diffmem.common.t2i.mitigation.run import MitigationSettings, RunOptions, argument_groups, own_fields
 from diffmem.common.t2i.options import shared_option
 
@@ -65,7 +67,14 @@ def build_parser() -> ArgumentParser:
 
 
 def parse_config(argv: list[str] | None) -> InferenceMemConfig:
-    return settings_from_args(InferenceMemConfig, build_parser().parse_args(argv))
+    p = build_parser()
+    cfg = settings_from_args(InferenceMemConfig, p.parse_args(argv))
+    unread = settings_unread_by(cfg.method, given_settings(p, argv))
+    if unread:
+        hint = (" (Wen et al.'s inference_mem.py runs their method when given a target: add --method ours)"
+                if "optim_target_loss" in unread and cfg.method == "none" else "")
+        p.error(f"--{unread[0]} does not apply to --method {cfg.method}, which would ignore it{hint}")
+    return cfg
 
 
 def run(cfg: InferenceMemConfig) -> dict:

@@ -257,3 +257,22 @@ def test_the_anchors_commands_parse(module_name, command, expected):
     for key, value in expected.items():
         got = values[key]
         assert (str(got) if isinstance(value, str) and not isinstance(got, str) else got) == value, key
+
+
+def test_another_methods_setting_is_refused_not_ignored():
+    from diffmem.common.t2i.mitigation.methods import settings_unread_by
+
+    assert settings_unread_by("none", {"optim_target_loss", "seed", "out"}) == ["optim_target_loss"]
+    assert settings_unread_by("ours", {"optim_target_loss", "optim_iters"}) == []
+    # Wen et al.'s command ran their method whenever it gave a target; here it would be --method none.
+    _, err = parse("diffmem.mitigate.inference_mem", ["--model", "m", "--data", "d", "--run_name", "r",
+                                                      "--optim-target-loss", "3"])
+    assert err.endswith("--optim_target_loss does not apply to --method none, which would ignore it (Wen et al.'s "
+                        "inference_mem.py runs their method when given a target: add --method ours) (see --help)")
+    assert "\n" not in err
+    _, err = parse("diffmem.mitigate.inference_mem", ["--model", "m", "--data", "d", "--run_name", "r",
+                                                      "--method", "jain_stp", "--han_tau", "3"])
+    assert "--han_tau does not apply to --method jain_stp" in err
+    cfg, err = parse("diffmem.mitigate.inference_mem", ["--model", "m", "--data", "d", "--run_name", "r",
+                                                        "--method", "jain_stp", "--jain_tau", "650"])
+    assert err is None and cfg.jain_tau == 650.0

@@ -77,6 +77,12 @@ METHODS = tuple(METHOD_SPECS)
 METHOD_FIELDS = tuple(sorted({f for s in METHOD_SPECS.values() for f in s.reads}))
 
 
+def settings_unread_by(method: str, names) -> list[str]:
+    """Those of ``names`` that are another method's settings and that ``method`` never reads: given on a command
+    line, each would change nothing (Wen et al.'s script ran their method whenever a target loss was given)."""
+    return sorted(n for n in names if n in METHOD_FIELDS and n not in METHOD_SPECS[method].reads)
+
+
 @dataclass
 class BatchGeneration:
     """Final latents [B, G, C, H, W] and, per row, the extra UNet evaluations per generation and method details."""

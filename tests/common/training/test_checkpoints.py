@@ -91,19 +91,32 @@ def test_an_eval_reduce_in_the_ema_pickle_is_refused_and_never_runs(data, half_r
     if legacy_only:
         (ckpt / "ema_state.json").unlink()
         (ckpt / "ema_shadow.safetensors").unlink()
-    line = one_line(resume(data, out))
-    assert "custom_checkpoint_0.pkl: refused global builtins.eval" in line and "\x1b" not in line, line
+        line = one_line(resume(data, out))
+        assert "custom_checkpoint_0.pkl: refused global builtins.eval" in line and "\x1b" not in line, line
+        assert not (out / "checkpoint-10").exists()
+    else:  # the check resume runs first, in process (the CLI path is the legacy case's)
+        from diffmem.common.safe_load import UnsafeFileError, verify_checkpoint_files
+
+        with pytest.raises(UnsafeFileError, match="custom_checkpoint_0.pkl: refused global builtins.eval"):
+            verify_checkpoint_files(ckpt)
     assert not marker.exists()
-    assert not (out / "checkpoint-10").exists()
 
 
-@pytest.mark.parametrize("name", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
-def test_every_pickle_of_a_checkpoint_is_read_weights_only(data, half_run, tmp_path, name):
-    out, ckpt = fork(half_run, tmp_path)
-    marker = tmp_path / "PWNED"
-    torch.save({"state": Payload(marker)}, ckpt / name)
+def test_every_pickle_of_a_checkpoint_is_read_weights_only(data, half_run, tmp_path):
+    from diffmem.common.safe_load import UnsafeFileError, verify_checkpoint_files
+
+    verify_checkpoint_files(half_run / "checkpoint-5")  # a genuine checkpoint passes
+    # Each pickle the trainer's resume hands to Accelerate, checked in process (the check resume runs first) ...
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        out, ckpt = fork(half_run, tmp_path / name)
+        marker = tmp_path / "PWNED"
+        torch.save({"state": Payload(marker)}, ckpt / name)
+        with pytest.raises(UnsafeFileError, match=f"{name}: refused global builtins.eval"):
+            verify_checkpoint_files(ckpt)
+        assert not marker.exists()
+    # ... and once through the CLI's resume: one line, exit 2, nothing run.
     line = one_line(resume(data, out))
-    assert f"{name}: refused global builtins.eval" in line, line
+    assert "random_states_0.pkl: refused global builtins.eval" in line, line
     assert not marker.exists()
 
 
