@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
-from diffmem.common.t2i.train import TextToImageConfig
+from diffmem.common.t2i.finetune_settings import TextToImageConfig
 from diffmem.common.training.config import TrainConfig
 
 # This CLI's own defaults for TrainConfig fields (the library's suit its other callers; output_dir has none).

@@ -8,7 +8,8 @@ mitigation, text-to-image training data and the memorization lab.
   sharpness, ICML 2025).
 - ``explain``: token significance (Wen et al., Sec. 4). ``prompt_aug``: the random-token baselines.
 - ``sampler``: classifier-free-guided DDIM sampling and decoding.
-- ``text_image_data``, ``train``: fine-tuning data and the text-to-image arm of the trainer. ``lab``: the lab's recipe.
+- ``text_image_data``, ``train``, ``finetune_settings``: fine-tuning data, the text-to-image arm of the trainer and
+  its settings (torch-free). ``lab``: the lab's recipe.
 - ``options``: the CLIs' shared choice lists and option fields.
 - ``mitigation/``: every inference-time mitigation, one module per paper, and the harness (its ``__init__``).
 
