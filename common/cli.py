@@ -65,6 +65,8 @@ class ArgumentParser(argparse.ArgumentParser):
     an unknown option with the closest known one, and takes ``--a-b`` for ``--a_b``."""
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("prog"):
+            kwargs["prog"] = program_name(kwargs["prog"])
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("epilog", HYPHEN_NOTE)
@@ -244,11 +246,21 @@ def quiet_hub_logging() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def program_name(own: str) -> str:
+    """The name a CLI's messages give it: ``diffmem <verb>`` when the diffmem command runs it (its dispatcher sets
+    argv[0] so, as argparse reads argv[0] for a parser without a name), else the CLI's own (``generate``)."""
+    head = sys.argv[0] if sys.argv else ""
+    if not head.startswith("diffmem ") or own.startswith(head):
+        return own
+    # A subcommand's parser (similarity features) is named by its parent's name plus its own word.
+    return f"{head} {own.split(' ', 1)[1]}" if " " in own else head
+
+
 def run_main(prog: str, body: Callable[..., object], *args) -> int:
     """Run a CLI's body: 0 when it returns; a DiffmemError becomes one line ``prog: error: …`` and exit code 2."""
     try:
         body(*args)
     except DiffmemError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{program_name(prog)}: error: {exc}", file=sys.stderr)
         return 2
     return 0

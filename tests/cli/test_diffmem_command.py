@@ -60,7 +60,8 @@ def test_python_dash_m_diffmem_runs_a_verb(tmp_path):
                           "--target", tmp_path / "b.npz", "--sscd-threshold", "2"], capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "similarity: error: expected --sscd_threshold in [-1, 1] (a threshold on SSCD cosine similarity), got 2.0"]
+        "diffmem similarity: error: expected --sscd_threshold in [-1, 1] (a threshold on SSCD cosine similarity), "
+        "got 2.0"]  # under the diffmem command a CLI's messages name it "diffmem <verb>"
     res = subprocess.run([sys.executable, "-m", "diffmem", "--version"], capture_output=True, text=True, check=True)
     assert res.stdout.startswith("diffmem ")
 
