@@ -8,6 +8,7 @@ real CLIP tokenizer, a PNDM scheduler) with random weights.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import re
@@ -154,9 +155,34 @@ PIPELINE_LAYOUT = ("a diffusers pipeline folder holds model_index.json, unet/, v
                    "scheduler/")
 
 
+# The current Stable Diffusion families this arm does not speak yet: loaded as a StableDiffusionPipeline, SDXL's
+# UNet fails deep in its forward (no added_cond_kwargs), and the transformer families have no unet/ at all.
+OTHER_FAMILIES = {"StableDiffusionXLPipeline": "SDXL", "StableDiffusion3Pipeline": "SD3", "FluxPipeline": "Flux",
+                  "PixArtAlphaPipeline": "PixArt-α", "PixArtSigmaPipeline": "PixArt-Σ"}
+FAMILY_LIMIT = ("the text-to-image arm detects, explains, mitigates and fine-tunes Stable Diffusion 1.x/2.x pipelines "
+                "(StableDiffusionPipeline: one CLIP encoder, a UNet) only")
+
+
+def other_family(class_name: str | None, unet_config=None) -> str | None:
+    """The family of a pipeline this arm cannot run (by its model_index.json class, or an SDXL-style UNet that
+    needs added text and time embeddings), else None."""
+    if class_name in OTHER_FAMILIES:
+        return f"{class_name} ({OTHER_FAMILIES[class_name]})"
+    if unet_config is not None and getattr(unet_config, "addition_embed_type", None) is not None:
+        return f"a UNet with added {unet_config.addition_embed_type} embeddings (SDXL-style)"
+    return None
+
+
 def check_pipeline_folder(folder: Path, name: str, unet_id: str | None = None) -> None:
     """A local pipeline folder's parts, checked before diffusers reads it: diffusers reports a missing unet/ as a
     missing config.json of the pipeline folder itself."""
+    try:
+        class_name = json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        class_name = None  # diffusers' own reading of the file reports what is wrong with it
+    family = other_family(class_name)
+    if family is not None:
+        raise ModelLoadError(f"{name}: a {family} pipeline; {FAMILY_LIMIT}")
     for part, config in PIPELINE_PARTS.items():
         if part == "unet" and unet_id is not None:
             continue  # the UNet comes from --unet_id
@@ -257,6 +283,9 @@ def load_pipeline(
         if refused is not None:
             raise ModelLoadError(refused) from exc
         raise ModelLoadError(f"{which}: cannot load model ({failure_cause(exc)})") from exc
+    family = other_family(None, pipe.unet.config)  # a Hub id's folder was not read before loading
+    if family is not None:
+        raise ModelLoadError(f"{model_id}: {family}; {FAMILY_LIMIT}")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
