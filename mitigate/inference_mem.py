@@ -35,8 +35,14 @@ from diffmem.common.cli import (
 )
 from diffmem.common.runlock import lock_run_folder
 from diffmem.common.settings import option
-from diffmem.common.t2i.mitigation.methods import settings_unread_by
-from diffmem.common.t2i.mitigation.run import MitigationSettings, RunOptions, argument_groups, own_fields
+from diffmem.common.t2i.mitigation.options import (  # torch-free: run() imports torch
+    MitigationSettings,
+    RunOptions,
+    argument_groups,
+    own_fields,
+    settings_unread_by,
+)
+from diffmem.common.t2i.mitigation.tradeoff import run_label_of
 from diffmem.common.t2i.options import shared_option
 
 
@@ -89,7 +95,6 @@ def run(cfg: InferenceMemConfig) -> dict:
         run_mitigation,
     )
     from diffmem.common.t2i.mitigation.side_by_side import SIDE_BY_SIDE_FILE, write_side_by_side
-    from diffmem.common.t2i.mitigation.tradeoff import run_label_of
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
     # Everything the user typed is checked before any model is loaded.

@@ -37,7 +37,7 @@ from diffmem.common.cli import (
 from diffmem.common.errors import ConfigError
 from diffmem.common.runlock import lock_run_folder
 from diffmem.common.settings import float_list, int_list, option
-from diffmem.common.t2i.mitigation.run import (
+from diffmem.common.t2i.mitigation.options import (  # torch-free: run() imports torch
     BASELINES,
     METHODS,
     MitigationSettings,
@@ -45,6 +45,7 @@ from diffmem.common.t2i.mitigation.run import (
     argument_groups,
     own_fields,
 )
+from diffmem.common.t2i.mitigation.tradeoff import parse_sweeps, plan_runs, plot_tradeoff, tradeoff_point
 
 
 @dataclass
@@ -82,8 +83,6 @@ class TradeoffConfig(MitigationSettings, RunOptions):
         return legacy + (list(self.baselines) if self.repeat_nums else [])
 
     def runs(self) -> list:
-        from diffmem.common.t2i.mitigation.tradeoff import parse_sweeps, plan_runs
-
         knob_values = {"optim_target_loss": self.target_losses, "repeat_num": self.repeat_nums,
                        **parse_sweeps(self.sweep)}
         return plan_runs(self.base_settings(), self.method_list(), knob_values)
@@ -127,7 +126,6 @@ def run(cfg: TradeoffConfig) -> list[dict]:
         run_mitigation,
     )
     from diffmem.common.t2i.mitigation.side_by_side import SIDE_BY_SIDE_FILE, write_side_by_side
-    from diffmem.common.t2i.mitigation.tradeoff import plot_tradeoff, tradeoff_point
     from diffmem.common.t2i.prompts import PromptFileError, read_prompts, select_rows
 
     dataset = resolve_dataset_path(cfg.dataset)

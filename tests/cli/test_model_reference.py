@@ -12,14 +12,14 @@ import pytest
 from conftest import REPO
 
 # Each CLI, the arguments it needs besides the model, the model flag it documents, and whether its module imports
-# torch before its checks (the mitigation and training CLIs' settings live in torch modules).
+# torch before its checks (the mitigation CLIs' settings live in common/t2i/mitigation/options.py, without torch).
 CLIS = {
     "detect_mem": ("diffmem.detect.detect_mem", ["--dataset", "{p}", "--run_name", "r"], "--model_id", False),
     "explain_tokens": ("diffmem.detect.explain_tokens", ["--out", "{o}", "--prompt", "a cat"], "--model_id", False),
-    "inference_mem": ("diffmem.mitigate.inference_mem", ["--dataset", "{p}", "--run_name", "r"], "--model_id", True),
-    "tradeoff": ("diffmem.mitigate.tradeoff", ["--dataset", "{p}", "--run_name", "r"], "--model_id", True),
+    "inference_mem": ("diffmem.mitigate.inference_mem", ["--dataset", "{p}", "--run_name", "r"], "--model_id", False),
+    "tradeoff": ("diffmem.mitigate.tradeoff", ["--dataset", "{p}", "--run_name", "r"], "--model_id", False),
     "train_text_to_image": ("diffmem.finetune.train_text_to_image", ["--dataset", "{o}", "--output_dir", "{o}/run"],
-                            "--pretrained_model_name_or_path", True),
+                            "--pretrained_model_name_or_path", False),
 }
 HEAVY = ("diffusers", "transformers", "open_clip", "accelerate", "torch")
 

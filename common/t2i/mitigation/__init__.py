@@ -1,6 +1,8 @@
 """The mitigation room: every inference-time mitigation of memorization, one module per paper, and the harness.
 
-- ``methods``: the registry — what each ``--method`` reads and how it generates a batch.
+- ``options``: the mitigation CLIs' options without torch — each method's settings, the registry (what each
+  ``--method`` reads, its knob, its paper), RunOptions and MitigationSettings.
+- ``methods``: the registry's hooks — how each method generates a batch.
 - ``run``: a mitigation run over a prompt set (generate, SSCD to ground truth, CLIP score, resume).
 - ``tradeoff``: the replication–alignment trade-off: which runs a sweep makes, its points and its plot.
 - ``side_by_side``: the picture of runs × prompts (each prompt's first generation, ground truth first).

@@ -12,27 +12,11 @@ per-row mask and scale explicitly.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
-from diffmem.common.errors import ConfigError
-from diffmem.common.settings import option
-
-
-@dataclass
-class RenSettings:
-    """Settings of ren_attn (Ren et al., ECCV 2024)."""
-
-    ren_c: float = option(1.25, help="ren_attn: factor C on the conditional beginning-token logit (their script "
-                                     "1.25, MemBench 1.1)")
-
-    def validate(self) -> None:
-        """Raise ConfigError with a one-line reason for a bad Ren setting."""
-        if not (math.isfinite(self.ren_c) and self.ren_c > 0):
-            raise ConfigError(f"--ren_c must be a finite number > 0, got {self.ren_c}")
+from diffmem.common.t2i.mitigation.options import RenSettings  # noqa: F401 (torch-free; imported back)
 
 
 def ren_attention_logits(logits: torch.Tensor, keep: torch.Tensor, bos_scale: torch.Tensor) -> torch.Tensor:

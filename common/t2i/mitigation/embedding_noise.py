@@ -9,29 +9,12 @@ and the seed (never on batch size or device) and is independent of the starting 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from diffmem.common.errors import ConfigError
 from diffmem.common.seeding import torch_generator
-from diffmem.common.settings import option
+from diffmem.common.t2i.mitigation.options import GniSettings  # noqa: F401 (torch-free; imported back)
 
 STREAM_GNI = 301  # a stream id of its own (the training streams of common.seeding are 0-7)
-
-
-@dataclass
-class GniSettings:
-    """Settings of gni (Somepalli et al., NeurIPS 2023)."""
-
-    gni_scale: float = option(0.1, help="gni: lambda, the standard deviation of the Gaussian noise added to the text "
-                                        "embedding")
-
-    def validate(self) -> None:
-        """Raise ConfigError with a one-line reason for a bad GNI setting."""
-        if not (math.isfinite(self.gni_scale) and self.gni_scale >= 0):
-            raise ConfigError(f"--gni_scale must be a finite number >= 0, got {self.gni_scale}")
 
 
 def gni_noise(rows: list[int], num_generations: int, shape: tuple[int, int], gen_seed: int) -> torch.Tensor:

@@ -23,51 +23,14 @@ latent (ε units).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from diffmem.common.errors import ConfigError
-from diffmem.common.settings import option
+from diffmem.common.t2i.mitigation.options import JainSettings  # noqa: F401 (torch-free; imported back)
 from diffmem.common.t2i.sampler import sample_latents
 
 # Their opposite-guidance script falls back to step 5 when the cosine distances have no interior minimum.
 JAIN_OG_FALLBACK_STEP = 5
-# Paper defaults of the scale before the transition, per method (jain_stp: τ = 500 with scale 0; jain_dtp: ε_c).
-JAIN_EARLY_SCALE_DEFAULTS = {"jain_stp": 0.0, "jain_dtp": 1.0}
-JAIN_DTP_RULES = ("rise", "minimum")
 
-
-@dataclass
-class JainSettings:
-    """Settings of jain_stp / jain_dtp / jain_og (Jain et al., CVPR 2025)."""
-
-    jain_tau: float = option(500.0, help="jain_stp: the early scale applies while the timestep t > tau (their "
-                                         "settings: 500, or 650 with early scale -2)")
-    jain_early_scale: float | None = option(
-        None, type=float, help=f"jain_stp/jain_dtp: guidance scale before the transition (None: "
-                               f"{JAIN_EARLY_SCALE_DEFAULTS['jain_stp']:g} for jain_stp, "
-                               f"{JAIN_EARLY_SCALE_DEFAULTS['jain_dtp']:g} = the conditional prediction alone for "
-                               f"jain_dtp)")
-    jain_dtp_rule: str = option("rise", choices=JAIN_DTP_RULES,
-                                help="jain_dtp: rise = transition at the first step whose norm rises above the "
-                                     "previous one; minimum = also after a fall (their script: an interior minimum)")
-
-    def validate(self) -> None:
-        """Raise ConfigError with a one-line reason for a bad Jain setting."""
-        if not (math.isfinite(self.jain_tau) and self.jain_tau >= 0):
-            raise ConfigError(f"--jain_tau must be a timestep >= 0, got {self.jain_tau}")
-        if self.jain_early_scale is not None and not math.isfinite(self.jain_early_scale):
-            raise ConfigError(f"--jain_early_scale must be a finite number, got {self.jain_early_scale}")
-        if self.jain_dtp_rule not in JAIN_DTP_RULES:
-            raise ConfigError(f"--jain_dtp_rule must be one of {', '.join(JAIN_DTP_RULES)}, got {self.jain_dtp_rule!r}")
-
-    def jain_early(self, method: str) -> float:
-        """The early scale of a method: the one given, else its paper default."""
-        if self.jain_early_scale is not None:
-            return float(self.jain_early_scale)
-        return JAIN_EARLY_SCALE_DEFAULTS.get(method, 0.0)
 
 
 # --- the math ------------------------------------------------------------------------------------------------

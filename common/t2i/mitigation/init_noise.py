@@ -18,43 +18,14 @@ DDIM (the identity) and right for schedulers that scale their inputs.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 
-from diffmem.common.errors import ConfigError
-from diffmem.common.settings import option
 from diffmem.common.t2i.mitigation.guidance_schedule import StaticTransition
+from diffmem.common.t2i.mitigation.options import HanSettings  # noqa: F401 (torch-free; imported back)
 from diffmem.common.t2i.pipeline import DenoiserParts
 from diffmem.common.t2i.text_noise import epsilon_from_output
-
-
-@dataclass
-class HanSettings:
-    """Settings of han_batch / han_sample (Han et al., NeurIPS 2025; their code's defaults)."""
-
-    han_rho: float = option(50.0, help="han_batch: perturbation radius rho")
-    han_gamma: float = option(0.7, help="han_batch: step size gamma")
-    han_m: int = option(2, help="han_batch: number of adjustment steps M")
-    han_tau: float = option(900.0, help="han_batch: the unconditional prediction alone while the timestep t > tau, "
-                                        "CFG after")
-    han_lr: float = option(0.01, help="han_sample: AdamW learning rate on x_T")
-    han_target_loss: float = option(0.9, help="han_sample: a trajectory stops once its ||eps_c - eps_u|| at T is <= "
-                                              "this")
-    han_iters: int = option(1000, help="han_sample: at most this many AdamW updates")
-
-    def validate(self) -> None:
-        """Raise ConfigError with a one-line reason for a bad Han setting."""
-        for name in ("han_rho", "han_gamma", "han_lr", "han_target_loss"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"--{name} must be a finite number > 0, got {v}")
-        if not (math.isfinite(self.han_tau) and self.han_tau >= 0):
-            raise ConfigError(f"--han_tau must be a timestep >= 0, got {self.han_tau}")
-        for name in ("han_m", "han_iters"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
 
 def first_timestep(parts: DenoiserParts, num_inference_steps: int):

@@ -31,56 +31,45 @@ from diffmem.common.t2i.mitigation.guidance_schedule import (
     jain_stp_setup,
 )
 from diffmem.common.t2i.mitigation.init_noise import han_batch_setup, han_sample_setup
-from diffmem.common.t2i.sampler import sample_latents
 
-BASELINES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")
+# The registry without its hooks is torch-free (the CLIs check --method with it); imported back for this
+# module's users.
+from diffmem.common.t2i.mitigation.options import (  # noqa: F401
+    BASELINES,
+    METHOD_FIELDS,
+    METHOD_INFO,
+    METHODS,
+    MethodInfo,
+    settings_unread_by,
+)
+from diffmem.common.t2i.sampler import sample_latents
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """A method: the settings fields it reads (they bind a resumed run), the one its trade-off sweeps, and its
-    hooks on a batch (:class:`MethodBatch`): ``setup`` before sampling (the conditioning, x_T, the guidance
-    schedule, a context to sample in), ``finish`` after it (details read off the sampler). A method at the
-    conditioning only (``none``, ``ours``, the baselines) has neither: :func:`condition_batch` did its work."""
+class MethodSpec(MethodInfo):
+    """A method of the registry (:class:`MethodInfo`: what it reads, its knob, its paper) with its hooks on a batch
+    (:class:`MethodBatch`): ``setup`` before sampling (the conditioning, x_T, the guidance schedule, a context to
+    sample in), ``finish`` after it (details read off the sampler). A method at the conditioning only (``none``,
+    ``ours``, the baselines) has neither: :func:`condition_batch` did its work."""
 
-    name: str
-    reads: tuple[str, ...] = ()
-    knob: str | None = None
-    paper: str = ""
     setup: Callable[[MethodBatch], None] | None = None
     finish: Callable[[MethodBatch], None] | None = None
 
 
-METHOD_SPECS: dict[str, MethodSpec] = {s.name: s for s in [
-    MethodSpec("none", paper="classifier-free guidance, no mitigation"),
-    MethodSpec("ours", ("optim_target_loss", "optim_iters", "optim_lr", "freeze_padding", "be_mask"),
-               "optim_target_loss", "Wen et al., ICLR 2024: prompt-embedding optimisation (with --be_mask: Chen et "
-               "al., ICLR 2025's bright-ending mask on its loss)"),
-    *[MethodSpec(b, ("repeat_num",), "repeat_num", "Somepalli et al. 2023 / Wen et al. 2024: prompt augmentation")
-      for b in BASELINES],
-    MethodSpec("jain_stp", ("jain_tau", "jain_early_scale"), "jain_tau",
-               "Jain et al., CVPR 2025: static transition point", jain_stp_setup),
-    MethodSpec("jain_dtp", ("jain_early_scale", "jain_dtp_rule"), "jain_early_scale",
-               "Jain et al., CVPR 2025: dynamic transition point", jain_dtp_setup, jain_dtp_finish),
-    MethodSpec("jain_og", (), None, "Jain et al., CVPR 2025: opposite guidance, transition from an extra pass",
-               jain_og_setup),
-    MethodSpec("han_batch", ("han_rho", "han_gamma", "han_m", "han_tau"), "han_tau",
-               "Han et al., NeurIPS 2025: batch-wise initial-noise adjustment", han_batch_setup),
-    MethodSpec("han_sample", ("han_lr", "han_target_loss", "han_iters"), "han_target_loss",
-               "Han et al., NeurIPS 2025: per-sample initial-noise optimisation", han_sample_setup),
-    MethodSpec("ren_attn", ("ren_c",), "ren_c", "Ren et al., ECCV 2024: cross-attention masking and BOS rescaling",
-               ren_attn_setup),
-    MethodSpec("gni", ("gni_scale",), "gni_scale", "Somepalli et al., NeurIPS 2023: Gaussian noise on the embedding",
-               gni_setup),
-]}
-METHODS = tuple(METHOD_SPECS)
-METHOD_FIELDS = tuple(sorted({f for s in METHOD_SPECS.values() for f in s.reads}))
-
-
-def settings_unread_by(method: str, names) -> list[str]:
-    """Those of ``names`` that are another method's settings and that ``method`` never reads: given on a command
-    line, each would change nothing (Wen et al.'s script ran their method whenever a target loss was given)."""
-    return sorted(n for n in names if n in METHOD_FIELDS and n not in METHOD_SPECS[method].reads)
+# Each method's (setup, finish) hooks; the rest of its registry line is METHOD_INFO's, written without torch.
+METHOD_HOOKS: dict[str, tuple[Callable | None, Callable | None]] = {
+    "jain_stp": (jain_stp_setup, None),
+    "jain_dtp": (jain_dtp_setup, jain_dtp_finish),
+    "jain_og": (jain_og_setup, None),
+    "han_batch": (han_batch_setup, None),
+    "han_sample": (han_sample_setup, None),
+    "ren_attn": (ren_attn_setup, None),
+    "gni": (gni_setup, None),
+}
+METHOD_SPECS: dict[str, MethodSpec] = {
+    name: MethodSpec(info.name, info.reads, info.knob, info.paper, *METHOD_HOOKS.get(name, (None, None)))
+    for name, info in METHOD_INFO.items()}
+assert set(METHOD_HOOKS) <= set(METHOD_SPECS), "a hook for a method the registry does not hold"
 
 
 @dataclass

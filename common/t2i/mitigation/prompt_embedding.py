@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from diffmem.common.t2i.detection import text_noise_objective
+from diffmem.common.t2i.mitigation.options import LOSS_REDUCTIONS  # torch-free: the CLIs offer it as choices
 from diffmem.common.t2i.pipeline import DenoiserParts
-
-LOSS_REDUCTIONS = ("mean", "joint")
 
 
 def mitigation_loss(text_norms: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -1,6 +1,6 @@
 """The replication–alignment trade-off of mitigation methods: which runs a sweep makes, its points and its plot.
 
-Each method is swept over its knob (:class:`common.t2i.mitigation.methods.MethodSpec`) or run once at the given
+Each method is swept over its knob (:class:`common.t2i.mitigation.options.MethodInfo`) or run once at the given
 setting; an item ``METHOD:FIELD=V,...`` sets the method's own settings for its runs (a curve of its own). A point
 carries MemBench's metrics (Hong et al.: per prompt the max SSCD over generations × ground-truth images, the mean of
 the top-3 generations, the share of generations above 0.5; averaged over prompts), the mean SSCD and CLIP score,
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple, get_args, get_type_hints
 
 from diffmem.common.errors import ConfigError
-from diffmem.common.t2i.mitigation.methods import METHOD_SPECS
+from diffmem.common.t2i.mitigation.options import METHOD_INFO  # torch-free: mitigate/tradeoff.py plans before torch
 
 
 def _short(field: str) -> str:
@@ -42,7 +42,7 @@ def run_label(method: str, knob: str | None, value, overrides: dict | None = Non
 
 def knob_value(settings):
     """The value of the knob of ``settings.method`` (None for a method without one; jain's early scale resolved)."""
-    knob = METHOD_SPECS[settings.method].knob
+    knob = METHOD_INFO[settings.method].knob
     if knob is None:
         return None
     return settings.jain_early(settings.method) if knob == "jain_early_scale" else getattr(settings, knob)
@@ -51,7 +51,7 @@ def knob_value(settings):
 def run_label_of(settings) -> str:
     """The label a sweep would give a run at these settings: its method and its knob's value (``ours_target3``)."""
     value = knob_value(settings)
-    return run_label(settings.method, None if value is None else METHOD_SPECS[settings.method].knob, value)
+    return run_label(settings.method, None if value is None else METHOD_INFO[settings.method].knob, value)
 
 
 class PlannedRun(NamedTuple):
@@ -84,10 +84,10 @@ def parse_method(item: str, settings) -> tuple[str, dict]:
     comparison holds one method at several of its papers' settings (Jain et al.'s τ 500 / scale 0 and opposite
     guidance τ 650 / scale −2; ``ours`` with and without --be_mask)."""
     method, colon, spec = item.partition(":")
-    if method not in METHOD_SPECS:
-        raise ConfigError(f"--methods: unknown method {method!r}; expected some of {', '.join(METHOD_SPECS)} "
+    if method not in METHOD_INFO:
+        raise ConfigError(f"--methods: unknown method {method!r}; expected some of {', '.join(METHOD_INFO)} "
                           "(each optionally as METHOD:FIELD=VALUE,...)")
-    reads = METHOD_SPECS[method].reads
+    reads = METHOD_INFO[method].reads
     overrides: dict = {}
     for pair in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, text = pair.partition("=")
@@ -106,7 +106,7 @@ def plan_runs(base, methods: list[str], knob_values: dict[str, list]) -> list[Pl
     runs = []
     for item in methods:
         method, overrides = parse_method(item, base)
-        knob = METHOD_SPECS[method].knob
+        knob = METHOD_INFO[method].knob
         settings = replace(base, method=method, **overrides)
         series = run_series(method, overrides)
         if knob is None or knob in overrides:
@@ -122,8 +122,8 @@ def plan_runs(base, methods: list[str], knob_values: dict[str, list]) -> list[Pl
 
 
 def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
-    """{knob: values} from ``KNOB=V1,V2,...`` items (knobs of METHOD_SPECS); ConfigError on a bad item."""
-    knobs = {s.knob for s in METHOD_SPECS.values() if s.knob}
+    """{knob: values} from ``KNOB=V1,V2,...`` items (knobs of METHOD_INFO); ConfigError on a bad item."""
+    knobs = {s.knob for s in METHOD_INFO.values() if s.knob}
     out: dict[str, list[float]] = {}
     for item in items:
         name, sep, values = item.partition("=")
@@ -146,7 +146,7 @@ def tradeoff_point(run: PlannedRun, summary: dict, general: dict | None = None) 
     """One point of a run: the knob's value, MemBench's SSCD metrics, mean SSCD and CLIP, cost, and the general
     set's CLIP."""
     label, settings = run.label, run.settings
-    knob, value = METHOD_SPECS[settings.method].knob, knob_value(settings)
+    knob, value = METHOD_INFO[settings.method].knob, knob_value(settings)
     sscd, clip, cost = summary.get("sscd") or {}, summary.get("clip") or {}, summary.get("cost") or {}
     point = {"label": label, "method": settings.method, "series": run.series, "knob_name": knob, "knob": value,
              "sscd_mean": sscd.get("mean"), "sscd_rate_gt_0.5": sscd.get("rate_gt_0.5"),
