@@ -95,18 +95,39 @@ def float_list(text: str) -> list[float]:
     return [finite_float(t) for t in text.split(",") if t.strip()]
 
 
-def step_indices(text: str) -> list[int]:
-    """The one step syntax's index part: 'K', 'A-B' (inclusive) or a comma list of those -> the indices in order."""
+class StepSpecError(ValueError):
+    """A text outside the one step syntax: ``part`` is the piece that is wrong, ``backwards`` whether it is a range
+    A-B with A > B (each caller words the line with its option's name)."""
+
+    def __init__(self, part: str, backwards: bool):
+        super().__init__(part)
+        self.part, self.backwards = part, backwards
+
+
+def parse_step_indices(text: str) -> list[int]:
+    """The one step syntax's index part: 'K', 'A-B' (inclusive) or a comma list of those -> the indices in order;
+    StepSpecError for anything else."""
     steps: list[int] = []
     for part in text.split(","):
         lo, sep, hi = part.strip().partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise argparse.ArgumentTypeError(f"expected step indices K, A-B or a comma list of those, got {text!r}")
+            raise StepSpecError(part.strip(), backwards=False)
         a, b = int(lo), int(hi) if sep else int(lo)
         if a > b:
-            raise argparse.ArgumentTypeError(f"the step range {part.strip()!r} runs backwards")
+            raise StepSpecError(part.strip(), backwards=True)
         steps.extend(range(a, b + 1))
     return steps
+
+
+def step_indices(text: str) -> list[int]:
+    """An option type: ``parse_step_indices``, its refusal argparse's one line."""
+    try:
+        return parse_step_indices(text)
+    except StepSpecError as exc:
+        if exc.backwards:
+            raise argparse.ArgumentTypeError(f"the step range {exc.part!r} runs backwards") from None
+        raise argparse.ArgumentTypeError(f"expected step indices K, A-B or a comma list of those, "
+                                         f"got {text!r}") from None
 
 
 def first_steps(text: str) -> str:
@@ -118,20 +139,15 @@ def first_steps(text: str) -> str:
     return f"0-{int(text) - 1}" if int(text) > 1 else "0"
 
 
-def step_indices_or_none(text: str) -> list[int] | None:
-    """``step_indices`` for a config's validate(): None where the text is not in the step syntax."""
-    try:
-        return step_indices(text)
-    except argparse.ArgumentTypeError:
-        return None
-
-
 def prefix_step_count(spec: str, num_steps: int, flag: str = "--target_steps") -> int:
     """How many steps from the first a step spec names, for the detectors that score a prefix of the trajectory
     (``0`` -> 1, ``0-9`` -> 10, ``all`` -> num_steps); ConfigError (one line) for any other set."""
     if spec == "all":
         return num_steps
-    steps = step_indices_or_none(spec)
+    try:
+        steps = parse_step_indices(spec)
+    except StepSpecError:
+        steps = None
     if not steps or steps != list(range(len(steps))):
         raise ConfigError(f"{flag} must be a prefix of the trajectory (0, 0-K or all): the noise magnitude averages "
                           f"the first steps, got {spec!r}")

@@ -32,7 +32,7 @@ from diffmem.common.results import (
     read_results,
     write_json_atomic,
 )
-from diffmem.common.settings import device_option, option, option_flag, prompt_text
+from diffmem.common.settings import StepSpecError, device_option, option, option_flag, parse_step_indices, prompt_text
 from diffmem.common.t2i.options import WRT_CHOICES, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 
@@ -92,15 +92,12 @@ def parse_target_steps(spec: str, num_inference_steps: int) -> list[int]:
     text = spec.strip()
     if text == "all":
         return list(range(num_inference_steps))
-    steps: set[int] = set()
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ConfigError(f"--target_steps expects N, N-M, a comma list of those, or 'all'; got {spec!r}")
-        a, b = int(lo), int(hi) if sep else int(lo)
-        if a > b:
-            raise ConfigError(f"--target_steps range {part.strip()!r} runs backwards")
-        steps.update(range(a, b + 1))
+    try:
+        steps = set(parse_step_indices(text))
+    except StepSpecError as exc:
+        if exc.backwards:
+            raise ConfigError(f"--target_steps range {exc.part!r} runs backwards") from None
+        raise ConfigError(f"--target_steps expects N, N-M, a comma list of those, or 'all'; got {spec!r}") from None
     if max(steps) >= num_inference_steps:
         raise ConfigError(f"--target_steps must lie in 0..{num_inference_steps - 1} (--num_inference_steps "
                           f"{num_inference_steps}), got {spec!r}")
