@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from diffmem.common.errors import ConfigError, DiffmemError
-from diffmem.common.settings import extended_float, finite_float
+from diffmem.common.settings import extended_float, field_flag, finite_float
 
 # EDM's and DiffMemorize's click switches take a value (--cond=1, --xflip=0); ours are given or left out.
 SWITCH_VALUES = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
@@ -176,7 +176,7 @@ def add_settings_arguments(parser, settings_class, exclude=(), only=None, defaul
         if md.get("positional"):
             names = [f.name]
         else:
-            names = [md.get("flag", f"--{f.name}"), *md.get("aliases", ())]
+            names = [field_flag(f), *md.get("aliases", ())]
             common["dest"] = f.name
         if isinstance(default, bool) and "action" not in md:
             parser.add_argument(*names, action="store_false" if default else "store_true", default=default, **common)

@@ -156,9 +156,14 @@ def prefix_step_count(spec: str, num_steps: int, flag: str = "--target_steps") -
     return len(steps)
 
 
+def field_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a settings field: its ``option(flag=...)``, else ``--FIELD``."""
+    return f.metadata.get("flag") or f"--{f.name}"
+
+
 def option_flag(settings_class, name: str) -> str:
-    """The command-line flag of a settings dataclass's field: its ``option(flag=...)``, else ``--FIELD``."""
+    """The command-line flag of a settings dataclass's field ``name`` (``field_flag``)."""
     for f in dataclasses.fields(settings_class):
         if f.name == name:
-            return f.metadata.get("flag") or f"--{name}"
+            return field_flag(f)
     raise KeyError(f"{settings_class.__name__} has no field {name!r}")
