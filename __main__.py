@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"diffmem {__version__}")
         return 0
-    verb = verb_aliases().get(argv[0], argv[0])
+    aliases = verb_aliases()
+    verb = aliases.get(argv[0], argv[0])
     if verb not in VERBS:
-        close = difflib.get_close_matches(argv[0], [*VERBS, *verb_aliases()], n=1)
+        close = difflib.get_close_matches(argv[0], [*VERBS, *aliases], n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         print(f"diffmem: error: unknown verb {argv[0]!r}{hint}; diffmem --help lists them", file=sys.stderr)
         return 2
