@@ -31,6 +31,7 @@ VERBS = {
     "dataset": "diffmem.data.dataset_tool",
     "convert-edm": "diffmem.data.convert_edm",
     "build-lab": "diffmem.data.build_lab",
+    "build-tiny": "diffmem.data.build_tiny",
 }
 
 

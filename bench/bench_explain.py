@@ -18,9 +18,8 @@ import torch
 from benchlib import add_model_args, bench_pipeline, load_prompts
 from tqdm.auto import tqdm
 
-from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.explain import WRT_CHOICES, explain_prompts
-from diffmem.common.t2i.pipeline import denoiser_parts
+from diffmem.common.t2i.pipelines import denoiser_parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = denoiser_parts(pipe)
     prompts = load_prompts(args.prompts, args.n_prompts)
     rows = list(range(len(prompts)))
-    uncond = encode_prompts(parts, [""]).embeds
+    uncond = parts.unconditional()
     settings = dict(num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.num_inference_steps,
                     guidance_scale=args.guidance_scale, target_steps=args.target_steps, wrt=args.wrt,
                     uncond_embed=uncond)

@@ -26,7 +26,7 @@ from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 
 from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.mitigation.prompt_embedding import optimise_prompt_embeds, prompt_losses
-from diffmem.common.t2i.pipeline import denoiser_parts
+from diffmem.common.t2i.pipelines import denoiser_parts
 from diffmem.common.t2i.text_noise import initial_latents
 
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     G = args.num_images_per_prompt
     objective = dict(num_inference_steps=args.num_inference_steps, target_steps=args.optim_target_steps,
                      guidance_scale=args.guidance_scale)
-    uncond = encode_prompts(parts, [""]).embeds
+    uncond = parts.unconditional()
     embeds = torch.cat([encode_prompts(parts, prompts[i:i + 64]).embeds for i in range(0, len(prompts), 64)])
     latents = initial_latents(list(range(len(prompts))), G, parts.latent_shape, 0, "per_prompt",
                               float(parts.scheduler.init_noise_sigma))

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 from benchlib import add_model_args, bench_pipeline, load_prompts, timed
 
-from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.mitigation.methods import METHODS, generate_batch
 from diffmem.common.t2i.mitigation.prompt_embedding import prompt_losses
 from diffmem.common.t2i.mitigation.run import MitigationSettings, condition_batch
-from diffmem.common.t2i.pipeline import denoiser_parts
+from diffmem.common.t2i.pipelines import denoiser_parts
 from diffmem.common.t2i.sampler import decode_latents
 
 
@@ -45,7 +44,7 @@ def main() -> None:
     device = torch.device(args.device)
     prompts = load_prompts(args.prompts, args.n_prompts)
     rows = list(range(len(prompts)))
-    uncond = encode_prompts(parts, [""]).embeds
+    uncond = parts.unconditional()
     base = dict(num_images_per_prompt=args.num_images_per_prompt, num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale)
     probe = condition_batch(parts, uncond, prompts, rows, MitigationSettings(method="none", **base))

@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from diffusers import DDPMScheduler
 
-    from diffmem.common.t2i.pipeline import build_components
+    from diffmem.common.t2i.pipelines import build_components
     from diffmem.common.t2i.text_image_data import read_image_folder
 
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)

@@ -44,7 +44,7 @@ from diffmem.common.results import read_results as _read_results
 from diffmem.common.results import write_json_atomic
 from diffmem.common.t2i import detection, explain
 from diffmem.common.t2i.explain import TokenSignificance
-from diffmem.common.t2i.pipeline import DenoiserParts, denoiser_parts, load_pipeline, parse_dtype
+from diffmem.common.t2i.pipelines import DenoiserParts, denoiser_parts, load_pipeline, parse_dtype
 from diffmem.common.t2i.prompts import PromptRecord
 from diffmem.common.t2i.prompts import read_prompts as _read_prompts
 
@@ -112,7 +112,7 @@ def score_prompts(model: DenoiserParts, prompts: str | Path | Sequence[str] | Se
     records of :func:`read_prompts`, or plain strings (rows 0, 1, …). ``detector``: wen (Wen et al.'s text-noise
     magnitude over the first ``score_steps`` DDIM steps), anisotropy or sharpness (zero-step scores)."""
     records = _records(prompts)
-    uncond = detection.encode_prompts(model, [""]).embeds
+    uncond = model.unconditional()
     rows = []
     batches = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
     for batch in tqdm(batches, desc="score", unit="batch", disable=not progress):
@@ -192,7 +192,7 @@ def explain_tokens(model: DenoiserParts, prompts: Sequence[str], rows: Sequence[
     rows = list(range(len(prompts))) if rows is None else list(rows)
     if len(rows) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts for {len(rows)} rows")
-    uncond = detection.encode_prompts(model, [""]).embeds
+    uncond = model.unconditional()
     results = []
     for i in range(0, len(prompts), batch_size):
         results += explain.explain_prompts(

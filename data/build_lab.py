@@ -154,7 +154,7 @@ def _measure(cfg: LabConfig, model_dir: Path, work: Path, tag: str, prompts_dir:
     from diffmem.common.metrics import detection_metrics, fpr_key
     from diffmem.common.t2i.detection import score_prompts
     from diffmem.common.t2i.lab import generate_images, replication_figures, sscd_replication_figures
-    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline
+    from diffmem.common.t2i.pipelines import denoiser_parts, load_pipeline
     from diffmem.common.t2i.prompts import read_prompts
     from diffmem.common.t2i.sampler import save_grid, to_pil
 
@@ -236,7 +236,7 @@ def build(cfg: LabConfig) -> dict:
     import torch
 
     from diffmem.common.t2i.lab import digit_images, lab_split, train_vae, training_text_noise_norms, write_imagefolder
-    from diffmem.common.t2i.pipeline import assemble_pipeline, build_components, load_pipeline, strip_build_paths
+    from diffmem.common.t2i.pipelines import assemble_pipeline, build_components, load_pipeline, strip_build_paths
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, quiet_hub_logging, run_main, settings_from_args
@@ -33,7 +33,7 @@ from diffmem.common.results import (
 )
 from diffmem.common.runlock import lock_run_folder
 from diffmem.common.settings import first_steps, option, option_flag, prefix_step_count
-from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS, SCHEDULERS, batch_size_option, shared_option
+from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 
 # Arguments that change the numbers: a resumed run must use the same values as the results on disk.
@@ -68,8 +68,9 @@ class DetectConfig:
     batch_size: int = batch_size_option(32)
     latents: str = shared_option("latents")
     dtype: str = shared_option("dtype")
-    scheduler: str = option("ddim", choices=SCHEDULERS,
-                            help="ddim: the pipeline's scheduler config as DDIM (Wen et al.); pipeline: as is")
+    scheduler: str | None = shared_option("scheduler")
+    height: int | None = shared_option("height")
+    width: int | None = shared_option("width")
     detector: str = option("wen", choices=DETECTORS,
                            help="wen: noise magnitude along the trajectory (its --guidance_scale, --target_steps); "
                                 "anisotropy / sharpness: zero-step scores")
@@ -143,6 +144,8 @@ class DetectFiles:
         self.summary = self.out / f"{cfg.run_name}.summary.json"
         self.config_file = self.parts / "config.json"
         self.score_config = {k: cfg.bound_score_setting(k) for k in SCORE_KEYS + DETECTOR_KEYS[cfg.detector]}
+        # Recorded only when given, so runs from before the options existed resume.
+        self.score_config.update({k: getattr(cfg, k) for k in ("height", "width") if getattr(cfg, k) is not None})
         # The dataset is bound by its content (every row's prompt and label), not its path: a moved file still
         # resumes, another file under the same name does not.
         self.score_config["dataset_sha256"] = digest_rows({"row": r.row, **row_identity(r)} for r in dataset_rows)
@@ -189,8 +192,16 @@ def run(cfg: DetectConfig) -> int:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from diffmem.common.t2i.detection import encode_prompts, result_row, score_prompts
-    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.detection import anisotropy_weights_for, result_row, score_prompts
+    from diffmem.common.t2i.pipelines import FamilyError, denoiser_parts, load_pipeline, model_family, parse_dtype
+
+    # The family's default scheduler is what the run records (an SD run's "ddim" as before).
+    family = model_family(cfg.model_id, cfg.revision)
+    cfg = replace(cfg, scheduler=cfg.scheduler or family.default_scheduler)
+    problem = None if cfg.scheduler in family.schedulers else (
+        f"--scheduler {cfg.scheduler}: not defined for {family.label} (it takes {' or '.join(family.schedulers)})")
+    if problem is not None:
+        raise FamilyError(problem)
 
     with lock_run_folder(cfg.output_dir, "--out", f".{cfg.run_name}.lock"):
         quiet_hub_logging()
@@ -210,8 +221,13 @@ def run(cfg: DetectConfig) -> int:
         if todo:
             pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), state.device,
                                  cfg.revision, cfg.variant)
-            parts = denoiser_parts(pipe, cfg.scheduler)
-            uncond = encode_prompts(parts, [""]).embeds
+            parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
+            problem = parts.family.guidance_problem(cfg.guidance_scale) if cfg.num_score_steps > 1 else None
+            if cfg.detector == "wen" and problem is not None:
+                raise FamilyError(problem)
+            if cfg.detector == "anisotropy":  # the weights of this family's prediction type, or one line now
+                anisotropy_weights_for(parts, cfg.anisotropy_weights)
+            uncond = parts.unconditional()
             t_score = time.perf_counter()
             batches = [todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size)]
             bar = tqdm(total=len(todo), desc=f"detect[{state.process_index}]", unit="prompt",

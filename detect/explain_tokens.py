@@ -33,7 +33,7 @@ from diffmem.common.results import (
     write_json_atomic,
 )
 from diffmem.common.settings import StepSpecError, device_option, option, option_flag, parse_step_indices, prompt_text
-from diffmem.common.t2i.options import WRT_CHOICES, batch_size_option, shared_option
+from diffmem.common.t2i.options import GEOMETRY_FIELDS, WRT_CHOICES, batch_size_option, shared_option
 from diffmem.common.t2i.prompts import PromptFileError, PromptRecord, read_prompts, select_rows
 
 # Arguments that change the numbers: a resumed run must use the values of the results already on disk.
@@ -67,6 +67,9 @@ class ExplainConfig:
     wrt: str = option("prompt_embeds", choices=WRT_CHOICES,
                       help="differentiate w.r.t. the text encoder output or the token embeddings entering it")
     dtype: str = shared_option("dtype")
+    scheduler: str | None = shared_option("scheduler")
+    height: int | None = shared_option("height")
+    width: int | None = shared_option("width")
     device: str | None = device_option(indexed=True)
     overwrite: bool = option(False, help="discard earlier results in --out")
 
@@ -137,6 +140,8 @@ class ExplainFiles:
         self.config_file = self.root / "config.json"
         self.result_config = {k: getattr(cfg, k) for k in RESULT_KEYS}
         self.result_config["target_steps"] = cfg.steps
+        # Recorded only when given, so folders from before the options existed resume.
+        self.result_config.update({k: getattr(cfg, k) for k in GEOMETRY_FIELDS if getattr(cfg, k) is not None})
 
     def prepare(self, overwrite: bool) -> None:
         """Clear the folder with overwrite; else refuse earlier results computed with other settings."""
@@ -160,17 +165,29 @@ class ExplainFiles:
         check_rows_match(self.tokens, done, {rec.row: {"prompt": rec.prompt} for rec in records}, "another --out")
         return {r["row"]: r for r in done}
 
-    def bar_path(self, row: int) -> Path:
-        return self.bars / f"row{row:06d}.png"
+    def bar_path(self, row: int, encoder: str | None = None, first: str | None = None) -> Path:
+        """The bar chart of a row's first encoder (rowNNNNNN.png), or of another (rowNNNNNN-ENCODER.png)."""
+        suffix = "" if encoder is None or encoder == first else f"-{encoder}"
+        return self.bars / f"row{row:06d}{suffix}.png"
 
 
-def result_row(rec: PromptRecord, result) -> dict:
+def group_by_prompt(results: list, n_prompts: int) -> list[list]:
+    """explain_prompts' prompt-major results (every encoder of prompt 0, then of prompt 1, ...) per prompt."""
+    per = len(results) // n_prompts
+    return [results[b * per:(b + 1) * per] for b in range(n_prompts)]
+
+
+def result_row(rec: PromptRecord, encoders: list) -> dict:
+    """A row of tokens.jsonl: the first encoder's significance as before; a family with more encoders (SDXL, SD3,
+    Flux) adds theirs under ``other_encoders``, one object each of the same fields."""
     row = {"row": rec.row, "index": rec.index if rec.index is not None else rec.row}
     if rec.label is not None:
         row["label"] = rec.label
     if rec.type is not None:
         row["type"] = rec.type
-    row.update(result.to_json())
+    row.update(encoders[0].to_json())
+    if len(encoders) > 1:
+        row["other_encoders"] = [res.to_json() for res in encoders[1:]]
     return row
 
 
@@ -185,18 +202,24 @@ def run(cfg: ExplainConfig) -> int:
 
     from tqdm.auto import tqdm
 
-    from diffmem.common.t2i.detection import encode_prompts
-    from diffmem.common.t2i.explain import TokenSignificance, explain_prompts, heatmap_html, plot_token_bars
-    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.explain import (
+        TokenSignificance,
+        check_explainable,
+        explain_prompts,
+        heatmap_html,
+        plot_token_bars,
+    )
+    from diffmem.common.t2i.pipelines import denoiser_parts, load_pipeline, parse_dtype
 
     explain_time = 0.0
     if todo:
         quiet_hub_logging()
         device = resolve_device(cfg.device)
         pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device, cfg.revision, cfg.variant)
-        parts = denoiser_parts(pipe)
+        parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
+        check_explainable(parts, cfg.wrt)
         out.claim()
-        uncond = encode_prompts(parts, [""]).embeds
+        uncond = parts.unconditional()
         t0 = time.perf_counter()
         with tqdm(total=len(todo), desc="explain", unit="prompt") as bar:
             for i in range(0, len(todo), cfg.batch_size):
@@ -205,10 +228,13 @@ def run(cfg: ExplainConfig) -> int:
                     parts, [r.prompt for r in batch], [r.row for r in batch],
                     num_images_per_prompt=cfg.num_images_per_prompt, gen_seed=cfg.gen_seed,
                     num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                    target_steps=cfg.steps, wrt=cfg.wrt, latents_mode=cfg.latents, uncond_embed=uncond)
-                append_results(out.tokens, [result_row(rec, res) for rec, res in zip(batch, results)])
-                for res in results:
-                    plot_token_bars(res, out.bar_path(res.row))
+                    target_steps=cfg.steps, wrt=cfg.wrt, latents_mode=cfg.latents, uncond_embed=uncond,
+                    all_encoders=True)
+                per_prompt = group_by_prompt(results, len(batch))
+                append_results(out.tokens, [result_row(rec, res) for rec, res in zip(batch, per_prompt)])
+                for encoders in per_prompt:
+                    for res in encoders:
+                        plot_token_bars(res, out.bar_path(res.row, res.encoder, encoders[0].encoder))
                 bar.update(len(batch))
         explain_time = time.perf_counter() - t0
 
@@ -217,10 +243,15 @@ def run(cfg: ExplainConfig) -> int:
     rows = sorted(read_results(out.tokens), key=lambda r: r["row"])
     write_json_atomic(out.tokens, rows, jsonl=True)
     keys = {f.name for f in fields(TokenSignificance)}
-    results = [TokenSignificance(**{k: v for k, v in r.items() if k in keys}) for r in rows]
-    for res in results:
-        if not out.bar_path(res.row).exists():
-            plot_token_bars(res, out.bar_path(res.row))
+    results = []
+    for r in rows:  # the first encoder's fields at the top of a row, the others' under other_encoders
+        first = TokenSignificance(**{k: v for k, v in r.items() if k in keys})
+        results.append(first)
+        results += [TokenSignificance(**{k: v for k, v in o.items() if k in keys}) for o in r.get("other_encoders", [])]
+        for res in results[-1 - len(r.get("other_encoders", [])):]:
+            path = out.bar_path(res.row, res.encoder, first.encoder)
+            if not path.exists():
+                plot_token_bars(res, path)
     out.heatmap.write_text(heatmap_html(results, title=f"Token-wise significance: {cfg.model_id}"), encoding="utf-8")
     rate = f", {len(todo) / explain_time:.2f} prompts/s" if todo else ""
     print(f"{out.tokens}: {len(rows)} prompts ({len(todo)} explained now, {len(records) - len(todo)} resumed"

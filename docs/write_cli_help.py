@@ -39,6 +39,7 @@ PAGES = [
     ("train_unconditional", "diffmem.finetune.train_unconditional", []),
     ("dataset_tool", "diffmem.data.dataset_tool", []),
     ("build_lab", "diffmem.data.build_lab", []),
+    ("build_tiny", "diffmem.data.build_tiny", []),
     ("convert_edm", "diffmem.data.convert_edm", []),
 ]
 

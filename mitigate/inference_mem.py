@@ -117,7 +117,7 @@ def run(cfg: InferenceMemConfig) -> dict:
 
     import torch
 
-    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.pipelines import denoiser_parts, load_pipeline, parse_dtype
 
     with lock_run_folder(out_dir, "--out"):
         quiet_hub_logging()
@@ -125,7 +125,7 @@ def run(cfg: InferenceMemConfig) -> dict:
         evaluators = load_evaluators(sscd_model, cfg.sscd_preprocess, reference_model, cfg.reference_model_pretrain,
                                      gt_root, device)
         pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
-        parts = denoiser_parts(pipe)
+        parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
         tracker = TensorboardTracker(out_dir / "tb") if cfg.with_tracking else None
         extra = {"run_name": cfg.name, "dataset": str(dataset), "gt_root": str(gt_root) if gt_root else None,
                  "model": {"model_id": cfg.model_id, "unet_id": cfg.unet_id, "dtype": cfg.dtype, "device": device}}

@@ -148,14 +148,14 @@ def run(cfg: TradeoffConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     runs = cfg.runs()
 
-    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline, parse_dtype
+    from diffmem.common.t2i.pipelines import denoiser_parts, load_pipeline, parse_dtype
 
     with lock_run_folder(cfg.run_dir, "--out"):
         quiet_hub_logging()
         evaluators = load_evaluators(cfg.sscd_model, cfg.sscd_preprocess, cfg.reference_model,
                                      cfg.reference_model_pretrain, gt_root, device)
         pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
-        parts = denoiser_parts(pipe)
+        parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
         root = cfg.run_dir
         points = []
         for planned in runs:

@@ -18,7 +18,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A saved tiny SD-shaped pipeline (random weights, real CLIP tokenizer) that from_pretrained loads."""
-    from diffmem.common.t2i.pipeline import build_pipeline
+    from diffmem.common.t2i.pipelines import build_pipeline
 
     return build_pipeline(tmp_path_factory.mktemp("tiny-sd"), arch="tiny", seed=0)
 
@@ -26,7 +26,7 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_pipeline_dir):
     """The tiny pipeline loaded through the real loading path, fp32 on CPU."""
-    from diffmem.common.t2i.pipeline import load_pipeline
+    from diffmem.common.t2i.pipelines import load_pipeline
 
     return load_pipeline(str(tiny_pipeline_dir))
 
@@ -34,7 +34,7 @@ def tiny_pipe(tiny_pipeline_dir):
 @pytest.fixture(scope="session")
 def tiny_parts(tiny_pipe):
     """Scoring parts (UNet, text side, DDIM scheduler, latent shape) of the tiny pipeline."""
-    from diffmem.common.t2i.pipeline import denoiser_parts
+    from diffmem.common.t2i.pipelines import denoiser_parts
 
     return denoiser_parts(tiny_pipe)
 
@@ -129,3 +129,16 @@ def one_torch_thread_per_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict:
+    """Tiny saved pipelines of every family the text-to-image arm speaks (common/t2i/pipelines/tiny.py)."""
+    from diffmem.common.t2i.pipelines.tiny import TINY_FAMILIES, build_family_pipeline
+
+    root = tmp_path_factory.mktemp("families")
+    return {family: build_family_pipeline(family, root / family) for family in TINY_FAMILIES}
+
+
+# Flux's default image is 128 x vae_scale_factor pixels even for a tiny model: its tests ask for 16 x 16.
+FAMILY_SIZE = {"flux": ("--height", "16", "--width", "16")}

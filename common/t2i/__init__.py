@@ -1,7 +1,9 @@
 """The text-to-image wing: Stable Diffusion pipelines, prompts, Wen et al.'s detection, explanation and
 mitigation, text-to-image training data and the memorization lab.
 
-- ``pipeline``: loading a pipeline from a Hub id or folder, and the denoiser parts the detectors use.
+- ``pipelines/``: the family room: SD 1/2, SDXL, SD3, Flux and PixArt, one module each (encoding, the unconditional
+  branch, latents, the denoiser call, the metric space, scheduler steps, decoding), the loader, the conditioning and
+  the denoiser parts the detectors use; tiny pipelines built offline. ``rectified_flow``: SD3's and Flux's flow math.
 - ``tokenizer``, ``prompts``, ``groundtruth``: CLIP tokens, prompt files, ground-truth image folders.
 - ``text_noise``: Wen et al.'s text-conditional noise magnitude ‖ε(x, c) − ε(x, ∅)‖ (ICLR 2024, Sec. 3).
 - ``detection``: the batched detectors (Wen et al.; Asthana & Belagiannis's anisotropy, ICLR 2026; Jeon et al.'s

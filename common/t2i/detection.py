@@ -13,53 +13,39 @@ decode, this scores a batch of prompts at once, stops after the last scored step
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS
-from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.t2i.pipelines import (
+    Conditioning,
+    DenoiserParts,
+    EncodedPrompts,
+    FamilyError,
+    as_conditioning,
+    cat_conditionings,
+)
 from diffmem.common.t2i.prompts import PromptRecord
 from diffmem.common.t2i.text_noise import (
     anisotropy_score,
     channel_cosine,
     classifier_free_guidance,
     detection_score,
-    epsilon_from_output,
     initial_latents,
     noise_norm,
-    score_from_epsilon,
     text_noise_norm,
 )
 
 
-@dataclass
-class EncodedPrompts:
-    """Text-encoder outputs for a batch of prompts and whether each was cut at the tokenizer's length."""
-
-    embeds: torch.Tensor  # [B, L, D]
-    truncated: list[bool]
-
-
-@torch.no_grad()
 def encode_prompts(parts: DenoiserParts, prompts: list[str]) -> EncodedPrompts:
-    """Stable Diffusion's conditioning: the text encoder's last hidden state of the padded, truncated ids."""
-    tok = parts.tokenizer
-    max_len = tok.model_max_length
-    ids = tok(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-    full_lengths = [len(x) for x in tok(prompts, truncation=False).input_ids]
-    device = next(parts.text_encoder.parameters()).device
-    mask = None
-    if getattr(parts.text_encoder.config, "use_attention_mask", False):
-        mask = ids.attention_mask.to(device)
-    embeds = parts.text_encoder(ids.input_ids.to(device), attention_mask=mask)[0]
-    return EncodedPrompts(embeds=embeds, truncated=[n > max_len for n in full_lengths])
+    """The family's conditioning of a batch of prompts (every encoder, pooled embeddings, masks) and truncation."""
+    return parts.encode(prompts)
 
 
 @dataclass
 class NoiseTrace:
-    """Per prompt, generation and scored step: ‖ε(x_t,c) − ε(x_t,∅)‖₂ and ‖ε(x_t,∅)‖₂."""
+    """Per prompt, generation and scored step: ‖ε(x_t,c) − ε(x_t,∅)‖₂ and ‖ε(x_t,∅)‖₂ (velocities on a flow model)."""
 
     text_noise_norm: torch.Tensor  # [B, G, S] fp32, CPU
     uncond_noise_norm: torch.Tensor  # [B, G, S] fp32, CPU
@@ -108,10 +94,6 @@ class SharpnessTerms:
         return {"sharpness": self.jvp_norm[b].tolist(), "timestep": self.timestep}
 
 
-def _alpha_bar(scheduler, t) -> torch.Tensor:
-    return scheduler.alphas_cumprod[int(t)].float()
-
-
 @torch.no_grad()
 def trace_noise_norms(
     parts: DenoiserParts,
@@ -126,35 +108,31 @@ def trace_noise_norms(
 ) -> NoiseTrace:
     """Run the guided trajectory of B prompts × G generations for ``score_steps`` steps and record norms.
 
-    cond_embeds: [B, L, D]; uncond_embed: [1, L, D]; latents: [B, G, C, H, W] fp32, already scaled by the
-    scheduler's init_noise_sigma. With shared_latents the caller promises latents[b] is the same for every b,
-    so the first unconditional prediction is computed for G latents and reused by all B prompts.
+    cond_embeds: [B, L, D] or a Conditioning of B rows; uncond_embed: one row; latents: [B, G, C, H, W] fp32,
+    already scaled by the scheduler's init_noise_sigma. With shared_latents the caller promises latents[b] is the
+    same for every b, so the first unconditional prediction is computed for G latents and reused by all B prompts.
+    The norms are of ε differences, or of velocity differences on a rectified-flow family (``parts.metric_output``).
     """
-    unet, dtype, device = parts.unet, parts.dtype, parts.device
+    dtype, device = parts.dtype, parts.device
     # Schedulers keep per-trajectory state (step index, multistep history): one fresh copy per batch.
-    scheduler = copy.deepcopy(parts.scheduler)
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    scheduler = parts.timesteps_scheduler(num_inference_steps)
     timesteps = scheduler.timesteps[:score_steps]
-    pred_type = scheduler.config.get("prediction_type", "epsilon")
 
     B, G = latents.shape[:2]
     x = latents.reshape(B * G, *latents.shape[2:]).to(device=device, dtype=torch.float32)
-    cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)  # prompt-major, like x
-    uncond = uncond_embed.to(device=device, dtype=dtype)
+    cond = as_conditioning(cond_embeds).to(device=device, dtype=dtype).repeat_interleave(G)  # prompt-major, like x
+    uncond = as_conditioning(uncond_embed).to(device=device, dtype=dtype)
     text_norms, uncond_norms = [], []
     for step, t in enumerate(timesteps):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = parts.scale_model_input(scheduler, x, t)
         if shared_latents and step == 0:
-            out_u = unet(x_in[:G].to(dtype), t, encoder_hidden_states=uncond.expand(G, -1, -1),
-                         return_dict=False)[0].float().repeat(B, 1, 1, 1)
-            out_c = unet(x_in.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
+            out_u = parts.predict(x_in[:G], t, uncond.expand(G)).repeat(B, 1, 1, 1)
+            out_c = parts.predict(x_in, t, cond)
         else:
-            both = torch.cat([x_in, x_in]).to(dtype)
-            emb = torch.cat([uncond.expand(B * G, -1, -1), cond])
-            out_u, out_c = unet(both, t, encoder_hidden_states=emb, return_dict=False)[0].float().chunk(2)
-        a_bar = _alpha_bar(scheduler, t)
-        eps_u = epsilon_from_output(out_u, x_in, a_bar, pred_type)
-        eps_c = epsilon_from_output(out_c, x_in, a_bar, pred_type)
+            emb = cat_conditionings([uncond.expand(B * G), cond])
+            out_u, out_c = parts.predict(torch.cat([x_in, x_in]), t, emb).chunk(2)
+        eps_u = parts.metric_output(out_u, x_in, t, scheduler)
+        eps_c = parts.metric_output(out_c, x_in, t, scheduler)
         text_norms.append(text_noise_norm(eps_c, eps_u).view(B, G).cpu())
         uncond_norms.append(noise_norm(eps_u).view(B, G).cpu())
         if step + 1 < len(timesteps):  # the trajectory ends after the last scored step
@@ -164,27 +142,38 @@ def trace_noise_norms(
 
 
 def _detection_timesteps(parts: DenoiserParts, num_inference_steps: int) -> torch.Tensor:
-    scheduler = copy.deepcopy(parts.scheduler)
-    scheduler.set_timesteps(num_inference_steps, device=parts.device)
-    return scheduler.timesteps
+    return parts.timesteps_scheduler(num_inference_steps).timesteps
 
 
-def _epsilons(parts: DenoiserParts, x: torch.Tensor, t, uncond: torch.Tensor, cond: torch.Tensor):
-    """(ε(x,t,∅), ε(x,t,c)) from one batched UNet call on [x, x], in ε units whatever the prediction type."""
-    pred_type = parts.scheduler.config.get("prediction_type", "epsilon")
-    out = parts.unet(torch.cat([x, x]).to(parts.dtype), t, encoder_hidden_states=torch.cat([uncond, cond]),
-                     return_dict=False)[0].float()
-    a_bar = _alpha_bar(parts.scheduler, t)
-    out_u, out_c = out.chunk(2)
-    return epsilon_from_output(out_u, x, a_bar, pred_type), epsilon_from_output(out_c, x, a_bar, pred_type)
+def _raw_pair(parts: DenoiserParts, x: torch.Tensor, t, uncond: Conditioning, cond: Conditioning):
+    """(out(x,t,∅), out(x,t,c)): the denoiser's raw outputs from one batched call on [x, x]."""
+    return parts.predict(torch.cat([x, x]), t, cat_conditionings([uncond, cond])).chunk(2)
+
+
+def _epsilons(parts: DenoiserParts, x: torch.Tensor, t, uncond: Conditioning, cond: Conditioning):
+    """(ε(x,t,∅), ε(x,t,c)) from one batched call on [x, x], in ε units whatever the prediction type (velocities
+    on a rectified-flow family: its metric space)."""
+    out_u, out_c = _raw_pair(parts, x, t, uncond, cond)
+    return parts.metric_output(out_u, x, t), parts.metric_output(out_c, x, t)
 
 
 def _flat_inputs(parts: DenoiserParts, cond_embeds, uncond_embed, latents):
     B, G = latents.shape[:2]
     x = latents.reshape(B * G, *latents.shape[2:]).to(device=parts.device, dtype=torch.float32)
-    cond = cond_embeds.to(device=parts.device, dtype=parts.dtype).repeat_interleave(G, dim=0)
-    uncond = uncond_embed.to(device=parts.device, dtype=parts.dtype).expand(B * G, -1, -1)
+    cond = as_conditioning(cond_embeds).to(device=parts.device, dtype=parts.dtype).repeat_interleave(G)
+    uncond = as_conditioning(uncond_embed).to(device=parts.device, dtype=parts.dtype).expand(B * G)
     return B, G, x, cond, uncond
+
+
+def anisotropy_weights_for(parts: DenoiserParts, weights: tuple[float, float] | None) -> tuple[float, float]:
+    """The given (γ_N, γ_C), or the published ones of the model's prediction type; one line where none exist."""
+    if weights is not None:
+        return weights
+    kind = parts.prediction_type
+    if kind not in ANISOTROPY_WEIGHTS:
+        raise FamilyError(f"the anisotropy detector's weights are published for {' and '.join(ANISOTROPY_WEIGHTS)} "
+                          f"models only, not for {parts.family.label} ({kind}): pass --anisotropy_weights")
+    return ANISOTROPY_WEIGHTS[kind]
 
 
 @torch.no_grad()
@@ -205,8 +194,7 @@ def anisotropy_terms(
     timesteps = _detection_timesteps(parts, num_inference_steps)
     if len(timesteps) < 3:
         raise ValueError(f"the anisotropy detector needs at least 3 inference steps, got {len(timesteps)}")
-    if weights is None:
-        weights = ANISOTROPY_WEIGHTS[parts.scheduler.config.get("prediction_type", "epsilon")]
+    weights = anisotropy_weights_for(parts, weights)
     t_hi, t_lo = timesteps[0], timesteps[-3]
     B, G, x, cond, uncond = _flat_inputs(parts, cond_embeds, uncond_embed, latents)
     eps_u, eps_c = _epsilons(parts, x, t_hi, uncond, cond)
@@ -226,7 +214,8 @@ def sharpness_terms(
 ) -> SharpnessTerms:
     """‖(J_c − J_u) s_Δ‖₂ at t = timesteps[0] on x_T (Jeon, Kim & No 2025).
 
-    s = −ε/√(1−ᾱ_t), s_Δ = s(x_T,c) − s(x_T,∅), J = ∂s/∂x.
+    s = −ε/√(1−ᾱ_t), s_Δ = s(x_T,c) − s(x_T,∅), J = ∂s/∂x. On a rectified-flow family s is the velocity v: the
+    score difference −((1−σ)/σ)(v_c − v_u) vanishes at the first σ = 1 (docs/families.md).
 
     One forward pass for s_Δ, then one forward-mode JVP (torch.func.jvp) of x ↦ s(x,c) − s(x,∅) with tangent
     s_Δ through the batched [x, x] UNet call. latents as in :func:`anisotropy_terms`.
@@ -234,12 +223,11 @@ def sharpness_terms(
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     t = _detection_timesteps(parts, num_inference_steps)[0]
-    a_bar = _alpha_bar(parts.scheduler, t)
     B, G, x, cond, uncond = _flat_inputs(parts, cond_embeds, uncond_embed, latents)
 
     def score_difference(z: torch.Tensor) -> torch.Tensor:
-        eps_u, eps_c = _epsilons(parts, z, t, uncond, cond)
-        return score_from_epsilon(eps_c, a_bar) - score_from_epsilon(eps_u, a_bar)
+        out_u, out_c = _raw_pair(parts, z, t, uncond, cond)
+        return parts.sharpness_field(out_c, z, t) - parts.sharpness_field(out_u, z, t)
 
     # The fused (flash / memory-efficient) SDPA kernels have no forward-mode AD; the math kernel does, at the
     # price of materialising every attention matrix. Only this detector pays it.
@@ -278,7 +266,7 @@ def score_prompts(
         raise ValueError(f"score_steps must be in 1..{num_inference_steps}, got {score_steps}")
     encoded = encode_prompts(parts, prompts)
     if uncond_embed is None:
-        uncond_embed = encode_prompts(parts, [""]).embeds
+        uncond_embed = parts.unconditional()
     if detector != "wen":
         latents = initial_latents(rows, num_images_per_prompt, parts.latent_shape, gen_seed, latents_mode)
         if detector == "anisotropy":
@@ -289,7 +277,7 @@ def score_prompts(
                                     num_inference_steps=num_inference_steps)
         return terms, encoded.truncated
     latents = initial_latents(rows, num_images_per_prompt, parts.latent_shape, gen_seed, latents_mode,
-                              float(parts.scheduler.init_noise_sigma))
+                              parts.init_noise_sigma(num_inference_steps))
     trace = trace_noise_norms(
         parts, encoded.embeds, uncond_embed, latents,
         num_inference_steps=num_inference_steps, score_steps=score_steps, guidance_scale=guidance_scale,
@@ -354,24 +342,21 @@ def iter_text_noise_objective(
     """
     if not target_steps or min(target_steps) < 0 or max(target_steps) >= num_inference_steps:
         raise ValueError(f"target steps must lie in 0..{num_inference_steps - 1}, got {target_steps}")
-    unet, dtype, device = parts.unet, parts.dtype, parts.device
-    scheduler = copy.deepcopy(parts.scheduler)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    pred_type = scheduler.config.get("prediction_type", "epsilon")
+    dtype, device = parts.dtype, parts.device
+    scheduler = parts.timesteps_scheduler(num_inference_steps)
     B, G = latents.shape[:2]
     x = latents.reshape(B * G, *latents.shape[2:]).to(device=device, dtype=torch.float32)
-    cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)
-    uncond = uncond_embed.to(device=device, dtype=dtype).expand(B * G, -1, -1)
+    cond = as_conditioning(cond_embeds).to(device=device, dtype=dtype).repeat_interleave(G)
+    uncond = as_conditioning(uncond_embed).to(device=device, dtype=dtype).expand(B * G)
     wanted = sorted(set(target_steps))
     for step, t in enumerate(scheduler.timesteps[: wanted[-1] + 1]):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = parts.scale_model_input(scheduler, x, t)
         with torch.no_grad():
-            out_u = unet(x_in.to(dtype), t, encoder_hidden_states=uncond, return_dict=False)[0].float()
+            out_u = parts.predict(x_in, t, uncond)
         if step in wanted:
-            out_c = unet(x_in.to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0].float()
-            a_bar = _alpha_bar(scheduler, t)
-            eps_c = epsilon_from_output(out_c, x_in, a_bar, pred_type)
-            eps_u = epsilon_from_output(out_u, x_in, a_bar, pred_type)
+            out_c = parts.predict(x_in, t, cond)
+            eps_c = parts.metric_output(out_c, x_in, t, scheduler)
+            eps_u = parts.metric_output(out_u, x_in, t, scheduler)
             if mask is not None:
                 weight = mask.reshape(B * G, *mask.shape[2:]).to(device=eps_c.device, dtype=eps_c.dtype)
                 eps_c, eps_u = eps_c * weight, eps_u * weight
@@ -379,7 +364,7 @@ def iter_text_noise_objective(
             out_c = out_c.detach()
         else:
             with torch.no_grad():
-                out_c = unet(x_in.to(dtype), t, encoder_hidden_states=cond.detach(), return_dict=False)[0].float()
+                out_c = parts.predict(x_in, t, cond.detach())
         if step < wanted[-1]:
             with torch.no_grad():
                 guided = classifier_free_guidance(out_u, out_c, guidance_scale)

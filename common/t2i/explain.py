@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from diffmem.common.t2i.detection import encode_prompts, iter_text_noise_objective
+from diffmem.common.t2i.detection import iter_text_noise_objective
 from diffmem.common.t2i.options import WRT_CHOICES
-from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.t2i.pipelines import Conditioning, DenoiserParts, FamilyError, TextSegment
 from diffmem.common.t2i.text_noise import initial_latents
 from diffmem.common.t2i.tokenizer import bytes_to_unicode
 
@@ -74,8 +74,10 @@ def token_kinds(input_ids: list[int], attention_mask: list[int], bos_id: int | N
 
 
 def display_token(token: str) -> str:
-    """A CLIP BPE token as text: the byte-level symbols decoded, the end-of-word marker '</w>' as a space."""
-
+    """A token as text: CLIP BPE's byte-level symbols decoded and its end-of-word marker '</w>' as a trailing space;
+    a SentencePiece (T5) piece's word-start marker '▁' as a leading space."""
+    if "▁" in token:
+        return token.replace("▁", " ")
     word_end = token.endswith("</w>")
     body = token[: -len("</w>")] if word_end else token
     decoder = {c: b for b, c in bytes_to_unicode().items()}
@@ -142,29 +144,32 @@ def conditioning_leaf(parts: DenoiserParts, tokens: Tokenized, wrt: str) -> tupl
     return leaf, embeds
 
 
-def step_gradients(parts: DenoiserParts, leaf: torch.Tensor, prompt_embeds: torch.Tensor,
+def step_gradients(parts: DenoiserParts, leaf: torch.Tensor, prompt_embeds: torch.Tensor | Conditioning,
                    uncond_embed: torch.Tensor, latents: torch.Tensor, *, num_inference_steps: int,
-                   target_steps: list[int], guidance_scale: float):
-    """Yield (step, L [B], ∂L/∂leaf [B, L, D]) at each target step, one backward for the whole batch.
+                   target_steps: list[int], guidance_scale: float, pooled_leaf: torch.Tensor | None = None):
+    """Yield (step, L [B], ∂L/∂leaf [B, L, D]) at each target step, one backward for the whole batch; with
+    ``pooled_leaf`` (a conditioning whose pooled embedding is that leaf), (step, L, (∂L/∂leaf, ∂L/∂pooled)).
 
     L is the generation-mean text-noise norm (fp32, detached); the gradient is fp32 on the leaf's device.
     Each step's UNet graph is freed by its own backward, so memory does not grow with the number of steps.
     """
     scale = FP16_GRAD_SCALE if parts.dtype == torch.float16 else 1.0
     steps = sorted(set(target_steps))
+    sequence = prompt_embeds.embeds if isinstance(prompt_embeds, Conditioning) else prompt_embeds
+    wrt = (sequence,) if pooled_leaf is None else (sequence, pooled_leaf)
     for step, norms in iter_text_noise_objective(
             parts, prompt_embeds, uncond_embed, latents, num_inference_steps=num_inference_steps,
             target_steps=steps, guidance_scale=guidance_scale):
         objective = generation_mean_objective(norms)
         # Backward through this step's UNet call only (its buffers are freed) ...
-        (grad,) = torch.autograd.grad(objective.sum() * scale, prompt_embeds)
-        if prompt_embeds is not leaf:
+        grads = list(torch.autograd.grad(objective.sum() * scale, wrt))
+        if sequence is not leaf:
             # ... then through the text encoder, whose graph every step shares: kept until the last step.
-            (grad,) = torch.autograd.grad(prompt_embeds, leaf, grad_outputs=grad, retain_graph=step != steps[-1])
-        grad = grad.float() / scale
-        if not torch.isfinite(grad).all():
+            (grads[0],) = torch.autograd.grad(sequence, leaf, grad_outputs=grads[0], retain_graph=step != steps[-1])
+        grads = [g.float() / scale for g in grads]
+        if not all(torch.isfinite(g).all() for g in grads):
             raise FloatingPointError(f"non-finite gradient at step {step} in {parts.dtype}; use fp32 or bf16")
-        yield step, objective.detach(), grad
+        yield step, objective.detach(), (grads[0] if pooled_leaf is None else tuple(grads))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,6 +191,7 @@ class TokenSignificance:
     target_steps: list[int]
     wrt: str
     truncated: bool
+    encoder: str = "text_encoder"  # the pipeline attribute of the encoder these tokens went through
 
     def content(self) -> list[tuple[str, float, float]]:
         """(display text, score, normalized) of the prompt's own tokens, BOS/EOS/padding left out."""
@@ -200,6 +206,15 @@ class TokenSignificance:
         return asdict(self)
 
 
+def check_explainable(parts: DenoiserParts, wrt: str) -> list[TextSegment]:
+    """The family's encoder segments; one line where ``wrt`` is not defined for it (token_embeds: one encoder)."""
+    segments = parts.family.text_segments()
+    if wrt == "token_embeds" and len(segments) > 1:
+        raise FamilyError(f"--wrt token_embeds differentiates through one text encoder; {parts.family.label} has "
+                          f"{len(segments)}: use --wrt prompt_embeds")
+    return segments
+
+
 def explain_prompts(
     parts: DenoiserParts,
     prompts: list[str],
@@ -212,43 +227,91 @@ def explain_prompts(
     target_steps: list[int] = (0,),
     wrt: str = "prompt_embeds",
     latents_mode: str = "per_prompt",
-    uncond_embed: torch.Tensor | None = None,
+    uncond_embed: torch.Tensor | Conditioning | None = None,
+    all_encoders: bool = False,
 ) -> list[TokenSignificance]:
-    """Token-wise significance of a batch of prompts; ``rows`` (dataset positions) seed their latents."""
+    """Token-wise significance of a batch of prompts; ``rows`` (dataset positions) seed their latents.
+
+    One result per prompt for its family's first encoder; with ``all_encoders``, one per prompt and encoder
+    (prompt-major, in the family's encoder order: SDXL's two CLIPs, SD3's CLIP-L, CLIP-G and T5, Flux's T5 and its
+    pooled CLIP, PixArt's T5). A pooled encoder's one entry is the norm of the gradient with respect to the pooled
+    embedding.
+    """
 
     if len(prompts) != len(rows):
         raise ValueError(f"got {len(prompts)} prompts for {len(rows)} rows")
+    if wrt not in WRT_CHOICES:
+        raise ValueError(f"unknown wrt {wrt!r}; expected one of {', '.join(WRT_CHOICES)}")
     steps = sorted(set(target_steps))
     if not steps or steps[0] < 0 or steps[-1] >= num_inference_steps:
         raise ValueError(f"target steps must lie in 0..{num_inference_steps - 1}, got {list(target_steps)}")
+    segments = check_explainable(parts, wrt)
     if uncond_embed is None:
-        uncond_embed = encode_prompts(parts, [""]).embeds
-    tokens = tokenize(parts, prompts)
+        uncond_embed = parts.unconditional()
     latents = initial_latents(rows, num_images_per_prompt, parts.latent_shape, gen_seed, latents_mode,
-                              float(parts.scheduler.init_noise_sigma))
-    leaf, prompt_embeds = conditioning_leaf(parts, tokens, wrt)
-    per_step_norms, objectives = [], []
+                              parts.init_noise_sigma(num_inference_steps))
+    pooled_leaf = None
+    if wrt == "token_embeds":
+        tokens = tokenize(parts, prompts)
+        leaf, sequence = conditioning_leaf(parts, tokens, wrt)
+        cond = Conditioning(sequence)
+        truncated = tokens.truncated
+    else:
+        encoded = parts.encode(prompts)
+        truncated = encoded.truncated
+        leaf = encoded.embeds.embeds.detach().float().requires_grad_(True)
+        if encoded.embeds.pooled is not None:
+            pooled_leaf = encoded.embeds.pooled.detach().float().requires_grad_(True)
+        cond = encoded.embeds.replace(embeds=leaf, pooled=pooled_leaf)
+    wanted = segments if all_encoders else segments[:1]
+    per_step = {s: [] for s in range(len(wanted))}
+    objectives = []
     for _, objective, grad in step_gradients(
-            parts, leaf, prompt_embeds, uncond_embed.detach(), latents,
-            num_inference_steps=num_inference_steps, target_steps=steps, guidance_scale=guidance_scale):
-        # Reduce to per-token norms at once: [B, L] per step instead of the full [B, L, D] gradient.
-        per_step_norms.append(token_significance(grad[None]).cpu())
+            parts, leaf, cond, uncond_embed.detach(), latents, num_inference_steps=num_inference_steps,
+            target_steps=steps, guidance_scale=guidance_scale, pooled_leaf=pooled_leaf):
+        grad_seq, grad_pooled = grad if pooled_leaf is not None else (grad, None)
+        for k, segment in enumerate(wanted):
+            # Reduce to per-token norms at once: [B, L] per step instead of the full [B, L, D] gradient.
+            per_step[k].append(segment_significance(segment, grad_seq, grad_pooled).cpu())
         objectives.append(objective.cpu())
-    scores = torch.stack(per_step_norms).mean(dim=0)  # == token_significance over all steps
     objective = torch.stack(objectives, dim=-1)  # [B, T]
-    tok = parts.tokenizer
-    results = []
-    kinds_all = [token_kinds(ids, m, tok.bos_token_id, tok.eos_token_id)
-                 for ids, m in zip(tokens.input_ids.tolist(), tokens.attention_mask.tolist())]
-    content = torch.tensor([[k == "token" for k in kinds] for kinds in kinds_all])
+    by_segment = []
+    for k, segment in enumerate(wanted):
+        scores = torch.stack(per_step[k]).mean(dim=0)  # == token_significance over all steps
+        by_segment.append(_segment_results(parts, segment, prompts, rows, scores, objective, steps, wrt, truncated))
+    return [r for b in range(len(prompts)) for r in (seg[b] for seg in by_segment)]
+
+
+def segment_significance(segment: TextSegment, grad_seq: torch.Tensor,
+                         grad_pooled: torch.Tensor | None) -> torch.Tensor:
+    """One encoder's per-token ‖∂L/∂e_k‖₂ [B, L] from the gradient of the whole conditioning (its rows and
+    columns of the sequence; a pooled encoder: its columns of the pooled embedding, one entry [B, 1])."""
+    if segment.rows is None:
+        grad = grad_pooled[:, slice(*segment.cols)] if segment.cols else grad_pooled
+        return token_significance(grad[None, :, None, :])
+    grad = grad_seq[:, slice(*segment.rows)]
+    if segment.cols is not None:
+        grad = grad[..., slice(*segment.cols)]
+    return token_significance(grad[None])
+
+
+def _segment_results(parts, segment: TextSegment, prompts, rows, scores, objective, steps, wrt, truncated):
+    tok = getattr(parts.family.pipe, segment.tokenizer, None) or parts.tokenizer
+    if segment.rows is None:  # the pooled embedding: one entry, its own scale
+        n = len(prompts)
+        ids, kinds, names = [[-1]] * n, [["token"]] * n, [["<pooled>"]] * n
+        content = torch.ones(n, 1, dtype=torch.bool)
+    else:
+        enc_ids, enc_mask = parts.family.segment_ids(segment, prompts)
+        ids = enc_ids.tolist()
+        kinds = [token_kinds(i, m, tok.bos_token_id, tok.eos_token_id) for i, m in zip(ids, enc_mask.tolist())]
+        names = [tok.convert_ids_to_tokens(i) for i in ids]
+        content = torch.tensor([[k == "token" for k in row] for row in kinds])
     normalized = normalize_scores(scores, content)
-    for b, (prompt, row) in enumerate(zip(prompts, rows)):
-        ids = tokens.input_ids[b].tolist()
-        results.append(TokenSignificance(
-            row=row, prompt=prompt, tokens=tok.convert_ids_to_tokens(ids), token_ids=ids, kinds=kinds_all[b],
-            scores=scores[b].tolist(), normalized=normalized[b].tolist(), objective=objective[b].tolist(),
-            target_steps=steps, wrt=wrt, truncated=tokens.truncated[b]))
-    return results
+    return [TokenSignificance(
+        row=row, prompt=prompt, tokens=names[b], token_ids=ids[b], kinds=kinds[b], scores=scores[b].tolist(),
+        normalized=normalized[b].tolist(), objective=objective[b].tolist(), target_steps=steps, wrt=wrt,
+        truncated=truncated[b], encoder=segment.encoder) for b, (prompt, row) in enumerate(zip(prompts, rows))]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -279,7 +342,8 @@ def heatmap_fragment(results: list[TokenSignificance]) -> str:
     blocks = [f"<style>{HEATMAP_STYLE}</style>"]
     for r in results:
         objective = sum(r.objective) / len(r.objective)
-        meta = (f"row {r.row} &middot; L = {objective:.4g} &middot; wrt {r.wrt} &middot; steps "
+        meta = (f"row {r.row} &middot; {html.escape(r.encoder)} &middot; L = {objective:.4g} &middot; wrt {r.wrt} "
+                f"&middot; steps "
                 f"{','.join(map(str, r.target_steps))}" + (" &middot; truncated" if r.truncated else ""))
         blocks.append(f'<div class="prompt" title="{html.escape(r.prompt)}"><div class="meta">{meta}</div>'
                       f'{token_spans_html(r)}</div>')

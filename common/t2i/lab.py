@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffmem.common.seeding import STREAM_VAE, derive_seed, numpy_generator, randn_per_sample, torch_generator
 from diffmem.common.similarity import cosine_similarity_matrix
 from diffmem.common.t2i.detection import encode_prompts
-from diffmem.common.t2i.pipeline import ARCHS, denoiser_parts
+from diffmem.common.t2i.pipelines import ARCHS, denoiser_parts
 from diffmem.common.t2i.sampler import decode_latents, sample_latents
 from diffmem.common.t2i.text_noise import initial_latents, text_noise_norm
 from diffmem.common.training.builders import make_accelerator
@@ -168,7 +168,7 @@ class VAELoss:
 
 
 def lab_vae(arch: str = "lab", seed: int = 0):
-    """A randomly initialised AutoencoderKL of the lab's architecture (common.t2i.pipeline.ARCHS[arch]["vae"])."""
+    """A randomly initialised AutoencoderKL of the lab's architecture (common.t2i.pipelines.ARCHS[arch]["vae"])."""
     from diffusers import AutoencoderKL
 
 
@@ -239,7 +239,7 @@ def generate_images(pipe, prompts: list[str], *, num_images: int, gen_seed: int,
 
     parts = denoiser_parts(pipe)
     cond = encode_prompts(parts, prompts).embeds
-    uncond = encode_prompts(parts, [""]).embeds
+    uncond = parts.unconditional()
     latents = initial_latents(list(range(len(prompts))), num_images, parts.latent_shape, gen_seed,
                               init_noise_sigma=parts.scheduler.init_noise_sigma)
     final = sample_latents(parts, cond, uncond, latents, num_inference_steps=num_inference_steps,
@@ -296,8 +296,8 @@ def training_text_noise_norms(pipe, images: np.ndarray, split: LabSplit, *, seed
 
     parts = denoiser_parts(pipe)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet, vae = pipe.unet, pipe.vae
-    uncond = encode_prompts(parts, [""]).embeds
+    vae = pipe.vae
+    uncond = parts.unconditional()
     out = {}
     for name, indices, captions in (("memorized", split.memorized, split.memorized_captions),
                                     ("seen_once", split.seen_once, split.seen_once_captions)):
@@ -313,8 +313,8 @@ def training_text_noise_norms(pipe, images: np.ndarray, split: LabSplit, *, seed
                 t = torch.tensor([int(torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g))
                                   for g in gens])
                 noisy = sched.add_noise(latents, noise, t)
-                eps_c = unet(noisy, t, cond, return_dict=False)[0]
-                eps_u = unet(noisy, t, uncond.expand(len(idx), -1, -1), return_dict=False)[0]
+                eps_c = parts.predict(noisy, t, cond)
+                eps_u = parts.predict(noisy, t, uncond.expand(len(idx)))
                 norms.append(text_noise_norm(eps_c, eps_u))
         out[name] = torch.cat(norms).numpy()
     return out

@@ -6,8 +6,10 @@ import argparse
 
 from diffmem.common.settings import option
 
-DTYPE_NAMES = ("fp32", "fp16", "bf16")  # common.t2i.pipeline.DTYPES: the weights' dtype
-SCHEDULERS = ("ddim", "pipeline")  # common.t2i.pipeline.denoiser_parts: DDIM (Wen et al.) or the pipeline's own
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # common.t2i.pipelines.DTYPES: the weights' dtype
+SCHEDULERS = ("ddim", "pipeline")  # common.t2i.pipelines.denoiser_parts: DDIM (Wen et al.) or the pipeline's own
+# The settings that are recorded with a run's results only when given, so runs from before they existed resume.
+GEOMETRY_FIELDS = ("scheduler", "height", "width")
 LATENT_MODES = ("per_prompt", "shared")  # common.t2i.text_noise.initial_latents: seed gen_seed + row, or gen_seed
 DETECTORS = ("wen", "anisotropy", "sharpness")
 # Somepalli et al.'s prompt augmentations (common.t2i.prompt_aug; the rand_* baselines of --method)
@@ -22,7 +24,7 @@ ANISOTROPY_WEIGHTS = {"epsilon": (1.0, 2.0), "v_prediction": (1.0, 0.1)}
 # name -> option() arguments, so each default and help is written once, here.
 SHARED_OPTIONS = {
     "model_id": dict(flag="--model", aliases=("--model_id", "--pretrained_model_name_or_path"),
-                     help="Hub id or local StableDiffusionPipeline folder"),
+                     help="Hub id or local pipeline folder (SD 1/2, SDXL, SD3/3.5, Flux.1, PixArt-α/Σ)"),
     "unet_id": dict(default=None, type=str,
                     help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead"),
     "revision": dict(default=None, type=str, help="Hub revision of --model"),
@@ -39,7 +41,14 @@ SHARED_OPTIONS = {
     "latents": dict(default="per_prompt", choices=LATENT_MODES,
                     help="shared: every prompt starts from seed SEED's latents"),
     "num_inference_steps": dict(default=50, help="DDIM steps of the trajectory"),
-    "guidance_scale": dict(default=7.5, help="classifier-free guidance scale of the trajectory"),
+    "guidance_scale": dict(default=7.5, help="classifier-free guidance scale of the trajectory (Flux: true CFG "
+                                             "against the empty prompt, as diffusers' true_cfg_scale)"),
+    "scheduler": dict(default=None, type=str, choices=SCHEDULERS,
+                      help="ddim: the model's schedule as DDIM (Wen et al.); pipeline: the folder's own scheduler "
+                           "(None: ddim for SD 1/2, SDXL and PixArt, pipeline (FlowMatchEuler) for SD3 and Flux)"),
+    "height": dict(default=None, type=int, help="image height in pixels (None: the model's default, sample_size x "
+                                                "vae_scale_factor)"),
+    "width": dict(default=None, type=int, help="image width in pixels (None: the model's default)"),
 }
 
 

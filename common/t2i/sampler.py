@@ -9,14 +9,14 @@ keeps the latents in fp32 between steps whatever the UNet's dtype.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
 import torch
 
-from diffmem.common.t2i.pipeline import DenoiserParts
-from diffmem.common.t2i.text_noise import classifier_free_guidance, epsilon_from_output, text_noise_norm
+from diffmem.common.t2i.pipelines import DenoiserParts, as_conditioning, cat_conditionings
+from diffmem.common.t2i.pipelines.family import decode_latents  # noqa: F401  (the samplers' users decode with it)
+from diffmem.common.t2i.text_noise import classifier_free_guidance, text_noise_norm
 
 
 @torch.no_grad()
@@ -36,32 +36,39 @@ def sample_latents(
 
     cond_embeds: [B, L, D] (one per prompt) or [B, G, L, D] (one per generation); uncond_embed: [1, L, D];
     latents: [B, G, C, H, W], already scaled by the scheduler's init_noise_sigma. All steps of the scheduler run
-    (DDIM with eta = 0 for ``denoiser_parts``). ``guidance(step, t, text_norm) -> [B·G]`` gives a per-trajectory
-    guidance scale from ‖ε_c − ε_u‖ (ε units, whole latent; see :mod:`common.t2i.mitigation.guidance_schedule`); default
+    (DDIM with eta = 0 for ``denoiser_parts``'s default on the UNet families, the family's own otherwise).
+    ``guidance(step, t, text_norm) -> [B·G]`` gives a per-trajectory guidance scale from ‖ε_c − ε_u‖ (ε units, or
+    velocity units on a rectified-flow family; whole latent; see :mod:`common.t2i.mitigation.guidance_schedule`);
+    default
     guidance_scale at every step. ``observer(step, x_before, x_after)`` sees each update; ``norms_out`` (a list)
     receives the per-step text norms [B·G] when given.
     """
-    unet, dtype, device = parts.unet, parts.dtype, parts.device
-    scheduler = copy.deepcopy(parts.scheduler)  # per-trajectory state stays out of the shared scheduler
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    pred_type = scheduler.config.get("prediction_type", "epsilon")
+    dtype, device = parts.dtype, parts.device
+    scheduler = parts.timesteps_scheduler(num_inference_steps)  # per-trajectory state stays out of the shared one
     B, G = latents.shape[:2]
     x = latents.reshape(B * G, *latents.shape[2:]).to(device=device, dtype=torch.float32)
-    if cond_embeds.dim() == 4:  # one embedding per generation, already prompt-major
-        cond = cond_embeds.reshape(B * G, *cond_embeds.shape[2:]).to(device=device, dtype=dtype)
+    cond = as_conditioning(cond_embeds).to(device=device, dtype=dtype)
+    if cond.dim() == 4:  # one embedding per generation [B, G, L, D], already prompt-major
+        cond = cond.replace(embeds=cond.embeds.reshape(B * G, *cond.embeds.shape[2:]))
+        # A pooled embedding or mask of one row per prompt serves each of its generations.
+        if cond.pooled is not None:
+            cond = cond.replace(pooled=cond.pooled.reshape(B * G, -1) if cond.pooled.dim() == 3
+                                else cond.pooled.repeat_interleave(G, dim=0))
+        if cond.mask is not None:
+            cond = cond.replace(mask=cond.mask.reshape(B * G, -1) if cond.mask.dim() == 3
+                                else cond.mask.repeat_interleave(G, dim=0))
     else:
-        cond = cond_embeds.to(device=device, dtype=dtype).repeat_interleave(G, dim=0)  # prompt-major, like x
-    emb = torch.cat([uncond_embed.to(device=device, dtype=dtype).expand(B * G, -1, -1), cond])
+        cond = cond.repeat_interleave(G)  # prompt-major, like x
+    emb = cat_conditionings([as_conditioning(uncond_embed).to(device=device, dtype=dtype).expand(B * G), cond])
     for step, t in enumerate(scheduler.timesteps):
-        x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-        out_u, out_c = unet(x_in.to(dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float().chunk(2)
+        x_in = parts.scale_model_input(scheduler, torch.cat([x, x]), t)
+        out_u, out_c = parts.predict(x_in, t, emb).chunk(2)
         if guidance is None and norms_out is None:
             guided = classifier_free_guidance(out_u, out_c, guidance_scale)
         else:
-            a_bar = scheduler.alphas_cumprod[int(t)].float()
             x_half = x_in[:B * G]
-            norm = text_noise_norm(epsilon_from_output(out_c, x_half, a_bar, pred_type),
-                                   epsilon_from_output(out_u, x_half, a_bar, pred_type))
+            norm = text_noise_norm(parts.metric_output(out_c, x_half, t, scheduler),
+                                   parts.metric_output(out_u, x_half, t, scheduler))
             if norms_out is not None:
                 norms_out.append(norm.cpu())
             scale = guidance_scale if guidance is None else guidance(step, float(t), norm).view(-1, 1, 1, 1)
@@ -71,22 +78,6 @@ def sample_latents(
             observer(step, x, x_next)
         x = x_next
     return x.view(B, G, *x.shape[1:])
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Images in [0, 1], fp32 on CPU, shape [..., 3, H, W], from latents [..., C, h, w] (SD's VAE decode)."""
-    lead = latents.shape[:-3]
-    flat = latents.reshape(-1, *latents.shape[-3:])
-    vae_dtype = next(vae.parameters()).dtype
-    device = next(vae.parameters()).device
-    scale = vae.config.scaling_factor
-    out = []
-    for chunk in flat.split(batch_size):
-        img = vae.decode((chunk / scale).to(device=device, dtype=vae_dtype), return_dict=False)[0]
-        out.append((img.float() / 2 + 0.5).clamp(0, 1).cpu())
-    images = torch.cat(out)
-    return images.view(*lead, *images.shape[1:])
 
 
 def to_pil(images: torch.Tensor) -> list:

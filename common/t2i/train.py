@@ -29,7 +29,7 @@ from diffmem.common.seeding import (
 )
 from diffmem.common.settings import option_flag
 from diffmem.common.t2i.finetune_settings import TextToImageConfig
-from diffmem.common.t2i.pipeline import load_pipeline
+from diffmem.common.t2i.pipelines import load_pipeline
 from diffmem.common.t2i.text_image_data import (
     CaptionConfig,
     ImageDataError,

@@ -46,7 +46,7 @@ def lab_dataset(tmp_path_factory, tiny_parts, tiny_pipe):
                                              for i, p in enumerate(PROMPTS)))
     lat = initial_latents([0], 1, tiny_parts.latent_shape, 5,
                           init_noise_sigma=float(tiny_parts.scheduler.init_noise_sigma))
-    emb, unc = encode_prompts(tiny_parts, PROMPTS[:1]).embeds, encode_prompts(tiny_parts, [""]).embeds
+    emb, unc = encode_prompts(tiny_parts, PROMPTS[:1]).embeds.embeds, encode_prompts(tiny_parts, [""]).embeds.embeds
     img = to_pil(decode_latents(tiny_pipe.vae, sample_latents(tiny_parts, emb, unc, lat, num_inference_steps=3,
                                                               guidance_scale=7.5))[0])[0]
     (d / "gt_images" / "0").mkdir(parents=True)

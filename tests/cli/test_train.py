@@ -91,7 +91,7 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
     res = accelerate_launch("--config_file", "accelerate_configs/cpu.yaml", SCRIPT, *args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    from diffmem.common.t2i.pipeline import load_pipeline
+    from diffmem.common.t2i.pipelines import load_pipeline
 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]  # limit 1 pruned checkpoint-2
     ckpt = out / "checkpoint-4"
@@ -240,7 +240,7 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_pipeline_dir, data, tmp_path
 
 
 def test_text_encoder_trained_jointly_and_prediction_type_saved(tiny_pipeline_dir, data, tmp_path, fresh_accelerate):
-    from diffmem.common.t2i.pipeline import load_pipeline
+    from diffmem.common.t2i.pipelines import load_pipeline
     from diffmem.finetune.train_text_to_image import main
 
     mem, _ = data

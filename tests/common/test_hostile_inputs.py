@@ -118,7 +118,7 @@ def pipeline_copy(tiny_pipeline_dir, tmp_path) -> Path:
 
 @pytest.mark.parametrize("part", ["unet", "vae", "text_encoder", "tokenizer", "scheduler"])
 def test_a_pipeline_folder_without_a_part(pipeline_copy, part):
-    from diffmem.common.t2i.pipeline import ModelLoadError, load_pipeline
+    from diffmem.common.t2i.pipelines import ModelLoadError, load_pipeline
 
     shutil.rmtree(pipeline_copy / part)
     with pytest.raises(ModelLoadError) as exc:
@@ -129,14 +129,14 @@ def test_a_pipeline_folder_without_a_part(pipeline_copy, part):
 
 
 def test_without_unet_a_unet_id_still_loads(pipeline_copy, tiny_pipeline_dir):
-    from diffmem.common.t2i.pipeline import load_pipeline
+    from diffmem.common.t2i.pipelines import load_pipeline
 
     shutil.rmtree(pipeline_copy / "unet")
     assert load_pipeline(str(pipeline_copy), unet_id=str(tiny_pipeline_dir)).unet is not None
 
 
 def test_a_part_without_its_config(pipeline_copy):
-    from diffmem.common.t2i.pipeline import ModelLoadError, load_pipeline
+    from diffmem.common.t2i.pipelines import ModelLoadError, load_pipeline
 
     (pipeline_copy / "unet" / "config.json").unlink()
     with pytest.raises(ModelLoadError, match=r"pipe: no unet/config.json; a diffusers pipeline folder holds"):
@@ -183,7 +183,7 @@ def test_a_plain_pickled_unet_still_loads_quietly(pipeline_copy):
 
     import torch
 
-    from diffmem.common.t2i.pipeline import load_pipeline
+    from diffmem.common.t2i.pipelines import load_pipeline
 
     state = pickled_unet(pipeline_copy)
 
@@ -211,7 +211,7 @@ def test_a_pickled_text_encoder_with_a_forbidden_global_names_its_file(pipeline_
     import torch
     from safetensors.torch import load_file
 
-    from diffmem.common.t2i.pipeline import ModelLoadError, load_pipeline
+    from diffmem.common.t2i.pipelines import ModelLoadError, load_pipeline
 
     weights = pipeline_copy / "text_encoder" / "model.safetensors"
     state = dict(load_file(weights))

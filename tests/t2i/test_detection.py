@@ -114,7 +114,7 @@ def test_v_prediction_norms_are_epsilon_norms(tiny_parts):
 
     parts = copy.copy(tiny_parts)
     parts.scheduler = DDIMScheduler.from_config(tiny_parts.scheduler.config, prediction_type="v_prediction")
-    emb = encode_prompts(parts, ["a cat", ""]).embeds
+    emb = encode_prompts(parts, ["a cat", ""]).embeds.embeds
     lat = torch.randn((1, 2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     v_trace = trace_noise_norms(parts, emb[:1], emb[1:], lat, num_inference_steps=50, score_steps=1,
                                 guidance_scale=7.5)
@@ -127,8 +127,8 @@ def test_v_prediction_norms_are_epsilon_norms(tiny_parts):
 
 
 def test_objective_matches_trace_and_has_gradient_only_through_cond(tiny_parts):
-    emb = encode_prompts(tiny_parts, PROMPTS[:2]).embeds
-    unc = encode_prompts(tiny_parts, [""]).embeds
+    emb = encode_prompts(tiny_parts, PROMPTS[:2]).embeds.embeds
+    unc = encode_prompts(tiny_parts, [""]).embeds.embeds
     from diffmem.common.t2i.text_noise import initial_latents
 
     lat = initial_latents([0, 1], 2, tiny_parts.latent_shape, 0)

@@ -99,7 +99,7 @@ def parts64(tiny_parts):
 def test_gradient_matches_central_difference(parts64, wrt, h):
     tokens = tokenize(parts64, PROMPTS[:2])
     latents = initial_latents([0, 1], 2, parts64.latent_shape, 0, "per_prompt", 1.0)
-    uncond = encode_prompts(parts64, [""]).embeds
+    uncond = encode_prompts(parts64, [""]).embeds.embeds
     kw = dict(num_inference_steps=10, target_steps=[0], guidance_scale=7.5)
     leaf, prompt_embeds = conditioning_leaf(parts64, tokens, wrt)
     [(_, objective, grad)] = list(step_gradients(parts64, leaf, prompt_embeds, uncond, latents, **kw))
@@ -129,7 +129,7 @@ def test_gradient_matches_central_difference(parts64, wrt, h):
 def test_unconditional_embedding_gets_no_gradient(tiny_parts):
     tokens = tokenize(tiny_parts, PROMPTS[:2])
     latents = initial_latents([0, 1], 2, tiny_parts.latent_shape, 0, "per_prompt", 1.0)
-    uncond = encode_prompts(tiny_parts, [""]).embeds.clone().requires_grad_(True)
+    uncond = encode_prompts(tiny_parts, [""]).embeds.embeds.clone().requires_grad_(True)
     leaf, prompt_embeds = conditioning_leaf(tiny_parts, tokens, "prompt_embeds")
     for _, norms in iter_text_noise_objective(tiny_parts, prompt_embeds, uncond, latents, num_inference_steps=10,
                                               target_steps=[0, 2], guidance_scale=7.5):
@@ -142,7 +142,7 @@ def test_unconditional_embedding_gets_no_gradient(tiny_parts):
 def test_token_embeds_leaf_reproduces_prompt_embeds(tiny_parts):
     tokens = tokenize(tiny_parts, PROMPTS)
     _, embeds = conditioning_leaf(tiny_parts, tokens, "token_embeds")
-    assert torch.allclose(embeds, encode_prompts(tiny_parts, PROMPTS).embeds, atol=1e-6)
+    assert torch.allclose(embeds, encode_prompts(tiny_parts, PROMPTS).embeds.embeds, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_sscd_replication_figures_by_hand():
 @pytest.mark.skipif(not (LAB / "model_index.json").is_file(), reason="data/lab not built (make lab)")
 def test_shipped_lab_scores_memorized_captions_higher():
     from diffmem.common.t2i.detection import score_prompts
-    from diffmem.common.t2i.pipeline import denoiser_parts, load_pipeline
+    from diffmem.common.t2i.pipelines import denoiser_parts, load_pipeline
     from diffmem.common.t2i.prompts import read_prompts
 
     manifest = json.loads((LAB / "manifest.json").read_text())

@@ -13,6 +13,7 @@ import torch
 
 from diffmem.common.seeding import torch_generator
 from diffmem.common.t2i.mitigation.options import GniSettings  # noqa: F401 (torch-free; imported back)
+from diffmem.common.t2i.pipelines import as_conditioning
 
 STREAM_GNI = 301  # a stream id of its own (the training streams of common.seeding are 0-7)
 
@@ -34,5 +35,7 @@ def gni_embeddings(embeds: torch.Tensor, noise: torch.Tensor, scale: float) -> t
 
 def gni_setup(batch) -> None:
     """``gni``: the conditioning with seeded Gaussian noise added (one draw per row and generation)."""
-    noise = gni_noise(batch.rows, batch.G, tuple(batch.cond_embeds.shape[1:]), batch.settings.gen_seed)
-    batch.cond = gni_embeddings(batch.cond_embeds, noise, batch.settings.gni_scale)
+    cond = as_conditioning(batch.cond_embeds)  # the noise goes on the token sequence; a pooled embedding stays
+    noise = gni_noise(batch.rows, batch.G, tuple(cond.embeds.shape[1:]), batch.settings.gen_seed)
+    noisy = gni_embeddings(cond.embeds, noise, batch.settings.gni_scale)
+    batch.cond = noisy if isinstance(batch.cond_embeds, torch.Tensor) else cond.replace(embeds=noisy)

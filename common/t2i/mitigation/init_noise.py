@@ -17,34 +17,28 @@ DDIM (the identity) and right for schedulers that scale their inputs.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from diffmem.common.t2i.mitigation.guidance_schedule import StaticTransition
 from diffmem.common.t2i.mitigation.options import HanSettings  # noqa: F401 (torch-free; imported back)
-from diffmem.common.t2i.pipeline import DenoiserParts
-from diffmem.common.t2i.text_noise import epsilon_from_output
+from diffmem.common.t2i.pipelines import DenoiserParts, cat_conditionings
 
 
 def first_timestep(parts: DenoiserParts, num_inference_steps: int):
     """T: the first timestep of the sampler's schedule."""
-    scheduler = copy.deepcopy(parts.scheduler)
-    scheduler.set_timesteps(num_inference_steps, device=parts.device)
+    scheduler = parts.timesteps_scheduler(num_inference_steps)
     return scheduler, scheduler.timesteps[0]
 
 
 def guidance_direction(parts: DenoiserParts, scheduler, x: torch.Tensor, t, cond: torch.Tensor,
                        uncond: torch.Tensor) -> torch.Tensor:
-    """ẽ = ε(x, t, c) − ε(x, t, ∅) per trajectory, fp32 in ε units, from one batched UNet call on [x, x]."""
-    pred_type = scheduler.config.get("prediction_type", "epsilon")
-    x_in = scheduler.scale_model_input(x, t)
-    out = parts.unet(torch.cat([x_in, x_in]).to(parts.dtype), t, encoder_hidden_states=torch.cat([uncond, cond]),
-                     return_dict=False)[0].float()
-    out_u, out_c = out.chunk(2)
-    a_bar = scheduler.alphas_cumprod[int(t)].float()
-    return epsilon_from_output(out_c, x_in, a_bar, pred_type) - epsilon_from_output(out_u, x_in, a_bar, pred_type)
+    """ẽ = ε(x, t, c) − ε(x, t, ∅) per trajectory, fp32 in ε units (velocity units on a rectified-flow family),
+    from one batched call on [x, x]."""
+    x_in = parts.scale_model_input(scheduler, x, t)
+    out_u, out_c = parts.predict(torch.cat([x_in, x_in]), t, cat_conditionings([uncond, cond])).chunk(2)
+    return parts.metric_output(out_c, x_in, t, scheduler) - parts.metric_output(out_u, x_in, t, scheduler)
 
 
 def han_batch_step(x: torch.Tensor, eps_tilde: torch.Tensor, eps_tilde_perturbed: torch.Tensor,

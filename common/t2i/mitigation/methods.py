@@ -67,7 +67,7 @@ METHOD_HOOKS: dict[str, tuple[Callable | None, Callable | None]] = {
     "gni": (gni_setup, None),
 }
 METHOD_SPECS: dict[str, MethodSpec] = {
-    name: MethodSpec(info.name, info.reads, info.knob, info.paper, *METHOD_HOOKS.get(name, (None, None)))
+    name: MethodSpec(**vars(info), **dict(zip(("setup", "finish"), METHOD_HOOKS.get(name, (None, None)))))
     for name, info in METHOD_INFO.items()}
 assert set(METHOD_HOOKS) <= set(METHOD_SPECS), "a hook for a method the registry does not hold"
 

@@ -15,7 +15,13 @@ from diffmem.common.errors import ConfigError
 from diffmem.common.hub import check_model_reference
 from diffmem.common.settings import device_option, option, option_flag, step_indices
 from diffmem.common.sscd_presets import SSCD_PRESETS
-from diffmem.common.t2i.options import PROMPT_AUG_STYLES, batch_size_option, prompt_aug_method, shared_option
+from diffmem.common.t2i.options import (
+    GEOMETRY_FIELDS,
+    PROMPT_AUG_STYLES,
+    batch_size_option,
+    prompt_aug_method,
+    shared_option,
+)
 
 # Paper defaults of the scale before the transition, per method (jain_stp: τ = 500 with scale 0; jain_dtp: ε_c).
 JAIN_EARLY_SCALE_DEFAULTS = {"jain_stp": 0.0, "jain_dtp": 1.0}
@@ -120,6 +126,7 @@ class MethodInfo:
     reads: tuple[str, ...] = ()
     knob: str | None = None
     paper: str = ""
+    needs: tuple[str, ...] = ()  # what the model must have (FAMILY_NEEDS), else the method means nothing there
 
 
 METHOD_INFO: dict[str, MethodInfo] = {s.name: s for s in [
@@ -138,10 +145,38 @@ METHOD_INFO: dict[str, MethodInfo] = {s.name: s for s in [
                "Han et al., NeurIPS 2025: batch-wise initial-noise adjustment"),
     MethodInfo("han_sample", ("han_lr", "han_target_loss", "han_iters"), "han_target_loss",
                "Han et al., NeurIPS 2025: per-sample initial-noise optimisation"),
-    MethodInfo("ren_attn", ("ren_c",), "ren_c", "Ren et al., ECCV 2024: cross-attention masking and BOS rescaling"),
+    MethodInfo("ren_attn", ("ren_c",), "ren_c", "Ren et al., ECCV 2024: cross-attention masking and BOS rescaling",
+               needs=("cross_attention_unet", "clip_padding")),
     MethodInfo("gni", ("gni_scale",), "gni_scale", "Somepalli et al., NeurIPS 2023: Gaussian noise on the embedding"),
 ]}
 METHODS = tuple(METHOD_INFO)
+# What a method or a setting needs of the model: an attribute of its family (common.t2i.pipelines.family.Family)
+# and what it means. Ren et al.'s mask and the padding freeze work on CLIP's token layout (BOS, end token, pads);
+# the bright-ending mask and ren_attn replace a UNet's cross-attention processors.
+FAMILY_NEEDS = {"cross_attention_unet": "a UNet whose cross-attention layers attend to CLIP tokens",
+                "clip_padding": "CLIP's BOS, end and padding tokens in its conditioning"}
+SETTING_NEEDS = {"be_mask": ("cross_attention_unet",), "freeze_padding": ("clip_padding",)}
+# The methods that rescale classifier-free guidance: at a guidance scale of 1 there is no guidance to change.
+CFG_METHODS = ("jain_stp", "jain_dtp", "jain_og", "han_batch")
+
+
+def method_family_problem(settings, family) -> str | None:
+    """Why ``settings.method`` (with its settings) means nothing on a model of ``family``, or None."""
+    flag = {"be_mask": "--be_mask", "freeze_padding": "--freeze_padding"}
+    for need in METHOD_INFO[settings.method].needs:
+        if not getattr(family, need):
+            return f"--method {settings.method} needs {FAMILY_NEEDS[need]}; {family.label} has none"
+    for name, needs in SETTING_NEEDS.items():
+        if name in METHOD_INFO[settings.method].reads and getattr(settings, name):
+            for need in needs:
+                if not getattr(family, need):
+                    return f"{flag[name]} needs {FAMILY_NEEDS[need]}; {family.label} has none"
+    problem = family.guidance_problem(settings.guidance_scale)
+    if problem is not None:
+        return problem
+    if settings.method in CFG_METHODS and settings.guidance_scale == 1:
+        return f"--method {settings.method} rescales classifier-free guidance: at --guidance_scale 1 there is none"
+    return None
 METHOD_FIELDS = tuple(sorted({f for s in METHOD_INFO.values() for f in s.reads}))
 
 
@@ -252,9 +287,15 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
     num_inference_steps: int = shared_option("num_inference_steps")
     guidance_scale: float = shared_option("guidance_scale")
     gen_seed: int = shared_option("gen_seed")
+    scheduler: str | None = shared_option("scheduler")
+    height: int | None = shared_option("height")
+    width: int | None = shared_option("width")
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for inconsistent settings."""
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         for name in ("num_images_per_prompt", "num_inference_steps", "repeat_num"):
@@ -293,6 +334,9 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
             d["jain_early_scale"] = self.jain_early(self.method)
         if not d.get("be_mask", True):  # recorded only when on, so runs from before the option still resume
             d.pop("be_mask")
+        for name in GEOMETRY_FIELDS:  # likewise recorded only when given
+            if d[name] is None:
+                d.pop(name)
         return d
 
 

@@ -27,7 +27,7 @@ import torch
 
 from diffmem.common.t2i.detection import text_noise_objective
 from diffmem.common.t2i.mitigation.options import LOSS_REDUCTIONS  # torch-free: the CLIs offer it as choices
-from diffmem.common.t2i.pipeline import DenoiserParts
+from diffmem.common.t2i.pipelines import DenoiserParts, as_conditioning
 
 
 def mitigation_loss(text_norms: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -99,6 +99,9 @@ def optimise_prompt_embeds(
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     device = parts.device
+    given_tensor = isinstance(cond_embeds, torch.Tensor)
+    template = as_conditioning(cond_embeds)  # pooled embeddings and masks ride along, unchanged
+    cond_embeds = template.embeds
     B = cond_embeds.shape[0]
     if latents.shape[0] != B:
         raise ValueError(f"got {latents.shape[0]} latent rows for {B} prompts")
@@ -123,7 +126,7 @@ def optimise_prompt_embeds(
             break
         last = it == iters
         with torch.set_grad_enabled(not last):
-            sub = param[idx.to(device)]
+            sub = template[idx].replace(embeds=param[idx.to(device)])
             loss = mitigation_loss(text_noise_objective(parts, sub, uncond_embed, latents[idx], **objective,
                                                         mask=None if mask is None else mask[idx]), reduction)
         values = loss.detach().cpu().tolist()
@@ -141,7 +144,7 @@ def optimise_prompt_embeds(
         keep = torch.ones(len(values), dtype=torch.bool)
         keep[stop] = False
         # Summing per-prompt losses keeps each prompt's gradient exactly what it would be alone.
-        (grad_sub,) = torch.autograd.grad(loss[keep.to(loss.device)].sum(), [sub])
+        (grad_sub,) = torch.autograd.grad(loss[keep.to(loss.device)].sum(), [sub.embeds])
         moving = learnable & active.to(device)[:, None]  # [B, L]
         grad = torch.zeros_like(param)
         grad[idx.to(device)] = grad_sub
@@ -154,7 +157,8 @@ def optimise_prompt_embeds(
         for b in active.nonzero().flatten().tolist():
             n_updates[b] += 1
     initial = [h[0] for h in history]
-    return OptimisationResult(param.detach(), initial, final, n_updates, reached, history)
+    embeds = param.detach() if given_tensor else template.replace(embeds=param.detach())
+    return OptimisationResult(embeds, initial, final, n_updates, reached, history)
 
 
 @torch.no_grad()

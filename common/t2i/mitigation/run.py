@@ -64,6 +64,7 @@ from diffmem.common.t2i.mitigation.options import (  # noqa: F401
     MitigationSettings,
     RunOptions,
     argument_groups,
+    method_family_problem,
     own_fields,
 )
 from diffmem.common.t2i.mitigation.prompt_embedding import (
@@ -72,6 +73,7 @@ from diffmem.common.t2i.mitigation.prompt_embedding import (
     prompt_attention_mask,
     prompt_losses,
 )
+from diffmem.common.t2i.pipelines import FamilyError
 from diffmem.common.t2i.prompt_aug import augment_prompt
 from diffmem.common.t2i.sampler import decode_latents, save_grid, to_pil
 from diffmem.common.t2i.text_noise import initial_latents
@@ -111,7 +113,7 @@ def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], se
     used = used_prompts(prompts, rows, settings, parts.tokenizer)
     encoded = encode_prompts(parts, used)
     latents = initial_latents(rows, settings.num_images_per_prompt, parts.latent_shape, settings.gen_seed,
-                              "per_prompt", float(parts.scheduler.init_noise_sigma))
+                              "per_prompt", parts.init_noise_sigma(settings.num_inference_steps))
     objective = dict(num_inference_steps=settings.num_inference_steps, target_steps=settings.optim_target_steps,
                      guidance_scale=settings.guidance_scale)
     out = dict(prompts_used=used, truncated=encoded.truncated, latents=latents, method_s=0.0,
@@ -125,7 +127,9 @@ def condition_batch(parts, uncond_embed, prompts: list[str], rows: list[int], se
                                        num_inference_steps=settings.num_inference_steps,
                                        guidance_scale=settings.guidance_scale)
             mask_calls = 2 * settings.num_inference_steps  # the unmitigated generation the mask comes from
-        learnable = learnable_positions(prompt_attention_mask(parts.tokenizer, used), settings.freeze_padding)
+        # CLIP's positions: BOS fixed, padding too with --freeze_padding; a T5 sequence has no BOS: all move.
+        learnable = (learnable_positions(prompt_attention_mask(parts.tokenizer, used), settings.freeze_padding)
+                     if parts.family.clip_padding else torch.ones(encoded.embeds.shape[:2], dtype=torch.bool))
         res = optimise_prompt_embeds(parts, encoded.embeds, uncond_embed, latents,
                                      target_loss=settings.optim_target_loss, iters=settings.optim_iters,
                                      lr=settings.optim_lr, learnable=learnable,
@@ -250,13 +254,16 @@ def run_mitigation(parts, vae, records: list, settings: MitigationSettings, out_
 
 
     settings.validate()
+    problem = method_family_problem(settings, parts.family)
+    if problem is not None:
+        raise FamilyError(problem)
     evaluators = evaluators or Evaluators()
     files = MitigationFiles(out_dir)
     done = files.prepare({**settings.fingerprint(), **(binding or {})}, overwrite, records)
     selected = {r.row for r in records}
     done_rows = {r["row"] for r in done} & selected
     todo = [r for r in records if r.row not in done_rows]
-    uncond = encode_prompts(parts, [""]).embeds
+    uncond = parts.unconditional()
     t0 = time.perf_counter()
     timing = dict(condition_s=0.0, generate_s=0.0, measure_s=0.0, method_s=0.0)
     bar = tqdm(total=len(todo), desc=f"mitigate[{settings.method}]", unit="prompt", disable=not progress)

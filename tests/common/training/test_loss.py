@@ -15,7 +15,7 @@ def test_snr_matches_diffusers_compute_snr_on_the_sd_schedule():
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
-    from diffmem.common.t2i.pipeline import SD_SCHEDULER_CONFIG
+    from diffmem.common.t2i.pipelines import SD_SCHEDULER_CONFIG
 
     sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     t = torch.tensor([0, 1, 250, 500, 999])

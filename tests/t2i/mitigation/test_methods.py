@@ -28,8 +28,8 @@ def _settings(method, steps=STEPS, **kw):
 
 
 def _inputs(parts, prompts=PROMPTS, rows=ROWS):
-    emb = encode_prompts(parts, prompts).embeds
-    uncond = encode_prompts(parts, [""]).embeds
+    emb = encode_prompts(parts, prompts).embeds.embeds
+    uncond = parts.unconditional().embeds
     lat = initial_latents(rows, G, parts.latent_shape, 11, init_noise_sigma=float(parts.scheduler.init_noise_sigma))
     return emb, uncond, lat
 
@@ -369,7 +369,7 @@ def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch):
     monkeypatch.setattr(init_noise, "han_sample_optimise", spy("per_sample"))
     from diffmem.common.t2i.mitigation.methods import generate_batch
 
-    uncond = encode_prompts(tiny_parts, [""]).embeds
+    uncond = encode_prompts(tiny_parts, [""]).embeds.embeds
     expected = initial_latents(ROWS, G, tiny_parts.latent_shape, 11).flatten(0, 1)
     for method in METHODS:
         s = _settings(method, optim_iters=1, repeat_num=1, han_iters=1, han_m=1)

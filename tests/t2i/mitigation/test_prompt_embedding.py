@@ -23,8 +23,8 @@ G = 2
 
 
 def _setup(parts, prompts, rows):
-    emb = encode_prompts(parts, prompts).embeds
-    uncond = encode_prompts(parts, [""]).embeds
+    emb = encode_prompts(parts, prompts).embeds.embeds
+    uncond = parts.unconditional().embeds
     lat = initial_latents(rows, G, parts.latent_shape, 0, init_noise_sigma=float(parts.scheduler.init_noise_sigma))
     return emb, uncond, lat
 

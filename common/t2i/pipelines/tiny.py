@@ -1,4 +1,5 @@
-"""Tiny random-weight pipelines of the current Stable Diffusion families (SDXL, SD3, Flux, PixArt-Σ), built offline.
+"""Tiny random-weight pipelines of the current Stable Diffusion families (SDXL, SD3, Flux, PixArt-Σ), built offline
+(``diffmem build-tiny``; the tests' fixtures).
 
 Each is the family's own diffusers pipeline class with tiny configs (two-layer encoders of width 32, one- or
 two-block denoisers, a two-block VAE), saved with ``save_pretrained`` so that ``DiffusionPipeline.from_pretrained``
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import diffusers as D
 import torch
-from conftest import REPO
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -25,9 +25,13 @@ from transformers import (
     T5Tokenizer,
 )
 
-FAMILIES = ("sdxl", "sd3", "flux", "pixart")
+from diffmem.common.resources import lab_dir
+from diffmem.common.t2i.pipelines.build import build_pipeline, strip_build_paths
+
+TINY_FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
 # The pipeline class each family saves in its model_index.json.
-FAMILY_CLASSES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+FAMILY_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                  "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
                   "pixart": "PixArtSigmaPipeline"}
 T5_WORDS = ("a", "an", "the", "of", "photo", "painting", "cat", "dog", "red", "blue", "house", "tree", "near", "on")
 WIDTH = 32  # the encoders' hidden size
@@ -46,8 +50,8 @@ def _clip_config(tokenizer, **extra):
                           vocab_size=tokenizer.vocab_size, hidden_act="gelu", **extra)
 
 
-def _t5_encoder(tokenizer):
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=WIDTH, d_kv=8, d_ff=37, num_layers=2,
+def _t5_encoder(tokenizer, width: int = WIDTH):
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=37, num_layers=2,
                                    num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
 
 
@@ -69,10 +73,13 @@ def perturb_zero_weights(module: torch.nn.Module, generator: torch.Generator, sc
 
 
 def build_family_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
-    """Build, save and return the folder of a tiny ``family`` pipeline (one of FAMILIES)."""
+    """Build, save and return the folder of a tiny ``family`` pipeline (one of TINY_FAMILIES; ``sd`` is
+    :func:`build_pipeline`'s tiny Stable Diffusion)."""
+    if family == "sd":
+        return build_pipeline(folder, arch="tiny", seed=seed)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    clip = CLIPTokenizer.from_pretrained(REPO / "data" / "lab" / "tokenizer")
+    clip = CLIPTokenizer.from_pretrained(lab_dir() / "tokenizer")
     if family == "sdxl":
         unet = D.UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
@@ -92,13 +99,13 @@ def build_family_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
         t5 = t5_tokenizer()
         transformer = D.SD3Transformer2DModel(
             sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
-            num_attention_heads=4, caption_projection_dim=WIDTH, joint_attention_dim=WIDTH,
+            num_attention_heads=4, caption_projection_dim=WIDTH, joint_attention_dim=2 * WIDTH,
             pooled_projection_dim=2 * WIDTH)
         pipe = D.StableDiffusion3Pipeline(
             transformer=transformer, scheduler=D.FlowMatchEulerDiscreteScheduler(), vae=_vae(True),
             text_encoder=CLIPTextModelWithProjection(_clip_config(clip, projection_dim=WIDTH)), tokenizer=clip,
             text_encoder_2=CLIPTextModelWithProjection(_clip_config(clip, projection_dim=WIDTH)), tokenizer_2=clip,
-            text_encoder_3=_t5_encoder(t5), tokenizer_3=t5)
+            text_encoder_3=_t5_encoder(t5, 2 * WIDTH), tokenizer_3=t5)  # T5 as wide as both CLIPs, as in SD3
     elif family == "flux":
         t5 = t5_tokenizer()
         transformer = D.FluxTransformer2DModel(
@@ -117,8 +124,9 @@ def build_family_pipeline(family: str, folder: Path, seed: int = 0) -> Path:
         pipe = D.PixArtSigmaPipeline(transformer=transformer, scheduler=D.DPMSolverMultistepScheduler(),
                                      vae=_vae(False), text_encoder=_t5_encoder(t5), tokenizer=t5)
     else:
-        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
     denoiser = getattr(pipe, "transformer", None) or pipe.unet
     perturb_zero_weights(denoiser, generator)
     pipe.save_pretrained(folder)
-    return folder
+    strip_build_paths(folder)
+    return Path(folder)
