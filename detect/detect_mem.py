@@ -193,15 +193,26 @@ def run(cfg: DetectConfig) -> int:
     from tqdm.auto import tqdm
 
     from diffmem.common.t2i.detection import anisotropy_weights_for, result_row, score_prompts
-    from diffmem.common.t2i.pipelines import FamilyError, denoiser_parts, load_pipeline, model_family, parse_dtype
+    from diffmem.common.t2i.pipelines import (
+        FamilyError,
+        ModelLoadError,
+        denoiser_parts,
+        load_pipeline,
+        model_family,
+        parse_dtype,
+    )
 
-    # The family's default scheduler is what the run records (an SD run's "ddim" as before).
-    family = model_family(cfg.model_id, cfg.revision)
-    cfg = replace(cfg, scheduler=cfg.scheduler or family.default_scheduler)
-    problem = None if cfg.scheduler in family.schedulers else (
-        f"--scheduler {cfg.scheduler}: not defined for {family.label} (it takes {' or '.join(family.schedulers)})")
-    if problem is not None:
-        raise FamilyError(problem)
+    # The family's default scheduler is what the run records (an SD run's "ddim" as before). A model that cannot
+    # be read here fails later, where it always has (after the run folder's checks), with the loader's line.
+    try:
+        family = model_family(cfg.model_id, cfg.revision)
+    except ModelLoadError:
+        family = None
+    if family is not None:
+        cfg = replace(cfg, scheduler=cfg.scheduler or family.default_scheduler)
+        if cfg.scheduler not in family.schedulers:
+            raise FamilyError(f"--scheduler {cfg.scheduler}: not defined for {family.label} (it takes "
+                              f"{' or '.join(family.schedulers)})")
 
     with lock_run_folder(cfg.output_dir, "--out", f".{cfg.run_name}.lock"):
         quiet_hub_logging()

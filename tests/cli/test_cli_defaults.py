@@ -33,7 +33,7 @@ CLIS = [
     # the text-to-image arm
     ("diffmem.detect.detect_mem", [], {"--out": "det_outputs", "--num_images_per_prompt": "4",
                                        "--guidance_scale": "7.5", "--target_steps": "0", "--batch_size": "32",
-                                       "--latents": "per_prompt", "--dtype": "fp32", "--scheduler": "ddim",
+                                       "--latents": "per_prompt", "--dtype": "fp32", "--scheduler": "None",
                                        "--detector": "wen", "--anisotropy_weights": "None", "--allow_empty": "False"}),
     ("diffmem.detect.evaluate", [], {"--fpr_targets": "(0.001, 0.01, 0.03, 0.05)", "--tpr_rule": "strict",
                                      "--positive": "[]", "--compare": "False"}),

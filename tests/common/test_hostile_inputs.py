@@ -125,7 +125,8 @@ def test_a_pipeline_folder_without_a_part(pipeline_copy, part):
         load_pipeline(str(pipeline_copy))
     hint = " (or pass --unet_id)" if part == "unet" else ""
     assert str(exc.value) == (f"{pipeline_copy}: no {part}/ folder; a diffusers pipeline folder holds "
-                              f"model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/{hint}")
+                              f"model_index.json and one folder per part it names: scheduler/, text_encoder/, "
+                              f"tokenizer/, unet/, vae/{hint}")
 
 
 def test_without_unet_a_unet_id_still_loads(pipeline_copy, tiny_pipeline_dir):

@@ -87,18 +87,20 @@ def check_pipeline_folder(folder: Path, name: str, unet_id: str | None = None) -
     part as a missing config.json of the pipeline folder itself."""
     index = read_model_index(folder, name)
     family = family_class(index.get("_class_name"), name)
-    for part, library_class in index.items():
-        if part.startswith("_") or not isinstance(library_class, list) or None in library_class[:2]:
-            continue  # metadata, or an optional part saved as None (safety_checker, a dropped T5)
+    # Metadata, and the optional parts saved as None (safety_checker, a dropped T5), are no folders.
+    parts = {part: lib for part, lib in index.items()
+             if not part.startswith("_") and isinstance(lib, list) and None not in lib[:2]}
+    layout = f"{PIPELINE_LAYOUT}: {', '.join(p + '/' for p in parts)}"
+    for part, library_class in parts.items():
         if part == "unet" and unet_id is not None:
             continue  # the UNet comes from --unet_id
         if not (folder / part).is_dir():
-            raise ModelLoadError(f"{name}: no {part}/ folder; {PIPELINE_LAYOUT}"
+            raise ModelLoadError(f"{name}: no {part}/ folder; {layout}"
                                  + (" (or pass --unet_id)" if part == "unet" else ""))
         config = _part_config(library_class)
         if config is not None and not (folder / part / config).is_file():
-            raise ModelLoadError(f"{name}: no {part}/{config}; {PIPELINE_LAYOUT}, each part with its config and "
-                                 f"weights as save_pretrained writes them")
+            raise ModelLoadError(f"{name}: no {part}/{config}; {layout}, each part with its config and weights as "
+                                 f"save_pretrained writes them")
     return family
 
 
