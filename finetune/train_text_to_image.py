@@ -65,8 +65,10 @@ def parse_args(argv: list[str] | None = None) -> TextToImageConfig:
 def run(cfg: TextToImageConfig) -> None:
     """Validate the arguments, train, and save the pipeline (one line of summary from the main process)."""
     cfg.validate()
-    from diffmem.common.t2i.train import train_text_to_image
+    from diffmem.common.t2i.train import check_finetunable, train_text_to_image
     from diffmem.common.training.checkpoints import resolve_resume
+
+    check_finetunable(cfg.pretrained_model_name_or_path, cfg.revision)
 
     resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
     summary = train_text_to_image(cfg)

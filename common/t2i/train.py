@@ -29,7 +29,7 @@ from diffmem.common.seeding import (
 )
 from diffmem.common.settings import option_flag
 from diffmem.common.t2i.finetune_settings import TextToImageConfig
-from diffmem.common.t2i.pipelines import load_pipeline
+from diffmem.common.t2i.pipelines import FAMILIES, ModelLoadError, load_pipeline, model_family
 from diffmem.common.t2i.text_image_data import (
     CaptionConfig,
     ImageDataError,
@@ -47,6 +47,19 @@ from diffmem.common.training.checkpoints import bind_training_settings, bound_tr
 from diffmem.common.training.config import TrainSetupError
 from diffmem.common.training.loop import LossTerms, Trainer
 from diffmem.common.training.loss import hard_threshold_keep, min_snr_weight, snr_from_alphas_cumprod
+
+FINETUNABLE = "the trainer fine-tunes " + ", ".join(f.label for f in FAMILIES.values() if f.finetunable) + " only"
+
+
+def check_finetunable(model: str, revision: str | None = None) -> None:
+    """One line for a model of a family the trainer does not fine-tune yet (read from its model_index.json before
+    anything is written); a model that cannot be read is left to the loader's own line."""
+    try:
+        family = model_family(model, revision)
+    except ModelLoadError:
+        return
+    if not family.finetunable:
+        raise ModelLoadError(f"{model}: fine-tuning a {family.label} pipeline is not built yet; {FINETUNABLE}")
 
 # --------------------------------------------------------------------------------------------- data
 

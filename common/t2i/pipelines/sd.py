@@ -10,3 +10,4 @@ class SDFamily(Family):
     key = "sd"
     label = "Stable Diffusion 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)
+    finetunable = True
