@@ -1,4 +1,4 @@
-"""Fine-tune a Stable Diffusion pipeline on captioned images, optionally with Wen et al.'s thresholded loss.
+"""Fine-tune a text-to-image pipeline (SD 1/2, SDXL, SD3, Flux, PixArt), optionally with Wen et al.'s mitigation.
 
     accelerate launch --config_file accelerate_configs/single_gpu_fp16.yaml finetune/train_text_to_image.py \\
         --model CompVis/stable-diffusion-v1-4 \\
@@ -6,9 +6,11 @@
         --hard_threshold 2 --out out/sd-mitigated
 
 Accepts the diffusers text-to-image example's flags plus Wen et al.'s (--dataset, --non_mem_dataset, --end,
---repeats, --non_mem_ratio, --hard_threshold, --prompt_aug_style, --repeat_num). The output folder is a full
-pipeline (EMA weights with --use_ema) that ``detect/detect_mem.py --model`` loads; ``checkpoint-N/unet`` (and
-``unet_ema``) can be passed as ``--unet_id``. Runs without ``accelerate launch`` too (one process).
+--repeats, --non_mem_ratio, --hard_threshold, --prompt_aug_style, --repeat_num), diffusers' SD3/Flux examples'
+flow-matching flags (--weighting_scheme, --logit_mean, --logit_std, --mode_scale) and --lora_rank. The output folder
+is a full pipeline of the input's class (EMA weights with --use_ema, LoRA adapters merged) that
+``detect/detect_mem.py --model`` loads; a UNet run's ``checkpoint-N/unet`` (and ``unet_ema``) can be passed as
+``--unet_id``. Runs without ``accelerate launch`` too (one process).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_argument_group("model")
     add_settings_arguments(g, TextToImageConfig, only=(
-        "pretrained_model_name_or_path", "revision", "variant", "train_text_encoder", "gradient_checkpointing",
-        "enable_xformers_memory_efficient_attention", "prediction_type"))
+        "pretrained_model_name_or_path", "revision", "variant", "train_text_encoder", "lora_rank",
+        "gradient_checkpointing", "enable_xformers_memory_efficient_attention", "prediction_type"))
 
     g = p.add_argument_group("data")
     add_settings_arguments(g, TextToImageConfig, only=("train_data_dir",))
@@ -39,7 +41,8 @@ def build_parser() -> ArgumentParser:
     add_settings_arguments(g, TrainConfig, only=("dataloader_num_workers",))
 
     g = p.add_argument_group("loss")
-    add_settings_arguments(g, TextToImageConfig, only=("hard_threshold", "snr_gamma", "noise_offset"))
+    add_settings_arguments(g, TextToImageConfig, only=("hard_threshold", "snr_gamma", "noise_offset",
+                                                       "weighting_scheme", "logit_mean", "logit_std", "mode_scale"))
 
     g = p.add_argument_group("optimization")
     add_settings_arguments(g, TrainConfig, only=(
@@ -65,10 +68,10 @@ def parse_args(argv: list[str] | None = None) -> TextToImageConfig:
 def run(cfg: TextToImageConfig) -> None:
     """Validate the arguments, train, and save the pipeline (one line of summary from the main process)."""
     cfg.validate()
-    from diffmem.common.t2i.train import check_finetunable, train_text_to_image
+    from diffmem.common.t2i.train import check_family_settings, train_text_to_image
     from diffmem.common.training.checkpoints import resolve_resume
 
-    check_finetunable(cfg.pretrained_model_name_or_path, cfg.revision)
+    check_family_settings(cfg)
 
     resolve_resume(cfg.train.resume_from_checkpoint, cfg.train.output_dir)
     summary = train_text_to_image(cfg)

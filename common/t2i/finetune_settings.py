@@ -14,6 +14,18 @@ from diffmem.common.settings import option, option_flag, prompt_text
 from diffmem.common.t2i.options import PREDICTION_TYPES, PROMPT_AUG_STYLES
 from diffmem.common.training.config import TrainConfig
 
+# How flow matching (the rectified-flow families: SD3, Flux) draws σ and weights the loss: the choices of diffusers'
+# SD3/Flux training examples (diffusers.training_utils.compute_density_for_timestep_sampling and
+# compute_loss_weighting_for_sd3). logit_normal and mode shape σ's density, sigma_sqrt and cosmap weight the loss,
+# none is uniform σ and an unweighted loss.
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+# The density parameters' values when not given: the examples' defaults (--logit_mean 0, --logit_std 1,
+# --mode_scale 1.29).
+FLOW_DENSITY_DEFAULTS = {"logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29}
+FLOW_FIELDS = ("weighting_scheme", *FLOW_DENSITY_DEFAULTS)
+# The settings recorded in a run's training_options.json only when given: runs from before they existed resume.
+RECORDED_WHEN_GIVEN = ("lora_rank", *FLOW_FIELDS)
+
 
 @dataclass
 class TextToImageConfig:
@@ -51,6 +63,9 @@ class TextToImageConfig:
     # model and loss
     train_text_encoder: bool = option(False, help="train the text encoder jointly (not with DeepSpeed)")
     gradient_checkpointing: bool = option(False, help="recompute activations in the backward pass (less memory)")
+    lora_rank: int = option(0, help="train LoRA adapters of this rank on the denoiser's attention projections "
+                                    "(to_q, to_k, to_v, to_out.0) and nothing else; 0: full fine-tuning. The output "
+                                    "pipeline holds the merged weights")
     enable_xformers_memory_efficient_attention: bool = option(
         False, help="xformers attention (needs the xformers extra and a GPU); PyTorch SDPA is the default")
     prediction_type: str | None = option(None, choices=PREDICTION_TYPES,
@@ -59,7 +74,18 @@ class TextToImageConfig:
     snr_gamma: float | None = option(None, type=float, help="Min-SNR-gamma loss weighting (5.0 recommended)")
     noise_offset: float = option(0.0, help="offset noise scale")
     hard_threshold: float | None = option(None, type=float, help="drop samples with ||eps(x_t,c) - eps(x_t,empty)||_2 "
-                                                                 ">= T from the loss (Wen et al.)")
+                                                                 ">= T from the loss (Wen et al.; SD3 and Flux: the "
+                                                                 "velocities' ||v_c - v_empty||_2)")
+    weighting_scheme: str | None = option(None, choices=WEIGHTING_SCHEMES,
+                                          help="SD3 and Flux (flow matching): the density sigma is drawn from, or "
+                                               "the loss weighting, as in diffusers' SD3/Flux examples; None: the "
+                                               "family's example default (SD3: logit_normal, Flux: none)")
+    logit_mean: float | None = option(None, type=float, help="mean of logit(sigma) for --weighting_scheme "
+                                                             "logit_normal (None: 0.0)")
+    logit_std: float | None = option(None, type=float, help="standard deviation of logit(sigma) for "
+                                                            "--weighting_scheme logit_normal (None: 1.0)")
+    mode_scale: float | None = option(None, type=float, help="scale of --weighting_scheme mode's density "
+                                                             "(None: 1.29)")
     # validation images
     validation_prompts: list[str] = option(default_factory=list, nargs="+", type=prompt_text,
                                            help="prompts of the validation images")
@@ -82,7 +108,7 @@ class TextToImageConfig:
             if value < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {value}")
         for name, value in (("lr_warmup_steps", t.lr_warmup_steps), ("repeat_num", self.repeat_num),
-                            ("dataloader_num_workers", t.dataloader_num_workers)):
+                            ("dataloader_num_workers", t.dataloader_num_workers), ("lora_rank", self.lora_rank)):
             if value < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {value}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -93,6 +119,8 @@ class TextToImageConfig:
             raise ConfigError("--non_mem_ratio needs --non_mem_dataset")
         if self.hard_threshold is not None and self.hard_threshold < 0:
             raise ConfigError(f"--hard_threshold must be >= 0, got {self.hard_threshold}")
+        if self.logit_std is not None and self.logit_std <= 0:
+            raise ConfigError(f"--logit_std must be > 0, got {self.logit_std}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"--snr_gamma must be > 0, got {self.snr_gamma}")
         if not 0.0 <= t.ema_decay <= 1.0:

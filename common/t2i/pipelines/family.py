@@ -84,7 +84,7 @@ class Family:
     clip_padding = True  # the conditioning's padding positions are CLIP's end tokens (Ren et al., the freeze)
     # Whether the unconditional branch was trained (classifier-free guidance means what it says).
     trained_unconditional = True
-    finetunable = False  # common/t2i/train.py's UNet ε/v loss: Stable Diffusion 1/2 only so far
+    finetunable = True  # common/t2i/train.py trains every family (the ε/v DDPM loss, or flow matching)
 
     def __init__(self, pipe, height: int | None = None, width: int | None = None):
         self.pipe = pipe

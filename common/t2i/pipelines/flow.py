@@ -17,6 +17,9 @@ class FlowFamily(Family):
     """A transformer predicting the rectified-flow velocity v = ε − x₀, sampled by its own FlowMatchEuler."""
 
     flow = True
+    # Fine-tuning's σ density / loss weighting (common/t2i/train.py): diffusers' train_dreambooth_sd3.py default,
+    # Esser et al. 2024's best (rf/lognorm(0, 1), Sec. 5.1).
+    timestep_weighting = "logit_normal"
     default_scheduler = "pipeline"
     schedulers = ("pipeline",)  # DDIM's ᾱ schedule does not describe these models
     cross_attention_unet = False

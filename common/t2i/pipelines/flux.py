@@ -21,6 +21,7 @@ class FluxFamily(FlowFamily):
     label = "Flux.1"
     pipeline_classes = ("FluxPipeline",)
     max_shift_default = 1.15
+    timestep_weighting = "none"  # diffusers' train_dreambooth_flux.py default: uniform σ, unweighted loss
     trained_unconditional = False
 
     @property
