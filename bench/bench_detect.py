@@ -121,6 +121,12 @@ def pipeline_first_steps(pipe, family, prompts: list[str], G: int, scale: float)
         pipe(prompt, **call)
 
 
+def _count(n: int) -> str:
+    """A parameter count: 2.57B, 793k."""
+    units = ((1e9, "B"), (1e6, "M"), (1e3, "k"))
+    return next((f"{n / scale:.3g}{unit}" for scale, unit in units if n >= scale), str(n))
+
+
 def bench_family(args, family_key: str | None) -> dict:
     """(a), (b) and (c) of one family (--family mode), timed A B C C B A after warm-ups; prints and returns them."""
     device = torch.device(args.device)
@@ -137,7 +143,7 @@ def bench_family(args, family_key: str | None) -> dict:
     G, steps, scale, bs = args.num_images_per_prompt, args.num_inference_steps, args.guidance_scale, args.batch_size
     model = args.model_id or f"{args.arch} {found}"
     denoiser = sum(t.numel() for t in parts.unet.parameters())
-    print(f"\n== {family.label}: {model} ({type(pipe).__name__}, denoiser {denoiser / 1e6:.3g}M params), "
+    print(f"\n== {family.label}: {model} ({type(pipe).__name__}, denoiser {_count(denoiser)} params), "
           f"{family.height}x{family.width} px, latent {tuple(parts.latent_shape)}, device={device} "
           f"dtype={args.dtype} threads={torch.get_num_threads()}")
     if args.arch == "full" and not args.model_id:
@@ -188,6 +194,7 @@ def compare_families(args) -> int:
         raise SystemExit("--family all builds each family; name one --family with --model_id")
     keys = list(FAMILIES) if args.family == "all" else [args.family]
     if args.family == "all" and args.arch == "full":
+        print(f"--arch full: {', '.join(k for k in keys if k not in FULL_FAMILIES)} skipped (no full-size build)")
         keys = [k for k in keys if k in FULL_FAMILIES]
     results = []
     for key in keys:
