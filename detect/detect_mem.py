@@ -210,9 +210,7 @@ def run(cfg: DetectConfig) -> int:
         family = None
     if family is not None:
         cfg = replace(cfg, scheduler=cfg.scheduler or family.default_scheduler)
-        if cfg.scheduler not in family.schedulers:
-            raise FamilyError(f"--scheduler {cfg.scheduler}: not defined for {family.label} (it takes "
-                              f"{' or '.join(family.schedulers)})")
+        family.check_scheduler(cfg.scheduler)
 
     with lock_run_folder(cfg.output_dir, "--out", f".{cfg.run_name}.lock"):
         quiet_hub_logging()

@@ -245,11 +245,11 @@ def run(cfg: ExplainConfig) -> int:
     keys = {f.name for f in fields(TokenSignificance)}
     results = []
     for r in rows:  # the first encoder's fields at the top of a row, the others' under other_encoders
-        first = TokenSignificance(**{k: v for k, v in r.items() if k in keys})
-        results.append(first)
-        results += [TokenSignificance(**{k: v for k, v in o.items() if k in keys}) for o in r.get("other_encoders", [])]
-        for res in results[-1 - len(r.get("other_encoders", [])):]:
-            path = out.bar_path(res.row, res.encoder, first.encoder)
+        encoders = [TokenSignificance(**{k: v for k, v in e.items() if k in keys})
+                    for e in (r, *r.get("other_encoders", []))]
+        results += encoders
+        for res in encoders:
+            path = out.bar_path(res.row, res.encoder, encoders[0].encoder)
             if not path.exists():
                 plot_token_bars(res, path)
     out.heatmap.write_text(heatmap_html(results, title=f"Token-wise significance: {cfg.model_id}"), encoding="utf-8")

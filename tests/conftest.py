@@ -142,3 +142,37 @@ def family_dirs(tmp_path_factory) -> dict:
 
 # Flux's default image is 128 x vae_scale_factor pixels even for a tiny model: its tests ask for 16 x 16.
 FAMILY_SIZE = {"flux": ("--height", "16", "--width", "16")}
+
+
+# --- the text-to-image trainer's tests (tests/cli/test_train.py, test_train_families.py) ---------------------
+
+def write_images(folder, captions, seed=0, size=(16, 16)):
+    """A folder of random images, each with its caption in a .txt beside it (the trainer's imagefolder layout)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, caption in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
+        (folder / f"{i:03d}.txt").write_text(caption)
+    return folder
+
+
+def base_args(model_dir, mem, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model_dir), "--dataset", str(mem), "--resolution", "16",
+            "--train_batch_size", "2", "--report_to", "none", "--output_dir", str(out), *map(str, extra)]
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """In-process runs share Accelerate's singletons; give each run a clean state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    reset()
+    yield reset
+    reset()

@@ -279,9 +279,7 @@ class TextToImageLoss:
 
     def _metric(self, out: torch.Tensor, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The family's metric output (ε, or the velocity) per sample: each sample has its own timestep."""
-        family = self.parts.family
-        return torch.cat([family.metric_output(out[i:i + 1], x[i:i + 1], timesteps[i], self.scheduler)
-                          for i in range(out.shape[0])])
+        return self.parts.family.metric_output(out, x, timesteps, self.scheduler)
 
     def __call__(self, batch: dict, models: dict) -> LossTerms:
         parts = self._family_parts(models)

@@ -9,21 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, accelerate_launch, free_port, run_cli
-from PIL import Image
+from conftest import ONE_THREAD, accelerate_launch, base_args, free_port, run_cli, write_images
 from safetensors.torch import load_file
 
 SCRIPT = "finetune/train_text_to_image.py"
 UNET_FILE = "diffusion_pytorch_model.safetensors"
-
-
-def write_images(folder, captions, seed=0, size=(16, 16)):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, caption in enumerate(captions):
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
-        (folder / f"{i:03d}.txt").write_text(caption)
-    return folder
 
 
 @pytest.fixture
@@ -34,25 +24,6 @@ def data(tmp_path):
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def fresh_accelerate():
-    """In-process runs share Accelerate's singletons; give each run a clean state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-
-    reset()
-    yield reset
-    reset()
-
-
-def base_args(model_dir, mem, out, *extra):
-    return ["--pretrained_model_name_or_path", str(model_dir), "--dataset", str(mem), "--resolution", "16",
-            "--train_batch_size", "2", "--report_to", "none", "--output_dir", str(out), *map(str, extra)]
 
 
 def no_pipeline(tmp_path):

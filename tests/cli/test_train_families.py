@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import base_args, write_images
 from safetensors.torch import load_file
 
 from diffmem.common.t2i.pipelines.tiny import FAMILY_CLASSES
@@ -18,35 +18,6 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 DENOISER = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer", "pixart": "transformer"}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-# The helpers of tests/cli/test_train.py (a test module, which importlib mode does not let another import).
-def write_images(folder, captions, seed=0, size=(16, 16)):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, caption in enumerate(captions):
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.jpg")
-        (folder / f"{i:03d}.txt").write_text(caption)
-    return folder
-
-
-def base_args(model_dir, mem, out, *extra):
-    return ["--pretrained_model_name_or_path", str(model_dir), "--dataset", str(mem), "--resolution", "16",
-            "--train_batch_size", "2", "--report_to", "none", "--output_dir", str(out), *map(str, extra)]
-
-
-@pytest.fixture
-def fresh_accelerate():
-    """In-process runs share Accelerate's singletons; give each run a clean state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    def reset():
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-
-    reset()
-    yield reset
-    reset()
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,6 @@ CFG_METHODS = ("jain_stp", "jain_dtp", "jain_og", "han_batch")
 
 def method_family_problem(settings, family) -> str | None:
     """Why ``settings.method`` (with its settings) means nothing on a model of ``family``, or None."""
-    flag = {"be_mask": "--be_mask", "freeze_padding": "--freeze_padding"}
     for need in METHOD_INFO[settings.method].needs:
         if not getattr(family, need):
             return f"--method {settings.method} needs {FAMILY_NEEDS[need]}; {family.label} has none"
@@ -170,7 +169,7 @@ def method_family_problem(settings, family) -> str | None:
         if name in METHOD_INFO[settings.method].reads and getattr(settings, name):
             for need in needs:
                 if not getattr(family, need):
-                    return f"{flag[name]} needs {FAMILY_NEEDS[need]}; {family.label} has none"
+                    return f"{option_flag(type(settings), name)} needs {FAMILY_NEEDS[need]}; {family.label} has none"
     problem = family.guidance_problem(settings.guidance_scale)
     if problem is not None:
         return problem

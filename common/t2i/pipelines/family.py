@@ -49,6 +49,13 @@ def _truncated(tokenizer, prompts: list[str], max_length: int) -> list[bool]:
     return [n > max_length for n in lengths]
 
 
+def alpha_bar(scheduler, t, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t of the scheduler's schedule: a scalar for one timestep, [N, 1, …] broadcasting over ``like`` for N."""
+    t = torch.as_tensor(t)
+    a = scheduler.alphas_cumprod[t.long().cpu()].float()
+    return a if a.dim() == 0 else a.view(-1, *([1] * (like.dim() - 1))).to(like.device)
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Images in [0, 1], fp32 on CPU, [..., 3, H, W], from latents [..., C, h, w]: z / scaling_factor + shift_factor
@@ -107,10 +114,6 @@ class Family:
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.denoiser.parameters()).dtype
-
     def default_sample_size(self):
         return self.denoiser.config.sample_size
 
@@ -166,13 +169,13 @@ class Family:
         return scheduler.scale_model_input(x, t)
 
     def metric_output(self, out: torch.Tensor, x_in: torch.Tensor, t, scheduler) -> torch.Tensor:
-        """The quantity whose conditional − unconditional difference the detectors measure: ε here."""
-        return epsilon_from_output(out, x_in, scheduler.alphas_cumprod[int(t)].float(), self.prediction_type(scheduler))
+        """The quantity whose conditional − unconditional difference the detectors measure: ε here. t is one
+        timestep or one per sample (training draws each sample's own)."""
+        return epsilon_from_output(out, x_in, alpha_bar(scheduler, t, out), self.prediction_type(scheduler))
 
     def sharpness_field(self, out: torch.Tensor, x_in: torch.Tensor, t, scheduler) -> torch.Tensor:
         """The vector field whose Jacobian Jeon et al.'s sharpness differentiates: the score −ε/√(1−ᾱ_t) here."""
-        a_bar = scheduler.alphas_cumprod[int(t)].float()
-        return score_from_epsilon(self.metric_output(out, x_in, t, scheduler), a_bar)
+        return score_from_epsilon(self.metric_output(out, x_in, t, scheduler), alpha_bar(scheduler, t, out))
 
     # -- images ---------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
@@ -188,10 +191,13 @@ class Family:
         return dict(height=self.height, width=self.width)
 
     # -- what is defined --------------------------------------------------------------------------------------
-    def check_scheduler(self, scheduler: str) -> None:
-        if scheduler not in self.schedulers:
-            raise FamilyError(f"--scheduler {scheduler}: not defined for {self.label} (it takes "
-                              f"{' or '.join(self.schedulers)})")
+    @classmethod
+    def check_scheduler(cls, scheduler: str) -> None:
+        """One line where the family does not define ``--scheduler`` (a class method: detect_mem asks before it
+        loads the model)."""
+        if scheduler not in cls.schedulers:
+            raise FamilyError(f"--scheduler {scheduler}: not defined for {cls.label} (it takes "
+                              f"{' or '.join(cls.schedulers)})")
 
     def guidance_problem(self, guidance_scale: float) -> str | None:
         """Why classifier-free guidance at this scale means nothing for this model, or None (it does here)."""
