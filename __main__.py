@@ -16,6 +16,7 @@ import sys
 # verb: the CLI module whose main(argv) it runs. The arm's order: text-to-image, then unconditional (EDM), then data.
 VERBS = {
     "detect": "diffmem.detect.detect_mem",
+    "screen": "diffmem.detect.screen",
     "evaluate": "diffmem.detect.evaluate",
     "explain": "diffmem.detect.explain_tokens",
     "mitigate": "diffmem.mitigate.inference_mem",

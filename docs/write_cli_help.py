@@ -22,6 +22,7 @@ WIDTH = "100"
 PAGES = [
     ("diffmem", "diffmem.__main__", []),  # the verbs (diffmem --help)
     ("detect_mem", "diffmem.detect.detect_mem", []),
+    ("screen", "diffmem.detect.screen", []),
     ("evaluate", "diffmem.detect.evaluate", []),
     ("explain_tokens", "diffmem.detect.explain_tokens", []),
     ("generate", "diffmem.detect.generate", []),
