@@ -79,7 +79,8 @@ def histogram(report: ScreenReport) -> str:
         ax.hist(report.calibration_scores, bins=50, alpha=0.6, density=True,
                 label=f"calibration ({len(report.calibration_scores):,})")
     if report.threshold is not None:
-        ax.axvline(report.threshold, color="k", ls="--", label=f"threshold {report.threshold:.4g} (FPR {report.fpr:g})")
+        fpr = f" (FPR {report.fpr:g})" if report.fpr is not None else ""
+        ax.axvline(report.threshold, color="k", ls="--", label=f"threshold {report.threshold:.4g}{fpr}")
     ax.set_xlabel("score")
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
