@@ -172,10 +172,14 @@ def test_a_killed_run_resumes_with_each_caption_once(caption_set, tmp_path):
 
 def test_a_slurm_array_through_submitit_scores_every_shard(caption_set, confirmed_run, tmp_path):
     out = tmp_path / "slurm"
-    res = run_cli("detect/screen.py", *screen_args(caption_set, out, "--confirm", "none", "--launcher", "slurm",
-                                                   "--shards", 2, "--submitit_cluster", "local"), timeout=600)
+    res = run_cli("detect/screen.py", *screen_args(caption_set, out, "--top_k", 3, "--confirm_images", 4,
+                                                   "--confirm_steps", 4, "--near_duplicate_threshold", 0.9,
+                                                   "--launcher", "slurm", "--shards", 2, "--submitit_cluster",
+                                                   "local"), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "submitted screen array" in res.stdout and (out / "submitit").is_dir()
+    assert "submitted screen array" in res.stdout and "submitted confirm array" in res.stdout
+    assert len(read_jsonl(out / "confirm.jsonl")) == 3 and (out / "submitit").is_dir()
+    assert len([p for p in (out / "confirm" / "parts").glob("screen-*.jsonl") if p.read_text()]) == 2
     assert len([p for p in (out / "parts").glob("screen-*.jsonl") if p.read_text()]) == 2
     assert scores_of(out) == pytest.approx(scores_of(confirmed_run[0]), rel=1e-5)
 

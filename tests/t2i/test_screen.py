@@ -133,3 +133,14 @@ def test_pairs_round_trip_and_the_near_duplicate_quantile():
     assert np.allclose(square_from_upper(upper, 3), sim.double().numpy())
     assert near_duplicate_threshold([0.0, 1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
     assert near_duplicate_threshold([0.0, 1.0], 0.99) == pytest.approx(0.99)
+
+
+def test_a_hugging_face_dataset_folder_streams(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_parquet(folder / "train.parquet", ["a cat", "a dog"], ["u0", "u1"])
+    src = CaptionSource(folder)
+    assert src.kind == "dataset" and src.identity()["dataset"] == str(folder)
+    assert [(r.row, r.caption, r.url) for r in src.rows()] == [(0, "a cat", "u0"), (1, "a dog", "u1")]
+    with pytest.raises(CaptionFileError, match="no caption column 'title'"):
+        list(CaptionSource(folder, column="title").rows())
