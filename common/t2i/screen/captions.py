@@ -263,14 +263,6 @@ class UniqueCaption:
     rows: list[int] = field(default_factory=list)
     url: str | None = None
 
-    @property
-    def normalized(self) -> str:
-        return normalize_caption(self.caption)
-
-    @property
-    def seed(self) -> int:
-        return caption_seed(self.normalized)
-
     def record(self) -> dict:
         """The row of captions.jsonl."""
         row = {"id": self.id, "caption": self.caption, "count": self.count, "rows": self.rows,

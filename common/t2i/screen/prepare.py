@@ -30,11 +30,11 @@ def score_binding(cfg: ScreenConfig, identities: dict[str, dict]) -> dict:
     return {**cfg.bound(SCORE_KEYS), "sources": identities}
 
 
-def check_settings(cfg: ScreenConfig, files: ScreenFiles, identities: dict[str, dict]) -> None:
+def check_settings(cfg: ScreenConfig, files: ScreenFiles, identities: dict[str, dict], scored: bool,
+                   confirmed: bool) -> None:
     """Refuse other score settings (or another caption set) than the scores on disk were made with; likewise the
     confirmation's settings against its stored generations. Writes nothing."""
-    check_run_settings(files.settings, score_binding(cfg, identities), files.has_scores(), "another --out")
-    confirmed = any(files.confirm_rows(s) for s in identities)
+    check_run_settings(files.settings, score_binding(cfg, identities), scored, "another --out")
     check_run_settings(files.confirm_settings, cfg.bound(CONFIRM_KEYS), confirmed, "another --out")
 
 
@@ -72,7 +72,9 @@ def prepare(cfg: ScreenConfig, files: ScreenFiles) -> dict[str, dict]:
         files.clear()
     sources = caption_sources(cfg)
     identities = {name: src.identity() for name, src in sources.items()}
-    check_settings(cfg, files, identities)
+    # Whether results exist is read once: each reading goes through every part file.
+    scored, confirmed = files.has_scores(), any(files.confirm_rows(s) for s in identities)
+    check_settings(cfg, files, identities, scored, confirmed)
     counts, pending = {}, {}
     for name, src in sources.items():
         marker = files.captions_marker(name)
@@ -83,10 +85,9 @@ def prepare(cfg: ScreenConfig, files: ScreenFiles) -> dict[str, dict]:
                 continue
         pending[name] = read_unique_captions(src, name, cfg.skip_bad_rows)
     files.out.mkdir(parents=True, exist_ok=True)
-    bind_run_settings(files.settings, score_binding(cfg, identities), files.has_scores(), "another --out")
+    bind_run_settings(files.settings, score_binding(cfg, identities), scored, "another --out")
     files.confirm_dir.mkdir(parents=True, exist_ok=True)
-    bind_run_settings(files.confirm_settings, cfg.bound(CONFIRM_KEYS),
-                      any(files.confirm_rows(s) for s in identities), "another --out")
+    bind_run_settings(files.confirm_settings, cfg.bound(CONFIRM_KEYS), confirmed, "another --out")
     for name, (unique, bad, rows_read) in pending.items():
         counts[name] = write_unique_captions(unique, bad, rows_read, files.captions(name), files.skipped(name))
         write_json_atomic(files.captions_marker(name), {"identity": identities[name], "counts": counts[name]})

@@ -120,7 +120,6 @@ def run_screen(cfg: ScreenConfig, say=print) -> dict:
         screen_time = time.perf_counter() - t0
         state.wait_for_everyone()
         if main:
-            counts = counts or {}
             scores, truncated = set_scores(files, "screen", counts["screen"]["unique"])
             threshold = None
             cal_scores = None
