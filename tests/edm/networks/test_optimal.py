@@ -13,6 +13,7 @@ from conftest import ONE_THREAD, run_cli
 
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
+from diffmem.common.edm.networks import optimal as O
 from diffmem.common.edm.networks.optimal import (
     OptimalDenoiser,
     OptimalDenoiserError,
@@ -188,7 +189,9 @@ def test_fp32_cdist_softmax_gets_near_ties_wrong_at_sigma_0002_and_ours_does_not
 
 
 def test_gradient_is_finite_and_matches_finite_differences(data):
-    D = OptimalDenoiser(data["y"])
+    # Autograd runs the float64 reference (x requires grad); the differences use it too, so that the ≤ 1e-12
+    # approximations of the screened path do not show through a 1e-6 step.
+    D = OptimalDenoiser(data["y"], screen=False)
     x = data["x"][:1].clone()
     J = torch.autograd.functional.jacobian(lambda v: D(v, 0.3), x).reshape(16, 16)
     assert torch.isfinite(J).all()
@@ -196,6 +199,163 @@ def test_gradient_is_finite_and_matches_finite_differences(data):
     e.view(-1)[5] = 1e-6
     fd = (D(x + e, 0.3) - D(x - e, 0.3)).reshape(-1) / 2e-6
     torch.testing.assert_close(J[:, 5], fd, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- the screened (default) path
+
+
+def planted(n: int, batch: int, shape=(3, 8, 8), sigma: float = 0.002, logit: float = 1.5, seed: int = 0):
+    """uint8 images with `batch` twin pairs one level apart in one pixel, and a query between each pair whose float64
+    log-weights differ by `logit` at σ (as in bench/bench_optimal.py)."""
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, 255, (n, *shape), dtype=np.uint8)
+    flat = u.reshape(n, -1)
+    flat[batch:2 * batch] = flat[:batch]
+    flat[batch:2 * batch, 0] += 1
+    y = model_range(flat)
+    a, b = y[:batch], y[batch:2 * batch]
+    diff = b - a
+    noise = torch.from_numpy(rng.normal(0, 0.3, a.shape))
+    noise -= (noise * diff).sum(1, keepdim=True) / (diff * diff).sum(1, keepdim=True) * diff
+    x = 0.5 * (a + b) + noise + logit * sigma**2 / (diff * diff).sum(1, keepdim=True) * diff
+    return torch.from_numpy(u), x.reshape(batch, *shape)
+
+
+def relative_error(out, truth) -> float:
+    return float((out.reshape(truth.shape) - truth).abs().max() / truth.abs().max())
+
+
+@pytest.mark.parametrize("sigma", [0.002, 0.1, 1.0, 80.0])
+def test_screened_equals_float64_on_planted_near_duplicates(sigma):
+    u, x = planted(300, 8)
+    truth = reference(x, sigma, model_range(u))
+    ours = OptimalDenoiser(u, chunk_size=64)(x, sigma)
+    assert relative_error(ours, truth) <= 1e-10
+    as_float = OptimalDenoiser(model_range(u), chunk_size=64)(x, sigma)  # no int8 way: float64 GEMM or per pair
+    assert relative_error(as_float, truth) <= 1e-10
+    if sigma == 0.002:  # where fp32 distances get the twins' weights wrong
+        assert relative_error(fp32_cdist_denoiser(x, sigma, model_range(u)).double(), truth) > 1e-4
+
+
+def test_screened_at_the_samplers_own_states_matches_float64():
+    # x = y + σz: ‖x‖ grows with σ (the int8 way's scale and digits with it); a batch mixing σ's splits its queries.
+    u, _ = planted(200, 4)
+    y = model_range(u)
+    g = torch.Generator().manual_seed(3)
+    sigma = torch.tensor([80.0, 12.0, 2.5, 0.5, 0.05, 0.002], dtype=torch.float64)
+    x = y[[0, 5, 9, 20, 33, 40]].reshape(6, -1) + sigma[:, None] * torch.randn(6, 192, generator=g,
+                                                                                  dtype=torch.float64)
+    truth = torch.cat([reference(x[i:i + 1], float(s), y) for i, s in enumerate(sigma)])
+    for images in (u, y):
+        for chunk in (1, 37, 4096):
+            out = OptimalDenoiser(images, chunk_size=chunk)(x.reshape(6, 3, 8, 8), sigma)
+            assert relative_error(out, truth) <= 1e-10, (images.dtype, chunk)
+
+
+def test_screened_path_takes_few_candidates_at_small_sigma_and_the_int8_way_at_large(monkeypatch):
+    u, x = planted(300, 8)
+    seen = {"pairs": 0, "dense": 0}
+    merge_candidates, merge_dense = O.merge_candidates, O.merge_dense
+
+    def count_pairs(state, x, sigma, y, keep):
+        seen["pairs"] += int(keep.sum())
+        return merge_candidates(state, x, sigma, y, keep)
+
+    def count_dense(state, way, *args):
+        seen["dense"] += 1 if way.digits is not None else 0
+        return merge_dense(state, way, *args)
+
+    monkeypatch.setattr(O, "merge_candidates", count_pairs)
+    monkeypatch.setattr(O, "merge_dense", count_dense)
+    OptimalDenoiser(u, chunk_size=64)(x, 0.002)
+    assert seen == {"pairs": 16, "dense": 0}  # each query's twins only
+    OptimalDenoiser(u, chunk_size=64)(x, 80.0)
+    assert seen == {"pairs": 16, "dense": 5}  # 300 images in 5 chunks, all by int8 digits
+
+
+def test_screen_error_bound_holds_on_random_and_adversarial_data():
+    g = torch.Generator().manual_seed(0)
+    dim = 3072
+    cases = [torch.randn(4, dim, generator=g, dtype=torch.float64) * 80,  # the sampler at σ = 80
+             torch.rand(4, dim, generator=g, dtype=torch.float64)]  # all positive: no cancellation of the errors
+    images = [torch.randn(64, dim, generator=g, dtype=torch.float64), torch.rand(64, dim, generator=g,
+                                                                                 dtype=torch.float64) + 1]
+    ratios = []
+    for xc in cases:
+        for yc in images:
+            sq = yc.square().sum(1)
+            with O.full_fp32_matmul():
+                approx = torch.addmm(sq.float(), xc.float(), yc.float().T, alpha=-2).double()  # as the screen does
+            exact = sq - 2 * (xc @ yc.T)  # float64: ~1e-9 of fp32's rounding
+            bound = O.screen_error_bound(xc.norm(dim=1), float(yc.norm(dim=1).max()), dim)
+            actual = (approx - exact).abs().max(dim=1).values
+            assert (actual <= bound).all()
+            ratios.append(float((actual / bound).max()))
+    # The bound is the worst case of D roundings (γ_D ≈ D·u); the GEMM's blocked sums stay far below it, but more
+    # than one rounding's worth (what a bound without the D-term sum would say): the γ_D is needed.
+    assert 1e-5 < max(ratios) <= 1, ratios
+    assert max(ratios) * O.gamma(dim + 3) / O.gamma(1) > 1, ratios
+
+
+def test_base128_digits_are_exact_and_in_int8():
+    r = torch.tensor([0.0, 127 / 128, -127 / 128, 1 / 3, -0.123456789, 2.0**-60], dtype=torch.float64)
+    for count in (1, 3, 8):
+        d = O.base128_digits(r, count)
+        assert d.dtype == torch.int8 and d.shape == (count, 6)
+        assert int(d[1:].abs().max()) <= 64 if count > 1 else True
+        place = O.place_values(count)
+        rest = r.clone()
+        for k in range(count):
+            rest = rest * 128 - d[k].double()
+        assert (rest.abs() <= 0.5).all()
+        # r = Σ d_k 128^−k + 128^−K r_K, exactly (each term is a float64 with few bits)
+        assert torch.equal((place[:, None] * d.double()).sum(0) + rest * place[-1], r)
+    assert O.digits_for(torch.tensor([1e-13]), 1e-12) == 1
+    assert O.digits_for(torch.tensor([1.0]), 1e-12) == 1 + math.ceil(12 / math.log10(128))
+    assert O.digits_for(torch.tensor([math.inf]), 1e-12) == O.MAX_DIGITS + 1
+
+
+def test_drop_margin_bounds_the_dropped_weight():
+    # Log-weights of N images, some just past the margin: those dropped weigh < 1e-40 of the kept, in float64 logs.
+    n, sigma = 1000, torch.tensor([0.3], dtype=torch.float64)
+    margin = O.drop_margin(sigma, n)
+    t = torch.linspace(0, 1.2, n, dtype=torch.float64)[None] * margin
+    keep = O.kept_candidates(t, torch.zeros(1, dtype=torch.float64), t.min(dim=1).values, margin)
+    assert 0 < keep.sum() < n
+    logw = -t / (2 * sigma**2)
+    dropped = torch.logsumexp(logw[~keep], 0) - torch.logsumexp(logw[keep], 0)
+    assert float(dropped) < -40 * math.log(10)
+
+
+def test_derivatives_of_every_kind_run_the_float64_reference(data):
+    # Autograd and torch.func.vjp get the differentiable reference's derivatives; torch.func.jvp and forward-mode
+    # duals are seen too (the reference has no forward AD: torch's cdist lacks it, so they fail as before).
+    D = OptimalDenoiser(torch.from_numpy(data["u"]))
+    x = data["x"][4].reshape(-1)
+    f = lambda v: D(v.reshape(1, 1, 4, 4), 0.7).reshape(-1)  # noqa: E731
+    ref = OptimalDenoiser(torch.from_numpy(data["u"]), screen=False)
+    closed = torch.autograd.functional.jacobian(lambda v: ref(v.reshape(1, 1, 4, 4), 0.7).reshape(-1), x)
+    assert closed.abs().max() > 1e-3
+    torch.testing.assert_close(torch.autograd.functional.jacobian(f, x), closed, rtol=0, atol=1e-12)
+    _, pullback = torch.func.vjp(f, x)
+    torch.testing.assert_close(pullback(torch.eye(16, dtype=torch.float64)[2])[0], closed[2], rtol=0, atol=1e-12)
+    seen = []
+    torch.func.jvp(lambda v: seen.append(O.needs_derivatives(v)) or v, (x,), (x,))
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        seen.append(O.needs_derivatives(fwad.make_dual(x, x)))
+    assert seen == [True, True] and not O.needs_derivatives(x)
+
+
+def test_screened_chunking_and_batch_do_not_change_the_answer():
+    u, x = planted(257, 6)
+    for sigma in (0.002, 0.3, 80.0):
+        outs = [OptimalDenoiser(u, chunk_size=c)(x, sigma) for c in (1, 16, 100, 257, 4096)]
+        for out in outs[1:]:
+            assert relative_error(out, outs[0]) <= 1e-12
+        alone = torch.cat([OptimalDenoiser(u, chunk_size=16)(x[i:i + 1], sigma) for i in range(6)])
+        assert relative_error(alone, outs[0]) <= 1e-12
 
 
 # ------------------------------------------------------------------------------------- conditional
