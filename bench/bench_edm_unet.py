@@ -9,8 +9,8 @@ the backbones (``.model``: SongUNet / DhariwalUNet) on one batch (c_in-scaled no
 max |ours − theirs| / max |theirs| of the output and of all parameter gradients (eval mode), then the time of
 the forward (eval, no_grad) and of the forward+backward of a mean-square loss (train mode: dropout on, as in
 training), ours and theirs alternating in ABBA order so that drifting load on a shared machine hits both alike.
-It prints the medians and the ratio EDM time / our time (>= 1.0: ours is at least as fast), and the parameter
-counts both ways of:
+It prints the medians and the ratio EDM time / our time (>= 1.0: ours is at least as fast), the machine's load
+averages at the start and the end, and the parameter counts both ways of:
 
   ddpmpp        EDM CIFAR-10 32×32 DDPM++ (train.py --arch=ddpmpp --precond=vp, augment on: augment_dim 9)
   ncsnpp        EDM CIFAR-10 32×32 NCSN++ (train.py --arch=ncsnpp --precond=ve, augment_dim 9)
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -137,6 +138,11 @@ def agreement(ours, theirs, args: dict) -> tuple[float, float]:
     return rel_err(outs[0], outs[1]), rel_err(grads_ours, grads_theirs)
 
 
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages: timings on a shared CPU mean little without them."""
+    return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -194,7 +200,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     print(f"torch {torch.__version__}, {device}, fp32, {torch.get_num_threads()} threads, batch {a.batch}, "
-          f"median of {a.repeats}")
+          f"median of {a.repeats}, {load_average()}")
 
     if a.edm_repo is None:
         print("--edm_repo not given: NVlabs/edm's networks not compared (pass a local NVlabs/edm checkout); "
@@ -222,6 +228,7 @@ def main() -> None:
         print(f"{arch:<8} {out_err:>8.1e} {grad_err:>8.1e} | {fwd[0]:>9.3f} {fwd[1]:>9.3f} {fwd[1] / fwd[0]:>6.2f} | "
               f"{fb[0]:>9.3f} {fb[1]:>9.3f} {fb[1] / fb[0]:>6.2f}", flush=True)
         del ours, theirs
+    print(f"at the end: {load_average()}")
 
 
 if __name__ == "__main__":

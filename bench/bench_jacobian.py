@@ -1,7 +1,9 @@
-"""Seconds per denoiser Jacobian: common.edm.measure.jacobian against torch.autograd.functional.jacobian's default.
+"""Seconds per denoiser Jacobian: common.edm.measure.jacobian against torch.autograd.functional.jacobian's default;
+with --ranks, the randomized rank against the full Jacobian's across σ.
 
     python bench/bench_jacobian.py                                  # 3×8×8 and 3×32×32, small DDPM++-like net, CPU
     python bench/bench_jacobian.py --preset ddpmpp --device cuda    # DiffMemorize's basic DDPM++ network
+    python bench/bench_jacobian.py --ranks --denoiser net,molrg+net --resolutions 32 --threads 1
 
 For each resolution one randomly initialised EDMNetwork (EDM preconditioning) at one x, σ = 1:
   vmap      - ``denoiser_jacobian(method="vmap")`` as detect/jacobian.py runs it: torch.func.jacrev over --chunk
@@ -12,6 +14,15 @@ For each resolution one randomly initialised EDMNetwork (EDM preconditioning) at
               larger than --reference_rows, only that many outputs are differentiated (one forward, that many
               backward passes) and the time is scaled by D / rows: "reference_extrapolated" says so.
 Each figure is the best of --rounds. Rows of the three agree (max_abs_diff, on the rows the reference computed).
+
+--ranks: at x = σ·z (seed 0's latent) for each of --sigmas, ``point_rank_row`` with rank method "full" (J by
+vmapped VJPs, its autograd check, the SVD: what ``detect/jacobian.py --method full`` does) and "randomized" (the
+default, falling back to full where it does not decide), timed in ABBA order (full, randomized, randomized, full)
+--rounds times; the medians of wall and of process CPU seconds, their ratios, both ranks and the randomized row's
+method, subspace and bounds.
+--denoiser: ``net`` (the --preset net, random weights) or ``molrg+net``: Zhang et al.'s ideal MoLRG denoiser
+(2 classes of d = 7 at 3×R×R, rank ≤ 14) plus --noise_scale × the same net, a low-rank Jacobian with a full-rank
+noise floor at the net's cost per product.
 Prints one JSON object; no timing is asserted.
 """
 
@@ -19,10 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
 from benchlib import timed
+
+from diffmem.common.edm.dataset.molrg import MoLRGRecipe, molrg_bases, molrg_denoiser
+from diffmem.common.edm.measure import jacobian as J
+from diffmem.common.edm.networks.build import ArchConfig, build_network
+from diffmem.common.edm.precond import Preconditioning
 
 PRESETS = {
     # Small enough for a CPU: 16 channels, three levels, attention at half the resolution (DDPM++'s 16 of 32).
@@ -43,6 +61,10 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--ranks", action="store_true", help="randomized rank against the full Jacobian's across σ")
+    p.add_argument("--denoiser", default="net,molrg+net", help="with --ranks: net and/or molrg+net")
+    p.add_argument("--sigmas", default="80,5,1,0.1,0.002", help="with --ranks: comma-separated σ")
+    p.add_argument("--noise_scale", type=float, default=1e-3, help="with --ranks: the net's weight in molrg+net")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA GPU is visible")
@@ -51,9 +73,6 @@ def parse_args(argv):
 
 def build(resolution: int, preset: str, device):
     """A seeded random EDMNetwork for 3×R×R with attention at R/2, eval mode, on device."""
-    from diffmem.common.edm.networks.build import ArchConfig, build_network
-    from diffmem.common.edm.precond import Preconditioning
-
     torch.manual_seed(0)
     arch = ArchConfig(resolution=resolution, channels=3, attn_resolutions=(resolution // 2,), dropout=0.0,
                       **PRESETS[preset])
@@ -71,8 +90,6 @@ def best(fn, device, rounds: int):
 
 def bench_resolution(resolution: int, args) -> dict:
     """Seconds per Jacobian of the three ways at one resolution, and how far their rows are apart."""
-    from diffmem.common.edm.measure import jacobian as J
-
     device = torch.device(args.device)
     net = build(resolution, args.preset, device)
     shape = (3, resolution, resolution)
@@ -97,11 +114,73 @@ def bench_resolution(resolution: int, args) -> dict:
             "max_abs_diff": float(max((vmap[idx] - ref).abs().max(), (batch[idx] - ref).abs().max()))}
 
 
+class MoLRGPlusNet(torch.nn.Module):
+    """D(x; σ) = the ideal MoLRG denoiser + scale × net(x; σ): a low-rank Jacobian with the net's noise floor."""
+
+    def __init__(self, net, resolution: int, scale: float):
+        super().__init__()
+        self.net, self.scale = net, scale
+        self.register_buffer("bases", torch.as_tensor(molrg_bases(MoLRGRecipe(res=resolution, classes=2, dim=7))))
+
+    def forward(self, x, sigma, class_labels=None):
+        ideal = molrg_denoiser(x.reshape(len(x), -1), sigma, self.bases).reshape(x.shape)
+        return ideal + self.scale * self.net(x, sigma, class_labels).to(torch.float64)
+
+
+def bench_ranks(resolution: int, kind: str, args) -> list[dict]:
+    """Per σ: both ranks, the medians of ABBA-ordered seconds of full and randomized, and their ratio."""
+    device = torch.device(args.device)
+    net = build(resolution, args.preset, device)
+    denoise = MoLRGPlusNet(net, resolution, args.noise_scale).to(device) if kind == "molrg+net" else net
+    shape = (3, resolution, resolution)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device)
+    out = []
+    for sigma in [float(s) for s in args.sigmas.split(",") if s.strip()]:
+        x = z * sigma
+        times = {"full": [], "randomized": []}
+        cpu = {"full": [], "randomized": []}  # process CPU seconds: less swayed than wall time by other jobs
+        rows = {}
+        for _ in range(args.rounds):
+            for method in ("full", "randomized", "randomized", "full"):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                rows[method] = J.point_rank_row(denoise, 0, sigma, x, None, 0.99, method, args.chunk)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[method].append(time.perf_counter() - start)
+                cpu[method].append(time.process_time() - start_cpu)
+        full, rand = statistics.median(times["full"]), statistics.median(times["randomized"])
+        full_cpu, rand_cpu = statistics.median(cpu["full"]), statistics.median(cpu["randomized"])
+        r = rows["randomized"]
+        out.append({"denoiser": kind, "resolution": resolution, "sigma": sigma, "dim": r.dim,
+                    "rank_full": rows["full"].rank, "rank_randomized": r.rank,
+                    "equal": rows["full"].rank == r.rank, "method": r.method, "fallback": r.fallback,
+                    "subspace": r.subspace, "rank_bounds": [r.rank_lo, r.rank_hi],
+                    "fro_full": rows["full"].fro, "fro_bounds": [r.fro_lo, r.fro_hi],
+                    "full_s": round(full, 3), "randomized_s": round(rand, 3), "speedup": round(full / rand, 2),
+                    "full_cpu_s": round(full_cpu, 3), "randomized_cpu_s": round(rand_cpu, 3),
+                    "speedup_cpu": round(full_cpu / rand_cpu, 2),
+                    "timings": {k: [round(t, 3) for t in v] for k, v in times.items()},
+                    "cpu_timings": {k: [round(t, 3) for t in v] for k, v in cpu.items()}})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [bench_resolution(int(r), args) for r in args.resolutions.split(",") if r.strip()]
+    resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
+    if args.ranks:
+        results = [row for r in resolutions for kind in args.denoiser.split(",") if kind.strip()
+                   for row in bench_ranks(r, kind.strip(), args)]
+        report = {"preset": args.preset, "device": args.device, "threads": torch.get_num_threads(),
+                  "noise_scale": args.noise_scale, "rounds": args.rounds, "results": results}
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
+    results = [bench_resolution(r, args) for r in resolutions]
     report = {"preset": args.preset, "preset_arch": {k: list(v) if isinstance(v, tuple) else v
                                                      for k, v in PRESETS[args.preset].items()},
               "device": args.device, "threads": torch.get_num_threads(), "sigma": 1.0, "results": results}

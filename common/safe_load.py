@@ -10,6 +10,7 @@ file and the global that was refused.
 from __future__ import annotations
 
 import pickle
+import pickletools
 import re
 import zipfile
 from pathlib import Path
@@ -40,18 +41,48 @@ def refused_global(exc: BaseException) -> str | None:
     return name if "." in name else f"builtins.{name}"  # torch prints builtins without their module
 
 
-def refusal_line(path: str | Path, exc: BaseException) -> str:
-    """One line for a refused or unreadable torch file: the refused global when torch names one."""
+# What torch's weights-only unpickler says of an opcode it does not take ("Unsupported operand 130").
+_UNSUPPORTED_OPERAND = re.compile(r"Unsupported operand (\d+)")
+# Where torch's refusals start advising the reader (to allowlist a global, or to load with weights_only=False).
+_ADVICE = re.compile(r"\s*(?:Please use|Please file|Re-running|Check the documentation|if you trust|"
+                     r"do those steps|Do it only)", re.IGNORECASE)
+
+
+def torch_failure(exc: BaseException) -> str:
+    """What a torch read failure says is wrong, in one line of our words: the refused global, or the reason
+    torch's weights-only unpickler gives, without its terminal escape codes and without its advice to load the
+    file with ``weights_only=False`` (which would run the code it refused)."""
     text = ESCAPE_CODES.sub("", str(exc))
+    name = refused_global(exc)
+    if name:
+        return f"refused global {name}"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.DOTALL)
+    if detail or "Weights only load failed" in text:
+        reason = " ".join(detail.group(1).split()) if detail else ""
+        operand = _UNSUPPORTED_OPERAND.search(reason)
+        if operand:
+            code = int(operand.group(1))
+            op = next((o.name for o in pickletools.opcodes if o.code == chr(code)), None) if code < 256 else None
+            if op is None:  # torch reads on past what is no pickle at all
+                return f"not a pickle: byte {code} is no pickle opcode"
+            return f"refused pickle opcode {code} ({op}), which a weights file does not use"
+        reason = _ADVICE.split(reason, maxsplit=1)[0].strip().rstrip(".")
+        return f"refused by the weights-only reader: {reason}" if reason else "refused by the weights-only reader"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return _ADVICE.split(lines[0], maxsplit=1)[0].strip()[:200] if lines else type(exc).__name__
+
+
+def refusal_line(path: str | Path, exc: BaseException) -> str:
+    """One line for a refused or unreadable torch file: the refused global when torch names one, else what
+    ``torch_failure`` makes of torch's message."""
     name = refused_global(exc)
     if name:
         return (f"{path}: refused global {name} (a checkpoint file holds tensors and plain data; pickled code is "
                 f"never run)")
-    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    if detail:
-        return f"{path}: refused: {detail.group(1).strip().rstrip('.')} (pickled code is never run)"
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
-    return f"{path}: not a readable torch file ({first})"
+    reason = torch_failure(exc)
+    if reason.startswith("refused"):
+        return f"{path}: {reason} (pickled code is never run)"
+    return f"{path}: not a readable torch file ({reason})"
 
 
 def safe_torch_load(path: str | Path, map_location="cpu", extra_globals=(), mmap: bool = False):

@@ -13,10 +13,11 @@ written under a temporary name and renamed. Bad input: one line on stderr and ex
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, run_main, settings_from_args
+from diffmem.common.edm.networks.snapshot import NetworkLimits
 from diffmem.common.errors import ConfigError
 from diffmem.common.settings import option
 
@@ -27,6 +28,7 @@ class ConvertConfig:
                            help="EDM network pickle (network-snapshot-NNNNNN.pkl, edm-cifar10-32x32-*.pkl, …)")
     out: Path = option(help="the snapshot folder to write", type=Path, metavar="DIR")
     overwrite: bool = option(False, help="replace an existing --out that holds something else")
+    limits: NetworkLimits = field(default_factory=NetworkLimits)
 
     def validate(self) -> None:
         """Argument-level checks; raises ConfigError."""
@@ -38,15 +40,17 @@ class ConvertConfig:
 
 def parse_args(argv=None) -> ConvertConfig:
     p = ArgumentParser(prog="convert_edm", description=__doc__.split("\n\n")[0])
-    add_settings_arguments(p, ConvertConfig)
-    return settings_from_args(ConvertConfig, p.parse_args(argv))
+    add_settings_arguments(p, ConvertConfig, exclude=("limits",))
+    add_settings_arguments(p, NetworkLimits)
+    a = p.parse_args(argv)
+    return settings_from_args(ConvertConfig, a, limits=settings_from_args(NetworkLimits, a))
 
 
 def run(cfg: ConvertConfig) -> None:
     cfg.validate()
     from diffmem.common.edm.networks.snapshot import convert_edm_pickle, load_network
 
-    out, info = convert_edm_pickle(cfg.network, cfg.out, overwrite=cfg.overwrite)
+    out, info = convert_edm_pickle(cfg.network, cfg.out, overwrite=cfg.overwrite, limits=cfg.limits)
     net = load_network(out)
     shape = "x".join(map(str, net.image_shape))
     cond = f", {net.label_dim} classes" if net.label_dim else ", unconditional"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
 from diffmem.common.edm import sampler as S
+from diffmem.common.edm.networks.snapshot import NetworkLimits
 from diffmem.common.edm.sampler import SamplerError, SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
 from diffmem.common.runlock import lock_run_folder
@@ -55,6 +56,7 @@ class GenerateConfig:
                                                 "(memory)")
     batch: int = option(64, metavar="N", flag="--batch_size", aliases=("--batch",), help="images per network call")
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    limits: NetworkLimits = field(default_factory=NetworkLimits)
     class_idx: int | None = option(None, type=int, metavar="K", aliases=("--class",),
                                    help="class of every image (conditional networks; None: each seed draws its "
                                         "own)")
@@ -94,10 +96,12 @@ class GenerateConfig:
 
 def parse_args(argv=None) -> GenerateConfig:
     p = ArgumentParser(prog="generate", description=__doc__.split("\n\n")[0])
-    add_settings_arguments(p, GenerateConfig, exclude=("sampler",))
+    add_settings_arguments(p, GenerateConfig, exclude=("sampler", "limits"))
     add_settings_arguments(p, SamplerSettings)
+    add_settings_arguments(p, NetworkLimits)
     a = p.parse_args(argv)
-    return settings_from_args(GenerateConfig, a, sampler=settings_from_args(SamplerSettings, a))
+    return settings_from_args(GenerateConfig, a, sampler=settings_from_args(SamplerSettings, a),
+                              limits=settings_from_args(NetworkLimits, a))
 
 
 def process_state(device: str):
@@ -133,7 +137,7 @@ def run(cfg: GenerateConfig) -> int:
             net.check_classes(cfg.class_idx)  # an empty class fails here, not after some images are written
             source = {"network": None, "dataset": str(cfg.dataset.resolve()), "cond": cfg.cond}
             if reference is not None:
-                ref_net = load_network(reference)
+                ref_net = load_network(reference, limits=cfg.limits)
                 if tuple(ref_net.image_shape) != tuple(net.image_shape):
                     raise ConfigError(f"--model {cfg.network} makes {'x'.join(map(str, ref_net.image_shape))} images"
                                       f" but --dataset {cfg.dataset} holds {'x'.join(map(str, net.image_shape))}")
@@ -143,7 +147,7 @@ def run(cfg: GenerateConfig) -> int:
         else:
             snapshot = resolve_snapshot(cfg.network)  # SnapshotError before any process group is set up
             rank, world, device, barrier = process_state(device)
-            net = load_network(snapshot, device)
+            net = load_network(snapshot, device, cfg.limits)
             source = {"network": str(snapshot.resolve())}
         S.check_class_idx(cfg.class_idx, net.label_dim)
         settings = cfg.sampler.for_network(net)

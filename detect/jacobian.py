@@ -4,28 +4,33 @@ denoiser.
     python detect/jacobian.py --model SNAPSHOT_OR_RUN --seeds 0-15 --out DIR [--trajectory] [--steps 18]
     python detect/jacobian.py --model SNAPSHOT_OR_RUN --seeds 0-15 --sigmas 0.002,0.01,0.05,0.2,1,5 --out DIR
     python detect/jacobian.py --optimal_denoiser --dataset D.zip --seeds 0-15 [--trajectory | --sigmas ...] --out DIR
-        [--threshold 0.99] [--chunk 64] [--device cpu|cuda] [--overwrite] [--no_progress]
+        [--threshold 0.99] [--method randomized|full] [--chunk 64] [--device cpu|cuda] [--overwrite] [--no_progress]
 
 Where J is taken, for seed s with latent z (EDM's seed rule, as detect/generate.py draws it):
 - ``--trajectory`` (the default; Zhang et al.'s): the states x_0 = σ_0·z, …, x_{N−1} of EDM's deterministic Heun
   sampler at its own σ_0 > … > σ_{N−1} (``--steps`` N, σ ∈ [0.002, 80], ρ = 7, clamped to the network's range);
 - ``--sigmas``: x = σ·z at each listed σ (the start of a sampler begun at σ).
-rank = the smallest k with √(Σ_{j≤k} s_j²) > threshold·‖J‖_F (0 when J = 0), over D = C·H·W.
+rank = the smallest k with √(Σ_{j≤k} s_j²) > threshold·‖J‖_F (0 when J = 0), over D = C·H·W. ``--method
+randomized`` (default) decides it from block Krylov bounds on a few hundred JVPs and VJPs, wrong with probability
+at most --failure_probability, and takes the full Jacobian (``--method full``: J and its SVD) where they do not
+decide; each row says which.
 
-Writes DIR/jacobian.jsonl (one row per Jacobian: seed, sigma, rank, rank_ratio = rank/D, dim = D, fro = ‖J‖_F; appended
-as computed, so a rerun skips the (seed, σ) pairs done), DIR/jacobian.json (the settings the rows depend on; a rerun
-with others is refused), DIR/summary.json (per σ: mean and spread over the seeds) and DIR/rank.png (rank/dim against
-SNR 1/σ, log x). Bad input: one line on stderr and exit code 2.
+Writes DIR/jacobian.jsonl (one row per Jacobian: seed, sigma, rank, rank_ratio = rank/D, dim = D, fro = ‖J‖_F,
+method, fallback, subspace and the bounds; appended as computed, so a rerun skips the (seed, σ) pairs done),
+DIR/jacobian.json (the settings the rows depend on; a rerun with others is refused), DIR/summary.json (per σ: mean
+and spread over the seeds) and DIR/rank.png (rank/dim against SNR 1/σ, log x). Bad input: one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
+from diffmem.common.edm.networks.snapshot import NetworkLimits
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds, rounded_sigmas
 from diffmem.common.errors import ConfigError
 from diffmem.common.settings import device_option, option
@@ -54,10 +59,22 @@ class JacobianConfig:
     threshold: float = option(0.99, flag="--energy_threshold", aliases=("--threshold",),
                               help="energy fraction of the rank")
     # Rows per backward: past a few dozen, larger chunks leave the cache for little gain (README, Jacobian).
-    chunk: int = option(64, metavar="B", help="Jacobian rows per backward")
+    chunk: int = option(64, metavar="B", help="Jacobian rows (or products) per backward")
+    method: str = option("randomized", choices=("randomized", "full"),
+                         help="randomized: the rank from block Krylov bounds, the full Jacobian where they do not "
+                              "decide; full: J and its SVD")
+    block: int = option(32, metavar="B", help="--method randomized: Krylov block, directions added per step")
+    probes: int = option(64, metavar="P", help="--method randomized: Gaussian probes bounding the energy outside "
+                                               "the subspace")
+    max_subspace: int | None = option(None, type=int, metavar="M",
+                                      help="--method randomized: subspace size at which the full Jacobian is taken "
+                                           "(None: D/8)")
+    failure_probability: float = option(1e-6, metavar="DELTA",
+                                        help="--method randomized: probability that a decided rank is wrong")
     device: str | None = device_option()
     overwrite: bool = option(False, help="discard the rows already in DIR")
     progress: bool = option(True, flag="--no_progress", help="no progress bar")
+    limits: NetworkLimits = field(default_factory=NetworkLimits)
 
     @property
     def mode(self) -> str:
@@ -103,6 +120,14 @@ class JacobianConfig:
             raise ConfigError(f"expected 0 < --energy_threshold < 1, got {self.threshold}")
         if self.chunk < 1:
             raise ConfigError(f"expected --chunk >= 1, got {self.chunk}")
+        if self.block < 1:
+            raise ConfigError(f"expected --block >= 1, got {self.block}")
+        if self.probes < 2:
+            raise ConfigError(f"expected --probes >= 2, got {self.probes}")
+        if self.max_subspace is not None and self.max_subspace < self.block:
+            raise ConfigError(f"expected --max_subspace >= --block ({self.block}), got {self.max_subspace}")
+        if not 0 < self.failure_probability < 1:
+            raise ConfigError(f"expected 0 < --failure_probability < 1, got {self.failure_probability}")
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"{self.out}: expected --out to be a folder, it is a file")
 
@@ -116,8 +141,10 @@ def parse_args(argv=None) -> JacobianConfig:
     # The trajectory is what no --sigmas means: the switch only documents it and excludes --sigmas.
     where.add_argument("--trajectory", action="store_true",
                        help="the Heun sampler's states x_i at its σ_i, σ_max first (what no --sigmas means)")
-    add_settings_arguments(p, JacobianConfig, exclude=("network", "optimal_denoiser", "sigmas"))
-    return settings_from_args(JacobianConfig, p.parse_args(argv))
+    add_settings_arguments(p, JacobianConfig, exclude=("network", "optimal_denoiser", "sigmas", "limits"))
+    add_settings_arguments(p, NetworkLimits)
+    a = p.parse_args(argv)
+    return settings_from_args(JacobianConfig, a, limits=settings_from_args(NetworkLimits, a))
 
 
 def load_denoiser(cfg: JacobianConfig, device):
@@ -130,7 +157,7 @@ def load_denoiser(cfg: JacobianConfig, device):
     from diffmem.common.edm.networks.snapshot import load_network, resolve_snapshot
 
     snapshot = resolve_snapshot(cfg.network)
-    return load_network(snapshot, device), f"network:{snapshot.resolve()}", "vmap"
+    return load_network(snapshot, device, cfg.limits), f"network:{snapshot.resolve()}", "vmap"
 
 
 def evaluation_sigmas(cfg: JacobianConfig, net) -> tuple[list[float], dict]:
@@ -167,7 +194,7 @@ def run(cfg: JacobianConfig) -> int:
     from diffmem.common.results import append_results, bind_run_settings, read_results, write_json_atomic
 
     device = resolve_device(cfg.device)
-    denoise, described, method = load_denoiser(cfg, device)
+    denoise, described, autodiff = load_denoiser(cfg, device)
     sigmas, sigma_settings = evaluation_sigmas(cfg, denoise)
 
     # The rows depend on these; seeds and σ's may grow between runs (each row stands on its own).
@@ -182,8 +209,10 @@ def run(cfg: JacobianConfig) -> int:
     done = {(int(r["seed"]), float(r["sigma"])) for r in rows}
 
     computed = 0
+    randomized = J.RandomizedSettings(cfg.block, cfg.probes, cfg.max_subspace, cfg.failure_probability)
     for row in J.jacobian_rows(denoise, seeds, denoise.image_shape, cfg.mode, sigmas, cfg.threshold,
-                               denoise.label_dim, done, cfg.chunk, method, device, cfg.progress):
+                               denoise.label_dim, done, cfg.chunk, autodiff, device, cfg.progress, cfg.method,
+                               randomized):
         append_results(results, [row.to_dict()])
         computed += 1
 
@@ -194,6 +223,8 @@ def run(cfg: JacobianConfig) -> int:
     title = f"{Path(described.split(':', 1)[1]).name} ({cfg.mode}, {len(seeds)} seeds)"
     J.plot_rank_curve(mine, cfg.out / PLOT, title)
     print_summary(stats, cfg.out)
+    decided = sum(r.get("method") == "randomized" for r in mine)
+    print(f"ranks decided randomized: {decided} of {len(mine)}; the full Jacobian: {len(mine) - decided}")
     return computed
 
 

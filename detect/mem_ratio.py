@@ -32,6 +32,7 @@ from pathlib import Path
 
 from diffmem.common.cli import ArgumentParser, add_settings_arguments, resolve_device, run_main, settings_from_args
 from diffmem.common.edm.measure.mem_ratio import MemRatioError
+from diffmem.common.edm.networks.snapshot import NetworkLimits, network_limits
 from diffmem.common.edm.sampler import SamplerSettings, parse_seeds
 from diffmem.common.errors import ConfigError
 from diffmem.common.runlock import lock_run_folder
@@ -59,6 +60,7 @@ class MemRatioConfig:
                               help="readable log, one line per snapshot (None: OUTDIR/mem_traj.log)")
     save_images: bool = option(False, help="also save the samples as PNGs in mem-images/")
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    limits: NetworkLimits = field(default_factory=NetworkLimits)
     device: str | None = device_option()
     overwrite: bool = option(False, help="discard earlier results in the output folder")
     # Validate only: the inputs may not exist yet (a sweep checks before its stages run).
@@ -104,10 +106,12 @@ def parse_args(argv=None) -> MemRatioConfig:
     p = ArgumentParser(prog="mem_ratio", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     add_settings_arguments(src, MemRatioConfig, only=("expdir", "images"))
-    add_settings_arguments(p, MemRatioConfig, exclude=("expdir", "images", "sampler"))
+    add_settings_arguments(p, MemRatioConfig, exclude=("expdir", "images", "sampler", "limits"))
     add_settings_arguments(p, SamplerSettings, only=SAMPLER_OPTIONS)
+    add_settings_arguments(p, NetworkLimits)
     a = p.parse_args(argv)
-    return settings_from_args(MemRatioConfig, a, sampler=settings_from_args(SamplerSettings, a))
+    return settings_from_args(MemRatioConfig, a, sampler=settings_from_args(SamplerSettings, a),
+                              limits=settings_from_args(NetworkLimits, a))
 
 
 def process_state(device: str):
@@ -147,8 +151,10 @@ def run(cfg: MemRatioConfig) -> dict | None:
         if source is not None:
             summary = M.measure_images(source, train, cfg.knn_ref, paths, device, shard, cfg.overwrite, cfg.batch)
         else:
-            summary = M.measure_run(cfg.expdir, train, cfg.knn_ref, cfg.seed_list(), paths, cfg.snapshots or "all",
-                                    cfg.batch, cfg.sampler, device, shard, cfg.save_images, cfg.overwrite)
+            with network_limits(cfg.limits):  # the measure loads each snapshot itself
+                summary = M.measure_run(cfg.expdir, train, cfg.knn_ref, cfg.seed_list(), paths,
+                                        cfg.snapshots or "all", cfg.batch, cfg.sampler, device, shard,
+                                        cfg.save_images, cfg.overwrite)
         if shard.rank == 0 and summary is not None:
             where = summary["max_snapshot"] if summary["max_images_seen"] is None else (
                 f"{summary['max_snapshot']}, {summary['max_images_seen']} images seen")

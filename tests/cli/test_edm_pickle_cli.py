@@ -233,3 +233,75 @@ def test_written_edm_pickle_reads_back_the_same_network(tmp_path):
 
     # Ours holds no numpy scalars (our modules keep Python floats); every global it uses, EDM's pickles use too.
     assert globals_of(path) <= globals_of(FIXTURES / "dm_vp_ddpmpp_masked.pkl")
+
+
+# ------------------------------------------------------------------------------------ faults (issue 31)
+
+
+def _repickled(path, init_change=None, edit=None):
+    """The VP fixture's network written back in EDM's format, its init kwargs changed or its weights edited."""
+    from diffmem.common.edm.networks.edm_pickle import _EDMPickler, edm_init_kwargs
+
+    net, _ = load_edm_pickle(FIXTURES / "edm_vp_ddpmpp.pkl")
+    if edit is not None:
+        edit(net)
+    with open(path, "wb") as f:
+        _EDMPickler(f, net, {**edm_init_kwargs(net), **(init_change or {})}).dump(
+            dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    return path
+
+
+def test_a_pickle_claiming_a_huge_network_is_one_line_on_every_cli(tmp_path, capsys):
+    from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
+
+    huge = _repickled(tmp_path / "huge.pkl", {"num_blocks": 10**6})  # built until killed (exit 137) before
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(huge, run / "network-snapshot-000000.pkl")
+    write_dataset_zip(tmp_path / "d.zip", np.zeros((2, 3, 8, 8), np.uint8), progress=False)
+    calls = {"convert_edm": ["--model", huge, "--out", tmp_path / "out"],
+             "generate": ["--model", huge, "--seeds", "0", "--out", tmp_path / "out", "--device", "cpu"],
+             "jacobian": ["--model", huge, "--seeds", "0", "--out", tmp_path / "out", "--device", "cpu"],
+             "mem_ratio": ["--model", run, "--data", tmp_path / "d.zip", "--seeds", "0", "--out", tmp_path / "out",
+                           "--device", "cpu"]}
+    for name, args in calls.items():
+        assert cli(name, *args) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "num_blocks must be an integer >= 0 and <= 1000, got 1000000" in err
+        assert "huge.pkl: " in err or "network-snapshot-000000.pkl: " in err, err
+        # mem_ratio binds its settings in the folder before it measures a snapshot (nothing a rerun trips on).
+        assert not (tmp_path / "out").exists() or name == "mem_ratio", name
+
+
+def test_max_params_and_allow_nonfinite_on_the_command_line(tmp_path, capsys):
+    src = FIXTURES / "edm_vp_ddpmpp.pkl"
+    assert cli("generate", "--model", src, "--seeds", "0", "--out", tmp_path / "g", "--device", "cpu",
+               "--max_params", "1e3") == 2
+    err = capsys.readouterr().err
+    assert f"{src}: its init kwargs describe a VPPrecond of " in err and "more than --max_params 1,000" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "g").exists()
+
+    def poison(net):
+        net.model.map_layer0.bias.data[0] = float("nan")
+
+    nan = _repickled(tmp_path / "nan.pkl", edit=poison)
+    assert cli("convert_edm", "--model", nan, "--out", tmp_path / "c") == 2
+    err = capsys.readouterr().err
+    assert "model.map_layer0.bias holds non-finite values (1 NaN, 0 ±inf of 32)" in err and "--allow_nonfinite" in err
+    assert not (tmp_path / "c").exists()
+    assert cli("convert_edm", "--model", nan, "--out", tmp_path / "c", "--allow_nonfinite") == 0
+    for bad, why in (("x", "a number of parameters, e.g. 2e9"), ("inf", "a whole number of parameters from 1 to 1e15"),
+                     ("nan", "a whole number"), ("0", "a whole number"), ("2.5", "a whole number")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli("convert_edm", "--model", src, "--out", tmp_path / "d", "--max_params", bad)
+        assert exit_info.value.code == 2
+        assert f"argument --max_params: expected {why}" in capsys.readouterr().err
+
+
+def test_trailing_bytes_are_refused_by_the_cli(tmp_path, capsys):
+    path = tmp_path / "trail.pkl"
+    path.write_bytes((FIXTURES / "edm_vp_ddpmpp.pkl").read_bytes() + b"\0" * 7)
+    assert cli("convert_edm", "--model", path, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{path}: 7 bytes follow the end of the pickle" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,13 @@ allows only the globals such a snapshot needs (torch's tensor and parameter rebu
 dtypes) and turns every persistent object into a ``PersistentObject``: its class name and its pickled
 ``__dict__`` (``_init_kwargs``, ``_parameters``, ``_buffers``, ``_modules``, …). The embedded source is dropped
 unread. The network is then rebuilt from the preconditioner's class name and ``_init_kwargs`` with our own
-classes (``common.edm.edm_nets.build_from_edm``) and given the pickled state dict.
+classes (``common.edm.networks.edm_preconditioners.build_from_edm``: the arguments checked against the classes'
+signatures, the network built on the meta device and its parameters counted against ``--max_params``) and given
+the pickled state dict, each tensor checked for its name, shape, floating-point dtype and finite values.
+
+What the file itself may claim is bounded as it is read: lengths within the bytes left, storages and views within
+the file's size, keys hashed only when shallow, containers nested at most MAX_NESTING_DEPTH deep and never in a
+cycle, nothing after the pickle's end.
 """
 
 from __future__ import annotations
@@ -20,18 +26,21 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import init_empty_weights
 
 from diffmem.common.edm.networks.edm_preconditioners import build_from_edm
+from diffmem.common.edm.networks.edm_unets import short_repr
+from diffmem.common.edm.networks.snapshot import NetworkLimits
 from diffmem.common.errors import DiffmemError
 from diffmem.common.results import jsonable
-from diffmem.common.safe_load import ESCAPE_CODES, refused_global
+from diffmem.common.safe_load import refused_global, torch_failure
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of every released EDM/DiffMemorize pickle
 
@@ -51,9 +60,22 @@ _STORAGE_CLASSES = {
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
 _VIEW_RULE = "EDM's parameters and buffers are contiguous tensors, each over its own storage"
 
+# How deep the unpickled containers may nest (dicts, lists, tuples, sets, module records). A genuine EDM snapshot
+# nests 17 deep (snapshot dict, network, its state, _modules, … a parameter dict); what reads the structure
+# afterwards recurses, so a deeper (or cyclic) one would end in RecursionError.
+MAX_NESTING_DEPTH = 100
+# How deep a tuple used as a dict key or set element may nest: CPython hashes a tuple by recursing in C without
+# a depth check, so a key nested 10^6 deep crashes the interpreter. EDM's keys are strings.
+MAX_KEY_DEPTH = 4
+_OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+
 
 class EDMPickleError(DiffmemError, ValueError):
     """A file that is no readable EDM network pickle, or one that asks for a global we refuse; one line."""
+
+
+class _LengthError(EDMPickleError):
+    """A pickle opcode whose length runs past the bytes that follow it: a truncated file, or a hostile length."""
 
 
 # ------------------------------------------------------------------------------------ records
@@ -90,28 +112,56 @@ class _EasyDict(dict):
 
 def _persistent_object(meta: dict) -> PersistentObject:
     """Stands in for ``_reconstruct_persistent_obj``: keeps the class name and state, never the module source."""
-    if not isinstance(meta, dict) or meta.get("type") != "class" or "class_name" not in meta:
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str) \
+            or not isinstance(meta.get("state") or {}, dict):
         raise EDMPickleError("a persistent object without EDM's class record (type='class', class_name, state)")
     if meta.get("version") != PERSISTENCE_VERSION:
-        raise EDMPickleError(f"persistence version {meta.get('version')!r} of {meta['class_name']}; "
-                             f"this reader knows version {PERSISTENCE_VERSION}")
-    return PersistentObject(str(meta["class_name"]), dict(meta.get("state") or {}))
+        raise EDMPickleError(f"persistence version {short_repr(meta.get('version'))} of "
+                             f"{meta['class_name'][:80]}; this reader knows version {PERSISTENCE_VERSION}")
+    return PersistentObject(meta["class_name"], dict(meta.get("state") or {}))
 
 
 def _numpy_scalar(dtype, data=None):
     if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise EDMPickleError(f"a numpy scalar of dtype {dtype!r}; only plain numeric scalars are read")
+        raise EDMPickleError(f"a numpy scalar of dtype {short_repr(dtype)}; only plain numeric scalars are read")
     return np.frombuffer(data, dtype=dtype, count=1)[0] if data is not None else dtype.type()
+
+
+def _numpy_dtype(spec, align=False, copy=False):
+    """``numpy.dtype`` of a type code ('f8', '<i4'): what EDM's pickles hold; a structured spec (nested lists
+    and dicts, which numpy reads by recursion) is refused."""
+    if not isinstance(spec, str) or len(spec) > 16:
+        raise EDMPickleError(f"a numpy dtype of {short_repr(spec)}; only plain type codes ('f8') are read")
+    return np.dtype(spec, bool(align), bool(copy))
+
+
+def _set(items=()):
+    """``set(items)``, its items checked before they are hashed (``_hash_safe``)."""
+    items = list(items) if isinstance(items, (list, tuple, set, frozenset)) else None
+    if items is None:
+        raise EDMPickleError("a set of something other than a list; EDM's pickles hold sets of strings")
+    _check_keys(items)
+    return set(items)
+
+
+def _ordered_dict(items=()):
+    """``OrderedDict(items)`` (EDM's pickles give none: their items follow as SETITEMS), the keys checked first."""
+    if isinstance(items, dict):
+        return collections.OrderedDict(items)
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, tuple) and len(i) == 2 for i in items):
+        raise EDMPickleError("an OrderedDict of something other than (key, value) pairs")
+    _check_keys(k for k, _ in items)
+    return collections.OrderedDict(items)
 
 
 _TORCH_CONTAINERS = ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList", "Identity")
 
 ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set,
+    ("collections", "OrderedDict"): _ordered_dict,
+    ("builtins", "set"): _set,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _numpy_dtype,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_object,
@@ -122,10 +172,9 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
 
 
 def _one_line(exc: BaseException) -> str:
-    """An exception as ``Type: first line``, terminal escape codes removed (torch's messages carry some)."""
-    text = ESCAPE_CODES.sub("", str(exc))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    """An exception as ``Type: what is wrong``, in one line: torch's weights-only refusals in our words, without
+    their escape codes and their advice to load the file unsafely (``common.safe_load.torch_failure``)."""
+    return f"{type(exc).__name__}: {torch_failure(exc)}"
 
 
 def _refused_nested(qualname: str) -> EDMPickleError:
@@ -134,6 +183,153 @@ def _refused_nested(qualname: str) -> EDMPickleError:
 
 def _damaged_record(why: str) -> EDMPickleError:
     return EDMPickleError(f"a damaged nested tensor storage ({why}); expected torch.save's record of one storage")
+
+
+def _hash_safe(key) -> bool:
+    """Whether hashing ``key`` stays shallow: tuples (hashed by recursion, uncached) nest at most MAX_KEY_DEPTH."""
+    stack = [(key, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, tuple):
+            if depth > MAX_KEY_DEPTH:
+                return False
+            stack.extend((item, depth + 1) for item in value)
+    return True
+
+
+def _check_keys(keys) -> None:
+    for key in keys:
+        if not _hash_safe(key):
+            raise EDMPickleError(f"a dict key or set element nested more than {MAX_KEY_DEPTH} tuples deep; "
+                                 "EDM's pickles key their dicts by strings")
+
+
+class _BoundedUnpickler(pickle._Unpickler):
+    """Python's own unpickler with the opcodes that trust their operands checked first: a length (BINBYTES8,
+    BINUNICODE8, BYTEARRAY8, FRAME, LONG4, BINSTRING, BINBYTES, BINUNICODE) beyond the bytes left in the file is
+    refused before anything is allocated (a 20-byte file claiming 10^15 bytes was a MemoryError), a key is hashed
+    only when it nests shallowly (``_hash_safe``), items are set on dicts, lists and sets only, and BUILD (an
+    object's ``__setstate__``) runs only on the types ``_buildable`` names (torch.Tensor's would re-point a tensor
+    at any storage span, past the view checks)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file):
+        super().__init__(file)
+        self._size = _file_size(file)
+        self._tell = getattr(file, "tell", None)
+        self._frame_size = 0
+
+    def bytes_left(self) -> int | None:
+        """Bytes of the file not yet consumed (those of the current frame included); None for a file of no size."""
+        if self._size is None or self._tell is None:
+            return None
+        left = self._size - self._tell()
+        frame = getattr(self, "_unframer", None) and self._unframer.current_frame
+        return left + (self._frame_size - frame.tell() if frame else 0)
+
+    def _length(self, fmt: str) -> int:
+        """The length operand of the opcode just read, refused when negative or beyond the bytes left."""
+        opcode = _OPCODE_NAMES.get(self._opcode, "?")
+        (n,) = struct.unpack(fmt, self.read(struct.calcsize(fmt)))
+        left = self.bytes_left()
+        if n < 0:
+            raise _LengthError(f"pickle opcode {opcode} claims a negative length, {n} bytes")
+        if left is not None and n > left:
+            raise _LengthError(f"pickle opcode {opcode} claims {n} bytes, more than the {left} that follow it")
+        return n
+
+    def _buildable(self, inst, state) -> bool:
+        return False
+
+    # Each load_* below is the stdlib's, with the check before it (the opcode byte is recorded for the message).
+    def load_frame(self):
+        self._opcode = pickle.FRAME[0]
+        self._frame_size = self._length("<Q")
+        self._unframer.load_frame(self._frame_size)
+
+    def _load_bytes(self, fmt: str, opcode: bytes) -> bytes:
+        self._opcode = opcode[0]
+        return self.read(self._length(fmt))
+
+    def load_binbytes(self):
+        self.append(self._load_bytes("<I", pickle.BINBYTES))
+
+    def load_binbytes8(self):
+        self.append(self._load_bytes("<Q", pickle.BINBYTES8))
+
+    def load_binunicode(self):
+        self.append(str(self._load_bytes("<I", pickle.BINUNICODE), "utf-8", "surrogatepass"))
+
+    def load_binunicode8(self):
+        self.append(str(self._load_bytes("<Q", pickle.BINUNICODE8), "utf-8", "surrogatepass"))
+
+    def load_binstring(self):
+        self.append(self._decode_string(self._load_bytes("<i", pickle.BINSTRING)))
+
+    def load_long4(self):
+        self.append(pickle.decode_long(self._load_bytes("<i", pickle.LONG4)))
+
+    def load_bytearray8(self):
+        self._opcode = pickle.BYTEARRAY8[0]
+        b = bytearray(self._length("<Q"))
+        self.readinto(b)
+        self.append(b)
+
+    def _target(self, types: tuple, what: str, marked: bool):
+        """The object an item opcode adds to (below the mark, or below the key and value), if of ``types``."""
+        target = self.metastack[-1][-1] if marked else self.stack[-3 if what == "SETITEM" else -2]
+        if not isinstance(target, types):
+            raise EDMPickleError(f"pickle opcode {what} on a {type(target).__name__}; a pickle adds items to "
+                                 "dicts, lists and sets only")
+        return target
+
+    def load_setitem(self):
+        self._target((dict,), "SETITEM", marked=False)
+        _check_keys(self.stack[-2:-1])
+        super().load_setitem()
+
+    def load_setitems(self):
+        self._target((dict,), "SETITEMS", marked=True)
+        _check_keys(self.stack[0::2])
+        super().load_setitems()
+
+    def load_dict(self):
+        _check_keys(self.stack[0::2])
+        super().load_dict()
+
+    def load_additems(self):
+        self._target((set,), "ADDITEMS", marked=True)
+        _check_keys(self.stack)
+        super().load_additems()
+
+    def load_frozenset(self):
+        _check_keys(self.stack)
+        super().load_frozenset()
+
+    def load_append(self):
+        self._target((list,), "APPEND", marked=False)
+        super().load_append()
+
+    def load_appends(self):
+        self._target((list,), "APPENDS", marked=True)
+        super().load_appends()
+
+    def load_build(self):
+        inst, state = self.stack[-2], self.stack[-1]
+        if not self._buildable(inst, state):
+            raise EDMPickleError(f"pickle opcode BUILD (set the state of) a {type(inst).__name__}; EDM's pickles "
+                                 "set the state of torch module records and numpy dtypes only")
+        super().load_build()
+
+
+for _name, _op in (("frame", pickle.FRAME), ("binbytes", pickle.BINBYTES), ("binbytes8", pickle.BINBYTES8),
+                   ("binunicode", pickle.BINUNICODE), ("binunicode8", pickle.BINUNICODE8),
+                   ("binstring", pickle.BINSTRING), ("long4", pickle.LONG4), ("bytearray8", pickle.BYTEARRAY8),
+                   ("setitem", pickle.SETITEM), ("setitems", pickle.SETITEMS), ("dict", pickle.DICT),
+                   ("additems", pickle.ADDITEMS), ("frozenset", pickle.FROZENSET), ("append", pickle.APPEND),
+                   ("appends", pickle.APPENDS), ("build", pickle.BUILD)):
+    _BoundedUnpickler.dispatch[_op[0]] = getattr(_BoundedUnpickler, f"load_{_name}")
 
 
 class _Marker:
@@ -149,12 +345,14 @@ class _Marker:
         raise _damaged_record(f"its pickle calls torch.{self.name}")
 
 
-class _RecordScan(pickle.Unpickler):
+class _RecordScan(_BoundedUnpickler):
     """A nested storage record's pickles read before torch reads them: globals refused by name, persistent ids kept."""
 
     # Why: torch's own refusal is a multi-line message without the global's name, and torch allocates a declared
     # storage before it reads the bytes; this scan names the global and lets the size be checked first. It
-    # resolves nothing (storage classes become _Marker names), so the fast C unpickler is safe here.
+    # resolves nothing (storage classes become _Marker names). The bounded Python unpickler, not the C one: the C
+    # one hashes a deeply nested key without a depth check, which crashes the interpreter; the record's pickles
+    # are a few dozen opcodes.
 
     def __init__(self, file):
         super().__init__(file)
@@ -179,7 +377,7 @@ def _declared_storage(scan: _RecordScan, result, pid_len: int) -> tuple[str, tor
           and isinstance(pid[1], _Marker) and pid[1].name in _STORAGE_CLASSES
           and type(pid[4]) is int and pid[4] >= 0 and (pid_len == 5 or pid[5] is None))
     if not ok:
-        raise _damaged_record(f"persistent id {pid!r:.80}")
+        raise _damaged_record(f"persistent id {short_repr(pid)}")
     dtype = _STORAGE_CLASSES[pid[1].name]
     return str(pid[2]), dtype, pid[4] * torch._utils._element_size(dtype)
 
@@ -195,7 +393,7 @@ def _scan_legacy_record(blob: bytes) -> tuple[torch.dtype, int, int]:
     key, dtype, nbytes = _declared_storage(scan, scan.load(), 6)
     keys = _RecordScan(f).load()
     if keys != [key]:
-        raise _damaged_record(f"storage keys {keys!r:.80}, expected [{key!r}]")
+        raise _damaged_record(f"storage keys {short_repr(keys)}, expected [{key!r}]")
     return dtype, nbytes, max(0, len(blob) - f.tell() - 8)
 
 
@@ -223,7 +421,7 @@ def _scan_zip_record(blob: bytes) -> tuple[torch.dtype, int, int]:
         return dtype, nbytes, (min(record.file_size, len(blob)) if record is not None else 0)
 
 
-class RestrictedUnpickler(pickle._Unpickler):
+class RestrictedUnpickler(_BoundedUnpickler):
     """An unpickler that resolves only ``ALLOWED_GLOBALS``; anything else is refused before it runs.
 
     Why the pure-Python unpickler: each storage arrives as a nested ``torch.save`` blob that pickle also keeps in
@@ -265,6 +463,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         blob = bytes(blob)  # bytes stay as they are; a bytearray is copied once
         try:
             dtype, nbytes, present = (_scan_zip_record if blob[:4] == b"PK\x03\x04" else _scan_legacy_record)(blob)
+        except _LengthError as exc:
+            raise _damaged_record(str(exc)) from None
         except EDMPickleError:
             raise
         except Exception as exc:  # any damage the scan meets (it builds nothing, so nothing else can happen)
@@ -300,12 +500,13 @@ class RestrictedUnpickler(pickle._Unpickler):
         if not isinstance(storage, torch.storage.TypedStorage):
             raise EDMPickleError(f"a tensor view of a {type(storage).__name__}, not a storage")
         if type(storage_offset) is not int or storage_offset < 0:
-            raise EDMPickleError(f"a tensor view with offset {storage_offset!r:.40}, not an integer >= 0")
+            raise EDMPickleError(f"a tensor view with offset {short_repr(storage_offset)}, not an integer >= 0")
         if not (isinstance(size, tuple) and all(type(n) is int and n >= 0 for n in size)):
-            raise EDMPickleError(f"a tensor view with size {size!r:.80}, not integers >= 0")
+            raise EDMPickleError(f"a tensor view with size {short_repr(size)}, not integers >= 0")
         if not (isinstance(stride, tuple) and len(stride) == len(size) and all(type(n) is int and n >= 0
                                                                               for n in stride)):
-            raise EDMPickleError(f"a tensor view with stride {stride!r:.80} for size {size}, not one integer >= 0 "
+            raise EDMPickleError(f"a tensor view with stride {short_repr(stride)} for size {size}, not one integer >= 0"
+                                 " "
                                  "per dimension")
         elements = storage._untyped_storage.nbytes() // torch._utils._element_size(storage.dtype)
         extent = 0  # elements from the first to one past the last the view reads
@@ -340,7 +541,17 @@ class RestrictedUnpickler(pickle._Unpickler):
                                                backward_hooks, metadata)
 
     def persistent_load(self, pid):
-        raise EDMPickleError(f"refused persistent id {pid!r}: an EDM network pickle has none")
+        raise EDMPickleError(f"refused persistent id {short_repr(pid)}: an EDM network pickle has none")
+
+    def _buildable(self, inst, state) -> bool:
+        # Module records keep their state as data; a numpy dtype's state is a flat tuple (byte order, sizes,
+        # flags) unless it is a structured dtype, which EDM never pickles; a dict subclass (EasyDict) takes its
+        # attribute dict.
+        if isinstance(inst, ModuleRecord):
+            return True
+        if isinstance(inst, np.dtype):
+            return isinstance(state, tuple) and all(isinstance(v, (int, str, bytes, type(None))) for v in state)
+        return isinstance(inst, dict) and (state is None or isinstance(state, dict))
 
 
 def _file_size(file) -> int | None:
@@ -406,6 +617,61 @@ def collect_state_dict(obj, where: str = "ema") -> dict[str, torch.Tensor]:
     return out
 
 
+def _children(node):
+    """The contained objects of an unpickled container (a module record's state), () for anything else."""
+    if isinstance(node, (PersistentObject, ModuleRecord)):
+        return (getattr(node, "state", None),)
+    if isinstance(node, dict):
+        return (*node.keys(), *node.values())
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return node
+    return ()
+
+
+def _is_container(node) -> bool:
+    return isinstance(node, (PersistentObject, ModuleRecord, dict, list, tuple, set, frozenset))
+
+
+def check_nesting(top, limit: int = MAX_NESTING_DEPTH) -> None:
+    """EDMPickleError when the unpickled structure holds a cycle or nests more than ``limit`` containers deep.
+
+    Iterative (the structure may be deeper than Python's recursion limit): a depth-first walk keeps the path
+    from the top, so a container met again on it is a cycle, and remembers each finished container's height, so
+    an object shared by many parents (pickle's memo) is walked once."""
+    height: dict[int, int] = {}  # id -> containers from it down to its deepest leaf container, itself included
+    on_path: set[int] = {id(top)}
+    path = [[top, iter(_children(top)), 1]]  # node, its children to walk, its height so far
+    while path:
+        frame = path[-1]
+        child = next(frame[1], frame)  # the frame itself marks the end
+        if child is frame:
+            path.pop()
+            on_path.discard(id(frame[0]))
+            height[id(frame[0])] = frame[2]
+            if path:
+                path[-1][2] = max(path[-1][2], frame[2] + 1)
+            continue
+        if not _is_container(child):
+            continue
+        if id(child) in on_path:
+            raise EDMPickleError(f"a {type(child).__name__} that contains itself (a cycle); expected a tree of "
+                                 "records, as EDM's snapshots are")
+        below = height.get(id(child))
+        if below is not None:
+            frame[2] = max(frame[2], below + 1)
+            if len(path) + below > limit:
+                break
+            continue
+        if len(path) >= limit:
+            break
+        on_path.add(id(child))
+        path.append([child, iter(_children(child)), 1])
+    else:
+        return
+    raise EDMPickleError(f"containers nested more than {limit} deep; expected an EDM snapshot, which nests about "
+                         "17 deep (its network's modules, their state dicts, their tensors)")
+
+
 class _HashingReader:
     """A binary file whose every byte read also goes into a SHA-256: one pass gives the objects and the hash."""
 
@@ -422,14 +688,17 @@ class _HashingReader:
         self.hash.update(data)
         return data
 
+    def tell(self) -> int:
+        return self.file.tell()
+
     def hexdigest(self) -> str:
-        self.hash.update(self.file.read())  # anything after the pickle's STOP belongs to the file too
         return self.hash.hexdigest()
 
 
 def read_edm_pickle(path: str | Path) -> EDMPickle:
     """Unpickle an EDM snapshot (or a pickled network alone) with ``RestrictedUnpickler``; EDMPickleError when
-    the file is missing, truncated, not a pickle, refused, or holds no EDM network."""
+    the file is missing, truncated, not a pickle, refused, followed by other bytes, nested too deep or cyclic
+    (``check_nesting``), or holds no EDM network."""
     path = Path(path)
     if not path.is_file():
         raise EDMPickleError(f"{path}: no such file")
@@ -440,24 +709,35 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
         f.seek(0)
         reader = _HashingReader(f)
         budget = path.stat().st_size * MAX_STORAGE_BYTES_PER_FILE_BYTE
+        unpickler = RestrictedUnpickler(reader, max_storage_bytes=budget)
         try:
-            top = RestrictedUnpickler(reader, max_storage_bytes=budget).load()
+            top = unpickler.load()
+            trailing = unpickler.bytes_left()
+            if trailing:
+                raise EDMPickleError(f"{trailing} bytes follow the end of the pickle (its STOP opcode); expected "
+                                     "the file to end there, as pickle.dump writes it")
+            check_nesting(top)
+        except _LengthError as exc:
+            raise EDMPickleError(f"{path}: not a complete EDM network pickle ({exc})") from None
         except EDMPickleError as exc:
             raise EDMPickleError(f"{path}: {exc}") from None
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, RuntimeError, AttributeError,
-                IndexError, KeyError) as exc:
+                IndexError, KeyError, struct.error) as exc:
             raise EDMPickleError(f"{path}: not a complete EDM network pickle ({_one_line(exc)})") from None
         sha256 = reader.hexdigest()
     net, dataset_kwargs, extras = top, None, {}
     if isinstance(top, dict):
         if "ema" not in top:
-            raise EDMPickleError(f"{path}: a pickled dict without 'ema' (has {', '.join(map(str, top)) or 'nothing'});"
+            raise EDMPickleError(f"{path}: a pickled dict without 'ema' (has {short_repr(list(top)) or 'nothing'});"
                                  " expected an EDM training snapshot")
         net = top["ema"]
         dataset_kwargs = dict(top["dataset_kwargs"]) if isinstance(top.get("dataset_kwargs"), dict) else None
         extras = {k: v.class_name for k, v in top.items() if isinstance(v, PersistentObject) and k != "ema"}
     if not isinstance(net, PersistentObject):
         raise EDMPickleError(f"{path}: the network is a {type(net).__name__}, not one of EDM's persistent classes")
+    if not isinstance(net.state.get("_init_kwargs") or {}, dict):
+        raise EDMPickleError(f"{path}: the network's _init_kwargs is a {type(net.state['_init_kwargs']).__name__}, "
+                             "not a dict of constructor arguments")
     try:
         state_dict = collect_state_dict(net)
     except EDMPickleError as exc:
@@ -471,21 +751,35 @@ def read_edm_pickle(path: str | Path) -> EDMPickle:
                      state_dict=state_dict, dataset_kwargs=dataset_kwargs, extras=extras)
 
 
-def load_edm_pickle(path: str | Path, device=None):
+def load_edm_pickle(path: str | Path, device=None, limits: NetworkLimits | None = None):
     """(our network, the pickle's record) for an EDM pickle's ``ema``: the network rebuilt from its class name and
-    init kwargs with our classes, its pickled state loaded (the record keeps no tensors), eval mode, no grads."""
+    init kwargs with our classes, its pickled state loaded (the record keeps no tensors), eval mode, no grads.
+
+    Before any weight is put in it: the init kwargs are checked against the classes' signatures
+    (``check_edm_arguments``), the network is built on the meta device (nothing allocated) and its parameters
+    counted against ``limits.max_params``; every pickled tensor must have the name, shape and a floating-point
+    dtype of the network's, and hold only finite values unless ``limits.allow_nonfinite``."""
+    limits = limits or NetworkLimits()
     snap = read_edm_pickle(path)
     try:
-        # Parameters made on the meta device and then given the unpickled tensors (assign=True): one copy of
-        # the weights in memory. Buffers (small: filters, σ tables) are built for real.
-        with init_empty_weights(include_buffers=False):
+        # Built on the meta device and then given the unpickled tensors (assign=True): one copy of the weights
+        # in memory, and no weight drawn at random that the pickle then replaces.
+        with torch.device("meta"):
             net = build_from_edm(snap.class_name, snap.init_kwargs)
     except DiffmemError as exc:
         raise EDMPickleError(f"{snap.path}: {exc}") from None
-    missing, unexpected = _key_mismatch(net.state_dict(), snap.state_dict)
+    count = sum(p.numel() for p in net.parameters())
+    if count > limits.max_params:
+        raise EDMPickleError(f"{snap.path}: its init kwargs describe a {snap.class_name} of {count:,} parameters "
+                             f"({count * 4 / 2**30:.1f} GiB in float32), more than --max_params "
+                             f"{limits.max_params:,}; expected a network within the bound (raise --max_params to "
+                             "load it)")
+    ours = net.state_dict()
+    missing, unexpected = _key_mismatch(ours, snap.state_dict)
     if missing or unexpected:
         raise EDMPickleError(f"{snap.path}: the pickled {snap.class_name} state does not fit the network its "
                              f"init kwargs describe (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check_weights(snap.path, snap.state_dict, ours, limits.allow_nonfinite)
     net.load_state_dict(snap.state_dict, strict=True, assign=True)
     if any(t.is_meta for t in [*net.parameters(), *net.buffers()]):
         # A tensor the state dict does not carry (a non-persistent buffer): build for real and copy instead.
@@ -494,6 +788,36 @@ def load_edm_pickle(path: str | Path, device=None):
     snap.state_dict = {}
     net.eval().requires_grad_(False)
     return (net.to(device) if device is not None else net), snap
+
+
+def check_weights(path: Path, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
+                  allow_nonfinite: bool = False) -> None:
+    """EDMPickleError naming the first pickled tensor (in the network's order) whose shape is not the network's,
+    whose dtype is not floating point (an integer weight is a damaged or hostile file: load_state_dict would fail
+    deep inside torch), or, unless ``allow_nonfinite``, that holds NaN or ±inf (which sample silently as NaN)."""
+    for name, mine in ours.items():
+        tensor = theirs[name]
+        if tuple(tensor.shape) != tuple(mine.shape):
+            raise EDMPickleError(f"{path}: {name} has shape {list(tensor.shape)}, but the network its init kwargs "
+                                 f"describe has {list(mine.shape)} there")
+        if not tensor.is_floating_point():
+            raise EDMPickleError(f"{path}: {name} holds {str(tensor.dtype).removeprefix('torch.')} values; "
+                                 "expected floating-point weights (EDM stores float32)")
+    if allow_nonfinite:
+        return
+    for name in ours:
+        tensor = theirs[name]
+        # The float64 sum is finite exactly when every value is (float32/16 values cannot overflow it; NaN and ±inf
+        # propagate): one reduction, 4x faster than isfinite().all(), which allocates a mask. Only a float64
+        # tensor can overflow its sum, so only there is the mask the judge.
+        if bool(torch.isfinite(tensor.sum(dtype=torch.float64))):
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(tensor).sum())
+            raise EDMPickleError(f"{path}: {name} holds non-finite values ({nan} NaN, {int((~finite).sum()) - nan} "
+                                 f"±inf of {tensor.numel()}); expected finite weights (--allow_nonfinite loads it "
+                                 "anyway)")
 
 
 def _key_mismatch(ours: dict, theirs: dict) -> tuple[list[str], list[str]]:

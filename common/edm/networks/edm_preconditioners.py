@@ -25,7 +25,7 @@ import torch
 from diffusers import ModelMixin
 from diffusers.configuration_utils import ConfigMixin
 
-from diffmem.common.edm.networks.edm_unets import UNETS
+from diffmem.common.edm.networks.edm_unets import UNET_ARGS, UNETS, Arg, check_unet_arguments, short_repr
 from diffmem.common.edm.precond import c_in, c_noise, c_out, c_skip, vp_sigma
 from diffmem.common.errors import DiffmemError
 
@@ -157,10 +157,11 @@ def iddpm_alpha_bar(j: torch.Tensor, M: int, C_2: float) -> torch.Tensor:
 
 def iddpm_sigma_table(M: int, C_1: float, C_2: float) -> torch.Tensor:
     """u_M = 0, u_{j−1} = sqrt((u_j² + 1) / max(ᾱ_{j−1}/ᾱ_j, C_1) − 1) for j = M … 1, in fp32 (Table 1, iDDPM)."""
-    u = torch.zeros(M + 1, device="cpu")  # CPU whatever the default device (see VPPrecond)
-    for j in range(M, 0, -1):
-        ratio = (iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)).clip(min=C_1)
-        u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
+    with torch.device("cpu"):  # CPU whatever the default device (see VPPrecond)
+        u = torch.zeros(M + 1)
+        for j in range(M, 0, -1):
+            ratio = (iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2)).clip(min=C_1)
+            u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
     return u
 
 
@@ -214,20 +215,85 @@ class EDMPrecond(_Preconditioned):
 
 PRECOND_CLASSES = {cls.__name__: cls for cls in (VPPrecond, VEPrecond, iDDPMPrecond, EDMPrecond)}
 
+# iDDPM's σ table is computed level by level at construction (about 0.2 ms a level): Nichol & Dhariwal's M is 1000.
+MAX_IDDPM_LEVELS = 10_000
+
+_SIGMA = Arg("float", 0, 1e6)
+# Every constructor argument of each preconditioner (the backbone's go on to UNET_ARGS; the test suite checks that
+# each signature is covered).
+PRECOND_ARGS: dict[str, dict[str, Arg]] = {
+    name: dict(img_resolution=UNET_ARGS["SongUNet"]["img_resolution"], img_channels=Arg("int", 1, 1 << 12),
+               label_dim=UNET_ARGS["SongUNet"]["label_dim"], use_fp16=Arg("bool"),
+               model_type=Arg("choice", choices=tuple(UNETS)), **constants)
+    for name, constants in (
+        ("VPPrecond", dict(beta_d=Arg("float", 0, 1e6), beta_min=Arg("float", 0, 1e6), M=Arg("int", 1, 1 << 40),
+                           epsilon_t=Arg("float", 1e-12, 1))),
+        ("VEPrecond", dict(sigma_min=_SIGMA, sigma_max=_SIGMA)),
+        ("iDDPMPrecond", dict(C_1=Arg("float", 1e-12, 1), C_2=Arg("float", 0, 1e6),
+                              M=Arg("int", 1, MAX_IDDPM_LEVELS))),
+        ("EDMPrecond", dict(sigma_min=_SIGMA, sigma_max=Arg("float", 0, 1e6, allow_inf=True),
+                            sigma_data=Arg("float", 1e-12, 1e6))))}
+
+
+def check_edm_arguments(class_name: str, init_kwargs: dict) -> None:
+    """A one-line EDMNetworkError (EDMArchitectureError for the backbone's) unless ``init_kwargs`` (an EDM
+    pickle's ``_init_kwargs``) are arguments of the named preconditioner and its backbone, each of its type and
+    in its range, describing a network that can be built (``check_unet_arguments``): checked before anything is
+    built, since a constructor given a string, a negative width or 10^6 blocks fails deep inside torch or builds
+    until the process is killed."""
+    if class_name not in PRECOND_CLASSES:
+        raise EDMNetworkError(f"unknown EDM network class {short_repr(class_name)}; expected one of "
+                              f"{', '.join(PRECOND_CLASSES)}")
+    rules = PRECOND_ARGS[class_name]
+    if "model_kwargs" in init_kwargs:
+        raise EDMNetworkError(f"{class_name}: unknown keyword argument 'model_kwargs'")
+    for key in ("img_resolution", "img_channels"):
+        if key not in init_kwargs:
+            raise EDMNetworkError(f"{class_name}: missing keyword argument {key!r}")
+    own = {k: v for k, v in init_kwargs.items() if k in rules}
+    for name, value in own.items():
+        problem = rules[name].problem(class_name, name, value)
+        if problem:
+            raise EDMNetworkError(problem)
+    values = {name: p.default for name, p in inspect.signature(PRECOND_CLASSES[class_name].__init__).parameters.items()
+              if name in rules and p.default is not inspect.Parameter.empty} | own
+    if "sigma_max" in values and not values["sigma_min"] < values["sigma_max"]:
+        raise EDMNetworkError(f"{class_name}: sigma_min {values['sigma_min']:g} must be below sigma_max "
+                              f"{values['sigma_max']:g}")
+    backbone = {k: v for k, v in init_kwargs.items() if k not in rules}
+    _check_model_kwargs(class_name, values["model_type"], backbone)
+    channels = int(init_kwargs["img_channels"])
+    check_unet_arguments(values["model_type"], dict(
+        backbone, img_resolution=init_kwargs["img_resolution"], in_channels=channels,
+        out_channels=2 * channels if class_name == "iDDPMPrecond" else channels,
+        label_dim=init_kwargs.get("label_dim", 0)))
+
 
 def build_from_edm(class_name: str, init_kwargs: dict) -> _Preconditioned:
     """Our freshly initialised network for an EDM preconditioner class name and the ``_init_kwargs`` stored in an
     EDM pickle (model_type and the backbone's keywords included, DiffMemorize's skip_connections too), ready
-    for ``load_state_dict`` of that pickle's state; EDMNetworkError names an unknown class or keyword."""
-    if class_name not in PRECOND_CLASSES:
-        raise EDMNetworkError(f"unknown EDM network class {class_name!r}; expected one of {', '.join(PRECOND_CLASSES)}")
-    kwargs = dict(init_kwargs)
-    if "model_kwargs" in kwargs:
-        raise EDMNetworkError(f"{class_name}: unknown keyword argument 'model_kwargs'")
-    for key in ("img_resolution", "img_channels"):
-        if key not in kwargs:
-            raise EDMNetworkError(f"{class_name}: missing keyword argument {key!r}")
-    return PRECOND_CLASSES[class_name](**kwargs)
+    for ``load_state_dict`` of that pickle's state; EDMNetworkError names an unknown class or keyword, or an
+    argument of the wrong type or out of range (``check_edm_arguments``). Built under ``torch.device("meta")``
+    it allocates nothing (what ``load_edm_pickle`` does to count the parameters before any weight is read in)."""
+    check_edm_arguments(class_name, init_kwargs)
+    return PRECOND_CLASSES[class_name](**init_kwargs)
+
+
+def saved_init_kwargs(config: dict) -> dict:
+    """EDM's ``_init_kwargs`` of a saved config of ours (``save_pretrained``'s config.json): the backbone's keywords
+    from ``model_kwargs`` flattened in, diffusers' own ``_`` keys dropped."""
+    plain = {k: v for k, v in config.items() if not str(k).startswith("_") and k != "model_kwargs"}
+    model_kwargs = config.get("model_kwargs") or {}
+    if not isinstance(model_kwargs, dict):
+        raise EDMNetworkError(f"model_kwargs must be a dict of the backbone's keywords, got {short_repr(model_kwargs)}")
+    return {**plain, **model_kwargs}
+
+
+def edm_parameter_count(class_name: str, init_kwargs: dict) -> int:
+    """The parameter count of the network ``build_from_edm`` would build, counted on the meta device (nothing
+    allocated, the arguments checked first)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_from_edm(class_name, init_kwargs).parameters())
 
 
 def load_pretrained(path, class_name: str) -> _Preconditioned:

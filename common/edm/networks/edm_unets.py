@@ -22,8 +22,12 @@ filter up to fp32 rounding; other filters ([1, 3, 3, 1]) use the depthwise convo
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
+import reprlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +43,12 @@ DECODER_TYPES = ("standard", "skip")
 
 class EDMArchitectureError(DiffmemError, ValueError):
     """Settings no EDM network can be built with (unknown type, wrong skip mask); str() is one line."""
+
+
+# A bound on the residual blocks a backbone's arguments may ask for, checked before anything is built (building
+# even on the meta device takes milliseconds a block, so 10^6 blocks would run for hours). The largest published
+# EDM networks have 36 (ImageNet-64 ADM: 4 levels of 3 blocks) and 33 (CIFAR-10 DDPM++: 3 levels of 4).
+MAX_UNET_BLOCKS = 1000
 
 
 # ------------------------------------------------------------------------------------------ layers
@@ -139,6 +149,11 @@ class Conv2d(nn.Module):
         return x if b is None else x + b.reshape(1, -1, 1, 1)
 
 
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a fresh tensor, in place when autograd is not recording it."""
+    return F.silu(x, inplace=not x.requires_grad)
+
+
 class GroupNorm(nn.Module):
     """Group normalisation with min(num_groups, C / min_channels_per_group) groups and an affine map."""
 
@@ -207,15 +222,19 @@ class UNetBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # The sums below are in place on fresh convolution outputs, which autograd does not keep for the
         # backward pass: one allocation less per add, which is what puts this block level with EDM's on CPU.
+        # An in-place SiLU saves an allocation only where autograd is off: recording, it clones its input.
+        # Dropout multiplies the SiLU's output in place (the SiLU's backward reads its input, not its output).
         orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
+        x = self.conv0(_silu(self.norm0(x)))
         params = self.affine(emb)[:, :, None, None].to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+            x = _silu(torch.addcmul(shift, self.norm1(x), scale + 1))
         else:
-            x = F.silu(self.norm1(x.add_(params)))
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+            x = _silu(self.norm1(x.add_(params)))
+        if self.training and self.dropout:
+            x = F.dropout(x, p=self.dropout, training=True, inplace=True)
+        x = self.conv1(x)
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         if self.skip_scale != 1:
             x = x.mul_(self.skip_scale)
@@ -417,7 +436,7 @@ class SongUNet(nn.Module):
             elif "aux_norm" in name:
                 tmp = block(x)
             elif "aux_conv" in name:
-                tmp = block(F.silu(tmp))
+                tmp = block(_silu(tmp))
                 aux = tmp if aux is None else tmp + aux
             else:
                 if name in self._consumes:
@@ -512,3 +531,145 @@ class DhariwalUNet(nn.Module):
 
 
 UNETS = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+
+# ------------------------------------------------------------------------------------ argument checks
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxtuple = 3, 40, 40, 6, 6
+
+
+def short_repr(value) -> str:
+    """repr() cut to a few dozen characters and three levels (a value read from a file may be huge or nested)."""
+    return _SHORT.repr(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _number(value: float) -> str:
+    """A bound as written: 1048576, 0.5, 1e-12."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Arg:
+    """What one constructor argument takes: a kind (int, float, bool, choice, int_list, float_list, mask) and
+    its range; ``problem`` says what is wrong with a value in one line, None when it fits."""
+
+    kind: str
+    lo: float | None = None  # inclusive bounds, of the value or of each item of a list
+    hi: float | None = None
+    choices: tuple = ()
+    min_len: int = 1  # lists
+    max_len: int = 64
+    allow_inf: bool = False  # +inf means "no bound" (EDMPrecond's sigma_max)
+
+    def expected(self) -> str:
+        if self.kind == "choice":
+            return f"one of {', '.join(map(repr, self.choices))}"
+        if self.kind == "bool":
+            return "a boolean"
+        if self.kind == "mask":
+            return f"None or a list of at most {self.max_len} 0/1"
+        bounds = " and ".join([*([f">= {_number(self.lo)}"] if self.lo is not None else []),
+                               *([f"<= {_number(self.hi)}"] if self.hi is not None else [])])
+        inf = " (or inf)" if self.allow_inf else ""
+        if self.kind in ("int", "float"):
+            return f"{'an integer' if self.kind == 'int' else 'a finite number'} {bounds}{inf}".strip()
+        item = "integers" if self.kind == "int_list" else "finite numbers"
+        return f"a list of {self.min_len} to {self.max_len} {item}, each {bounds}"
+
+    def _number_fits(self, value, integer: bool) -> bool:
+        if not (_is_int(value) if integer else _is_real(value)):
+            return False
+        if not math.isfinite(value) and not (self.allow_inf and value == math.inf):
+            return False
+        return (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+
+    def fits(self, value) -> bool:
+        if self.kind == "choice":
+            return isinstance(value, str) and value in self.choices
+        if self.kind == "bool":
+            return isinstance(value, bool) or (_is_int(value) and value in (0, 1))
+        if self.kind in ("int", "float"):
+            return self._number_fits(value, self.kind == "int")
+        if self.kind == "mask":
+            return value is None or (isinstance(value, (list, tuple)) and len(value) <= self.max_len
+                                     and all(isinstance(v, numbers.Integral) and v in (0, 1) for v in value))
+        if not isinstance(value, (list, tuple)) or not self.min_len <= len(value) <= self.max_len:
+            return False
+        return all(self._number_fits(v, self.kind == "int_list") for v in value)
+
+    def problem(self, owner: str, name: str, value) -> str | None:
+        if self.fits(value):
+            return None
+        return f"{owner}: {name} must be {self.expected()}, got {short_repr(value)} ({type(value).__name__})"
+
+
+# Widths: every group norm takes min(32, C // 4) groups, so fewer than 4 channels make none (EDM's forward fails
+# there too); past 2^20 the parameter count (--max_params) refuses anyway.
+_CHANNELS = Arg("int", 4, 1 << 20)
+_MULTIPLIER = Arg("int", 1, 1 << 10)
+_FRACTION = Arg("float", 0, 1)
+
+# Every constructor argument of each backbone (the test suite checks that each signature is covered).
+UNET_ARGS: dict[str, dict[str, Arg]] = {
+    "SongUNet": dict(
+        img_resolution=Arg("int", 1, 1 << 14), in_channels=Arg("int", 1, 1 << 12),
+        out_channels=Arg("int", 1, 1 << 13), label_dim=Arg("int", 0, 1 << 20), augment_dim=Arg("int", 0, 1 << 12),
+        model_channels=_CHANNELS, channel_mult=Arg("int_list", 1, 1 << 10, max_len=16),
+        channel_mult_emb=_MULTIPLIER, num_blocks=Arg("int", 0, MAX_UNET_BLOCKS),
+        attn_resolutions=Arg("int_list", 1, 1 << 14, min_len=0), dropout=_FRACTION, label_dropout=_FRACTION,
+        embedding_type=Arg("choice", choices=EMBEDDING_TYPES), channel_mult_noise=_MULTIPLIER,
+        encoder_type=Arg("choice", choices=ENCODER_TYPES), decoder_type=Arg("choice", choices=DECODER_TYPES),
+        resample_filter=Arg("float_list", -1e6, 1e6, max_len=16), skip_connections=Arg("mask", max_len=1 << 16)),
+}
+UNET_ARGS["DhariwalUNet"] = {k: v for k, v in UNET_ARGS["SongUNet"].items()
+                             if k in inspect.signature(DhariwalUNet.__init__).parameters}
+
+
+def unet_block_count(levels: int, num_blocks: int) -> int:
+    """Residual blocks of a SongUNet / DhariwalUNet: per level num_blocks in the encoder and num_blocks + 1 in the
+    decoder, a down and an up block between levels, two in the middle."""
+    return 2 * levels * num_blocks + 3 * levels
+
+
+def check_unet_arguments(model_type: str, kwargs: dict) -> None:
+    """EDMArchitectureError (one line) unless every keyword of ``kwargs`` is one ``model_type`` takes, of its type
+    and in its range, and the network they describe is buildable: at most MAX_UNET_BLOCKS residual blocks, a
+    resolution that can be halved once per level, a resampling filter whose taps do not sum to zero."""
+    if model_type not in UNETS:
+        raise EDMArchitectureError(f"unknown model_type {short_repr(model_type)}; expected one of {', '.join(UNETS)}")
+    rules = UNET_ARGS[model_type]
+    for name, value in kwargs.items():
+        if name not in rules:
+            raise EDMArchitectureError(f"{model_type}: unknown keyword argument {short_repr(name)} "
+                                       f"(accepted: {', '.join(sorted(rules))})")
+        problem = rules[name].problem(model_type, name, value)
+        if problem:
+            raise EDMArchitectureError(problem)
+    missing = [name for name in ("img_resolution", "in_channels", "out_channels") if name not in kwargs]
+    if missing:
+        raise EDMArchitectureError(f"{model_type}: missing keyword argument {missing[0]!r}")
+    bound = inspect.signature(UNETS[model_type].__init__).bind_partial(None, **kwargs)
+    bound.apply_defaults()
+    args = bound.arguments
+    resolution = int(args["img_resolution"])
+    levels, blocks = len(args["channel_mult"]), unet_block_count(len(args["channel_mult"]), args["num_blocks"])
+    if blocks > MAX_UNET_BLOCKS:
+        raise EDMArchitectureError(f"{model_type}: {levels} levels of num_blocks={args['num_blocks']} make {blocks} "
+                                   f"residual blocks, more than the {MAX_UNET_BLOCKS} this reader builds (the "
+                                   "largest published EDM network has 36)")
+    if resolution >> (levels - 1) < 1:
+        raise EDMArchitectureError(f"{model_type}: channel_mult has {levels} levels, but img_resolution "
+                                   f"{resolution} is halved to 1 pixel after {resolution.bit_length() - 1}; "
+                                   f"expected at most {resolution.bit_length()} levels")
+    if "resample_filter" in args and sum(args["resample_filter"]) == 0:
+        raise EDMArchitectureError(f"{model_type}: resample_filter {short_repr(args['resample_filter'])} sums to 0; "
+                                   "expected filter taps with a non-zero sum (the kernel is divided by it)")

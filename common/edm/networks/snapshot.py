@@ -12,14 +12,19 @@ the finer unit, so ours count images.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import contextvars
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.common.errors import DiffmemError
 from diffmem.common.results import write_json_atomic
+from diffmem.common.settings import option
 
 SNAPSHOT_PREFIX = "snapshot-"
 SNAPSHOT_INFO = "snapshot.json"
@@ -29,6 +34,45 @@ EDM_SNAPSHOT_RE = re.compile(r"network-snapshot-(\d+)\.pkl")  # EDM names its sn
 
 class SnapshotError(DiffmemError, ValueError):
     """A path that is no snapshot or run folder; str() is the one-line message."""
+
+
+def parameter_count(text: str) -> int:
+    """An option type: a whole number of parameters >= 1, written plainly or in float notation (2e9, 3.5e8)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of parameters, e.g. 2e9, got {text!r}") from None
+    if not 1 <= value <= 1e15 or value != int(value):  # NaN fails the range, inf too (before int() sees it)
+        raise argparse.ArgumentTypeError(f"expected a whole number of parameters from 1 to 1e15, got {text!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class NetworkLimits:
+    """What a network pickle may claim before it is built: the --max_params and --allow_nonfinite options of
+    every command that loads a network (``load_network``)."""
+
+    max_params: int = option(2_000_000_000, type=parameter_count, metavar="N",
+                             help="refuse an EDM network pickle whose constructor arguments describe more "
+                                  "parameters than this, counted before any weight is read in (the largest "
+                                  "published EDM network, ImageNet-64 ADM, has 296 M; 2e9 is 8 GiB in float32)")
+    allow_nonfinite: bool = option(False, help="load an EDM network pickle whose weights hold NaN or ±inf "
+                                               "(refused by default, naming the first such tensor)")
+
+
+# The limits load_network applies when its caller gives none: a CLI whose library loads the snapshots itself
+# (mem_ratio measures each snapshot of a run) sets them for the run with ``network_limits``.
+_LIMITS: contextvars.ContextVar[NetworkLimits] = contextvars.ContextVar("network_limits", default=NetworkLimits())
+
+
+@contextlib.contextmanager
+def network_limits(limits: NetworkLimits):
+    """Within the block, ``load_network`` without limits of its own applies ``limits``."""
+    token = _LIMITS.set(limits)
+    try:
+        yield limits
+    finally:
+        _LIMITS.reset(token)
 
 
 def snapshot_name(images_seen: int) -> str:
@@ -107,29 +151,51 @@ def saved_class_name(snap: Path) -> str:
         raise SnapshotError(f"{snap}: cannot read the network config ({first})") from None
 
 
-def load_network(path: str | Path, device=None):
-    """The network of a snapshot folder, of an EDM network pickle (converted in memory), or of a run's newest
-    snapshot, in eval mode: an ``EDMNetwork`` or one of EDM's preconditioned networks
-    (``common.edm.networks.edm_preconditioners``),
-    as its saved config's ``_class_name`` says."""
+def check_saved_config(snap: Path, class_name: str, limits: NetworkLimits) -> None:
+    """A snapshot folder's config.json for one of EDM's preconditioners, checked as a pickle's init kwargs are
+    (types, ranges, the parameter count on the meta device within ``limits.max_params``) before from_pretrained
+    builds it: a config claiming a huge network would otherwise be built until the process is killed."""
+    from diffmem.common.edm.networks.edm_preconditioners import edm_parameter_count, saved_init_kwargs
+
+    try:
+        config = json.loads((snap / "config.json").read_text())
+        count = edm_parameter_count(class_name, saved_init_kwargs(config))
+    except (OSError, ValueError, AttributeError) as exc:  # our DiffmemErrors are ValueErrors: one line each
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SnapshotError(f"{snap}/config.json: {first}") from None
+    if count > limits.max_params:
+        raise SnapshotError(f"{snap}/config.json: describes a {class_name} of {count:,} parameters "
+                            f"({count * 4 / 2**30:.1f} GiB in float32), more than --max_params {limits.max_params:,}")
+
+
+def load_network(path: str | Path, device=None, limits: NetworkLimits | None = None):
+    """The network of a snapshot folder, of an EDM network pickle (converted in memory, within ``limits``: by
+    default those ``network_limits`` set, else NetworkLimits()), or of a run's newest snapshot, in eval mode: an
+    ``EDMNetwork`` or one of EDM's preconditioned networks (``common.edm.networks.edm_preconditioners``), as its
+    saved config's ``_class_name`` says."""
     from diffmem.common.edm.networks.edm_preconditioners import PRECOND_CLASSES
     from diffmem.common.edm.networks.unet2d import EDMNetwork
+    from diffmem.common.safe_load import torch_failure, verify_checkpoint_files
 
     snap = resolve_snapshot(path)
     if is_edm_pickle_path(snap):
         from diffmem.common.edm.networks.edm_pickle import load_edm_pickle
 
-        return load_edm_pickle(snap, device)[0]
+        return load_edm_pickle(snap, device, limits or _LIMITS.get())[0]
     name = saved_class_name(snap)
     classes = {"EDMNetwork": EDMNetwork, **PRECOND_CLASSES}
     if name not in classes:
         raise SnapshotError(f"{snap}: unknown network class {name!r} in config.json; expected one of "
                             f"{', '.join(classes)}")
+    if name in PRECOND_CLASSES:
+        check_saved_config(snap, name, limits or _LIMITS.get())
+    # A pickle-format weights file (.bin) is checked weights-only first: diffusers reads it weights-only too,
+    # but reports a refusal as "Unable to load weights", and a torch error would pass on torch's own advice.
+    verify_checkpoint_files(snap)
     try:
         net = classes[name].from_pretrained(snap)
-    except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SnapshotError(f"{snap}: cannot load the network ({first})") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise SnapshotError(f"{snap}: cannot load the network ({torch_failure(exc)})") from None
     net.eval().requires_grad_(False)
     return net.to(device) if device is not None else net
 
@@ -154,10 +220,11 @@ def save_snapshot(network, run_dir: str | Path, images_seen: int, info: dict) ->
                                  {"images_seen": images_seen, "kimg": images_seen / 1000, **info})
 
 
-def convert_edm_pickle(path: str | Path, out: str | Path, overwrite: bool = False) -> tuple[Path, dict]:
+def convert_edm_pickle(path: str | Path, out: str | Path, overwrite: bool = False,
+                       limits: NetworkLimits | None = None) -> tuple[Path, dict]:
     """Write an EDM pickle's network as one of our snapshot folders (``load_network`` reads it); returns the
     folder and its ``snapshot.json``. An existing folder converted from the same file (same SHA-256) is kept;
-    any other existing ``out`` is refused unless ``overwrite``."""
+    any other existing ``out`` is refused unless ``overwrite``; the pickle is read within ``limits``."""
     # Local imports: this module stays torch-free for the sweep, which reads snapshot names only.
     from diffmem.common.edm.networks.edm_pickle import EDMPickleError, load_edm_pickle
     from diffmem.common.edm.sampler import SamplerSettings
@@ -166,7 +233,7 @@ def convert_edm_pickle(path: str | Path, out: str | Path, overwrite: bool = Fals
     if out.exists() and not out.is_dir():
         raise EDMPickleError(f"{out}: expected --out to be a folder, it is a file")
     info_file = out / SNAPSHOT_INFO
-    net, snap = load_edm_pickle(path)
+    net, snap = load_edm_pickle(path, limits=limits or _LIMITS.get())
     if out.exists() and any(out.iterdir()) and not overwrite:
         try:
             earlier = json.loads(info_file.read_text()).get("converted_from", {}).get("sha256")

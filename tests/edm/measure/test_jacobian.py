@@ -1,7 +1,9 @@
 """The denoiser's Jacobian (common.edm.measure.jacobian, detect/jacobian.py): equal to
 torch.autograd.functional.jacobian on
-tiny networks, equal to the closed form Cov_w(y)/σ² for the optimal denoiser, the rank rule, the evaluation points
-(x = σ·z, the Heun states), and the CLI's rows, resume, plot and one-line errors."""
+tiny networks, equal to the closed form Cov_w(y)/σ² for the optimal denoiser, the rank rule, the randomized rank
+(its probability bounds against scipy and Monte Carlo, its rank against the full SVD's on matrices of known singular
+values and on tiny nets, the fall-back), the evaluation points (x = σ·z, the Heun states), and the CLI's rows,
+resume, plot and one-line errors."""
 
 from __future__ import annotations
 
@@ -13,19 +15,22 @@ import torch
 from conftest import run_cli
 
 from diffmem.common.edm import sampler as S
+from diffmem.common.edm.dataset.molrg import MoLRGRecipe, molrg_bases, molrg_denoiser
 from diffmem.common.edm.measure import jacobian as J
+from diffmem.common.edm.networks.optimal import OptimalDenoiser
+from diffmem.common.edm.networks.snapshot import save_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPE = (3, 4, 4)
 
 
-def tiny_net(label_dim=0, attn=()):
+def tiny_net(label_dim=0, attn=(), resolution=4):
     from diffmem.common.edm.networks.build import ArchConfig, build_network
     from diffmem.common.edm.precond import Preconditioning
 
     torch.manual_seed(0)
-    arch = ArchConfig(resolution=4, channels=3, num_channels=8, channel_mult=(1, 2), num_blocks=1,
+    arch = ArchConfig(resolution=resolution, channels=3, num_channels=8, channel_mult=(1, 2), num_blocks=1,
                       attn_resolutions=attn, dropout=0, label_dim=label_dim)
     return build_network(arch, Preconditioning("edm")).eval().requires_grad_(False)
 
@@ -59,7 +64,9 @@ def test_rank_is_the_first_k_whose_energy_strictly_passes_the_threshold():
     s = J.singular_values(torch.diag(torch.tensor([1.0, 3.0, 0.0, 2.0])))
     assert s.tolist() == [3.0, 2.0, 1.0, 0.0] and s.dtype == torch.float64
     row = J.rank_row(7, 0.5, torch.diag(torch.tensor([1.0, 0.0, 0.0, 0.0])), 0.99)
-    assert row.to_dict() == {"seed": 7, "sigma": 0.5, "rank": 1, "rank_ratio": 0.25, "dim": 4, "fro": 1.0}
+    assert row.to_dict() == {"seed": 7, "sigma": 0.5, "rank": 1, "rank_ratio": 0.25, "dim": 4, "fro": 1.0,
+                             "method": "full", "fallback": None, "subspace": 4, "rank_lo": 1, "rank_hi": 1,
+                             "fro_lo": 1.0, "fro_hi": 1.0, "failure_probability": 0.0}
 
 
 # ------------------------------------------------------------------------------- against autograd
@@ -180,7 +187,7 @@ def test_rows_skip_done_pairs():
                                 progress=False))
     assert [(r.seed, r.sigma) for r in rows] == [(1, 0.1)]
     x = 0.1 * S.draw_latents(S.seed_generators([1], "cpu"), SHAPE, "cpu")[0].double()
-    assert rows[0] == J.rank_row(1, 0.1, J.denoiser_jacobian(net, x, 0.1), 0.99)
+    assert rows[0] == J.rank_row(1, 0.1, J.denoiser_jacobian(net, x, 0.1), 0.99, rows[0].fallback)
 
 
 # ------------------------------------------------------------------------------------------- the CLI
@@ -203,7 +210,9 @@ def test_cli_trajectory_rows_resume_summary_and_plot(snapshot, tmp_path, capsys)
     rows = rows_of(out)
     sigmas = S.edm_sigma_steps(4, 0.002, 80.0, 7.0)[:-1].tolist()
     assert [(r["seed"], r["sigma"]) for r in rows] == [(s, t) for s in (0, 1) for t in sigmas]
-    assert all(set(r) == {"seed", "sigma", "rank", "rank_ratio", "dim", "fro"} and r["dim"] == 48 for r in rows)
+    assert all(set(r) == set(J.JacobianRow._fields) and r["dim"] == 48 for r in rows)
+    # D = 48 is below the randomized rank's min_dim: every row says it took the full Jacobian, and why.
+    assert all(r["method"] == "full" and "cheaper at D = 48" in r["fallback"] for r in rows)
     assert all(r["rank_ratio"] == r["rank"] / 48 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert [s["sigma"] for s in summary["per_sigma"]] == sigmas and summary["per_sigma"][0]["n"] == 2
@@ -264,6 +273,11 @@ def test_cli_optimal_denoiser_of_a_dataset_zip(tmp_path):
     (["--sigmas", "0.1", "--trajectory"], "not allowed with argument"),
     (["--threshold", "1"], "0 < --energy_threshold < 1"),
     (["--chunk", "0"], "--chunk >= 1"),
+    (["--block", "0"], "--block >= 1"),
+    (["--probes", "1"], "--probes >= 2"),
+    (["--block", "8", "--max_subspace", "4"], "--max_subspace >= --block (8)"),
+    (["--failure_probability", "1"], "0 < --failure_probability < 1"),
+    (["--method", "svd"], "invalid choice"),
     (["--seeds", "3-1"], "runs backwards"),
     (["--network", "{tmp}/missing"], "no such snapshot"),
 ])
@@ -306,3 +320,154 @@ def test_trajectory_of_an_iddpm_network_visits_its_sigma_table_as_edms_sampler()
     assert len(sigmas) == 7 and sigmas[-1] == 0.0 and all(s in table for s in sigmas[:-1])
     plain, _ = evaluation_sigmas(cfg, type("Plain", (), {"sigma_min": net.sigma_min, "sigma_max": net.sigma_max})())
     assert plain != sigmas  # without round_sigma the schedule's own values, off the table
+
+
+# ------------------------------------------------------------------------------ the randomized rank
+
+
+def with_singular_values(s: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """U diag(s) Vᵀ with seeded Haar-random U, V (float64): a linear map whose singular values are s."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(len(s), len(s), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(len(s), len(s), generator=g, dtype=torch.float64))
+    return (u * s.to(torch.float64)) @ v.T
+
+
+def matrix_rank(a: torch.Tensor, **kw) -> J.RandomizedRank:
+    return J.randomized_rank(lambda t: t @ a.T, lambda u: u @ a, len(a), **kw)
+
+
+@pytest.mark.parametrize("p", [16, 64, 200])
+@pytest.mark.parametrize("delta", [1e-2, 1e-7])
+def test_chi2_lower_quantile_is_a_valid_and_not_far_off_quantile(p, delta):
+    from scipy.stats import chi2
+
+    q = J.chi2_lower_quantile(p, delta)
+    assert chi2.cdf(q, p) <= delta  # the Chernoff bound holds
+    assert q >= 0.5 * chi2.ppf(delta, p)  # and is not wildly loose
+
+
+def draws(mu: np.ndarray, p: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n Monte Carlo draws of X = (1/p) Σᵢ gᵢᵀBgᵢ and λ_max of the p×p Gram matrix, B = diag(mu)."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal((n, p, len(mu))) * np.sqrt(mu)
+    gram = np.einsum("npd,nqd->npq", g, g)
+    return np.einsum("npp->n", gram) / p, np.linalg.eigvalsh(gram)[:, -1]
+
+
+@pytest.mark.parametrize("mu", [np.full(200, 0.01), np.r_[1.0, np.full(99, 1e-3)], np.r_[[1.0] * 3, [0.0] * 50]])
+def test_residual_bounds_fail_at_most_as_often_as_stated(mu):
+    """Monte Carlo against the true R = Σμ and μ₁: each bound fails in at most δ of the draws (plus MC noise)."""
+    p, delta, n = 16, 0.05, 2000
+    means, tops = draws(mu, p, n, seed=1)
+    top_up = np.array([J.residual_top_eigenvalue_bound(t, p, delta) for t in tops])
+    assert np.mean(top_up < mu.max()) <= delta + 0.015
+    bounds = np.array([J.residual_energy_bounds(m, mu.max(), p, delta) for m in means])
+    assert np.mean(bounds[:, 1] < mu.sum()) <= delta + 0.015 and np.mean(bounds[:, 0] > mu.sum()) <= delta + 0.015
+    assert np.all(bounds[:, 0] <= means) and np.all(means <= bounds[:, 1])
+    assert J.residual_energy_bounds(0.0, 0.0, p, delta) == (0.0, 0.0)
+
+
+def test_rank_interval_brackets_the_rank_and_closes_on_the_top_subspace():
+    s = torch.cat([torch.linspace(5, 2, 10), torch.full((90,), 0.05)]).double()
+    a = with_singular_values(s)
+    true = J.numerical_rank(J.singular_values(a))
+    _, _, vh = torch.linalg.svd(a)
+    for m in (4, 10, 30):  # Q = the top m right singular vectors, R and μ₁ exact
+        q = vh[:m]
+        ritz = torch.linalg.svdvals(a @ q.T)
+        residual = float((s[m:] ** 2).sum())
+        lo, hi = J.rank_interval(ritz, residual, residual, float(s[m] ** 2), 100)
+        assert lo <= true <= hi
+    assert (lo, hi) == (true, true)
+    # A random subspace: still a bracket, just wider.
+    q = torch.linalg.qr(torch.randn(100, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64))[0].T
+    r = float(a.square().sum() - (a @ q.T).square().sum())
+    lo, hi = J.rank_interval(torch.linalg.svdvals(a @ q.T), r, r, float(s[0] ** 2), 100)
+    assert lo <= true <= hi and hi - lo > 10
+    assert J.rank_interval(torch.zeros(3, dtype=torch.float64), 0.0, 0.0, 0.0, 100) == (0, 0)
+
+
+@pytest.mark.parametrize("name, s", [
+    ("low rank + noise", torch.cat([torch.linspace(10, 3, 20), torch.full((492,), 0.02)])),
+    ("geometric decay", 0.9 ** torch.arange(512.0)),
+    ("exact rank 5", torch.cat([torch.ones(5), torch.zeros(507)])),
+    ("zero", torch.zeros(512)),
+])
+def test_randomized_rank_equals_the_full_svds_on_known_singular_values(name, s):
+    a = with_singular_values(s)
+    got = matrix_rank(a)
+    true = J.numerical_rank(J.singular_values(a))
+    assert got.rank == true and got.rank_lo == got.rank_hi == true and got.reason == "", (name, got)
+    assert got.fro_lo - 1e-9 <= float(a.norm()) <= got.fro_hi + 1e-9
+    assert got.subspace < 512 // 4  # decided from a small subspace, not by spanning everything
+
+
+def test_randomized_rank_grows_the_subspace_until_decided_and_otherwise_gives_up_with_its_bounds():
+    # rank 40 of 512: decided only after several blocks of 8.
+    a = with_singular_values(torch.cat([torch.linspace(3, 1, 40), torch.full((472,), 1e-3)]).double())
+    got = matrix_rank(a, block=8, probes=32)
+    assert got.rank == J.numerical_rank(J.singular_values(a)) and got.checks > 3 and got.subspace >= 40
+    # A flat spectrum (rank 502 of 512) cannot be decided inside D/8: None, with true bounds and the reason.
+    flat = with_singular_values(torch.ones(512, dtype=torch.float64))
+    got = matrix_rank(flat, max_subspace=96)
+    assert got.rank is None and got.rank_lo <= 502 <= got.rank_hi and "subspace budget 96" in got.reason
+
+
+def test_products_that_are_not_adjoint_are_refused():
+    a = with_singular_values(torch.linspace(2, 1, 512).double())
+    with pytest.raises(J.JacobianError, match="not adjoint"):
+        J.randomized_rank(lambda t: t @ a.T, lambda u: u @ a.T, 512)
+
+
+class LowRankPlusNet(torch.nn.Module):
+    """The ideal MoLRG denoiser (Jacobian rank ≤ 2·7) plus 1e-3 × a tiny net: low rank with a full-rank floor."""
+
+    def __init__(self, res: int = 8):
+        super().__init__()
+        self.net = tiny_net(attn=(4,), resolution=res)
+        self.register_buffer("bases", torch.as_tensor(molrg_bases(MoLRGRecipe(res=res, classes=2, dim=7))))
+        self.image_shape = (3, res, res)
+
+    def forward(self, x, sigma, class_labels=None):
+        ideal = molrg_denoiser(x.reshape(len(x), -1), sigma, self.bases).reshape(x.shape)
+        return ideal + 1e-3 * self.net(x, sigma, class_labels).to(torch.float64)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 1.0])
+def test_randomized_rank_of_a_low_rank_network_equals_the_full_svds(sigma):
+    denoise = LowRankPlusNet()
+    x = torch.randn(denoise.image_shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * sigma
+    settings = J.RandomizedSettings(min_dim=0)
+    row = J.point_rank_row(denoise, 0, sigma, x, None, randomized=settings)
+    full = J.point_rank_row(denoise, 0, sigma, x, None, rank_method="full")
+    assert row.method == "randomized" and row.fallback is None and row.subspace < 192
+    assert row.rank == full.rank and row.rank_lo == row.rank_hi == full.rank and full.rank <= 20
+    assert row.fro_lo <= full.fro * (1 + 1e-6) and full.fro <= row.fro_hi * (1 + 1e-6)
+    assert row.failure_probability == 1e-6 and full.method == "full" and full.fallback is None
+
+
+def test_the_fall_back_to_the_full_jacobian_is_taken_and_reported():
+    net = tiny_net()  # D = 48, rank ≈ 40: not decidable inside a subspace of 16
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    row = J.point_rank_row(net, 3, 0.5, x, None, randomized=J.RandomizedSettings(8, 16, 16, min_dim=0))
+    full = J.rank_row(3, 0.5, reference(net, x, 0.5), 0.99)
+    assert row.method == "full" and "subspace budget 16" in row.fallback and row.rank == full.rank
+    assert (row.rank_lo, row.rank_hi, row.subspace) == (full.rank, full.rank, 48)
+    # The optimal denoiser has no vmapped JVP (torch.cdist): full, saying so.
+    od_row = J.point_rank_row(OptimalDenoiser(training_set()), 0, 1.0, x, None, method="batch",
+                              randomized=J.RandomizedSettings(min_dim=0))
+    assert od_row.method == "full" and "no vmapped JVP" in od_row.fallback
+
+
+def test_cli_randomized_rows_record_the_fall_back_and_full_rows_do_not(tmp_path):
+    snap = save_snapshot(tiny_net(resolution=16), tmp_path / "net16", 0, {})  # D = 768: randomized is tried
+    out = tmp_path / "r"
+    assert jacobian("--network", snap, "--seeds", "0", "--sigmas", "1", "--out", out, "--no_progress") == 0
+    (row,) = rows_of(out)
+    # A random net's Jacobian is near full rank: the first check estimates it above the budget D/8 = 96.
+    assert row["method"] == "full" and "above the subspace budget 96" in row["fallback"] and row["dim"] == 768
+    assert jacobian("--network", snap, "--seeds", "0", "--sigmas", "1", "--method", "full", "--out",
+                    tmp_path / "f", "--no_progress") == 0
+    (full,) = rows_of(tmp_path / "f")
+    assert full["method"] == "full" and full["fallback"] is None and full["rank"] == row["rank"]
