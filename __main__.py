@@ -17,6 +17,7 @@ import sys
 VERBS = {
     "detect": "diffmem.detect.detect_mem",
     "screen": "diffmem.detect.screen",
+    "benchmark": "diffmem.detect.benchmark",
     "evaluate": "diffmem.detect.evaluate",
     "explain": "diffmem.detect.explain_tokens",
     "mitigate": "diffmem.mitigate.inference_mem",
@@ -33,6 +34,7 @@ VERBS = {
     "convert-edm": "diffmem.data.convert_edm",
     "build-lab": "diffmem.data.build_lab",
     "build-tiny": "diffmem.data.build_tiny",
+    "prompt-sets": "diffmem.data.prompt_sets",
 }
 
 

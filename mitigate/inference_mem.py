@@ -124,17 +124,18 @@ def run(cfg: InferenceMemConfig) -> dict:
         # Evaluators first: a CLIP tag that cannot be downloaded fails before minutes of generation.
         evaluators = load_evaluators(sscd_model, cfg.sscd_preprocess, reference_model, cfg.reference_model_pretrain,
                                      gt_root, device)
-        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
+        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device, cfg.revision)
         parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
         tracker = TensorboardTracker(out_dir / "tb") if cfg.with_tracking else None
         extra = {"run_name": cfg.name, "dataset": str(dataset), "gt_root": str(gt_root) if gt_root else None,
-                 "model": {"model_id": cfg.model_id, "unet_id": cfg.unet_id, "dtype": cfg.dtype, "device": device}}
+                 "model": {"model_id": cfg.model_id, "unet_id": cfg.unet_id, "dtype": cfg.dtype, "device": device,
+                           "source": getattr(pipe, "model_source", None)}}
         try:
             summary = run_mitigation(parts, pipe.vae, records, settings, out_dir, evaluators=evaluators,
                                      batch_size=cfg.batch_size, overwrite=cfg.overwrite, tracker=tracker,
                                      extra_summary=extra,
                                      binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
-                                                         cfg.sscd_preprocess, dataset_rows))
+                                                         cfg.sscd_preprocess, dataset_rows, cfg.revision))
         finally:
             if tracker is not None:
                 tracker.close()

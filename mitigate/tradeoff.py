@@ -154,7 +154,7 @@ def run(cfg: TradeoffConfig) -> list[dict]:
         quiet_hub_logging()
         evaluators = load_evaluators(cfg.sscd_model, cfg.sscd_preprocess, cfg.reference_model,
                                      cfg.reference_model_pretrain, gt_root, device)
-        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device)
+        pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device, cfg.revision)
         parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
         root = cfg.run_dir
         points = []
@@ -162,17 +162,19 @@ def run(cfg: TradeoffConfig) -> list[dict]:
             label, settings = planned.label, planned.settings
             summary = run_mitigation(parts, pipe.vae, records, settings, root / label, evaluators=evaluators,
                                      batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                                     extra_summary={"run_name": f"{cfg.name}/{label}", "dataset": str(dataset)},
+                                     extra_summary={"run_name": f"{cfg.name}/{label}", "dataset": str(dataset),
+                                                    "model_source": getattr(pipe, "model_source", None)},
                                      binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, evaluators,
-                                                         cfg.sscd_preprocess, dataset_rows))
+                                                         cfg.sscd_preprocess, dataset_rows, cfg.revision))
             general_summary = None
             if general is not None:
                 general_summary = run_mitigation(
                     parts, pipe.vae, general, settings, root / label / "general",
                     evaluators=Evaluators(clip=evaluators.clip), batch_size=cfg.batch_size, overwrite=cfg.overwrite,
-                    extra_summary={"run_name": f"{cfg.name}/{label}/general", "dataset": cfg.general_dataset},
+                    extra_summary={"run_name": f"{cfg.name}/{label}/general", "dataset": cfg.general_dataset,
+                                   "model_source": getattr(pipe, "model_source", None)},
                     binding=run_binding(cfg.model_id, cfg.unet_id, cfg.dtype, Evaluators(clip=evaluators.clip),
-                                        cfg.sscd_preprocess, general_rows))
+                                        cfg.sscd_preprocess, general_rows, cfg.revision))
             points.append(tradeoff_point(planned, summary, general_summary))
             p = points[-1]
             print(f"{label}: SSCD mean {p['sscd_mean']}, CLIP {p['clip_score_mean']}, "

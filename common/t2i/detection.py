@@ -5,6 +5,10 @@
   same pure-noise x_T (Asthana & Belagiannis, ICLR 2026).
 - ``sharpness``: the norm of the difference of the score Jacobians applied to the score difference, one
   forward-mode JVP at the first DDIM timestep (Jeon, Kim & No, ICML 2025).
+- ``grad_diff`` and ``dsm``: the Early Detection paper's (ICML 2026) gradient difference at the first timestep and
+  prediction shift over one guided step (:mod:`common.t2i.early_detection`).
+- ``broken``: Broken Memories' (KDD 2026) z-scores of the latent norms along the full guided trajectory against a
+  calibration on non-memorized prompts (:mod:`common.t2i.broken_memories`).
 
 For ``wen``, unlike the reference implementation, which runs each prompt alone through every step and the VAE
 decode, this scores a batch of prompts at once, stops after the last scored step, never decodes, and in
@@ -17,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.common.t2i.options import ANISOTROPY_WEIGHTS, DETECTORS
+from diffmem.common.t2i.broken_memories import BrokenTerms, StabilityRegion, broken_terms
+from diffmem.common.t2i.early_detection import EarlyTerms, dsm_terms, grad_diff_terms
+from diffmem.common.t2i.options import ALL_DETECTORS, ANISOTROPY_WEIGHTS
 from diffmem.common.t2i.pipelines import (
     Conditioning,
     DenoiserParts,
@@ -252,14 +258,18 @@ def score_prompts(
     uncond_embed: torch.Tensor | None = None,
     detector: str = "wen",
     anisotropy_weights: tuple[float, float] | None = None,
-) -> tuple[NoiseTrace | AnisotropyTerms | SharpnessTerms, list[bool]]:
+    dsm_step: int = 0,
+    region: StabilityRegion | None = None,
+) -> tuple[NoiseTrace | AnisotropyTerms | SharpnessTerms | EarlyTerms | BrokenTerms, list[bool]]:
     """One detector's terms for dataset rows ``rows`` (their positions seed the latents) and truncation flags.
 
-    The same rows draw the same x_T for every detector; ``anisotropy`` and ``sharpness`` feed it to the UNet
-    unscaled (zero denoising steps), ``wen`` scales it by init_noise_sigma and follows the guided trajectory.
+    The same rows draw the same x_T for every detector; ``anisotropy``, ``sharpness`` and ``grad_diff`` feed it
+    to the UNet unscaled (zero denoising steps), ``wen``, ``dsm`` and ``broken`` scale it by init_noise_sigma and
+    follow the guided trajectory (``broken`` to its end; without a ``region`` its terms are the norms alone, which
+    a calibration is made of).
     """
-    if detector not in DETECTORS:
-        raise ValueError(f"unknown detector {detector!r}; expected one of {', '.join(DETECTORS)}")
+    if detector not in ALL_DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; expected one of {', '.join(ALL_DETECTORS)}")
     if len(prompts) != len(rows):
         raise ValueError(f"got {len(prompts)} prompts for {len(rows)} rows")
     if not 1 <= score_steps <= num_inference_steps:
@@ -267,17 +277,26 @@ def score_prompts(
     encoded = encode_prompts(parts, prompts)
     if uncond_embed is None:
         uncond_embed = parts.unconditional()
-    if detector != "wen":
+    if detector in ("anisotropy", "sharpness", "grad_diff"):
         latents = initial_latents(rows, num_images_per_prompt, parts.latent_shape, gen_seed, latents_mode)
         if detector == "anisotropy":
             terms = anisotropy_terms(parts, encoded.embeds, uncond_embed, latents,
                                      num_inference_steps=num_inference_steps, weights=anisotropy_weights)
-        else:
+        elif detector == "sharpness":
             terms = sharpness_terms(parts, encoded.embeds, uncond_embed, latents,
+                                    num_inference_steps=num_inference_steps)
+        else:
+            terms = grad_diff_terms(parts, encoded.embeds, uncond_embed, latents,
                                     num_inference_steps=num_inference_steps)
         return terms, encoded.truncated
     latents = initial_latents(rows, num_images_per_prompt, parts.latent_shape, gen_seed, latents_mode,
                               parts.init_noise_sigma(num_inference_steps))
+    if detector == "dsm":
+        return dsm_terms(parts, encoded.embeds, uncond_embed, latents, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, dsm_step=dsm_step), encoded.truncated
+    if detector == "broken":
+        return broken_terms(parts, encoded.embeds, uncond_embed, latents, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, region=region), encoded.truncated
     trace = trace_noise_norms(
         parts, encoded.embeds, uncond_embed, latents,
         num_inference_steps=num_inference_steps, score_steps=score_steps, guidance_scale=guidance_scale,

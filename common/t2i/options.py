@@ -11,7 +11,10 @@ SCHEDULERS = ("ddim", "pipeline")  # common.t2i.pipelines.denoiser_parts: DDIM (
 # The settings that are recorded with a run's results only when given, so runs from before they existed resume.
 GEOMETRY_FIELDS = ("scheduler", "height", "width")
 LATENT_MODES = ("per_prompt", "shared")  # common.t2i.text_noise.initial_latents: seed gen_seed + row, or gen_seed
-DETECTORS = ("wen", "anisotropy", "sharpness")
+DETECTORS = ("wen", "anisotropy", "sharpness")  # what detect/screen.py scores captions with
+# detect_mem's: those and the Early Detection (ICML 2026) and Broken Memories (KDD 2026) detectors (broken needs a
+# calibration run first, so the screen does not offer it).
+ALL_DETECTORS = (*DETECTORS, "grad_diff", "dsm", "broken")
 # Somepalli et al.'s prompt augmentations (common.t2i.prompt_aug; the rand_* baselines of --method)
 PROMPT_AUG_STYLES = ("rand_word_add", "rand_numb_add", "rand_word_repeat")  # common.t2i.detection.score_prompts
 WRT_CHOICES = ("prompt_embeds", "token_embeds")  # common.t2i.explain: what token significance differentiates
@@ -27,7 +30,9 @@ SHARED_OPTIONS = {
                      help="Hub id or local pipeline folder (SD 1/2, SDXL, SD3/3.5, Flux.1, PixArt-α/Σ)"),
     "unet_id": dict(default=None, type=str,
                     help="folder of a UNet (or of a pipeline/checkpoint with unet/) to use instead"),
-    "revision": dict(default=None, type=str, help="Hub revision of --model"),
+    "revision": dict(default=None, type=str,
+                     help="Hub revision of --model: a branch, tag or commit hash, which pins it (None: the default "
+                          "branch)"),
     "variant": dict(default=None, type=str, help="weights variant, e.g. fp16"),
     "dtype": dict(default="fp32", choices=DTYPE_NAMES,
                   help="weights of the diffusion model (a text embedding optimised or differentiated stays fp32)"),

@@ -1,4 +1,5 @@
-"""Reading prompt sets: jsonl, ';'- or ','-separated CSV (Webster's VM/TM labels), and Hugging Face datasets.
+"""Reading prompt sets: jsonl, ';'- or ','-separated CSV (Webster's VM/TM labels), Hugging Face datasets, and the
+registry's sets by name (``set:NAME``, common.t2i.prompt_sets: shipped or fetched, SHA-256 checked).
 
 Every file is validated completely before a model is loaded; a bad row raises PromptFileError whose message
 is one line ``FILE:LINE: what was expected``.
@@ -11,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffmem.common.errors import DiffmemError
+from diffmem.common.t2i.prompt_sets import PromptSetError, read_prompt_set, set_name
 from diffmem.common.textfiles import iter_json_objects, parse_label, read_utf8_lines, surrogate_problem
 
 CAPTION_KEYS = ("caption", "prompt", "text", "Prompt", "TEXT", "Caption")
 LABEL_KEYS = ("label", "memorized")
 INDEX_KEYS = ("index", "Index")
-# Webster (2023): VM/TM/MV/RV are kinds of replication, N is none.
-MEMORIZED_TYPES = {"VM", "TM", "MV", "RV"}
+# Webster (2023): MV/RV/TV (matching, retrieval, template verbatim) are kinds of replication, N is none; VM/TM are
+# Hintersdorf et al.'s spellings of verbatim and template.
+MEMORIZED_TYPES = {"VM", "TM", "MV", "RV", "TV"}
 UNMEMORIZED_TYPES = {"N"}
 
 
@@ -131,9 +134,25 @@ def read_hf_dataset(name: str, split: str = "train", column: str | None = None,
     return records
 
 
+def read_registry_set(name: str, allow_empty: bool = False) -> list[PromptRecord]:
+    """Records of a registry set (``set:NAME``): its label, Webster's type and ground-truth index where it has
+    them. A set not fetched yet is one line with the command that fetches it."""
+    try:
+        rows = read_prompt_set(name)
+    except PromptSetError as exc:
+        raise PromptFileError(str(exc)) from None
+    where = f"set:{name}"
+    return [_make_record(r.row, r.prompt, f"{where}:{r.line}", index=r.index, label=r.label, type_=r.type,
+                         line=r.line, allow_empty=allow_empty) for r in rows]
+
+
 def read_prompts(source: str | Path, *, split: str = "train", column: str | None = None,
                  allow_empty: bool = False) -> list[PromptRecord]:
-    """Records from a .jsonl/.json/.csv file, or else a Hugging Face dataset name or folder."""
+    """Records from a .jsonl/.json/.csv file, a registry set ``set:NAME``, or else a Hugging Face dataset name or
+    folder."""
+    registry_name = set_name(str(source))
+    if registry_name is not None:
+        return read_registry_set(registry_name, allow_empty)
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()

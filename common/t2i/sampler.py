@@ -31,6 +31,7 @@ def sample_latents(
     guidance=None,
     observer=None,
     norms_out: list | None = None,
+    correction=None,
 ) -> torch.Tensor:
     """Final latents [B, G, C, H, W] (fp32) of the guided trajectory of B prompts × G generations.
 
@@ -41,7 +42,9 @@ def sample_latents(
     velocity units on a rectified-flow family; whole latent; see :mod:`common.t2i.mitigation.guidance_schedule`);
     default
     guidance_scale at every step. ``observer(step, x_before, x_after)`` sees each update; ``norms_out`` (a list)
-    receives the per-step text norms [B·G] when given.
+    receives the per-step text norms [B·G] when given. ``correction(step, t, x, x_next, guided) -> x_next`` may replace
+    each scheduler step's result (``guided``: the guided raw output it stepped with; Broken Memories' mitigation,
+    :mod:`common.t2i.broken_memories`), before the observer sees it.
     """
     dtype, device = parts.dtype, parts.device
     scheduler = parts.timesteps_scheduler(num_inference_steps)  # per-trajectory state stays out of the shared one
@@ -74,6 +77,8 @@ def sample_latents(
             scale = guidance_scale if guidance is None else guidance(step, float(t), norm).view(-1, 1, 1, 1)
             guided = classifier_free_guidance(out_u, out_c, scale)
         x_next = scheduler.step(guided, t, x, return_dict=False)[0].float()
+        if correction is not None:
+            x_next = correction(step, t, x, x_next, guided)
         if observer is not None:
             observer(step, x, x_next)
         x = x_next

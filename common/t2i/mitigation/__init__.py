@@ -13,4 +13,7 @@
 - ``attention_rescale``: Ren et al., ECCV 2024 (``ren_attn``).
 - ``embedding_noise``: Somepalli et al., NeurIPS 2023 (``gni``).
 - ``bright_ending``: Chen et al., ICLR 2025 (``ours --be_mask``).
+- ``guard``: Zhao et al., ICML 2026, GUARD (``guard``).
+- ``prss``: Chen et al., CVPR 2025, PRSS (``prss``).
+- ``clip_pad``: the CLIP padding fix, CVPR 2026 Findings (``clip_pad``).
 """

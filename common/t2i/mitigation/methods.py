@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from diffmem.common.t2i.mitigation.attention_rescale import ren_attn_setup
+from diffmem.common.t2i.mitigation.clip_pad import clip_pad_setup
 from diffmem.common.t2i.mitigation.embedding_noise import gni_setup
+from diffmem.common.t2i.mitigation.guard import guard_setup
 from diffmem.common.t2i.mitigation.guidance_schedule import (
     jain_dtp_finish,
     jain_dtp_setup,
@@ -42,6 +44,8 @@ from diffmem.common.t2i.mitigation.options import (  # noqa: F401
     MethodInfo,
     settings_unread_by,
 )
+from diffmem.common.t2i.mitigation.prss import prss_finish, prss_setup
+from diffmem.common.t2i.mitigation.stability_region import broken_finish, broken_setup
 from diffmem.common.t2i.sampler import sample_latents
 
 
@@ -65,6 +69,10 @@ METHOD_HOOKS: dict[str, tuple[Callable | None, Callable | None]] = {
     "han_sample": (han_sample_setup, None),
     "ren_attn": (ren_attn_setup, None),
     "gni": (gni_setup, None),
+    "guard": (guard_setup, None),
+    "prss": (prss_setup, prss_finish),
+    "clip_pad": (clip_pad_setup, None),
+    "broken": (broken_setup, broken_finish),
 }
 METHOD_SPECS: dict[str, MethodSpec] = {
     name: MethodSpec(**vars(info), **dict(zip(("setup", "finish"), METHOD_HOOKS.get(name, (None, None)))))
@@ -98,11 +106,14 @@ class MethodBatch:
     guidance: object | None = None  # a guidance schedule (None: constant CFG at the run's scale)
     sampling_context: object | None = None  # a context manager the sampling runs in (attention processors)
     extra: torch.Tensor | None = None  # extra UNet evaluations per generation [B·G]
+    uncond: object | None = None  # the unconditional branch the sampler uses (default: uncond_embed)
+    sampler: Callable | None = None  # a method's own sampling loop, called as sample_latents is (default: it)
     details: list[dict] = field(default_factory=list)  # per row, the method's own record
 
     def __post_init__(self):
         self.cond = self.cond_embeds if self.cond is None else self.cond
         self.x_T = self.latents if self.x_T is None else self.x_T
+        self.uncond = self.uncond_embed if self.uncond is None else self.uncond
         self.extra = torch.zeros(self.B * self.G, dtype=torch.int64) if self.extra is None else self.extra
         self.details = self.details or [{} for _ in range(self.B)]
 
@@ -145,8 +156,8 @@ def generate_batch(parts, cond_embeds: torch.Tensor, uncond_embed: torch.Tensor,
         spec.setup(batch)
     norms: list = []
     with batch.sampling_context or nullcontext():
-        final = sample_latents(parts, batch.cond, uncond_embed, batch.x_T, guidance=batch.guidance, norms_out=norms,
-                               **batch.sample)
+        final = (batch.sampler or sample_latents)(parts, batch.cond, batch.uncond, batch.x_T, guidance=batch.guidance,
+                                                  norms_out=norms, **batch.sample)
     if spec.finish is not None:
         spec.finish(batch)
     first = norms[0].view(batch.B, batch.G).mean(dim=1).tolist()

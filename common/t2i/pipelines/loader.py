@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from diffmem.common.errors import DiffmemError
-from diffmem.common.hub import failure_cause, is_hub_id
+from diffmem.common.hub import failure_cause, is_hub_id, model_source, removed_model_problem
 from diffmem.common.safe_load import refusal_line
 from diffmem.common.t2i.options import DTYPE_NAMES
 from diffmem.common.t2i.pipelines.family import Family
@@ -105,7 +105,11 @@ def check_pipeline_folder(folder: Path, name: str, unet_id: str | None = None) -
 
 
 def hub_family(model_id: str, revision: str | None) -> type[Family]:
-    """The family of a Hub model, from its model_index.json alone (one small download, or the cache)."""
+    """The family of a Hub model, from its model_index.json alone (one small download, or the cache). A model the
+    Hub removed is one line with its mirrors, before anything is downloaded."""
+    removed = removed_model_problem(model_id, revision)
+    if removed is not None:
+        raise ModelLoadError(f"{model_id}: {removed}")
     from diffusers import DiffusionPipeline
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -188,6 +192,9 @@ def load_pipeline(
 
     Raises ModelLoadError with a one-line reason when the model cannot be found or read: the model and the
     cause (a Hub error's own first line, never a pointer at a stack trace the user does not see).
+
+    The pipeline's ``model_source`` is what a run records of it (common.hub.model_source): the id, the revision
+    asked for and the commit it was loaded at (None for a folder).
     """
     import diffusers
     from huggingface_hub.errors import EntryNotFoundError
@@ -225,4 +232,5 @@ def load_pipeline(
         raise ModelLoadError(f"{name}: a UNet with added {unet.config.addition_embed_type} embeddings (SDXL-style) "
                              f"in a StableDiffusionPipeline; load it as the SDXL pipeline it belongs to")
     pipe.set_progress_bar_config(disable=True)
+    pipe.model_source = model_source(model_id, revision)
     return pipe.to(device)

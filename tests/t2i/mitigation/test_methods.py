@@ -7,24 +7,16 @@ import math
 
 import pytest
 import torch
+from broken_calibrations import write_broken_calibration
+from mitigation_case import PROMPTS, ROWS, STEPS, G, W, method_settings
 
 from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.text_noise import initial_latents
 
-PROMPTS = ["The No Limits Business Woman Podcast", "a photo of a cat"]
-ROWS = [3, 7]
-G = 2
-STEPS = 3
-W = 7.5
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")
 
 
-def _settings(method, steps=STEPS, **kw):
-    from diffmem.common.t2i.mitigation.run import MitigationSettings
-
-    return MitigationSettings(method=method, num_images_per_prompt=G, num_inference_steps=steps, guidance_scale=W,
-                              gen_seed=11, **kw)
+_settings = method_settings
 
 
 def _inputs(parts, prompts=PROMPTS, rows=ROWS):
@@ -346,16 +338,19 @@ def test_gni_zero_is_none_and_noise_is_per_row(tiny_parts):
     torch.testing.assert_close(alone.latents[0], noisy.latents[1], rtol=1e-4, atol=1e-4)
 
 
-def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch):
+def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch, tmp_path):
+    import diffmem.common.t2i.mitigation.guard as guard
     import diffmem.common.t2i.mitigation.guidance_schedule as guidance_schedule
     import diffmem.common.t2i.mitigation.init_noise as init_noise
     import diffmem.common.t2i.mitigation.methods as methods
+    import diffmem.common.t2i.mitigation.prss as prss
+    import diffmem.common.t2i.mitigation.stability_region as stability_region
     from diffmem.common.t2i.mitigation.methods import METHODS
     from diffmem.common.t2i.mitigation.run import condition_batch
 
     seen: dict = {}
     real = {"sample": methods.sample_latents, "batch": init_noise.han_batch_adjust,
-            "per_sample": init_noise.han_sample_optimise}
+            "per_sample": init_noise.han_sample_optimise, "guard": guard.guard_sample, "prss": prss.prss_sample}
 
     def spy(kind):
         def f(parts, cond, uncond, latents, *a, **kw):
@@ -367,12 +362,17 @@ def test_every_method_starts_from_the_same_noise(tiny_parts, monkeypatch):
     monkeypatch.setattr(guidance_schedule, "sample_latents", spy("sample"))  # jain_og's opposite-guidance pass
     monkeypatch.setattr(init_noise, "han_batch_adjust", spy("batch"))
     monkeypatch.setattr(init_noise, "han_sample_optimise", spy("per_sample"))
+    monkeypatch.setattr(guard, "guard_sample", spy("guard"))  # the methods with a sampling loop of their own
+    monkeypatch.setattr(prss, "prss_sample", spy("prss"))
+    monkeypatch.setattr(stability_region, "sample_latents", spy("sample"))  # broken samples through its monitor
     from diffmem.common.t2i.mitigation.methods import generate_batch
 
     uncond = encode_prompts(tiny_parts, [""]).embeds.embeds
     expected = initial_latents(ROWS, G, tiny_parts.latent_shape, 11).flatten(0, 1)
     for method in METHODS:
         s = _settings(method, optim_iters=1, repeat_num=1, han_iters=1, han_m=1)
+        if method == "broken":
+            s.broken_calibration = write_broken_calibration(tiny_parts, tmp_path / "cal.json", STEPS, W)
         cond = condition_batch(tiny_parts, uncond, PROMPTS, ROWS, s)
         generate_batch(tiny_parts, cond["embeds"], uncond, cond["latents"], ROWS, cond["prompts_used"], s)
         assert torch.equal(seen[method], expected), method
