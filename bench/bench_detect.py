@@ -19,8 +19,7 @@ through the math attention kernel.
 times any family's first step instead: (a) the family's own diffusers pipeline called for ONE guided inference
 step, one prompt (G images) per call, output_type="latent" (what a user without diffmem runs to get the
 first-step predictions; Flux: true CFG, true_cfg_scale with negative_prompt=""); (b) diffmem's batched
-score_prompts(score_steps=1), --batch_size prompts per call, the denoiser's weights channels-last as the CLIs
-hold them ((a) runs with them contiguous, as diffusers loads them); (c) (b) with --latents shared. Timed A B C C B A
+score_prompts(score_steps=1), --batch_size prompts per call; (c) (b) with --latents shared. Timed A B C C B A
 after a warm-up of each. --arch tiny (default): the family's tiny random pipeline (common.t2i.pipelines.tiny),
 built in a temporary folder (tiny Flux at 16x16 px unless --height/--width); --arch full: the released denoiser
 shape (SD v1's UNet, SDXL base's UNet, SD3-medium's MMDiT) with random weights and shallow text encoders, for a
@@ -29,9 +28,9 @@ GPU; --model_id: a saved pipeline.
     python bench/bench_detect.py --profile --model_id data/lab
 
 profiles the first-step metric (score_prompts, --batch_size prompts x G per call): the share of wall time in the
-denoiser, in the text encoders and in the rest, with the denoiser's weights contiguous (A) and channels-last (B,
-what the CLIs use), timed A B B A per --repeats round; prints the median shares and prompts/s of each and the
-ratio B/A, and the largest relative score difference between them.
+denoiser, in the text encoders and in the rest, with the denoiser's weights contiguous (A, as diffusers loads them
+and the CLIs use them) and channels-last (B), timed A B B A per --repeats round; prints the median shares and
+prompts/s of each, the ratio B/A, and the largest relative score difference between them.
 """
 
 from __future__ import annotations
@@ -169,20 +168,10 @@ def bench_family(args, family_key: str | None) -> dict:
                           num_inference_steps=steps, guidance_scale=scale, score_steps=1, latents_mode=mode,
                           uncond_embed=uncond)
 
-    def layout(fmt, run):
-        """run with the denoiser's weights in memory format fmt: (a) as a user's pipeline holds them, (b) and (c)
-        channels-last, as the CLIs load them (denoiser_parts(channels_last=True))."""
-        def laid_out():
-            parts.unet.to(memory_format=fmt)
-            return run()
-        return laid_out
-
-    runs = {"a_pipeline": (layout(torch.contiguous_format, lambda: pipeline_first_steps(pipe, family, ref, G, scale)),
-                           len(ref)),
-            "b_first_step": (layout(torch.channels_last, lambda: batched("per_prompt", prompts)), len(prompts)),
-            "c_shared": (layout(torch.channels_last, lambda: batched("shared", prompts)), len(prompts))}
+    runs = {"a_pipeline": (lambda: pipeline_first_steps(pipe, family, ref, G, scale), len(ref)),
+            "b_first_step": (lambda: batched("per_prompt", prompts), len(prompts)),
+            "c_shared": (lambda: batched("shared", prompts), len(prompts))}
     pipeline_first_steps(pipe, family, ref[:1], G, scale)  # warm-ups: every shape each timed run uses
-    parts.unet.to(memory_format=torch.channels_last)
     for mode in ("per_prompt", "shared"):
         batched(mode, prompts[:bs] + prompts[: len(prompts) % bs])
     # --repeats rounds of A B C C B A; each run's best rate (timeit's rule: other jobs on a shared machine only

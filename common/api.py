@@ -90,7 +90,7 @@ def load_model(model: str | Path | None = None, *, dtype: str = "fp32", device: 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     quiet_hub_logging()
     pipe = load_pipeline(str(model if model is not None else lab_dir()), dtype=parse_dtype(dtype), device=device)
-    return denoiser_parts(pipe, scheduler, channels_last=True)
+    return denoiser_parts(pipe, scheduler)
 
 
 def _records(prompts: str | Path | Sequence[str] | Sequence[PromptRecord]) -> list[PromptRecord]:

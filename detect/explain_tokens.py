@@ -216,7 +216,7 @@ def run(cfg: ExplainConfig) -> int:
         quiet_hub_logging()
         device = resolve_device(cfg.device)
         pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device, cfg.revision, cfg.variant)
-        parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width, channels_last=True)
+        parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
         check_explainable(parts, cfg.wrt)
         out.claim()
         uncond = parts.unconditional()

@@ -265,7 +265,7 @@ def run_detection(cfg: DetectConfig) -> int:
         if todo:
             pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), state.device,
                                  cfg.revision, cfg.variant)
-            parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width, channels_last=True)
+            parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
             guided = cfg.detector in GUIDED_DETECTORS or (cfg.detector == "wen" and cfg.num_score_steps > 1)
             problem = parts.family.guidance_problem(cfg.guidance_scale) if guided else None
             if problem is not None:

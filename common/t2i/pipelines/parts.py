@@ -76,18 +76,12 @@ class DenoiserParts:
 
 
 def denoiser_parts(pipe, scheduler: str | None = None, height: int | None = None,
-                   width: int | None = None, channels_last: bool = False) -> DenoiserParts:
+                   width: int | None = None) -> DenoiserParts:
     """The parts of a pipeline used for scoring: ``ddim`` swaps its scheduler to DDIM (Wen et al.), ``pipeline``
-    keeps its own; None takes the family's default (DDIM for the ε/v UNets, FlowMatchEuler for SD3 and Flux).
-
-    ``channels_last`` stores the denoiser's convolution weights channels-last (its outputs equal to float rounding;
-    docs/detection.md has the speed-up). Inference only: the pipeline's weights are changed in place, and a
-    channels-last weight is not contiguous, which safetensors refuses to save, so a trainer must not ask for it."""
+    keeps its own; None takes the family's default (DDIM for the ε/v UNets, FlowMatchEuler for SD3 and Flux)."""
     from diffusers import DDIMScheduler
 
     family = family_of(pipe)(pipe, height, width)
-    if channels_last:
-        family.denoiser.to(memory_format=torch.channels_last)
     scheduler = family.default_scheduler if scheduler is None else scheduler
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")

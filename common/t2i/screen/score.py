@@ -26,7 +26,7 @@ from diffmem.common.t2i.screen.files import CAPTION_SETS, ScreenFiles
 def load_parts(cfg: ScreenConfig, device: torch.device) -> tuple[object, DenoiserParts]:
     """The pipeline and the parts a worker scores with (the family's scheduler resolved in cfg)."""
     pipe = load_pipeline(cfg.model_id, cfg.unet_id, parse_dtype(cfg.dtype), device, cfg.revision, cfg.variant)
-    parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width, channels_last=True)
+    parts = denoiser_parts(pipe, cfg.scheduler, cfg.height, cfg.width)
     if cfg.detector == "anisotropy":  # the weights of this family's prediction type, or one line now
         anisotropy_weights_for(parts, cfg.anisotropy_weights)
     return pipe, parts
