@@ -48,6 +48,21 @@ def run_cli(script: str, *args: str, timeout: float = 300, env: dict | None = No
                           capture_output=True, text=True, timeout=timeout)
 
 
+def call_main(main, argv, capsys) -> tuple[int, list[str]]:
+    """(exit code, stderr lines) of a CLI's main(argv) called in process."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 def load_script(script: str, name: str):
     """A CLI script as a module (for folders that are no package, like data/), so a test can call its main()."""
     import importlib.util

@@ -8,6 +8,8 @@ import json
 
 import pytest
 from conftest import FAMILY_SIZE
+from conftest import call_main as _run
+from conftest import read_jsonl as _rows
 
 from diffmem.common.resources import lab_dir
 from diffmem.detect import detect_mem
@@ -18,16 +20,6 @@ LAB = lab_dir()
 FAST = ["--num_inference_steps", "10", "--num_images_per_prompt", "1", "--model", LAB]
 
 
-def _run(main, argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILY_SIZE
+from conftest import call_main as _run
+from conftest import read_jsonl as _rows
 from PIL import Image
 from sscd_standins import TinyDescriptor
 
@@ -31,17 +33,6 @@ def data(tmp_path_factory):
     return folder
 
 
-def _run(main, argv, capsys):
-    """(exit code, stderr lines) of a CLI's main."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
