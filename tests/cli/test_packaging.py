@@ -45,8 +45,8 @@ def test_wheel_holds_only_the_diffmem_package(tmp_path):
                  "diffmem/data/lab/unmemorized.jsonl", "diffmem/data/lab/manifest.json",
                  "diffmem/data/lab/unet/config.json", "diffmem/accelerate_configs/cpu.yaml",
                  "diffmem/notebooks/token_significance.ipynb", "diffmem/notebooks/detection_report.ipynb",
-                 "diffmem/common/t2i/prompt_sets/data/nemo_memorized_laion_prompts.csv",
-                 "diffmem/common/t2i/prompt_sets/data/LICENSE.nemo"):
+                 "diffmem/common/t2i/prompt_sets/data/memattn_sd1_mem345.txt",
+                 "diffmem/common/t2i/prompt_sets/data/LICENSE.memattn"):
         assert data in names, data
     assert {n for n in names if n.startswith("diffmem/accelerate_configs/")} == {
         f"diffmem/{p.relative_to(REPO)}" for p in (REPO / "accelerate_configs").glob("*.yaml")}

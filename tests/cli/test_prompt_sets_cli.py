@@ -16,7 +16,7 @@ def test_list_show_and_a_refused_mismatch(tmp_path):
     assert listed.returncode == 0, listed.stderr
     lines = {line.split()[0]: line for line in listed.stdout.splitlines()}
     assert set(PROMPT_SETS) <= set(lines)
-    assert " shipped " in lines["webster_sd1_500_labels"] and " not fetched " in lines["membench_sd1_final"]
+    assert " shipped " in lines["memattn_sd1_mem345"] and " not fetched " in lines["membench_sd1_final"]
     assert " unverified " in lines["early26_nonmem_500"]
 
     shown = run_cli("data/prompt_sets.py", "show", "set:asthana_sd2_mem", "--rows", "2", env=env)

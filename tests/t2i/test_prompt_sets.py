@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
+from conftest import SHARED_DATA
 
 from diffmem.common.t2i.groundtruth import coverage, coverage_phrase, resolve_gt_root
 from diffmem.common.t2i.mitigation.options import MitigationSettings
@@ -25,8 +26,7 @@ from diffmem.common.t2i.prompt_sets import (
 from diffmem.common.t2i.prompts import PromptFileError, read_prompts
 
 SHIPPED = [ps for ps in PROMPT_SETS.values() if ps.shipped]
-LICENCE_FILE = {"ml-research/localizing_memorization_in_diffusion_models": "LICENSE.nemo",
-                "renjie3/MemAttn": "LICENSE.memattn", "rohanasthana/memorization-anisotropy": "LICENSE.asthana",
+LICENCE_FILE = {"renjie3/MemAttn": "LICENSE.memattn", "rohanasthana/memorization-anisotropy": "LICENSE.asthana",
                 "randomnameforicml/icml-2026": "LICENSE.early26"}
 
 
@@ -62,7 +62,15 @@ def test_every_entry_is_pinned_or_marked_unverified():
             "asthana_rv_mem"} <= set(PROMPT_SETS)
 
 
-def test_webster_labels_types_and_indices():
+@pytest.fixture
+def nemo_sets(cache):
+    """Webster's labels (NeMo's files) fetched into the test's cache from ../shared/data, SHA-256 checked."""
+    for name in ("webster_sd1_500_labels", "nemo_laion_nonmem_500"):
+        fetch(get_set(name), mirror=SHARED_DATA)
+    return cache
+
+
+def test_webster_labels_types_and_indices(nemo_sets):
     recs = read_prompts("set:webster_sd1_500_labels")
     assert len(recs) == 500 and all(r.label == 1 for r in recs)
     assert Counter(r.type for r in recs) == {"TM": 388, "VM": 112}
@@ -73,7 +81,7 @@ def test_webster_labels_types_and_indices():
     assert all(isinstance(r.index, int) for r in sd2)
 
 
-def test_line_files_and_a_bom_read_as_prompts():
+def test_line_files_and_a_bom_read_as_prompts(nemo_sets):
     non = read_prompts("set:memattn_group_nomem500")
     assert len(non) == 500 and {r.label for r in non} == {0} and non[0].prompt == "A serene beach at sunrise"
     assert all(r.index is None and r.type is None for r in non)

@@ -107,13 +107,13 @@ PROMPT_SETS: dict[str, PromptSet] = {s.name: s for s in (
         "Hintersdorf et al., NeurIPS 2024 (NeMo)",
         "ml-research/localizing_memorization_in_diffusion_models", NEMO_COMMIT, "prompts/memorized_laion_prompts.csv",
         "0b527a5965dc463e7a3e0d234ff7fd5489b1a76869c456dbb209dc753cb4af25", "MIT", 500, "csv", "Caption", 1, SD1,
-        type_column="type", index_column="Index", shipped="nemo_memorized_laion_prompts.csv", delimiter=";"),
+        type_column="type", index_column="Index", delimiter=";"),
     PromptSet(
         "nemo_laion_nonmem_500", "500 non-memorized LAION prompts", "Hintersdorf et al., NeurIPS 2024 (NeMo)",
         "ml-research/localizing_memorization_in_diffusion_models", NEMO_COMMIT,
         "prompts/unmemorized_laion_prompts.csv",
         "f453b418cc157864baacbf68d97447273feac41e8066b2ead6b307bf795988e1", "MIT", 500, "csv", "Caption", 0, SD1,
-        index_column="Index", shipped="nemo_unmemorized_laion_prompts.csv", delimiter=";"),
+        index_column="Index", delimiter=";"),
     PromptSet(
         "nemo_coco2014_val_10000", "10 000 COCO 2014 validation captions", "Hintersdorf et al., NeurIPS 2024 (NeMo)",
         "ml-research/localizing_memorization_in_diffusion_models", NEMO_COMMIT, "prompts/coco2014_val_10000.csv",
