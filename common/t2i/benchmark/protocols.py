@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from diffmem.common.hub import REMOVED_MODELS
+
 SD14 = "CompVis/stable-diffusion-v1-4"
-SD15_MIRROR = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # runwayml/stable-diffusion-v1-5 is removed (common.hub)
+SD15_MIRROR = REMOVED_MODELS["runwayml/stable-diffusion-v1-5"][1][0]  # the id Early Detection used is removed
 
 # Jeon et al.'s sd1_mem.txt is Webster's 500 (Wen et al.'s jsonl, same order); their sd1_nmem.txt (= sd2_nmem.txt)
 # is shipped as Asthana & Belagiannis's byte-identical copy.
