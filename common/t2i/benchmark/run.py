@@ -111,8 +111,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> list[dict]:
             run_detection(configs[run.key, role])
         if not is_main_process():  # only the main process merges a run's parts into its jsonl
             continue
-        scores = {role: [r["score"] for r in read_results(Path(dc.output_dir) / f"{dc.run_name}.jsonl")]
-                  for role in (r for r, _ in ROLES) for dc in [configs[run.key, role]]}
+        scores = {role: run_scores(configs[run.key, role]) for role, _ in ROLES}
         metrics = run_metrics(cfg.preset, scores["memorized"], scores["non_memorized"])
         settings = {"benchmark": asdict(cfg), "detect": asdict(configs[run.key, "memorized"])}
         record = run_record(cfg.preset, run, metrics, settings)
@@ -125,6 +124,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> list[dict]:
                                                     "deviations": cfg.deviations(), "table": text})
         print(text, end="")
     return records
+
+
+def run_scores(dc: DetectConfig) -> list[float]:
+    """The scores of a finished detection run, in dataset order (its merged jsonl)."""
+    return [r["score"] for r in read_results(Path(dc.output_dir) / f"{dc.run_name}.jsonl")]
 
 
 def is_main_process() -> bool:
