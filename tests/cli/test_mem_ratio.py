@@ -419,6 +419,25 @@ def test_two_processes_give_the_same_results_as_one(run, tmp_path):
 # ----------------------------------------------------------------------------------------------- bad input
 
 
+def test_a_broken_new_snapshot_is_refused_before_anything_is_written(run, tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "run"
+    shutil.copytree(run["dir"], runs)
+    args = ["--expdir", runs, *base_args(run, tmp_path / "out")[2:]]
+    assert mem_ratio(*args, "--snapshots", "latest") == 0
+    capsys.readouterr()  # its progress bars
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    # The oldest snapshot copied in half (its weights file cut short): measured last, newest first.
+    for weights in (runs / "snapshot-000000000").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    assert mem_ratio(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "snapshot-000000000" in err[0], err
+    after = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    assert after == before  # snapshot 1500 not measured before the refusal
+
+
 def test_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys):
     from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
 

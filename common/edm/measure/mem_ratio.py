@@ -625,6 +625,18 @@ def snapshot_unit(images_seen: int, path: Path, seeds: list[int], train_nchw: np
     return Unit(snapshot_label(path), images_seen, kimg, seeds, batches)
 
 
+def check_snapshots(chosen: Sequence[tuple[int, Path]], train_nchw: np.ndarray, knn_ref: str | Path,
+                    skip: set[str] = frozenset()) -> None:
+    """Load each chosen snapshot not in skip on the CPU, check its image shape and drop it: a snapshot the measure
+    would refuse is refused before the run writes anything (the measure loads each snapshot again in turn, so that
+    only one network is ever held)."""
+    from diffmem.common.edm.networks.snapshot import load_network, snapshot_label
+
+    for _, path in chosen:
+        if snapshot_label(path) not in skip:
+            check_shape(f"the images of {path.name}", load_network(path, "cpu").image_shape, train_nchw, knn_ref)
+
+
 def image_unit(source: ImageSource, batch: int = 512) -> Unit:
     """A set of generated images (folder or npz), read batch by batch."""
 
@@ -653,6 +665,8 @@ def measure_run(run_dir: str | Path, train_nchw: np.ndarray, knn_ref: str | Path
     record = {"mode": "expdir", "source": str(Path(run_dir).resolve()), "knn_ref": str(Path(knn_ref).resolve()),
               "knn_ref_images": int(len(train_nchw)), "seeds": seed_ranges(seeds), "sampler": settings.to_dict(),
               "device": torch.device(device).type}
+    # Without repair, a torn last line is only ignored here: prepare_outputs cuts it once the checks have passed.
+    check_snapshots(chosen, train_nchw, knn_ref, set() if overwrite else finished(paths, read_results(paths.rows)))
     done = finished(paths, prepare_outputs(paths, record, shard, overwrite))
     from diffmem.common.edm.networks.snapshot import snapshot_label
 
