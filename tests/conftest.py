@@ -48,6 +48,55 @@ def run_cli(script: str, *args: str, timeout: float = 300, env: dict | None = No
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_in_process(script: str, *args, timeout: float | None = None, env: dict | None = None):
+    """``run_cli``'s CompletedProcess, from the script's ``main(argv)`` called in this process: the same code from
+    argv on, without a fresh interpreter importing torch and diffusers again for every call. What needs a process
+    of its own keeps run_cli: the script file itself, a kill, a launcher, process-wide state (signal handlers)."""
+    import contextlib
+    import importlib
+    import io
+    import subprocess
+    import traceback
+    import warnings
+
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    del timeout  # a subprocess's limit; here pytest's own
+    module = importlib.import_module("diffmem." + script.removesuffix(".py").replace("/", "."))
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_argv, threads = os.environ.copy(), sys.argv, torch.get_num_threads()
+    os.environ.update({"HF_HUB_OFFLINE": "1", **(env or {})})
+    if "OMP_NUM_THREADS" in (env or {}):  # read once at start-up by a fresh interpreter; here set directly
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = [str(REPO / script), *argv]
+    try:
+        # fork_rng: a CLI seeding torch's global generator must not change what a later test draws.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            warnings.simplefilter("default")  # shown on stderr, as a fresh interpreter shows them
+            try:
+                code = module.main(argv)
+            except SystemExit as exc:
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code
+                else:
+                    print(exc.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # a subprocess's traceback and exit code 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.argv = saved_argv
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return subprocess.CompletedProcess([sys.executable, script, *argv], code or 0, out.getvalue(), err.getvalue())
+
+
 def call_main(main, argv, capsys) -> tuple[int, list[str]]:
     """(exit code, stderr lines) of a CLI's main(argv) called in process."""
     try:

@@ -8,7 +8,7 @@ import typing
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_in_process
 
 from diffmem.common.metrics import TPR_RULES, roc_points, tpr_at_fpr
 from diffmem.common.t2i.benchmark import PROTOCOLS
@@ -34,7 +34,7 @@ def test_every_preset_names_what_the_harness_has():
 
 
 def test_runs_list_prints_the_protocols_runs():
-    res = run_cli(SCRIPT, "--protocol", "jeon25", "--runs", "list")
+    res = run_in_process(SCRIPT, "--protocol", "jeon25", "--runs", "list")
     assert res.returncode == 0, res.stderr
     assert [line.split(":")[0] for line in res.stdout.splitlines()] == [r.key for r in PROTOCOLS["jeon25"].runs]
 
@@ -65,7 +65,7 @@ def test_a_protocol_on_the_lab_prints_its_table_and_resumes(tmp_path):
     assert any("SD v1.4" in line and "0.994" in line and "Asthana" in line for line in lines)
     assert "only the first 40 prompts of each set" in res.stdout
     assert json.loads((out / "benchmark.json").read_text())["records"][0]["ours"] == record["ours"]
-    again = run_cli(SCRIPT, *args)
+    again = run_in_process(SCRIPT, *args)
     assert again.returncode == 0 and again.stdout.count("(0 scored now") == 2, again.stdout
 
 
@@ -75,6 +75,6 @@ def test_a_protocol_on_the_lab_prints_its_table_and_resumes(tmp_path):
     (["--protocol", "early26", "--model_id", str(LAB), "--runs", "wen_step0_g1"], "diffmem-prompt-sets fetch"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, more, expected):
-    res = run_cli(SCRIPT, *more, "--out", tmp_path / "b", env={"DIFFMEM_PROMPT_SETS": str(tmp_path / "cache")})
+    res = run_in_process(SCRIPT, *more, "--out", tmp_path / "b", env={"DIFFMEM_PROMPT_SETS": str(tmp_path / "cache")})
     assert res.returncode == 2 and expected in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "b").exists()

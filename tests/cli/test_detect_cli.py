@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_in_process
 
 PROMPTS = [f"prompt number {i} about a {w}" for i, w in enumerate(
     "cat dog tree house river boat car lamp chair cup bird fish star moon sun road".split())]
@@ -65,7 +65,7 @@ def test_bad_row_is_reported_before_any_model_is_loaded(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"caption": "fine"}\n{"caption": "broken"\n')
     # An existing folder, though no pipeline: a model reference that does not exist is refused first.
-    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path, "--dataset", bad, "--run_name", "x",
+    res = run_in_process("detect/detect_mem.py", "--model_id", tmp_path, "--dataset", bad, "--run_name", "x",
                   "--output_dir", tmp_path / "out")
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and f"{bad}:2:" in res.stderr and "expected a JSON object" in res.stderr
@@ -75,7 +75,7 @@ def test_bad_row_is_reported_before_any_model_is_loaded(tmp_path):
 def test_latin1_dataset_is_one_line_before_any_model_is_loaded(tmp_path):
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"caption": "fine"}\n{"caption": "café"}\n'.encode("latin-1"))
-    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path, "--dataset", latin1,
+    res = run_in_process("detect/detect_mem.py", "--model_id", tmp_path, "--dataset", latin1,
                   "--run_name", "x", "--output_dir", tmp_path / "out")
     assert res.returncode == 2, res.stderr
     assert res.stderr.splitlines() == [f"detect_mem: error: {latin1}:2: not UTF-8 text (byte 0xe9 at column 17); "
@@ -99,13 +99,13 @@ def test_latin1_dataset_is_one_line_before_any_model_is_loaded(tmp_path):
     (["--detector", "anisotropy", "--num_inference_steps", "2"], "needs --num_inference_steps of at least 3"),
 ])
 def test_bad_settings_are_one_line(dataset, tmp_path, args, expected):
-    res = run_cli("detect/detect_mem.py", "--model_id", "m", "--dataset", dataset, "--run_name", "x",
+    res = run_in_process("detect/detect_mem.py", "--model_id", "m", "--dataset", dataset, "--run_name", "x",
                   "--output_dir", tmp_path, *args)
     assert res.returncode == 2 and expected in res.stderr and res.stderr.strip().count("\n") == 0
 
 
 def test_unknown_model_is_one_line(dataset, tmp_path):
-    res = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "missing-model", "--dataset", dataset,
+    res = run_in_process("detect/detect_mem.py", "--model_id", tmp_path / "missing-model", "--dataset", dataset,
                   "--run_name", "x", "--output_dir", tmp_path / "out")
     assert res.returncode == 2 and "missing-model: no such folder, and not a Hub id (owner/name)" in res.stderr
     assert "Traceback" not in res.stderr
@@ -115,14 +115,14 @@ def test_failed_run_does_not_block_its_corrected_retry(tiny_pipeline_dir, datase
     out = tmp_path / "out"
     args = ["--dataset", dataset, "--run_name", "p", "--output_dir", out, "--end", 2,
             "--num_images_per_prompt", 1, "--num_inference_steps", 3, "--score_steps", 1]
-    failed = run_cli("detect/detect_mem.py", "--model_id", tmp_path / "nope", *args)
+    failed = run_in_process("detect/detect_mem.py", "--model_id", tmp_path / "nope", *args)
     assert failed.returncode == 2 and "nope: no such folder" in failed.stderr
 
-    fixed = run_cli("detect/detect_mem.py", "--model_id", tiny_pipeline_dir, *args)
+    fixed = run_in_process("detect/detect_mem.py", "--model_id", tiny_pipeline_dir, *args)
     assert fixed.returncode == 0, fixed.stderr
     assert [r["row"] for r in read_jsonl(out / "p.jsonl")] == [0, 1]
     # Now that results exist, their settings bind the run.
-    other = run_cli("detect/detect_mem.py", "--model_id", tmp_path, *args)  # another folder (no pipeline)
+    other = run_in_process("detect/detect_mem.py", "--model_id", tmp_path, *args)  # another folder (no pipeline)
     assert other.returncode == 2 and f"model_id={str(tiny_pipeline_dir)!r}" in other.stderr
 
 
@@ -147,7 +147,7 @@ def test_killed_run_resumes_with_every_row_once(tiny_pipeline_dir, tiny_parts, d
     with open(part, "a") as f:  # a write cut short by the kill
         f.write('{"row": 9, "index": 1009, "prompt": "prompt number 9 ab')
 
-    res = run_cli("detect/detect_mem.py", *args)
+    res = run_in_process("detect/detect_mem.py", *args)
     assert res.returncode == 0, res.stderr
     rows = read_jsonl(out / "r.jsonl")
     assert [r["row"] for r in rows] == list(range(len(PROMPTS) + 1))
@@ -159,9 +159,9 @@ def test_killed_run_resumes_with_every_row_once(tiny_pipeline_dir, tiny_parts, d
     assert [r["score"] for r in rows] == pytest.approx(expected, rel=1e-5)
 
     # Same command again: nothing to do; different scoring settings: refused.
-    again = run_cli("detect/detect_mem.py", *args)
+    again = run_in_process("detect/detect_mem.py", *args)
     assert again.returncode == 0 and "0 scored now" in again.stdout
-    other = run_cli("detect/detect_mem.py", *args, "--gen_seed", 5)
+    other = run_in_process("detect/detect_mem.py", *args, "--gen_seed", 5)
     assert other.returncode == 2 and "gen_seed=0 (now 5)" in other.stderr
 
 
@@ -170,7 +170,7 @@ def test_zero_step_detectors_end_to_end_and_resume_binds_the_detector(tiny_pipel
     out = tmp_path / "out"
     args = ["--model_id", tiny_pipeline_dir, "--dataset", dataset, "--output_dir", out, "--num_images_per_prompt", 2,
             "--batch_size", 4, "--end", 6]
-    res = run_cli("detect/detect_mem.py", *args, "--run_name", "ani", "--detector", "anisotropy",
+    res = run_in_process("detect/detect_mem.py", *args, "--run_name", "ani", "--detector", "anisotropy",
                   "--anisotropy_weights", "1", "0.5")
     assert res.returncode == 0, res.stderr
     rows = read_jsonl(out / "ani.jsonl")
@@ -186,10 +186,10 @@ def test_zero_step_detectors_end_to_end_and_resume_binds_the_detector(tiny_pipel
     for changed, message in [(["--detector", "sharpness"], "detector='anisotropy' (now 'sharpness')"),
                              (["--detector", "anisotropy", "--anisotropy_weights", "1", "2"],
                               "anisotropy_weights=[1.0, 0.5] (now [1.0, 2.0])")]:
-        other = run_cli("detect/detect_mem.py", *args, "--run_name", "ani", *changed)
+        other = run_in_process("detect/detect_mem.py", *args, "--run_name", "ani", *changed)
         assert other.returncode == 2 and message in other.stderr, other.stderr
 
-    res = run_cli("detect/detect_mem.py", *args, "--run_name", "sharp", "--detector", "sharpness")
+    res = run_in_process("detect/detect_mem.py", *args, "--run_name", "sharp", "--detector", "sharpness")
     assert res.returncode == 0, res.stderr
     rows = read_jsonl(out / "sharp.jsonl")
     expected = library_scores(tiny_parts, PROMPTS[:6], list(range(6)), num_images_per_prompt=2, detector="sharpness")
@@ -201,14 +201,14 @@ def test_run_from_before_detectors_resumes_as_wen(tiny_pipeline_dir, dataset, tm
     out = tmp_path / "out"
     args = ["--model_id", tiny_pipeline_dir, "--dataset", dataset, "--run_name", "old", "--output_dir", out,
             "--end", 2, "--num_images_per_prompt", 1]
-    assert run_cli("detect/detect_mem.py", *args).returncode == 0
+    assert run_in_process("detect/detect_mem.py", *args).returncode == 0
     config = out / "old.parts" / "config.json"
     settings = json.loads(config.read_text())
     assert settings.pop("detector") == "wen"
     config.write_text(json.dumps(settings))  # the config of a run made before --detector existed
-    again = run_cli("detect/detect_mem.py", *args)
+    again = run_in_process("detect/detect_mem.py", *args)
     assert again.returncode == 0 and "0 scored now" in again.stdout, again.stderr
-    other = run_cli("detect/detect_mem.py", *args, "--detector", "anisotropy")
+    other = run_in_process("detect/detect_mem.py", *args, "--detector", "anisotropy")
     assert other.returncode == 2 and "detector='wen' (now 'anisotropy')" in other.stderr
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, accelerate_launch, edm_train_args, run_cli
+from conftest import ONE_THREAD, accelerate_launch, edm_train_args, run_cli, run_in_process
 from safetensors.torch import load_file
 
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
@@ -102,9 +102,9 @@ def test_edm_ddpmpp_twenty_steps_through_accelerate_launch(data, tmp_path):
 def test_edm_ddpmpp_resume_five_plus_five_is_bit_identical(data, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     extra = ("--arch", "edm-ddpmpp", "--dropout", "0.1", "--skip_connections", "1,0,1,1")
-    assert run_cli(SCRIPT, *args(data, full, 10, *extra), env=ONE_THREAD).returncode == 0
-    assert run_cli(SCRIPT, *args(data, split, 5, *extra), env=ONE_THREAD).returncode == 0
-    res = run_cli(SCRIPT, *args(data, split, 10, *extra, "--resume_from_checkpoint", "latest"), env=ONE_THREAD)
+    assert run_in_process(SCRIPT, *args(data, full, 10, *extra), env=ONE_THREAD).returncode == 0
+    assert run_in_process(SCRIPT, *args(data, split, 5, *extra), env=ONE_THREAD).returncode == 0
+    res = run_in_process(SCRIPT, *args(data, split, 10, *extra, "--resume_from_checkpoint", "latest"), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("snapshot-000000040", "snapshot-000000080"):
         a, b = weights(full / name), weights(split / name)
@@ -116,7 +116,7 @@ def test_edm_ddpmpp_resume_five_plus_five_is_bit_identical(data, tmp_path):
 def test_edm_ncsnpp_and_edm_adm_train_a_step(data, tmp_path):
     for arch, precond in (("edm-ncsnpp", "ve"), ("edm-adm", "edm")):
         out = tmp_path / arch
-        res = run_cli(SCRIPT, *args(data, out, 1, "--arch", arch, "--precond", precond), env=ONE_THREAD)
+        res = run_in_process(SCRIPT, *args(data, out, 1, "--arch", arch, "--precond", precond), env=ONE_THREAD)
         assert res.returncode == 0, res.stderr[-3000:]
         config = json.loads((out / "snapshot-000000008" / "config.json").read_text())
         assert config["model_type"] == EDM_ARCHS[arch][0] and config["_class_name"] == f"{precond.upper()}Precond"
@@ -127,7 +127,7 @@ def test_edm_ncsnpp_and_edm_adm_train_a_step(data, tmp_path):
     (["--arch", "edm-ddpmpp", "--skip_connections", "1,1"], "skip_connections has 2 entries; this network has 4"),
 ])
 def test_bad_edm_arch_input_is_one_line(data, tmp_path, extra, message):
-    res = run_cli(SCRIPT, *args(data, tmp_path / "bad", 2, *extra), timeout=120, env=ONE_THREAD)
+    res = run_in_process(SCRIPT, *args(data, tmp_path / "bad", 2, *extra), timeout=120, env=ONE_THREAD)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
     # Nothing that blocks a retry: no checkpoint, no snapshot.

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, TINY_EDM_TRAIN, accelerate_launch, edm_train_args, free_port, run_cli
+from conftest import ONE_THREAD, TINY_EDM_TRAIN, accelerate_launch, edm_train_args, free_port, run_cli, run_in_process
 from safetensors.torch import load_file
 
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
@@ -67,9 +67,10 @@ def test_resume_half_and_half_is_bit_identical(data, tmp_path):
     extra = ("--dropout", "0.1", "--xflip")  # dropout: the RNG state must be restored too
     res = run_cli(SCRIPT, *args(data, full, 10, 8, *extra), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli(SCRIPT, *args(data, split, 5, 8, *extra), env=ONE_THREAD)
+    res = run_in_process(SCRIPT, *args(data, split, 5, 8, *extra), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli(SCRIPT, *args(data, split, 10, 8, *extra, "--resume_from_checkpoint", "latest"), env=ONE_THREAD)
+    res = run_in_process(SCRIPT, *args(data, split, 10, 8, *extra, "--resume_from_checkpoint", "latest"),
+                         env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in ("snapshot-000000040", "snapshot-000000080"):
         a, b = weights(full / name), weights(split / name)
@@ -81,7 +82,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
     # first steps divide g by |g| and would amplify them on near-zero gradients).
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ("--dropout", "0", "--optimizer", "sgd", "--lr", "2e-3")  # small enough not to diverge
-    res = run_cli(SCRIPT, *args(data, one, 4, 8, *extra), env=ONE_THREAD)
+    res = run_in_process(SCRIPT, *args(data, one, 4, 8, *extra), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     res = accelerate_launch("--config_file", "accelerate_configs/cpu.yaml", "--multi_gpu", "--num_processes", "2",
                             "--main_process_port", free_port(), SCRIPT, *args(data, two, 4, 8, *extra),
@@ -103,18 +104,19 @@ def test_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(data, tmp_path, extra, message):
-    res = run_cli(SCRIPT, *args(data, tmp_path / "bad", 2, 8, *extra), timeout=120, env=ONE_THREAD)
+    res = run_in_process(SCRIPT, *args(data, tmp_path / "bad", 2, 8, *extra), timeout=120, env=ONE_THREAD)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.stderr
 
 
 def test_missing_data_and_cond_without_labels_are_one_line(data, tmp_path):
-    res = run_cli(SCRIPT, "--data", tmp_path / "nope.zip", "--outdir", tmp_path / "o", *TINY_EDM_TRAIN, timeout=60)
+    res = run_in_process(SCRIPT, "--data", tmp_path / "nope.zip", "--outdir", tmp_path / "o", *TINY_EDM_TRAIN,
+                         timeout=60)
     assert res.returncode == 2 and "no such file" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     bad = args(data, tmp_path / "o2", 2, 8, "--cond")
     bad[1] = data / "nolabels.zip"
-    res = run_cli(SCRIPT, *bad, timeout=120, env=ONE_THREAD)
+    res = run_in_process(SCRIPT, *bad, timeout=120, env=ONE_THREAD)
     assert res.returncode == 2 and "--cond needs labels" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
@@ -132,7 +134,7 @@ def one_line_error(res):
 def half_run(data, tmp_path_factory):
     """A run stopped after 5 of 10 steps (a checkpoint and a snapshot at step 5), as a kill would leave it."""
     out = tmp_path_factory.mktemp("half") / "run"
-    res = run_cli(SCRIPT, *args(data, out, 5, 8), env=ONE_THREAD)
+    res = run_in_process(SCRIPT, *args(data, out, 5, 8), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -151,7 +153,7 @@ def folder_state(out):
 ])
 def test_a_resume_with_a_changed_setting_is_refused_and_writes_nothing(data, half_run, change, setting):
     before = folder_state(half_run)
-    res = run_cli(SCRIPT, *args(data, half_run, 10, 8, *change, "--resume_from_checkpoint", "latest"),
+    res = run_in_process(SCRIPT, *args(data, half_run, 10, 8, *change, "--resume_from_checkpoint", "latest"),
                   timeout=120, env=ONE_THREAD)
     line = one_line_error(res)
     assert "training_options.json" in line and setting in line and "another output folder (--out " in line, line
@@ -174,25 +176,26 @@ def test_another_data_file_with_the_same_name_is_refused(data, half_run, tmp_pat
                       progress=False)
     bad = args(data, half_run, 10, 8, "--resume_from_checkpoint", "latest")
     bad[1] = other
-    line = one_line_error(run_cli(SCRIPT, *bad, timeout=120, env=ONE_THREAD))
+    line = one_line_error(run_in_process(SCRIPT, *bad, timeout=120, env=ONE_THREAD))
     assert "data_sha256=" in line, line
 
 
 def test_outdir_that_is_a_file_is_one_line(data, tmp_path):
     (tmp_path / "f").write_text("x")
-    line = one_line_error(run_cli(SCRIPT, *args(data, tmp_path / "f", 2, 8), timeout=60))
+    line = one_line_error(run_in_process(SCRIPT, *args(data, tmp_path / "f", 2, 8), timeout=60))
     assert "--out " in line and "is a file" in line, line
 
 
 def test_resume_counts_images_since_step_0_and_continues_lr_and_ema_step_by_step(data, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     extra = ("--no_progress",)  # a setting that changes no weight may change on resume
-    assert run_cli(SCRIPT, *args(data, full, 10, 8), env=ONE_THREAD).returncode == 0
-    assert run_cli(SCRIPT, *args(data, split, 5, 8), env=ONE_THREAD).returncode == 0
+    assert run_in_process(SCRIPT, *args(data, full, 10, 8), env=ONE_THREAD).returncode == 0
+    assert run_in_process(SCRIPT, *args(data, split, 5, 8), env=ONE_THREAD).returncode == 0
     # A kill in the middle of a log write leaves a torn last line: the resume must read past it.
     with open(split / "train_log.jsonl", "a") as f:
         f.write('{"step": 6, "train_lo')
-    res = run_cli(SCRIPT, *args(data, split, 10, 8, *extra, "--resume_from_checkpoint", "latest"), env=ONE_THREAD)
+    res = run_in_process(SCRIPT, *args(data, split, 10, 8, *extra, "--resume_from_checkpoint", "latest"),
+                         env=ONE_THREAD)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "trained 10 steps (80 images)" in res.stdout, res.stdout
     assert json.loads((split / "train_summary.json").read_text())["samples_seen"] == 80
@@ -212,6 +215,6 @@ def test_a_corrupt_log_line_before_the_end_is_one_line_naming_it(data, half_run,
     rows = (run / "train_log.jsonl").read_text().splitlines()
     rows[2] = rows[2][:10]  # a complete line that is not JSON: not a torn tail
     (run / "train_log.jsonl").write_text("\n".join(rows) + "\n")
-    line = one_line_error(run_cli(SCRIPT, *args(data, run, 10, 8, "--resume_from_checkpoint", "latest"),
+    line = one_line_error(run_in_process(SCRIPT, *args(data, run, 10, 8, "--resume_from_checkpoint", "latest"),
                                   timeout=120, env=ONE_THREAD))
     assert "train_log.jsonl:3: corrupt result line" in line and "the checkpoint holds the state" in line, line

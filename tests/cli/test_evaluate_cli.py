@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 
 SCRIPT = "detect/evaluate.py"
 
@@ -65,7 +65,7 @@ def test_labels_from_rows_and_custom_targets(tmp_path, files):
     mixed = _write(tmp_path / "mixed.jsonl", [{**row, "label": 1} for row in POSITIVES[:2]]
                    + [{"score": 2.0, "label": 0, "type": "N"}])
     out = tmp_path / "eval"
-    r = run_cli(SCRIPT, mixed, "--negative", neg, "--out", out, "--fpr_targets", "0.01", "0.3")
+    r = run_in_process(SCRIPT, mixed, "--negative", neg, "--out", out, "--fpr_targets", "0.01", "0.3")
     assert r.returncode == 0, r.stderr
     splits = json.loads((out / "summary.json").read_text())["splits"]
     assert list(splits) == ["all", "VM"]  # N belongs to a negative: no split of its own
@@ -145,7 +145,7 @@ def _bad_case(tmp_path, name):
 def test_bad_input_one_line_and_exit_2(tmp_path, name):
     argv, bad, line = _bad_case(tmp_path, name)
     out = tmp_path / "eval"
-    r = run_cli(SCRIPT, *argv, "--out", out)
+    r = run_in_process(SCRIPT, *argv, "--out", out)
     assert r.returncode == 2, (r.stdout, r.stderr)
     message = r.stderr.rstrip("\n")
     assert "\n" not in message and "Traceback" not in message, r.stderr
@@ -161,7 +161,7 @@ def test_missing_file_duplicate_file_and_bad_option(tmp_path, files):
              (["--positive", pos, "--negative", neg, "--fpr_targets", "5"], "evaluate: error: expected --fpr_targets"),
              ([pos, "--bogus"], "evaluate: error: unrecognized argument --bogus (see --help)")]
     for argv, start in cases:
-        r = run_cli(SCRIPT, *argv, "--out", tmp_path / "eval")
+        r = run_in_process(SCRIPT, *argv, "--out", tmp_path / "eval")
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.count("\n") == 1 and r.stderr.startswith(start), r.stderr
 
@@ -182,7 +182,7 @@ def _detector_files(tmp_path):
 def test_compare_detectors_one_table_one_roc(tmp_path):
     pairs = _detector_files(tmp_path)
     out = tmp_path / "cmp"
-    r = run_cli(SCRIPT, "--compare", "--positive", *(pairs[d][0] for d in "abc"),
+    r = run_in_process(SCRIPT, "--compare", "--positive", *(pairs[d][0] for d in "abc"),
                 "--negative", *(pairs[d][1] for d in "abc"), "--names", "wen", "sharp", "flat",
                 "--fpr_targets", "0.2", "--out", out)
     assert r.returncode == 0, r.stderr
@@ -197,7 +197,7 @@ def test_compare_detectors_one_table_one_roc(tmp_path):
     table = r.stdout.splitlines()
     assert table[0].split()[0] == "method" and [line.split()[0] for line in table[1:4]] == ["wen", "sharp", "flat"]
 
-    closest = run_cli(SCRIPT, "--compare", "--positive", *(pairs[d][0] for d in "ab"),
+    closest = run_in_process(SCRIPT, "--compare", "--positive", *(pairs[d][0] for d in "ab"),
                       "--negative", *(pairs[d][1] for d in "ab"), "--fpr_targets", "0.2", "--tpr_rule", "closest",
                       "--out", tmp_path / "cmp2")
     assert closest.returncode == 0, closest.stderr
@@ -213,7 +213,7 @@ def test_compare_positional_files_and_its_errors(tmp_path):
         rows = [{**json.loads(line), "label": 1} for line in pairs[d][0].read_text().splitlines()]
         rows += [{**json.loads(line), "label": 0} for line in pairs[d][1].read_text().splitlines()]
         both.append(_write(tmp_path / f"{d}.jsonl", rows))
-    r = run_cli(SCRIPT, *both, "--compare", "--out", tmp_path / "cmp")
+    r = run_in_process(SCRIPT, *both, "--compare", "--out", tmp_path / "cmp")
     assert r.returncode == 0, r.stderr
     assert list(json.loads((tmp_path / "cmp" / "summary.json").read_text())["methods"]) == ["a", "b"]
 
@@ -226,6 +226,6 @@ def test_compare_positional_files_and_its_errors(tmp_path):
              ([both[0], "--compare", "--positive", pairs["b"][0], "--negative", pairs["b"][1]], "not both"),
              ([both[0], both[1], "--names", "x", "y"], "--names applies to --compare only")]
     for argv, expected in cases:
-        r = run_cli(SCRIPT, *argv, "--out", tmp_path / "bad")
+        r = run_in_process(SCRIPT, *argv, "--out", tmp_path / "bad")
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and expected in r.stderr, (argv, r.stderr)
         assert not (tmp_path / "bad").exists()

@@ -1,4 +1,5 @@
-"""mitigate/inference_mem.py and mitigate/tradeoff.py end to end on the tiny pipeline (subprocess, offline)."""
+"""mitigate/inference_mem.py and mitigate/tradeoff.py end to end on the tiny pipeline (offline; each CLI's first run
+as a subprocess, the others in process)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli as _run_cli
+from conftest import run_in_process as _run_in_process
 from PIL import Image
 from sscd_standins import HAS_ONNX_DEFAULT, TinyDescriptor
 
@@ -17,10 +19,17 @@ PROMPTS = ["The No Limits Business Woman Podcast", "Mothers influence on her you
 GEN = ["--num_images_per_prompt", "1", "--num_inference_steps", "3", "--gen_seed", "5"]
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def run_cli(script, *args):
     # One intra-op thread: the tiny models gain nothing from more, and on a shared 2-core machine a second
     # spinning OpenMP thread can make each run several times slower.
-    return _run_cli(script, *args, env={"OMP_NUM_THREADS": "1"})
+    return _run_cli(script, *args, env=ONE_THREAD)
+
+
+def run_in_process(script, *args):
+    return _run_in_process(script, *args, env=ONE_THREAD)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +121,7 @@ def test_inference_mem_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd
 
     ours = [*common, "--out", tmp_path / "ours", "--method", "ours", "--optim_target_loss", "0.05",
             "--optim_iters", "3", "--optim_lr", "0.1", "--batch_size", "2"]
-    res = run_cli("mitigate/inference_mem.py", *ours, "--skip_clip", "--with_tracking")
+    res = run_in_process("mitigate/inference_mem.py", *ours, "--skip_clip", "--with_tracking")
     assert res.returncode == 0, res.stderr
     rows = _rows(tmp_path / "ours" / "results.jsonl")
     for r in rows:
@@ -124,7 +133,7 @@ def test_inference_mem_end_to_end(tmp_path, tiny_pipeline_dir, lab_dataset, sscd
 
     # the same command resumes: nothing is recomputed, nothing duplicated
     (tmp_path / "ours" / "side_by_side.png").unlink()
-    res = run_cli("mitigate/inference_mem.py", *ours, "--skip_clip")
+    res = run_in_process("mitigate/inference_mem.py", *ours, "--skip_clip")
     assert res.returncode == 0, res.stderr
     assert "0 now, 3 resumed" in res.stdout
     assert _rows(tmp_path / "ours" / "results.jsonl") == rows
@@ -160,7 +169,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, lab_dataset, extra, expected):
     # --model_id: an existing folder, though no pipeline (a model reference that does not exist is refused first).
     args = ["--model_id", tmp_path, "--dataset", lab_dataset / "prompts.jsonl", "--run_name", "x",
             "--num_inference_steps", "3", "--sscd_model", "none", "--out", tmp_path / "x", *extra]
-    res = run_cli("mitigate/inference_mem.py", *args)
+    res = run_in_process("mitigate/inference_mem.py", *args)
     assert res.returncode == 2
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], res.stderr
@@ -170,7 +179,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, lab_dataset, extra, expected):
 def test_cp1252_csv_is_one_line_exit_2(tmp_path):
     csv = tmp_path / "webster.csv"
     csv.write_bytes(";Caption;URL\n0;fine;u\n1;“smart quotes”;u\n".encode("cp1252"))
-    res = run_cli("mitigate/inference_mem.py", "--model_id", tmp_path, "--dataset", csv,
+    res = run_in_process("mitigate/inference_mem.py", "--model_id", tmp_path, "--dataset", csv,
                   "--run_name", "x", "--sscd_model", "none", "--out", tmp_path / "x")
     assert res.returncode == 2, res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from conftest import load_script, run_cli
+from conftest import load_script, run_cli, run_in_process
 
 from diffmem.common.t2i.prompt_sets import PROMPT_SETS, get_set, shipped_dir
 
@@ -19,20 +19,21 @@ def test_list_show_and_a_refused_mismatch(tmp_path):
     assert " shipped " in lines["memattn_sd1_mem345"] and " not fetched " in lines["membench_sd1_final"]
     assert " unverified " in lines["early26_nonmem_500"]
 
-    shown = run_cli("data/prompt_sets.py", "show", "set:asthana_sd2_mem", "--rows", "2", env=env)
+    shown = run_in_process("data/prompt_sets.py", "show", "set:asthana_sd2_mem", "--rows", "2", env=env)
     assert shown.returncode == 0, shown.stderr
     assert "sha256:      fc2f6553f676e8fb94bf5b2eddfef80915131aeca23fa44e49c54edd6968ca74" in shown.stdout
     assert "  row 1 type=TV index=1229082887: Shaw Floors SFA Awesome 4 Linen 00104_E0741" in shown.stdout
 
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / "SD1_final.csv").write_text(",prompt,urls\n0,not the file,[]\n")
-    refused = run_cli("data/prompt_sets.py", "fetch", "membench_sd1_final", "--mirror", tmp_path / "mirror", env=env)
+    refused = run_in_process("data/prompt_sets.py", "fetch", "membench_sd1_final", "--mirror", tmp_path / "mirror",
+                             env=env)
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith(f"prompt_sets: error: {tmp_path}/mirror/")
     assert "expected 8c41867a67ea184c4f7f3c9765eeb55faa3b5058d1552e014616de9198d110c7" in refused.stderr
     assert refused.stderr.rstrip().endswith("nothing written") and not (tmp_path / "cache").exists()
 
-    bad = run_cli("data/prompt_sets.py", "fetch", "nope", env=env)
+    bad = run_in_process("data/prompt_sets.py", "fetch", "nope", env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("prompt_sets: error: set:nope: no such prompt set")
 
 
@@ -63,7 +64,7 @@ def test_fetch_from_a_mirror_then_groundtruth(tmp_path, monkeypatch, capsys):
 
 
 def test_a_cli_takes_a_registry_set_and_names_the_fetch_command(tmp_path):
-    run = run_cli("detect/detect_mem.py", "--model", "data/lab", "--data", "set:cvpr26_extended_mv_458",
+    run = run_in_process("detect/detect_mem.py", "--model", "data/lab", "--data", "set:cvpr26_extended_mv_458",
                   "--run_name", "r", "--out", tmp_path / "out", env={"DIFFMEM_PROMPT_SETS": str(tmp_path / "c")})
     assert run.returncode == 2 and run.stderr.count("\n") == 1
     assert run.stderr.startswith("detect_mem: error: set:cvpr26_extended_mv_458: not fetched")

@@ -13,7 +13,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_in_process
 
 LAB = REPO / "data" / "lab"
 MEMORIZED = [json.loads(line) for line in (LAB / "memorized.jsonl").read_text().splitlines()]
@@ -102,18 +102,18 @@ def test_screen_ranks_unique_captions_and_confirms_the_memorized_ones(confirmed_
 def test_the_same_command_resumes_with_nothing_redone(confirmed_run, caption_set):
     out, _ = confirmed_run
     before = scores_of(out)
-    res = run_cli("detect/screen.py", *screen_args(caption_set, out, "--top_k", 16, "--confirm_images", 8,
+    res = run_in_process("detect/screen.py", *screen_args(caption_set, out, "--top_k", 16, "--confirm_images", 8,
                                                    "--confirm_steps", 20, "--calibration_confirm", 12,
                                                    "--gt_map", caption_set / "gt.jsonl"))
     assert res.returncode == 0 and " 0 scored now" in res.stdout, res.stderr[-2000:]
     assert scores_of(out) == before
-    other = run_cli("detect/screen.py", *screen_args(caption_set, out, "--seed", 1, "--confirm", "none"))
+    other = run_in_process("detect/screen.py", *screen_args(caption_set, out, "--seed", 1, "--confirm", "none"))
     assert other.returncode == 2 and "gen_seed=0 (now 1)" in other.stderr and len(other.stderr.splitlines()) == 1
 
 
 def test_scores_do_not_depend_on_shards_order_or_batch(caption_set, confirmed_run, tmp_path):
     out = tmp_path / "shards"
-    res = run_cli("detect/screen.py", *screen_args(caption_set, out, "--confirm", "none", "--shards", 3,
+    res = run_in_process("detect/screen.py", *screen_args(caption_set, out, "--confirm", "none", "--shards", 3,
                                                    "--batch_size", 5))
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(list((out / "parts").glob("screen-*.jsonl"))) == 3
@@ -124,7 +124,7 @@ def test_scores_do_not_depend_on_shards_order_or_batch(caption_set, confirmed_ru
     rev = tmp_path / "rev"
     args = screen_args(caption_set, rev, "--confirm", "none", "--batch_size", 3)
     args[args.index("--captions") + 1] = tmp_path / "reversed.parquet"
-    assert run_cli("detect/screen.py", *args).returncode == 0
+    assert run_in_process("detect/screen.py", *args).returncode == 0
     want = scores_of(confirmed_run[0])
     got = scores_of(rev)
     from diffmem.common.t2i.screen.captions import normalize_caption
@@ -163,7 +163,7 @@ def test_a_killed_run_resumes_with_each_caption_once(caption_set, tmp_path):
     assert 5 <= done < 52 and not (out / "screen.jsonl").exists()
     with open(part, "a") as f:
         f.write('{"id": 51, "sco')  # a write cut short by the kill
-    res = run_cli("detect/screen.py", *args)
+    res = run_in_process("detect/screen.py", *args)
     assert res.returncode == 0, res.stderr[-2000:]
     ids = [r["id"] for r in read_jsonl(part)]
     assert sorted(ids) == list(range(52))  # each unique caption exactly once
@@ -172,7 +172,7 @@ def test_a_killed_run_resumes_with_each_caption_once(caption_set, tmp_path):
 
 def test_a_slurm_array_through_submitit_scores_every_shard(caption_set, confirmed_run, tmp_path):
     out = tmp_path / "slurm"
-    res = run_cli("detect/screen.py", *screen_args(caption_set, out, "--top_k", 3, "--confirm_images", 4,
+    res = run_in_process("detect/screen.py", *screen_args(caption_set, out, "--top_k", 3, "--confirm_images", 4,
                                                    "--confirm_steps", 4, "--near_duplicate_threshold", 0.9,
                                                    "--launcher", "slurm", "--shards", 2, "--submitit_cluster",
                                                    "local"), timeout=600)
@@ -214,7 +214,7 @@ def test_the_slurm_submission_asks_for_the_partition_gpus_and_array(tmp_path, mo
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make, more, expected):
     make(tmp_path)
     out = tmp_path / "out"
-    res = run_cli("detect/screen.py", "--model", LAB, "--captions", tmp_path / "c.parquet", "--out", out,
+    res = run_in_process("detect/screen.py", "--model", LAB, "--captions", tmp_path / "c.parquet", "--out", out,
                   "--near_duplicate_threshold", "0.9", *more)
     assert res.returncode == 2 and expected in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
@@ -223,7 +223,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make, more, expected
 def test_skip_bad_rows_lists_them(tmp_path):
     pq.write_table(pa.table({"caption": ["a red cat near the sea", None, "  "]}), tmp_path / "c.parquet")
     out = tmp_path / "out"
-    res = run_cli("detect/screen.py", "--model", LAB, "--captions", tmp_path / "c.parquet", "--out", out,
+    res = run_in_process("detect/screen.py", "--model", LAB, "--captions", tmp_path / "c.parquet", "--out", out,
                   "--confirm", "none", "--skip_bad_rows", "--no_progress")
     assert res.returncode == 0, res.stderr[-2000:]
     skipped = read_jsonl(out / "captions" / "screen.skipped.jsonl")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, accelerate_launch, base_args, free_port, run_cli, write_images
+from conftest import ONE_THREAD, accelerate_launch, base_args, free_port, run_cli, run_in_process, write_images
 from safetensors.torch import load_file
 
 SCRIPT = "finetune/train_text_to_image.py"
@@ -76,7 +76,7 @@ def test_accelerate_launch_trains_and_the_output_loads_and_detects(tiny_pipeline
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"caption": c, "label": lab}) + "\n" for c, lab in
                                [("a memorized picture number 0", 1), ("an ordinary scene 2 with trees", 0)]))
-    det = run_cli("detect/detect_mem.py", "--model_id", out, "--dataset", prompts, "--run_name", "tuned",
+    det = run_in_process("detect/detect_mem.py", "--model_id", out, "--dataset", prompts, "--run_name", "tuned",
                   "--output_dir", tmp_path / "det", "--num_images_per_prompt", "2", "--num_inference_steps", "2",
                   env=ONE_THREAD)
     assert det.returncode == 0, det.stderr[-2000:]
@@ -385,7 +385,7 @@ def test_missing_extras_fail_with_one_line(data, tmp_path):
     mem, _ = data
     if importlib.util.find_spec("xformers") is not None and torch.cuda.is_available():
         pytest.skip("xformers and a GPU are present")
-    res = run_cli(SCRIPT, *base_args(no_pipeline(tmp_path), mem, tmp_path / "out",
+    res = run_in_process(SCRIPT, *base_args(no_pipeline(tmp_path), mem, tmp_path / "out",
                                      "--enable_xformers_memory_efficient_attention"), timeout=120)
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()

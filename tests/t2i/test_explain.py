@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 
 from diffmem.common.t2i.detection import encode_prompts, iter_text_noise_objective, text_noise_objective
 from diffmem.common.t2i.explain import (
@@ -242,11 +242,11 @@ def test_cli_end_to_end_and_resume(tmp_path, tiny_pipeline_dir, tiny_parts):
 
     # A second run resumes everything; changed settings are refused before any model is loaded.
     before = (out / "tokens.jsonl").read_text()
-    again = run_cli("detect/explain_tokens.py", *args)
+    again = run_in_process("detect/explain_tokens.py", *args)
     assert again.returncode == 0 and "0 explained now, 3 resumed" in again.stdout
     assert (out / "tokens.jsonl").read_text() == before
     # (a second --target_steps would add to the list, docs/vocabulary.md: the value itself changes)
-    changed = run_cli("detect/explain_tokens.py", *["0" if a == "0-1" else a for a in args])
+    changed = run_in_process("detect/explain_tokens.py", *["0" if a == "0-1" else a for a in args])
     assert changed.returncode == 2 and "--overwrite" in changed.stderr
     assert len(changed.stderr.strip().splitlines()) == 1
 
@@ -257,7 +257,7 @@ def test_cli_resumes_after_torn_write(tmp_path, tiny_pipeline_dir):
             "--num_inference_steps", "5", "--num_images_per_prompt", "1"]
     (out / "bars").mkdir(parents=True)
     (out / "tokens.jsonl").write_text('{"row": 0, "prompt": "a cas')  # killed mid-write
-    proc = run_cli("detect/explain_tokens.py", *args)
+    proc = run_in_process("detect/explain_tokens.py", *args)
     assert proc.returncode == 0, proc.stderr
     [row] = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     assert row["prompt"] == "a castle at night" and row["kinds"][0] == "bos"
@@ -275,7 +275,7 @@ def test_cli_resumes_after_torn_write(tmp_path, tiny_pipeline_dir):
 ])
 def test_cli_rejects_bad_input_in_one_line(tmp_path, extra, expected):
     # An existing folder, though no pipeline: a model reference that does not exist is refused first.
-    proc = run_cli("detect/explain_tokens.py", "--model_id", tmp_path, "--out", tmp_path / "o", *extra)
+    proc = run_in_process("detect/explain_tokens.py", "--model_id", tmp_path, "--out", tmp_path / "o", *extra)
     assert proc.returncode == 2
     assert expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "o").exists()
@@ -284,12 +284,13 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, extra, expected):
 def test_cli_bad_jsonl_line_names_file_and_line(tmp_path):
     data = tmp_path / "p.jsonl"
     data.write_text('{"caption": "fine"}\n{"caption": 3}\n')
-    proc = run_cli("detect/explain_tokens.py", "--model_id", tmp_path, "--out", tmp_path / "o", "--dataset", data)
+    proc = run_in_process("detect/explain_tokens.py", "--model_id", tmp_path, "--out", tmp_path / "o", "--dataset",
+                          data)
     assert proc.returncode == 2 and f"{data}:2:" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_cli_unloadable_model_is_one_line_and_leaves_no_settings(tmp_path):
-    proc = run_cli("detect/explain_tokens.py", "--model_id", tmp_path / "no-model", "--out", tmp_path / "o",
+    proc = run_in_process("detect/explain_tokens.py", "--model_id", tmp_path / "no-model", "--out", tmp_path / "o",
                    "--prompt", "a castle")
     assert proc.returncode == 2 and "no-model: no such folder, and not a Hub id (owner/name)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import ONE_THREAD, edm_train_args, run_cli
+from conftest import ONE_THREAD, edm_train_args, run_cli, run_in_process
 from safetensors.torch import load_file
 
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
@@ -61,7 +61,7 @@ def fork(half_run, tmp_path):
 
 
 def resume(data, out):
-    return run_cli(SCRIPT, *edm_train_args(data, out, 10, 8, "--resume_from_checkpoint", "latest"),
+    return run_in_process(SCRIPT, *edm_train_args(data, out, 10, 8, "--resume_from_checkpoint", "latest"),
                    timeout=120, env=ONE_THREAD)
 
 
@@ -162,7 +162,7 @@ def test_refusal_line_names_the_global_without_escape_codes(tmp_path):
 
 def test_a_fork_with_another_architecture_names_the_setting(data, half_run, tmp_path):
     out = tmp_path / "fork-4"
-    res = run_cli(SCRIPT, *edm_train_args(data, out, 10, 8, "--num_channels", "4",
+    res = run_in_process(SCRIPT, *edm_train_args(data, out, 10, 8, "--num_channels", "4",
                                           "--resume_from_checkpoint", half_run / "checkpoint-5"),
                   timeout=120, env=ONE_THREAD)
     line = one_line(res)  # was a 142-line size-mismatch traceback
