@@ -25,9 +25,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $@
 
 # ruff first (import sorting, line length 120, pyflakes; pyproject.toml): a style error fails the suite.
+# PYTEST_WORKERS pytest-xdist workers, each taking whole files (a module's fixtures are built once), one torch
+# thread each (tests/conftest.py); PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
 
 style: $(STAMP)
 	$(PY) -m ruff check --fix .

@@ -8,6 +8,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # make test's workers share the cores: one OpenMP thread each, for them and the CLIs they start, before torch
+    # is imported (docs/development.md, "Small models on a shared CPU").
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
@@ -144,14 +148,24 @@ def installed_wheel(tmp_path_factory) -> Path:
     editable install (whose finder comes after PYTHONPATH)."""
     import subprocess
 
-    wheels = tmp_path_factory.mktemp("wheel")
-    # --no-build-isolation: build with this environment's setuptools, offline.
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(REPO)], check=True, capture_output=True, text=True)
-    (wheel,) = wheels.glob("diffmem-*.whl")
-    site = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
-                    str(wheel)], check=True, capture_output=True, text=True)
+    from filelock import FileLock
+
+    # Built once for all pytest-xdist workers (their temporary folders share this session's folder): two builds
+    # at once would share setuptools' build/ folder in the checkout.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    site = shared / "installed-wheel"
+    with FileLock(shared / "installed-wheel.lock"):
+        if not (site / ".complete").is_file():
+            wheels = shared / "wheel"
+            # --no-build-isolation: build with this environment's setuptools, offline.
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(wheels), str(REPO)], check=True, capture_output=True, text=True)
+            (wheel,) = wheels.glob("diffmem-*.whl")
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                            str(site), str(wheel)], check=True, capture_output=True, text=True)
+            (site / ".complete").touch()
     return site
 
 
