@@ -297,6 +297,51 @@ def test_screen_error_bound_holds_on_random_and_adversarial_data():
     assert max(ratios) * O.gamma(dim + 3) / O.gamma(1) > 1, ratios
 
 
+def test_int8_screen_error_bound_holds_for_one_and_two_digits():
+    g = torch.Generator().manual_seed(0)
+    dim = 3072
+    random_u = torch.randint(0, 256, (32, dim), generator=g, dtype=torch.uint8)
+    bright_u = torch.full((32, dim), 255, dtype=torch.uint8)  # q = 127 everywhere: the cut errors all add up
+    # x̃ = (k + 0.49)/128 with s = 1: every first digit leaves a residual 0.49 of the same sign as q (the worst case).
+    worst = (torch.randint(0, 121, (3, dim), generator=g).double() + 0.49) / 128
+    queries = [torch.randn(3, dim, generator=g, dtype=torch.float64) * 80,
+               torch.randn(3, dim, generator=g, dtype=torch.float64) * 0.3, worst]
+    ratios = {1: [], 2: []}
+    for u in (random_u, bright_u):
+        images = O.prepare_images(O.images_to_model_range(u), u)
+        for xc in queries:
+            exact = images.sq_norms - 4 / 255 * (xc @ images.q.double().T)  # float64: far below either bound
+            scale = O.power_of_two_scale(xc)
+            digits = O.base128_digits(xc / scale[:, None], 2)
+            partials = []
+            for k in (1, 2):
+                partials.append(O.int8_partial(digits[k - 1], images))
+                t = O.int8_screen(partials, scale, images)
+                bound = O.int8_screen_error(scale, float(images.q_l1.max()), float(images.norms.max()), k)
+                actual = (t - exact).abs().max(dim=1).values
+                assert (actual <= bound).all(), (k, actual, bound)
+                ratios[k].append(float((actual / bound).max()))
+    assert max(ratios[1]) > 0.95  # the worst case nearly reaches the one-digit bound: it is not loose
+    assert max(ratios[2]) <= 1
+
+
+def test_a_chunk_of_close_images_gets_the_second_screen_digit_and_stays_exact(monkeypatch):
+    # 64 images a few grey levels apart (squared distances ~1e-3): one digit's bound (0.021 in t here) keeps them
+    # all, two digits' (0.0002) the nearest few.
+    rng = np.random.default_rng(1)
+    base = rng.integers(10, 240, 192)
+    u = torch.from_numpy((base + rng.integers(-2, 3, (64, 192)) * (rng.random((64, 192)) < 0.05)).astype(np.uint8))
+    x = model_range(u[:4]) + 0.001 * torch.randn(4, 192, generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.float64)
+    calls = []
+    int8_partial = O.int8_partial
+    monkeypatch.setattr(O, "int8_partial",
+                        lambda digit, chunk: calls.append(len(chunk.q)) or int8_partial(digit, chunk))
+    out = OptimalDenoiser(u.reshape(64, 3, 8, 8), chunk_size=64)(x.reshape(4, 3, 8, 8), 0.002)
+    assert calls == [64, 64]  # refined once
+    assert relative_error(out, reference(x.reshape(4, 3, 8, 8), 0.002, model_range(u))) <= 1e-10
+
+
 def test_base128_digits_are_exact_and_in_int8():
     r = torch.tensor([0.0, 127 / 128, -127 / 128, 1 / 3, -0.123456789, 2.0**-60], dtype=torch.float64)
     for count in (1, 3, 8):
