@@ -36,9 +36,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from diffmem.common.edm.dataset.planted import planted_near_duplicates
 from diffmem.common.edm.networks.optimal import OptimalDenoiser
 
 METHODS = ("ours", "float64", "float64_mm", "optimedm", "broadcast")
@@ -68,22 +68,6 @@ def parse_args(argv):
     if args.n < 2 * args.batch:
         p.error(f"expected --n >= 2 × --batch (each query has its own planted pair), got {args.n} and {args.batch}")
     return args
-
-
-def problem(n: int, batch: int, shape: tuple[int, int, int], sigma: float = 0.002, logit: float = 1.5):
-    """uint8 training images with `batch` planted twin pairs, and one query between each pair (float64)."""
-    rng = np.random.default_rng(0)
-    u = rng.integers(0, 255, (n, *shape), dtype=np.uint8)
-    u.reshape(n, -1)[batch:2 * batch] = u.reshape(n, -1)[:batch]
-    u.reshape(n, -1)[batch:2 * batch, 0] += 1
-    y = torch.from_numpy(u[:2 * batch]).double().reshape(2 * batch, -1) / 127.5 - 1
-    a, b = y[:batch], y[batch:2 * batch]
-    diff = b - a
-    noise = torch.from_numpy(rng.normal(0, 0.3, a.shape))
-    noise -= (noise * diff).sum(1, keepdim=True) / (diff * diff).sum(1, keepdim=True) * diff
-    # ‖x − a‖² − ‖x − b‖² = 2 (x − midpoint)·diff: this offset makes log w_b − log w_a = logit at σ.
-    x = 0.5 * (a + b) + noise + logit * sigma**2 / (diff * diff).sum(1, keepdim=True) * diff
-    return torch.from_numpy(u), x.reshape(batch, *shape)
 
 
 def reference(x: torch.Tensor, sigma: float, y: torch.Tensor) -> torch.Tensor:
@@ -189,7 +173,7 @@ def peak_rss_during(fn) -> int:
 
 
 def memory_child(args) -> None:
-    u, x = problem(args.n, args.batch, (args.channels, args.resolution, args.resolution))
+    u, x = planted_near_duplicates(args.n, args.batch, (args.channels, args.resolution, args.resolution))
     fn = methods(u, args.chunk, "cpu", [args.memory_of])[args.memory_of]
     x = x.float()
     fn(x[:1], 0.002)  # warm up kernels and thread pools outside the measurement
@@ -212,7 +196,7 @@ def main(argv=None) -> int:
         return 0
     device = torch.device(args.device)
     shape = (args.channels, args.resolution, args.resolution)
-    u, x = problem(args.n, args.batch, shape)
+    u, x = planted_near_duplicates(args.n, args.batch, shape)
     names = ["ours", "float64", "float64_mm", "optimedm"] + (["broadcast"] if args.broadcast else [])
     fns = methods(u, args.chunk, device, names)
     # Every method gets the same fp32 query (what the fp32 methods take); the truth is exact on that query.

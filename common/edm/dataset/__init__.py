@@ -6,4 +6,5 @@
 - ``recipe``: which images and labels go in: DiffMemorize's subset, intra-class mix and label rules (pure
   functions) and ``build_dataset``.
 - ``molrg``: MoLRG, the mixture of low-rank Gaussians of Zhang et al. (ICML 2024).
+- ``planted``: planted near-duplicates, where exact optimal-denoiser answers and fp32 ones part (tests, benches).
 """

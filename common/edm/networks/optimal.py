@@ -15,17 +15,17 @@ reference implementations in two ways that change answers, not just speed:
   (``torch.cdist``'s non-matmul mode, squared): no cancellation, one pair at a time; ``matmul=True`` uses a float64
   GEMM instead (‖x‖² + ‖y‖² − 2x·y: rounding ~1e-16·‖·‖², chunk-dependent, still far from fp32's).
 - Faster than fp32 by default (``screened_denoiser``). A cheap GEMM gives t = ‖ỹ‖² − 2x̃·ỹ (x̃, ỹ centred on the
-  training mean; ‖ỹ‖² in float64, once) for every pair with a rigorous bound on its error: for uint8 images on
-  the CPU an int8 GEMM of one or two base-128 digits of x̃ with q = u − 128 (``int8_screen``, exact int32 sums,
-  the cut bounded by ``int8_screen_error``), else an fp32 GEMM (``screen_error_bound``); an image whose lower bound exceeds the smallest upper bound by more than
-  ``drop_margin`` = 2σ²(ln N + 40 ln 10) weighs, with all such images together, < 1e-40 of the nearest and is
-  dropped; the others get float64 per-pair distances. At small σ that is a few images per query. Where every
-  image can weigh (large σ) or most of a chunk's do, the chunk's log-weights and weighted sum come from int8 GEMMs
-  instead, exactly: uint8 images are q = u − 128 in int8, x̃ and the weights are cut into base-128 int8 digits
-  (``base128_digits``, as many as their bounds need for ≤ 1e-12 in a log-weight and in the weights, ``EXACT_TOL``),
-  each digit's products summed exactly in int32; float images use a float64 GEMM there when its rounding bound
-  allows, else per-pair distances. The answer equals the float64 reference to ~1e-11 or better; autograd (x that
-  requires grad) runs the reference.
+  training mean; ‖ỹ‖² in float64, once) for every pair with a rigorous bound on its error: for uint8 images on the CPU
+  an int8 GEMM of one or two base-128 digits of x̃ with q = u − 128 (``int8_screen``, exact int32 sums, the cut
+  bounded by ``int8_screen_error``), else an fp32 GEMM (``screen_error_bound``); an image whose lower bound exceeds
+  the smallest upper bound by more than ``drop_margin`` = 2σ²(ln N + 40 ln 10) weighs, with all such images together,
+  < 1e-40 of the nearest and is dropped; the others get float64 per-pair distances. At small σ that is a few images
+  per query. Where every image can weigh (large σ) or most of a chunk's do, the chunk's log-weights and weighted sum
+  come from int8 GEMMs instead, exactly: uint8 images are q = u − 128 in int8, x̃ and the weights are cut into
+  base-128 int8 digits (``base128_digits``, as many as their bounds need for ≤ 1e-12 in a log-weight and in the
+  weights, ``EXACT_TOL``), each digit's products summed exactly in int32; float images use a float64 GEMM there when
+  its rounding bound allows, else per-pair distances. The answer equals the float64 reference to ~1e-11 or better;
+  autograd (x that requires grad) runs the reference.
 - Bounded memory. The softmax over N is computed chunk by chunk with a running log-sum-exp (online softmax: a
   running max m, sum s = Σ e^(ℓᵢ − m) and weighted sum a = Σ e^(ℓᵢ − m) yᵢ, rescaled when m grows), so memory is
   B × chunk for the weights plus B × D for a; never B × N × D (Zhang et al.'s broadcast) nor B × N (OptimEDM).

@@ -13,6 +13,7 @@ from conftest import ONE_THREAD, run_cli
 
 from diffmem.common.edm import sampler as S
 from diffmem.common.edm.dataset.edm_zip import write_dataset_zip
+from diffmem.common.edm.dataset.planted import planted_near_duplicates
 from diffmem.common.edm.networks import optimal as O
 from diffmem.common.edm.networks.optimal import (
     OptimalDenoiser,
@@ -204,21 +205,7 @@ def test_gradient_is_finite_and_matches_finite_differences(data):
 # ------------------------------------------------------------------------------- the screened (default) path
 
 
-def planted(n: int, batch: int, shape=(3, 8, 8), sigma: float = 0.002, logit: float = 1.5, seed: int = 0):
-    """uint8 images with `batch` twin pairs one level apart in one pixel, and a query between each pair whose float64
-    log-weights differ by `logit` at σ (as in bench/bench_optimal.py)."""
-    rng = np.random.default_rng(seed)
-    u = rng.integers(0, 255, (n, *shape), dtype=np.uint8)
-    flat = u.reshape(n, -1)
-    flat[batch:2 * batch] = flat[:batch]
-    flat[batch:2 * batch, 0] += 1
-    y = model_range(flat)
-    a, b = y[:batch], y[batch:2 * batch]
-    diff = b - a
-    noise = torch.from_numpy(rng.normal(0, 0.3, a.shape))
-    noise -= (noise * diff).sum(1, keepdim=True) / (diff * diff).sum(1, keepdim=True) * diff
-    x = 0.5 * (a + b) + noise + logit * sigma**2 / (diff * diff).sum(1, keepdim=True) * diff
-    return torch.from_numpy(u), x.reshape(batch, *shape)
+PLANTED_SHAPE = (3, 8, 8)
 
 
 def relative_error(out, truth) -> float:
@@ -227,7 +214,7 @@ def relative_error(out, truth) -> float:
 
 @pytest.mark.parametrize("sigma", [0.002, 0.1, 1.0, 80.0])
 def test_screened_equals_float64_on_planted_near_duplicates(sigma):
-    u, x = planted(300, 8)
+    u, x = planted_near_duplicates(300, 8, PLANTED_SHAPE)
     truth = reference(x, sigma, model_range(u))
     ours = OptimalDenoiser(u, chunk_size=64)(x, sigma)
     assert relative_error(ours, truth) <= 1e-10
@@ -239,7 +226,7 @@ def test_screened_equals_float64_on_planted_near_duplicates(sigma):
 
 def test_screened_at_the_samplers_own_states_matches_float64():
     # x = y + σz: ‖x‖ grows with σ (the int8 way's scale and digits with it); a batch mixing σ's splits its queries.
-    u, _ = planted(200, 4)
+    u, _ = planted_near_duplicates(200, 4, PLANTED_SHAPE)
     y = model_range(u)
     g = torch.Generator().manual_seed(3)
     sigma = torch.tensor([80.0, 12.0, 2.5, 0.5, 0.05, 0.002], dtype=torch.float64)
@@ -253,7 +240,7 @@ def test_screened_at_the_samplers_own_states_matches_float64():
 
 
 def test_screened_path_takes_few_candidates_at_small_sigma_and_the_int8_way_at_large(monkeypatch):
-    u, x = planted(300, 8)
+    u, x = planted_near_duplicates(300, 8, PLANTED_SHAPE)
     seen = {"pairs": 0, "dense": 0}
     merge_candidates, merge_dense = O.merge_candidates, O.merge_dense
 
@@ -394,7 +381,7 @@ def test_derivatives_of_every_kind_run_the_float64_reference(data):
 
 
 def test_screened_chunking_and_batch_do_not_change_the_answer():
-    u, x = planted(257, 6)
+    u, x = planted_near_duplicates(257, 6, PLANTED_SHAPE)
     for sigma in (0.002, 0.3, 80.0):
         outs = [OptimalDenoiser(u, chunk_size=c)(x, sigma) for c in (1, 16, 100, 257, 4096)]
         for out in outs[1:]:
