@@ -17,20 +17,23 @@ probability on the prompt's end token, over the down and mid layers, heads, quer
 is ≤ β·max(A_0..A_4); it is re-evaluated every step, and with their default β = 0 it never fires.
 
 Defaults (their README's CA-in-GUARD command): α 0.3, τ 0.1, r 2.0, w 7.5. Their ε⁺ comes from the prompt itself
-(k = 1 "neighbour"); their neighbour variant, Pegasus paraphrases as ε⁺, needs a paraphrase model and is not built.
-Cost: 3 = 2 + k UNet evaluations per step, one more than CFG.
+(k = 1 "neighbour"). Their neighbour variant takes k paraphrases of the prompt (Pegasus's, in their script) and
+ε⁺ = the mean of the paraphrases' ordinary predictions, none attenuated (their neighbour gating "none", the
+orthogonalisation on); here the paraphrases come from a file (``--paraphrases``, as prss's), and a caption the file
+does not list keeps the attenuated prompt. Cost: 2 + k UNet evaluations per step, k more than CFG.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 
 import torch
 
+from diffmem.common.t2i.detection import encode_prompts
 from diffmem.common.t2i.mitigation.attention_rescale import explicit_attention, ren_key_mask
-from diffmem.common.t2i.mitigation.options import GuardSettings  # noqa: F401 (torch-free; imported back)
+from diffmem.common.t2i.mitigation.options import GuardSettings, read_paraphrases  # noqa: F401 (torch-free)
 from diffmem.common.t2i.pipelines import as_conditioning, cat_conditionings
 from diffmem.common.t2i.text_noise import text_noise_norm
 
@@ -142,13 +145,29 @@ def guard_attention(unet, processor: GuardAttnProcessor):
 
 # --- the sampling loop ---------------------------------------------------------------------------------------
 
+def guard_positives(cond_embeds, neighbours: list | None, G: int):
+    """ε⁺'s UNet rows: per prompt b its k_b paraphrases' conditionings (``neighbours[b]``), or without any the prompt
+    itself (attenuated), each repeated for the G generations; with the trajectory [P] each row belongs to and
+    whether it is attenuated [P]."""
+    prompts = as_conditioning(cond_embeds)
+    rows, owner, attenuated = [], [], []
+    for b in range(len(prompts)):
+        listed = neighbours[b] if neighbours is not None else None
+        own = listed if listed is not None else prompts[b:b + 1]
+        rows.append(own.repeat_interleave(G))
+        owner += [b * G + g for _ in range(len(own)) for g in range(G)]
+        attenuated += [listed is None] * (len(own) * G)
+    return cat_conditionings(rows), torch.tensor(owner), torch.tensor(attenuated)
+
+
 @torch.no_grad()
 def guard_sample(parts, cond_embeds, uncond_embed, latents: torch.Tensor, *, num_inference_steps: int,
                  guidance_scale: float, settings, end_token: torch.Tensor, details: list[dict], guidance=None,
-                 observer=None, norms_out: list | None = None) -> torch.Tensor:
+                 observer=None, norms_out: list | None = None, neighbours: list | None = None) -> torch.Tensor:
     """Final latents [B, G, C, H, W] of GUARD's trajectories from x_T ``latents`` (scaled), one prompt per row of
-    cond_embeds [B, …]; one UNet batch [ε_u; ε⁺; ε⁻] per step. ``end_token`` [B]: each prompt's end-token position
-    (the tracker's); ``norms_out`` receives ‖ε⁻ − ε_u‖ per step (the prompt's own text noise)."""
+    cond_embeds [B, …]; one UNet batch [ε_u; ε⁺ rows; ε⁻] per step. ``end_token`` [B]: each prompt's end-token
+    position (the tracker's); ``norms_out`` receives ‖ε⁻ − ε_u‖ per step (the prompt's own text noise);
+    ``neighbours``: per prompt its paraphrases' conditionings or None (guard_positives)."""
     dtype, device = parts.dtype, parts.device
     scheduler = parts.timesteps_scheduler(num_inference_steps)
     B, G = latents.shape[:2]
@@ -156,22 +175,29 @@ def guard_sample(parts, cond_embeds, uncond_embed, latents: torch.Tensor, *, num
     x = latents.reshape(N, *latents.shape[2:]).to(device=device, dtype=torch.float32)
     c = as_conditioning(cond_embeds).to(device=device, dtype=dtype).repeat_interleave(G)
     u = as_conditioning(uncond_embed).to(device=device, dtype=dtype).expand(N)
-    emb = cat_conditionings([u, c, c])  # rows [ε_u; ε⁺ (attenuated); ε⁻]
-    attenuate = torch.zeros(3 * N, dtype=torch.bool)
-    attenuate[N:2 * N] = True
+    positives, owner, attenuated = guard_positives(cond_embeds, neighbours, G)
+    P = len(owner)
+    emb = cat_conditionings([u, positives.to(device=device, dtype=dtype), c])  # rows [ε_u; ε⁺ rows; ε⁻]
+    attenuate = torch.cat([torch.zeros(N, dtype=torch.bool), attenuated, torch.zeros(N, dtype=torch.bool)])
+    owner = owner.to(device)
+    per_trajectory = torch.bincount(owner, minlength=N).to(torch.float32)  # k_b rows for each trajectory
+    # The tracker reads the attenuated rows, one per trajectory; the neighbour variant runs with β = 0 (validated).
     tracker = EndTokenMass(attenuate.nonzero().squeeze(1), end_token.repeat_interleave(G), G,
-                           settings.guard_basin_beta)
+                           settings.guard_basin_beta) if neighbours is None else None
     processor = GuardAttnProcessor(attenuate, settings.guard_spike_threshold, settings.guard_spike_scale, tracker)
     out_of_basin = torch.zeros(B, dtype=torch.int64)
-    with guard_attention(parts.unet, processor):
+    with guard_attention(parts.unet, processor) if bool(attenuate.any()) else nullcontext():
         for step, t in enumerate(scheduler.timesteps):
-            x_in = parts.scale_model_input(scheduler, torch.cat([x, x, x]), t)
-            out_u, out_pos, out_neg = parts.predict(x_in, t, emb).chunk(3)
+            x_in = parts.scale_model_input(scheduler, torch.cat([x, x[owner], x]), t)
+            out_u, out_rows, out_neg = parts.predict(x_in, t, emb).split([N, P, N])
+            # ε⁺ of a trajectory: the mean of its rows' predictions (one row, itself, without paraphrases).
+            out_pos = torch.zeros_like(out_u).index_add_(0, owner, out_rows) / per_trajectory.view(
+                -1, *([1] * (out_u.dim() - 1))).to(out_u)
             if norms_out is not None:
                 x_half = x_in[:N]
                 norms_out.append(text_noise_norm(parts.metric_output(out_neg, x_half, t, scheduler),
                                                  parts.metric_output(out_u, x_half, t, scheduler)).cpu())
-            in_basin = tracker.end_step(step)
+            in_basin = tracker.end_step(step) if tracker is not None else torch.ones(B, dtype=torch.bool)
             out_of_basin += (~in_basin).long()
             progress = step / len(scheduler.timesteps)
             s = guidance_scale * guard_schedule(settings.guard_attraction_schedule, progress)
@@ -190,7 +216,19 @@ def guard_sample(parts, cond_embeds, uncond_embed, latents: torch.Tensor, *, num
 # --- the method's hook (common.t2i.mitigation.methods) -------------------------------------------------------
 
 def guard_setup(batch) -> None:
-    """``guard``: GUARD's own loop, three UNet evaluations per step (one more than CFG)."""
+    """``guard``: GUARD's own loop, 2 + k UNet evaluations per step (k more than CFG; k = 1 without paraphrases)."""
+    s = batch.settings
     end_token = ren_key_mask(batch.parts.tokenizer, batch.prompts_used).sum(dim=1) - 1  # the first end token
-    batch.sampler = partial(guard_sample, settings=batch.settings, end_token=end_token, details=batch.details)
-    batch.extra += batch.steps
+    neighbours = None
+    if s.paraphrases is not None:
+        table = read_paraphrases(s.paraphrases)
+        neighbours = []
+        for b, prompt in enumerate(batch.prompts_used):
+            listed = table.get(prompt.strip(), [])
+            neighbours.append(encode_prompts(batch.parts, listed).embeds if listed else None)
+            batch.details[b]["guard_neighbours"] = len(listed)  # 0: the attenuated prompt itself
+    batch.sampler = partial(guard_sample, settings=s, end_token=end_token, details=batch.details,
+                            neighbours=neighbours)
+    for b in range(batch.B):
+        k = len(neighbours[b]) if neighbours is not None and neighbours[b] is not None else 1
+        batch.extra[b * batch.G:(b + 1) * batch.G] += k * batch.steps

@@ -152,6 +152,11 @@ class GuardSettings:
                               ("guard_attraction_schedule", GUARD_SCHEDULES), ("guard_orthogonalize", ("on", "off"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if (getattr(self, "method", "guard") == "guard" and getattr(self, "paraphrases", None) is not None
+                and self.guard_basin_beta > 0):
+            # The tracker reads the end-token mass of the attenuated rows, which the neighbour variant has not.
+            raise ConfigError("--guard_basin_beta > 0 needs the attenuated prompt's rows, which --paraphrases "
+                              "replaces with the paraphrases'; give one of the two")
 
 
 @dataclass
@@ -165,9 +170,12 @@ class PrssSettings:
     prss_l_ss: float = option(1.0, help="prss: at step 0 the first of the prompt and its paraphrases whose "
                                         "magnitude is <= this is used, else the smallest; above it re-anchoring "
                                         "is on (their --l_target_ss)")
-    paraphrases: str | None = option(None, type=str, help="prss: JSON-lines file, one object per caption: "
+    paraphrases: str | None = option(None, type=str, help="prss, guard: JSON-lines file, one object per caption: "
                                                            "{\"caption\": ..., \"paraphrases\": [...]} (or their "
-                                                           "caption1..captionN keys); None: re-anchoring alone")
+                                                           "caption1..captionN keys); None: prss re-anchors "
+                                                           "alone, guard attracts to the attenuated prompt; with "
+                                                           "it, guard attracts to the mean of the paraphrases' "
+                                                           "predictions (their neighbour variant)")
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for a bad PRSS setting (a paraphrase file is read here)."""
@@ -176,8 +184,11 @@ class PrssSettings:
                 raise ConfigError(f"--{name} must be > 0, got {getattr(self, name)}")
         if getattr(self, "method", "prss") == "prss" and not self.prss_thr > self.prss_l_pr:
             raise ConfigError(f"--prss_thr ({self.prss_thr:g}) must exceed --prss_l_pr ({self.prss_l_pr:g})")
-        if self.paraphrases is not None and getattr(self, "method", "prss") == "prss":
+        if self.paraphrases is not None and getattr(self, "method", "prss") in PARAPHRASE_METHODS:
             read_paraphrases(self.paraphrases)
+
+
+PARAPHRASE_METHODS = ("prss", "guard")  # the methods that read --paraphrases
 
 
 def read_paraphrases(path: str) -> dict[str, list[str]]:
@@ -295,7 +306,7 @@ METHOD_INFO: dict[str, MethodInfo] = {s.name: s for s in [
     MethodInfo("gni", ("gni_scale",), "gni_scale", "Somepalli et al., NeurIPS 2023: Gaussian noise on the embedding"),
     MethodInfo("guard", ("guard_repulsion_scale", "guard_spike_scale", "guard_spike_threshold",
                          "guard_repulsion_schedule", "guard_attraction_schedule", "guard_orthogonalize",
-                         "guard_basin_beta"), "guard_repulsion_scale",
+                         "guard_basin_beta", "paraphrases"), "guard_repulsion_scale",
                "Zhao et al., ICML 2026 (GUARD): attraction to the spike-attenuated prediction, repulsion from the "
                "prompt's own", needs=("cross_attention_unet", "clip_padding")),
     MethodInfo("prss", ("prss_l_pr", "prss_thr", "prss_l_ss", "paraphrases"), "prss_l_pr",
@@ -495,6 +506,8 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings, Gu
             d["jain_early_scale"] = self.jain_early(self.method)
         if not d.get("be_mask", True):  # recorded only when on, so runs from before the option still resume
             d.pop("be_mask")
+        if "paraphrases" in d and d["paraphrases"] is None and self.method != "prss":
+            d.pop("paraphrases")  # guard read none before its neighbour variant: its earlier runs still resume
         if d.get("paraphrases") is not None:  # the file's content changes the numbers, not only its name
             d["paraphrases_sha256"] = file_sha256(Path(d["paraphrases"]).expanduser())
         if d.get("broken_calibration") is not None:  # likewise the calibration's content

@@ -3,6 +3,7 @@ trajectory and step, the spike attenuation written out head by head, the orthogo
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -69,7 +70,10 @@ def _eps(parts, x, t, cond, processor=None):
         unet.set_attn_processor(original)
 
 
-def hand_guard(parts, emb, uncond, lat, r0, alpha, tau, orthogonalize=True, in_basin=lambda step: True):
+def hand_guard(parts, emb, uncond, lat, r0, alpha, tau, orthogonalize=True, in_basin=lambda step: True,
+               neighbours=None):
+    """neighbours: prompt index -> its paraphrases' embeddings [k, L, H]: ε⁺ is then the mean of their ordinary
+    predictions (GUARD's neighbour variant), else the prompt's own, attenuated."""
     out = []
     flat = lat.flatten(0, 1)
     for n in range(flat.shape[0]):
@@ -80,7 +84,11 @@ def hand_guard(parts, emb, uncond, lat, r0, alpha, tau, orthogonalize=True, in_b
         for step, t in enumerate(s.timesteps):
             e_u = _eps(parts, x, t, uncond)
             e_neg = _eps(parts, x, t, c)
-            e_pos = _eps(parts, x, t, c, HandSpikeProcessor(tau, alpha))
+            listed = (neighbours or {}).get(n // G)
+            if listed is None:
+                e_pos = _eps(parts, x, t, c, HandSpikeProcessor(tau, alpha))
+            else:
+                e_pos = sum(_eps(parts, x, t, listed[j:j + 1]) for j in range(len(listed))) / len(listed)
             v_pos, v_neg = (e_pos - e_u).flatten(), (e_neg - e_u).flatten()
             if orthogonalize:
                 dot = float(v_pos @ v_neg)
@@ -120,6 +128,35 @@ def test_guard_against_a_hand_written_loop(tiny_parts, ortho):
     torch.testing.assert_close(gen.latents.flatten(0, 1), want, rtol=1e-4, atol=1e-4)
     assert gen.extra_unet_calls == [[STEPS] * G] * 2  # 2 + k = 3 calls per step, one more than CFG
     assert [d["guard_steps_out_of_basin"] for d in gen.details] == [0, 0]  # beta 0: the tracker never fires
+
+
+def test_guard_with_paraphrases_attracts_to_their_mean_and_keeps_the_prompt_without(tiny_parts, tmp_path):
+    paraphrases = ["a podcast for business women without limits", "the limitless businesswoman podcast"]
+    path = tmp_path / "paraphrases.jsonl"
+    path.write_text(json.dumps({"caption": PROMPTS[0], "paraphrases": paraphrases}) + "\n")  # none for PROMPTS[1]
+    gen, emb, uncond, lat = _generate(tiny_parts, paraphrases=str(path))
+    listed = encode_prompts(tiny_parts, paraphrases).embeds.embeds
+    want = hand_guard(tiny_parts, emb, uncond, lat, 2.0, 0.3, 0.1, neighbours={0: listed})
+    torch.testing.assert_close(gen.latents.flatten(0, 1), want, rtol=1e-4, atol=1e-4)
+    assert gen.extra_unet_calls == [[2 * STEPS] * G, [STEPS] * G]  # 2 + k calls per step: k = 2, then 1
+    assert [d["guard_neighbours"] for d in gen.details] == [2, 0]
+    plain, *_ = _generate(tiny_parts)
+    assert not torch.allclose(plain.latents[0], gen.latents[0])  # the paraphrases changed prompt 0's images
+    torch.testing.assert_close(plain.latents[1], gen.latents[1])  # and not prompt 1's
+
+
+def test_guard_paraphrases_refuse_the_basin_tracker_and_bind_the_file(tmp_path):
+    from diffmem.common.errors import ConfigError
+
+    path = tmp_path / "paraphrases.jsonl"
+    path.write_text(json.dumps({"caption": PROMPTS[0], "paraphrases": ["another caption"]}) + "\n")
+    with pytest.raises(ConfigError, match="--guard_basin_beta > 0 needs the attenuated"):
+        _settings(paraphrases=str(path), guard_basin_beta=0.5).validate()
+    (tmp_path / "bad.jsonl").write_text('{"caption": "x", "paraphrases": [3]}\n')
+    with pytest.raises(ConfigError, match="bad.jsonl:1: "):
+        _settings(paraphrases=str(tmp_path / "bad.jsonl")).validate()
+    assert "paraphrases" not in _settings().fingerprint()  # runs from before the neighbour variant still resume
+    assert len(_settings(paraphrases=str(path)).fingerprint()["paraphrases_sha256"]) == 64
 
 
 def test_guard_tracker_out_of_the_basin_drops_the_repulsion(tiny_parts):
