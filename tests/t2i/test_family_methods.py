@@ -42,8 +42,9 @@ def test_every_method_runs_or_is_refused_on_each_family(family_dirs, family, tmp
         assert len(gen.first_step_norm) == 2 and all(n > 0 for n in gen.first_step_norm), method
 
 
+@pytest.mark.parametrize("gating", ["none", "soft"])
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
-def test_guard_with_paraphrases_on_each_family_it_runs_on(family_dirs, family, tmp_path):
+def test_guard_with_paraphrases_on_each_family_it_runs_on(family_dirs, family, tmp_path, gating):
     # SDXL's conditioning carries pooled embeddings and time ids: the paraphrases' rows must carry theirs.
     import json
 
@@ -54,9 +55,11 @@ def test_guard_with_paraphrases_on_each_family_it_runs_on(family_dirs, family, t
     uncond = parts.unconditional()
     prompts, rows = ["a photo of a cat", "a red house"], [0, 1]
     settings = MitigationSettings(method="guard", num_inference_steps=3, num_images_per_prompt=2,
-                                  paraphrases=str(path))
+                                  paraphrases=str(path), guard_neighbour_gating=gating)
     settings.validate()
     cond = condition_batch(parts, uncond, prompts, rows, settings)
     gen = generate_batch(parts, cond["embeds"], uncond, cond["latents"], rows, cond["prompts_used"], settings)
     assert torch.isfinite(parts.decode(gen.latents)).all()
     assert [d["guard_neighbours"] for d in gen.details] == [2, 0] and gen.extra_unet_calls == [[6, 6], [3, 3]]
+    if gating == "soft":
+        assert len(gen.details[0]["guard_neighbour_cosines"]) == 2

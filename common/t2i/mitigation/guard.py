@@ -18,9 +18,12 @@ is ≤ β·max(A_0..A_4); it is re-evaluated every step, and with their default 
 
 Defaults (their README's CA-in-GUARD command): α 0.3, τ 0.1, r 2.0, w 7.5. Their ε⁺ comes from the prompt itself
 (k = 1 "neighbour"). Their neighbour variant takes k paraphrases of the prompt (Pegasus's, in their script) and
-ε⁺ = the mean of the paraphrases' ordinary predictions, none attenuated (their neighbour gating "none", the
-orthogonalisation on); here the paraphrases come from a file (``--paraphrases``, as prss's), and a caption the file
-does not list keeps the attenuated prompt. Cost: 2 + k UNet evaluations per step, k more than CFG.
+ε⁺ − ε_u = Σ w_j(ε_j − ε_u)/max(Σ w_j, 1e-8) over the paraphrases' ordinary predictions, none attenuated, the
+orthogonalisation on; their neighbour gating sets w: ``none`` (their default) w = 1, ``hard`` w = [cos_j ≥ τ],
+``soft`` w = exp(−(max(0, τ − cos_j)/σ)²), cos_j the cosine of the paraphrase's and the prompt's text embeddings
+mean-pooled over the positions whose token is not the pad token (τ 0.9, σ 0.5). Here the paraphrases come from a
+file (``--paraphrases``, as prss's), and a caption the file does not list keeps the attenuated prompt. Cost: 2 + k
+UNet evaluations per step, k more than CFG.
 """
 
 from __future__ import annotations
@@ -62,6 +65,22 @@ def guard_schedule(name: str, progress: float) -> float:
     """f(i/S) of a GUARD weight: none 1, linear 1 − p, cosine cos(πp/2), sine sin(πp/2)."""
     return {"none": 1.0, "linear": 1.0 - progress, "cosine": math.cos(progress * math.pi / 2),
             "sine": math.sin(progress * math.pi / 2)}[name]
+
+
+def pooled_text_embedding(embeds: torch.Tensor, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[k, H] fp32: each sequence's mean over the positions whose token is not the pad token (Zhao et al.'s pooling
+    for neighbour gating; CLIP in SD 1.x pads with its end token, so that drops the end token too)."""
+    mask = (input_ids != pad_id).to(torch.float32).unsqueeze(-1)
+    return (embeds.float() * mask.to(embeds.device)).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-8).to(embeds.device)
+
+
+def neighbour_weights(cosines: torch.Tensor, gating: str, threshold: float, sigma: float) -> torch.Tensor:
+    """w_j of each paraphrase from its cosine to the prompt: none 1, hard [cos ≥ τ], soft exp(−(max(0, τ − cos)/σ)²)."""
+    if gating == "none":
+        return torch.ones_like(cosines)
+    if gating == "hard":
+        return (cosines >= threshold).to(cosines.dtype)
+    return torch.exp(-((threshold - cosines).clamp_min(0) / sigma) ** 2)
 
 
 def guard_orthogonalize(v_pos: torch.Tensor, v_neg: torch.Tensor) -> torch.Tensor:
@@ -145,29 +164,33 @@ def guard_attention(unet, processor: GuardAttnProcessor):
 
 # --- the sampling loop ---------------------------------------------------------------------------------------
 
-def guard_positives(cond_embeds, neighbours: list | None, G: int):
-    """ε⁺'s UNet rows: per prompt b its k_b paraphrases' conditionings (``neighbours[b]``), or without any the prompt
-    itself (attenuated), each repeated for the G generations; with the trajectory [P] each row belongs to and
-    whether it is attenuated [P]."""
+def guard_positives(cond_embeds, neighbours: list | None, G: int, weights: list | None = None):
+    """ε⁺'s UNet rows: per prompt b its k_b paraphrases' conditionings (``neighbours[b]``, weighted by
+    ``weights[b]`` [k_b], else 1 each), or without any the prompt itself (attenuated), each repeated for the G
+    generations; with the trajectory [P] each row belongs to, its weight [P] and whether it is attenuated [P]."""
     prompts = as_conditioning(cond_embeds)
-    rows, owner, attenuated = [], [], []
+    rows, owner, row_weights, attenuated = [], [], [], []
     for b in range(len(prompts)):
         listed = neighbours[b] if neighbours is not None else None
         own = listed if listed is not None else prompts[b:b + 1]
+        w = weights[b] if weights is not None and weights[b] is not None else torch.ones(len(own))
         rows.append(own.repeat_interleave(G))
         owner += [b * G + g for _ in range(len(own)) for g in range(G)]
+        row_weights.append(w.float().repeat_interleave(G))
         attenuated += [listed is None] * (len(own) * G)
-    return cat_conditionings(rows), torch.tensor(owner), torch.tensor(attenuated)
+    return (cat_conditionings(rows), torch.tensor(owner, dtype=torch.int64), torch.cat(row_weights),
+            torch.tensor(attenuated, dtype=torch.bool))
 
 
 @torch.no_grad()
 def guard_sample(parts, cond_embeds, uncond_embed, latents: torch.Tensor, *, num_inference_steps: int,
                  guidance_scale: float, settings, end_token: torch.Tensor, details: list[dict], guidance=None,
-                 observer=None, norms_out: list | None = None, neighbours: list | None = None) -> torch.Tensor:
+                 observer=None, norms_out: list | None = None, neighbours: list | None = None,
+                 weights: list | None = None) -> torch.Tensor:
     """Final latents [B, G, C, H, W] of GUARD's trajectories from x_T ``latents`` (scaled), one prompt per row of
     cond_embeds [B, …]; one UNet batch [ε_u; ε⁺ rows; ε⁻] per step. ``end_token`` [B]: each prompt's end-token
     position (the tracker's); ``norms_out`` receives ‖ε⁻ − ε_u‖ per step (the prompt's own text noise);
-    ``neighbours``: per prompt its paraphrases' conditionings or None (guard_positives)."""
+    ``neighbours``, ``weights``: per prompt its paraphrases' conditionings and weights, or None (guard_positives)."""
     dtype, device = parts.dtype, parts.device
     scheduler = parts.timesteps_scheduler(num_inference_steps)
     B, G = latents.shape[:2]
@@ -175,12 +198,13 @@ def guard_sample(parts, cond_embeds, uncond_embed, latents: torch.Tensor, *, num
     x = latents.reshape(N, *latents.shape[2:]).to(device=device, dtype=torch.float32)
     c = as_conditioning(cond_embeds).to(device=device, dtype=dtype).repeat_interleave(G)
     u = as_conditioning(uncond_embed).to(device=device, dtype=dtype).expand(N)
-    positives, owner, attenuated = guard_positives(cond_embeds, neighbours, G)
+    positives, owner, row_weights, attenuated = guard_positives(cond_embeds, neighbours, G, weights)
     P = len(owner)
     emb = cat_conditionings([u, positives.to(device=device, dtype=dtype), c])  # rows [ε_u; ε⁺ rows; ε⁻]
     attenuate = torch.cat([torch.zeros(N, dtype=torch.bool), attenuated, torch.zeros(N, dtype=torch.bool)])
-    owner = owner.to(device)
-    per_trajectory = torch.bincount(owner, minlength=N).to(torch.float32)  # k_b rows for each trajectory
+    owner, row_weights = owner.to(device), row_weights.to(device)
+    # Σ_j w_j per trajectory, clamped as theirs: a trajectory with no row (hard gating kept none) is not attracted.
+    weight_sums = torch.zeros(N, device=device).index_add_(0, owner, row_weights).clamp_min(1e-8)
     # The tracker reads the attenuated rows, one per trajectory; the neighbour variant runs with β = 0 (validated).
     tracker = EndTokenMass(attenuate.nonzero().squeeze(1), end_token.repeat_interleave(G), G,
                            settings.guard_basin_beta) if neighbours is None else None
@@ -190,9 +214,10 @@ def guard_sample(parts, cond_embeds, uncond_embed, latents: torch.Tensor, *, num
         for step, t in enumerate(scheduler.timesteps):
             x_in = parts.scale_model_input(scheduler, torch.cat([x, x[owner], x]), t)
             out_u, out_rows, out_neg = parts.predict(x_in, t, emb).split([N, P, N])
-            # ε⁺ of a trajectory: the mean of its rows' predictions (one row, itself, without paraphrases).
-            out_pos = torch.zeros_like(out_u).index_add_(0, owner, out_rows) / per_trajectory.view(
-                -1, *([1] * (out_u.dim() - 1))).to(out_u)
+            # v⁺ of a trajectory: Σ_j w_j(ε_j − ε_u)/Σ_j w_j over its rows (one row, itself, without paraphrases).
+            shape = (-1, *([1] * (out_u.dim() - 1)))
+            v_rows = (out_rows - out_u[owner]) * row_weights.view(shape).to(out_u)
+            out_pos = out_u + torch.zeros_like(out_u).index_add_(0, owner, v_rows) / weight_sums.view(shape).to(out_u)
             if norms_out is not None:
                 x_half = x_in[:N]
                 norms_out.append(text_noise_norm(parts.metric_output(out_neg, x_half, t, scheduler),
@@ -215,20 +240,45 @@ def guard_sample(parts, cond_embeds, uncond_embed, latents: torch.Tensor, *, num
 
 # --- the method's hook (common.t2i.mitigation.methods) -------------------------------------------------------
 
+def neighbour_cosines(tokenizer, listed: list[str], listed_embeds: torch.Tensor, prompt: str,
+                      prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """[k] cosines of the paraphrases' pooled text embeddings [k, L, H] with the prompt's [1, L, H]
+    (pooled_text_embedding over the tokenizer's pad token; the family's first tokenizer)."""
+    ids = tokenizer(listed + [prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    pooled = pooled_text_embedding(torch.cat([listed_embeds, prompt_embeds.to(listed_embeds)]), ids,
+                                   tokenizer.pad_token_id)
+    pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return (pooled[:-1] @ pooled[-1]).clamp(-1.0, 1.0)
+
+
 def guard_setup(batch) -> None:
     """``guard``: GUARD's own loop, 2 + k UNet evaluations per step (k more than CFG; k = 1 without paraphrases)."""
     s = batch.settings
     end_token = ren_key_mask(batch.parts.tokenizer, batch.prompts_used).sum(dim=1) - 1  # the first end token
-    neighbours = None
+    neighbours = weights = None
     if s.paraphrases is not None:
         table = read_paraphrases(s.paraphrases)
-        neighbours = []
+        neighbours, weights = [], []
+        prompts = as_conditioning(batch.cond_embeds)
         for b, prompt in enumerate(batch.prompts_used):
             listed = table.get(prompt.strip(), [])
-            neighbours.append(encode_prompts(batch.parts, listed).embeds if listed else None)
-            batch.details[b]["guard_neighbours"] = len(listed)  # 0: the attenuated prompt itself
+            encoded = encode_prompts(batch.parts, listed).embeds if listed else None
+            w = None
+            if listed and s.guard_neighbour_gating != "none":
+                cos = neighbour_cosines(batch.parts.tokenizer, listed, as_conditioning(encoded).embeds, prompt,
+                                        prompts[b:b + 1].embeds)
+                w = neighbour_weights(cos, s.guard_neighbour_gating, s.guard_gating_threshold, s.guard_gating_sigma)
+                batch.details[b]["guard_neighbour_cosines"] = cos.tolist()
+                if s.guard_neighbour_gating == "hard":  # the others are not evaluated at all
+                    keep = w > 0
+                    encoded, w = as_conditioning(encoded)[keep], w[keep]
+            neighbours.append(encoded)
+            weights.append(w)
+            # 0: the attenuated prompt itself (or, hard-gated, no paraphrase kept)
+            batch.details[b]["guard_neighbours"] = 0 if encoded is None else len(as_conditioning(encoded))
     batch.sampler = partial(guard_sample, settings=s, end_token=end_token, details=batch.details,
-                            neighbours=neighbours)
+                            neighbours=neighbours, weights=weights)
     for b in range(batch.B):
-        k = len(neighbours[b]) if neighbours is not None and neighbours[b] is not None else 1
+        k = len(as_conditioning(neighbours[b])) if neighbours is not None and neighbours[b] is not None else 1
         batch.extra[b * batch.G:(b + 1) * batch.G] += k * batch.steps

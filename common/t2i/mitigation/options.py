@@ -116,6 +116,7 @@ class GniSettings:
             raise ConfigError(f"--gni_scale must be a finite number >= 0, got {self.gni_scale}")
 
 GUARD_SCHEDULES = ("none", "linear", "cosine", "sine")  # common.t2i.mitigation.guard.guard_schedule
+GUARD_GATINGS = ("none", "hard", "soft")  # their neighbor_gating_mode (common.t2i.mitigation.guard.neighbour_weights)
 CLIP_PAD_MODES = ("eot", "ratio")
 
 
@@ -140,6 +141,13 @@ class GuardSettings:
                                            "their cosine exceeds 0.9 (their dual-guidance default: on)")
     guard_basin_beta: float = option(0.0, help="guard: r = 0 at each step whose end-token attention mass is <= beta "
                                                "times its maximum over the first 5 steps (their default 0: never)")
+    guard_neighbour_gating: str = option("none", choices=GUARD_GATINGS,
+                                         help="guard --paraphrases: none = the paraphrases' mean; hard = only those "
+                                              "whose pooled text embedding has cosine >= the threshold with the "
+                                              "prompt's (none kept: no attraction); soft = weights exp(-(max(0, "
+                                              "threshold - cosine)/sigma)^2) (their neighbour gating)")
+    guard_gating_threshold: float = option(0.9, help="guard: the cosine threshold of hard and soft gating")
+    guard_gating_sigma: float = option(0.5, help="guard: the width sigma of soft gating")
 
     def validate(self) -> None:
         """Raise ConfigError with a one-line reason for a bad GUARD setting."""
@@ -152,7 +160,19 @@ class GuardSettings:
                               ("guard_attraction_schedule", GUARD_SCHEDULES), ("guard_orthogonalize", ("on", "off"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if (getattr(self, "method", "guard") == "guard" and getattr(self, "paraphrases", None) is not None
+        if self.guard_neighbour_gating not in GUARD_GATINGS:
+            raise ConfigError(f"--guard_neighbour_gating must be one of {', '.join(GUARD_GATINGS)}, got "
+                              f"{self.guard_neighbour_gating!r}")
+        if not -1 <= self.guard_gating_threshold <= 1:
+            raise ConfigError(f"--guard_gating_threshold is a cosine: expected it in [-1, 1], got "
+                              f"{self.guard_gating_threshold}")
+        if not self.guard_gating_sigma > 0:
+            raise ConfigError(f"--guard_gating_sigma must be > 0, got {self.guard_gating_sigma}")
+        guard = getattr(self, "method", "guard") == "guard"
+        if guard and self.guard_neighbour_gating != "none" and getattr(self, "paraphrases", None) is None:
+            raise ConfigError(f"--guard_neighbour_gating {self.guard_neighbour_gating} weighs paraphrases: it needs "
+                              "--paraphrases FILE")
+        if (guard and getattr(self, "paraphrases", None) is not None
                 and self.guard_basin_beta > 0):
             # The tracker reads the end-token mass of the attenuated rows, which the neighbour variant has not.
             raise ConfigError("--guard_basin_beta > 0 needs the attenuated prompt's rows, which --paraphrases "
@@ -306,7 +326,8 @@ METHOD_INFO: dict[str, MethodInfo] = {s.name: s for s in [
     MethodInfo("gni", ("gni_scale",), "gni_scale", "Somepalli et al., NeurIPS 2023: Gaussian noise on the embedding"),
     MethodInfo("guard", ("guard_repulsion_scale", "guard_spike_scale", "guard_spike_threshold",
                          "guard_repulsion_schedule", "guard_attraction_schedule", "guard_orthogonalize",
-                         "guard_basin_beta", "paraphrases"), "guard_repulsion_scale",
+                         "guard_basin_beta", "paraphrases", "guard_neighbour_gating", "guard_gating_threshold",
+                         "guard_gating_sigma"), "guard_repulsion_scale",
                "Zhao et al., ICML 2026 (GUARD): attraction to the spike-attenuated prediction, repulsion from the "
                "prompt's own", needs=("cross_attention_unet", "clip_padding")),
     MethodInfo("prss", ("prss_l_pr", "prss_thr", "prss_l_ss", "paraphrases"), "prss_l_pr",
@@ -508,6 +529,9 @@ class MitigationSettings(JainSettings, HanSettings, RenSettings, GniSettings, Gu
             d.pop("be_mask")
         if "paraphrases" in d and d["paraphrases"] is None and self.method != "prss":
             d.pop("paraphrases")  # guard read none before its neighbour variant: its earlier runs still resume
+        if d.get("guard_neighbour_gating") == "none":  # likewise its gating, and the two numbers only gating reads
+            for name in ("guard_neighbour_gating", "guard_gating_threshold", "guard_gating_sigma"):
+                d.pop(name)
         if d.get("paraphrases") is not None:  # the file's content changes the numbers, not only its name
             d["paraphrases_sha256"] = file_sha256(Path(d["paraphrases"]).expanduser())
         if d.get("broken_calibration") is not None:  # likewise the calibration's content

@@ -72,8 +72,9 @@ def _eps(parts, x, t, cond, processor=None):
 
 def hand_guard(parts, emb, uncond, lat, r0, alpha, tau, orthogonalize=True, in_basin=lambda step: True,
                neighbours=None):
-    """neighbours: prompt index -> its paraphrases' embeddings [k, L, H]: ε⁺ is then the mean of their ordinary
-    predictions (GUARD's neighbour variant), else the prompt's own, attenuated."""
+    """neighbours: prompt index -> its paraphrases' embeddings [k, L, H], or (embeddings, weights [k]): then
+    v⁺ = Σ w_j(ε_j − ε_u)/max(Σ w_j, 1e-8) over their ordinary predictions (GUARD's neighbour variant; the mean
+    without weights), else ε⁺ is the prompt's own, attenuated."""
     out = []
     flat = lat.flatten(0, 1)
     for n in range(flat.shape[0]):
@@ -88,7 +89,9 @@ def hand_guard(parts, emb, uncond, lat, r0, alpha, tau, orthogonalize=True, in_b
             if listed is None:
                 e_pos = _eps(parts, x, t, c, HandSpikeProcessor(tau, alpha))
             else:
-                e_pos = sum(_eps(parts, x, t, listed[j:j + 1]) for j in range(len(listed))) / len(listed)
+                embeds, weights = listed if isinstance(listed, tuple) else (listed, [1.0] * len(listed))
+                v = sum(w * (_eps(parts, x, t, embeds[j:j + 1]) - e_u) for j, w in enumerate(weights) if w)
+                e_pos = e_u + v / max(sum(weights), 1e-8)
             v_pos, v_neg = (e_pos - e_u).flatten(), (e_neg - e_u).flatten()
             if orthogonalize:
                 dot = float(v_pos @ v_neg)
@@ -155,8 +158,68 @@ def test_guard_paraphrases_refuse_the_basin_tracker_and_bind_the_file(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"caption": "x", "paraphrases": [3]}\n')
     with pytest.raises(ConfigError, match="bad.jsonl:1: "):
         _settings(paraphrases=str(tmp_path / "bad.jsonl")).validate()
-    assert "paraphrases" not in _settings().fingerprint()  # runs from before the neighbour variant still resume
+    with pytest.raises(ConfigError, match="--guard_neighbour_gating soft weighs paraphrases: it needs"):
+        _settings(guard_neighbour_gating="soft").validate()
+    with pytest.raises(ConfigError, match="--guard_gating_threshold is a cosine"):
+        _settings(paraphrases=str(path), guard_neighbour_gating="hard", guard_gating_threshold=1.5).validate()
+    with pytest.raises(ConfigError, match="--guard_gating_sigma must be > 0"):
+        _settings(paraphrases=str(path), guard_neighbour_gating="soft", guard_gating_sigma=0).validate()
+    # runs from before the neighbour variant still resume: its settings are recorded only when used
+    assert not {"paraphrases", "guard_neighbour_gating", "guard_gating_threshold"} & set(_settings().fingerprint())
+    assert _settings(paraphrases=str(path), guard_neighbour_gating="soft").fingerprint()["guard_gating_sigma"] == 0.5
     assert len(_settings(paraphrases=str(path)).fingerprint()["paraphrases_sha256"]) == 64
+
+
+def hand_cosines(tokenizer, listed, listed_embeds, prompt, prompt_embeds):
+    """Their pooling written out: the mean over the positions whose token is not the pad token, then the cosine."""
+    def pooled(text, embeds):
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+        kept = [embeds[i].double() for i, tok in enumerate(ids) if tok != tokenizer.pad_token_id]
+        return sum(kept) / len(kept)
+
+    p = pooled(prompt, prompt_embeds[0])
+    out = []
+    for j, text in enumerate(listed):
+        q = pooled(text, listed_embeds[j])
+        out.append(float(q @ p) / math.sqrt(float(q @ q) * float(p @ p)))
+    return out
+
+
+@pytest.mark.parametrize("gating", ["soft", "hard"])
+def test_guard_neighbour_gating_against_a_hand_written_loop(tiny_parts, tmp_path, gating):
+    from diffmem.common.t2i.mitigation.guard import neighbour_weights
+
+    paraphrases = ["a podcast for business women without limits", "a photo of a dog in the snow"]
+    path = tmp_path / "paraphrases.jsonl"
+    path.write_text(json.dumps({"caption": PROMPTS[0], "paraphrases": paraphrases}) + "\n")
+    listed = encode_prompts(tiny_parts, paraphrases).embeds.embeds
+    emb = encode_prompts(tiny_parts, PROMPTS).embeds.embeds
+    cos = hand_cosines(tiny_parts.tokenizer, paraphrases, listed, PROMPTS[0], emb[:1])
+    # a threshold between the two cosines: hard keeps one paraphrase, soft weighs the other down
+    threshold = sum(cos) / 2
+    weights = [math.exp(-(max(0.0, threshold - c) / 0.5) ** 2) for c in cos] if gating == "soft" else \
+        [float(c >= threshold) for c in cos]
+    assert sorted(weights)[0] < 1 and max(weights) == 1
+    torch.testing.assert_close(neighbour_weights(torch.tensor(cos), gating, threshold, 0.5),
+                               torch.tensor(weights))
+    gen, emb, uncond, lat = _generate(tiny_parts, paraphrases=str(path), guard_neighbour_gating=gating,
+                                      guard_gating_threshold=threshold)
+    assert gen.details[0]["guard_neighbour_cosines"] == pytest.approx(cos, abs=1e-5)
+    want = hand_guard(tiny_parts, emb, uncond, lat, 2.0, 0.3, 0.1, neighbours={0: (listed, weights)})
+    torch.testing.assert_close(gen.latents.flatten(0, 1), want, rtol=1e-4, atol=1e-4)
+    k = 1 if gating == "hard" else 2  # hard gating evaluates only the kept paraphrase
+    assert gen.details[0]["guard_neighbours"] == k and gen.extra_unet_calls[0] == [k * STEPS] * G
+
+
+def test_guard_hard_gating_that_keeps_nothing_drops_the_attraction(tiny_parts, tmp_path):
+    path = tmp_path / "paraphrases.jsonl"
+    path.write_text(json.dumps({"caption": PROMPTS[0], "paraphrases": ["a photo of a dog in the snow"]}) + "\n")
+    gen, emb, uncond, lat = _generate(tiny_parts, paraphrases=str(path), guard_neighbour_gating="hard",
+                                      guard_gating_threshold=1.0)
+    listed = encode_prompts(tiny_parts, ["a photo of a dog in the snow"]).embeds.embeds
+    want = hand_guard(tiny_parts, emb, uncond, lat, 2.0, 0.3, 0.1, neighbours={0: (listed, [0.0])})
+    torch.testing.assert_close(gen.latents.flatten(0, 1), want, rtol=1e-4, atol=1e-4)
+    assert gen.details[0]["guard_neighbours"] == 0 and gen.extra_unet_calls[0] == [0] * G  # CFG's two calls
 
 
 def test_guard_tracker_out_of_the_basin_drops_the_repulsion(tiny_parts):
