@@ -257,6 +257,7 @@ def guard_setup(batch) -> None:
     s = batch.settings
     end_token = ren_key_mask(batch.parts.tokenizer, batch.prompts_used).sum(dim=1) - 1  # the first end token
     neighbours = weights = None
+    rows = [1] * batch.B  # ε⁺ rows per prompt: the attenuated prompt itself without paraphrases
     if s.paraphrases is not None:
         table = read_paraphrases(s.paraphrases)
         neighbours, weights = [], []
@@ -275,10 +276,11 @@ def guard_setup(batch) -> None:
                     encoded, w = as_conditioning(encoded)[keep], w[keep]
             neighbours.append(encoded)
             weights.append(w)
+            if encoded is not None:
+                rows[b] = len(as_conditioning(encoded))  # 0 where hard gating kept no paraphrase
             # 0: the attenuated prompt itself (or, hard-gated, no paraphrase kept)
-            batch.details[b]["guard_neighbours"] = 0 if encoded is None else len(as_conditioning(encoded))
+            batch.details[b]["guard_neighbours"] = 0 if encoded is None else rows[b]
     batch.sampler = partial(guard_sample, settings=s, end_token=end_token, details=batch.details,
                             neighbours=neighbours, weights=weights)
-    for b in range(batch.B):
-        k = len(as_conditioning(neighbours[b])) if neighbours is not None and neighbours[b] is not None else 1
+    for b, k in enumerate(rows):
         batch.extra[b * batch.G:(b + 1) * batch.G] += k * batch.steps
