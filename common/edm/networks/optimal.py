@@ -117,8 +117,8 @@ MAX_DIGITS = 10
 INT32_SAFE_TERMS = 2**31 // (127 * 128)  # this many products of int8 digits and q = u − 128 sum exactly in int32
 DENSE_SHARE = 0.25  # a chunk where more of its pairs stay candidates goes the dense way (when that is exact)
 PAIR_BLOCK = 1024  # candidate pairs whose float64 differences are held at once (PAIR_BLOCK × D temporaries)
-# The int8 screen of uint8 images takes one base-128 digit of x̃ (int8_screen_error: ~24 in t on 3×32×32, at 1/7 of
-# an fp32 GEMM's time), and a second one (~0.2) for a chunk where one leaves more than this many pairs per query.
+# The int8 screen of uint8 images takes one base-128 digit of x̃ (int8_screen_error: ~24 in t on 3×32×32, at about
+# 1/6 of an fp32 GEMM's time), and a second one (~0.2) for a chunk where one leaves more than this many pairs per query.
 SCREEN_DIGITS = 2
 SCREEN_REFINE_PAIRS = 2
 
