@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -420,8 +421,6 @@ def test_two_processes_give_the_same_results_as_one(run, tmp_path):
 
 
 def test_a_broken_new_snapshot_is_refused_before_anything_is_written(run, tmp_path, capsys):
-    import shutil
-
     runs = tmp_path / "run"
     shutil.copytree(run["dir"], runs)
     args = ["--expdir", runs, *base_args(run, tmp_path / "out")[2:]]

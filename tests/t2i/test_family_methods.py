@@ -3,6 +3,8 @@ same x_T), and the one-line reason where it is not."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from broken_calibrations import write_broken_calibration
@@ -46,8 +48,6 @@ def test_every_method_runs_or_is_refused_on_each_family(family_dirs, family, tmp
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_guard_with_paraphrases_on_each_family_it_runs_on(family_dirs, family, tmp_path, gating):
     # SDXL's conditioning carries pooled embeddings and time ids: the paraphrases' rows must carry theirs.
-    import json
-
     path = tmp_path / "paraphrases.jsonl"
     path.write_text(json.dumps({"caption": "a photo of a cat", "paraphrases": ["a cat, photographed", "cat photo"]})
                     + "\n")
